@@ -6,6 +6,7 @@
 //!   and lints, and run the whole suite with nextest (the README's second
 //!   command, and what `.ci/run` calls);
 //! - `guest`: build the project's test guest image;
+//! - `image linux`: build a Linux guest from Debian's packages;
 //! - `bench <name>`: run one benchmark, side by side with its peer.
 //!
 //! Only `std`: this crate is built before anything else on a fresh machine.
@@ -13,6 +14,7 @@
 mod bench;
 mod deps;
 mod guest;
+mod image;
 mod up;
 
 use std::path::{Path, PathBuf};
@@ -26,6 +28,8 @@ tasks:
                      cluster and boot an instance with its console attached
   test               install what is missing and run the whole test suite
   guest              build the test guest image (target/images/neph-guest.elf)
+  image linux        build a Linux guest from Debian's packages (for hosts
+                     with hardware KVM)
   bench <name>       run a benchmark: boot | migration | store | scheduler | provision
 ";
 
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("guest") => guest::build().map(|path| println!("{}", path.display())),
         Some("bench") => bench::run(&args[1..]),
+        Some("image") => image::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             Ok(())
