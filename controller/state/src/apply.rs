@@ -1,0 +1,1458 @@
+//! `apply`: validates one [`Envelope`] against the [`State`] and changes it.
+//! Deterministic: the outcome depends only on the state, the envelope and the
+//! log term, never on a clock, randomness or iteration order of hash maps.
+
+use thiserror::Error;
+
+use crate::codec;
+use crate::command::{Command, Envelope, Response};
+use crate::model::{
+    Event, Flavor, Image, Instance, InstanceState, KvEntry, Migration, MigrationState, Node,
+    NodeState, Operation, Project, RememberedRequest, Resources, ServerGroup, State, Token, User,
+};
+use crate::names::{self, NameError};
+
+/// Newest events kept in the state; older ones are dropped.
+pub const MAX_EVENTS: usize = 1000;
+/// How long an answered `request_id` is remembered (24 hours).
+pub const REQUEST_ID_RETENTION_MS: u64 = 24 * 3600 * 1000;
+/// Longest key in the key-value area.
+pub const MAX_KV_KEY_LEN: usize = 1024;
+/// Largest value in the key-value area.
+pub const MAX_KV_VALUE_LEN: usize = 1 << 20;
+/// Longest free-text field (display names, reasons, messages).
+pub const MAX_TEXT_LEN: usize = 4096;
+
+/// Why a command was refused. A refused command leaves the state unchanged
+/// except for the applied counter and the clock.
+#[derive(Debug, Clone, PartialEq, Eq, Error, serde::Serialize, serde::Deserialize)]
+pub enum ApplyError {
+    /// A name or id breaks the naming rules.
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    /// A field has a value that can never be accepted.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The resource does not exist.
+    #[error("{name} does not exist")]
+    NotFound {
+        /// The missing resource.
+        name: String,
+    },
+    /// A resource with that name already exists.
+    #[error("{name} already exists")]
+    AlreadyExists {
+        /// The existing resource.
+        name: String,
+    },
+    /// The project quota does not allow it.
+    #[error("quota of {project} exceeded: {detail}")]
+    QuotaExceeded {
+        /// The project.
+        project: String,
+        /// Which limit.
+        detail: String,
+    },
+    /// The lifecycle does not allow that state change.
+    #[error("{name} cannot go from {from} to {to}")]
+    InvalidTransition {
+        /// The resource.
+        name: String,
+        /// Its current state.
+        from: String,
+        /// The refused state.
+        to: String,
+    },
+    /// The resource is not in a state that allows the command.
+    #[error("{name}: {reason}")]
+    FailedPrecondition {
+        /// The resource.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A compare-and-set on a generation or version lost.
+    #[error("{name} is at version {actual}, not the expected {expected}")]
+    VersionMismatch {
+        /// The resource or key.
+        name: String,
+        /// What the writer expected.
+        expected: u64,
+        /// What it is.
+        actual: u64,
+    },
+    /// The request id was already used for a different command.
+    #[error("request id {request_id:?} was already used for a different request")]
+    RequestIdReused {
+        /// The id.
+        request_id: String,
+    },
+    /// The proposer's leadership term is over.
+    #[error("the command was fenced to term {fence_term} but committed in term {term}")]
+    Fenced {
+        /// Term the proposer led in.
+        fence_term: u64,
+        /// Term the command was committed in.
+        term: u64,
+    },
+}
+
+impl From<NameError> for ApplyError {
+    fn from(e: NameError) -> Self {
+        ApplyError::InvalidName(e.to_string())
+    }
+}
+
+/// Applies one envelope, committed in raft term `term`, to `state`.
+pub fn apply(state: &mut State, env: &Envelope, term: u64) -> Result<Response, ApplyError> {
+    state.applied += 1;
+    state.now = state.now.max(env.time);
+    expire_requests(state);
+
+    if let Some(fence_term) = env.fence_term
+        && fence_term != term
+    {
+        return Err(ApplyError::Fenced { fence_term, term });
+    }
+    let fingerprint = match &env.request_id {
+        Some(id) => {
+            if id.is_empty() || id.len() > 128 {
+                return Err(ApplyError::InvalidArgument(
+                    "a request id must be 1 to 128 bytes long".into(),
+                ));
+            }
+            let fp = codec::encode_command(&env.command);
+            if let Some(seen) = state.requests.get(id) {
+                if seen.command == fp {
+                    return Ok(seen.response.clone());
+                }
+                return Err(ApplyError::RequestIdReused {
+                    request_id: id.clone(),
+                });
+            }
+            Some(fp)
+        }
+        None => None,
+    };
+
+    let response = apply_command(state, env)?;
+
+    if let (Some(id), Some(command)) = (&env.request_id, fingerprint) {
+        state.requests.insert(
+            id.clone(),
+            RememberedRequest {
+                time: state.now,
+                command,
+                response: response.clone(),
+            },
+        );
+        state.request_order.push_back((state.now, id.clone()));
+    }
+    Ok(response)
+}
+
+fn expire_requests(state: &mut State) {
+    let horizon = state.now.saturating_sub(REQUEST_ID_RETENTION_MS);
+    while let Some((time, _)) = state.request_order.front() {
+        if *time >= horizon {
+            break;
+        }
+        if let Some((_, id)) = state.request_order.pop_front() {
+            state.requests.remove(&id);
+        }
+    }
+}
+
+fn text(field: &str, value: &str) -> Result<(), ApplyError> {
+    if value.len() > MAX_TEXT_LEN {
+        return Err(ApplyError::InvalidArgument(format!(
+            "{field} is longer than {MAX_TEXT_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn event(state: &mut State, actor: &str, resource: &str, kind: &str, message: String) {
+    state.next_event_seq += 1;
+    state.events.push_back(Event {
+        seq: state.next_event_seq,
+        time: state.now,
+        actor: actor.to_owned(),
+        resource: resource.to_owned(),
+        kind: kind.to_owned(),
+        message,
+    });
+    while state.events.len() > MAX_EVENTS {
+        state.events.pop_front();
+    }
+}
+
+fn not_found(name: &str) -> ApplyError {
+    ApplyError::NotFound {
+        name: name.to_owned(),
+    }
+}
+
+fn precondition(name: &str, reason: impl Into<String>) -> ApplyError {
+    ApplyError::FailedPrecondition {
+        name: name.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn new_operation(
+    state: &mut State,
+    operation_id: &str,
+    target: &str,
+    verb: &str,
+) -> Result<Operation, ApplyError> {
+    names::validate_id(operation_id)?;
+    let name = format!("operations/{operation_id}");
+    if state.operations.contains_key(&name) {
+        return Err(ApplyError::AlreadyExists { name });
+    }
+    let op = Operation {
+        name: name.clone(),
+        target: target.to_owned(),
+        verb: verb.to_owned(),
+        done: false,
+        error: None,
+        create_time: state.now,
+        update_time: state.now,
+    };
+    state.operations.insert(name, op.clone());
+    Ok(op)
+}
+
+/// Finishes every open operation on `target` whose verb is in `verbs`.
+fn finish_operations(state: &mut State, target: &str, verbs: &[&str], error: Option<&str>) {
+    let now = state.now;
+    for op in state.operations.values_mut() {
+        if !op.done && op.target == target && verbs.contains(&op.verb.as_str()) {
+            op.done = true;
+            op.error = error.map(str::to_owned);
+            op.update_time = now;
+        }
+    }
+}
+
+/// Gives back what a placed instance holds on its node.
+fn release_node(state: &mut State, node: &Option<String>, resources: Resources) {
+    if let Some(node) = node
+        && let Some(n) = state.nodes.get_mut(node)
+    {
+        n.allocated = n.allocated.minus(resources);
+    }
+}
+
+fn check_key(key: &str) -> Result<(), ApplyError> {
+    if key.is_empty() || key.len() > MAX_KV_KEY_LEN {
+        return Err(ApplyError::InvalidArgument(format!(
+            "a key must be 1 to {MAX_KV_KEY_LEN} bytes long"
+        )));
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8]) -> Result<(), ApplyError> {
+    if value.len() > MAX_KV_VALUE_LEN {
+        return Err(ApplyError::InvalidArgument(format!(
+            "a value must be at most {MAX_KV_VALUE_LEN} bytes long"
+        )));
+    }
+    Ok(())
+}
+
+fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyError> {
+    let now = state.now;
+    let actor = env.actor.as_str();
+    text("actor", actor)?;
+    match &env.command {
+        Command::Noop => Ok(Response::Done),
+
+        Command::CreateProject {
+            project_id,
+            display_name,
+            quota,
+        } => {
+            names::validate_id(project_id)?;
+            text("display_name", display_name)?;
+            let name = format!("projects/{project_id}");
+            if state.projects.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let project = Project {
+                name: name.clone(),
+                display_name: display_name.clone(),
+                quota: quota.unwrap_or_default(),
+                instance_count: 0,
+                usage: Resources::default(),
+                create_time: now,
+            };
+            state.projects.insert(name.clone(), project.clone());
+            event(state, actor, &name, "project.created", String::new());
+            Ok(Response::Project(project))
+        }
+        Command::SetProjectQuota { project, quota } => {
+            names::parse(project, names::PROJECT)?;
+            let p = state
+                .projects
+                .get_mut(project)
+                .ok_or_else(|| not_found(project))?;
+            p.quota = *quota;
+            let p = p.clone();
+            event(
+                state,
+                actor,
+                project,
+                "project.quota_changed",
+                String::new(),
+            );
+            Ok(Response::Project(p))
+        }
+        Command::DeleteProject { project } => {
+            names::parse(project, names::PROJECT)?;
+            if !state.projects.contains_key(project) {
+                return Err(not_found(project));
+            }
+            let prefix = format!("{project}/");
+            let busy = state
+                .instances
+                .range(prefix.clone()..)
+                .next()
+                .is_some_and(|(k, _)| k.starts_with(&prefix))
+                || state
+                    .server_groups
+                    .range(prefix.clone()..)
+                    .next()
+                    .is_some_and(|(k, _)| k.starts_with(&prefix));
+            if busy {
+                return Err(precondition(
+                    project,
+                    "the project still holds instances or server groups",
+                ));
+            }
+            state.projects.remove(project);
+            for user in state.users.values_mut() {
+                user.roles.remove(project);
+            }
+            event(state, actor, project, "project.deleted", String::new());
+            Ok(Response::Deleted {
+                name: project.clone(),
+            })
+        }
+
+        Command::CreateUser {
+            user_id,
+            display_name,
+            operator,
+        } => {
+            names::validate_id(user_id)?;
+            text("display_name", display_name)?;
+            let name = format!("users/{user_id}");
+            if state.users.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let user = User {
+                name: name.clone(),
+                display_name: display_name.clone(),
+                operator: *operator,
+                roles: Default::default(),
+                create_time: now,
+            };
+            state.users.insert(name.clone(), user.clone());
+            event(state, actor, &name, "user.created", String::new());
+            Ok(Response::User(user))
+        }
+        Command::DeleteUser { user } => {
+            names::parse(user, names::USER)?;
+            if state.users.remove(user).is_none() {
+                return Err(not_found(user));
+            }
+            let prefix = format!("{user}/tokens/");
+            state.tokens.retain(|k, _| !k.starts_with(&prefix));
+            event(state, actor, user, "user.deleted", String::new());
+            Ok(Response::Deleted { name: user.clone() })
+        }
+        Command::SetRole {
+            user,
+            project,
+            role,
+        } => {
+            names::parse(user, names::USER)?;
+            names::parse(project, names::PROJECT)?;
+            if !state.projects.contains_key(project) {
+                return Err(not_found(project));
+            }
+            let u = state.users.get_mut(user).ok_or_else(|| not_found(user))?;
+            match role {
+                Some(r) => {
+                    u.roles.insert(project.clone(), *r);
+                }
+                None => {
+                    u.roles.remove(project);
+                }
+            }
+            let u = u.clone();
+            event(
+                state,
+                actor,
+                user,
+                "user.role_changed",
+                format!("{project}: {role:?}"),
+            );
+            Ok(Response::User(u))
+        }
+        Command::CreateToken {
+            user,
+            token_id,
+            secret_hash,
+            expire_time,
+        } => {
+            names::parse(user, names::USER)?;
+            names::validate_id(token_id)?;
+            if secret_hash.is_empty() || secret_hash.len() > 256 {
+                return Err(ApplyError::InvalidArgument(
+                    "a token secret hash must be 1 to 256 bytes long".into(),
+                ));
+            }
+            if !state.users.contains_key(user) {
+                return Err(not_found(user));
+            }
+            let name = format!("{user}/tokens/{token_id}");
+            if state.tokens.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let token = Token {
+                name: name.clone(),
+                secret_hash: secret_hash.clone(),
+                expire_time: *expire_time,
+                create_time: now,
+            };
+            state.tokens.insert(name.clone(), token.clone());
+            event(state, actor, &name, "token.created", String::new());
+            Ok(Response::Token(token))
+        }
+        Command::DeleteToken { token } => {
+            names::parse(token, names::TOKEN)?;
+            if state.tokens.remove(token).is_none() {
+                return Err(not_found(token));
+            }
+            event(state, actor, token, "token.deleted", String::new());
+            Ok(Response::Deleted {
+                name: token.clone(),
+            })
+        }
+
+        Command::CreateFlavor {
+            flavor_id,
+            resources,
+        } => {
+            names::validate_id(flavor_id)?;
+            if resources.vcpus == 0 || resources.memory_mib == 0 {
+                return Err(ApplyError::InvalidArgument(
+                    "a flavor needs at least one vCPU and some memory".into(),
+                ));
+            }
+            let name = format!("flavors/{flavor_id}");
+            if state.flavors.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let flavor = Flavor {
+                name: name.clone(),
+                resources: *resources,
+            };
+            state.flavors.insert(name.clone(), flavor.clone());
+            event(state, actor, &name, "flavor.created", String::new());
+            Ok(Response::Flavor(flavor))
+        }
+        Command::DeleteFlavor { flavor } => {
+            names::parse(flavor, names::FLAVOR)?;
+            if state.flavors.remove(flavor).is_none() {
+                return Err(not_found(flavor));
+            }
+            event(state, actor, flavor, "flavor.deleted", String::new());
+            Ok(Response::Deleted {
+                name: flavor.clone(),
+            })
+        }
+
+        Command::CreateImage {
+            image_id,
+            format,
+            size_bytes,
+            checksum,
+            state: image_state,
+        } => {
+            names::validate_id(image_id)?;
+            text("format", format)?;
+            text("checksum", checksum)?;
+            let name = format!("images/{image_id}");
+            if state.images.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let image = Image {
+                name: name.clone(),
+                format: format.clone(),
+                size_bytes: *size_bytes,
+                checksum: checksum.clone(),
+                state: *image_state,
+                create_time: now,
+            };
+            state.images.insert(name.clone(), image.clone());
+            event(state, actor, &name, "image.created", String::new());
+            Ok(Response::Image(image))
+        }
+        Command::SetImageState {
+            image,
+            state: image_state,
+        } => {
+            names::parse(image, names::IMAGE)?;
+            let i = state
+                .images
+                .get_mut(image)
+                .ok_or_else(|| not_found(image))?;
+            i.state = *image_state;
+            let i = i.clone();
+            event(
+                state,
+                actor,
+                image,
+                "image.state_changed",
+                format!("{image_state:?}"),
+            );
+            Ok(Response::Image(i))
+        }
+        Command::DeleteImage { image } => {
+            names::parse(image, names::IMAGE)?;
+            if state.images.remove(image).is_none() {
+                return Err(not_found(image));
+            }
+            event(state, actor, image, "image.deleted", String::new());
+            Ok(Response::Deleted {
+                name: image.clone(),
+            })
+        }
+
+        Command::CreateServerGroup {
+            project,
+            group_id,
+            policy,
+        } => {
+            names::parse(project, names::PROJECT)?;
+            names::validate_id(group_id)?;
+            if !state.projects.contains_key(project) {
+                return Err(not_found(project));
+            }
+            let name = format!("{project}/serverGroups/{group_id}");
+            if state.server_groups.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let group = ServerGroup {
+                name: name.clone(),
+                policy: *policy,
+                members: Vec::new(),
+                create_time: now,
+            };
+            state.server_groups.insert(name.clone(), group.clone());
+            event(state, actor, &name, "server_group.created", String::new());
+            Ok(Response::ServerGroup(group))
+        }
+        Command::DeleteServerGroup { group } => {
+            names::parse(group, names::SERVER_GROUP)?;
+            let g = state
+                .server_groups
+                .get(group)
+                .ok_or_else(|| not_found(group))?;
+            if !g.members.is_empty() {
+                return Err(precondition(group, "the server group still has members"));
+            }
+            state.server_groups.remove(group);
+            event(state, actor, group, "server_group.deleted", String::new());
+            Ok(Response::Deleted {
+                name: group.clone(),
+            })
+        }
+
+        Command::CreateInstance {
+            project,
+            instance_id,
+            flavor,
+            image,
+            server_group,
+            labels,
+            operation_id,
+        } => {
+            names::parse(project, names::PROJECT)?;
+            names::validate_id(instance_id)?;
+            names::parse(flavor, names::FLAVOR)?;
+            names::parse(image, names::IMAGE)?;
+            names::validate_id(operation_id)?;
+            for (k, v) in labels {
+                text("label", k)?;
+                text("label", v)?;
+            }
+            let name = format!("{project}/instances/{instance_id}");
+            let p = state
+                .projects
+                .get(project)
+                .ok_or_else(|| not_found(project))?;
+            if state.instances.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let resources = state
+                .flavors
+                .get(flavor)
+                .ok_or_else(|| not_found(flavor))?
+                .resources;
+            let img = state.images.get(image).ok_or_else(|| not_found(image))?;
+            if img.state != crate::model::ImageState::Active {
+                return Err(precondition(image, "the image is not active"));
+            }
+            if let Some(g) = server_group {
+                names::parse(g, names::SERVER_GROUP)?;
+                if names::project_of(g) != Some(project.as_str()) {
+                    return Err(ApplyError::InvalidArgument(format!(
+                        "server group {g} is not in {project}"
+                    )));
+                }
+                if !state.server_groups.contains_key(g) {
+                    return Err(not_found(g));
+                }
+            }
+            if p.instance_count + 1 > p.quota.instances {
+                return Err(ApplyError::QuotaExceeded {
+                    project: project.clone(),
+                    detail: format!("at most {} instances", p.quota.instances),
+                });
+            }
+            let usage = p.usage.plus(resources);
+            if !usage.fits_in(p.quota.resources) {
+                return Err(ApplyError::QuotaExceeded {
+                    project: project.clone(),
+                    detail: format!("would use {usage:?} of {:?}", p.quota.resources),
+                });
+            }
+            let op = new_operation(state, operation_id, &name, "create")?;
+            if let Some(p) = state.projects.get_mut(project) {
+                p.instance_count += 1;
+                p.usage = usage;
+            }
+            if let Some(g) = server_group
+                && let Some(g) = state.server_groups.get_mut(g)
+            {
+                g.members.push(name.clone());
+            }
+            let instance = Instance {
+                name: name.clone(),
+                flavor: flavor.clone(),
+                resources,
+                image: image.clone(),
+                server_group: server_group.clone(),
+                state: InstanceState::Pending,
+                reason: String::new(),
+                node: None,
+                labels: labels.clone(),
+                generation: 1,
+                create_time: now,
+                update_time: now,
+            };
+            state.instances.insert(name.clone(), instance.clone());
+            event(state, actor, &name, "instance.created", String::new());
+            Ok(Response::Instance {
+                instance,
+                operation: Some(op),
+            })
+        }
+        Command::ScheduleInstance {
+            instance,
+            node,
+            expected_generation,
+        } => {
+            names::parse(instance, names::INSTANCE)?;
+            names::parse(node, names::NODE)?;
+            let n = state.nodes.get(node).ok_or_else(|| not_found(node))?;
+            if n.state != NodeState::Up {
+                return Err(precondition(node, "the node is not up"));
+            }
+            let i = state
+                .instances
+                .get(instance)
+                .ok_or_else(|| not_found(instance))?;
+            if i.generation != *expected_generation {
+                return Err(ApplyError::VersionMismatch {
+                    name: instance.clone(),
+                    expected: *expected_generation,
+                    actual: i.generation,
+                });
+            }
+            if !i.state.can_become(InstanceState::Scheduled) {
+                return Err(ApplyError::InvalidTransition {
+                    name: instance.clone(),
+                    from: i.state.to_string(),
+                    to: InstanceState::Scheduled.to_string(),
+                });
+            }
+            let resources = i.resources;
+            if let Some(n) = state.nodes.get_mut(node) {
+                n.allocated = n.allocated.plus(resources);
+            }
+            let i = state
+                .instances
+                .get_mut(instance)
+                .ok_or_else(|| not_found(instance))?;
+            i.state = InstanceState::Scheduled;
+            i.node = Some(node.clone());
+            i.generation += 1;
+            i.update_time = now;
+            let i = i.clone();
+            event(state, actor, instance, "instance.scheduled", node.clone());
+            Ok(Response::Instance {
+                instance: i,
+                operation: None,
+            })
+        }
+        Command::SetInstanceState {
+            instance,
+            state: to,
+            reason,
+            expected_generation,
+        } => {
+            names::parse(instance, names::INSTANCE)?;
+            text("reason", reason)?;
+            let i = state
+                .instances
+                .get(instance)
+                .ok_or_else(|| not_found(instance))?;
+            if let Some(g) = expected_generation
+                && *g != i.generation
+            {
+                return Err(ApplyError::VersionMismatch {
+                    name: instance.clone(),
+                    expected: *g,
+                    actual: i.generation,
+                });
+            }
+            if !i.state.can_become(*to) {
+                return Err(ApplyError::InvalidTransition {
+                    name: instance.clone(),
+                    from: i.state.to_string(),
+                    to: to.to_string(),
+                });
+            }
+            if matches!(
+                to,
+                InstanceState::Starting
+                    | InstanceState::Running
+                    | InstanceState::Stopping
+                    | InstanceState::Migrating
+            ) && i.node.is_none()
+            {
+                return Err(precondition(
+                    instance,
+                    "the instance is not placed on a node",
+                ));
+            }
+            if i.state == InstanceState::Migrating {
+                return Err(precondition(
+                    instance,
+                    "the instance is migrating; finish or cancel the migration",
+                ));
+            }
+            let (old_node, resources) = (i.node.clone(), i.resources);
+            if *to == InstanceState::Pending {
+                release_node(state, &old_node, resources);
+            }
+            let i = state
+                .instances
+                .get_mut(instance)
+                .ok_or_else(|| not_found(instance))?;
+            let from = i.state;
+            i.state = *to;
+            i.reason = reason.clone();
+            if *to == InstanceState::Pending {
+                i.node = None;
+            }
+            i.generation += 1;
+            i.update_time = now;
+            let i = i.clone();
+            match to {
+                InstanceState::Running => {
+                    finish_operations(state, instance, &["create", "start"], None)
+                }
+                InstanceState::Stopped => finish_operations(state, instance, &["stop"], None),
+                InstanceState::Error => finish_operations(
+                    state,
+                    instance,
+                    &["create", "start", "stop", "delete"],
+                    Some(reason),
+                ),
+                _ => {}
+            }
+            event(
+                state,
+                actor,
+                instance,
+                "instance.state_changed",
+                format!("{from} -> {to}: {reason}"),
+            );
+            Ok(Response::Instance {
+                instance: i,
+                operation: None,
+            })
+        }
+        Command::DeleteInstance {
+            instance,
+            operation_id,
+        } => {
+            names::parse(instance, names::INSTANCE)?;
+            let i = state
+                .instances
+                .get(instance)
+                .ok_or_else(|| not_found(instance))?;
+            if i.state == InstanceState::Deleting {
+                return Err(precondition(
+                    instance,
+                    "the instance is already being deleted",
+                ));
+            }
+            if !i.state.can_become(InstanceState::Deleting) {
+                return Err(ApplyError::InvalidTransition {
+                    name: instance.clone(),
+                    from: i.state.to_string(),
+                    to: InstanceState::Deleting.to_string(),
+                });
+            }
+            let op = new_operation(state, operation_id, instance, "delete")?;
+            let i = state
+                .instances
+                .get_mut(instance)
+                .ok_or_else(|| not_found(instance))?;
+            i.state = InstanceState::Deleting;
+            i.generation += 1;
+            i.update_time = now;
+            let i = i.clone();
+            event(state, actor, instance, "instance.deleting", String::new());
+            Ok(Response::Instance {
+                instance: i,
+                operation: Some(op),
+            })
+        }
+        Command::PurgeInstance { instance } => {
+            names::parse(instance, names::INSTANCE)?;
+            let i = state
+                .instances
+                .get(instance)
+                .ok_or_else(|| not_found(instance))?;
+            if i.state != InstanceState::Deleting {
+                return Err(precondition(
+                    instance,
+                    "only a deleting instance can be purged",
+                ));
+            }
+            let Some(i) = state.instances.remove(instance) else {
+                return Err(not_found(instance));
+            };
+            release_node(state, &i.node, i.resources);
+            if let Some(project) = names::project_of(instance)
+                && let Some(p) = state.projects.get_mut(project)
+            {
+                p.instance_count = p.instance_count.saturating_sub(1);
+                p.usage = p.usage.minus(i.resources);
+            }
+            if let Some(g) = &i.server_group
+                && let Some(g) = state.server_groups.get_mut(g)
+            {
+                g.members.retain(|m| m != instance);
+            }
+            finish_operations(
+                state,
+                instance,
+                &["create", "start", "stop", "delete"],
+                None,
+            );
+            event(state, actor, instance, "instance.deleted", String::new());
+            Ok(Response::Deleted {
+                name: instance.clone(),
+            })
+        }
+
+        Command::RegisterNode {
+            node_id,
+            address,
+            capacity,
+            labels,
+        } => {
+            names::validate_id(node_id)?;
+            text("address", address)?;
+            for (k, v) in labels {
+                text("label", k)?;
+                text("label", v)?;
+            }
+            let name = format!("nodes/{node_id}");
+            let node = match state.nodes.get_mut(&name) {
+                Some(n) => {
+                    n.address = address.clone();
+                    n.capacity = *capacity;
+                    n.labels = labels.clone();
+                    n.last_heartbeat = now;
+                    if n.state == NodeState::Down {
+                        n.state = NodeState::Up;
+                    }
+                    n.clone()
+                }
+                None => {
+                    let n = Node {
+                        name: name.clone(),
+                        address: address.clone(),
+                        capacity: *capacity,
+                        allocated: Resources::default(),
+                        labels: labels.clone(),
+                        state: NodeState::Up,
+                        last_heartbeat: now,
+                        create_time: now,
+                    };
+                    state.nodes.insert(name.clone(), n.clone());
+                    n
+                }
+            };
+            event(state, actor, &name, "node.registered", address.clone());
+            Ok(Response::Node(node))
+        }
+        Command::NodeHeartbeat { node } => {
+            names::parse(node, names::NODE)?;
+            let n = state.nodes.get_mut(node).ok_or_else(|| not_found(node))?;
+            n.last_heartbeat = now;
+            let revived = n.state == NodeState::Down;
+            if revived {
+                n.state = NodeState::Up;
+            }
+            let n = n.clone();
+            if revived {
+                event(state, actor, node, "node.up", String::new());
+            }
+            Ok(Response::Node(n))
+        }
+        Command::SetNodeState {
+            node,
+            state: node_state,
+        } => {
+            names::parse(node, names::NODE)?;
+            let n = state.nodes.get_mut(node).ok_or_else(|| not_found(node))?;
+            n.state = *node_state;
+            let n = n.clone();
+            event(
+                state,
+                actor,
+                node,
+                "node.state_changed",
+                format!("{node_state:?}"),
+            );
+            Ok(Response::Node(n))
+        }
+        Command::DeregisterNode { node } => {
+            names::parse(node, names::NODE)?;
+            if !state.nodes.contains_key(node) {
+                return Err(not_found(node));
+            }
+            if state
+                .instances
+                .values()
+                .any(|i| i.node.as_deref() == Some(node.as_str()))
+                || state
+                    .migrations
+                    .values()
+                    .any(|m| !m.state.is_final() && m.target == *node)
+            {
+                return Err(precondition(node, "the node still holds instances"));
+            }
+            state.nodes.remove(node);
+            event(state, actor, node, "node.deregistered", String::new());
+            Ok(Response::Deleted { name: node.clone() })
+        }
+
+        Command::CreateMigration {
+            migration_id,
+            instance,
+            target,
+        } => {
+            names::validate_id(migration_id)?;
+            names::parse(instance, names::INSTANCE)?;
+            names::parse(target, names::NODE)?;
+            let name = format!("migrations/{migration_id}");
+            if state.migrations.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let i = state
+                .instances
+                .get(instance)
+                .ok_or_else(|| not_found(instance))?;
+            if i.state != InstanceState::Running {
+                return Err(precondition(
+                    instance,
+                    "only a running instance can migrate",
+                ));
+            }
+            let Some(source) = i.node.clone() else {
+                return Err(precondition(
+                    instance,
+                    "the instance is not placed on a node",
+                ));
+            };
+            if source == *target {
+                return Err(ApplyError::InvalidArgument(format!(
+                    "{instance} already runs on {target}"
+                )));
+            }
+            let t = state.nodes.get(target).ok_or_else(|| not_found(target))?;
+            if t.state != NodeState::Up {
+                return Err(precondition(target, "the target node is not up"));
+            }
+            let resources = i.resources;
+            if let Some(t) = state.nodes.get_mut(target) {
+                t.allocated = t.allocated.plus(resources);
+            }
+            if let Some(i) = state.instances.get_mut(instance) {
+                i.state = InstanceState::Migrating;
+                i.generation += 1;
+                i.update_time = now;
+            }
+            let m = Migration {
+                name: name.clone(),
+                instance: instance.clone(),
+                source,
+                target: target.clone(),
+                state: MigrationState::Queued,
+                bytes_copied: 0,
+                reason: String::new(),
+                create_time: now,
+                update_time: now,
+            };
+            state.migrations.insert(name.clone(), m.clone());
+            event(state, actor, &name, "migration.created", target.clone());
+            Ok(Response::Migration(m))
+        }
+        Command::SetMigrationState {
+            migration,
+            state: to,
+            bytes_copied,
+            reason,
+        } => {
+            names::parse(migration, names::MIGRATION)?;
+            text("reason", reason)?;
+            let m = state
+                .migrations
+                .get(migration)
+                .ok_or_else(|| not_found(migration))?;
+            let allowed = match (m.state, to) {
+                (MigrationState::Queued, MigrationState::Queued) => false,
+                (from, _) if from.is_final() => false,
+                (MigrationState::Running, MigrationState::Queued) => false,
+                _ => true,
+            };
+            if !allowed {
+                return Err(ApplyError::InvalidTransition {
+                    name: migration.clone(),
+                    from: format!("{:?}", m.state),
+                    to: format!("{to:?}"),
+                });
+            }
+            let m = m.clone();
+            if to.is_final() {
+                let resources = state
+                    .instances
+                    .get(&m.instance)
+                    .map(|i| i.resources)
+                    .unwrap_or_default();
+                let released = if *to == MigrationState::Completed {
+                    &m.source
+                } else {
+                    &m.target
+                };
+                release_node(state, &Some(released.clone()), resources);
+                if let Some(i) = state.instances.get_mut(&m.instance) {
+                    if *to == MigrationState::Completed {
+                        i.node = Some(m.target.clone());
+                    }
+                    if i.state == InstanceState::Migrating {
+                        i.state = InstanceState::Running;
+                    }
+                    i.generation += 1;
+                    i.update_time = now;
+                }
+            }
+            let m = state
+                .migrations
+                .get_mut(migration)
+                .ok_or_else(|| not_found(migration))?;
+            m.state = *to;
+            m.bytes_copied = *bytes_copied;
+            m.reason = reason.clone();
+            m.update_time = now;
+            let m = m.clone();
+            if to.is_final() {
+                event(
+                    state,
+                    actor,
+                    migration,
+                    "migration.finished",
+                    format!("{to:?} {reason}"),
+                );
+            }
+            Ok(Response::Migration(m))
+        }
+        Command::FinishOperation { operation, error } => {
+            names::parse(operation, names::OPERATION)?;
+            if let Some(e) = error {
+                text("error", e)?;
+            }
+            let op = state
+                .operations
+                .get_mut(operation)
+                .ok_or_else(|| not_found(operation))?;
+            if op.done {
+                return Err(precondition(operation, "the operation already finished"));
+            }
+            op.done = true;
+            op.error = error.clone();
+            op.update_time = now;
+            Ok(Response::Operation(op.clone()))
+        }
+
+        Command::KvPut { key, value } => {
+            check_key(key)?;
+            check_value(value)?;
+            let version = state.applied;
+            state.kv.insert(
+                key.clone(),
+                KvEntry {
+                    value: value.clone(),
+                    version,
+                },
+            );
+            Ok(Response::Kv {
+                key: key.clone(),
+                version,
+            })
+        }
+        Command::KvCas {
+            key,
+            expected_version,
+            value,
+        } => {
+            check_key(key)?;
+            let actual = state.kv.get(key).map_or(0, |e| e.version);
+            if actual != *expected_version {
+                return Err(ApplyError::VersionMismatch {
+                    name: key.clone(),
+                    expected: *expected_version,
+                    actual,
+                });
+            }
+            let version = match value {
+                Some(v) => {
+                    check_value(v)?;
+                    let version = state.applied;
+                    state.kv.insert(
+                        key.clone(),
+                        KvEntry {
+                            value: v.clone(),
+                            version,
+                        },
+                    );
+                    version
+                }
+                None => {
+                    state.kv.remove(key);
+                    0
+                }
+            };
+            Ok(Response::Kv {
+                key: key.clone(),
+                version,
+            })
+        }
+        Command::KvDelete { key } => {
+            check_key(key)?;
+            state.kv.remove(key);
+            Ok(Response::Kv {
+                key: key.clone(),
+                version: 0,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ImageState, Quota};
+
+    fn run(s: &mut State, cmd: Command) -> Result<Response, ApplyError> {
+        let t = s.now + 1;
+        apply(s, &Envelope::new(t, "test", cmd), 1)
+    }
+
+    fn setup() -> State {
+        let mut s = State::default();
+        run(
+            &mut s,
+            Command::CreateProject {
+                project_id: "p1".into(),
+                display_name: "P1".into(),
+                quota: Some(Quota {
+                    instances: 2,
+                    resources: Resources {
+                        vcpus: 4,
+                        memory_mib: 4096,
+                        disk_gib: 100,
+                    },
+                }),
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::CreateFlavor {
+                flavor_id: "small".into(),
+                resources: Resources {
+                    vcpus: 2,
+                    memory_mib: 1024,
+                    disk_gib: 10,
+                },
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::CreateImage {
+                image_id: "debian".into(),
+                format: "raw".into(),
+                size_bytes: 1,
+                checksum: String::new(),
+                state: ImageState::Active,
+            },
+        )
+        .unwrap();
+        for n in ["n1", "n2"] {
+            run(
+                &mut s,
+                Command::RegisterNode {
+                    node_id: n.into(),
+                    address: "a".into(),
+                    capacity: Resources {
+                        vcpus: 8,
+                        memory_mib: 8192,
+                        disk_gib: 100,
+                    },
+                    labels: Default::default(),
+                },
+            )
+            .unwrap();
+        }
+        s
+    }
+
+    fn create(s: &mut State, id: &str) -> Result<Response, ApplyError> {
+        run(
+            s,
+            Command::CreateInstance {
+                project: "projects/p1".into(),
+                instance_id: id.into(),
+                flavor: "flavors/small".into(),
+                image: "images/debian".into(),
+                server_group: None,
+                labels: Default::default(),
+                operation_id: format!("op-{id}"),
+            },
+        )
+    }
+
+    fn set(s: &mut State, name: &str, to: InstanceState) -> Result<Response, ApplyError> {
+        run(
+            s,
+            Command::SetInstanceState {
+                instance: name.into(),
+                state: to,
+                reason: String::new(),
+                expected_generation: None,
+            },
+        )
+    }
+
+    #[test]
+    fn instance_lifecycle_with_migration() {
+        let mut s = setup();
+        let web = "projects/p1/instances/web-1";
+        create(&mut s, "web-1").unwrap();
+        assert!(matches!(
+            create(&mut s, "web-1"),
+            Err(ApplyError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            set(&mut s, web, InstanceState::Running),
+            Err(ApplyError::InvalidTransition { .. })
+        ));
+        run(
+            &mut s,
+            Command::ScheduleInstance {
+                instance: web.into(),
+                node: "nodes/n1".into(),
+                expected_generation: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 2);
+        set(&mut s, web, InstanceState::Starting).unwrap();
+        assert!(!s.operations["operations/op-web-1"].done);
+        set(&mut s, web, InstanceState::Running).unwrap();
+        assert!(s.operations["operations/op-web-1"].done);
+
+        run(
+            &mut s,
+            Command::CreateMigration {
+                migration_id: "m1".into(),
+                instance: web.into(),
+                target: "nodes/n2".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.instances[web].state, InstanceState::Migrating);
+        assert_eq!(s.nodes["nodes/n2"].allocated.vcpus, 2);
+        run(
+            &mut s,
+            Command::SetMigrationState {
+                migration: "migrations/m1".into(),
+                state: MigrationState::Completed,
+                bytes_copied: 10,
+                reason: String::new(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n2"));
+        assert_eq!(s.instances[web].state, InstanceState::Running);
+        assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 0);
+
+        assert!(matches!(
+            run(
+                &mut s,
+                Command::PurgeInstance {
+                    instance: web.into()
+                }
+            ),
+            Err(ApplyError::FailedPrecondition { .. })
+        ));
+        run(
+            &mut s,
+            Command::DeleteInstance {
+                instance: web.into(),
+                operation_id: "del-1".into(),
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::PurgeInstance {
+                instance: web.into(),
+            },
+        )
+        .unwrap();
+        assert!(s.instances.is_empty());
+        assert_eq!(s.nodes["nodes/n2"].allocated, Resources::default());
+        assert_eq!(s.projects["projects/p1"].instance_count, 0);
+        assert!(s.operations["operations/del-1"].done);
+        assert!(s.events.iter().any(|e| e.kind == "instance.deleted"));
+    }
+
+    #[test]
+    fn quota_is_enforced() {
+        let mut s = setup();
+        create(&mut s, "a").unwrap();
+        create(&mut s, "b").unwrap();
+        let err = create(&mut s, "c").unwrap_err();
+        assert!(matches!(err, ApplyError::QuotaExceeded { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "quota of projects/p1 exceeded: at most 2 instances"
+        );
+    }
+
+    #[test]
+    fn names_are_validated() {
+        let mut s = setup();
+        assert!(matches!(
+            create(&mut s, "Web"),
+            Err(ApplyError::InvalidName(_))
+        ));
+        assert!(matches!(
+            run(
+                &mut s,
+                Command::PurgeInstance {
+                    instance: "projects/p1/vms/x".into()
+                }
+            ),
+            Err(ApplyError::InvalidName(_))
+        ));
+    }
+
+    #[test]
+    fn request_ids_and_fencing() {
+        let mut s = setup();
+        let mut env = Envelope::new(
+            100,
+            "test",
+            Command::KvPut {
+                key: "k".into(),
+                value: b"v".to_vec(),
+            },
+        );
+        env.request_id = Some("r1".into());
+        let first = apply(&mut s, &env, 1).unwrap();
+        let again = apply(&mut s, &env, 1).unwrap();
+        assert_eq!(first, again);
+        env.command = Command::KvDelete { key: "k".into() };
+        assert!(matches!(
+            apply(&mut s, &env, 1),
+            Err(ApplyError::RequestIdReused { .. })
+        ));
+        // After the retention window the id may be reused.
+        env.time = 100 + REQUEST_ID_RETENTION_MS + 1;
+        apply(&mut s, &env, 1).unwrap();
+
+        let mut fenced = Envelope::new(200, "loop", Command::Noop);
+        fenced.fence_term = Some(3);
+        assert!(apply(&mut s, &fenced, 3).is_ok());
+        assert_eq!(
+            apply(&mut s, &fenced, 4),
+            Err(ApplyError::Fenced {
+                fence_term: 3,
+                term: 4
+            })
+        );
+    }
+
+    #[test]
+    fn kv_compare_and_set() {
+        let mut s = State::default();
+        let put = |s: &mut State, expected_version, value: Option<&[u8]>| {
+            run(
+                s,
+                Command::KvCas {
+                    key: "k".into(),
+                    expected_version,
+                    value: value.map(<[u8]>::to_vec),
+                },
+            )
+        };
+        let Response::Kv { version, .. } = put(&mut s, 0, Some(b"a")).unwrap() else {
+            panic!("not a kv response");
+        };
+        assert!(version > 0);
+        assert!(matches!(
+            put(&mut s, 0, Some(b"b")),
+            Err(ApplyError::VersionMismatch { .. })
+        ));
+        put(&mut s, version, None).unwrap();
+        assert!(s.kv.is_empty());
+    }
+}

@@ -1,0 +1,349 @@
+//! What can be asked of the state machine ([`Command`]), the envelope the
+//! leader stamps around it ([`Envelope`]), and what it answers ([`Response`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    Flavor, GroupPolicy, Image, ImageState, Instance, InstanceState, Labels, Migration,
+    MigrationState, Node, NodeState, Operation, Project, Quota, Resources, Role, ServerGroup,
+    Token, UnixMs, User,
+};
+
+/// A command with what the leader adds before proposing it. Everything that
+/// `apply` needs is in here (or in the log term), so replaying a log gives the
+/// same state on every member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Leader wall-clock time when the command was proposed.
+    pub time: UnixMs,
+    /// Who asks (`users/alice`, `system`), recorded in events.
+    pub actor: String,
+    /// Client-chosen id making the command idempotent: a retry with the same
+    /// id and command gets the first answer back instead of a second effect.
+    pub request_id: Option<String>,
+    /// Raft term the proposer believed it led in. When set, the command is
+    /// refused unless it is committed in exactly that term, so a deposed
+    /// leader's control loops can never act on stale state.
+    pub fence_term: Option<u64>,
+    /// What to do.
+    pub command: Command,
+}
+
+impl Envelope {
+    /// An envelope with no request id and no fence.
+    pub fn new(time: UnixMs, actor: impl Into<String>, command: Command) -> Self {
+        Envelope {
+            time,
+            actor: actor.into(),
+            request_id: None,
+            fence_term: None,
+            command,
+        }
+    }
+}
+
+/// Every change the control plane can make. Names are full AIP resource
+/// names (`projects/p1/instances/web-1`); `*_id` fields are the last segment
+/// of a resource being created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Does nothing (used to commit an entry in a new term, and in tests).
+    Noop,
+    /// Creates `projects/{project_id}`.
+    CreateProject {
+        /// Id of the new project.
+        project_id: String,
+        /// Free text.
+        display_name: String,
+        /// Limits; the default quota when `None`.
+        quota: Option<Quota>,
+    },
+    /// Replaces a project's quota (it may be set below current usage; new
+    /// instances are then refused until usage drops).
+    SetProjectQuota {
+        /// `projects/{project}`.
+        project: String,
+        /// The new limits.
+        quota: Quota,
+    },
+    /// Deletes an empty project.
+    DeleteProject {
+        /// `projects/{project}`.
+        project: String,
+    },
+    /// Creates `users/{user_id}`.
+    CreateUser {
+        /// Id of the new user.
+        user_id: String,
+        /// Free text.
+        display_name: String,
+        /// Whether the user is a cluster operator.
+        operator: bool,
+    },
+    /// Deletes a user and its tokens.
+    DeleteUser {
+        /// `users/{user}`.
+        user: String,
+    },
+    /// Grants (or with `None` revokes) a role in a project.
+    SetRole {
+        /// `users/{user}`.
+        user: String,
+        /// `projects/{project}`.
+        project: String,
+        /// The role, or `None` to revoke.
+        role: Option<Role>,
+    },
+    /// Creates `users/{user}/tokens/{token_id}`.
+    CreateToken {
+        /// `users/{user}`.
+        user: String,
+        /// Id of the new token.
+        token_id: String,
+        /// Hash of the secret; the secret itself never reaches the log.
+        secret_hash: String,
+        /// Expiry.
+        expire_time: Option<UnixMs>,
+    },
+    /// Revokes a token.
+    DeleteToken {
+        /// `users/{user}/tokens/{token}`.
+        token: String,
+    },
+    /// Creates `flavors/{flavor_id}`.
+    CreateFlavor {
+        /// Id of the new flavor.
+        flavor_id: String,
+        /// What an instance of it uses.
+        resources: Resources,
+    },
+    /// Deletes a flavor (existing instances keep their resources).
+    DeleteFlavor {
+        /// `flavors/{flavor}`.
+        flavor: String,
+    },
+    /// Registers `images/{image_id}`.
+    CreateImage {
+        /// Id of the new image.
+        image_id: String,
+        /// `raw`, `qcow2`, `ova`.
+        format: String,
+        /// Size in bytes.
+        size_bytes: u64,
+        /// Checksum of the content.
+        checksum: String,
+        /// Initial state.
+        state: ImageState,
+    },
+    /// Changes an image's state (upload finished or failed).
+    SetImageState {
+        /// `images/{image}`.
+        image: String,
+        /// The new state.
+        state: ImageState,
+    },
+    /// Deletes an image.
+    DeleteImage {
+        /// `images/{image}`.
+        image: String,
+    },
+    /// Creates `projects/{project}/serverGroups/{group_id}`.
+    CreateServerGroup {
+        /// `projects/{project}`.
+        project: String,
+        /// Id of the new group.
+        group_id: String,
+        /// Placement policy.
+        policy: GroupPolicy,
+    },
+    /// Deletes an empty server group.
+    DeleteServerGroup {
+        /// `projects/{project}/serverGroups/{group}`.
+        group: String,
+    },
+    /// Creates `projects/{project}/instances/{instance_id}` in `PENDING`,
+    /// counting it against the project quota, and the operation
+    /// `operations/{operation_id}` that completes when it runs.
+    CreateInstance {
+        /// `projects/{project}`.
+        project: String,
+        /// Id of the new instance.
+        instance_id: String,
+        /// `flavors/{flavor}`.
+        flavor: String,
+        /// `images/{image}`, which must be active.
+        image: String,
+        /// `projects/{project}/serverGroups/{group}` in the same project.
+        server_group: Option<String>,
+        /// Labels.
+        labels: Labels,
+        /// Id of the operation to create.
+        operation_id: String,
+    },
+    /// Places a `PENDING` instance on a node (`SCHEDULED`), as decided by the
+    /// scheduler. Node capacity is the scheduler's business (it owns the
+    /// overcommit ratios); this only records the allocation.
+    ScheduleInstance {
+        /// The instance.
+        instance: String,
+        /// `nodes/{node}`, which must be `Up`.
+        node: String,
+        /// The generation the scheduler decided on; refused if it changed.
+        expected_generation: u64,
+    },
+    /// Moves an instance through its lifecycle (see
+    /// [`InstanceState::can_become`]). Going back to `PENDING` releases the
+    /// placement. Reaching `RUNNING` or `ERROR` finishes pending operations on
+    /// the instance.
+    SetInstanceState {
+        /// The instance.
+        instance: String,
+        /// The new state.
+        state: InstanceState,
+        /// Why (kept on the instance).
+        reason: String,
+        /// When set, refused unless the instance is at this generation.
+        expected_generation: Option<u64>,
+    },
+    /// Starts deleting an instance (`DELETING`) with operation
+    /// `operations/{operation_id}`.
+    DeleteInstance {
+        /// The instance.
+        instance: String,
+        /// Id of the operation to create.
+        operation_id: String,
+    },
+    /// Removes a `DELETING` instance once its node has released it, freeing
+    /// quota and node allocation and finishing its delete operation.
+    PurgeInstance {
+        /// The instance.
+        instance: String,
+    },
+    /// Registers `nodes/{node_id}` (or updates address, capacity and labels of
+    /// a registered one), `Up`.
+    RegisterNode {
+        /// Id of the node.
+        node_id: String,
+        /// Agent address.
+        address: String,
+        /// What it offers.
+        capacity: Resources,
+        /// Labels.
+        labels: Labels,
+    },
+    /// Records a heartbeat at the envelope's time; a `Down` node comes back
+    /// `Up`.
+    NodeHeartbeat {
+        /// `nodes/{node}`.
+        node: String,
+    },
+    /// Sets a node's state (drain, disable, mark down).
+    SetNodeState {
+        /// `nodes/{node}`.
+        node: String,
+        /// The new state.
+        state: NodeState,
+    },
+    /// Removes a node that holds no instances.
+    DeregisterNode {
+        /// `nodes/{node}`.
+        node: String,
+    },
+    /// Starts a live migration of a `RUNNING` instance to another `Up` node:
+    /// the instance becomes `MIGRATING` and the target's allocation grows.
+    CreateMigration {
+        /// Id of the new migration.
+        migration_id: String,
+        /// The instance.
+        instance: String,
+        /// `nodes/{node}` to move to.
+        target: String,
+    },
+    /// Reports migration progress or its end. `Completed` moves the instance
+    /// to the target; `Failed` and `Cancelled` leave it on the source. Either
+    /// way the instance is `RUNNING` again.
+    SetMigrationState {
+        /// `migrations/{migration}`.
+        migration: String,
+        /// The new state.
+        state: MigrationState,
+        /// Bytes copied so far.
+        bytes_copied: u64,
+        /// Why it failed.
+        reason: String,
+    },
+    /// Finishes an operation, with an error or not.
+    FinishOperation {
+        /// `operations/{operation}`.
+        operation: String,
+        /// The error, if it failed.
+        error: Option<String>,
+    },
+    /// Sets a key in the generic key-value area.
+    KvPut {
+        /// Any non-empty key up to 1 KiB.
+        key: String,
+        /// Value up to 1 MiB.
+        value: Vec<u8>,
+    },
+    /// Compare-and-set: writes (or with `None` deletes) `key` only if its
+    /// version is `expected_version` (0 meaning "absent").
+    KvCas {
+        /// The key.
+        key: String,
+        /// Expected current version.
+        expected_version: u64,
+        /// New value, or `None` to delete.
+        value: Option<Vec<u8>>,
+    },
+    /// Deletes a key (no error if absent).
+    KvDelete {
+        /// The key.
+        key: String,
+    },
+}
+
+/// What a successful command returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Done; nothing to return.
+    Done,
+    /// A resource was deleted.
+    Deleted {
+        /// Its name.
+        name: String,
+    },
+    /// The project as it now is.
+    Project(Project),
+    /// The user as it now is.
+    User(User),
+    /// The token as created.
+    Token(Token),
+    /// The flavor.
+    Flavor(Flavor),
+    /// The image.
+    Image(Image),
+    /// The server group.
+    ServerGroup(ServerGroup),
+    /// The instance as it now is, with the operation a create or delete
+    /// started.
+    Instance {
+        /// The instance.
+        instance: Instance,
+        /// The operation created, if any.
+        operation: Option<Operation>,
+    },
+    /// The node.
+    Node(Node),
+    /// The migration.
+    Migration(Migration),
+    /// The operation.
+    Operation(Operation),
+    /// A key-value write: the key's new version (0 after a delete).
+    Kv {
+        /// The key.
+        key: String,
+        /// Its version now.
+        version: u64,
+    },
+}

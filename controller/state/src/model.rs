@@ -1,0 +1,478 @@
+//! The resources the control plane holds, as plain data. Every map is a
+//! `BTreeMap` keyed by the full resource name, so iteration order (and so the
+//! encoded snapshot) is deterministic.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch, as stamped by the leader into each
+/// command. The state machine never reads a clock.
+pub type UnixMs = u64;
+
+/// Labels on a resource (`zone=a`, `tier=web`).
+pub type Labels = BTreeMap<String, String>;
+
+/// An amount of compute resources.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    /// Virtual CPUs.
+    pub vcpus: u64,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Disk in GiB.
+    pub disk_gib: u64,
+}
+
+impl Resources {
+    /// Component-wise sum, saturating.
+    pub fn plus(self, o: Resources) -> Resources {
+        Resources {
+            vcpus: self.vcpus.saturating_add(o.vcpus),
+            memory_mib: self.memory_mib.saturating_add(o.memory_mib),
+            disk_gib: self.disk_gib.saturating_add(o.disk_gib),
+        }
+    }
+
+    /// Component-wise difference, saturating at zero.
+    pub fn minus(self, o: Resources) -> Resources {
+        Resources {
+            vcpus: self.vcpus.saturating_sub(o.vcpus),
+            memory_mib: self.memory_mib.saturating_sub(o.memory_mib),
+            disk_gib: self.disk_gib.saturating_sub(o.disk_gib),
+        }
+    }
+
+    /// True when every component of `self` is at most the one of `limit`.
+    pub fn fits_in(self, limit: Resources) -> bool {
+        self.vcpus <= limit.vcpus
+            && self.memory_mib <= limit.memory_mib
+            && self.disk_gib <= limit.disk_gib
+    }
+}
+
+/// A project's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quota {
+    /// Most instances the project may hold at once.
+    pub instances: u64,
+    /// Most resources all its instances may use together.
+    pub resources: Resources,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota {
+            instances: 10,
+            resources: Resources {
+                vcpus: 20,
+                memory_mib: 50 * 1024,
+                disk_gib: 1000,
+            },
+        }
+    }
+}
+
+/// A tenant project: the unit of isolation and quota.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Project {
+    /// `projects/{project}`.
+    pub name: String,
+    /// Free text shown to people.
+    pub display_name: String,
+    /// Limits.
+    pub quota: Quota,
+    /// Instances currently counted against the quota.
+    pub instance_count: u64,
+    /// Resources currently counted against the quota.
+    pub usage: Resources,
+    /// When it was created.
+    pub create_time: UnixMs,
+}
+
+/// What a user may do in a project.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Role {
+    /// Read everything in the project.
+    Viewer,
+    /// Create, change and delete resources in the project.
+    Editor,
+    /// Everything an editor may do, plus grant roles.
+    Owner,
+}
+
+/// A person or robot that calls the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    /// `users/{user}`.
+    pub name: String,
+    /// Free text shown to people.
+    pub display_name: String,
+    /// Operators act on every project and on cluster resources.
+    pub operator: bool,
+    /// Role per project name.
+    pub roles: BTreeMap<String, Role>,
+    /// When it was created.
+    pub create_time: UnixMs,
+}
+
+/// An API token. Only the hash of its secret is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// `users/{user}/tokens/{token}`.
+    pub name: String,
+    /// Hash of the secret (computed by the API layer, e.g. SHA-256 hex).
+    pub secret_hash: String,
+    /// When it stops being accepted; `None` for never.
+    pub expire_time: Option<UnixMs>,
+    /// When it was created.
+    pub create_time: UnixMs,
+}
+
+/// An instance size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flavor {
+    /// `flavors/{flavor}`.
+    pub name: String,
+    /// What an instance of this flavor uses.
+    pub resources: Resources,
+}
+
+/// Whether an image may be booted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ImageState {
+    /// Being uploaded or imported.
+    Pending,
+    /// Ready to boot.
+    Active,
+    /// Import or upload failed.
+    Failed,
+}
+
+/// A bootable disk image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    /// `images/{image}`.
+    pub name: String,
+    /// Disk format: `raw`, `qcow2`, `ova`.
+    pub format: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Checksum of the content, e.g. `sha256:...`.
+    pub checksum: String,
+    /// Lifecycle.
+    pub state: ImageState,
+    /// When it was created.
+    pub create_time: UnixMs,
+}
+
+/// Lifecycle of an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Accepted, waiting for the scheduler.
+    Pending,
+    /// Placed on a node, not started yet.
+    Scheduled,
+    /// The node is starting it.
+    Starting,
+    /// Running.
+    Running,
+    /// The node is stopping it.
+    Stopping,
+    /// Stopped; keeps its placement and quota.
+    Stopped,
+    /// Live-migrating to another node.
+    Migrating,
+    /// Being deleted.
+    Deleting,
+    /// Something failed; see the instance's `reason`.
+    Error,
+}
+
+impl InstanceState {
+    /// Every state, for tests and listings.
+    pub const ALL: [InstanceState; 9] = [
+        InstanceState::Pending,
+        InstanceState::Scheduled,
+        InstanceState::Starting,
+        InstanceState::Running,
+        InstanceState::Stopping,
+        InstanceState::Stopped,
+        InstanceState::Migrating,
+        InstanceState::Deleting,
+        InstanceState::Error,
+    ];
+
+    /// The API spelling (`RUNNING`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "PENDING",
+            InstanceState::Scheduled => "SCHEDULED",
+            InstanceState::Starting => "STARTING",
+            InstanceState::Running => "RUNNING",
+            InstanceState::Stopping => "STOPPING",
+            InstanceState::Stopped => "STOPPED",
+            InstanceState::Migrating => "MIGRATING",
+            InstanceState::Deleting => "DELETING",
+            InstanceState::Error => "ERROR",
+        }
+    }
+
+    /// Whether the lifecycle allows going from `self` to `to`.
+    pub fn can_become(self, to: InstanceState) -> bool {
+        use InstanceState::*;
+        matches!(
+            (self, to),
+            (Pending, Scheduled | Error | Deleting)
+                | (Scheduled, Starting | Pending | Error | Deleting)
+                | (Starting, Running | Stopped | Error | Deleting)
+                | (Running, Stopping | Migrating | Starting | Error | Deleting)
+                | (Stopping, Stopped | Error | Deleting)
+                | (Stopped, Starting | Pending | Error | Deleting)
+                | (Migrating, Running | Error | Deleting)
+                | (Deleting, Error)
+                | (Error, Pending | Stopped | Deleting)
+        )
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A virtual machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// `projects/{project}/instances/{instance}`.
+    pub name: String,
+    /// `flavors/{flavor}` at creation (its resources are copied below).
+    pub flavor: String,
+    /// What it uses, counted against the project quota.
+    pub resources: Resources,
+    /// `images/{image}`.
+    pub image: String,
+    /// `projects/{project}/serverGroups/{group}`, if any.
+    pub server_group: Option<String>,
+    /// Lifecycle.
+    pub state: InstanceState,
+    /// Why it is in its state (set on errors and by operators).
+    pub reason: String,
+    /// `nodes/{node}` it is placed on.
+    pub node: Option<String>,
+    /// Labels.
+    pub labels: Labels,
+    /// Bumped on every change; lets writers do compare-and-set.
+    pub generation: u64,
+    /// When it was created.
+    pub create_time: UnixMs,
+    /// When it last changed.
+    pub update_time: UnixMs,
+}
+
+/// Placement policy of a server group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupPolicy {
+    /// All members on one node.
+    Affinity,
+    /// Every member on a different node.
+    AntiAffinity,
+    /// Prefer one node.
+    SoftAffinity,
+    /// Prefer different nodes.
+    SoftAntiAffinity,
+}
+
+/// A set of instances placed together or apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerGroup {
+    /// `projects/{project}/serverGroups/{group}`.
+    pub name: String,
+    /// Placement policy.
+    pub policy: GroupPolicy,
+    /// Names of member instances.
+    pub members: Vec<String>,
+    /// When it was created.
+    pub create_time: UnixMs,
+}
+
+/// Whether a node takes work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Healthy, takes new instances.
+    Up,
+    /// Instances are being moved off; takes no new ones.
+    Draining,
+    /// Administratively disabled.
+    Disabled,
+    /// Missed its heartbeats.
+    Down,
+}
+
+/// A compute node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// `nodes/{node}`.
+    pub name: String,
+    /// Address of its agent's gRPC endpoint.
+    pub address: String,
+    /// What it offers.
+    pub capacity: Resources,
+    /// What placed instances use.
+    pub allocated: Resources,
+    /// Labels (`zone`, hardware traits).
+    pub labels: Labels,
+    /// Whether it takes work.
+    pub state: NodeState,
+    /// Leader time of the last heartbeat.
+    pub last_heartbeat: UnixMs,
+    /// When it registered.
+    pub create_time: UnixMs,
+}
+
+/// Lifecycle of a live migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationState {
+    /// Accepted, not started.
+    Queued,
+    /// Copying memory and disks.
+    Running,
+    /// The instance runs on the target.
+    Completed,
+    /// Gave up; the instance runs on the source.
+    Failed,
+    /// Cancelled by a user; the instance runs on the source.
+    Cancelled,
+}
+
+impl MigrationState {
+    /// Whether no further change is possible.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+}
+
+/// A live migration of one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Migration {
+    /// `migrations/{migration}`.
+    pub name: String,
+    /// The instance moved.
+    pub instance: String,
+    /// `nodes/{node}` it leaves.
+    pub source: String,
+    /// `nodes/{node}` it goes to.
+    pub target: String,
+    /// Lifecycle.
+    pub state: MigrationState,
+    /// Bytes copied so far.
+    pub bytes_copied: u64,
+    /// Why it failed, if it did.
+    pub reason: String,
+    /// When it was created.
+    pub create_time: UnixMs,
+    /// When it last changed.
+    pub update_time: UnixMs,
+}
+
+/// A long-running operation (AIP-151).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Operation {
+    /// `operations/{operation}`.
+    pub name: String,
+    /// The resource it works on.
+    pub target: String,
+    /// What it does: `create`, `delete`, `migrate`, ...
+    pub verb: String,
+    /// Whether it finished.
+    pub done: bool,
+    /// Set when it finished with an error.
+    pub error: Option<String>,
+    /// When it was created.
+    pub create_time: UnixMs,
+    /// When it last changed.
+    pub update_time: UnixMs,
+}
+
+/// One entry of the audit and event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the event log, from 1, never reused.
+    pub seq: u64,
+    /// Leader time.
+    pub time: UnixMs,
+    /// Who caused it (`users/alice`, `system`).
+    pub actor: String,
+    /// The resource concerned.
+    pub resource: String,
+    /// What happened (`instance.created`).
+    pub kind: String,
+    /// Detail for people.
+    pub message: String,
+}
+
+/// A value in the generic key-value area.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// The bytes stored.
+    pub value: Vec<u8>,
+    /// Index of the command that last wrote it (its "mod revision"); never 0.
+    pub version: u64,
+}
+
+/// What an idempotent request answered, kept so a retry gets the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RememberedRequest {
+    /// When it was first applied (entries expire after
+    /// [`crate::REQUEST_ID_RETENTION_MS`]).
+    pub time: UnixMs,
+    /// Fingerprint of the command, so reusing an id for another command is
+    /// refused.
+    pub command: Vec<u8>,
+    /// The answer.
+    pub response: crate::Response,
+}
+
+/// The whole control-plane state. Serialized as-is for snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Number of commands applied (including refused ones); the "revision".
+    pub applied: u64,
+    /// Leader time of the latest command applied (time never goes backwards
+    /// here even if leaders' clocks disagree).
+    pub now: UnixMs,
+    /// Projects by name.
+    pub projects: BTreeMap<String, Project>,
+    /// Users by name.
+    pub users: BTreeMap<String, User>,
+    /// Tokens by name.
+    pub tokens: BTreeMap<String, Token>,
+    /// Flavors by name.
+    pub flavors: BTreeMap<String, Flavor>,
+    /// Images by name.
+    pub images: BTreeMap<String, Image>,
+    /// Instances by name.
+    pub instances: BTreeMap<String, Instance>,
+    /// Server groups by name.
+    pub server_groups: BTreeMap<String, ServerGroup>,
+    /// Nodes by name.
+    pub nodes: BTreeMap<String, Node>,
+    /// Migrations by name.
+    pub migrations: BTreeMap<String, Migration>,
+    /// Operations by name.
+    pub operations: BTreeMap<String, Operation>,
+    /// The newest events, oldest first (at most [`crate::MAX_EVENTS`]).
+    pub events: VecDeque<Event>,
+    /// Sequence number of the next event.
+    pub next_event_seq: u64,
+    /// Generic key-value area.
+    pub kv: BTreeMap<String, KvEntry>,
+    /// Answers to recent requests that carried a `request_id`.
+    pub requests: BTreeMap<String, RememberedRequest>,
+    /// The keys of `requests` in the order they were answered, for expiry.
+    pub request_order: VecDeque<(UnixMs, String)>,
+}
