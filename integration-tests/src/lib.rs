@@ -1,2 +1,8 @@
-//! Harness for multi-process Nephele clusters on loopback: starts real
-//! daemons, injects faults, and cleans up after itself.
+//! Harness for tests and benchmarks that run real Nephele processes: the
+//! hypervisor with the test guest (`guest`), host tap devices and bridges
+//! (`netdev`), and the benchmark report format (`bench`). Multi-process
+//! cluster tests live in `tests/`, benchmarks in `src/bin/bench-*.rs`.
+
+pub mod bench;
+pub mod guest;
+pub mod netdev;
