@@ -2,41 +2,72 @@
 //! runs ours and the peer side by side, prints a readable table and ends with
 //! one `BENCH {json}` line (format in PRODUCT.md).
 
-use crate::{cargo, exec};
+use crate::{cargo, deps, exec, guest};
 
-/// `(name, package, binary)` of every benchmark that exists so far.
-const BENCHES: &[(&str, &str, &str)] = &[("scheduler", "nephele-scheduler", "bench-scheduler")];
+/// A benchmark: the binary that runs it and what it needs first.
+struct Bench {
+    name: &'static str,
+    package: &'static str,
+    binary: &'static str,
+    /// `(command, Debian package)` for the peer it runs beside ours.
+    peer_commands: &'static [(&'static str, &'static str)],
+    /// Workspace binaries it drives, built in release mode first.
+    drives: &'static [&'static str],
+    needs_guest: bool,
+}
+
+const BENCHES: &[Bench] = &[
+    Bench {
+        name: "boot",
+        package: "nephele-integration-tests",
+        binary: "bench-boot",
+        peer_commands: &[("qemu-system-x86_64", "qemu-system-x86")],
+        drives: &["neph-vmm"],
+        needs_guest: true,
+    },
+    Bench {
+        name: "scheduler",
+        package: "nephele-scheduler",
+        binary: "bench-scheduler",
+        peer_commands: &[],
+        drives: &[],
+        needs_guest: false,
+    },
+];
 
 /// Benchmarks the product brief names that are not written yet.
-const PLANNED: &[&str] = &["boot", "migration", "store", "provision"];
+const PLANNED: &[&str] = &["migration", "store", "provision"];
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    let Some(name) = args.first() else {
-        return Err(format!(
-            "which benchmark? one of: {}",
-            BENCHES.iter().map(|b| b.0).collect::<Vec<_>>().join(", ")
-        ));
+    let names = || {
+        BENCHES
+            .iter()
+            .map(|b| b.name)
+            .collect::<Vec<_>>()
+            .join(", ")
     };
-    if let Some((_, package, bin)) = BENCHES.iter().find(|b| b.0 == name) {
-        return exec(
-            cargo()
-                .args([
-                    "run",
-                    "--release",
-                    "--locked",
-                    "-p",
-                    package,
-                    "--bin",
-                    bin,
-                    "--",
-                ])
-                .args(&args[1..]),
-        );
+    let Some(name) = args.first() else {
+        return Err(format!("which benchmark? one of: {}", names()));
+    };
+    let Some(bench) = BENCHES.iter().find(|b| b.name == name) else {
+        if PLANNED.contains(&name.as_str()) {
+            return Err(format!(
+                "benchmark `{name}` is not written yet (see the issues)"
+            ));
+        }
+        return Err(format!("unknown benchmark `{name}`; one of: {}", names()));
+    };
+    deps::ensure_commands(bench.peer_commands)?;
+    if bench.needs_guest {
+        guest::build()?;
     }
-    if PLANNED.contains(&name.as_str()) {
-        return Err(format!(
-            "benchmark `{name}` is not written yet (see the issues)"
-        ));
+    for package in bench.drives {
+        exec(cargo().args(["build", "--release", "--locked", "-p", package]))?;
     }
-    Err(format!("unknown benchmark `{name}`"))
+    exec(
+        cargo()
+            .args(["run", "--release", "--locked", "-p", bench.package])
+            .args(["--bin", bench.binary, "--"])
+            .args(&args[1..]),
+    )
 }
