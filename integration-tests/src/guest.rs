@@ -19,7 +19,9 @@ pub enum GuestError {
         program: String,
         source: std::io::Error,
     },
-    #[error("timed out after {waited:?} waiting for a line containing {wanted:?}; console so far:\n{console}")]
+    #[error(
+        "timed out after {waited:?} waiting for a line containing {wanted:?}; console so far:\n{console}"
+    )]
     Timeout {
         wanted: String,
         waited: Duration,
@@ -74,6 +76,39 @@ pub fn kvm_unavailable() -> Option<String> {
             "skipped: /dev/kvm cannot be opened ({e}); these tests need KVM and root"
         )),
     }
+}
+
+/// Why this host's KVM cannot boot a stock Linux kernel, if it cannot: PVM
+/// (the `kvm_pvm` module, KVM without VMX/SVM) stops stock kernels on
+/// instructions its emulator lacks; hardware KVM (`kvm_intel`, `kvm_amd`)
+/// runs them.
+pub fn stock_linux_unsupported() -> Option<String> {
+    if let Some(reason) = kvm_unavailable() {
+        return Some(reason);
+    }
+    let loaded = |module: &str| Path::new("/sys/module").join(module).exists();
+    if loaded("kvm_pvm") {
+        return Some(
+            "skipped: /dev/kvm here is PVM (kvm_pvm: KVM without VMX/SVM), which cannot boot \
+             stock Linux kernels; this test runs on hosts with hardware KVM"
+                .into(),
+        );
+    }
+    if !loaded("kvm_intel") && !loaded("kvm_amd") {
+        return Some(
+            "skipped: neither kvm_intel nor kvm_amd is loaded, so this KVM is not known to \
+             run stock Linux kernels"
+                .into(),
+        );
+    }
+    None
+}
+
+/// The Linux guest built by `cargo xtask image linux`: `$NEPH_LINUX_IMAGE_DIR`
+/// (which `cargo xtask test` sets), holding `vmlinuz`, `initramfs.cpio` and
+/// `rootfs.ext4`.
+pub fn linux_image_dir() -> Option<PathBuf> {
+    std::env::var_os("NEPH_LINUX_IMAGE_DIR").map(PathBuf::from)
 }
 
 /// A running `neph-vmm` (or any VMM) whose serial console is its stdio.

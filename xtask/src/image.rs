@@ -32,6 +32,13 @@ pub struct LinuxImage {
     pub rootfs: PathBuf,
 }
 
+impl LinuxImage {
+    /// The folder holding the three files.
+    pub fn dir(&self) -> &Path {
+        self.kernel.parent().unwrap_or(Path::new("."))
+    }
+}
+
 pub fn run(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("linux") => {

@@ -89,6 +89,7 @@ pub fn cargo() -> Command {
 fn test(args: &[String]) -> Result<(), String> {
     deps::ensure_for_tests()?;
     let image = guest::build()?;
+    let linux = image::build_linux()?;
 
     exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
     exec(cargo().args([
@@ -101,6 +102,8 @@ fn test(args: &[String]) -> Result<(), String> {
         "warnings",
     ]))?;
     guest::lint_and_test()?;
+    // Tests drive the daemons and the VMM as real processes.
+    exec(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
 
     let mut nextest = cargo();
     nextest
@@ -112,7 +115,8 @@ fn test(args: &[String]) -> Result<(), String> {
             "--no-fail-fast",
         ])
         .args(args)
-        .env("NEPH_GUEST_IMAGE", &image);
+        .env("NEPH_GUEST_IMAGE", &image)
+        .env("NEPH_LINUX_IMAGE_DIR", linux.dir());
     if std::env::var_os("CI").is_some() {
         nextest.args(["--profile", "ci"]);
     }
