@@ -129,6 +129,13 @@ impl GuestVm {
         Self::spawn(cmd)
     }
 
+    /// Starts `neph-vmm` with the test guest inside a network namespace.
+    pub fn start_in(ns: &crate::netdev::NetNs, args: &[&str]) -> Result<Self, GuestError> {
+        let mut cmd = ns.command(workspace_binary("neph-vmm"));
+        cmd.arg("--kernel").arg(guest_image()).args(args);
+        Self::spawn(cmd)
+    }
+
     /// Starts any command whose stdout is a serial console.
     pub fn spawn(mut cmd: Command) -> Result<Self, GuestError> {
         let program = format!("{:?}", cmd.get_program());
