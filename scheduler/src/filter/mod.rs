@@ -1,0 +1,274 @@
+//! Filters: each removes the nodes that cannot take a demand (a new
+//! instance, or an instance that would move), and says why in a sentence
+//! when asked. One file per filter; names follow Nova's filters.
+//!
+//! The pipeline calls [`Filter::retain`] once per filter over the whole
+//! candidate list (one virtual call per filter, a tight loop inside), counts
+//! each rejection under a [`Reason`], and only builds sentences
+//! ([`Filter::explain`]) when the caller asked for a full explanation.
+
+mod affinity;
+mod anti_affinity;
+mod headroom;
+mod instance_limit;
+mod labels;
+mod node_state;
+mod resources;
+mod zone;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{ClusterState, Demand, NodeMarks};
+
+pub(crate) use affinity::AffinityFilter;
+pub(crate) use anti_affinity::AntiAffinityFilter;
+pub(crate) use headroom::HeadroomFilter;
+pub(crate) use instance_limit::InstanceLimitFilter;
+pub(crate) use labels::LabelFilter;
+pub(crate) use node_state::NodeStateFilter;
+pub(crate) use resources::ResourceFilter;
+pub(crate) use zone::ZoneFilter;
+
+/// Why a filter rejected a node; the unit of "no valid host" counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// The node is down.
+    NodeDown,
+    /// The node is draining.
+    NodeDraining,
+    /// The node is disabled.
+    NodeDisabled,
+    /// The node is powered down (standby).
+    NodeStandby,
+    /// The instance already runs on the node.
+    CurrentNode,
+    /// The node is not in the required zone.
+    ZoneMismatch,
+    /// The node lacks a required label.
+    LabelMissing,
+    /// Not enough free vCPUs after the overcommit ratio.
+    VcpusExhausted,
+    /// Not enough free memory after the overcommit ratio.
+    MemoryExhausted,
+    /// Not enough free disk after the overcommit ratio.
+    DiskExhausted,
+    /// The node runs as many instances as it may.
+    InstanceLimit,
+    /// Hard affinity: the group's members run elsewhere.
+    Affinity,
+    /// Hard anti-affinity: the node already runs enough members.
+    AntiAffinity,
+    /// The move would push the node over the consolidation headroom.
+    Headroom,
+}
+
+impl Reason {
+    /// Every reason, in counting order.
+    pub const ALL: [Reason; 14] = [
+        Reason::NodeDown,
+        Reason::NodeDraining,
+        Reason::NodeDisabled,
+        Reason::NodeStandby,
+        Reason::CurrentNode,
+        Reason::ZoneMismatch,
+        Reason::LabelMissing,
+        Reason::VcpusExhausted,
+        Reason::MemoryExhausted,
+        Reason::DiskExhausted,
+        Reason::InstanceLimit,
+        Reason::Affinity,
+        Reason::AntiAffinity,
+        Reason::Headroom,
+    ];
+
+    /// The phrase used in counts: "memory exhausted" (on 3 nodes).
+    pub fn summary(self) -> &'static str {
+        match self {
+            Reason::NodeDown => "node down",
+            Reason::NodeDraining => "node draining",
+            Reason::NodeDisabled => "node disabled",
+            Reason::NodeStandby => "node in standby",
+            Reason::CurrentNode => "instance already there",
+            Reason::ZoneMismatch => "zone not matched",
+            Reason::LabelMissing => "labels not matched",
+            Reason::VcpusExhausted => "vcpus exhausted",
+            Reason::MemoryExhausted => "memory exhausted",
+            Reason::DiskExhausted => "disk exhausted",
+            Reason::InstanceLimit => "instance limit reached",
+            Reason::Affinity => "affinity group elsewhere",
+            Reason::AntiAffinity => "anti-affinity group member present",
+            Reason::Headroom => "headroom exceeded",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.summary())
+    }
+}
+
+/// What the filters see: the state and the demand being placed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ctx<'a> {
+    pub state: &'a ClusterState,
+    pub demand: &'a Demand,
+}
+
+/// Counts rejections per reason, and in full-explain mode remembers each
+/// rejected node with the filter that rejected it.
+#[derive(Debug, Default)]
+pub(crate) struct Rejections {
+    pub counts: [u32; Reason::ALL.len()],
+    pub filter: u8,
+    pub nodes: Option<Vec<(u32, u8)>>,
+}
+
+impl Rejections {
+    /// Starts over; `explain` keeps the rejected nodes.
+    pub fn reset(&mut self, explain: bool) {
+        self.counts = [0; Reason::ALL.len()];
+        self.filter = 0;
+        match (&mut self.nodes, explain) {
+            (Some(nodes), true) => nodes.clear(),
+            (nodes, true) => *nodes = Some(Vec::new()),
+            (nodes, false) => *nodes = None,
+        }
+    }
+
+    /// Records that `node` was rejected for `reason`.
+    #[inline]
+    pub fn reject(&mut self, node: u32, reason: Reason) {
+        self.counts[reason as usize] += 1;
+        if let Some(nodes) = &mut self.nodes {
+            nodes.push((node, self.filter));
+        }
+    }
+
+    /// Counts `n` rejections for `reason` without naming the nodes.
+    pub fn reject_many(&mut self, n: u32, reason: Reason) {
+        self.counts[reason as usize] += n;
+    }
+}
+
+/// A filter over candidate nodes.
+pub(crate) trait Filter: fmt::Debug + Send + Sync {
+    /// Short name used in explanations ("memory", "anti-affinity").
+    fn name(&self) -> &'static str;
+
+    /// Whether this filter has anything to check for the demand.
+    fn applies(&self, ctx: &Ctx<'_>) -> bool {
+        let _ = ctx;
+        true
+    }
+
+    /// When the nodes this filter passes are exactly an indexed list (for
+    /// the zone filter, the zone's nodes), that list and the reason for all
+    /// others; the pipeline then starts from it instead of every node.
+    fn seed<'s>(&self, ctx: &Ctx<'s>) -> Option<(&'s [u32], Reason)> {
+        let _ = ctx;
+        None
+    }
+
+    /// Checks one node: `None` when it passes.
+    fn check(&self, ctx: &Ctx<'_>, node: u32) -> Option<Reason>;
+
+    /// A sentence saying why `check` rejects `node`.
+    fn explain(&self, ctx: &Ctx<'_>, node: u32) -> String;
+
+    /// Removes the nodes this filter rejects, recording each rejection.
+    fn retain(
+        &self,
+        ctx: &Ctx<'_>,
+        candidates: &mut Vec<u32>,
+        marks: &mut NodeMarks,
+        sink: &mut Rejections,
+    ) {
+        let _ = marks;
+        candidates.retain(|&node| match self.check(ctx, node) {
+            None => true,
+            Some(reason) => {
+                sink.reject(node, reason);
+                false
+            }
+        });
+    }
+}
+
+/// The filters in evaluation order: cheap and selective first.
+pub(crate) fn default_filters() -> Vec<Box<dyn Filter>> {
+    vec![
+        Box::new(ZoneFilter),
+        Box::new(NodeStateFilter),
+        Box::new(ResourceFilter),
+        Box::new(InstanceLimitFilter),
+        Box::new(LabelFilter),
+        Box::new(AntiAffinityFilter),
+        Box::new(AffinityFilter),
+        Box::new(HeadroomFilter),
+    ]
+}
+
+/// Up to three node names, for sentences.
+pub(crate) fn name_nodes(state: &ClusterState, nodes: &[u32]) -> String {
+    let mut names: Vec<&str> = nodes.iter().take(3).map(|&n| state.node_name(n)).collect();
+    if nodes.len() > 3 {
+        names.push("...");
+    }
+    names.join(", ")
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! A small cluster and helpers shared by the filter and weigher tests.
+
+    use crate::model::{ClusterSnapshot, GroupPolicy, PlacementRequest, Resources, ServerGroup};
+    use crate::place::Scheduler;
+    use crate::state::Demand;
+    use crate::testing::{instance, node};
+
+    /// Three nodes: a (z1, 8 vCPU, 8 GiB, ssd), b (z1), c (z2, down); i1 on a.
+    pub fn snapshot() -> ClusterSnapshot {
+        let mut a = node("a", "z1", 8, 8192, 100);
+        a.labels.insert("disk".into(), "ssd".into());
+        let mut c = node("c", "z2", 8, 8192, 100);
+        c.state = crate::model::NodeState::Down;
+        let mut i1 = instance("i1", "a", 2, 6144, 10);
+        i1.groups = vec!["anti".into(), "aff".into()];
+        ClusterSnapshot {
+            nodes: vec![a, node("b", "z1", 8, 8192, 100), c],
+            instances: vec![i1],
+            groups: vec![
+                ServerGroup {
+                    id: "anti".into(),
+                    policy: GroupPolicy::AntiAffinity,
+                    max_per_node: None,
+                },
+                ServerGroup {
+                    id: "aff".into(),
+                    policy: GroupPolicy::Affinity,
+                    max_per_node: None,
+                },
+                ServerGroup {
+                    id: "soft".into(),
+                    policy: GroupPolicy::SoftAntiAffinity,
+                    max_per_node: None,
+                },
+            ],
+            ..ClusterSnapshot::default()
+        }
+    }
+
+    pub fn scheduler() -> Scheduler {
+        Scheduler::new(&snapshot()).unwrap()
+    }
+
+    pub fn demand(s: &Scheduler, edit: impl FnOnce(&mut PlacementRequest)) -> Demand {
+        let mut req = PlacementRequest::new("r", Resources::new(1, 1024, 10));
+        edit(&mut req);
+        s.demand_for(&req).unwrap()
+    }
+}
