@@ -56,15 +56,22 @@ pub(crate) fn precopy_cost(inst: &InstanceRt, bandwidth: f64) -> Option<f64> {
 /// Moves applied tentatively to a state, undone in reverse order.
 #[derive(Debug, Default)]
 pub(crate) struct Undo {
-    moves: Vec<(u32, u32)>,
+    /// Instance, node it left, and the exact utilisations of both nodes
+    /// before the move (moving back would not restore them bit for bit).
+    moves: Vec<(u32, u32, u32, [f64; 2])>,
     states: Vec<(u32, crate::model::NodeState)>,
 }
 
 impl Undo {
     /// Moves `instance` to `to`, remembering where it was.
     pub fn move_instance(&mut self, state: &mut ClusterState, instance: u32, to: u32) {
-        let from = state.move_instance(instance, to);
-        self.moves.push((instance, from));
+        let from = state.instances[instance as usize].node;
+        let utils = [
+            state.nodes[from as usize].cpu_util,
+            state.nodes[to as usize].cpu_util,
+        ];
+        state.move_instance(instance, to);
+        self.moves.push((instance, from, to, utils));
     }
 
     /// Sets a node's state, remembering the old one.
@@ -86,8 +93,10 @@ impl Undo {
     /// Undoes the moves after the first `keep`.
     pub fn undo_moves_to(&mut self, state: &mut ClusterState, keep: usize) {
         while self.moves.len() > keep {
-            if let Some((instance, from)) = self.moves.pop() {
+            if let Some((instance, from, to, utils)) = self.moves.pop() {
                 state.move_instance(instance, from);
+                state.nodes[from as usize].cpu_util = utils[0];
+                state.nodes[to as usize].cpu_util = utils[1];
             }
         }
     }
