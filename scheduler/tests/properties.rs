@@ -242,7 +242,7 @@ proptest! {
                         return Err(TestCaseError::fail("unexpected error"));
                     };
                     prop_assert_eq!(&a.reasons, &b.reasons);
-                    prop_assert_eq!(b.rejected.len() as u32, b.nodes);
+                    prop_assert_eq!(b.rejected.len(), b.nodes as usize);
                 }
                 (a, b) => return Err(TestCaseError::fail(format!("{a:?} vs {b:?}"))),
             }
