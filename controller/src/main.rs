@@ -1,7 +1,193 @@
-//! `neph-controller`: the control-plane daemon. It keeps cluster state in a
-//! Raft-replicated store and, as leader, runs the scheduler and reconcilers.
+//! `neph-controller`: the control-plane daemon. A thin shell over the
+//! `neph_controller` library: parse configuration, start the replicated store
+//! and serve it until SIGINT/SIGTERM or a fatal storage error.
 
-fn main() {
-    eprintln!("neph-controller: not implemented yet (see issue 3)");
-    std::process::exit(1);
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use neph_controller::config::{ControllerConfig, Flags};
+use neph_controller::raft::transport;
+use neph_controller::server;
+use nephele_proto::cluster::v1 as pb;
+
+#[derive(Debug, Parser)]
+#[command(name = "neph-controller", version, about = "Nephele controller daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Bootstrap a new cluster in an empty data directory, then serve. Every
+    /// initial member runs `init` with the same `--cluster-id` and `--peers`.
+    Init(Flags),
+    /// Serve from an existing data directory, or join a cluster with an empty
+    /// one (the leader must add this member with add-member).
+    Run(Flags),
+    /// Print a member's view of the cluster as JSON.
+    Status {
+        /// Address of any member.
+        #[arg(long, env = "NEPHELE_ENDPOINT")]
+        endpoint: String,
+        /// The cluster id.
+        #[arg(long, env = "NEPHELE_CLUSTER_ID")]
+        cluster_id: u64,
+    },
+    /// Add a member (ask any member; it forwards to the leader).
+    AddMember {
+        /// Address of any member.
+        #[arg(long, env = "NEPHELE_ENDPOINT")]
+        endpoint: String,
+        /// The cluster id.
+        #[arg(long, env = "NEPHELE_CLUSTER_ID")]
+        cluster_id: u64,
+        /// New member's id.
+        #[arg(long)]
+        id: u64,
+        /// New member's address.
+        #[arg(long)]
+        address: String,
+    },
+    /// Remove a member for good.
+    RemoveMember {
+        /// Address of any member.
+        #[arg(long, env = "NEPHELE_ENDPOINT")]
+        endpoint: String,
+        /// The cluster id.
+        #[arg(long, env = "NEPHELE_CLUSTER_ID")]
+        cluster_id: u64,
+        /// Member to remove.
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn member_json(m: &pb::Member) -> String {
+    format!(
+        "{{\"id\":{},\"address\":{:?},\"matched_index\":{}}}",
+        m.id, m.address, m.matched_index
+    )
+}
+
+async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
+    let cfg = ControllerConfig::load(&flags)?;
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let bound = listener.local_addr()?;
+    let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
+    let mut running = server::start(cfg.raft_config(advertise.clone(), init), listener).await?;
+    tracing::info!(
+        id = cfg.id,
+        cluster_id = running.store.cluster_id(),
+        listen = %bound,
+        %advertise,
+        data_dir = %cfg.data_dir.display(),
+        "controller serving"
+    );
+    // The machine-readable line tests and `neph dev` rely on.
+    println!("LISTENING {bound}");
+
+    let store = running.store.clone();
+    let failed = async move {
+        loop {
+            if let Some(f) = store.failure() {
+                return f;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("terminated; stopping"),
+        f = failed => {
+            anyhow::bail!("the replicated store failed: {f}");
+        }
+        r = running.wait() => {
+            r?;
+            anyhow::bail!("the gRPC server stopped");
+        }
+    }
+    running.stop().await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Cmd::Init(flags) => serve(flags, true).await,
+        Cmd::Run(flags) => serve(flags, false).await,
+        Cmd::Status {
+            endpoint,
+            cluster_id,
+        } => {
+            let mut c = transport::connect(&endpoint)?;
+            let s = c
+                .status(pb::StatusRequest { cluster_id })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            let members: Vec<String> = s.members.iter().map(member_json).collect();
+            println!(
+                "{{\"id\":{},\"cluster_id\":{},\"leader_id\":{},\"term\":{},\"role\":{:?},\"commit_index\":{},\"applied_index\":{},\"snapshot_index\":{},\"members\":[{}]}}",
+                s.id,
+                s.cluster_id,
+                s.leader_id,
+                s.term,
+                s.role,
+                s.commit_index,
+                s.applied_index,
+                s.snapshot_index,
+                members.join(",")
+            );
+            Ok(())
+        }
+        Cmd::AddMember {
+            endpoint,
+            cluster_id,
+            id,
+            address,
+        } => {
+            let mut c = transport::connect(&endpoint)?;
+            let r = c
+                .add_member(pb::AddMemberRequest {
+                    cluster_id,
+                    id,
+                    address,
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!("member {id} added at index {}", r.index);
+            Ok(())
+        }
+        Cmd::RemoveMember {
+            endpoint,
+            cluster_id,
+            id,
+        } => {
+            let mut c = transport::connect(&endpoint)?;
+            let r = c
+                .remove_member(pb::RemoveMemberRequest { cluster_id, id })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!("member {id} removed at index {}", r.index);
+            Ok(())
+        }
+    }
 }

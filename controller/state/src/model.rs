@@ -2,7 +2,7 @@
 //! `BTreeMap` keyed by the full resource name, so iteration order (and so the
 //! encoded snapshot) is deterministic.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -475,4 +475,24 @@ pub struct State {
     pub requests: BTreeMap<String, RememberedRequest>,
     /// The keys of `requests` in the order they were answered, for expiry.
     pub request_order: VecDeque<(UnixMs, String)>,
+    /// Controllers (members of the replicated store) by member id, with the
+    /// address they serve the cluster protocol on. Changed only by
+    /// membership changes ([`State::add_controller`]).
+    pub controllers: BTreeMap<u64, String>,
+    /// Member ids that were removed; they may never rejoin under that id.
+    pub removed_controllers: BTreeSet<u64>,
+}
+
+impl State {
+    /// Records a controller joining (or changing address), as applied from a
+    /// committed membership change.
+    pub fn add_controller(&mut self, id: u64, address: String) {
+        self.controllers.insert(id, address);
+    }
+
+    /// Records a controller leaving for good.
+    pub fn remove_controller(&mut self, id: u64) {
+        self.controllers.remove(&id);
+        self.removed_controllers.insert(id);
+    }
 }

@@ -1,0 +1,311 @@
+//! The daemon's configuration: a TOML file (`--config`), overridden by
+//! `NEPHELE_*` environment variables, overridden by flags.
+//!
+//! ```toml
+//! id = 1
+//! cluster_id = 42
+//! listen = "127.0.0.1:7001"
+//! advertise = "127.0.0.1:7001"   # defaults to listen
+//! data_dir = "/var/lib/nephele/controller-1"
+//! peers = ["2=127.0.0.1:7002", "3=127.0.0.1:7003"]
+//! snapshot_interval = 10000
+//! tick_ms = 50
+//! election_ticks = 10
+//! ```
+//!
+//! | flag | environment | file key |
+//! |---|---|---|
+//! | `--config` | `NEPHELE_CONFIG` | |
+//! | `--id` | `NEPHELE_ID` | `id` |
+//! | `--cluster-id` | `NEPHELE_CLUSTER_ID` | `cluster_id` |
+//! | `--listen` | `NEPHELE_LISTEN` | `listen` |
+//! | `--advertise` | `NEPHELE_ADVERTISE` | `advertise` |
+//! | `--data-dir` | `NEPHELE_DATA_DIR` | `data_dir` |
+//! | `--peers` (comma-separated `id=host:port`) | `NEPHELE_PEERS` | `peers` |
+//! | `--snapshot-interval` | `NEPHELE_SNAPSHOT_INTERVAL` | `snapshot_interval` |
+//! | `--tick-ms` | `NEPHELE_TICK_MS` | `tick_ms` |
+//! | `--election-ticks` | `NEPHELE_ELECTION_TICKS` | `election_ticks` |
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::raft::RaftConfig;
+
+/// Settings given on the command line or in the environment (all optional:
+/// the file and defaults fill the rest).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long, env = "NEPHELE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This controller's member id (non-zero, never reused).
+    #[arg(long, env = "NEPHELE_ID")]
+    pub id: Option<u64>,
+    /// Cluster id; required with `init` and when joining, checked otherwise.
+    #[arg(long, env = "NEPHELE_CLUSTER_ID")]
+    pub cluster_id: Option<u64>,
+    /// Address to serve the cluster protocol on (`host:port`, port 0 picks one).
+    #[arg(long, env = "NEPHELE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Address peers reach this controller at (defaults to the bound address).
+    #[arg(long, env = "NEPHELE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Data directory (raft log and snapshots).
+    #[arg(long, env = "NEPHELE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Other controllers as `id=host:port`, comma-separated. With `init` they
+    /// are the initial members.
+    #[arg(long, env = "NEPHELE_PEERS", value_delimiter = ',')]
+    pub peers: Option<Vec<String>>,
+    /// Applied entries between log compactions.
+    #[arg(long, env = "NEPHELE_SNAPSHOT_INTERVAL")]
+    pub snapshot_interval: Option<u64>,
+    /// Raft tick length in milliseconds.
+    #[arg(long, env = "NEPHELE_TICK_MS")]
+    pub tick_ms: Option<u64>,
+    /// Ticks before a follower without a leader campaigns.
+    #[arg(long, env = "NEPHELE_ELECTION_TICKS")]
+    pub election_ticks: Option<usize>,
+}
+
+/// The configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Flags::id`].
+    pub id: Option<u64>,
+    /// See [`Flags::cluster_id`].
+    pub cluster_id: Option<u64>,
+    /// See [`Flags::listen`].
+    pub listen: Option<SocketAddr>,
+    /// See [`Flags::advertise`].
+    pub advertise: Option<String>,
+    /// See [`Flags::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`Flags::peers`].
+    pub peers: Option<Vec<String>>,
+    /// See [`Flags::snapshot_interval`].
+    pub snapshot_interval: Option<u64>,
+    /// See [`Flags::tick_ms`].
+    pub tick_ms: Option<u64>,
+    /// See [`Flags::election_ticks`].
+    pub election_ticks: Option<usize>,
+}
+
+/// The resolved configuration of one controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerConfig {
+    /// Member id.
+    pub id: u64,
+    /// Cluster id, if given.
+    pub cluster_id: Option<u64>,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Advertised address (`None`: the bound address).
+    pub advertise: Option<String>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Peers by id.
+    pub peers: BTreeMap<u64, String>,
+    /// Applied entries between compactions.
+    pub snapshot_interval: u64,
+    /// Tick length.
+    pub tick: Duration,
+    /// Election timeout in ticks.
+    pub election_ticks: usize,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, Error)]
+pub enum LoadConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("configuration file {path} is invalid")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A required setting is missing everywhere.
+    #[error("{0} is required (flag, NEPHELE_* variable or configuration file)")]
+    Missing(&'static str),
+    /// A peer is not `id=host:port`.
+    #[error("peer {0:?} is not of the form id=host:port with a non-zero id")]
+    BadPeer(String),
+    /// A setting has an unusable value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Parses `id=host:port` peer specs.
+pub fn parse_peers(specs: &[String]) -> Result<BTreeMap<u64, String>, LoadConfigError> {
+    let mut out = BTreeMap::new();
+    for spec in specs {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            continue;
+        }
+        let (id, addr) = spec
+            .split_once('=')
+            .ok_or_else(|| LoadConfigError::BadPeer(spec.to_owned()))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| LoadConfigError::BadPeer(spec.to_owned()))?;
+        if id == 0 || addr.trim().is_empty() {
+            return Err(LoadConfigError::BadPeer(spec.to_owned()));
+        }
+        out.insert(id, addr.trim().to_owned());
+    }
+    Ok(out)
+}
+
+impl ControllerConfig {
+    /// Resolves flags (which already include the environment) over the file
+    /// over defaults.
+    pub fn load(flags: &Flags) -> Result<ControllerConfig, LoadConfigError> {
+        let file = match &flags.config {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| LoadConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
+                toml::from_str::<FileConfig>(&text).map_err(|source| LoadConfigError::Parse {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(flags, file)
+    }
+
+    /// Merges flags over a parsed file.
+    pub fn merge(flags: &Flags, file: FileConfig) -> Result<ControllerConfig, LoadConfigError> {
+        let id = flags.id.or(file.id).ok_or(LoadConfigError::Missing("id"))?;
+        if id == 0 {
+            return Err(LoadConfigError::Invalid("id must not be 0".into()));
+        }
+        let peers = parse_peers(
+            flags
+                .peers
+                .as_ref()
+                .or(file.peers.as_ref())
+                .map_or(&[], |v| v),
+        )?;
+        if peers.contains_key(&id) {
+            return Err(LoadConfigError::Invalid(format!(
+                "peers must not list this controller's own id {id}"
+            )));
+        }
+        let tick_ms = flags.tick_ms.or(file.tick_ms).unwrap_or(50);
+        if tick_ms == 0 {
+            return Err(LoadConfigError::Invalid("tick_ms must not be 0".into()));
+        }
+        let election_ticks = flags.election_ticks.or(file.election_ticks).unwrap_or(10);
+        if election_ticks < 2 {
+            return Err(LoadConfigError::Invalid(
+                "election_ticks must be at least 2".into(),
+            ));
+        }
+        Ok(ControllerConfig {
+            id,
+            cluster_id: flags.cluster_id.or(file.cluster_id),
+            listen: flags
+                .listen
+                .or(file.listen)
+                .ok_or(LoadConfigError::Missing("listen"))?,
+            advertise: flags.advertise.clone().or(file.advertise),
+            data_dir: flags
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .ok_or(LoadConfigError::Missing("data_dir"))?,
+            peers,
+            snapshot_interval: flags
+                .snapshot_interval
+                .or(file.snapshot_interval)
+                .unwrap_or(10_000)
+                .max(1),
+            tick: Duration::from_millis(tick_ms),
+            election_ticks,
+        })
+    }
+
+    /// The raft settings for this controller, advertised at `advertise`.
+    pub fn raft_config(&self, advertise: String, init: bool) -> RaftConfig {
+        let mut c = RaftConfig::new(self.id, self.data_dir.clone(), advertise);
+        c.cluster_id = self.cluster_id;
+        c.peers = self.peers.clone();
+        c.init = init;
+        c.tick = self.tick;
+        c.election_ticks = self.election_ticks;
+        c.snapshot_interval = self.snapshot_interval;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            id = 1
+            cluster_id = 9
+            listen = "127.0.0.1:7001"
+            data_dir = "data"
+            peers = ["2=127.0.0.1:7002", "3=h:7003"]
+            "#,
+        )
+        .unwrap();
+        let flags = Flags {
+            id: Some(4),
+            peers: Some(vec!["1=a:1".into()]),
+            ..Default::default()
+        };
+        let c = ControllerConfig::merge(&flags, file).unwrap();
+        assert_eq!(c.id, 4);
+        assert_eq!(c.cluster_id, Some(9));
+        assert_eq!(c.peers, BTreeMap::from([(1, "a:1".to_owned())]));
+        assert_eq!(c.tick, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn refuses_bad_settings() {
+        assert!(matches!(
+            ControllerConfig::merge(&Flags::default(), FileConfig::default()),
+            Err(LoadConfigError::Missing("id"))
+        ));
+        for bad in ["x", "0=a:1", "a=b", "2="] {
+            assert!(parse_peers(&[bad.to_owned()]).is_err(), "{bad}");
+        }
+        assert!(toml::from_str::<FileConfig>("idd = 1").is_err());
+        let flags = Flags {
+            id: Some(1),
+            listen: Some("127.0.0.1:1".parse().unwrap()),
+            data_dir: Some("d".into()),
+            peers: Some(vec!["1=a:1".into()]),
+            ..Default::default()
+        };
+        assert!(ControllerConfig::merge(&flags, FileConfig::default()).is_err());
+    }
+}

@@ -1,0 +1,16 @@
+//! `neph-controller`: the control-plane daemon, as a library the thin binary
+//! (`src/main.rs`) and the tests drive.
+//!
+//! - [`store`]: the [`StateStore`](store::StateStore) trait every state
+//!   backend implements, and its shared conformance suite.
+//! - [`raft`]: the Raft backend (raft-rs, redb storage, gRPC transport).
+//! - [`config`]: the daemon's configuration (TOML file, `NEPHELE_*`
+//!   environment, flags).
+//! - [`server`]: starting a member and serving it over gRPC.
+//!
+//! The state machine itself lives in the `nephele-state` crate.
+
+pub mod config;
+pub mod raft;
+pub mod server;
+pub mod store;
