@@ -1,6 +1,156 @@
-//! The `neph-vmm` executable: a thin shell over the library.
+//! The `neph-vmm` executable: a thin shell over the library. Parses the
+//! command line into a `VmConfig`, wires the console and the sockets, runs
+//! the VM; exits 0 when the guest powers off or is stopped, 1 on error.
 
-fn main() {
-    eprintln!("neph-vmm: not implemented yet (see issue 2)");
-    std::process::exit(1);
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use neph_vmm::config::{ConfigError, ConsoleConfig, DiskConfig, NetConfig};
+use neph_vmm::devices::serial::Console;
+use neph_vmm::{VmConfig, api};
+
+/// Run one KVM virtual machine.
+#[derive(Debug, Parser)]
+#[command(name = "neph-vmm", version)]
+struct Args {
+    /// Kernel: PVH ELF, 64-bit ELF or bzImage.
+    #[arg(long, value_name = "PATH", required_unless_present = "probe")]
+    kernel: Option<PathBuf>,
+    /// Initramfs.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// vCPUs (1 to 16).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u64,
+    /// Guest memory in MiB (128 to 65536).
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u64,
+    /// A virtio-blk disk: PATH[,readonly]; repeatable.
+    #[arg(long, value_name = "PATH[,readonly]")]
+    disk: Vec<String>,
+    /// A virtio-net interface on an existing tap: tap=NAME[,mac=MAC]; repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<String>,
+    /// Control socket (line-delimited JSON; see the crate docs).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// Append the serial console to this file instead of stdout (no stdin).
+    #[arg(long, value_name = "PATH")]
+    console_log: Option<PathBuf>,
+    /// Serve the serial console as a two-way stream on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    console_socket: Option<PathBuf>,
+    /// Leave out the virtio-rng device.
+    #[arg(long)]
+    no_rng: bool,
+    /// Print what this host's KVM supports and exit.
+    #[arg(long)]
+    probe: bool,
+    /// With --probe: print JSON.
+    #[arg(long, requires = "probe")]
+    json: bool,
+}
+
+fn config_from(args: Args) -> anyhow::Result<VmConfig> {
+    let kernel = args.kernel.context("--kernel is required")?;
+    let vcpus = u8::try_from(args.cpus).map_err(|_| ConfigError::Vcpus(args.cpus))?;
+    let disks = args
+        .disk
+        .iter()
+        .map(|d| {
+            d.parse::<DiskConfig>()
+                .with_context(|| format!("--disk {d}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let nets = args
+        .net
+        .iter()
+        .map(|n| n.parse::<NetConfig>().with_context(|| format!("--net {n}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(VmConfig {
+        kernel,
+        initrd: args.initrd,
+        cmdline: args.cmdline,
+        vcpus,
+        memory_mib: args.memory,
+        disks,
+        nets,
+        console: ConsoleConfig {
+            log: args.console_log,
+            socket: args.console_socket,
+        },
+        api_socket: args.api_socket,
+        rng: !args.no_rng,
+    })
+}
+
+fn probe(json: bool) -> anyhow::Result<()> {
+    let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
+    let report = neph_vmm::probe::report(&kvm);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    if args.probe {
+        return probe(args.json);
+    }
+    let config = config_from(args)?;
+    let sink: Box<dyn Write + Send> = match &config.console.log {
+        Some(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open console log {}", path.display()))?,
+        ),
+        None => Box::new(std::io::stdout()),
+    };
+    let console = Console::new(sink);
+    if let Some(path) = &config.console.socket {
+        api::console::serve(path, console.clone())?;
+    }
+    let api_socket = config.api_socket.clone();
+    let stdin_console = config.console.log.is_none();
+    let vm = neph_vmm::build(config, console.clone())?;
+    if let Some(path) = &api_socket {
+        api::server::serve(path, vm.handle())?;
+    }
+    let _raw = if stdin_console {
+        let raw = neph_vmm::terminal::RawTerminal::enable();
+        let c = console.clone();
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .stack_size(128 * 1024)
+            .spawn(move || api::console::feed(std::io::stdin().lock(), &c))
+            .context("cannot start the stdin thread")?;
+        raw
+    } else {
+        None
+    };
+    let exit = vm.run();
+    drop(_raw);
+    exit?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("neph-vmm: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,214 @@
+//! The control endpoint (`--api-socket PATH`) and the console socket
+//! (`--console-socket PATH`).
+//!
+//! # Control protocol
+//!
+//! A unix stream socket; each request is one line of JSON, each answer one
+//! line of JSON, in order; a client may send many requests on a connection.
+//!
+//! ```text
+//! client                                   neph-vmm
+//!   {"cmd":"status"}\n              ──►
+//!                                   ◄──   {"ok":true,"status":{...}}\n
+//!   {"cmd":"shutdown","timeout_ms":5000}\n ──►
+//!                                   ◄──   {"ok":true}\n   (guest asked; stopped after 5 s)
+//! ```
+//!
+//! | `cmd` | effect | answer |
+//! |---|---|---|
+//! | `status` | none | `status`: `state` (`running`, `paused`, `shutting_down`), `boots`, `uptime_ms`, `vcpus`, `memory_mib`, `pid` |
+//! | `pause` | vCPUs stop (devices idle with them) | `ok` |
+//! | `resume` | vCPUs run again | `ok` |
+//! | `shutdown` | asks the guest to power off (power button: I/O port 0x602 reads 1, see `devices::legacy`); stops it after `timeout_ms` (default 10000) | `ok` at once; the process exits 0 when the guest powers off or the timeout ends it |
+//! | `stop` | stops the VM now; the process exits 0 | `ok` |
+//! | `metrics` | none | `metrics`: `vcpus` (`id`, `tid`, `user_ms`, `system_ms`), `rss_bytes`, `guest_memory_bytes`, `console_bytes`, `disks` and `nets` (device counters) |
+//!
+//! Errors are `{"ok":false,"error":{"code":CODE,"message":TEXT}}` with
+//! `CODE` one of `BAD_REQUEST` (not JSON, unknown `cmd`, line over 64 KiB),
+//! `INVALID_STATE` (e.g. `resume` while running), `UNAVAILABLE` (the VM is
+//! going away). Example: `echo '{"cmd":"pause"}' | socat - UNIX:vm.sock`.
+//!
+//! # Console socket
+//!
+//! A unix stream socket carrying the raw serial console both ways: bytes a
+//! client writes go to the guest's UART, every client receives the guest's
+//! output from the moment it connects. A client that does not read loses
+//! output rather than stalling the guest; the log file (or stdout) has all of
+//! it.
+
+pub mod console;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+use crate::devices::virtio::DeviceMetrics;
+
+/// A control request. Unknown fields of `shutdown` are rejected; the
+/// commands without arguments ignore extra fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Report the run state.
+    Status,
+    /// Pause the vCPUs.
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Ask the guest to shut down, stop it after the timeout.
+    Shutdown {
+        /// Milliseconds before the VM is stopped anyway (default 10000).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Stop now.
+    Stop,
+    /// Report counters.
+    Metrics,
+}
+
+/// Run state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// vCPUs running.
+    Running,
+    /// vCPUs paused.
+    Paused,
+    /// Shutdown asked, waiting for the guest.
+    ShuttingDown,
+}
+
+/// `status` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// Run state.
+    pub state: RunState,
+    /// Boots so far (1 + reboots).
+    pub boots: u64,
+    /// Since the process started the first boot.
+    pub uptime_ms: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory.
+    pub memory_mib: u64,
+    /// This process.
+    pub pid: u32,
+}
+
+/// Per-vCPU CPU time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuMetrics {
+    /// vCPU index.
+    pub id: u8,
+    /// Linux thread id.
+    pub tid: i32,
+    /// User time.
+    pub user_ms: u64,
+    /// System time (includes time in the guest).
+    pub system_ms: u64,
+}
+
+/// Counters of one device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NamedDeviceMetrics {
+    /// `block0`, `net0`, ...
+    pub name: String,
+    /// Backing file or tap.
+    pub backend: String,
+    /// Counters.
+    #[serde(flatten)]
+    pub counters: DeviceMetrics,
+}
+
+/// `metrics` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Metrics {
+    /// Per vCPU.
+    pub vcpus: Vec<VcpuMetrics>,
+    /// Resident set of the whole process.
+    pub rss_bytes: u64,
+    /// Configured guest memory.
+    pub guest_memory_bytes: u64,
+    /// Console bytes the guest wrote.
+    pub console_bytes: u64,
+    /// Disks.
+    pub disks: Vec<NamedDeviceMetrics>,
+    /// Network interfaces.
+    pub nets: Vec<NamedDeviceMetrics>,
+}
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable code.
+    pub code: String,
+    /// Human-readable.
+    pub message: String,
+}
+
+/// An answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// For `status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// For `metrics`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+    /// On failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Response {
+    /// Plain success.
+    pub fn ok() -> Self {
+        Self {
+            ok: true,
+            status: None,
+            metrics: None,
+            error: None,
+        }
+    }
+
+    /// A failure.
+    pub fn error(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            status: None,
+            metrics: None,
+            error: Some(ApiError {
+                code: code.to_owned(),
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_parse() {
+        let r: Request = serde_json::from_str(r#"{"cmd":"shutdown","timeout_ms":5}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::Shutdown {
+                timeout_ms: Some(5)
+            }
+        );
+        let r: Request = serde_json::from_str(r#"{"cmd":"shutdown"}"#).unwrap();
+        assert_eq!(r, Request::Shutdown { timeout_ms: None });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        // A misspelt argument is an error, not a silent default.
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"shutdown","timeout":1}"#).is_err());
+        let s = serde_json::to_string(&Response::error("BAD_REQUEST", "no")).unwrap();
+        assert_eq!(
+            s,
+            r#"{"ok":false,"error":{"code":"BAD_REQUEST","message":"no"}}"#
+        );
+    }
+}
