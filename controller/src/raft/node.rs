@@ -57,6 +57,9 @@ pub(crate) enum Msg {
     Unreachable(u64),
     /// Sending a snapshot to a peer failed.
     SnapshotFailed(u64),
+    /// A snapshot reached a peer (it may still refuse it; raft then probes
+    /// again and gets the newest snapshot).
+    SnapshotSent(u64),
     /// Stop the loop.
     Shutdown,
 }
@@ -125,6 +128,11 @@ pub(crate) struct Node {
     reads_waiting_apply: Vec<(u64, Vec<ReadReply>)>,
     applied: u64,
     conf_state: ConfState,
+    /// A membership change was applied since the last snapshot: snapshot
+    /// now, because raft only installs a snapshot on a member whose
+    /// configuration includes it, so a member just added needs a snapshot
+    /// taken after its addition.
+    conf_changed: bool,
     last_role: StateRole,
 }
 
@@ -178,6 +186,7 @@ impl Node {
             reads_waiting_apply: Vec::new(),
             applied,
             conf_state,
+            conf_changed: false,
             last_role: StateRole::Follower,
         }
     }
@@ -304,6 +313,7 @@ impl Node {
             }
             Msg::Unreachable(id) => self.raw.report_unreachable(id),
             Msg::SnapshotFailed(id) => self.raw.report_snapshot(id, SnapshotStatus::Failure),
+            Msg::SnapshotSent(id) => self.raw.report_snapshot(id, SnapshotStatus::Finish),
             Msg::Shutdown => return true,
         }
         false
@@ -491,7 +501,13 @@ impl Node {
                     let address = String::from_utf8_lossy(&cc.context).into_owned();
                     let reply = match result {
                         Ok(cs) => {
+                            // Publish before answering, so whoever asked sees
+                            // the new membership in the status.
+                            if let Ok(mut s) = self.shared.status.write() {
+                                s.voters = cs.voters.clone();
+                            }
                             self.conf_state = cs;
+                            self.conf_changed = true;
                             match cc.get_change_type() {
                                 ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                                     state.add_controller(cc.node_id, address.clone());
@@ -555,9 +571,10 @@ impl Node {
 
     fn maybe_compact(&mut self) -> anyhow::Result<()> {
         let first = self.raw.store().snapshot_index();
-        if self.applied < first + self.cfg.snapshot_interval {
+        if self.applied < first + self.cfg.snapshot_interval && !self.conf_changed {
             return Ok(());
         }
+        self.conf_changed = false;
         let data = {
             let st = self
                 .shared

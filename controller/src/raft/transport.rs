@@ -155,7 +155,11 @@ impl Peer {
                 from_address: self.my_address.clone(),
                 messages,
             };
-            if let Err(status) = c.raft(req).await {
+            let sent = c.raft(req).await;
+            if sent.is_ok() && has_snapshot {
+                let _ = self.report.send(Msg::SnapshotSent(self.id));
+            }
+            if let Err(status) = sent {
                 tracing::debug!(peer = self.id, error = %status.message(), "raft send failed");
                 self.failed(has_snapshot);
                 if status.code() == tonic::Code::Unavailable {
