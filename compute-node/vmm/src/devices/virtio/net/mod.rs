@@ -199,3 +199,121 @@ impl VirtioDevice for Net {
         self.metrics.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::VirtioInterrupt;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A tap made for the test, deleted on drop.
+    struct TestTap(String);
+
+    impl TestTap {
+        fn create(name: &str, cidr: &str) -> Option<Self> {
+            let ip = |args: &[&str]| {
+                Command::new("ip")
+                    .args(args)
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            };
+            let _ = ip(&["link", "del", name]);
+            if !ip(&["tuntap", "add", "dev", name, "mode", "tap"]) {
+                return None;
+            }
+            let t = Self(name.to_owned());
+            (ip(&["addr", "add", cidr, "dev", name]) && ip(&["link", "set", name, "up"]))
+                .then_some(t)
+        }
+    }
+
+    impl Drop for TestTap {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).output();
+        }
+    }
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+    fn arp_request(target: [u8; 4], sender: [u8; 4]) -> Vec<u8> {
+        let mut f = vec![0u8; HDR_LEN];
+        f.extend_from_slice(&[0xff; 6]);
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        f.extend_from_slice(&MAC);
+        f.extend_from_slice(&sender);
+        f.extend_from_slice(&[0; 6]);
+        f.extend_from_slice(&target);
+        f
+    }
+
+    #[test]
+    fn arp_round_trip_through_a_real_tap() {
+        let name = format!("nephut{}", std::process::id() % 100_000);
+        let Some(_tap) = TestTap::create(&name, "10.213.77.1/24") else {
+            eprintln!("SKIP arp_round_trip_through_a_real_tap: cannot create a tap (needs root and iproute2)");
+            return;
+        };
+        let mut net = Net::new(Tap::open(&name).unwrap(), MacAddr(MAC));
+        let m = crate::vstate::memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)])
+            .unwrap();
+        let rx = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
+        let tx = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
+        let rx_desc = RawDescriptor::from(Descriptor::new(0x20000, 2048, 2, 0));
+        rx.desc_table().store(0, rx_desc).unwrap();
+        rx.avail().ring().ref_at(0).unwrap().store(0);
+        rx.avail().idx().store(1);
+        let frame = arp_request([10, 213, 77, 1], [10, 213, 77, 2]);
+        m.write_slice(&frame, GuestAddress(0x30000)).unwrap();
+        let tx_desc = RawDescriptor::from(Descriptor::new(0x30000, frame.len() as u32, 0, 0));
+        tx.desc_table().store(0, tx_desc).unwrap();
+        tx.avail().ring().ref_at(0).unwrap().store(0);
+        tx.avail().idx().store(1);
+        net.activate(Activation {
+            mem: m.clone(),
+            queues: vec![rx.create_queue().unwrap(), tx.create_queue().unwrap()],
+            interrupt: VirtioInterrupt::polled(2),
+            acked_features: VIRTIO_F_VERSION_1 | F_MAC,
+        });
+        net.process_queue(TX).unwrap();
+        assert_eq!(tx.used().idx().load(), 1);
+        assert_eq!(net.metrics().write_ops, 1);
+
+        // The kernel answers the ARP request; it arrives on the rx queue.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while rx.used().idx().load() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+            net.process_backend().unwrap();
+        }
+        assert_eq!(rx.used().idx().load(), 1, "no ARP reply arrived");
+        let mut got = vec![0u8; HDR_LEN + 42];
+        m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
+        assert_eq!(got[10], 1, "num_buffers");
+        let eth = &got[HDR_LEN..];
+        assert_eq!(&eth[0..6], &MAC, "to our MAC");
+        assert_eq!(&eth[12..14], &[0x08, 0x06], "ARP");
+        assert_eq!(&eth[20..22], &[0, 2], "a reply");
+        assert_eq!(&eth[28..32], &[10, 213, 77, 1], "from the host");
+    }
+
+    #[test]
+    fn config_reads_pad_past_the_end() {
+        let cfg = {
+            let mut c = [0u8; 8];
+            c[..6].copy_from_slice(&MAC);
+            c[6] = 1;
+            c
+        };
+        let mut out = [0u8; 8];
+        crate::devices::virtio::read_config_bytes(&cfg, 0, &mut out);
+        assert_eq!(out, cfg);
+        let mut past = [0xffu8; 4];
+        crate::devices::virtio::read_config_bytes(&cfg, 6, &mut past);
+        assert_eq!(past, [1, 0, 0, 0]);
+    }
+}
