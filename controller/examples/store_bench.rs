@@ -1,0 +1,156 @@
+//! Load generator for the replicated store: `C` concurrent clients each
+//! write 256-byte values through the `Cluster/Propose` RPC for a fixed time,
+//! then it prints committed writes per second and latency percentiles.
+//!
+//! ```text
+//! # against running controllers
+//! cargo run --release -p neph-controller --example store_bench -- \
+//!     --endpoints 127.0.0.1:7001,127.0.0.1:7002 --cluster-id 42 --concurrency 16
+//! # or against an in-process cluster of N members it starts itself
+//! cargo run --release -p neph-controller --example store_bench -- --spawn 3 --concurrency 16
+//! ```
+//!
+//! Output: one line `STORE_BENCH {"members":..,"concurrency":..,"writes_per_s":..,
+//! "p50_ms":..,"p99_ms":..,"errors":..}` for `cargo xtask bench store`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use neph_controller::raft::{RaftConfig, transport};
+use neph_controller::server;
+use nephele_proto::cluster::v1 as pb;
+use nephele_state::{Command, Envelope, codec};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// Controllers to send to (clients are spread over them).
+    #[arg(long, value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Cluster id of the endpoints.
+    #[arg(long, default_value_t = 1)]
+    cluster_id: u64,
+    /// Start an in-process cluster of this many members instead.
+    #[arg(long)]
+    spawn: Option<u64>,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    value_bytes: usize,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    // Nearest rank: the smallest sample with at least p of them at or below.
+    let n = sorted.len();
+    let rank = (1..=n).find(|k| *k as f64 >= p * n as f64).unwrap_or(n);
+    sorted[rank - 1].as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut _running = Vec::new();
+    let mut _dirs = Vec::new();
+    let (endpoints, cluster_id) = match args.spawn {
+        Some(n) => {
+            let mut listeners = Vec::new();
+            let mut addrs = BTreeMap::new();
+            for id in 1..=n {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                addrs.insert(id, l.local_addr()?.to_string());
+                listeners.push(l);
+            }
+            for (id, l) in (1..=n).zip(listeners) {
+                let dir = tempfile::tempdir()?;
+                let mut c = RaftConfig::new(id, dir.path().to_owned(), String::new());
+                c.peers = addrs.clone();
+                c.peers.remove(&id);
+                c.cluster_id = Some(9);
+                c.init = true;
+                _running.push(server::start(c, l).await?);
+                _dirs.push(dir);
+            }
+            // Wait for a leader.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while _running[0].store.status().leader_id == 0 {
+                anyhow::ensure!(Instant::now() < deadline, "no leader");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (addrs.into_values().collect::<Vec<_>>(), 9)
+        }
+        None => (args.endpoints.clone(), args.cluster_id),
+    };
+    anyhow::ensure!(!endpoints.is_empty(), "give --endpoints or --spawn");
+    let members = endpoints.len();
+    let value = vec![0x5a; args.value_bytes];
+    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..args.concurrency {
+        let mut client = transport::connect(&endpoints[c % members]).context("connect")?;
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < until {
+                let env = Envelope::new(
+                    0,
+                    "bench",
+                    Command::KvPut {
+                        key: format!("bench/{c}/{}", i % 16),
+                        value: value.clone(),
+                    },
+                );
+                i += 1;
+                let t = Instant::now();
+                let r = client
+                    .propose(pb::ProposeRequest {
+                        cluster_id,
+                        envelope: codec::encode_envelope(&env),
+                    })
+                    .await;
+                match r {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let start = Instant::now();
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed().as_secs_f64().max(args.seconds);
+    lat.sort();
+    let wps = lat.len() as f64 / elapsed;
+    println!(
+        "members {members} concurrency {}: {wps:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {errors} errors",
+        args.concurrency,
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
+    );
+    println!(
+        "STORE_BENCH {{\"members\":{members},\"concurrency\":{},\"writes_per_s\":{wps:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"errors\":{errors}}}",
+        args.concurrency,
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
+    );
+    for r in _running {
+        r.stop().await?;
+    }
+    Ok(())
+}
