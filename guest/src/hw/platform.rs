@@ -1,0 +1,332 @@
+//! What the VMM tells the guest about the machine: the PVH `hvm_start_info`
+//! (command line, memory map, RSDP), the ACPI tables (CPUs from the MADT,
+//! sleep registers from the FADT) or an MP table, and leaving the machine
+//! (poweroff, reboot).
+
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use neph_guest::acpi::{self, CpuList, Fadt};
+use neph_guest::memmap::MemMap;
+
+use super::cpu::{self, mmio_write8, outb, outw};
+use crate::println;
+
+const START_INFO_MAGIC: u32 = 0x336e_c578;
+const MAX_MEMMAP_ENTRIES: u32 = 32;
+const CMDLINE_MAX: usize = 1024;
+/// Largest ACPI table accepted.
+const TABLE_MAX: usize = 2048;
+
+/// A value written once during single-threaded boot, then only read.
+struct BootOnce<T> {
+    set: AtomicBool,
+    value: UnsafeCell<T>,
+}
+
+// SAFETY: the value is written once before `set` is published (Release) and
+// only read after it was observed (Acquire); there is no later mutation.
+unsafe impl<T: Sync> Sync for BootOnce<T> {}
+
+impl<T> BootOnce<T> {
+    const fn new(v: T) -> Self {
+        Self {
+            set: AtomicBool::new(false),
+            value: UnsafeCell::new(v),
+        }
+    }
+
+    fn init(&self, v: T) -> &T {
+        assert!(!self.set.load(Ordering::Acquire), "boot value set twice");
+        // SAFETY: not yet published, so nobody else holds a reference.
+        unsafe { *self.value.get() = v };
+        self.set.store(true, Ordering::Release);
+        self.get().unwrap_or_else(|| unreachable!())
+    }
+
+    fn get(&self) -> Option<&T> {
+        // SAFETY: published values are never mutated again.
+        self.set
+            .load(Ordering::Acquire)
+            .then(|| unsafe { &*self.value.get() })
+    }
+}
+
+static MEMMAP: BootOnce<MemMap> = BootOnce::new(MemMap::EMPTY);
+static CMDLINE: BootOnce<[u8; CMDLINE_MAX]> = BootOnce::new([0; CMDLINE_MAX]);
+static RSDP_PADDR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+/// The RAM map (empty before [`discover`]).
+pub fn memmap() -> &'static MemMap {
+    static EMPTY: MemMap = MemMap::EMPTY;
+    MEMMAP.get().unwrap_or(&EMPTY)
+}
+
+/// Where the CPU list came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuSource {
+    /// ACPI MADT.
+    Madt,
+    /// MP table.
+    MpTable,
+    /// Nothing found: assume one CPU.
+    None,
+}
+
+impl CpuSource {
+    /// Name printed by `info`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Madt => "madt",
+            Self::MpTable => "mptable",
+            Self::None => "none",
+        }
+    }
+}
+
+/// Facts gathered at boot.
+#[derive(Debug)]
+pub struct Platform {
+    /// Kernel command line.
+    pub cmdline: &'static str,
+    /// RAM.
+    pub memmap: &'static MemMap,
+    /// CPUs listed by the firmware tables.
+    pub cpus: CpuList,
+    /// Which table listed them.
+    pub cpu_source: CpuSource,
+}
+
+/// Whether firmware data may be read at `[addr, addr + len)`: below 4 GiB,
+/// outside the MMIO hole, not at address 0.
+fn phys_ok(addr: u64, len: usize) -> bool {
+    addr != 0
+        && addr
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= 0xc000_0000)
+}
+
+/// Copies firmware data at `addr` into `out`. Loads are plain aligned
+/// 64-bit (or byte) moves: the firmware area may be emulated MMIO (e.g. a
+/// ROM under PVM, which has no read-only memory slots), and the hypervisor's
+/// instruction emulator cannot handle the SSE loads the compiler would
+/// otherwise use.
+fn read_phys(addr: u64, out: &mut [u8]) -> bool {
+    if !phys_ok(addr, out.len()) {
+        return false;
+    }
+    let mut i = 0;
+    while i < out.len() {
+        let a = addr + i as u64;
+        if a.is_multiple_of(8) && out.len() - i >= 8 {
+            // SAFETY: identity-mapped guest-physical memory below the MMIO
+            // hole (checked), holding firmware data; a volatile load never
+            // creates a reference to it.
+            let v = unsafe { (a as *const u64).read_volatile() };
+            out[i..i + 8].copy_from_slice(&v.to_le_bytes());
+            i += 8;
+        } else {
+            // SAFETY: as above.
+            out[i] = unsafe { (a as *const u8).read_volatile() };
+            i += 1;
+        }
+    }
+    true
+}
+
+fn read_u32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn read_u64(b: &[u8], at: usize) -> u64 {
+    u64::from(read_u32(b, at)) | (u64::from(read_u32(b, at + 4)) << 32)
+}
+
+/// Copies the ACPI table at `addr` into `buf`; returns the table.
+fn table(addr: u64, buf: &mut [u8; TABLE_MAX]) -> Option<&[u8]> {
+    let mut hdr = [0u8; acpi::SDT_HEADER];
+    if !read_phys(addr, &mut hdr) {
+        return None;
+    }
+    let (_, len) = acpi::sdt_header(&hdr)?;
+    if len > TABLE_MAX || !read_phys(addr, &mut buf[..len]) {
+        return None;
+    }
+    Some(&buf[..len])
+}
+
+/// Finds a 16-byte aligned structure starting with `sig` in
+/// `[start, start + len)`, reading one word per candidate.
+fn scan(start: u64, len: u64, sig: &[u8]) -> Option<u64> {
+    (start..start + len).step_by(16).find(|&a| {
+        let mut w = [0u8; 8];
+        read_phys(a, &mut w) && w.starts_with(sig)
+    })
+}
+
+/// Finds the ACPI table with `signature` (copied into `buf`).
+fn find_acpi<'a>(
+    rsdp_paddr: u64,
+    signature: &[u8; 4],
+    buf: &'a mut [u8; TABLE_MAX],
+) -> Option<&'a [u8]> {
+    let rsdp_addr = if rsdp_paddr != 0 {
+        Some(rsdp_paddr)
+    } else {
+        scan(0xe0000, 0x20000, b"RSD PTR ")
+    };
+    let mut raw = [0u8; 36];
+    let rsdp = rsdp_addr
+        .filter(|&a| read_phys(a, &mut raw))
+        .and_then(|_| acpi::parse_rsdp(&raw))?;
+    let mut entries = [0u64; 32];
+    let mut n = 0;
+    let root = match rsdp.xsdt.and_then(|x| table(x, buf).map(|t| (t, 8))) {
+        Some(r) => Some(r),
+        None => table(u64::from(rsdp.rsdt), buf).map(|t| (t, 4)),
+    };
+    let (root, entry) = root.filter(|(t, _)| acpi::table_ok(t))?;
+    for (slot, addr) in entries.iter_mut().zip(acpi::root_entries(root, entry)) {
+        *slot = addr;
+        n += 1;
+    }
+    for &addr in &entries[..n] {
+        let mut sig = [0u8; 8];
+        if read_phys(addr, &mut sig) && sig[..4] == signature[..] {
+            return table(addr, buf);
+        }
+    }
+    None
+}
+
+fn find_mp_table(buf: &mut [u8; TABLE_MAX]) -> Option<CpuList> {
+    let fp_addr = scan(0xf0000, 0x10000, b"_MP_")?;
+    let mut fp = [0u8; 16];
+    read_phys(fp_addr, &mut fp).then_some(())?;
+    let cfg = u64::from(acpi::mp_config_addr(&fp)?);
+    let mut hdr = [0u8; 8];
+    read_phys(cfg, &mut hdr).then_some(())?;
+    let len = acpi::mp_config_len(&hdr)?.min(TABLE_MAX);
+    read_phys(cfg, &mut buf[..len]).then_some(())?;
+    acpi::parse_mp_config(&buf[..len])
+}
+
+/// Reads `hvm_start_info` at `start_info` and the firmware tables. A
+/// missing or malformed start info or memory map is fatal (panics with a
+/// `NEPH-GUEST PANIC` line): the guest cannot know its RAM without it.
+pub fn discover(start_info: u64) -> Platform {
+    let mut si = [0u8; 56];
+    if !read_phys(start_info, &mut si) {
+        panic!("hvm_start_info at {start_info:#x} is not readable");
+    }
+    let magic = read_u32(&si, 0);
+    if magic != START_INFO_MAGIC {
+        panic!("hvm_start_info has bad magic {magic:#x} (is this a PVH boot?)");
+    }
+    let version = read_u32(&si, 4);
+    let cmdline_paddr = read_u64(&si, 24);
+    let rsdp_paddr = read_u64(&si, 32);
+
+    let mut buf = [0u8; CMDLINE_MAX];
+    let mut len = 0;
+    if cmdline_paddr != 0 {
+        // Eight bytes per read (one exit each if the loader put the command
+        // line in emulated memory), stopping at the terminating NUL.
+        let mut word = [0u8; 8];
+        'copy: while len + 8 < CMDLINE_MAX && read_phys(cmdline_paddr + len as u64, &mut word) {
+            for b in word {
+                if b == 0 {
+                    break 'copy;
+                }
+                buf[len] = b;
+                len += 1;
+            }
+        }
+    }
+    let cmd_bytes = CMDLINE.init(buf);
+    let cmd_bytes = &cmd_bytes[..len];
+    let cmdline = match core::str::from_utf8(cmd_bytes) {
+        Ok(s) => s,
+        Err(e) => core::str::from_utf8(&cmd_bytes[..e.valid_up_to()]).unwrap_or(""),
+    };
+
+    let mut map = MemMap::EMPTY;
+    let memmap_paddr = read_u64(&si, 40);
+    let entries = read_u32(&si, 48);
+    if version < 1 || memmap_paddr == 0 || entries == 0 {
+        panic!("hvm_start_info (version {version}) has no memory map");
+    }
+    let n = entries.min(MAX_MEMMAP_ENTRIES) as usize;
+    let mut raw = [0u8; 24 * MAX_MEMMAP_ENTRIES as usize];
+    if !read_phys(memmap_paddr, &mut raw[..24 * n]) {
+        panic!("the memory map at {memmap_paddr:#x} is not readable");
+    }
+    for e in raw[..24 * n].chunks_exact(24) {
+        map.add(read_u64(e, 0), read_u64(e, 8), read_u32(e, 16));
+    }
+    let memmap = MEMMAP.init(map);
+    if memmap.total_bytes() == 0 {
+        panic!("the memory map lists no RAM");
+    }
+
+    let mut table_buf = [0u8; TABLE_MAX];
+    RSDP_PADDR.store(rsdp_paddr, Ordering::Relaxed);
+    let madt = find_acpi(rsdp_paddr, b"APIC", &mut table_buf).and_then(acpi::parse_madt);
+    let (cpus, cpu_source) = match madt.filter(|c| c.total() > 0) {
+        Some(c) => (c, CpuSource::Madt),
+        None => match find_mp_table(&mut table_buf).filter(|c| c.total() > 0) {
+            Some(c) => (c, CpuSource::MpTable),
+            None => (CpuList::default(), CpuSource::None),
+        },
+    };
+    Platform {
+        cmdline,
+        memmap,
+        cpus,
+        cpu_source,
+    }
+}
+
+/// Powers the machine off: the VMM's ACPI sleep port 0x600, then the FADT's
+/// hardware-reduced sleep register, then PM1a_CNT with SLP_TYP 0 (QEMU's
+/// S5). Halts with a panic line if none of them worked.
+pub fn poweroff() -> ! {
+    const S5: u8 = (5 << 2) | (1 << 5);
+    outb(0x600, S5);
+    let mut buf = [0u8; TABLE_MAX];
+    let fadt: Option<Fadt> =
+        find_acpi(RSDP_PADDR.load(Ordering::Relaxed), b"FACP", &mut buf).and_then(acpi::parse_fadt);
+    if let Some(fadt) = fadt {
+        if let Some(gas) = fadt.sleep_control {
+            match (gas.space, u16::try_from(gas.addr)) {
+                (1, Ok(port)) => outb(port, S5),
+                (0, _) => mmio_write8(gas.addr, S5),
+                _ => {}
+            }
+        }
+        if let Ok(port) = u16::try_from(fadt.pm1a_cnt)
+            && port != 0
+        {
+            outw(port, 1 << 13);
+        }
+    }
+    super::clock::delay_us(100_000);
+    println!("NEPH-GUEST PANIC poweroff had no effect");
+    cpu::halt_forever()
+}
+
+/// Resets the machine: i8042 pulse, PCI reset register, then a triple fault.
+pub fn reboot() -> ! {
+    outb(0x64, 0xfe);
+    super::clock::delay_us(10_000);
+    outb(0xcf9, 0x06);
+    super::clock::delay_us(10_000);
+    let null_idt = [0u16; 5];
+    // SAFETY: deliberately loads an empty IDT and raises an exception, which
+    // escalates to a triple fault: the architectural reset of last resort.
+    unsafe {
+        core::arch::asm!("lidt [{}]", "int3", in(reg) null_idt.as_ptr(), options(nostack));
+    }
+    cpu::halt_forever()
+}
