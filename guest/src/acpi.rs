@@ -16,9 +16,10 @@ fn sum(b: &[u8]) -> u8 {
     let mut acc = 0u64;
     for (i, w) in words.by_ref().enumerate() {
         let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
-        // Even and odd bytes in 16-bit lanes: 255 words cannot overflow one.
+        // Even and odd bytes add into 16-bit lanes (up to 510 per word):
+        // fold every 128 words, before a lane can overflow.
         lanes += (v & 0x00ff_00ff_00ff_00ff) + ((v >> 8) & 0x00ff_00ff_00ff_00ff);
-        if i % 255 == 254 {
+        if i % 128 == 127 {
             acc = acc.wrapping_add(fold_lanes(lanes));
             lanes = 0;
         }
