@@ -26,6 +26,7 @@ const KERNEL_LOADER_OTHER: u8 = 0xff;
 const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
 const PAGE: u64 = 4096;
+const XLF_KERNEL_64: u16 = 1;
 
 /// Loading the kernel or writing boot information failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,13 +119,19 @@ pub fn load(
             )) => {
                 let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                     .map_err(|e| bad(kernel, format!("not an ELF, and as a bzImage: {e}")))?;
+                if r.setup_header
+                    .is_none_or(|h| h.xloadflags & XLF_KERNEL_64 == 0)
+                {
+                    return Err(bad(kernel, "the bzImage has no 64-bit entry point".into()));
+                }
                 // 64-bit entry point: 0x200 past the protected-mode code.
                 let entry = r.kernel_load.0 + 0x200;
                 (r, EntryMode::Linux64, entry)
             }
             Err(e) => return Err(bad(kernel, e.to_string())),
         };
-    let kernel_end = result.kernel_load.0.saturating_add(result.kernel_end);
+    // `kernel_end` is the guest address just past the image, for both loaders.
+    let kernel_end = result.kernel_end;
     if kernel_end >= mem_bytes.min(MMIO_HOLE_START) {
         return Err(bad(kernel, "it does not fit in guest memory".into()));
     }
@@ -255,4 +262,161 @@ fn write_zero_page(
     params.e820_entries = u8::try_from(map.len().min(params.e820_table.len())).unwrap_or(0);
     mem.write_obj(params, GuestAddress(ZERO_PAGE_START))
         .map_err(|_| LoadKernelError::Write("zero page"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::layout::{CMDLINE_START, MemoryKind};
+    use std::io::Write;
+    use vm_memory::Bytes;
+
+    const MEM: u64 = 256 << 20;
+
+    fn mem() -> GuestMemoryMmap {
+        crate::vstate::memory::create(MEM).unwrap()
+    }
+
+    fn fake_bzimage() -> tempfile::NamedTempFile {
+        let mut img = vec![0u8; 1024 + 4096];
+        img[0x1f1] = 1; // setup_sects: setup is 2 sectors
+        img[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        img[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        img[0x211] = 1; // LOADED_HIGH
+        img[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+        img[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes());
+        img[0x236..0x238].copy_from_slice(&1u16.to_le_bytes()); // XLF_KERNEL_64
+        img[1024..1028].copy_from_slice(&[0xf4, 0xeb, 0xfd, 0x90]);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&img).unwrap();
+        f
+    }
+
+    #[test]
+    fn bzimage_gets_zero_page_e820_cmdline_and_initrd() {
+        let m = mem();
+        let kernel = fake_bzimage();
+        let mut initrd = tempfile::NamedTempFile::new().unwrap();
+        initrd.write_all(&[7u8; 8192]).unwrap();
+        let k = load(
+            &m,
+            MEM,
+            kernel.path(),
+            Some(initrd.path()),
+            "console=ttyS0",
+            0xe0000,
+        )
+        .unwrap();
+        assert_eq!((k.mode, k.entry), (EntryMode::Linux64, 0x10_0200));
+        let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        let hdr = p.hdr;
+        assert_eq!({ hdr.cmd_line_ptr }, u32::try_from(CMDLINE_START).unwrap());
+        assert_eq!({ hdr.type_of_loader }, 0xff);
+        assert_eq!({ hdr.ramdisk_size }, 8192);
+        let rd = u64::from(hdr.ramdisk_image);
+        assert_eq!(rd % PAGE, 0);
+        assert!(rd + 8192 <= MEM && rd > 0x10_1000);
+        assert_eq!(m.read_obj::<u8>(GuestAddress(rd + 8191)).unwrap(), 7);
+        assert_eq!(p.e820_entries, 4);
+        let last = p.e820_table[3];
+        assert_eq!(
+            ({ last.addr } + { last.size }, { last.r#type }),
+            (MEM, MemoryKind::Ram as u32)
+        );
+        let mut cmd = [0u8; 14];
+        m.read_slice(&mut cmd, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&cmd, b"console=ttyS0\0");
+    }
+
+    #[test]
+    fn bzimage_without_64_bit_entry_is_refused() {
+        let kernel = fake_bzimage();
+        let mut img = std::fs::read(kernel.path()).unwrap();
+        img[0x236] = 0;
+        std::fs::write(kernel.path(), &img).unwrap();
+        let e = load(&mem(), MEM, kernel.path(), None, "", 0).unwrap_err();
+        assert!(e.to_string().contains("64-bit entry"), "{e}");
+    }
+
+    #[test]
+    fn initrd_that_does_not_fit_is_refused() {
+        let kernel = fake_bzimage();
+        let big = tempfile::NamedTempFile::new().unwrap();
+        big.as_file().set_len(MEM).unwrap();
+        let e = load(&mem(), MEM, kernel.path(), Some(big.path()), "", 0).unwrap_err();
+        assert!(matches!(e, LoadKernelError::InitrdTooBig { .. }), "{e}");
+    }
+
+    fn pvh_elf() -> tempfile::NamedTempFile {
+        let mut e = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        for (v, n) in [
+            (2u64, 2),
+            (62, 2),
+            (1, 4),
+            (0x10_0000, 8),
+            (64, 8),
+            (0, 8),
+            (0, 4),
+        ] {
+            e.extend_from_slice(&v.to_le_bytes()[..n]);
+        }
+        for v in [64u16, 56, 2, 64, 0, 0] {
+            e.extend_from_slice(&v.to_le_bytes());
+        }
+        let ph = |e: &mut Vec<u8>, kind: u32, off: u64, addr: u64, len: u64| {
+            e.extend_from_slice(&kind.to_le_bytes());
+            e.extend_from_slice(&4u32.to_le_bytes());
+            for v in [off, addr, addr, len, len, 4] {
+                e.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        ph(&mut e, 1, 0x100, 0x10_0000, 3);
+        ph(&mut e, 4, 176, 0, 20);
+        for v in [4u32, 4, 18] {
+            e.extend_from_slice(&v.to_le_bytes());
+        }
+        e.extend_from_slice(b"Xen\0");
+        e.extend_from_slice(&0x10_0000u32.to_le_bytes());
+        e.resize(0x100, 0);
+        e.extend_from_slice(&[0xf4, 0xeb, 0xfd]);
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&e).unwrap();
+        f
+    }
+
+    #[test]
+    fn pvh_gets_start_info_memmap_and_module() {
+        let m = crate::vstate::memory::create(5 << 30).unwrap();
+        let kernel = pvh_elf();
+        let mut initrd = tempfile::NamedTempFile::new().unwrap();
+        initrd.write_all(&[1u8; 100]).unwrap();
+        let k = load(
+            &m,
+            5 << 30,
+            kernel.path(),
+            Some(initrd.path()),
+            "x",
+            0xe0000,
+        )
+        .unwrap();
+        assert_eq!((k.mode, k.entry), (EntryMode::Pvh, 0x10_0000));
+        let info: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(
+            (info.magic, info.version, info.nr_modules),
+            (PVH_MAGIC, 1, 1)
+        );
+        assert_eq!(
+            (info.cmdline_paddr, info.rsdp_paddr),
+            (CMDLINE_START, 0xe0000)
+        );
+        assert_eq!(info.memmap_entries, 5);
+        let high: hvm_memmap_table_entry = m
+            .read_obj(GuestAddress(info.memmap_paddr + 4 * 24))
+            .unwrap();
+        assert_eq!((high.addr, high.size, high.type_), (4 << 30, 2 << 30, 1));
+        let module: hvm_modlist_entry = m.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
+        assert_eq!(module.size, 100);
+        assert!(module.paddr + 100 <= crate::arch::layout::MMIO_HOLE_START);
+    }
 }

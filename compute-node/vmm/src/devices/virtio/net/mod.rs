@@ -256,12 +256,15 @@ mod tests {
     fn arp_round_trip_through_a_real_tap() {
         let name = format!("nephut{}", std::process::id() % 100_000);
         let Some(_tap) = TestTap::create(&name, "10.213.77.1/24") else {
-            eprintln!("SKIP arp_round_trip_through_a_real_tap: cannot create a tap (needs root and iproute2)");
+            eprintln!(
+                "SKIP arp_round_trip_through_a_real_tap: cannot create a tap (needs root and iproute2)"
+            );
             return;
         };
         let mut net = Net::new(Tap::open(&name).unwrap(), MacAddr(MAC));
-        let m = crate::vstate::memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)])
-            .unwrap();
+        let m =
+            crate::vstate::memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)])
+                .unwrap();
         let rx = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
         let tx = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
         let rx_desc = RawDescriptor::from(Descriptor::new(0x20000, 2048, 2, 0));
@@ -270,7 +273,12 @@ mod tests {
         rx.avail().idx().store(1);
         let frame = arp_request([10, 213, 77, 1], [10, 213, 77, 2]);
         m.write_slice(&frame, GuestAddress(0x30000)).unwrap();
-        let tx_desc = RawDescriptor::from(Descriptor::new(0x30000, frame.len() as u32, 0, 0));
+        let tx_desc = RawDescriptor::from(Descriptor::new(
+            0x30000,
+            u32::try_from(frame.len()).unwrap(),
+            0,
+            0,
+        ));
         tx.desc_table().store(0, tx_desc).unwrap();
         tx.avail().ring().ref_at(0).unwrap().store(0);
         tx.avail().idx().store(1);
