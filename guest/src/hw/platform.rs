@@ -323,10 +323,19 @@ pub fn reboot() -> ! {
     outb(0xcf9, 0x06);
     super::clock::delay_us(10_000);
     let null_idt = [0u16; 5];
-    // SAFETY: deliberately loads an empty IDT and raises an exception, which
-    // escalates to a triple fault: the architectural reset of last resort.
+    // SAFETY: deliberately loads an empty IDT and raises #GP with a
+    // non-canonical load (not `int3`, which KVM's instruction emulator cannot
+    // run under PVM); the fault escalates to a triple fault, the
+    // architectural reset of last resort. Nothing runs afterwards.
     unsafe {
-        core::arch::asm!("lidt [{}]", "int3", in(reg) null_idt.as_ptr(), options(nostack));
+        core::arch::asm!(
+            "lidt [{idt}]",
+            "mov {tmp}, 0x8000000000000000",
+            "mov {tmp}, qword ptr [{tmp}]",
+            idt = in(reg) null_idt.as_ptr(),
+            tmp = out(reg) _,
+            options(nostack),
+        );
     }
     cpu::halt_forever()
 }
