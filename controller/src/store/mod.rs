@@ -12,9 +12,13 @@
 //!   control loop stamps `Envelope::fence_term` with the term it read, and
 //!   the command is refused if it is committed in another term.
 //!
-//! [`conformance`] holds the one test suite every backend must pass.
+//! Backends: [`crate::raft::RaftStore`] (the default) and, with the cargo
+//! feature `etcd`, `etcd::EtcdStore`. [`conformance`] holds the one test
+//! suite every backend must pass.
 
 pub mod conformance;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 
 use std::future::Future;
 use std::sync::Arc;
