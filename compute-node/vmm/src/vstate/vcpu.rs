@@ -292,6 +292,17 @@ impl VcpuThread {
         run
     }
 
+    /// A one-line register summary for diagnostics.
+    fn describe(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+                r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector
+            ),
+            _ => "registers unavailable".into(),
+        }
+    }
+
     fn step(&mut self) -> Step {
         let id = self.id;
         let crash = |reason: String| Step::Exit(Some(VcpuEvent::Crash { id, reason }));
@@ -313,7 +324,15 @@ impl VcpuThread {
                 self.devices.mmio_write(addr, data);
                 Step::Continue
             }
-            Ok(VcpuExit::Shutdown) => Step::Exit(Some(VcpuEvent::Reset)),
+            Ok(VcpuExit::Shutdown) => {
+                // A triple fault: worth a line on stderr, it is usually a
+                // guest bug the operator wants to see.
+                eprintln!(
+                    "neph-vmm: vCPU {id} triple-faulted ({}); resetting",
+                    self.describe()
+                );
+                Step::Exit(Some(VcpuEvent::Reset))
+            }
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Step::Exit(Some(VcpuEvent::PowerOff)),
                 KVM_SYSTEM_EVENT_RESET => Step::Exit(Some(VcpuEvent::Reset)),
