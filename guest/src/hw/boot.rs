@@ -79,30 +79,11 @@ global_asm!(
     .quad pvh_start32
     .p2align 2
 
-    .section .text.boot, "ax", @progbits
-    .code32
-    .global pvh_start32
-pvh_start32:
-    cli
-    cld
-    mov esi, ebx
-    lgdt [GDT64_PTR]
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    xor eax, eax
-    mov fs, ax
-    mov gs, ax
-    mov edi, offset __bss_start
-    mov ecx, offset __bss_end
-    sub ecx, edi
-    shr ecx, 2
-    rep stosd
-    mov ebp, offset start64
-    jmp enter_long32
-
-enter_long32:
+    // Enables PAE, OSFXSR/OSXMMEXCPT, the boot page tables, EFER.LME and
+    // paging, then far-jumps to 64-bit code at `target`. Uses no stack: an
+    // AP arriving from the trampoline has none, and the PVH contract does
+    // not promise the boot CPU one.
+    .macro ENTER_LONG target
     mov eax, cr4
     or eax, 0x620
     mov cr4, eax
@@ -116,17 +97,43 @@ enter_long32:
     and eax, 0xFFFFFFFB
     or eax, 0x80000023
     mov cr0, eax
-    push 0x08
-    push ebp
-    retf
+    // jmp far 0x08:target
+    .byte 0xea
+    .long \target
+    .word 0x08
+    .endm
+
+    .section .text.boot, "ax", @progbits
+    .code32
+    .global pvh_start32
+pvh_start32:
+    cli
+    cld
+    mov esi, ebx
+    lgdt [GDT64_PTR]
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    // PVH leaves ESP undefined: take our own stack before the far return
+    // into long mode pushes onto it.
+    mov esp, offset bsp_stack_top
+    xor eax, eax
+    mov fs, ax
+    mov gs, ax
+    mov edi, offset __bss_start
+    mov ecx, offset __bss_end
+    sub ecx, edi
+    shr ecx, 2
+    rep stosd
+    ENTER_LONG start64
 
 ap_start32:
     mov ax, 0x10
     mov ds, ax
     mov es, ax
     mov ss, ax
-    mov ebp, offset ap_start64
-    jmp enter_long32
+    ENTER_LONG ap_start64
 
     .code64
 start64:
