@@ -115,8 +115,8 @@ pvh_start32:
     mov ds, ax
     mov es, ax
     mov ss, ax
-    // PVH leaves ESP undefined: take our own stack before the far return
-    // into long mode pushes onto it.
+    // PVH leaves ESP undefined: have a valid stack from the first
+    // instruction, so that nothing before long mode can push to address 0.
     mov esp, offset bsp_stack_top
     xor eax, eax
     mov fs, ax

@@ -22,6 +22,8 @@ use crate::{print, println};
 
 /// The prompt.
 pub const PROMPT: &str = "neph> ";
+/// How often the host's shutdown request port is polled.
+const SHUTDOWN_POLL_US: u64 = 10_000;
 
 /// Everything the shell operates on.
 #[derive(Debug)]
@@ -88,7 +90,16 @@ impl Machine {
         }
         print!("{PROMPT}");
         let mut editor = LineEditor::default();
+        let mut next_shutdown_poll = Deadline::after_us(SHUTDOWN_POLL_US);
         loop {
+            if next_shutdown_poll.expired() {
+                next_shutdown_poll = Deadline::after_us(SHUTDOWN_POLL_US);
+                if platform::shutdown_requested() {
+                    println!();
+                    println!("NEPH-GUEST SHUTDOWN requested by the host");
+                    platform::poweroff();
+                }
+            }
             let mut busy = false;
             while let Some(b) = super::serial::try_read() {
                 busy = true;

@@ -1,7 +1,7 @@
 //! What the VMM tells the guest about the machine: the PVH `hvm_start_info`
 //! (command line, memory map, RSDP), the ACPI tables (CPUs from the MADT,
 //! sleep registers from the FADT) or an MP table, and leaving the machine
-//! (poweroff, reboot).
+//! (poweroff, reboot) and the host's shutdown request.
 
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -9,7 +9,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use neph_guest::acpi::{self, CpuList, Fadt};
 use neph_guest::memmap::MemMap;
 
-use super::cpu::{self, mmio_write8, outb, outw};
+use super::cpu::{self, inb, mmio_write8, outb, outw};
 use crate::println;
 
 const START_INFO_MAGIC: u32 = 0x336e_c578;
@@ -287,6 +287,19 @@ pub fn discover(start_info: u64) -> Platform {
         cpu_source,
     }
 }
+
+/// Whether the host asks for a graceful shutdown (neph-vmm: I/O port 0x602
+/// reads 0x01, "power button pressed"; it stays set until acknowledged by
+/// writing 0x01, which this does). Elsewhere the port reads 0xff or 0.
+pub fn shutdown_requested() -> bool {
+    if inb(SHUTDOWN_PORT) == 0x01 {
+        outb(SHUTDOWN_PORT, 0x01);
+        return true;
+    }
+    false
+}
+
+const SHUTDOWN_PORT: u16 = 0x602;
 
 /// Powers the machine off: the VMM's ACPI sleep port 0x600, then the FADT's
 /// hardware-reduced sleep register, then PM1a_CNT with SLP_TYP 0 (QEMU's

@@ -2,11 +2,13 @@
 //! line endings) and input for the shell, and the `print!`/`println!`
 //! macros.
 //!
-//! Output is formatted into a small buffer and sent with one `rep outsb`
-//! per buffer: KVM turns a string port write into a single exit carrying all
-//! the bytes (`kvm_run.io.count > 1`), where byte-at-a-time `out` would cost
-//! one exit (tens of microseconds under PVM) per character. The transmitter
-//! is not polled: virtual UARTs take bytes as fast as they come.
+//! Output is formatted into a small buffer, then sent one `out` per byte
+//! (one VM exit each). A `rep outsb` would batch a whole buffer into one
+//! exit, but VMMs built on kvm-ioctls see such an exit as a single wide
+//! access to consecutive registers (its `IoOut` data does not say whether
+//! the bytes are `count` writes to one port), so it is not used. The
+//! transmitter is not polled: virtual UARTs take bytes as fast as they
+//! come, and each poll would be another exit.
 
 use core::fmt;
 use core::mem::MaybeUninit;
@@ -25,20 +27,6 @@ pub fn init() {
     outb(COM1 + 3, 0x03);
     outb(COM1 + 2, 0x00);
     outb(COM1 + 4, 0x03);
-}
-
-/// Sends `n` bytes starting at `p` with one string port write.
-fn send(p: *const u8, n: usize) {
-    if n == 0 {
-        return;
-    }
-    // SAFETY: `p..p + n` is readable (callers pass initialized bytes of
-    // their own buffers); the instruction only reads memory and writes the
-    // UART's data port; DF is clear per the ABI.
-    unsafe {
-        core::arch::asm!("rep outsb", inout("rcx") n => _, inout("rsi") p => _, in("dx") COM1,
-            options(nostack, preserves_flags, readonly));
-    }
 }
 
 /// Sends one byte (shell echo).
@@ -80,7 +68,10 @@ impl Console {
 
     /// Sends what is buffered.
     pub fn flush(&mut self) {
-        send(self.buf.as_ptr().cast(), self.len);
+        for b in &self.buf[..self.len] {
+            // SAFETY: the first `len` bytes were written by `push`.
+            outb(COM1, unsafe { b.assume_init() });
+        }
         self.len = 0;
     }
 }
