@@ -122,6 +122,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         api::console::serve(path, console.clone())?;
     }
     let api_socket = config.api_socket.clone();
+    // The sockets are this process's: leave no stale files behind, on
+    // success or error.
+    let _cleanup = RemoveOnDrop(
+        [&api_socket, &config.console.socket]
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect(),
+    );
     let stdin_console = config.console.log.is_none();
     let vm = neph_vmm::build(config, console.clone())?;
     if let Some(path) = &api_socket {
@@ -143,6 +152,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     drop(_raw);
     exit?;
     Ok(())
+}
+
+/// Removes socket files when dropped.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 fn main() -> ExitCode {

@@ -165,3 +165,40 @@ fn bad_input_fails_before_any_guest_runs() {
     );
     expect_failure(&["--kernel", g, "--net", "tap=lo"], "not a tap");
 }
+
+#[test]
+fn probe_reports_a_usable_kvm() {
+    if !common::kvm_or_skip("probe_reports_a_usable_kvm") {
+        return;
+    }
+    let out = common::vmm().args(["--probe", "--json"]).output().unwrap();
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["api_version"], 12);
+    assert_eq!(report["usable"], true, "{report}");
+    let caps = report["capabilities"].as_array().unwrap();
+    assert!(
+        caps.iter().any(|c| c[0] == "IRQCHIP" && c[1] == true),
+        "{report}"
+    );
+}
+
+#[test]
+fn sockets_are_removed_at_exit() {
+    if !common::kvm_or_skip("sockets_are_removed_at_exit") {
+        return;
+    }
+    let s = Scratch::new();
+    let guest = s.guest(programs::OK);
+    let (api, con) = (s.path("api.sock"), s.path("con.sock"));
+    let mut vmm = Vmm::spawn(&[
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--console-socket",
+        con.to_str().unwrap(),
+    ]);
+    assert!(vmm.wait_exit(BOOT_TIMEOUT).unwrap().success());
+    assert!(!api.exists() && !con.exists());
+}
