@@ -256,7 +256,7 @@ impl Scheduler {
             match failed {
                 Some(reason) => {
                     undo.undo_moves_to(&mut self.state, keep);
-                    self.state.nodes[n as usize].state = NodeState::Up;
+                    self.state.set_node_state(n, NodeState::Up);
                     plan.skipped.push(SkippedNode {
                         node: node_id,
                         reason,

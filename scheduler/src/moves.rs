@@ -82,7 +82,7 @@ impl Undo {
         to: crate::model::NodeState,
     ) {
         self.states.push((node, state.nodes[node as usize].state));
-        state.nodes[node as usize].state = to;
+        state.set_node_state(node, to);
     }
 
     /// Moves applied so far.
@@ -95,8 +95,8 @@ impl Undo {
         while self.moves.len() > keep {
             if let Some((instance, from, to, utils)) = self.moves.pop() {
                 state.move_instance(instance, from);
-                state.nodes[from as usize].cpu_util = utils[0];
-                state.nodes[to as usize].cpu_util = utils[1];
+                state.set_cpu_util(from, utils[0]);
+                state.set_cpu_util(to, utils[1]);
             }
         }
     }
@@ -105,7 +105,7 @@ impl Undo {
     pub fn undo(mut self, state: &mut ClusterState) {
         self.undo_moves_to(state, 0);
         while let Some((node, old)) = self.states.pop() {
-            state.nodes[node as usize].state = old;
+            state.set_node_state(node, old);
         }
     }
 }

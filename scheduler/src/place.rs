@@ -22,11 +22,13 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::check::{self, CheckPlanError};
-use crate::filter::{Ctx, Filter, Reason, Rejections, default_filters};
+use crate::filter::{AnyFilter, Ctx, Filter, Reason, Rejections, default_filters};
 use crate::hash::{instance_seed, tie_key};
 use crate::model::{ClusterSnapshot, PlacementRequest};
-use crate::state::{BuildStateError, ClusterState, Demand, InstanceRt, NONE, NodeMarks, ix};
-use crate::weigh::{Weigher, default_weighers, min_range};
+use crate::state::{
+    BuildStateError, ClusterState, Demand, InstanceRt, NONE, NodeMarks, f32_up, ix,
+};
+use crate::weigh::{AnyWeigher, Weigher, default_weighers};
 
 /// Most instances one batch may hold.
 pub const MAX_BATCH: u32 = 10_000;
@@ -234,6 +236,9 @@ struct WeighMeta {
     multiplier: f64,
     min: f64,
     range: f64,
+    /// Where the raw values are: the node's `Hot::raw` slot for the core
+    /// weighers, else the weigher's `Scratch::raws` (one per candidate).
+    slot: Option<usize>,
 }
 
 /// Buffers reused by every decision, so the hot path does not allocate per
@@ -241,11 +246,20 @@ struct WeighMeta {
 #[derive(Debug, Default)]
 struct Scratch {
     candidates: Vec<u32>,
-    marks: NodeMarks,
+    /// Marks of each filter and each weigher, by index.
+    filter_marks: Vec<NodeMarks>,
+    weigher_marks: Vec<NodeMarks>,
+    /// Raw values of each weigher, one per candidate.
     raws: Vec<Vec<f64>>,
     meta: Vec<WeighMeta>,
     totals: Vec<f64>,
     rejections: Rejections,
+    active_filters: Vec<usize>,
+    core_filters: Vec<usize>,
+    active_weighers: Vec<usize>,
+    /// `(weigher, multiplier / range, min)` of each non-core weigher that
+    /// separates the candidates, in weigher order.
+    terms: Vec<(usize, f64, f64)>,
 }
 
 /// The scheduler over one snapshot: placement, and (in their modules) the
@@ -253,8 +267,8 @@ struct Scratch {
 #[derive(Debug)]
 pub struct Scheduler {
     pub(crate) state: ClusterState,
-    pub(crate) filters: Vec<Box<dyn Filter>>,
-    weighers: Vec<Box<dyn Weigher>>,
+    pub(crate) filters: Vec<AnyFilter>,
+    weighers: Vec<AnyWeigher>,
     scratch: Scratch,
 }
 
@@ -262,15 +276,18 @@ impl Scheduler {
     /// Validates and indexes a snapshot.
     pub fn new(snapshot: &ClusterSnapshot) -> Result<Self, BuildStateError> {
         let state = ClusterState::build(snapshot)?;
+        let filters = default_filters();
         let weighers = default_weighers();
         let scratch = Scratch {
+            filter_marks: vec![NodeMarks::default(); filters.len()],
+            weigher_marks: vec![NodeMarks::default(); weighers.len()],
             raws: vec![Vec::new(); weighers.len()],
             meta: vec![WeighMeta::default(); weighers.len()],
             ..Scratch::default()
         };
         Ok(Self {
             state,
-            filters: default_filters(),
+            filters,
             weighers,
             scratch,
         })
@@ -443,7 +460,7 @@ impl Scheduler {
                 .count();
             out.rank = Some(ix(ahead + 1));
             out.score = Some(total);
-            out.scores = self.scores_at(pos);
+            out.scores = self.scores_at(pos, n);
         }
         Ok(out)
     }
@@ -544,7 +561,7 @@ impl Scheduler {
         Ok(Decided {
             node: candidates[best],
             score: totals[best],
-            scores: self.scores_at(best),
+            scores: self.scores_at(best, candidates[best]),
             candidates: ix(candidates.len()),
             filtered,
             rejected,
@@ -554,6 +571,17 @@ impl Scheduler {
     /// Runs the filters and weighers, leaving candidates and totals in the
     /// scratch buffers. Returns the rejection counts and, when explaining,
     /// a sentence per rejected node.
+    ///
+    /// One loop over the nodes (the zone's nodes when a zone is required):
+    /// the core filters (state, resources, instance limit) are one
+    /// branch-free test on the node's cache line ([`Hot`]); when it fails,
+    /// the filters themselves find the reason. Other applicable filters then
+    /// check the node (prepared marks, O(1)); a node that passes updates
+    /// each weigher's min and max. A second pass normalizes and sums. With
+    /// [`Explain::Full`] every filter runs through its own `check` instead,
+    /// over every node; the property tests check both give one answer.
+    ///
+    /// [`Hot`]: crate::state::Hot
     fn filter_and_weigh(
         &mut self,
         demand: &Demand,
@@ -567,42 +595,195 @@ impl Scheduler {
         } = self;
         let Scratch {
             candidates,
-            marks,
+            filter_marks,
+            weigher_marks,
             raws,
             meta,
             totals,
             rejections,
+            active_filters,
+            core_filters,
+            active_weighers,
+            terms,
         } = scratch;
         let ctx = Ctx { state, demand };
         let n = state.nodes.len();
         rejections.reset(explain);
         candidates.clear();
-        let mut seeded = None;
-        if !explain {
-            for (fi, f) in filters.iter().enumerate() {
-                if !f.applies(&ctx) {
-                    continue;
-                }
-                if let Some((list, reason)) = f.seed(&ctx) {
-                    candidates.extend_from_slice(list);
-                    rejections.reject_many(ix(n - list.len()), reason);
-                    seeded = Some(fi);
-                    break;
-                }
-            }
-        }
-        if seeded.is_none() {
-            candidates.extend(0..ix(n));
-        }
+        active_filters.clear();
+        core_filters.clear();
+        active_weighers.clear();
+        terms.clear();
+        let mut seed: Option<&[u32]> = None;
         for (fi, f) in filters.iter().enumerate() {
-            if candidates.is_empty() {
-                break;
-            }
-            if seeded == Some(fi) || !f.applies(&ctx) {
+            if !f.applies(&ctx) {
                 continue;
             }
-            rejections.filter = u8::try_from(fi).unwrap_or(u8::MAX);
-            f.retain(&ctx, candidates, marks, rejections);
+            if !explain {
+                if seed.is_none()
+                    && let Some((list, reason)) = f.seed(&ctx)
+                {
+                    rejections.reject_many(ix(n - list.len()), reason);
+                    seed = Some(list);
+                    continue;
+                }
+                if f.is_core() {
+                    core_filters.push(fi);
+                    continue;
+                }
+            }
+            f.prepare(&ctx, &mut filter_marks[fi]);
+            active_filters.push(fi);
+        }
+        let mut extra_weighers = false;
+        for (wi, w) in weighers.iter().enumerate() {
+            raws[wi].clear();
+            let multiplier = w.multiplier(&ctx);
+            if multiplier == 0.0 || !multiplier.is_finite() || !w.applies(&ctx) {
+                meta[wi] = WeighMeta::default();
+                continue;
+            }
+            let slot = w.core_slot();
+            if slot.is_none() {
+                w.prepare(&ctx, &mut weigher_marks[wi]);
+                extra_weighers = true;
+            }
+            meta[wi] = WeighMeta {
+                active: true,
+                multiplier,
+                min: f64::INFINITY,
+                // Holds the maximum until the loop is done.
+                range: f64::NEG_INFINITY,
+                slot,
+            };
+            active_weighers.push(wi);
+        }
+        let fast = !core_filters.is_empty();
+        let need = [
+            f32_up(f64::from(demand.res.vcpus)),
+            f32_up(demand.res.memory_mib as f64),
+            f32_up(demand.res.disk_gib as f64),
+        ];
+        let exclude = demand.moving.map_or(NONE, |(_, from)| from);
+        let hot = &state.hot;
+        let count = seed.map_or(n, <[u32]>::len);
+        candidates.reserve(count);
+        if fast {
+            // Core filters: one tight loop over the nodes' cache lines.
+            for i in 0..count {
+                let node = seed.map_or(ix(i), |list| list[i]);
+                let h = &hot[node as usize];
+                let ok = (need[0] <= h.free[0])
+                    & (need[1] <= h.free[1])
+                    & (need[2] <= h.free[2])
+                    & (h.room > 0)
+                    & (node != exclude);
+                // A refused node the filters pass after all (the test is
+                // conservative) is a candidate.
+                if ok || !reject_core(filters, core_filters, &ctx, rejections, node) {
+                    candidates.push(node);
+                }
+            }
+        } else {
+            match seed {
+                Some(list) => candidates.extend_from_slice(list),
+                None => candidates.extend(0..ix(n)),
+            }
+        }
+        if !active_filters.is_empty() {
+            candidates.retain(|&node| {
+                for &fi in active_filters.iter() {
+                    if let Some(reason) = filters[fi].check_prepared(&ctx, &filter_marks[fi], node)
+                    {
+                        rejections.filter = u8::try_from(fi).unwrap_or(u8::MAX);
+                        rejections.reject(node, reason);
+                        return false;
+                    }
+                }
+                true
+            });
+        }
+        // Bounds of the core weighers, unrolled into scalars so that they
+        // stay in registers.
+        let (mut lo0, mut lo1, mut lo2, mut lo3) =
+            (f32::INFINITY, f32::INFINITY, f32::INFINITY, f32::INFINITY);
+        let (mut hi0, mut hi1, mut hi2, mut hi3) = (
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+            f32::NEG_INFINITY,
+        );
+        for &node in candidates.iter() {
+            let [r0, r1, r2, r3] = hot[node as usize].raw;
+            lo0 = if r0 < lo0 { r0 } else { lo0 };
+            hi0 = if r0 > hi0 { r0 } else { hi0 };
+            lo1 = if r1 < lo1 { r1 } else { lo1 };
+            hi1 = if r1 > hi1 { r1 } else { hi1 };
+            lo2 = if r2 < lo2 { r2 } else { lo2 };
+            hi2 = if r2 > hi2 { r2 } else { hi2 };
+            lo3 = if r3 < lo3 { r3 } else { lo3 };
+            hi3 = if r3 > hi3 { r3 } else { hi3 };
+        }
+        if extra_weighers {
+            for &wi in active_weighers.iter() {
+                if meta[wi].slot.is_some() {
+                    continue;
+                }
+                let w = &weighers[wi];
+                let marks = &weigher_marks[wi];
+                let raw = &mut raws[wi];
+                raw.extend(candidates.iter().map(|&node| w.raw(&ctx, marks, node)));
+                let m = &mut meta[wi];
+                for &v in raw.iter() {
+                    if v < m.min {
+                        m.min = v;
+                    }
+                    if v > m.range {
+                        m.range = v;
+                    }
+                }
+            }
+        }
+        let lo = [lo0, lo1, lo2, lo3].map(f64::from);
+        let hi = [hi0, hi1, hi2, hi3].map(f64::from);
+        let mut core_k = [0.0f64; 4];
+        let mut core_min = [0.0f64; 4];
+        for &wi in active_weighers.iter() {
+            let m = &mut meta[wi];
+            if candidates.is_empty() {
+                m.min = 0.0;
+                m.range = 0.0;
+            } else if let Some(slot) = m.slot {
+                m.min = lo[slot];
+                m.range = hi[slot] - lo[slot];
+            } else {
+                m.range -= m.min;
+            }
+            if m.range > 0.0 {
+                match m.slot {
+                    Some(slot) => {
+                        core_k[slot] = m.multiplier / m.range;
+                        core_min[slot] = m.min;
+                    }
+                    None => terms.push((wi, m.multiplier / m.range, m.min)),
+                }
+            }
+        }
+        // Totals add the weighers in their order: the four core ones (a
+        // zero coefficient adds exactly nothing), then the others.
+        totals.clear();
+        totals.resize(candidates.len(), 0.0);
+        for (t, &node) in totals.iter_mut().zip(candidates.iter()) {
+            let r = hot[node as usize].raw.map(f64::from);
+            *t = core_k[0] * (r[0] - core_min[0])
+                + core_k[1] * (r[1] - core_min[1])
+                + core_k[2] * (r[2] - core_min[2])
+                + core_k[3] * (r[3] - core_min[3]);
+        }
+        for &(wi, k, min) in terms.iter() {
+            for (t, &r) in totals.iter_mut().zip(&raws[wi]) {
+                *t += k * (r - min);
+            }
         }
         let filtered: Vec<ReasonCount> = Reason::ALL
             .iter()
@@ -624,46 +805,23 @@ impl Scheduler {
                 .collect(),
             None => Vec::new(),
         };
-        totals.clear();
-        totals.resize(candidates.len(), 0.0);
-        if candidates.is_empty() {
-            return (filtered, rejected);
-        }
-        for (wi, w) in weighers.iter().enumerate() {
-            let raw = &mut raws[wi];
-            raw.clear();
-            let multiplier = w.multiplier(&ctx);
-            if multiplier == 0.0 || !multiplier.is_finite() || !w.applies(&ctx) {
-                meta[wi] = WeighMeta::default();
-                continue;
-            }
-            w.weigh(&ctx, candidates, marks, raw);
-            let (min, range) = min_range(raw);
-            meta[wi] = WeighMeta {
-                active: true,
-                multiplier,
-                min,
-                range,
-            };
-            if range > 0.0 {
-                let k = multiplier / range;
-                for (t, &r) in totals.iter_mut().zip(raw.iter()) {
-                    *t += k * (r - min);
-                }
-            }
-        }
         (filtered, rejected)
     }
 
-    /// Per-weigher scores of the candidate at `pos` after a weighing.
-    fn scores_at(&self, pos: usize) -> Vec<WeigherScore> {
+    /// Per-weigher scores of the candidate at `pos` (node `node`) after a
+    /// weighing.
+    fn scores_at(&self, pos: usize, node: u32) -> Vec<WeigherScore> {
+        let hot = &self.state.hot[node as usize];
         self.weighers
             .iter()
             .zip(&self.scratch.meta)
             .zip(&self.scratch.raws)
             .filter(|((_, m), _)| m.active)
             .map(|((w, m), raw)| {
-                let r = raw[pos];
+                let r = match m.slot {
+                    Some(s) => f64::from(hot.raw[s]),
+                    None => raw[pos],
+                };
                 let normalized = if m.range > 0.0 {
                     (r - m.min) / m.range
                 } else {
@@ -679,6 +837,28 @@ impl Scheduler {
             })
             .collect()
     }
+}
+
+/// Finds which core filter rejects `node` (the fast path refused it) and
+/// records the rejection; false when none does. Kept out of line so the
+/// fast loop stays small.
+#[cold]
+#[inline(never)]
+fn reject_core(
+    filters: &[AnyFilter],
+    core: &[usize],
+    ctx: &Ctx<'_>,
+    rejections: &mut Rejections,
+    node: u32,
+) -> bool {
+    for &fi in core {
+        if let Some(reason) = filters[fi].check(ctx, node) {
+            rejections.filter = u8::try_from(fi).unwrap_or(u8::MAX);
+            rejections.reject(node, reason);
+            return true;
+        }
+    }
+    false
 }
 
 /// The id a committed placement gets in the scheduler's state.

@@ -13,6 +13,7 @@
 //! Environment: `NEPHELE_BENCH_DECISIONS` (default 20000) decisions per
 //! cluster size; `NEPHELE_BENCH_PINNED` is set on the pinned re-execution.
 
+use std::collections::HashMap;
 use std::env;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
@@ -166,11 +167,20 @@ fn bench_planners(nodes: usize, instances: usize) -> Result<PlannerResult, Strin
         })
         .map_err(|e| e.to_string())?;
     let consolidate = t.elapsed();
+    let mut per_node: HashMap<&str, usize> = HashMap::new();
+    for i in &snap.instances {
+        *per_node.entry(i.node.as_str()).or_default() += 1;
+    }
     let busiest = snap
         .nodes
         .iter()
         .filter(|n| n.state == NodeState::Up)
-        .max_by_key(|n| snap.instances.iter().filter(|i| i.node == n.id).count())
+        .max_by_key(|n| {
+            (
+                per_node.get(n.id.as_str()).copied().unwrap_or(0),
+                n.id.clone(),
+            )
+        })
         .map(|n| n.id.clone())
         .unwrap_or_default();
     let t = Instant::now();

@@ -1,7 +1,7 @@
 //! Hard affinity (Nova's `ServerGroupAffinityFilter`): once a group has
 //! members, new members go only to nodes that already run one.
 
-use super::{Ctx, Filter, Reason, Rejections, name_nodes};
+use super::{Ctx, Filter, Reason, name_nodes};
 use crate::model::GroupPolicy;
 use crate::state::{GroupRt, NodeMarks};
 
@@ -46,32 +46,28 @@ impl Filter for AffinityFilter {
         }
     }
 
-    fn retain(
-        &self,
-        ctx: &Ctx<'_>,
-        candidates: &mut Vec<u32>,
-        marks: &mut NodeMarks,
-        sink: &mut Rejections,
-    ) {
+    fn prepare(&self, ctx: &Ctx<'_>, marks: &mut NodeMarks) {
+        marks.reset(ctx.state.nodes.len());
+        let mut groups = 0;
         for group in binding(ctx) {
-            marks.reset(ctx.state.nodes.len());
+            groups += 1;
             for &node in group.members.keys() {
-                marks.set(node, 1);
+                marks.set(node, marks.get(node) + 1);
             }
-            candidates.retain(|&node| {
-                let ok = marks.get(node) == 1;
-                if !ok {
-                    sink.reject(node, Reason::Affinity);
-                }
-                ok
-            });
         }
+        marks.aux = groups;
+    }
+
+    #[inline]
+    fn check_prepared(&self, _: &Ctx<'_>, marks: &NodeMarks, node: u32) -> Option<Reason> {
+        (marks.get(node) != marks.aux).then_some(Reason::Affinity)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::Rejections;
     use crate::filter::test_support::{demand, scheduler};
 
     #[test]

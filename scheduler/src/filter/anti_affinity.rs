@@ -1,7 +1,7 @@
 //! Hard anti-affinity (Nova's `ServerGroupAntiAffinityFilter`): a node runs
 //! at most `max_per_node` members of the group (1 unless set).
 
-use super::{Ctx, Filter, Reason, Rejections};
+use super::{Ctx, Filter, Reason};
 use crate::model::GroupPolicy;
 use crate::state::{GroupRt, NodeMarks};
 
@@ -44,39 +44,27 @@ impl Filter for AntiAffinityFilter {
         }
     }
 
-    fn retain(
-        &self,
-        ctx: &Ctx<'_>,
-        candidates: &mut Vec<u32>,
-        marks: &mut NodeMarks,
-        sink: &mut Rejections,
-    ) {
+    fn prepare(&self, ctx: &Ctx<'_>, marks: &mut NodeMarks) {
         marks.reset(ctx.state.nodes.len());
-        let mut any = false;
         for group in binding(ctx) {
             for (&node, &count) in &group.members {
                 if count >= group.max_per_node {
                     marks.set(node, 1);
-                    any = true;
                 }
             }
         }
-        if !any {
-            return;
-        }
-        candidates.retain(|&node| {
-            let ok = marks.get(node) == 0;
-            if !ok {
-                sink.reject(node, Reason::AntiAffinity);
-            }
-            ok
-        });
+    }
+
+    #[inline]
+    fn check_prepared(&self, _: &Ctx<'_>, marks: &NodeMarks, node: u32) -> Option<Reason> {
+        (marks.get(node) != 0).then_some(Reason::AntiAffinity)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::filter::Rejections;
     use crate::filter::test_support::{demand, scheduler, snapshot};
     use crate::place::Scheduler;
 

@@ -52,29 +52,25 @@ impl Filter for LabelFilter {
         }
     }
 
-    fn retain(
-        &self,
-        ctx: &Ctx<'_>,
-        candidates: &mut Vec<u32>,
-        marks: &mut NodeMarks,
-        sink: &mut super::Rejections,
-    ) {
-        let wanted = ctx.demand.labels.len();
+    fn prepare(&self, ctx: &Ctx<'_>, marks: &mut NodeMarks) {
         marks.reset(ctx.state.nodes.len());
-        if !ctx.demand.labels.contains(&NONE) {
-            for &label in &ctx.demand.labels {
-                for &node in &ctx.state.label_nodes[label as usize] {
-                    marks.set(node, marks.get(node) + 1);
-                }
+        if ctx.demand.labels.contains(&NONE) {
+            // No node has every label: nothing is marked, the count wanted
+            // cannot be reached.
+            marks.aux = -1;
+            return;
+        }
+        for &label in &ctx.demand.labels {
+            for &node in &ctx.state.label_nodes[label as usize] {
+                marks.set(node, marks.get(node) + 1);
             }
         }
-        candidates.retain(|&node| {
-            let ok = marks.get(node) as usize == wanted;
-            if !ok {
-                sink.reject(node, Reason::LabelMissing);
-            }
-            ok
-        });
+        marks.aux = i64::try_from(ctx.demand.labels.len()).unwrap_or(i64::MAX);
+    }
+
+    #[inline]
+    fn check_prepared(&self, _: &Ctx<'_>, marks: &NodeMarks, node: u32) -> Option<Reason> {
+        (marks.get(node) != marks.aux).then_some(Reason::LabelMissing)
     }
 }
 

@@ -2,10 +2,13 @@
 //! instance, or an instance that would move), and says why in a sentence
 //! when asked. One file per filter; names follow Nova's filters.
 //!
-//! The pipeline calls [`Filter::retain`] once per filter over the whole
-//! candidate list (one virtual call per filter, a tight loop inside), counts
-//! each rejection under a [`Reason`], and only builds sentences
-//! ([`Filter::explain`]) when the caller asked for a full explanation.
+//! The pipeline prepares each applicable filter once per decision
+//! ([`Filter::prepare`]: marks from the label and group indexes), then runs
+//! one loop over the nodes in which every filter checks the node in turn
+//! ([`Filter::check_prepared`], dispatched statically through
+//! [`AnyFilter`]); the first rejection is counted under a [`Reason`].
+//! Sentences ([`Filter::explain`]) are only built when the caller asked for
+//! a full explanation or a single node's verdicts.
 
 mod affinity;
 mod anti_affinity;
@@ -173,13 +176,31 @@ pub(crate) trait Filter: fmt::Debug + Send + Sync {
         None
     }
 
-    /// Checks one node: `None` when it passes.
+    /// Checks one node on its own: `None` when it passes.
     fn check(&self, ctx: &Ctx<'_>, node: u32) -> Option<Reason>;
 
     /// A sentence saying why `check` rejects `node`.
     fn explain(&self, ctx: &Ctx<'_>, node: u32) -> String;
 
-    /// Removes the nodes this filter rejects, recording each rejection.
+    /// Prepares per-node marks once per decision (from the label, zone or
+    /// group indexes) so that [`check_prepared`](Self::check_prepared) is
+    /// O(1) per node.
+    fn prepare(&self, ctx: &Ctx<'_>, marks: &mut NodeMarks) {
+        let _ = (ctx, marks);
+    }
+
+    /// Same verdict as [`check`](Self::check), after
+    /// [`prepare`](Self::prepare) filled `marks`.
+    #[inline]
+    fn check_prepared(&self, ctx: &Ctx<'_>, marks: &NodeMarks, node: u32) -> Option<Reason> {
+        let _ = marks;
+        self.check(ctx, node)
+    }
+
+    /// Removes the nodes this filter rejects, recording each rejection (the
+    /// pipeline fuses this into one loop over all filters; tests use it to
+    /// check one filter at a time).
+    #[cfg(test)]
     fn retain(
         &self,
         ctx: &Ctx<'_>,
@@ -187,8 +208,8 @@ pub(crate) trait Filter: fmt::Debug + Send + Sync {
         marks: &mut NodeMarks,
         sink: &mut Rejections,
     ) {
-        let _ = marks;
-        candidates.retain(|&node| match self.check(ctx, node) {
+        self.prepare(ctx, marks);
+        candidates.retain(|&node| match self.check_prepared(ctx, marks, node) {
             None => true,
             Some(reason) => {
                 sink.reject(node, reason);
@@ -198,17 +219,89 @@ pub(crate) trait Filter: fmt::Debug + Send + Sync {
     }
 }
 
+/// Every filter, as one enum so the pipeline's per-node loop dispatches
+/// statically (a `match` the compiler inlines) instead of through a vtable.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AnyFilter {
+    Zone(ZoneFilter),
+    State(NodeStateFilter),
+    Resources(ResourceFilter),
+    Instances(InstanceLimitFilter),
+    Labels(LabelFilter),
+    AntiAffinity(AntiAffinityFilter),
+    Affinity(AffinityFilter),
+    Headroom(HeadroomFilter),
+}
+
+macro_rules! each_filter {
+    ($self:ident, $f:ident => $e:expr) => {
+        match $self {
+            AnyFilter::Zone($f) => $e,
+            AnyFilter::State($f) => $e,
+            AnyFilter::Resources($f) => $e,
+            AnyFilter::Instances($f) => $e,
+            AnyFilter::Labels($f) => $e,
+            AnyFilter::AntiAffinity($f) => $e,
+            AnyFilter::Affinity($f) => $e,
+            AnyFilter::Headroom($f) => $e,
+        }
+    };
+}
+
+impl AnyFilter {
+    /// The filters the placement fast path evaluates from
+    /// [`Hot`](crate::state::Hot): node state, resources, instance limit.
+    /// They come right after the zone filter and before all others.
+    pub(crate) fn is_core(&self) -> bool {
+        matches!(
+            self,
+            AnyFilter::State(_) | AnyFilter::Resources(_) | AnyFilter::Instances(_)
+        )
+    }
+}
+
+impl Filter for AnyFilter {
+    fn name(&self) -> &'static str {
+        each_filter!(self, f => f.name())
+    }
+
+    fn applies(&self, ctx: &Ctx<'_>) -> bool {
+        each_filter!(self, f => f.applies(ctx))
+    }
+
+    fn seed<'s>(&self, ctx: &Ctx<'s>) -> Option<(&'s [u32], Reason)> {
+        each_filter!(self, f => f.seed(ctx))
+    }
+
+    fn check(&self, ctx: &Ctx<'_>, node: u32) -> Option<Reason> {
+        each_filter!(self, f => f.check(ctx, node))
+    }
+
+    fn explain(&self, ctx: &Ctx<'_>, node: u32) -> String {
+        each_filter!(self, f => f.explain(ctx, node))
+    }
+
+    fn prepare(&self, ctx: &Ctx<'_>, marks: &mut NodeMarks) {
+        each_filter!(self, f => f.prepare(ctx, marks))
+    }
+
+    #[inline]
+    fn check_prepared(&self, ctx: &Ctx<'_>, marks: &NodeMarks, node: u32) -> Option<Reason> {
+        each_filter!(self, f => f.check_prepared(ctx, marks, node))
+    }
+}
+
 /// The filters in evaluation order: cheap and selective first.
-pub(crate) fn default_filters() -> Vec<Box<dyn Filter>> {
+pub(crate) fn default_filters() -> Vec<AnyFilter> {
     vec![
-        Box::new(ZoneFilter),
-        Box::new(NodeStateFilter),
-        Box::new(ResourceFilter),
-        Box::new(InstanceLimitFilter),
-        Box::new(LabelFilter),
-        Box::new(AntiAffinityFilter),
-        Box::new(AffinityFilter),
-        Box::new(HeadroomFilter),
+        AnyFilter::Zone(ZoneFilter),
+        AnyFilter::State(NodeStateFilter),
+        AnyFilter::Resources(ResourceFilter),
+        AnyFilter::Instances(InstanceLimitFilter),
+        AnyFilter::Labels(LabelFilter),
+        AnyFilter::AntiAffinity(AntiAffinityFilter),
+        AnyFilter::Affinity(AffinityFilter),
+        AnyFilter::Headroom(HeadroomFilter),
     ]
 }
 

@@ -2,9 +2,9 @@
 //! effective vCPUs after its overcommit ratio. Spreading prefers more
 //! free vCPUs, packing less (the multiplier's sign flips).
 
-use super::{Weigher, free_fraction, spread_sign};
+use super::{Weigher, core_raw, spread_sign};
 use crate::filter::Ctx;
-use crate::state::{NodeMarks, VCPU};
+use crate::state::{NodeMarks, RAW_VCPU};
 
 /// Weighs free vCPUs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,8 +19,9 @@ impl Weigher for CpuWeigher {
         ctx.state.config.weights.cpu * spread_sign(ctx.demand.strategy)
     }
 
-    fn weigh(&self, ctx: &Ctx<'_>, candidates: &[u32], _: &mut NodeMarks, out: &mut Vec<f64>) {
-        free_fraction(ctx, VCPU, candidates, out);
+    #[inline]
+    fn raw(&self, ctx: &Ctx<'_>, _: &NodeMarks, node: u32) -> f64 {
+        core_raw(ctx, RAW_VCPU, node)
     }
 }
 

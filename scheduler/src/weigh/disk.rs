@@ -2,9 +2,9 @@
 //! effective disk after its overcommit ratio. Spreading prefers more
 //! free disk, packing less (the multiplier's sign flips).
 
-use super::{Weigher, free_fraction, spread_sign};
+use super::{Weigher, core_raw, spread_sign};
 use crate::filter::Ctx;
-use crate::state::{DISK, NodeMarks};
+use crate::state::{NodeMarks, RAW_DISK};
 
 /// Weighs free disk.
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,8 +19,9 @@ impl Weigher for DiskWeigher {
         ctx.state.config.weights.disk * spread_sign(ctx.demand.strategy)
     }
 
-    fn weigh(&self, ctx: &Ctx<'_>, candidates: &[u32], _: &mut NodeMarks, out: &mut Vec<f64>) {
-        free_fraction(ctx, DISK, candidates, out);
+    #[inline]
+    fn raw(&self, ctx: &Ctx<'_>, _: &NodeMarks, node: u32) -> f64 {
+        core_raw(ctx, RAW_DISK, node)
     }
 }
 
@@ -39,7 +40,7 @@ mod tests {
         };
         let mut out = Vec::new();
         DiskWeigher.weigh(&ctx, &[0, 1], &mut NodeMarks::default(), &mut out);
-        assert_eq!(out, vec![0.9, 1.0]);
+        assert_eq!(out, vec![f64::from(0.9f32), 1.0]);
         assert_eq!(DiskWeigher.multiplier(&ctx), 0.5);
     }
 }

@@ -1,9 +1,9 @@
 //! Measured load (Nova's `MetricsWeigher` on CPU use): prefers nodes whose
 //! measured CPU utilisation is lower, whatever their reservations say.
 
-use super::Weigher;
+use super::{Weigher, core_raw};
 use crate::filter::Ctx;
-use crate::state::NodeMarks;
+use crate::state::{NodeMarks, RAW_LOAD};
 
 /// Weighs measured CPU utilisation (less is better).
 #[derive(Debug, Clone, Copy, Default)]
@@ -18,9 +18,9 @@ impl Weigher for LoadWeigher {
         ctx.state.config.weights.load
     }
 
-    fn weigh(&self, ctx: &Ctx<'_>, candidates: &[u32], _: &mut NodeMarks, out: &mut Vec<f64>) {
-        let nodes = &ctx.state.nodes;
-        out.extend(candidates.iter().map(|&c| -nodes[c as usize].cpu_util));
+    #[inline]
+    fn raw(&self, ctx: &Ctx<'_>, _: &NodeMarks, node: u32) -> f64 {
+        core_raw(ctx, RAW_LOAD, node)
     }
 }
 

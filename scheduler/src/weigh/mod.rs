@@ -14,7 +14,7 @@ use std::fmt;
 
 use crate::filter::Ctx;
 use crate::model::Strategy;
-use crate::state::NodeMarks;
+use crate::state::{NodeMarks, RAW_DISK, RAW_LOAD, RAW_MEM, RAW_VCPU};
 
 pub(crate) use cpu::CpuWeigher;
 pub(crate) use disk::DiskWeigher;
@@ -37,8 +37,83 @@ pub(crate) trait Weigher: fmt::Debug + Send + Sync {
         true
     }
 
-    /// Pushes one raw value per candidate onto `out` (higher is better).
-    fn weigh(&self, ctx: &Ctx<'_>, candidates: &[u32], marks: &mut NodeMarks, out: &mut Vec<f64>);
+    /// Prepares per-node marks once per decision.
+    fn prepare(&self, ctx: &Ctx<'_>, marks: &mut NodeMarks) {
+        let _ = (ctx, marks);
+    }
+
+    /// The raw value of one node (higher is better), after
+    /// [`prepare`](Self::prepare).
+    fn raw(&self, ctx: &Ctx<'_>, marks: &NodeMarks, node: u32) -> f64;
+
+    /// Pushes one raw value per candidate onto `out` (the pipeline fuses
+    /// this into its loop; tests use it to check one weigher).
+    #[cfg(test)]
+    fn weigh(&self, ctx: &Ctx<'_>, candidates: &[u32], marks: &mut NodeMarks, out: &mut Vec<f64>) {
+        self.prepare(ctx, marks);
+        out.extend(candidates.iter().map(|&c| self.raw(ctx, marks, c)));
+    }
+}
+
+/// Every weigher, as one enum for static dispatch in the per-node loop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum AnyWeigher {
+    Ram(RamWeigher),
+    Cpu(CpuWeigher),
+    Disk(DiskWeigher),
+    Load(LoadWeigher),
+    SoftAffinity(SoftAffinityWeigher),
+    Zone(ZoneWeigher),
+}
+
+macro_rules! each_weigher {
+    ($self:ident, $w:ident => $e:expr) => {
+        match $self {
+            AnyWeigher::Ram($w) => $e,
+            AnyWeigher::Cpu($w) => $e,
+            AnyWeigher::Disk($w) => $e,
+            AnyWeigher::Load($w) => $e,
+            AnyWeigher::SoftAffinity($w) => $e,
+            AnyWeigher::Zone($w) => $e,
+        }
+    };
+}
+
+impl AnyWeigher {
+    /// For the weighers whose raw value the state keeps per node, its slot
+    /// in [`Hot::raw`](crate::state::Hot).
+    pub(crate) fn core_slot(&self) -> Option<usize> {
+        match self {
+            AnyWeigher::Ram(_) => Some(RAW_MEM),
+            AnyWeigher::Cpu(_) => Some(RAW_VCPU),
+            AnyWeigher::Disk(_) => Some(RAW_DISK),
+            AnyWeigher::Load(_) => Some(RAW_LOAD),
+            AnyWeigher::SoftAffinity(_) | AnyWeigher::Zone(_) => None,
+        }
+    }
+}
+
+impl Weigher for AnyWeigher {
+    fn name(&self) -> &'static str {
+        each_weigher!(self, w => w.name())
+    }
+
+    fn multiplier(&self, ctx: &Ctx<'_>) -> f64 {
+        each_weigher!(self, w => w.multiplier(ctx))
+    }
+
+    fn applies(&self, ctx: &Ctx<'_>) -> bool {
+        each_weigher!(self, w => w.applies(ctx))
+    }
+
+    fn prepare(&self, ctx: &Ctx<'_>, marks: &mut NodeMarks) {
+        each_weigher!(self, w => w.prepare(ctx, marks))
+    }
+
+    #[inline]
+    fn raw(&self, ctx: &Ctx<'_>, marks: &NodeMarks, node: u32) -> f64 {
+        each_weigher!(self, w => w.raw(ctx, marks, node))
+    }
 }
 
 /// +1 when spreading, -1 when packing (Nova's negative multipliers).
@@ -49,55 +124,21 @@ pub(crate) fn spread_sign(strategy: Strategy) -> f64 {
     }
 }
 
-/// Free fraction of dimension `d` of every candidate.
-pub(crate) fn free_fraction(ctx: &Ctx<'_>, d: usize, candidates: &[u32], out: &mut Vec<f64>) {
-    let nodes = &ctx.state.nodes;
-    out.extend(candidates.iter().map(|&c| {
-        let n = &nodes[c as usize];
-        if n.cap[d] > 0.0 {
-            n.free(d) / n.cap[d]
-        } else {
-            0.0
-        }
-    }));
+/// A core weigher's raw value of a node, from the fast-path view (so the
+/// fast and the explaining pipelines read the very same number).
+#[inline]
+pub(crate) fn core_raw(ctx: &Ctx<'_>, slot: usize, node: u32) -> f64 {
+    f64::from(ctx.state.hot[node as usize].raw[slot])
 }
 
 /// The weighers in the order their scores are reported.
-pub(crate) fn default_weighers() -> Vec<Box<dyn Weigher>> {
+pub(crate) fn default_weighers() -> Vec<AnyWeigher> {
     vec![
-        Box::new(RamWeigher),
-        Box::new(CpuWeigher),
-        Box::new(DiskWeigher),
-        Box::new(LoadWeigher),
-        Box::new(SoftAffinityWeigher),
-        Box::new(ZoneWeigher),
+        AnyWeigher::Ram(RamWeigher),
+        AnyWeigher::Cpu(CpuWeigher),
+        AnyWeigher::Disk(DiskWeigher),
+        AnyWeigher::Load(LoadWeigher),
+        AnyWeigher::SoftAffinity(SoftAffinityWeigher),
+        AnyWeigher::Zone(ZoneWeigher),
     ]
-}
-
-/// Min-max normalization of one weigher's raw values: `(min, range)`;
-/// a range of zero means the weigher does not separate the candidates.
-pub(crate) fn min_range(raw: &[f64]) -> (f64, f64) {
-    let mut min = f64::INFINITY;
-    let mut max = f64::NEG_INFINITY;
-    for &v in raw {
-        min = min.min(v);
-        max = max.max(v);
-    }
-    if raw.is_empty() {
-        (0.0, 0.0)
-    } else {
-        (min, max - min)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn normalization_range() {
-        assert_eq!(min_range(&[]), (0.0, 0.0));
-        assert_eq!(min_range(&[3.0, 1.0, 2.0]), (1.0, 2.0));
-        assert_eq!(min_range(&[5.0, 5.0]), (5.0, 0.0));
-    }
 }

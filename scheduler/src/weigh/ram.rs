@@ -2,9 +2,9 @@
 //! effective memory after its overcommit ratio. Spreading prefers more
 //! free memory, packing less (the multiplier's sign flips).
 
-use super::{Weigher, free_fraction, spread_sign};
+use super::{Weigher, core_raw, spread_sign};
 use crate::filter::Ctx;
-use crate::state::{MEM, NodeMarks};
+use crate::state::{NodeMarks, RAW_MEM};
 
 /// Weighs free memory.
 #[derive(Debug, Clone, Copy, Default)]
@@ -19,8 +19,9 @@ impl Weigher for RamWeigher {
         ctx.state.config.weights.ram * spread_sign(ctx.demand.strategy)
     }
 
-    fn weigh(&self, ctx: &Ctx<'_>, candidates: &[u32], _: &mut NodeMarks, out: &mut Vec<f64>) {
-        free_fraction(ctx, MEM, candidates, out);
+    #[inline]
+    fn raw(&self, ctx: &Ctx<'_>, _: &NodeMarks, node: u32) -> f64 {
+        core_raw(ctx, RAW_MEM, node)
     }
 }
 

@@ -12,11 +12,11 @@ use crate::state::NodeMarks;
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct SoftAffinityWeigher;
 
-fn sign(policy: GroupPolicy) -> f64 {
+fn sign(policy: GroupPolicy) -> i64 {
     match policy {
-        GroupPolicy::SoftAffinity => 1.0,
-        GroupPolicy::SoftAntiAffinity => -1.0,
-        GroupPolicy::Affinity | GroupPolicy::AntiAffinity => 0.0,
+        GroupPolicy::SoftAffinity => 1,
+        GroupPolicy::SoftAntiAffinity => -1,
+        GroupPolicy::Affinity | GroupPolicy::AntiAffinity => 0,
     }
 }
 
@@ -33,26 +33,23 @@ impl Weigher for SoftAffinityWeigher {
         ctx.demand
             .groups
             .iter()
-            .any(|&g| sign(ctx.state.groups[g as usize].policy) != 0.0)
+            .any(|&g| sign(ctx.state.groups[g as usize].policy) != 0)
     }
 
-    fn weigh(&self, ctx: &Ctx<'_>, candidates: &[u32], marks: &mut NodeMarks, out: &mut Vec<f64>) {
-        let start = out.len();
-        out.resize(start + candidates.len(), 0.0);
+    fn prepare(&self, ctx: &Ctx<'_>, marks: &mut NodeMarks) {
+        marks.reset(ctx.state.nodes.len());
         for &g in &ctx.demand.groups {
             let group = &ctx.state.groups[g as usize];
             let s = sign(group.policy);
-            if s == 0.0 || group.members.is_empty() {
-                continue;
-            }
-            marks.reset(ctx.state.nodes.len());
             for (&node, &count) in &group.members {
-                marks.set(node, count);
-            }
-            for (slot, &c) in out[start..].iter_mut().zip(candidates) {
-                *slot += s * f64::from(marks.get(c));
+                marks.set(node, marks.get(node) + s * i64::from(count));
             }
         }
+    }
+
+    #[inline]
+    fn raw(&self, _: &Ctx<'_>, marks: &NodeMarks, node: u32) -> f64 {
+        marks.get(node) as f64
     }
 }
 

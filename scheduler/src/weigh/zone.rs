@@ -23,16 +23,13 @@ impl Weigher for ZoneWeigher {
         ctx.demand.preferred_zone.is_some()
     }
 
-    fn weigh(&self, ctx: &Ctx<'_>, candidates: &[u32], _: &mut NodeMarks, out: &mut Vec<f64>) {
-        let want = ctx.demand.preferred_zone;
-        let nodes = &ctx.state.nodes;
-        out.extend(candidates.iter().map(|&c| {
-            if Some(nodes[c as usize].zone) == want {
-                0.0
-            } else {
-                -1.0
-            }
-        }));
+    #[inline]
+    fn raw(&self, ctx: &Ctx<'_>, _: &NodeMarks, node: u32) -> f64 {
+        if Some(ctx.state.nodes[node as usize].zone) == ctx.demand.preferred_zone {
+            0.0
+        } else {
+            -1.0
+        }
     }
 }
 
