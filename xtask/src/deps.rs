@@ -6,8 +6,9 @@ use std::process::{Command, Stdio};
 
 use crate::exec;
 
-/// Debian packages the test suite uses: `ip` for tap devices and bridges.
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
+/// Debian packages the test suite uses: `ip` for namespaces, taps and
+/// bridges, `ping` to reach guests from the host side.
+const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ping", "iputils-ping")];
 
 /// Debian packages `cargo xtask up` uses.
 pub const UP_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
