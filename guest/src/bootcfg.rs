@@ -5,8 +5,7 @@
 //! - `ip=A.B.C.D/N`: the guest's IPv4 address and prefix on its first NIC;
 //! - `gw=A.B.C.D`: default gateway;
 //! - `run=CMD[;CMD...]`: shell commands run after the ready marker, in order
-//!   (commas may stand for spaces: `run=ticker,start;dirty,64,0`);
-//! - `quiet`: no banner lines before the ready marker.
+//!   (commas may stand for spaces: `run=ticker,start;dirty,64,0`).
 //!
 //! Unknown words (e.g. `console=ttyS0`) are ignored, so the same command line
 //! can be shared with Linux guests.
@@ -22,8 +21,6 @@ pub struct BootConfig<'a> {
     pub gw: Option<Ipv4Addr>,
     /// `run=` (unsplit; see [`commands`]).
     pub run: Option<&'a str>,
-    /// `quiet`.
-    pub quiet: bool,
     /// The first word that had a known key but a bad value.
     pub bad: Option<&'a str>,
 }
@@ -78,7 +75,6 @@ impl<'a> BootConfig<'a> {
                     None => cfg.bad = cfg.bad.or(Some(word)),
                 },
                 ("run", Some(v)) => cfg.run = Some(v),
-                ("quiet", None) => cfg.quiet = true,
                 _ => {}
             }
         }
@@ -107,12 +103,11 @@ mod tests {
     #[test]
     fn keys_parse() {
         let c = BootConfig::parse(
-            "console=ttyS0 ip=10.0.2.15/24 gw=10.0.2.2 run=\"ticker start; dirty 8 0\" quiet",
+            "console=ttyS0 ip=10.0.2.15/24 gw=10.0.2.2 run=\"ticker start; dirty 8 0\"",
         );
         assert_eq!(c.ip.unwrap().addr, Ipv4Addr([10, 0, 2, 15]));
         assert_eq!(c.ip.unwrap().prefix, 24);
         assert_eq!(c.gw, Some(Ipv4Addr([10, 0, 2, 2])));
-        assert!(c.quiet);
         assert!(c.bad.is_none());
         let cmds: Vec<_> = commands(c.run.unwrap()).collect();
         assert_eq!(cmds, ["ticker start", "dirty 8 0"]);
