@@ -265,7 +265,9 @@ impl Scheduler {
                         let Some(c) = evaluate(&self.state, i, s, t, sum, sq, count, std) else {
                             continue;
                         };
-                        if c.gain <= params.min_gain {
+                        // A NaN gain (it cannot arise from validated
+                        // input) is skipped too.
+                        if c.gain.is_nan() || c.gain <= params.min_gain {
                             continue;
                         }
                         let score = c.gain / cost;

@@ -61,10 +61,8 @@ pub enum BuildStateError {
     /// One instance has two migrations in flight.
     #[error("instance {0:?} has more than one migration in flight")]
     DuplicateMigration(String),
-    /// A ratio is zero, negative or not a number.
-    #[error(
-        "the {what} overcommit ratio of {owner} must be a finite number above zero, got {value}"
-    )]
+    /// A ratio is zero, negative, not a number or above 1000.
+    #[error("the {what} overcommit ratio of {owner} must be above 0 and at most 1000, got {value}")]
     InvalidRatio {
         /// Which ratio.
         what: &'static str,
@@ -73,8 +71,8 @@ pub enum BuildStateError {
         /// The value given.
         value: f64,
     },
-    /// A measurement is negative or not a number.
-    #[error("the {what} of {owner:?} must be a finite number of at least zero, got {value}")]
+    /// A measurement is negative, not a number or absurdly large.
+    #[error("the {what} of {owner:?} must be a number from 0 to 1e6, got {value}")]
     InvalidMeasurement {
         /// Which measurement.
         what: &'static str,
@@ -337,7 +335,7 @@ pub(crate) fn ix(i: usize) -> u32 {
 }
 
 fn check_ratio(what: &'static str, owner: &str, value: f64) -> Result<f64, BuildStateError> {
-    if value.is_finite() && value > 0.0 {
+    if value.is_finite() && value > 0.0 && value <= 1000.0 {
         Ok(value)
     } else {
         Err(BuildStateError::InvalidRatio {
@@ -348,12 +346,16 @@ fn check_ratio(what: &'static str, owner: &str, value: f64) -> Result<f64, Build
     }
 }
 
+/// Largest measurement accepted (busy vCPUs, utilisation, MiB/s).
+pub const MAX_MEASURE: f64 = 1e6;
+
 pub(crate) fn check_measure(
     what: &'static str,
     owner: &str,
     value: f64,
 ) -> Result<f64, BuildStateError> {
-    if value.is_finite() && value >= 0.0 {
+    // Far above any real machine; keeps sums of squares finite.
+    if value.is_finite() && (0.0..=MAX_MEASURE).contains(&value) {
         Ok(value)
     } else {
         Err(BuildStateError::InvalidMeasurement {
