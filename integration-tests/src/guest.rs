@@ -42,13 +42,13 @@ pub enum GuestError {
 /// before the suite runs.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    profile_dir.join(name)
+    // A test runs as target/<profile>/deps/<test>, a benchmark binary as
+    // target/<profile>/<bench>: either way the binary is in target/<profile>.
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    dir.join(name)
 }
 
 /// The test guest image: `$NEPH_GUEST_IMAGE`, else where `cargo xtask guest`
