@@ -27,7 +27,7 @@ pub mod transport;
 
 mod node;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock, mpsc};
 use std::time::Duration;
@@ -173,6 +173,7 @@ struct Inner {
     addresses: Arc<RwLock<BTreeMap<u64, String>>>,
     watch: broadcast::Sender<WatchEvent>,
     failure: Arc<RwLock<Option<String>>>,
+    blocked: Arc<RwLock<BTreeSet<u64>>>,
     proposal_timeout: Duration,
     read_timeout: Duration,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -269,12 +270,14 @@ impl RaftStore {
         let addresses = Arc::new(RwLock::new(addresses));
         let (watch, _) = broadcast::channel(4096);
         let failure = Arc::new(RwLock::new(None));
+        let blocked = Arc::new(RwLock::new(BTreeSet::new()));
         let transport = transport::Transport::new(
             config.member_id,
             config.advertise.clone(),
             cluster_id,
             tokio::runtime::Handle::current(),
             addresses.clone(),
+            blocked.clone(),
             tx.clone(),
         );
         let shared = Shared {
@@ -309,6 +312,7 @@ impl RaftStore {
                 addresses,
                 watch,
                 failure,
+                blocked,
                 proposal_timeout: config.proposal_timeout,
                 read_timeout: config.read_timeout,
                 thread: std::sync::Mutex::new(Some(thread)),
@@ -369,10 +373,33 @@ impl RaftStore {
     }
 
     pub(crate) fn step(&self, m: raft::prelude::Message) -> Result<(), ProposeError> {
+        if self.is_blocked(m.from) {
+            return Ok(());
+        }
         self.inner
             .tx
             .send(Msg::Raft(Box::new(m)))
             .map_err(|_| ProposeError::Stopped(stopped_reason(&self.inner.failure)))
+    }
+
+    fn is_blocked(&self, id: u64) -> bool {
+        self.inner.blocked.read().is_ok_and(|b| b.contains(&id))
+    }
+
+    /// Fault injection (tests, chaos drills): silently drops raft traffic to
+    /// and from `ids`, as a network partition would. Client traffic is not
+    /// affected. Undo with [`RaftStore::heal`].
+    pub fn partition_from(&self, ids: &[u64]) {
+        if let Ok(mut b) = self.inner.blocked.write() {
+            b.extend(ids.iter().copied());
+        }
+    }
+
+    /// Ends every [`RaftStore::partition_from`].
+    pub fn heal(&self) {
+        if let Ok(mut b) = self.inner.blocked.write() {
+            b.clear();
+        }
     }
 
     /// Waits until this member applied everything committed before the call

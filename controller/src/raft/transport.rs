@@ -6,7 +6,7 @@
 //! failed send drops its batch (raft retransmits) and reports the peer
 //! unreachable, or the snapshot failed, to the Ready loop.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, mpsc};
 use std::time::Duration;
 
@@ -50,6 +50,7 @@ pub(crate) struct Transport {
     cluster_id: u64,
     rt: Handle,
     addresses: Arc<RwLock<BTreeMap<u64, String>>>,
+    blocked: Arc<RwLock<BTreeSet<u64>>>,
     report: mpsc::Sender<Msg>,
     peers: HashMap<u64, tmpsc::UnboundedSender<Message>>,
 }
@@ -61,6 +62,7 @@ impl Transport {
         cluster_id: u64,
         rt: Handle,
         addresses: Arc<RwLock<BTreeMap<u64, String>>>,
+        blocked: Arc<RwLock<BTreeSet<u64>>>,
         report: mpsc::Sender<Msg>,
     ) -> Transport {
         Transport {
@@ -69,6 +71,7 @@ impl Transport {
             cluster_id,
             rt,
             addresses,
+            blocked,
             report,
             peers: HashMap::new(),
         }
@@ -76,7 +79,7 @@ impl Transport {
 
     pub(crate) fn send(&mut self, m: Message) {
         let to = m.to;
-        if to == self.me {
+        if to == self.me || self.blocked.read().is_ok_and(|b| b.contains(&to)) {
             return;
         }
         if let Some(q) = self.peers.get(&to)

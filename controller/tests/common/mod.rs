@@ -24,6 +24,8 @@ pub fn test_config(id: u64, dir: &std::path::Path, peers: BTreeMap<u64, String>)
     c.peers = peers;
     c.tick = Duration::from_millis(20);
     c.election_ticks = 10;
+    c.proposal_timeout = Duration::from_secs(2);
+    c.read_timeout = Duration::from_secs(2);
     c
 }
 
