@@ -11,7 +11,7 @@
 //!
 //! Under PVM, every guest-kernel instruction costs about a microsecond (it
 //! is emulated), so this code avoids work at boot: the page tables are
-//! static data, `.bss` is small and cleared 4 bytes at a time, and the timer
+//! static data, `.bss` is small and cleared 8 bytes at a time, and the timer
 //! interrupt handler is a handful of instructions.
 
 use core::arch::global_asm;
@@ -28,9 +28,9 @@ pub const TSS_SELECTOR: u16 = 0x20;
 
 /// Boot stage timestamps (microseconds since entry), for `info`: clock,
 /// firmware tables, LAPIC timer, PCI scan, drivers, other CPUs.
-pub static STAGES_US: [AtomicU32; 6] = [const { AtomicU32::new(0) }; 6];
+pub static STAGES_US: [AtomicU32; 7] = [const { AtomicU32::new(0) }; 7];
 /// Names of [`STAGES_US`].
-pub const STAGE_NAMES: [&str; 6] = ["clock", "tables", "lapic", "pci", "drivers", "smp"];
+pub const STAGE_NAMES: [&str; 7] = ["clock", "tables", "lapic", "pci", "drivers", "smp", "shell"];
 
 /// Records the end of boot stage `i`.
 pub fn stage(i: usize) {
@@ -121,11 +121,6 @@ pvh_start32:
     xor eax, eax
     mov fs, ax
     mov gs, ax
-    mov edi, offset __bss_start
-    mov ecx, offset __bss_end
-    sub ecx, edi
-    shr ecx, 2
-    rep stosd
     ENTER_LONG start64
 
 ap_start32:
@@ -141,6 +136,12 @@ start64:
     mov ds, ax
     mov es, ax
     mov ss, ax
+    lea rdi, [rip + __bss_start]
+    lea rcx, [rip + __bss_end]
+    sub rcx, rdi
+    shr rcx, 3
+    xor eax, eax
+    rep stosq
     lea rsp, [rip + bsp_stack_top]
     fninit
     mov al, 0xff

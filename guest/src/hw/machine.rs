@@ -76,6 +76,7 @@ impl Machine {
     /// Prints the ready marker, runs the `run=` commands, then serves the
     /// shell forever.
     pub fn run(&mut self) -> ! {
+        super::boot::stage(6);
         println!(
             "NEPH-GUEST READY {} boot_us={} clock_us={}",
             self.summary(),

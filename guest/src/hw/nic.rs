@@ -33,7 +33,7 @@ pub struct Nic {
     rx: Queue,
     tx: Queue,
     rx_mem: *mut u8,
-    rx_slot_of_head: [u16; 256],
+    rx_slot_of_head: [u16; neph_guest::virtq::MAX_QUEUE as usize],
     tx_mem: *mut u8,
     /// The IP endpoint.
     pub stack: NetStack,
@@ -77,7 +77,7 @@ impl Nic {
             rx,
             tx,
             rx_mem,
-            rx_slot_of_head: [0; 256],
+            rx_slot_of_head: [0; neph_guest::virtq::MAX_QUEUE as usize],
             tx_mem,
             stack: NetStack::new(MacAddr(mac), ip, gw),
             rx_frames: 0,
