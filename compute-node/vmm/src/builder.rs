@@ -210,11 +210,46 @@ pub(crate) fn create_boot(
 
     let mem_bytes = config.memory_bytes();
     let mem = memory::create(mem_bytes)?;
-    memory::register(&vm, &mem)?;
-    acpi::setup(&mem, config.vcpus, ACPI_START)?;
-    mptable::setup(&mem, config.vcpus)?;
+    // The first memory slot costs milliseconds inside KVM (more under
+    // PVM); it runs on a helper thread while the rest is built.
+    let (registered, rest) = std::thread::scope(|scope| {
+        let registering = scope.spawn(|| memory::register(&vm, &mem));
+        let rest = populate(config, caps, backends, console, &vm, &mem);
+        (registering.join(), rest)
+    });
+    registered.unwrap_or(Err(CreateMemoryError::Size))?;
+    let (devices, virtio, fds) = rest?;
+    Ok(Boot {
+        vcpus: None,
+        event_loop: None,
+        pending_vcpus: fds,
+        devices,
+        virtio,
+        _vm: vm,
+        _mem: mem,
+    })
+}
+
+type Populated = (
+    Arc<Devices>,
+    Vec<(SharedVirtio, DeviceKind, String)>,
+    Vec<VcpuFd>,
+);
+
+/// Everything in a boot but the memory slots: tables, kernel, devices, vCPUs.
+fn populate(
+    config: &VmConfig,
+    caps: &KvmCaps,
+    backends: &Backends,
+    console: &Arc<Console>,
+    vm: &Arc<VmFd>,
+    mem: &GuestMemoryMmap,
+) -> Result<Populated, StartVmError> {
+    let mem_bytes = config.memory_bytes();
+    acpi::setup(mem, config.vcpus, ACPI_START)?;
+    mptable::setup(mem, config.vcpus)?;
     let kernel = loader::load(
-        &mem,
+        mem,
         mem_bytes,
         &config.kernel,
         config.initrd.as_deref(),
@@ -223,7 +258,7 @@ pub(crate) fn create_boot(
     )?;
 
     let router = Arc::new(IrqRouter::new(vm.clone(), caps.irq));
-    let serial = SerialDevice::attach(console, IrqLine::new(&vm, SERIAL_IRQ, caps.irq)?);
+    let serial = SerialDevice::attach(console, IrqLine::new(vm, SERIAL_IRQ, caps.irq)?);
 
     let mut virtio = Vec::new();
     let mut bar = PCI_MMIO_START;
@@ -293,8 +328,8 @@ pub(crate) fn create_boot(
     for id in 0..config.vcpus {
         let boot = (id == 0).then_some((kernel.mode, kernel.entry));
         fds.push(vcpu::create(
-            &vm,
-            &mem,
+            vm,
+            mem,
             id,
             config.vcpus,
             &caps.cpuid,
@@ -302,13 +337,5 @@ pub(crate) fn create_boot(
             boot,
         )?);
     }
-    Ok(Boot {
-        vcpus: None,
-        event_loop: None,
-        pending_vcpus: fds,
-        devices,
-        virtio,
-        _vm: vm,
-        _mem: mem,
-    })
+    Ok((devices, virtio, fds))
 }

@@ -267,10 +267,14 @@ mod tests {
                 .unwrap();
         let rx = MockSplitQueue::create(&m, GuestAddress(0x1000), 16);
         let tx = MockSplitQueue::create(&m, GuestAddress(0x8000), 16);
-        let rx_desc = RawDescriptor::from(Descriptor::new(0x20000, 2048, 2, 0));
-        rx.desc_table().store(0, rx_desc).unwrap();
-        rx.avail().ring().ref_at(0).unwrap().store(0);
-        rx.avail().idx().store(1);
+        // Eight rx buffers: the kernel may send other frames first (IPv6
+        // router solicitations and the like).
+        for i in 0..8u16 {
+            let d = Descriptor::new(0x20000 + u64::from(i) * 0x1000, 2048, 2, 0);
+            rx.desc_table().store(i, RawDescriptor::from(d)).unwrap();
+            rx.avail().ring().ref_at(usize::from(i)).unwrap().store(i);
+        }
+        rx.avail().idx().store(8);
         let frame = arp_request([10, 213, 77, 1], [10, 213, 77, 2]);
         m.write_slice(&frame, GuestAddress(0x30000)).unwrap();
         let tx_desc = RawDescriptor::from(Descriptor::new(
@@ -293,20 +297,30 @@ mod tests {
         assert_eq!(net.metrics().write_ops, 1);
 
         // The kernel answers the ARP request; it arrives on the rx queue.
+        let is_reply = |i: u16| {
+            let mut got = vec![0u8; HDR_LEN + 42];
+            m.read_slice(&mut got, GuestAddress(0x20000 + u64::from(i) * 0x1000))
+                .unwrap();
+            let eth = &got[HDR_LEN..];
+            got[10] == 1
+                && eth[0..6] == MAC
+                && eth[12..14] == [0x08, 0x06]
+                && eth[20..22] == [0, 2]
+                && eth[28..32] == [10, 213, 77, 1]
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
-        while rx.used().idx().load() == 0 && Instant::now() < deadline {
+        let mut found = false;
+        while !found && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
             net.process_backend().unwrap();
+            let used = rx.used().idx().load();
+            found = (0..used).any(|k| {
+                let elem = rx.used().ring().ref_at(usize::from(k)).unwrap().load();
+                is_reply(u16::try_from(elem.id()).unwrap())
+            });
         }
-        assert_eq!(rx.used().idx().load(), 1, "no ARP reply arrived");
-        let mut got = vec![0u8; HDR_LEN + 42];
-        m.read_slice(&mut got, GuestAddress(0x20000)).unwrap();
-        assert_eq!(got[10], 1, "num_buffers");
-        let eth = &got[HDR_LEN..];
-        assert_eq!(&eth[0..6], &MAC, "to our MAC");
-        assert_eq!(&eth[12..14], &[0x08, 0x06], "ARP");
-        assert_eq!(&eth[20..22], &[0, 2], "a reply");
-        assert_eq!(&eth[28..32], &[10, 213, 77, 1], "from the host");
+        assert!(found, "no ARP reply arrived");
+        assert!(net.metrics().read_ops >= 1);
     }
 
     #[test]
