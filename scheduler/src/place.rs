@@ -668,6 +668,12 @@ impl Scheduler {
         let hot = &state.hot;
         let count = seed.map_or(n, <[u32]>::len);
         candidates.reserve(count);
+        // Bounds of the core weighers over the candidates: tracked in the
+        // filter loop when no other filter can still remove a candidate.
+        let mut lo = [f32::INFINITY; 4];
+        let mut hi = [f32::NEG_INFINITY; 4];
+        let bound_here = fast && active_filters.is_empty();
+        let bounded = bound_here;
         if fast {
             // Core filters: one tight loop over the nodes' cache lines.
             for i in 0..count {
@@ -682,6 +688,9 @@ impl Scheduler {
                 // conservative) is a candidate.
                 if ok || !reject_core(filters, core_filters, &ctx, rejections, node) {
                     candidates.push(node);
+                    if bound_here {
+                        widen(&mut lo, &mut hi, h.raw);
+                    }
                 }
             }
         } else {
@@ -703,26 +712,10 @@ impl Scheduler {
                 true
             });
         }
-        // Bounds of the core weighers, unrolled into scalars so that they
-        // stay in registers.
-        let (mut lo0, mut lo1, mut lo2, mut lo3) =
-            (f32::INFINITY, f32::INFINITY, f32::INFINITY, f32::INFINITY);
-        let (mut hi0, mut hi1, mut hi2, mut hi3) = (
-            f32::NEG_INFINITY,
-            f32::NEG_INFINITY,
-            f32::NEG_INFINITY,
-            f32::NEG_INFINITY,
-        );
-        for &node in candidates.iter() {
-            let [r0, r1, r2, r3] = hot[node as usize].raw;
-            lo0 = if r0 < lo0 { r0 } else { lo0 };
-            hi0 = if r0 > hi0 { r0 } else { hi0 };
-            lo1 = if r1 < lo1 { r1 } else { lo1 };
-            hi1 = if r1 > hi1 { r1 } else { hi1 };
-            lo2 = if r2 < lo2 { r2 } else { lo2 };
-            hi2 = if r2 > hi2 { r2 } else { hi2 };
-            lo3 = if r3 < lo3 { r3 } else { lo3 };
-            hi3 = if r3 > hi3 { r3 } else { hi3 };
+        if !bounded {
+            for &node in candidates.iter() {
+                widen(&mut lo, &mut hi, hot[node as usize].raw);
+            }
         }
         if extra_weighers {
             for &wi in active_weighers.iter() {
@@ -744,8 +737,8 @@ impl Scheduler {
                 }
             }
         }
-        let lo = [lo0, lo1, lo2, lo3].map(f64::from);
-        let hi = [hi0, hi1, hi2, hi3].map(f64::from);
+        let lo = lo.map(f64::from);
+        let hi = hi.map(f64::from);
         let mut core_k = [0.0f64; 4];
         let mut core_min = [0.0f64; 4];
         for &wi in active_weighers.iter() {
@@ -836,6 +829,20 @@ impl Scheduler {
                 }
             })
             .collect()
+    }
+}
+
+/// Widens the core weighers' bounds to include raw values `r` (a fixed-size
+/// loop the compiler unrolls into registers).
+#[inline(always)]
+fn widen(lo: &mut [f32; 4], hi: &mut [f32; 4], r: [f32; 4]) {
+    for k in 0..4 {
+        if r[k] < lo[k] {
+            lo[k] = r[k];
+        }
+        if r[k] > hi[k] {
+            hi[k] = r[k];
+        }
     }
 }
 
