@@ -673,7 +673,6 @@ impl Scheduler {
         let mut lo = [f32::INFINITY; 4];
         let mut hi = [f32::NEG_INFINITY; 4];
         let bound_here = fast && active_filters.is_empty();
-        let bounded = bound_here;
         if fast {
             // Core filters: one tight loop over the nodes' cache lines.
             for i in 0..count {
@@ -712,7 +711,7 @@ impl Scheduler {
                 true
             });
         }
-        if !bounded {
+        if !bound_here {
             for &node in candidates.iter() {
                 widen(&mut lo, &mut hi, hot[node as usize].raw);
             }
