@@ -19,7 +19,7 @@ const TIMEOUT_MS: u64 = 10_000;
 
 /// Why a block request failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum BlkError {
+pub enum BlkRequestError {
     /// The request did not complete.
     #[error("{0}")]
     Request(#[from] RequestError),
@@ -85,15 +85,15 @@ impl Blk {
         })
     }
 
-    fn check_range(&self, lba: u64, sectors: usize) -> Result<(), BlkError> {
+    fn check_range(&self, lba: u64, sectors: usize) -> Result<(), BlkRequestError> {
         let end = lba.saturating_add(sectors as u64);
         if end > self.capacity {
-            return Err(BlkError::OutOfRange(lba, end, self.capacity));
+            return Err(BlkRequestError::OutOfRange(lba, end, self.capacity));
         }
         Ok(())
     }
 
-    fn request(&mut self, kind: u32, lba: u64, bytes: usize) -> Result<(), BlkError> {
+    fn request(&mut self, kind: u32, lba: u64, bytes: usize) -> Result<(), BlkRequestError> {
         // SAFETY: `hdr` and `status` are this driver's DMA buffers (16 and 1
         // bytes); no request is in flight, so the device is not using them.
         unsafe {
@@ -114,7 +114,7 @@ impl Blk {
         };
         let data = Buf {
             addr: self.data as u64,
-            len: u32::try_from(bytes).map_err(|_| BlkError::BadLength)?,
+            len: u32::try_from(bytes).map_err(|_| BlkRequestError::BadLength)?,
             device_writes: kind == T_IN,
         };
         let chain_with_data = [header, data, status];
@@ -128,17 +128,17 @@ impl Blk {
         // SAFETY: the device returned the chain, so it is done with `status`.
         match unsafe { self.status.read_volatile() } {
             0 => Ok(()),
-            1 => Err(BlkError::Io),
-            2 => Err(BlkError::Unsupported),
-            s => Err(BlkError::BadStatus(s)),
+            1 => Err(BlkRequestError::Io),
+            2 => Err(BlkRequestError::Unsupported),
+            s => Err(BlkRequestError::BadStatus(s)),
         }
     }
 
     /// Reads `out.len() / 512` sectors at `lba` into `out`.
-    pub fn read(&mut self, lba: u64, out: &mut [u8]) -> Result<(), BlkError> {
+    pub fn read(&mut self, lba: u64, out: &mut [u8]) -> Result<(), BlkRequestError> {
         let sectors = out.len() / SECTOR;
         if !out.len().is_multiple_of(SECTOR) || sectors == 0 || sectors > MAX_SECTORS {
-            return Err(BlkError::BadLength);
+            return Err(BlkRequestError::BadLength);
         }
         self.check_range(lba, sectors)?;
         self.request(T_IN, lba, out.len())?;
@@ -150,13 +150,13 @@ impl Blk {
     }
 
     /// Writes `data` (whole sectors) at `lba`.
-    pub fn write(&mut self, lba: u64, data: &[u8]) -> Result<(), BlkError> {
+    pub fn write(&mut self, lba: u64, data: &[u8]) -> Result<(), BlkRequestError> {
         let sectors = data.len() / SECTOR;
         if !data.len().is_multiple_of(SECTOR) || sectors == 0 || sectors > MAX_SECTORS {
-            return Err(BlkError::BadLength);
+            return Err(BlkRequestError::BadLength);
         }
         if self.read_only {
-            return Err(BlkError::ReadOnly);
+            return Err(BlkRequestError::ReadOnly);
         }
         self.check_range(lba, sectors)?;
         // SAFETY: the bounce buffer holds MAX_SECTORS sectors and no request
@@ -168,7 +168,7 @@ impl Blk {
 
     /// Flushes the device's write cache (a no-op success if the device has
     /// no flush feature, i.e. is write-through).
-    pub fn flush(&mut self) -> Result<(), BlkError> {
+    pub fn flush(&mut self) -> Result<(), BlkRequestError> {
         if !self.flush {
             return Ok(());
         }

@@ -129,7 +129,9 @@ impl Machine {
             if self.dirtier.step() {
                 busy = true;
             }
-            if !busy && !self.dirtier.running() {
+            // Idle (including a paced dirtier that is ahead of its rate):
+            // sleep until the next timer tick.
+            if !busy {
                 cpu::wait_for_interrupt();
             }
         }

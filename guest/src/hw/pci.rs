@@ -26,7 +26,7 @@ pub struct PciDevice {
 
 /// Why a BAR cannot be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum BarError {
+pub enum BarDecodeError {
     /// BAR index beyond 5, or the upper half of a 64-bit BAR.
     #[error("BAR {0} does not exist")]
     NoSuchBar(u8),
@@ -125,24 +125,24 @@ pub fn enumerate() -> PciBus {
 }
 
 /// Decodes memory BAR `index` into its address.
-pub fn bar_address(d: &PciDevice, index: u8) -> Result<u64, BarError> {
+pub fn bar_address(d: &PciDevice, index: u8) -> Result<u64, BarDecodeError> {
     if index > 5 {
-        return Err(BarError::NoSuchBar(index));
+        return Err(BarDecodeError::NoSuchBar(index));
     }
     let lo = read32(d, 0x10 + 4 * index);
     if lo & 1 != 0 {
-        return Err(BarError::IoBar(index));
+        return Err(BarDecodeError::IoBar(index));
     }
     let addr = if (lo >> 1) & 3 == 2 {
         if index == 5 {
-            return Err(BarError::NoSuchBar(index));
+            return Err(BarDecodeError::NoSuchBar(index));
         }
         u64::from(lo & !0xf) | (u64::from(read32(d, 0x14 + 4 * index)) << 32)
     } else {
         u64::from(lo & !0xf)
     };
     if addr == 0 {
-        return Err(BarError::Unassigned(index));
+        return Err(BarDecodeError::Unassigned(index));
     }
     Ok(addr)
 }

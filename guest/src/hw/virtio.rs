@@ -11,7 +11,7 @@ use super::cpu::{
     mmio_ok, mmio_read8, mmio_read16, mmio_read32, mmio_write8, mmio_write16, mmio_write32,
 };
 use super::dma::Dma;
-use super::pci::{self, BarError, PciDevice};
+use super::pci::{self, BarDecodeError, PciDevice};
 
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;
@@ -47,7 +47,7 @@ pub enum VirtioInitError {
     MissingCapability(&'static str),
     /// A capability points at an unusable BAR.
     #[error("capability BAR: {0}")]
-    Bar(#[from] BarError),
+    Bar(#[from] BarDecodeError),
     /// A capability region overlaps RAM or lies outside the mapped range.
     #[error("capability region {0:#x} is not usable MMIO")]
     BadRegion(u64),
@@ -110,7 +110,9 @@ impl Transport {
         if pci::read32(dev, 4) & (1 << 20) != 0 {
             let mut ptr = pci::read8(dev, 0x34) & 0xfc;
             for _ in 0..48 {
-                if ptr < 0x40 {
+                // A capability is at most 20 bytes and must lie in the
+                // 256-byte configuration space after the standard header.
+                if !(0x40..=0xec).contains(&ptr) {
                     break;
                 }
                 let head = pci::read32(dev, ptr);
