@@ -18,14 +18,15 @@ use super::cpu::{inb, outb};
 const COM1: u16 = 0x3f8;
 const BUF: usize = 128;
 
-/// Programs 115200 8N1, FIFOs off, interrupts off.
+/// Programs 115200 8N1, FIFOs on (so typed input queues up while the guest
+/// sleeps between timer ticks), interrupts off.
 pub fn init() {
     outb(COM1 + 1, 0x00);
     outb(COM1 + 3, 0x80);
     outb(COM1, 0x01);
     outb(COM1 + 1, 0x00);
     outb(COM1 + 3, 0x03);
-    outb(COM1 + 2, 0x00);
+    outb(COM1 + 2, 0xc7);
     outb(COM1 + 4, 0x03);
 }
 

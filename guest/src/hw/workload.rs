@@ -122,11 +122,6 @@ impl Dirtier {
         }
     }
 
-    /// Whether it is running.
-    pub fn running(&self) -> bool {
-        self.running
-    }
-
     /// Current statistics.
     pub fn status(&self) -> DirtyStatus {
         let end = if self.running {
