@@ -135,6 +135,26 @@ impl Boot {
         Ok(())
     }
 
+    /// Pauses the vCPUs, then the device thread.
+    pub(crate) fn pause(&self) {
+        if let Some(v) = &self.vcpus {
+            v.pause();
+        }
+        if let Some(e) = &self.event_loop {
+            e.pause();
+        }
+    }
+
+    /// Resumes the device thread, then the vCPUs.
+    pub(crate) fn resume(&self) {
+        if let Some(e) = &self.event_loop {
+            e.resume();
+        }
+        if let Some(v) = &self.vcpus {
+            v.resume();
+        }
+    }
+
     /// Stops the vCPUs, then the device thread.
     pub(crate) fn stop(mut self) {
         if let Some(v) = self.vcpus.take() {

@@ -245,9 +245,7 @@ impl Vm {
                 None,
             ),
             Request::Pause => {
-                if let Some(v) = &boot.vcpus {
-                    v.pause();
-                }
+                boot.pause();
                 self.paused = true;
                 (Response::ok(), None)
             }
@@ -256,17 +254,13 @@ impl Vm {
                 None,
             ),
             Request::Resume => {
-                if let Some(v) = &boot.vcpus {
-                    v.resume();
-                }
+                boot.resume();
                 self.paused = false;
                 (Response::ok(), None)
             }
             Request::Shutdown { timeout_ms } => {
                 if self.paused {
-                    if let Some(v) = &boot.vcpus {
-                        v.resume();
-                    }
+                    boot.resume();
                     self.paused = false;
                 }
                 boot.devices.legacy.press_power_button();
