@@ -166,7 +166,10 @@ pub fn parse_command(line: &str) -> Result<Command<'_>, ParseCommandError<'_>> {
         ("reboot", []) => Some(C::Reboot),
         ("net", []) => Some(C::Net),
         ("echo", _) => {
+            // The text is the rest of the line as typed (commas kept), after
+            // the separator that ended the word `echo`.
             let rest = line.trim_start().strip_prefix("echo").unwrap_or("");
+            let rest = rest.strip_prefix(is_sep).unwrap_or(rest);
             return Ok(C::Echo(rest.trim()));
         }
         ("blk", ["info"]) => Some(C::BlkInfo),
@@ -368,6 +371,9 @@ mod tests {
             parse_command("echo  hi there "),
             Ok(Command::Echo("hi there"))
         );
+        assert_eq!(parse_command("echo,hi"), Ok(Command::Echo("hi")));
+        assert_eq!(parse_command("echo a,b"), Ok(Command::Echo("a,b")));
+        assert_eq!(parse_command("echo"), Ok(Command::Echo("")));
     }
 
     #[test]

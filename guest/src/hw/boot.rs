@@ -1,8 +1,8 @@
-//! Entry code, in assembly: the PVH ELF note, the 32-bit PVH entry (clears
-//! `.bss`, builds identity page tables for the first 64 GiB with 2 MiB pages,
-//! the 3–4 GiB MMIO hole uncached, masks the legacy PIC, enters long mode),
-//! the GDT, the real-mode trampoline application processors start in, the
-//! exception and interrupt stubs, and the stacks.
+//! Entry code, in assembly: the PVH ELF note, the 32-bit PVH entry (loads
+//! the GDT and the static identity page tables for the first 64 GiB, 2 MiB
+//! pages, the 3–4 GiB MMIO hole uncached; enters long mode, clears `.bss`,
+//! masks the legacy PIC), the real-mode trampoline application processors
+//! start in, the exception and interrupt stubs, and the stacks.
 //!
 //! The guest is compiled without SSE (see `.cargo/config.toml`): under PVM
 //! the guest kernel's instructions go through KVM's instruction emulator,
@@ -27,7 +27,7 @@ pub const TRAMPOLINE_ADDR: u64 = 0x8000;
 pub const TSS_SELECTOR: u16 = 0x20;
 
 /// Boot stage timestamps (microseconds since entry), for `info`: clock,
-/// firmware tables, LAPIC timer, PCI scan, drivers, other CPUs.
+/// firmware tables, LAPIC timer, PCI scan, drivers, other CPUs, shell start.
 pub static STAGES_US: [AtomicU32; 7] = [const { AtomicU32::new(0) }; 7];
 /// Names of [`STAGES_US`].
 pub const STAGE_NAMES: [&str; 7] = ["clock", "tables", "lapic", "pci", "drivers", "smp", "shell"];
@@ -56,15 +56,12 @@ unsafe extern "C" {
     pub static IST1_TOP: u8;
     /// Top of the interrupt stack (IST2).
     pub static IST2_TOP: u8;
-    /// Start of the `.bss` section.
-    pub static __image_start: u8;
     /// End of the loaded image (page aligned).
     pub static __image_end: u8;
     /// LAPIC timer entry point.
     pub fn timer_stub();
     /// Spurious-interrupt entry point.
     pub fn spurious_stub();
-
 }
 
 global_asm!(
