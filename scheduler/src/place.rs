@@ -979,6 +979,27 @@ mod tests {
     }
 
     #[test]
+    fn affinity_batch_in_an_empty_group_shares_one_node() {
+        let mut snap = snapshot();
+        snap.groups.push(crate::model::ServerGroup {
+            id: "fresh".into(),
+            policy: crate::model::GroupPolicy::Affinity,
+            max_per_node: None,
+        });
+        let mut s = Scheduler::new(&snap).unwrap();
+        let mut r = req("r1");
+        r.group = Some("fresh".into());
+        r.count = 3;
+        let plan = s.place(&r, Explain::Summary).unwrap();
+        let first = &plan.placements[0].node;
+        assert!(plan.placements.iter().all(|p| &p.node == first));
+        assert!(plan.placements[1].filtered.contains(&ReasonCount {
+            reason: Reason::Affinity,
+            nodes: 1
+        }));
+    }
+
+    #[test]
     fn commit_records_and_rechecks() {
         let mut s = scheduler();
         let mut r = req("r1");

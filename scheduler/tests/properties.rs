@@ -61,8 +61,14 @@ proptest! {
         let mut snap = cluster(nodes, fill, seed);
         testing::verify(&snap).unwrap();
         let mut s = Scheduler::new(&snap).unwrap();
+        let groups: Vec<String> = snap.groups.iter().map(|g| g.id.clone()).collect();
         for (k, mut r) in testing::requests(&snap, requests, seed ^ 1).into_iter().enumerate() {
             r.count = 1 + u32::try_from(k % 4).unwrap();
+            // Every third request joins a group of any policy (hard and
+            // soft affinity and anti-affinity, empty or not).
+            if k % 3 == 0 && !groups.is_empty() {
+                r.group = Some(groups[(usize::try_from(seed % 1024).unwrap() ^ k) % groups.len()].clone());
+            }
             match s.place(&r, Explain::Summary) {
                 Ok(plan) => {
                     prop_assert_eq!(plan.placements.len(), r.count as usize);
