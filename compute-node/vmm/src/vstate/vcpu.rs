@@ -341,13 +341,23 @@ impl VcpuThread {
             // With the in-kernel LAPIC, HLT does not exit; if it does, the
             // next KVM_RUN waits for an interrupt.
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => Step::Continue,
-            Ok(VcpuExit::FailEntry(reason, cpu)) => crash(format!(
-                "VM entry failed (hardware reason {reason:#x}, cpu {cpu})"
-            )),
-            Ok(VcpuExit::InternalError) => {
-                crash("KVM internal error: an instruction KVM cannot emulate".into())
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                let regs = self.describe();
+                crash(format!(
+                    "VM entry failed (hardware reason {reason:#x}, cpu {cpu}; {regs})"
+                ))
             }
-            Ok(other) => crash(format!("unhandled exit {other:?}")),
+            Ok(VcpuExit::InternalError) => {
+                let regs = self.describe();
+                crash(format!(
+                    "KVM internal error, e.g. an instruction its emulator cannot run ({regs})"
+                ))
+            }
+            Ok(other) => {
+                let what = format!("{other:?}");
+                let regs = self.describe();
+                crash(format!("unhandled exit {what} ({regs})"))
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
             Err(e) => crash(format!("KVM_RUN failed: {e}")),
         }
