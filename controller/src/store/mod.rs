@@ -19,6 +19,7 @@
 pub mod conformance;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod linearizability;
 
 use std::future::Future;
 use std::sync::Arc;
