@@ -572,14 +572,15 @@ impl Scheduler {
     /// scratch buffers. Returns the rejection counts and, when explaining,
     /// a sentence per rejected node.
     ///
-    /// One loop over the nodes (the zone's nodes when a zone is required):
-    /// the core filters (state, resources, instance limit) are one
-    /// branch-free test on the node's cache line ([`Hot`]); when it fails,
-    /// the filters themselves find the reason. Other applicable filters then
-    /// check the node (prepared marks, O(1)); a node that passes updates
-    /// each weigher's min and max. A second pass normalizes and sums. With
-    /// [`Explain::Full`] every filter runs through its own `check` instead,
-    /// over every node; the property tests check both give one answer.
+    /// First a tight loop over the nodes (the zone's nodes when a zone is
+    /// required) where the core filters (state, resources, instance limit)
+    /// are one test on the node's 32-byte record ([`Hot`]); when it fails,
+    /// the filters themselves find the reason. The other applicable filters
+    /// then remove candidates (marks prepared once, O(1) per node). Then
+    /// each weigher's bounds over the candidates (tracked in the first loop
+    /// when no other filter runs), and one pass that normalizes and sums.
+    /// With [`Explain::Full`] every filter runs its own check over every
+    /// node instead; the property tests check both give one answer.
     ///
     /// [`Hot`]: crate::state::Hot
     fn filter_and_weigh(

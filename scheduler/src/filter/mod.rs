@@ -315,6 +315,23 @@ pub(crate) fn name_nodes(state: &ClusterState, nodes: &[u32]) -> String {
 }
 
 #[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_filters_follow_the_zone_filter_and_precede_the_others() {
+        // The fast path counts rejections in this order; the explaining
+        // path runs the list as is.
+        let core: Vec<bool> = default_filters().iter().map(AnyFilter::is_core).collect();
+        assert!(matches!(default_filters()[0], AnyFilter::Zone(_)));
+        assert_eq!(
+            core,
+            vec![false, true, true, true, false, false, false, false]
+        );
+    }
+}
+
+#[cfg(test)]
 pub(crate) mod test_support {
     //! A small cluster and helpers shared by the filter and weigher tests.
 
