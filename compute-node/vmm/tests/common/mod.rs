@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 /// Where the tiny guests are loaded and entered.
 pub const LOAD_ADDR: u64 = 0x10_0000;
 
-/// 32-bit guest programs, assembled from the sources in the comments.
+/// 32-bit guest programs, assembled from `tests/guests/*.s` (see the README
+/// there for how to regenerate them).
 pub mod programs {
     /// Prints "OK\n" on COM1 and powers off (port 0x600 = 0x34).
     pub const OK: &str = "66baf803b04feeb04beeb00aee66ba0006b034eef4ebfd";

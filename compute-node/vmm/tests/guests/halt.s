@@ -1,0 +1,4 @@
+# Halts forever.
+.code32
+1: hlt
+  jmp 1b
