@@ -91,7 +91,7 @@ pub struct ProbeReport {
     /// KVM API version.
     pub api_version: i32,
     /// Each capability checked, and whether KVM has it.
-    pub capabilities: Vec<(String, bool)>,
+    pub capabilities: std::collections::BTreeMap<String, bool>,
     /// Recommended vCPUs per VM.
     pub recommended_vcpus: usize,
     /// Maximum vCPUs per VM.
@@ -118,7 +118,7 @@ pub struct ProbeReport {
 
 /// Builds the report for `kvm`.
 pub fn report(kvm: &Kvm) -> ProbeReport {
-    let caps: Vec<(String, bool)> = [
+    let caps: std::collections::BTreeMap<String, bool> = [
         (Cap::Irqchip, "IRQCHIP"),
         (Cap::UserMemory, "USER_MEMORY"),
         (Cap::SetTssAddr, "SET_TSS_ADDR"),
