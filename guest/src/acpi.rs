@@ -204,6 +204,18 @@ pub fn parse_fadt(t: &[u8]) -> Option<Fadt> {
     })
 }
 
+/// The ECAM base of PCI segment 0 covering bus 0, from an MCFG table.
+pub fn parse_mcfg(t: &[u8]) -> Option<u64> {
+    if !table_ok(t) || &t[0..4] != b"MCFG" {
+        return None;
+    }
+    t.get(SDT_HEADER + 8..)?.chunks_exact(16).find_map(|e| {
+        let base = le64(e, 0)?;
+        let segment = u16::from_le_bytes([e[8], e[9]]);
+        (segment == 0 && e[10] == 0 && base != 0).then_some(base)
+    })
+}
+
 /// Offset of a valid MP floating pointer ("_MP_") in a BIOS area; the
 /// pointer's configuration table address is [`mp_config_addr`].
 pub fn scan_mp(area: &[u8]) -> Option<usize> {
@@ -401,6 +413,26 @@ mod tests {
                 sleep_control: None
             })
         );
+    }
+
+    #[test]
+    fn mcfg_gives_the_segment_0_bus_0_base() {
+        let mut body = vec![0u8; 8];
+        let mut entry = |base: u64, seg: u16, start: u8| {
+            let mut e = vec![0u8; 16];
+            e[0..8].copy_from_slice(&base.to_le_bytes());
+            e[8..10].copy_from_slice(&seg.to_le_bytes());
+            e[10] = start;
+            e[11] = 255;
+            body.extend_from_slice(&e);
+        };
+        entry(0x1_0000_0000, 1, 0);
+        entry(0xe000_0000, 0, 0);
+        let t = table(b"MCFG", &body);
+        assert_eq!(parse_mcfg(&t), Some(0xe000_0000));
+        let short = table(b"MCFG", &body[..20]);
+        assert_eq!(parse_mcfg(&short), None);
+        assert_eq!(parse_mcfg(&table(b"APIC", &body)), None);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! - [`virtq`]: the split virtqueue (driver side) and its ring layout;
 //! - [`acpi`]: RSDP/RSDT/XSDT/MADT/FADT and MP-table parsing;
 //! - [`memmap`]: the PVH memory map summary;
+//! - [`pcibar`]: sizing and placing unassigned PCI memory BARs;
 //! - [`checksum`]: FNV-1a, disk patterns and the dirtying pacer;
 //! - [`pvclock`]: kvmclock time scaling.
 #![cfg_attr(not(test), no_std)]
@@ -21,6 +22,7 @@ pub mod bootcfg;
 pub mod checksum;
 pub mod memmap;
 pub mod net;
+pub mod pcibar;
 pub mod pvclock;
 pub mod shell;
 pub mod virtq;

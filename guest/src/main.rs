@@ -15,6 +15,8 @@ use neph_guest::bootcfg::BootConfig;
 use neph_guest::memmap::Region;
 
 use hw::boot::{__image_end, MAPPED_LIMIT};
+use hw::pci::BarDecodeError;
+use hw::virtio::VirtioInitError;
 use hw::{clock, cpu, dma::Dma, intr, machine::Machine, pci, platform, serial, smp};
 
 /// Boot-CPU entry from the assembly (long mode, stack set, `.bss` zeroed).
@@ -50,30 +52,52 @@ pub extern "C" fn rust_main(start_info: u32) -> ! {
             end: workload_floor,
         });
 
-    let pci_bus = pci::enumerate();
+    let mut pci_bus = pci::enumerate();
+    if pci_bus.devices().is_empty() {
+        // ECAM from the MCFG table, else QEMU microvm's fixed ECAM window
+        // (its ACPI tables have no MCFG) if a host bridge answers there.
+        let base = platform::find_mcfg().unwrap_or(pci::QEMU_MICROVM_ECAM);
+        pci::use_ecam(base);
+        pci_bus = pci::enumerate();
+        if pci_bus.devices().is_empty() {
+            pci::use_ecam(0);
+        }
+    }
     hw::boot::stage(3);
     let (mut blk, mut nic, mut rng) = (None, None, None);
+    let mut bars_assigned = None;
     for d in pci_bus.devices() {
-        let name = pci::driver_name(d);
-        let result = match (d.vendor, d.device) {
-            (0x1af4, 0x1042) if blk.is_none() => {
-                hw::blk::Blk::init(d, &mut dma).map(|b| blk = Some(b))
-            }
+        let mut init = |dma: &mut Dma| match (d.vendor, d.device) {
+            (0x1af4, 0x1042) if blk.is_none() => hw::blk::Blk::init(d, dma).map(|b| blk = Some(b)),
             (0x1af4, 0x1041) if nic.is_none() => {
-                hw::nic::Nic::init(d, &mut dma, config.ip, config.gw).map(|n| nic = Some(n))
+                hw::nic::Nic::init(d, dma, config.ip, config.gw).map(|n| nic = Some(n))
             }
-            (0x1af4, 0x1044) if rng.is_none() => {
-                hw::rng::Rng::init(d, &mut dma).map(|r| rng = Some(r))
-            }
+            (0x1af4, 0x1044) if rng.is_none() => hw::rng::Rng::init(d, dma).map(|r| rng = Some(r)),
             _ => Ok(()),
         };
+        let mut result = init(&mut dma);
+        // Unassigned BARs (QEMU microvm's firmware leaves them so): assign
+        // them all once, then retry. Not done up front, because sizing
+        // BARs costs VM exits that a VMM assigning them makes pointless.
+        if matches!(
+            result,
+            Err(VirtioInitError::Bar(BarDecodeError::Unassigned(_)))
+        ) && bars_assigned.is_none()
+        {
+            bars_assigned = Some(pci::assign_unassigned_bars(&pci_bus));
+            result = init(&mut dma);
+        }
         if let Err(e) = result {
             println!(
-                "NEPH-GUEST WARN {name} at {:02x}:{:02x}.{}: {e}",
-                d.bus, d.dev, d.func
+                "NEPH-GUEST WARN {} at {:02x}:{:02x}.{}: {e}",
+                pci::driver_name(d),
+                d.bus,
+                d.dev,
+                d.func
             );
         }
     }
+    let bars_assigned = bars_assigned.unwrap_or(0);
 
     hw::boot::stage(4);
     let cpus_online = smp::start_aps(&platform.cpus);
@@ -83,6 +107,7 @@ pub extern "C" fn rust_main(start_info: u32) -> ! {
         config,
         pci: pci_bus,
         cpus_online,
+        bars_assigned,
         blk,
         nic,
         rng,

@@ -36,6 +36,8 @@ pub struct Machine {
     pub pci: PciBus,
     /// CPUs that answered INIT/SIPI, boot CPU included.
     pub cpus_online: u32,
+    /// PCI memory BARs the guest assigned itself.
+    pub bars_assigned: u32,
     /// Block device.
     pub blk: Option<Blk>,
     /// Network device.
@@ -270,13 +272,15 @@ impl Machine {
 
     fn info(&self) {
         print!(
-            "INFO {} clock={} tsc_khz={} lapic_timer_khz={} cpu_source={} workload_mib={} ",
+            "INFO {} clock={} tsc_khz={} lapic_timer_khz={} cpu_source={} workload_mib={} pci_access={} bars_assigned={} ",
             self.summary(),
             clock::source(),
             clock::tsc_hz() / 1000,
             intr::timer_hz() / 1000,
             self.platform.cpu_source.name(),
             self.dirtier.capacity_mib(),
+            pci::access_name(),
+            self.bars_assigned,
         );
         for (name, us) in super::boot::STAGE_NAMES.iter().zip(&super::boot::STAGES_US) {
             print!(

@@ -1,8 +1,42 @@
-//! PCI configuration mechanism #1 (ports 0xcf8/0xcfc), bus 0: enumeration
-//! and BAR decoding. No host bridge at 00:00.0 (all-ones reads, as on QEMU
-//! `-M microvm`) means no PCI, found with a single configuration read.
+//! PCI on bus 0: configuration access through mechanism #1 (ports
+//! 0xcf8/0xcfc) or, when that finds nothing, ECAM (from the ACPI MCFG table,
+//! else QEMU microvm's fixed window at 0xe0000000, tried only if a host
+//! bridge answers there); enumeration; BAR decoding; and assigning
+//! memory BARs left unassigned (QEMU microvm's firmware does not assign
+//! them) from the 32-bit MMIO window. No host bridge at 00:00.0 means no
+//! PCI, found with a single configuration read.
 
-use super::cpu::{inl, outl};
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use neph_guest::pcibar;
+
+use super::cpu::{inl, mmio_read32, mmio_write32, outl};
+
+/// ECAM base in use (0: configuration mechanism #1).
+static ECAM_BASE: AtomicU64 = AtomicU64::new(0);
+/// Start of the window unassigned BARs are placed in (the VMM's and QEMU's
+/// 32-bit PCI window starts at 3 GiB).
+const WINDOW_START: u64 = 0xc000_0000;
+/// The window ends at the IOAPIC, or at the ECAM region if that is lower.
+const WINDOW_END: u64 = 0xfec0_0000;
+
+/// ECAM base of QEMU `-M microvm,pcie=on`, which lists no MCFG table.
+pub const QEMU_MICROVM_ECAM: u64 = 0xe000_0000;
+
+/// Switches configuration access to ECAM at `base` (bus 0 only; 0 switches
+/// back to configuration mechanism #1).
+pub fn use_ecam(base: u64) {
+    ECAM_BASE.store(base, Relaxed);
+}
+
+/// How configuration space is reached: `conf1` or `ecam`.
+pub fn access_name() -> &'static str {
+    if ECAM_BASE.load(Relaxed) == 0 {
+        "conf1"
+    } else {
+        "ecam"
+    }
+}
 
 /// Most functions remembered.
 pub const MAX_DEVICES: usize = 64;
@@ -46,16 +80,33 @@ fn address(d: &PciDevice, offset: u8) -> u32 {
         | u32::from(offset & 0xfc)
 }
 
+fn ecam_address(base: u64, d: &PciDevice, offset: u8) -> u64 {
+    base + ((u64::from(d.bus) << 20)
+        | (u64::from(d.dev & 0x1f) << 15)
+        | (u64::from(d.func & 7) << 12)
+        | u64::from(offset & 0xfc))
+}
+
 /// Reads the dword at `offset` (rounded down to 4) of `d`'s configuration space.
 pub fn read32(d: &PciDevice, offset: u8) -> u32 {
-    outl(0xcf8, address(d, offset));
-    inl(0xcfc)
+    match ECAM_BASE.load(Relaxed) {
+        0 => {
+            outl(0xcf8, address(d, offset));
+            inl(0xcfc)
+        }
+        base => mmio_read32(ecam_address(base, d, offset)),
+    }
 }
 
 /// Writes a dword of configuration space.
 pub fn write32(d: &PciDevice, offset: u8, val: u32) {
-    outl(0xcf8, address(d, offset));
-    outl(0xcfc, val);
+    match ECAM_BASE.load(Relaxed) {
+        0 => {
+            outl(0xcf8, address(d, offset));
+            outl(0xcfc, val);
+        }
+        base => mmio_write32(ecam_address(base, d, offset), val),
+    }
 }
 
 /// Reads a byte of configuration space.
@@ -157,6 +208,100 @@ pub fn enable(d: &PciDevice) {
         4,
         (cmd & 0xffff_0000) | (cmd & 0xffff) | 0x2 | 0x4 | 0x400,
     );
+}
+
+/// One memory BAR as found: index, address (0 if unassigned), 64-bit.
+fn memory_bars(d: &PciDevice) -> impl Iterator<Item = (u8, u64, bool)> + '_ {
+    let mut index = 0u8;
+    core::iter::from_fn(move || {
+        while index < 6 {
+            let i = index;
+            let lo = read32(d, 0x10 + 4 * i);
+            let is64 = lo & 1 == 0 && (lo >> 1) & 3 == 2 && i < 5;
+            index += if is64 { 2 } else { 1 };
+            if lo & 1 != 0 {
+                continue;
+            }
+            let hi = if is64 {
+                u64::from(read32(d, 0x14 + 4 * i)) << 32
+            } else {
+                0
+            };
+            return Some((i, hi | u64::from(lo & !0xf), is64));
+        }
+        None
+    })
+}
+
+/// Assigns every unassigned memory BAR of the type-0 functions in `bus`,
+/// above the highest BAR already assigned in the 32-bit window. Returns how
+/// many were assigned; a BAR that does not fit stays unassigned (its driver
+/// then reports it).
+pub fn assign_unassigned_bars(bus: &PciBus) -> u32 {
+    let ecam = ECAM_BASE.load(Relaxed);
+    let end = if ecam > WINDOW_START && ecam < WINDOW_END {
+        ecam
+    } else {
+        WINDOW_END
+    };
+    let mut next = WINDOW_START;
+    let type0 = |d: &&PciDevice| read8(d, 0x0e) & 0x7f == 0;
+    for d in bus.devices().iter().filter(type0) {
+        for (i, addr, is64) in memory_bars(d) {
+            if addr >= WINDOW_START && addr < end {
+                let hi = if is64 {
+                    Some(read32(d, 0x14 + 4 * i))
+                } else {
+                    None
+                };
+                let size = probe_size(d, i, hi.is_some()).unwrap_or(0);
+                next = next.max(addr.saturating_add(size));
+            }
+        }
+    }
+    let mut assigned = 0;
+    for d in bus.devices().iter().filter(type0) {
+        for (i, addr, is64) in memory_bars(d) {
+            if addr != 0 {
+                continue;
+            }
+            let Some(size) = probe_size(d, i, is64) else {
+                continue;
+            };
+            let Some(at) = pcibar::place(next, size, end) else {
+                continue;
+            };
+            write32(d, 0x10 + 4 * i, at as u32);
+            if is64 {
+                write32(d, 0x14 + 4 * i, (at >> 32) as u32);
+            }
+            next = at + size;
+            assigned += 1;
+        }
+    }
+    assigned
+}
+
+/// Sizes memory BAR `i` (all-ones probe with decoding off), restoring it.
+fn probe_size(d: &PciDevice, i: u8, is64: bool) -> Option<u64> {
+    let cmd = read32(d, 4);
+    write32(d, 4, cmd & 0xffff_fffc);
+    let lo_off = 0x10 + 4 * i;
+    let old_lo = read32(d, lo_off);
+    write32(d, lo_off, u32::MAX);
+    let lo = read32(d, lo_off);
+    write32(d, lo_off, old_lo);
+    let hi = if is64 {
+        let old_hi = read32(d, lo_off + 4);
+        write32(d, lo_off + 4, u32::MAX);
+        let hi = read32(d, lo_off + 4);
+        write32(d, lo_off + 4, old_hi);
+        Some(hi)
+    } else {
+        None
+    };
+    write32(d, 4, cmd & 0xffff);
+    pcibar::decoded_size(lo, hi)
 }
 
 /// A short name for `pci` output.

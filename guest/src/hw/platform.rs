@@ -307,6 +307,12 @@ pub fn discover(start_info: u64) -> Platform {
     }
 }
 
+/// The ECAM base from the ACPI MCFG table, if there is one.
+pub fn find_mcfg() -> Option<u64> {
+    let mut buf = [MaybeUninit::uninit(); TABLE_MAX];
+    find_acpi(RSDP_PADDR.load(Ordering::Relaxed), b"MCFG", &mut buf).and_then(acpi::parse_mcfg)
+}
+
 /// Whether the host asks for a graceful shutdown (neph-vmm: I/O port 0x602
 /// reads 0x01, "power button pressed"; it stays set until acknowledged by
 /// writing 0x01, which this does). Elsewhere the port reads 0xff or 0.
