@@ -182,32 +182,34 @@ struct PlannerResult {
     drained: usize,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+/// Runs `f`, returning its result and the CPU time it took, in ms.
+fn cpu_timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let start = Instant::now();
+    let cpu = ThreadTime::now();
+    let out = f();
+    let (cpu_s, _) = cpu.elapsed(start.elapsed());
+    (out, cpu_s * 1e3)
 }
 
 fn bench_planners(nodes: usize, instances: usize) -> Result<PlannerResult, String> {
     let snap = testing::generate(&ClusterSpec::new(nodes, instances, 44));
-    let t = Instant::now();
-    let mut s = Scheduler::new(&snap).map_err(|e| e.to_string())?;
-    let index = t.elapsed();
+    let (s, index) = cpu_timed(|| Scheduler::new(&snap));
+    let mut s = s.map_err(|e| e.to_string())?;
     let params = RebalanceParams {
         max_migrations: 1000,
         max_migrations_per_node: 1,
         ..RebalanceParams::default()
     };
-    let t = Instant::now();
-    let plan = s.plan_rebalance(&params).map_err(|e| e.to_string())?;
-    let rebalance = t.elapsed();
-    let t = Instant::now();
-    let cons = s
-        .plan_consolidation(&ConsolidateParams {
+    let (plan, rebalance) = cpu_timed(|| s.plan_rebalance(&params));
+    let plan = plan.map_err(|e| e.to_string())?;
+    let (cons, consolidate) = cpu_timed(|| {
+        s.plan_consolidation(&ConsolidateParams {
             max_nodes: 20,
             max_migrations: 1000,
             ..ConsolidateParams::default()
         })
-        .map_err(|e| e.to_string())?;
-    let consolidate = t.elapsed();
+    });
+    let cons = cons.map_err(|e| e.to_string())?;
     let mut per_node: HashMap<&str, usize> = HashMap::new();
     for i in &snap.instances {
         *per_node.entry(i.node.as_str()).or_default() += 1;
@@ -224,20 +226,17 @@ fn bench_planners(nodes: usize, instances: usize) -> Result<PlannerResult, Strin
         })
         .map(|n| n.id.clone())
         .unwrap_or_default();
-    let t = Instant::now();
-    let drain = s
-        .plan_drain(&busiest, &DrainParams::default())
-        .map_err(|e| e.to_string())?;
-    let drain_time = t.elapsed();
+    let (drain, drain_time) = cpu_timed(|| s.plan_drain(&busiest, &DrainParams::default()));
+    let drain = drain.map_err(|e| e.to_string())?;
     Ok(PlannerResult {
-        index_ms: ms(index),
-        rebalance_ms: ms(rebalance),
+        index_ms: index,
+        rebalance_ms: rebalance,
         moves: plan.moves.len(),
         before: plan.imbalance_before,
         after: plan.imbalance_after,
-        consolidate_ms: ms(consolidate),
+        consolidate_ms: consolidate,
         emptied: cons.nodes_to_empty.len(),
-        drain_ms: ms(drain_time),
+        drain_ms: drain_time,
         drained: drain.moves.len(),
     })
 }
@@ -308,7 +307,7 @@ fn run() -> Result<(), String> {
         small.max_us, large.max_us
     );
     println!();
-    println!("planners at 10,000 nodes / 100,000 instances");
+    println!("planners at 10,000 nodes / 100,000 instances (CPU time of the thread)");
     println!("  index snapshot          {:>8.1} ms", planners.index_ms);
     println!(
         "  rebalance plan          {:>8.1} ms  {} moves, imbalance {:.4} -> {:.4}",
