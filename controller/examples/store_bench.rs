@@ -10,6 +10,11 @@
 //! cargo run --release -p neph-controller --example store_bench -- --spawn 3 --concurrency 16
 //! ```
 //!
+//! With the `etcd` feature, `--etcd http://127.0.0.1:2379,...` runs the same
+//! shape of load (puts of the same size over the same key space, one client
+//! connection per concurrent writer) against etcd instead, for side-by-side
+//! figures.
+//!
 //! Output: one line `STORE_BENCH {"members":..,"concurrency":..,"writes_per_s":..,
 //! "p50_ms":..,"p99_ms":..,"errors":..}` for `cargo xtask bench store`.
 
@@ -43,6 +48,71 @@ struct Args {
     /// Value size in bytes.
     #[arg(long, default_value_t = 256)]
     value_bytes: usize,
+    /// Benchmark etcd at these client URLs instead (feature `etcd`).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+}
+
+#[cfg(feature = "etcd")]
+async fn etcd_load(args: &Args) -> anyhow::Result<(Vec<Duration>, u64)> {
+    let value = vec![0x5a; args.value_bytes];
+    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let mut tasks = Vec::new();
+    for c in 0..args.concurrency {
+        let ep = args.etcd[c % args.etcd.len()].clone();
+        let mut client = etcd_client::Client::connect([ep], None).await?;
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < until {
+                let key = format!("bench/{c}/{}", i % 16);
+                i += 1;
+                let t = Instant::now();
+                match client.put(key, value.clone(), None).await {
+                    Ok(_) => lat.push(t.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        lat.extend(l);
+        errors += e;
+    }
+    Ok((lat, errors))
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn etcd_load(_args: &Args) -> anyhow::Result<(Vec<Duration>, u64)> {
+    anyhow::bail!("build with --features etcd to benchmark etcd")
+}
+
+fn report(
+    target: &str,
+    members: usize,
+    concurrency: usize,
+    seconds: f64,
+    mut lat: Vec<Duration>,
+    errors: u64,
+) {
+    lat.sort();
+    let wps = lat.len() as f64 / seconds;
+    println!(
+        "{target} members {members} concurrency {concurrency}: {wps:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {errors} errors",
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
+    );
+    println!(
+        "STORE_BENCH {{\"target\":\"{target}\",\"members\":{members},\"concurrency\":{concurrency},\"writes_per_s\":{wps:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"errors\":{errors}}}",
+        percentile(&lat, 0.50),
+        percentile(&lat, 0.99)
+    );
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -58,6 +128,18 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.etcd.is_empty() {
+        let (lat, errors) = etcd_load(&args).await?;
+        report(
+            "etcd",
+            args.etcd.len(),
+            args.concurrency,
+            args.seconds,
+            lat,
+            errors,
+        );
+        return Ok(());
+    }
     let mut _running = Vec::new();
     let mut _dirs = Vec::new();
     let (endpoints, cluster_id) = match args.spawn {
@@ -126,7 +208,6 @@ async fn main() -> anyhow::Result<()> {
             (lat, errors)
         }));
     }
-    let start = Instant::now();
     let mut lat = Vec::new();
     let mut errors = 0;
     for t in tasks {
@@ -134,20 +215,13 @@ async fn main() -> anyhow::Result<()> {
         lat.extend(l);
         errors += e;
     }
-    let elapsed = start.elapsed().as_secs_f64().max(args.seconds);
-    lat.sort();
-    let wps = lat.len() as f64 / elapsed;
-    println!(
-        "members {members} concurrency {}: {wps:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {errors} errors",
+    report(
+        "nephele",
+        members,
         args.concurrency,
-        percentile(&lat, 0.50),
-        percentile(&lat, 0.99)
-    );
-    println!(
-        "STORE_BENCH {{\"members\":{members},\"concurrency\":{},\"writes_per_s\":{wps:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"errors\":{errors}}}",
-        args.concurrency,
-        percentile(&lat, 0.50),
-        percentile(&lat, 0.99)
+        args.seconds,
+        lat,
+        errors,
     );
     for r in _running {
         r.stop().await?;
