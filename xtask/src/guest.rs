@@ -56,5 +56,12 @@ pub fn lint_and_test() -> Result<(), String> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    // The guest's pure logic (command parsing, packets, checksums, rings)
+    // runs as ordinary host unit tests.
+    exec(
+        cargo()
+            .current_dir(&dir)
+            .args(["test", "--lib", "--locked"]),
+    )
 }
