@@ -7,8 +7,13 @@ use std::process::{Command, Stdio};
 use crate::exec;
 
 /// Debian packages the test suite uses: `ip` for namespaces, taps and
-/// bridges, `ping` to reach guests from the host side.
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("ping", "iputils-ping")];
+/// bridges, `ping` to reach guests from the host side, a real `etcd` for the
+/// etcd state-store backend.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("etcd", "etcd-server"),
+];
 
 /// Debian packages `cargo xtask up` uses.
 pub const UP_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2")];
@@ -42,6 +47,22 @@ fn apt_install(missing: &[&str]) -> Result<(), String> {
             .args(missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// A `protoc` for crates whose build scripts need one (etcd-client): the
+/// pure-Rust protox compiler's command-line tool, installed from crates.io
+/// into cargo's bin folder when missing. Returns its path.
+pub fn ensure_protoc() -> Result<std::path::PathBuf, String> {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo")))
+        .ok_or("neither CARGO_HOME nor HOME is set")?;
+    let protox = cargo_home.join("bin").join("protox");
+    if !protox.is_file() {
+        eprintln!("xtask: installing protox (a protoc stand-in) from crates.io");
+        exec(crate::cargo().args(["install", "--locked", "protox", "--features", "bin"]))?;
+    }
+    Ok(protox)
 }
 
 fn ensure_nextest() -> Result<(), String> {

@@ -86,26 +86,40 @@ pub fn cargo() -> Command {
     cmd
 }
 
+/// Cargo features the suite turns on beyond the defaults: the etcd backend,
+/// so that both state stores pass the shared conformance suite.
+const TEST_FEATURES: &str = "neph-controller/etcd";
+
 fn test(args: &[String]) -> Result<(), String> {
     deps::ensure_for_tests()?;
+    let protoc = deps::ensure_protoc()?;
     let image = guest::build()?;
     let linux = image::build_linux()?;
 
-    exec(cargo().args(["fmt", "--all", "--", "--check"]))?;
-    exec(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--locked",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    // Every cargo command below shares one `PROTOC` so their builds agree.
+    let cargo_env = || {
+        let mut cmd = cargo();
+        cmd.env("PROTOC", &protoc);
+        cmd
+    };
+    exec(cargo_env().args(["fmt", "--all", "--", "--check"]))?;
+    exec(
+        cargo_env()
+            .args(["clippy", "--workspace", "--all-targets", "--locked"])
+            .args(["--features", TEST_FEATURES, "--", "-D", "warnings"]),
+    )?;
     guest::lint_and_test()?;
     // Tests drive the daemons and the VMM as real processes.
-    exec(cargo().args(["build", "--workspace", "--bins", "--locked"]))?;
+    exec(cargo_env().args([
+        "build",
+        "--workspace",
+        "--bins",
+        "--locked",
+        "--features",
+        TEST_FEATURES,
+    ]))?;
 
-    let mut nextest = cargo();
+    let mut nextest = cargo_env();
     nextest
         .args([
             "nextest",
@@ -114,6 +128,7 @@ fn test(args: &[String]) -> Result<(), String> {
             "--locked",
             "--no-fail-fast",
         ])
+        .args(["--features", TEST_FEATURES])
         .args(args)
         .env("NEPH_GUEST_IMAGE", &image)
         .env("NEPH_LINUX_IMAGE_DIR", linux.dir());
