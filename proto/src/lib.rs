@@ -13,3 +13,52 @@ pub mod cluster {
         tonic::include_proto!("nephele.cluster.v1");
     }
 }
+
+/// The encoded `FileDescriptorSet` of every package, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/nephele_descriptor.bin"));
+
+/// `nephele.iam.v1`: projects, users, roles and API tokens.
+pub mod iam {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+        tonic::include_proto!("nephele.iam.v1");
+    }
+}
+
+/// `nephele.compute.v1`: flavors, images, instances and server groups.
+pub mod compute {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+        tonic::include_proto!("nephele.compute.v1");
+    }
+}
+
+/// `nephele.infra.v1`: compute nodes, migrations and cluster status.
+pub mod infra {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+        tonic::include_proto!("nephele.infra.v1");
+    }
+}
+
+/// `nephele.ops.v1`: long-running operations and the event log.
+pub mod ops {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+        tonic::include_proto!("nephele.ops.v1");
+    }
+}
+
+/// `nephele.node.v1`: the controller <-> compute-node agent protocol.
+pub mod node {
+    /// Version 1.
+    pub mod v1 {
+        #![allow(missing_docs, missing_debug_implementations, clippy::all)]
+        tonic::include_proto!("nephele.node.v1");
+    }
+}
