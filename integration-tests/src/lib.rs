@@ -1,8 +1,10 @@
 //! Harness for tests and benchmarks that run real Nephele processes: the
 //! hypervisor with the test guest (`guest`), host tap devices and bridges
-//! (`netdev`), and the benchmark report format (`bench`). Multi-process
+//! (`netdev`), controller and etcd clusters as processes (`procs`), and the
+//! benchmark report format (`bench`). Multi-process
 //! cluster tests live in `tests/`, benchmarks in `src/bin/bench-*.rs`.
 
 pub mod bench;
 pub mod guest;
 pub mod netdev;
+pub mod procs;

@@ -13,6 +13,8 @@ struct Bench {
     peer_commands: &'static [(&'static str, &'static str)],
     /// Workspace binaries it drives, built in release mode first.
     drives: &'static [&'static str],
+    /// `(package, example, features)` it drives, built in release mode first.
+    examples: &'static [(&'static str, &'static str, &'static str)],
     needs_guest: bool,
 }
 
@@ -23,7 +25,17 @@ const BENCHES: &[Bench] = &[
         binary: "bench-boot",
         peer_commands: &[("qemu-system-x86_64", "qemu-system-x86")],
         drives: &["neph-vmm"],
+        examples: &[],
         needs_guest: true,
+    },
+    Bench {
+        name: "store",
+        package: "nephele-integration-tests",
+        binary: "bench-store",
+        peer_commands: &[("etcd", "etcd-server")],
+        drives: &["neph-controller"],
+        examples: &[("neph-controller", "store_bench", "etcd")],
+        needs_guest: false,
     },
     Bench {
         name: "scheduler",
@@ -31,12 +43,13 @@ const BENCHES: &[Bench] = &[
         binary: "bench-scheduler",
         peer_commands: &[],
         drives: &[],
+        examples: &[],
         needs_guest: false,
     },
 ];
 
 /// Benchmarks the product brief names that are not written yet.
-const PLANNED: &[&str] = &["migration", "store", "provision"];
+const PLANNED: &[&str] = &["migration", "provision"];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let names = || {
@@ -61,8 +74,21 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if bench.needs_guest {
         guest::build()?;
     }
+    let protoc = deps::ensure_protoc()?;
     for package in bench.drives {
-        exec(cargo().args(["build", "--release", "--locked", "-p", package]))?;
+        exec(
+            cargo()
+                .args(["build", "--release", "--locked", "-p", package])
+                .env("PROTOC", &protoc),
+        )?;
+    }
+    for (package, example, features) in bench.examples {
+        exec(
+            cargo()
+                .args(["build", "--release", "--locked", "-p", package])
+                .args(["--example", example, "--features", features])
+                .env("PROTOC", &protoc),
+        )?;
     }
     exec(
         cargo()
