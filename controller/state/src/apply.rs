@@ -778,13 +778,13 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             let i = i.clone();
             match to {
                 InstanceState::Running => {
-                    finish_operations(state, instance, &["create", "start"], None)
+                    finish_operations(state, instance, &["create", "start", "reboot"], None)
                 }
                 InstanceState::Stopped => finish_operations(state, instance, &["stop"], None),
                 InstanceState::Error => finish_operations(
                     state,
                     instance,
-                    &["create", "start", "stop", "delete"],
+                    &["create", "start", "stop", "reboot", "delete"],
                     Some(reason),
                 ),
                 _ => {}
@@ -868,7 +868,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             finish_operations(
                 state,
                 instance,
-                &["create", "start", "stop", "delete"],
+                &["create", "start", "stop", "reboot", "delete"],
                 None,
             );
             event(state, actor, instance, "instance.deleted", String::new());
@@ -1100,6 +1100,98 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 );
             }
             Ok(Response::Migration(m))
+        }
+        Command::BeginInstanceAction {
+            instance,
+            state: to,
+            verb,
+            operation_id,
+        } => {
+            if !matches!(verb.as_str(), "start" | "stop" | "reboot") {
+                return Err(ApplyError::InvalidArgument(format!(
+                    "an instance action is start, stop or reboot, not {verb:?}"
+                )));
+            }
+            names::validate_id(operation_id)?;
+            let op_name = format!("operations/{operation_id}");
+            if state.operations.contains_key(&op_name) {
+                return Err(ApplyError::AlreadyExists { name: op_name });
+            }
+            let transition = Envelope {
+                time: env.time,
+                actor: env.actor.clone(),
+                request_id: None,
+                fence_term: None,
+                command: Command::SetInstanceState {
+                    instance: instance.clone(),
+                    state: *to,
+                    reason: format!("{verb} requested"),
+                    expected_generation: None,
+                },
+            };
+            let response = apply_command(state, &transition)?;
+            let op = new_operation(state, operation_id, instance, verb)?;
+            match response {
+                Response::Instance { instance, .. } => Ok(Response::Instance {
+                    instance,
+                    operation: Some(op),
+                }),
+                other => Ok(other),
+            }
+        }
+        Command::ResizeInstance { instance, flavor } => {
+            names::parse(instance, names::INSTANCE)?;
+            names::parse(flavor, names::FLAVOR)?;
+            let new = state
+                .flavors
+                .get(flavor)
+                .ok_or_else(|| not_found(flavor))?
+                .resources;
+            let i = state
+                .instances
+                .get(instance)
+                .ok_or_else(|| not_found(instance))?;
+            if i.state != InstanceState::Stopped {
+                return Err(precondition(
+                    instance,
+                    "only a stopped instance can be resized",
+                ));
+            }
+            let (old, node) = (i.resources, i.node.clone());
+            if let Some(project) = names::project_of(instance) {
+                let p = state
+                    .projects
+                    .get(project)
+                    .ok_or_else(|| not_found(project))?;
+                let usage = p.usage.minus(old).plus(new);
+                if !new.fits_in(old) && !usage.fits_in(p.quota.resources) {
+                    return Err(ApplyError::QuotaExceeded {
+                        project: project.to_owned(),
+                        detail: format!("would use {usage:?} of {:?}", p.quota.resources),
+                    });
+                }
+                if let Some(p) = state.projects.get_mut(project) {
+                    p.usage = usage;
+                }
+            }
+            release_node(state, &node, old);
+            if let Some(n) = node.as_ref().and_then(|n| state.nodes.get_mut(n)) {
+                n.allocated = n.allocated.plus(new);
+            }
+            let i = state
+                .instances
+                .get_mut(instance)
+                .ok_or_else(|| not_found(instance))?;
+            i.flavor = flavor.clone();
+            i.resources = new;
+            i.generation += 1;
+            i.update_time = now;
+            let i = i.clone();
+            event(state, actor, instance, "instance.resized", flavor.clone());
+            Ok(Response::Instance {
+                instance: i,
+                operation: None,
+            })
         }
         Command::FinishOperation { operation, error } => {
             names::parse(operation, names::OPERATION)?;
@@ -1362,6 +1454,89 @@ mod tests {
         assert_eq!(s.projects["projects/p1"].instance_count, 0);
         assert!(s.operations["operations/del-1"].done);
         assert!(s.events.iter().any(|e| e.kind == "instance.deleted"));
+    }
+
+    #[test]
+    fn actions_open_operations_and_resize_follows_quota() {
+        let mut s = setup();
+        let web = "projects/p1/instances/web-1";
+        create(&mut s, "web-1").unwrap();
+        run(
+            &mut s,
+            Command::ScheduleInstance {
+                instance: web.into(),
+                node: "nodes/n1".into(),
+                expected_generation: 1,
+            },
+        )
+        .unwrap();
+        set(&mut s, web, InstanceState::Starting).unwrap();
+        set(&mut s, web, InstanceState::Running).unwrap();
+        let action = |verb: &str, to: InstanceState, op: &str| Command::BeginInstanceAction {
+            instance: web.into(),
+            state: to,
+            verb: verb.into(),
+            operation_id: op.into(),
+        };
+        // A refused transition creates no operation.
+        assert!(matches!(
+            run(&mut s, action("start", InstanceState::Stopped, "op-x")),
+            Err(ApplyError::InvalidTransition { .. })
+        ));
+        assert!(!s.operations.contains_key("operations/op-x"));
+        assert!(matches!(
+            run(&mut s, action("explode", InstanceState::Stopping, "op-x")),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        run(&mut s, action("stop", InstanceState::Stopping, "op-stop")).unwrap();
+        assert!(!s.operations["operations/op-stop"].done);
+        set(&mut s, web, InstanceState::Stopped).unwrap();
+        assert!(s.operations["operations/op-stop"].done);
+
+        run(
+            &mut s,
+            Command::CreateFlavor {
+                flavor_id: "big".into(),
+                resources: Resources {
+                    vcpus: 3,
+                    memory_mib: 2048,
+                    disk_gib: 10,
+                },
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::CreateFlavor {
+                flavor_id: "huge".into(),
+                resources: Resources {
+                    vcpus: 5,
+                    memory_mib: 2048,
+                    disk_gib: 10,
+                },
+            },
+        )
+        .unwrap();
+        let resize = |f: &str| Command::ResizeInstance {
+            instance: web.into(),
+            flavor: f.into(),
+        };
+        assert!(matches!(
+            run(&mut s, resize("flavors/huge")),
+            Err(ApplyError::QuotaExceeded { .. })
+        ));
+        run(&mut s, resize("flavors/big")).unwrap();
+        assert_eq!(s.projects["projects/p1"].usage.vcpus, 3);
+        assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 3);
+        assert_eq!(s.instances[web].flavor, "flavors/big");
+
+        run(&mut s, action("start", InstanceState::Starting, "op-start")).unwrap();
+        assert!(matches!(
+            run(&mut s, resize("flavors/small")),
+            Err(ApplyError::FailedPrecondition { .. })
+        ));
+        set(&mut s, web, InstanceState::Running).unwrap();
+        assert!(s.operations["operations/op-start"].done);
     }
 
     #[test]

@@ -301,6 +301,29 @@ pub enum Command {
         /// The key.
         key: String,
     },
+    /// Moves an instance through its lifecycle as [`Command::SetInstanceState`]
+    /// does, and opens the operation `operations/{operation_id}` with `verb`:
+    /// `start` and `reboot` finish when the instance reaches `RUNNING`, `stop`
+    /// when it reaches `STOPPED`; any of them fails when it reaches `ERROR`.
+    BeginInstanceAction {
+        /// The instance.
+        instance: String,
+        /// The new state (`STARTING` or `STOPPING`).
+        state: InstanceState,
+        /// `start`, `stop` or `reboot`.
+        verb: String,
+        /// Id of the operation to create.
+        operation_id: String,
+    },
+    /// Changes the flavor of a `STOPPED` instance. The project quota is
+    /// checked when the instance grows; the node allocation follows (node
+    /// capacity is the scheduler's business, as for placement).
+    ResizeInstance {
+        /// The instance.
+        instance: String,
+        /// `flavors/{flavor}`.
+        flavor: String,
+    },
 }
 
 /// What a successful command returns.
