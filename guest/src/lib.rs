@@ -42,9 +42,32 @@ pub fn parse_u64(s: &str) -> Option<u64> {
     }
 }
 
+/// Writes `v` in decimal at the end of `buf`; returns the digits. One
+/// division by a constant (a multiplication) per digit, no `core::fmt`:
+/// the guest's boot path prints with this (see `hw::serial`).
+pub fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[at..];
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_u64;
+    use super::{decimal, parse_u64};
+
+    #[test]
+    fn decimal_matches_display() {
+        let mut buf = [0u8; 20];
+        for v in [0, 1, 9, 10, 99, 100, 12345, u64::from(u32::MAX), u64::MAX] {
+            assert_eq!(decimal(v, &mut buf), v.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn numbers_parse_in_decimal_and_hex() {

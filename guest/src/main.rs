@@ -15,6 +15,7 @@ use neph_guest::bootcfg::BootConfig;
 use neph_guest::memmap::Region;
 
 use hw::boot::{__image_end, MAPPED_LIMIT};
+use hw::once::BootOnce;
 use hw::pci::BarDecodeError;
 use hw::virtio::VirtioInitError;
 use hw::{clock, cpu, dma::Dma, intr, machine::Machine, pci, platform, serial, smp};
@@ -23,7 +24,7 @@ use hw::{clock, cpu, dma::Dma, intr, machine::Machine, pci, platform, serial, sm
 pub extern "C" fn rust_main(start_info: u32) -> ! {
     let tsc_at_entry = cpu::rdtsc();
     serial::init();
-    println!("NEPH-GUEST BOOT");
+    serial::put_str("NEPH-GUEST BOOT\n");
     intr::init_cpu();
     clock::init(tsc_at_entry);
     hw::boot::stage(0);
@@ -33,7 +34,7 @@ pub extern "C" fn rust_main(start_info: u32) -> ! {
     if let Some(bad) = config.bad {
         println!("NEPH-GUEST WARN ignoring bad command-line value {bad}");
     }
-    intr::init_lapic_timer();
+    intr::init_lapic();
     hw::boot::stage(2);
 
     let image_end = (&raw const __image_end as u64).next_multiple_of(4096);
@@ -52,17 +53,20 @@ pub extern "C" fn rust_main(start_info: u32) -> ! {
             end: workload_floor,
         });
 
-    let mut pci_bus = pci::enumerate();
-    if pci_bus.devices().is_empty() {
-        // ECAM from the MCFG table, else QEMU microvm's fixed ECAM window
-        // (its ACPI tables have no MCFG) if a host bridge answers there.
-        let base = platform::find_mcfg().unwrap_or(pci::QEMU_MICROVM_ECAM);
-        pci::use_ecam(base);
-        pci_bus = pci::enumerate();
-        if pci_bus.devices().is_empty() {
-            pci::use_ecam(0);
+    static PCI_BUS: BootOnce<pci::PciBus> = BootOnce::new(pci::PciBus::EMPTY);
+    let pci_bus = PCI_BUS.init_with(|bus| {
+        pci::enumerate(bus);
+        if bus.devices().is_empty() {
+            // ECAM from the MCFG table, else QEMU microvm's fixed ECAM window
+            // (its ACPI tables have no MCFG) if a host bridge answers there.
+            let base = platform::find_mcfg().unwrap_or(pci::QEMU_MICROVM_ECAM);
+            pci::use_ecam(base);
+            pci::enumerate(bus);
+            if bus.devices().is_empty() {
+                pci::use_ecam(0);
+            }
         }
-    }
+    });
     hw::boot::stage(3);
     let (mut blk, mut nic, mut rng) = (None, None, None);
     let mut bars_assigned = None;
@@ -84,7 +88,7 @@ pub extern "C" fn rust_main(start_info: u32) -> ! {
             Err(VirtioInitError::Bar(BarDecodeError::Unassigned(_)))
         ) && bars_assigned.is_none()
         {
-            bars_assigned = Some(pci::assign_unassigned_bars(&pci_bus));
+            bars_assigned = Some(pci::assign_unassigned_bars(pci_bus));
             result = init(&mut dma);
         }
         if let Err(e) = result {
@@ -100,7 +104,9 @@ pub extern "C" fn rust_main(start_info: u32) -> ! {
     let bars_assigned = bars_assigned.unwrap_or(0);
 
     hw::boot::stage(4);
-    let cpus_online = smp::start_aps(&platform.cpus);
+    let cpus_online = smp::start_aps(platform.cpus);
+    // Calibrated over the boot since `init_lapic`: no spin of its own.
+    intr::start_lapic_timer();
     hw::boot::stage(5);
     let mut machine = Machine {
         platform,

@@ -17,6 +17,9 @@
 use core::arch::global_asm;
 use core::sync::atomic::AtomicU32;
 
+/// Where the image is loaded (and the linker script links it): the
+/// interrupt entry points sit at fixed offsets from it.
+pub const IMAGE_BASE: u64 = 0x10_0000;
 /// Bytes covered by the boot page tables (identity mapped).
 pub const MAPPED_LIMIT: u64 = 64 << 30;
 /// Most application processors started.
@@ -50,18 +53,16 @@ unsafe extern "C" {
     pub static AP_TRAMPOLINE_START: u8;
     /// One past the last byte of the AP trampoline.
     pub static AP_TRAMPOLINE_END: u8;
-    /// 32 exception entry points, by vector.
-    pub static EXC_STUBS: [u64; 32];
+    /// The interrupt descriptor table (static: see the assembly).
+    pub static IDT: u8;
+    /// One past the end of [`IDT`].
+    pub static IDT_END: u8;
     /// Top of the exception stack (IST1).
     pub static IST1_TOP: u8;
     /// Top of the interrupt stack (IST2).
     pub static IST2_TOP: u8;
     /// End of the loaded image (page aligned).
     pub static __image_end: u8;
-    /// LAPIC timer entry point.
-    pub fn timer_stub();
-    /// Spurious-interrupt entry point.
-    pub fn spurious_stub();
 }
 
 global_asm!(
@@ -133,12 +134,6 @@ start64:
     mov ds, ax
     mov es, ax
     mov ss, ax
-    lea rdi, [rip + __bss_start]
-    lea rcx, [rip + __bss_end]
-    sub rcx, rdi
-    shr rcx, 3
-    xor eax, eax
-    rep stosq
     lea rsp, [rip + bsp_stack_top]
     fninit
     mov al, 0xff
@@ -174,32 +169,67 @@ ap_start64:
     hlt
     jmp .Lap_hang
 
-    .section .text, "ax", @progbits
-    .p2align 4
-exc_common:
-    mov rdi, [rsp]
-    mov rsi, [rsp + 8]
-    mov rdx, [rsp + 16]
-    and rsp, -16
-    cld
-    call {exception_handler}
-    ud2
-
-    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
-exc_stub_\v:
+    // The interrupt entry points, at fixed addresses from the start of the
+    // image (the linker script places this section first and checks it):
+    // exception vector v at image_base + 16 * v, the spurious-interrupt
+    // stub at image_base + 0x200, the timer at image_base + 0x210. Fixed
+    // addresses let the IDT below be static data: the assembler cannot
+    // split relocatable addresses into gate fields, and building the IDT at
+    // run time costs ~500 emulated instructions under PVM.
+    .section .text.idt_stubs, "ax", @progbits
+    .global IDT_STUBS_BASE
+IDT_STUBS_BASE:
+    // Vectors that push no error code push a zero in its place.
+    .macro EXC_STUB v, has_error
+    .org 16 * \v
+    .if \has_error == 0
     push 0
+    .endif
     push \v
     jmp exc_common
-    .endr
-    .irp v, 8,10,11,12,13,14,17,21,29,30
-exc_stub_\v:
-    push \v
-    jmp exc_common
-    .endr
+    .endm
+    EXC_STUB 0, 0
+    EXC_STUB 1, 0
+    EXC_STUB 2, 0
+    EXC_STUB 3, 0
+    EXC_STUB 4, 0
+    EXC_STUB 5, 0
+    EXC_STUB 6, 0
+    EXC_STUB 7, 0
+    EXC_STUB 8, 1
+    EXC_STUB 9, 0
+    EXC_STUB 10, 1
+    EXC_STUB 11, 1
+    EXC_STUB 12, 1
+    EXC_STUB 13, 1
+    EXC_STUB 14, 1
+    EXC_STUB 15, 0
+    EXC_STUB 16, 0
+    EXC_STUB 17, 1
+    EXC_STUB 18, 0
+    EXC_STUB 19, 0
+    EXC_STUB 20, 0
+    EXC_STUB 21, 1
+    EXC_STUB 22, 0
+    EXC_STUB 23, 0
+    EXC_STUB 24, 0
+    EXC_STUB 25, 0
+    EXC_STUB 26, 0
+    EXC_STUB 27, 0
+    EXC_STUB 28, 0
+    EXC_STUB 29, 1
+    EXC_STUB 30, 1
+    EXC_STUB 31, 0
+
+    .org 0x200
+    .global spurious_stub
+spurious_stub:
+    iretq
 
     // LAPIC timer: kept to a few instructions because under PVM each one
     // is emulated. Counts ticks and, while the ticker runs, the largest TSC
     // delta between consecutive ticks.
+    .org 0x210
     .global timer_stub
 timer_stub:
     push rax
@@ -227,17 +257,37 @@ timer_stub:
     pop rax
     iretq
 
-    .global spurious_stub
-spurious_stub:
-    iretq
+    .section .text, "ax", @progbits
+    .p2align 4
+exc_common:
+    mov rdi, [rsp]
+    mov rsi, [rsp + 8]
+    mov rdx, [rsp + 16]
+    and rsp, -16
+    cld
+    call {exception_handler}
+    ud2
 
-    .section .rodata.exc_stubs, "a", @progbits
-    .p2align 3
-    .global EXC_STUBS
-EXC_STUBS:
-    .irp v, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
-    .quad exc_stub_\v
+    // The IDT: 64-bit interrupt gates (type 0x8e) on code selector 0x08.
+    .macro GATE addr, ist
+    .quad ((\addr) & 0xffff) | (0x08 << 16) | ((\ist) << 32) | (0x8e << 40) | ((((\addr) >> 16) & 0xffff) << 48)
+    .quad (\addr) >> 32
+    .endm
+    .section .data.idt, "aw", @progbits
+    .p2align 4
+    .global IDT
+IDT:
+    .set v, 0
+    .rept 32
+    GATE {image_base} + 16 * v, 1
+    .set v, v + 1
     .endr
+    .skip ({timer_vector} - 32) * 16
+    GATE {image_base} + 0x210, 2
+    .skip ({spurious_vector} - {timer_vector} - 1) * 16
+    GATE {image_base} + 0x200, 2
+    .global IDT_END
+IDT_END:
 
     .section .rodata.ap_trampoline, "a", @progbits
     .p2align 4
@@ -338,4 +388,7 @@ ap_stacks:
     ticker_count = sym crate::hw::intr::TICKER_COUNT,
     timer_ticks = sym crate::hw::intr::TIMER_TICKS,
     lapic_eoi = sym crate::hw::intr::LAPIC_EOI_ADDR,
+    image_base = const IMAGE_BASE,
+    timer_vector = const crate::hw::intr::TIMER_VECTOR,
+    spurious_vector = const crate::hw::intr::SPURIOUS_VECTOR,
 );

@@ -1,4 +1,5 @@
-//! Interrupts: the TSS with its two IST stacks, the IDT (exceptions on IST1,
+//! Interrupts: the TSS with its two IST stacks, the IDT (static data in
+//! `boot`; exceptions on IST1,
 //! the LAPIC timer and spurious vector on IST2, so no interrupt ever uses the
 //! interrupted code's stack), the local APIC, its periodic timer (100 Hz to
 //! wake the idle shell loop, 1 kHz while the ticker runs) and the ticker
@@ -6,9 +7,9 @@
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
-use super::boot::{self, EXC_STUBS, GDT64, IST1_TOP, IST2_TOP, TSS_SELECTOR};
+use super::boot::{GDT64, IDT, IDT_END, IST1_TOP, IST2_TOP, TSS_SELECTOR};
 use super::clock;
-use super::cpu::{self, mmio_read32, mmio_write32, rdmsr};
+use super::cpu::{self, rdmsr};
 use crate::println;
 
 /// Vector of the LAPIC timer.
@@ -51,12 +52,10 @@ static mut TSS: Tss = Tss {
     iomap_base: 104,
 };
 
-#[repr(C, align(16))]
-struct Idt([u64; 2 * IDT_ENTRIES]);
-
-static mut IDT: Idt = Idt([0; 2 * IDT_ENTRIES]);
-
-static LAPIC_BASE: AtomicU64 = AtomicU64::new(0xfee0_0000);
+/// LAPIC registers (0: no usable LAPIC, set by [`init_lapic`]).
+static LAPIC_BASE: AtomicU64 = AtomicU64::new(0);
+/// Clock time the LAPIC timer calibration started (0: it did not).
+static CALIBRATION_START_NS: AtomicU64 = AtomicU64::new(0);
 static TIMER_HZ: AtomicU64 = AtomicU64::new(0);
 
 // Shared with the assembly timer handler (`boot::timer_stub`).
@@ -75,16 +74,7 @@ pub static TICKER_COUNT: AtomicU64 = AtomicU64::new(0);
 static TICKER_START_NS: AtomicU64 = AtomicU64::new(0);
 static TICKER_STOP_NS: AtomicU64 = AtomicU64::new(0);
 
-fn gate(handler: u64, ist: u64) -> (u64, u64) {
-    let lo = (handler & 0xffff)
-        | (u64::from(0x08u16) << 16)
-        | ((ist & 7) << 32)
-        | (0x8eu64 << 40)
-        | (((handler >> 16) & 0xffff) << 48);
-    (lo, handler >> 32)
-}
-
-/// Loads the TSS and the IDT. Interrupts stay disabled.
+/// Loads the TSS and the (static) IDT. Interrupts stay disabled.
 pub fn init_cpu() {
     let tss = &raw mut TSS;
     // SAFETY: single-threaded boot code; the statics are only accessed
@@ -105,28 +95,15 @@ pub fn init_cpu() {
         gdt.add(5).write_volatile(base >> 32);
         core::arch::asm!("ltr {0:x}", in(reg) TSS_SELECTOR, options(nostack, preserves_flags));
 
-        let idt = (&raw mut IDT).cast::<u64>();
-        let stubs = &raw const EXC_STUBS;
-        for v in 0..32 {
-            let (lo, hi) = gate((*stubs)[v], 1);
-            idt.add(2 * v).write(lo);
-            idt.add(2 * v + 1).write(hi);
-        }
-        for (v, handler) in [
-            (TIMER_VECTOR, boot::timer_stub as *const () as u64),
-            (SPURIOUS_VECTOR, boot::spurious_stub as *const () as u64),
-        ] {
-            let (lo, hi) = gate(handler, 2);
-            idt.add(2 * usize::from(v)).write(lo);
-            idt.add(2 * usize::from(v) + 1).write(hi);
-        }
+        let idt = &raw const IDT as u64;
+        let len = &raw const IDT_END as u64 - idt;
+        debug_assert_eq!(len, IDT_ENTRIES as u64 * 16);
         let mut ptr = [0u16; 5];
-        ptr[0] = (IDT_ENTRIES * 16 - 1) as u16;
-        let base = idt as u64;
-        ptr[1] = base as u16;
-        ptr[2] = (base >> 16) as u16;
-        ptr[3] = (base >> 32) as u16;
-        ptr[4] = (base >> 48) as u16;
+        ptr[0] = (len - 1) as u16;
+        ptr[1] = idt as u16;
+        ptr[2] = (idt >> 16) as u16;
+        ptr[3] = (idt >> 32) as u16;
+        ptr[4] = (idt >> 48) as u16;
         core::arch::asm!("lidt [{}]", in(reg) ptr.as_ptr(), options(nostack, preserves_flags));
     }
 }
@@ -180,11 +157,21 @@ pub extern "C" fn exception_handler(vector: u64, error: u64, rip: u64) -> ! {
 }
 
 fn lapic_read(reg: u64) -> u32 {
-    mmio_read32(LAPIC_BASE.load(Relaxed) + reg)
+    match LAPIC_BASE.load(Relaxed) {
+        0 => u32::MAX,
+        // SAFETY: a non-zero base passed `mmio_ok` in `init_lapic` (device
+        // memory, identity mapped, no RAM); `reg` is a register offset
+        // below 0x1000.
+        base => unsafe { ((base + reg) as *const u32).read_volatile() },
+    }
 }
 
 fn lapic_write(reg: u64, val: u32) {
-    mmio_write32(LAPIC_BASE.load(Relaxed) + reg, val);
+    match LAPIC_BASE.load(Relaxed) {
+        0 => {}
+        // SAFETY: as for `lapic_read`.
+        base => unsafe { ((base + reg) as *mut u32).write_volatile(val) },
+    }
 }
 
 /// This CPU's APIC id.
@@ -202,33 +189,66 @@ pub fn send_ipi(dest_apic_id: u32, icr_low: u32) {
     }
 }
 
-/// Enables the local APIC and starts its timer at 1 kHz, calibrated against
-/// the clock over 100 µs. Returns the timer input frequency in Hz (0 if the
-/// LAPIC did not count: then interrupts stay off and the shell polls).
-pub fn init_lapic_timer() -> u64 {
-    let base = rdmsr(0x1b) & 0x000f_ffff_ffff_f000;
-    if base != 0 {
-        LAPIC_BASE.store(base, Relaxed);
-        LAPIC_EOI_ADDR.store(base + LAPIC_EOI, Relaxed);
+/// Enables the local APIC (its base from the APIC base MSR, checked once to
+/// be device memory) and starts its timer counting down from the maximum,
+/// masked. [`start_lapic_timer`] measures later how far it got: the
+/// calibration runs during the rest of boot instead of in a spin loop.
+pub fn init_lapic() {
+    let base = match rdmsr(0x1b) & 0x000f_ffff_ffff_f000 {
+        0 => 0xfee0_0000,
+        b => b,
+    };
+    if !cpu::mmio_ok(base, 0x1000) {
+        return;
     }
+    LAPIC_BASE.store(base, Relaxed);
+    LAPIC_EOI_ADDR.store(base + LAPIC_EOI, Relaxed);
     lapic_write(LAPIC_SVR, 0x100 | u32::from(SPURIOUS_VECTOR));
     lapic_write(LAPIC_TPR, 0);
     lapic_write(LAPIC_TIMER_DIV, 0xb);
     lapic_write(LAPIC_LVT_TIMER, (1 << 16) | u32::from(TIMER_VECTOR));
     lapic_write(LAPIC_TIMER_INIT, u32::MAX);
-    let t0 = clock::now_ns();
-    let deadline = clock::Deadline::after_us(100);
-    while !deadline.expired() {
-        core::hint::spin_loop();
+    CALIBRATION_START_NS.store(clock::now_ns().max(1), Relaxed);
+}
+
+/// Shortest calibration: a boot can reach [`start_lapic_timer`] sooner.
+const MIN_CALIBRATION_US: u64 = 100;
+
+/// Calibrates the LAPIC timer against the clock over the time since
+/// [`init_lapic`] (at least 100 µs), starts it periodic at 100 Hz and
+/// enables interrupts. Returns the timer input frequency in Hz (0 if the
+/// LAPIC did not count: then interrupts stay off and the shell polls).
+pub fn start_lapic_timer() -> u64 {
+    let mut t0 = CALIBRATION_START_NS.load(Relaxed);
+    if t0 == 0 {
+        return 0;
     }
-    let cur = lapic_read(LAPIC_TIMER_CUR);
-    let elapsed = clock::now_ns().saturating_sub(t0);
+    let spin_until = |t0: u64| {
+        let ran_us = clock::now_ns().saturating_sub(t0) / 1000;
+        let deadline = clock::Deadline::after_us(MIN_CALIBRATION_US.saturating_sub(ran_us));
+        while !deadline.expired() {
+            core::hint::spin_loop();
+        }
+    };
+    spin_until(t0);
+    let mut cur = lapic_read(LAPIC_TIMER_CUR);
+    let mut elapsed = clock::now_ns().saturating_sub(t0);
+    if cur == 0 {
+        // The count ran out (it lasts seconds): boot was held up (e.g. a
+        // paused VM). Measure again, briefly.
+        lapic_write(LAPIC_TIMER_INIT, u32::MAX);
+        t0 = clock::now_ns();
+        spin_until(t0);
+        cur = lapic_read(LAPIC_TIMER_CUR);
+        elapsed = clock::now_ns().saturating_sub(t0);
+    }
     lapic_write(LAPIC_TIMER_INIT, 0);
     let counted = u64::from(u32::MAX - cur);
     if cur == u32::MAX || cur == 0 || elapsed == 0 {
         return 0;
     }
-    let hz = counted * 1_000_000_000 / elapsed;
+    let hz = u64::try_from(u128::from(counted) * 1_000_000_000 / u128::from(elapsed))
+        .unwrap_or(u64::MAX);
     TIMER_HZ.store(hz, Relaxed);
     lapic_write(LAPIC_LVT_TIMER, (1 << 17) | u32::from(TIMER_VECTOR));
     set_period_us(IDLE_PERIOD_US);

@@ -17,6 +17,7 @@ use super::nic::Nic;
 use super::pci::{self, PciBus};
 use super::platform::{self, Platform};
 use super::rng::Rng;
+use super::serial;
 use super::workload::Dirtier;
 use crate::{print, println};
 
@@ -33,7 +34,7 @@ pub struct Machine {
     /// Command-line configuration.
     pub config: BootConfig<'static>,
     /// PCI functions.
-    pub pci: PciBus,
+    pub pci: &'static PciBus,
     /// CPUs that answered INIT/SIPI, boot CPU included.
     pub cpus_online: u32,
     /// PCI memory BARs the guest assigned itself.
@@ -52,39 +53,51 @@ fn flag(b: bool) -> u8 {
     u8::from(b)
 }
 
+/// `key=value` pairs separated by spaces.
+struct Fields<'a>(&'a [(&'static str, u64)]);
+
+impl core::fmt::Display for Fields<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (i, (key, value)) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{key}={value}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Machine {
     /// The `key=value` summary shared by the ready line and `info`.
-    fn summary(&self) -> impl core::fmt::Display + '_ {
-        struct S<'a>(&'a Machine);
-        impl core::fmt::Display for S<'_> {
-            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-                let m = self.0;
-                write!(
-                    f,
-                    "mem_mib={} cpus={} cpus_online={} pci={} blk={} net={} rng={}",
-                    m.platform.memmap.total_mib(),
-                    m.platform.cpus.total().max(1),
-                    m.cpus_online,
-                    m.pci.devices().len(),
-                    flag(m.blk.is_some()),
-                    flag(m.nic.is_some()),
-                    flag(m.rng.is_some()),
-                )
-            }
-        }
-        S(self)
+    fn summary(&self) -> [(&'static str, u64); 7] {
+        [
+            ("mem_mib", self.platform.memmap.total_mib()),
+            ("cpus", self.platform.cpus.total().max(1) as u64),
+            ("cpus_online", u64::from(self.cpus_online)),
+            ("pci", self.pci.devices().len() as u64),
+            ("blk", u64::from(flag(self.blk.is_some()))),
+            ("net", u64::from(flag(self.nic.is_some()))),
+            ("rng", u64::from(flag(self.rng.is_some()))),
+        ]
     }
 
     /// Prints the ready marker, runs the `run=` commands, then serves the
     /// shell forever.
     pub fn run(&mut self) -> ! {
         super::boot::stage(6);
-        println!(
-            "NEPH-GUEST READY {} boot_us={} clock_us={}",
-            self.summary(),
-            clock::since_entry_ns() / 1000,
-            clock::now_ns() / 1000
-        );
+        // Printed without `core::fmt`: this line is on every boot's
+        // critical path (see `serial`).
+        serial::put_str("NEPH-GUEST READY");
+        let clocks = [
+            ("boot_us", clock::since_entry_ns() / 1000),
+            ("clock_us", clock::now_ns() / 1000),
+        ];
+        for (key, value) in self.summary().into_iter().chain(clocks) {
+            serial::put_str(" ");
+            serial::put_str(key);
+            serial::put_str("=");
+            serial::put_u64(value);
+        }
+        serial::put_str("\n");
         if let Some(run) = self.config.run {
             for cmd in bootcfg::commands(run) {
                 println!("{PROMPT}{cmd}");
@@ -273,7 +286,7 @@ impl Machine {
     fn info(&self) {
         print!(
             "INFO {} clock={} tsc_khz={} lapic_timer_khz={} cpu_source={} workload_mib={} pci_access={} bars_assigned={} ",
-            self.summary(),
+            Fields(&self.summary()),
             clock::source(),
             clock::tsc_hz() / 1000,
             intr::timer_hz() / 1000,

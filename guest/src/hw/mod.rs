@@ -10,6 +10,7 @@ pub mod dma;
 pub mod intr;
 pub mod machine;
 pub mod nic;
+pub mod once;
 pub mod pci;
 pub mod platform;
 pub mod rng;

@@ -72,40 +72,45 @@ pub enum BarDecodeError {
     Unassigned(u8),
 }
 
-fn address(d: &PciDevice, offset: u8) -> u32 {
-    0x8000_0000
-        | (u32::from(d.bus) << 16)
-        | (u32::from(d.dev) << 11)
-        | (u32::from(d.func) << 8)
-        | u32::from(offset & 0xfc)
+/// Bus, device and function packed as in a configuration address:
+/// `bus << 8 | dev << 3 | func`.
+fn location(bus: u8, dev: u8, func: u8) -> u32 {
+    (u32::from(bus) << 8) | (u32::from(dev & 0x1f) << 3) | u32::from(func & 7)
 }
 
-fn ecam_address(base: u64, d: &PciDevice, offset: u8) -> u64 {
-    base + ((u64::from(d.bus) << 20)
-        | (u64::from(d.dev & 0x1f) << 15)
-        | (u64::from(d.func & 7) << 12)
-        | u64::from(offset & 0xfc))
+/// Reads the dword at `offset` (rounded down to 4) of the function at
+/// `loc` (see [`location`]).
+fn config_read(loc: u32, offset: u8) -> u32 {
+    let offset = offset & 0xfc;
+    match ECAM_BASE.load(Relaxed) {
+        0 => {
+            outl(0xcf8, 0x8000_0000 | (loc << 8) | u32::from(offset));
+            inl(0xcfc)
+        }
+        base => mmio_read32(base + (u64::from(loc) << 12) + u64::from(offset)),
+    }
+}
+
+impl PciDevice {
+    fn location(&self) -> u32 {
+        location(self.bus, self.dev, self.func)
+    }
 }
 
 /// Reads the dword at `offset` (rounded down to 4) of `d`'s configuration space.
 pub fn read32(d: &PciDevice, offset: u8) -> u32 {
-    match ECAM_BASE.load(Relaxed) {
-        0 => {
-            outl(0xcf8, address(d, offset));
-            inl(0xcfc)
-        }
-        base => mmio_read32(ecam_address(base, d, offset)),
-    }
+    config_read(d.location(), offset)
 }
 
 /// Writes a dword of configuration space.
 pub fn write32(d: &PciDevice, offset: u8, val: u32) {
+    let (loc, offset) = (d.location(), offset & 0xfc);
     match ECAM_BASE.load(Relaxed) {
         0 => {
-            outl(0xcf8, address(d, offset));
+            outl(0xcf8, 0x8000_0000 | (loc << 8) | u32::from(offset));
             outl(0xcfc, val);
         }
-        base => mmio_write32(ecam_address(base, d, offset), val),
+        base => mmio_write32(base + (u64::from(loc) << 12) + u64::from(offset), val),
     }
 }
 
@@ -122,57 +127,81 @@ pub struct PciBus {
 }
 
 impl PciBus {
+    /// No functions.
+    pub const EMPTY: Self = Self {
+        devices: [PciDevice {
+            bus: 0,
+            dev: 0,
+            func: 0,
+            vendor: 0,
+            device: 0,
+            class: 0,
+        }; MAX_DEVICES],
+        count: 0,
+    };
+
     /// The functions found.
     pub fn devices(&self) -> &[PciDevice] {
         &self.devices[..self.count]
     }
 }
 
-fn probe(bus: u8, dev: u8, func: u8) -> Option<PciDevice> {
-    let mut d = PciDevice {
-        bus,
-        dev,
-        func,
-        ..PciDevice::default()
-    };
-    let id = read32(&d, 0);
-    if id & 0xffff == 0xffff || id == 0 {
-        return None;
-    }
-    d.vendor = id as u16;
-    d.device = (id >> 16) as u16;
-    d.class = read32(&d, 8) >> 8;
-    Some(d)
+/// Whether a vendor/device dword means "no function here".
+fn absent(id: u32) -> bool {
+    id & 0xffff == 0xffff || id == 0
 }
 
-/// Scans bus 0.
-pub fn enumerate() -> PciBus {
-    let mut bus = PciBus {
-        devices: [PciDevice::default(); MAX_DEVICES],
-        count: 0,
+/// The function at `dev.func` on bus 0 whose vendor/device dword is `id`.
+#[inline(never)]
+fn function(dev: u8, func: u8, id: u32) -> PciDevice {
+    let d = PciDevice {
+        bus: 0,
+        dev,
+        func,
+        vendor: id as u16,
+        device: (id >> 16) as u16,
+        class: 0,
     };
-    if probe(0, 0, 0).is_none() {
-        return bus;
+    PciDevice {
+        class: read32(&d, 8) >> 8,
+        ..d
     }
-    'scan: for dev in 0..32u8 {
-        let Some(f0) = probe(0, dev, 0) else { continue };
+}
+
+/// Scans bus 0 into `bus` (in place: the list is too large to copy cheaply
+/// under PVM). Nothing at 00:00.0 (no host bridge) ends the scan at once;
+/// otherwise each slot costs one configuration read (two port exits with
+/// mechanism #1, and a few instructions: most slots are empty), and each
+/// function found two more (class, header type).
+pub fn enumerate(bus: &mut PciBus) {
+    bus.count = 0;
+    for dev in 0..32u8 {
+        let id = config_read(location(0, dev, 0), 0);
+        if absent(id) {
+            if dev == 0 {
+                return;
+            }
+            continue;
+        }
+        let f0 = function(dev, 0, id);
         let multi = read8(&f0, 0x0e) & 0x80 != 0;
         for func in 0..if multi { 8 } else { 1 } {
-            let found = if func == 0 {
-                Some(f0)
-            } else {
-                probe(0, dev, func)
+            let found = match func {
+                0 => Some(f0),
+                _ => {
+                    let id = config_read(location(0, dev, func), 0);
+                    (!absent(id)).then(|| function(dev, func, id))
+                }
             };
             if let Some(d) = found {
                 if bus.count == MAX_DEVICES {
-                    break 'scan;
+                    return;
                 }
                 bus.devices[bus.count] = d;
                 bus.count += 1;
             }
         }
     }
-    bus
 }
 
 /// Decodes memory BAR `index` into its address.

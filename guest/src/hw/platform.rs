@@ -3,14 +3,14 @@
 //! sleep registers from the FADT) or an MP table, and leaving the machine
 //! (poweroff, reboot) and the host's shutdown request.
 
-use core::cell::UnsafeCell;
 use core::mem::MaybeUninit;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use neph_guest::acpi::{self, CpuList, Fadt};
 use neph_guest::memmap::MemMap;
 
 use super::cpu::{self, inb, mmio_write8, outb, outw};
+use super::once::BootOnce;
 use crate::println;
 
 const START_INFO_MAGIC: u32 = 0x336e_c578;
@@ -19,47 +19,9 @@ const CMDLINE_MAX: usize = 1024;
 /// Largest ACPI table accepted.
 const TABLE_MAX: usize = 2048;
 
-/// A value written once during single-threaded boot, then only read.
-struct BootOnce<T> {
-    set: AtomicBool,
-    value: UnsafeCell<T>,
-}
-
-// SAFETY: the value is written once before `set` is published (Release) and
-// only read after it was observed (Acquire); there is no later mutation.
-unsafe impl<T: Sync> Sync for BootOnce<T> {}
-
-impl<T> BootOnce<T> {
-    const fn new(v: T) -> Self {
-        Self {
-            set: AtomicBool::new(false),
-            value: UnsafeCell::new(v),
-        }
-    }
-
-    /// Fills the value in place (it starts as the `new` value, which for
-    /// these statics is all zeros in `.bss`) and publishes it. Filling in
-    /// place avoids copying it, which under PVM costs about a microsecond
-    /// per 8 bytes.
-    fn init_with(&self, fill: impl FnOnce(&mut T)) -> &T {
-        assert!(!self.set.load(Ordering::Acquire), "boot value set twice");
-        // SAFETY: not yet published, so nobody else holds a reference.
-        fill(unsafe { &mut *self.value.get() });
-        self.set.store(true, Ordering::Release);
-        self.get().unwrap_or_else(|| unreachable!())
-    }
-
-    fn get(&self) -> Option<&T> {
-        // SAFETY: published values are never mutated again.
-        self.set
-            .load(Ordering::Acquire)
-            .then(|| unsafe { &*self.value.get() })
-    }
-}
-
 static MEMMAP: BootOnce<MemMap> = BootOnce::new(MemMap::EMPTY);
+static CPUS: BootOnce<CpuList> = BootOnce::new(CpuList::EMPTY);
 static CMDLINE: BootOnce<[u8; CMDLINE_MAX]> = BootOnce::new([0; CMDLINE_MAX]);
-static RSDP_PADDR: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// The RAM map (empty before [`discover`]).
 pub fn memmap() -> &'static MemMap {
@@ -97,7 +59,7 @@ pub struct Platform {
     /// RAM.
     pub memmap: &'static MemMap,
     /// CPUs listed by the firmware tables.
-    pub cpus: CpuList,
+    pub cpus: &'static CpuList,
     /// Which table listed them.
     pub cpu_source: CpuSource,
 }
@@ -148,37 +110,52 @@ fn read_u64(b: &[u8], at: usize) -> u64 {
     u64::from(read_u32(b, at)) | (u64::from(read_u32(b, at + 4)) << 32)
 }
 
-/// A table buffer; not cleared (clearing costs time under PVM), every byte
-/// handed out has been written by [`table`].
-type TableBuf = [MaybeUninit<u8>; TABLE_MAX];
+/// Words in a [`TableBuf`]: [`TABLE_MAX`] bytes plus the partial words at
+/// either end of a table that does not start 8-byte aligned.
+const TABLE_WORDS: usize = TABLE_MAX / 8 + 2;
 
-/// Copies the ACPI table at `addr` into `buf`; returns the table.
-fn table(addr: u64, buf: &mut TableBuf) -> Option<&[u8]> {
-    let mut hdr = [0u8; acpi::SDT_HEADER];
-    if !read_phys(addr, &mut hdr) {
-        return None;
-    }
-    let (_, len) = acpi::sdt_header(&hdr)?;
-    copy_phys(addr, len, buf)
-}
+/// Firmware data copied out of guest-physical memory with aligned 8-byte
+/// loads: one instruction per 8 bytes under an emulator, and one exit per
+/// 8 bytes where the firmware area is emulated MMIO (a ROM under PVM). Not
+/// cleared (clearing costs time under PVM): every byte handed out has been
+/// written by [`TableBuf::copy`].
+struct TableBuf([MaybeUninit<u64>; TABLE_WORDS]);
 
-/// Copies `len` bytes of firmware data at `addr` into `buf`.
-fn copy_phys(addr: u64, len: usize, buf: &mut TableBuf) -> Option<&[u8]> {
-    if len > TABLE_MAX || !phys_ok(addr, len) {
-        return None;
+impl TableBuf {
+    fn new() -> Self {
+        Self([MaybeUninit::uninit(); TABLE_WORDS])
     }
-    let mut word = [0u8; 8];
-    for (i, chunk) in buf[..len].chunks_mut(8).enumerate() {
-        if !read_phys(addr + 8 * i as u64, &mut word[..chunk.len()]) {
+
+    /// Copies `len` bytes (at most [`TABLE_MAX`]) at `addr`; returns them.
+    fn copy(&mut self, addr: u64, len: usize) -> Option<&[u8]> {
+        let start = addr & !7;
+        let end = addr.checked_add(len as u64)?.checked_next_multiple_of(8)?;
+        if len > TABLE_MAX || !phys_ok(start, (end - start) as usize) {
             return None;
         }
-        for (dst, &src) in chunk.iter_mut().zip(&word) {
-            dst.write(src);
+        let words = ((end - start) / 8) as usize;
+        for (i, slot) in self.0[..words].iter_mut().enumerate() {
+            // SAFETY: identity-mapped guest-physical memory below the MMIO
+            // hole (checked), holding firmware data; a volatile load never
+            // creates a reference to it.
+            slot.write(unsafe { ((start + 8 * i as u64) as *const u64).read_volatile() });
         }
+        let skip = (addr - start) as usize;
+        // SAFETY: the loop wrote words covering `skip..skip + len` bytes.
+        Some(unsafe { core::slice::from_raw_parts(self.0.as_ptr().cast::<u8>().add(skip), len) })
     }
-    // SAFETY: the loop above wrote all of `buf[..len]`.
-    Some(unsafe { core::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), len) })
+
+    /// Copies the ACPI table at `addr` (its length from its header).
+    fn table(&mut self, addr: u64) -> Option<&[u8]> {
+        let (_, len) = acpi::sdt_header(self.copy(addr, acpi::SDT_HEADER)?)?;
+        self.copy(addr, len)
+    }
 }
+
+/// Where the ACPI tables the guest uses after boot are (0: none), found in
+/// the single walk of the root table at boot.
+static FADT_ADDR: AtomicU64 = AtomicU64::new(0);
+static MCFG_ADDR: AtomicU64 = AtomicU64::new(0);
 
 /// Finds a 16-byte aligned structure starting with `sig` in
 /// `[start, start + len)`, reading one word per candidate.
@@ -189,46 +166,65 @@ fn scan(start: u64, len: u64, sig: &[u8]) -> Option<u64> {
     })
 }
 
-/// Finds the ACPI table with `signature` (copied into `buf`).
-fn find_acpi<'a>(rsdp_paddr: u64, signature: &[u8; 4], buf: &'a mut TableBuf) -> Option<&'a [u8]> {
+/// Walks the ACPI root table once: parses the MADT into `cpus` (true if
+/// there was a valid one) and remembers where the FADT and MCFG are (for
+/// poweroff and PCI), so no table is read twice.
+fn walk_acpi(rsdp_paddr: u64, cpus: &mut CpuList) -> bool {
+    walk_acpi_tables(rsdp_paddr, cpus).is_some()
+}
+
+fn walk_acpi_tables(rsdp_paddr: u64, cpus: &mut CpuList) -> Option<()> {
     let rsdp_addr = if rsdp_paddr != 0 {
         Some(rsdp_paddr)
     } else {
         scan(0xe0000, 0x20000, b"RSD PTR ")
     };
-    let mut raw = [0u8; 36];
-    let rsdp = rsdp_addr
-        .filter(|&a| read_phys(a, &mut raw))
-        .and_then(|_| acpi::parse_rsdp(&raw))?;
-    let mut entries = [0u64; 32];
-    let mut n = 0;
-    let root = match rsdp.xsdt.and_then(|x| table(x, buf).map(|t| (t, 8))) {
-        Some(r) => Some(r),
-        None => table(u64::from(rsdp.rsdt), buf).map(|t| (t, 4)),
+    let mut buf = TableBuf::new();
+    let rsdp = acpi::parse_rsdp(buf.copy(rsdp_addr?, 36)?)?;
+    let (mut xsdt_buf, mut rsdt_buf) = (TableBuf::new(), TableBuf::new());
+    let xsdt = rsdp
+        .xsdt
+        .and_then(|x| xsdt_buf.table(x))
+        .filter(|t| acpi::table_ok(t));
+    let (root, entry) = match xsdt {
+        Some(t) => (t, 8),
+        None => (
+            rsdt_buf
+                .table(u64::from(rsdp.rsdt))
+                .filter(|t| acpi::table_ok(t))?,
+            4,
+        ),
     };
-    let (root, entry) = root.filter(|(t, _)| acpi::table_ok(t))?;
-    for (slot, addr) in entries.iter_mut().zip(acpi::root_entries(root, entry)) {
-        *slot = addr;
-        n += 1;
-    }
-    for &addr in &entries[..n] {
-        let mut sig = [0u8; 8];
-        if read_phys(addr, &mut sig) && sig[..4] == signature[..] {
-            return table(addr, buf);
+    let mut madt = false;
+    for addr in acpi::root_entries(root, entry) {
+        let Some(sig) = buf.copy(addr, 4) else {
+            continue;
+        };
+        match sig {
+            b"APIC" if !madt => {
+                madt = buf
+                    .table(addr)
+                    .is_some_and(|t| acpi::parse_madt_into(t, cpus));
+            }
+            b"FACP" => FADT_ADDR.store(addr, Ordering::Relaxed),
+            b"MCFG" => MCFG_ADDR.store(addr, Ordering::Relaxed),
+            _ => {}
         }
     }
-    None
+    madt.then_some(())
 }
 
-fn find_mp_table(buf: &mut TableBuf) -> Option<CpuList> {
-    let fp_addr = scan(0xf0000, 0x10000, b"_MP_")?;
-    let mut fp = [0u8; 16];
-    read_phys(fp_addr, &mut fp).then_some(())?;
-    let cfg = u64::from(acpi::mp_config_addr(&fp)?);
-    let mut hdr = [0u8; 8];
-    read_phys(cfg, &mut hdr).then_some(())?;
-    let len = acpi::mp_config_len(&hdr)?.min(TABLE_MAX);
-    acpi::parse_mp_config(copy_phys(cfg, len, buf)?)
+/// Reads the MP table's processors into `cpus` (true if there was one).
+fn find_mp_table(cpus: &mut CpuList) -> bool {
+    let mut find = || {
+        let fp_addr = scan(0xf0000, 0x10000, b"_MP_")?;
+        let mut buf = TableBuf::new();
+        let cfg = u64::from(acpi::mp_config_addr(buf.copy(fp_addr, 16)?)?);
+        let len = acpi::mp_config_len(buf.copy(cfg, 8)?)?.min(TABLE_MAX);
+        *cpus = acpi::parse_mp_config(buf.copy(cfg, len)?)?;
+        Some(())
+    };
+    find().is_some()
 }
 
 /// Reads `hvm_start_info` at `start_info` and the firmware tables. A
@@ -289,16 +285,16 @@ pub fn discover(start_info: u64) -> Platform {
         panic!("the memory map lists no RAM");
     }
 
-    let mut table_buf = [MaybeUninit::uninit(); TABLE_MAX];
-    RSDP_PADDR.store(rsdp_paddr, Ordering::Relaxed);
-    let madt = find_acpi(rsdp_paddr, b"APIC", &mut table_buf).and_then(acpi::parse_madt);
-    let (cpus, cpu_source) = match madt.filter(|c| c.total() > 0) {
-        Some(c) => (c, CpuSource::Madt),
-        None => match find_mp_table(&mut table_buf).filter(|c| c.total() > 0) {
-            Some(c) => (c, CpuSource::MpTable),
-            None => (CpuList::default(), CpuSource::None),
-        },
-    };
+    let mut cpu_source = CpuSource::None;
+    let cpus = CPUS.init_with(|cpus| {
+        if walk_acpi(rsdp_paddr, cpus) && cpus.total() > 0 {
+            cpu_source = CpuSource::Madt;
+        } else if find_mp_table(cpus) && cpus.total() > 0 {
+            cpu_source = CpuSource::MpTable;
+        } else {
+            *cpus = CpuList::EMPTY;
+        }
+    });
     Platform {
         cmdline,
         memmap,
@@ -309,8 +305,11 @@ pub fn discover(start_info: u64) -> Platform {
 
 /// The ECAM base from the ACPI MCFG table, if there is one.
 pub fn find_mcfg() -> Option<u64> {
-    let mut buf = [MaybeUninit::uninit(); TABLE_MAX];
-    find_acpi(RSDP_PADDR.load(Ordering::Relaxed), b"MCFG", &mut buf).and_then(acpi::parse_mcfg)
+    let addr = MCFG_ADDR.load(Ordering::Relaxed);
+    if addr == 0 {
+        return None;
+    }
+    TableBuf::new().table(addr).and_then(acpi::parse_mcfg)
 }
 
 /// Whether the host asks for a graceful shutdown (neph-vmm: I/O port 0x602
@@ -332,9 +331,11 @@ const SHUTDOWN_PORT: u16 = 0x602;
 pub fn poweroff() -> ! {
     const S5: u8 = (5 << 2) | (1 << 5);
     outb(0x600, S5);
-    let mut buf = [MaybeUninit::uninit(); TABLE_MAX];
-    let fadt: Option<Fadt> =
-        find_acpi(RSDP_PADDR.load(Ordering::Relaxed), b"FACP", &mut buf).and_then(acpi::parse_fadt);
+    let fadt_addr = FADT_ADDR.load(Ordering::Relaxed);
+    let fadt: Option<Fadt> = match fadt_addr {
+        0 => None,
+        a => TableBuf::new().table(a).and_then(acpi::parse_fadt),
+    };
     if let Some(fadt) = fadt {
         if let Some(gas) = fadt.sleep_control {
             match (gas.space, u16::try_from(gas.addr)) {

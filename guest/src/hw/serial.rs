@@ -2,21 +2,24 @@
 //! line endings) and input for the shell, and the `print!`/`println!`
 //! macros.
 //!
-//! Output is formatted into a small buffer, then sent one `out` per byte
-//! (one VM exit each). A `rep outsb` would batch a whole buffer into one
-//! exit, but VMMs built on kvm-ioctls see such an exit as a single wide
-//! access to consecutive registers (its `IoOut` data does not say whether
-//! the bytes are `count` writes to one port), so it is not used. The
-//! transmitter is not polled: virtual UARTs take bytes as fast as they
-//! come, and each poll would be another exit.
+//! Output goes out one `out` per byte (one VM exit each), straight from the
+//! string being written: no intermediate buffer, because under PVM every
+//! instruction that copies a byte is emulated too. A `rep outsb` would
+//! batch a whole line into one exit, but VMMs built on kvm-ioctls see such
+//! an exit as a single wide access to consecutive registers (its `IoOut`
+//! data does not say whether the bytes are `count` writes to one port), so
+//! it is not used. The transmitter is not polled: virtual UARTs take bytes
+//! as fast as they come, and each poll would be another exit.
+//!
+//! [`put_str`] and [`put_u64`] print without `core::fmt`, whose machinery
+//! (padding, dynamic dispatch per piece) costs hundreds of emulated
+//! instructions per line: the boot path uses them for its lines.
 
 use core::fmt;
-use core::mem::MaybeUninit;
 
 use super::cpu::{inb, outb};
 
 const COM1: u16 = 0x3f8;
-const BUF: usize = 128;
 
 /// Programs 115200 8N1, FIFOs on (so typed input queues up while the guest
 /// sleeps between timer ticks), interrupts off.
@@ -41,56 +44,31 @@ pub fn try_read() -> Option<u8> {
     (lsr != 0xff && lsr & 1 != 0).then(|| inb(COM1))
 }
 
-/// Buffered `core::fmt` sink for the console; flushes when full and when
-/// dropped.
-#[derive(Debug)]
-pub struct Console {
-    buf: [MaybeUninit<u8>; BUF],
-    len: usize,
-}
-
-impl Default for Console {
-    fn default() -> Self {
-        Self {
-            buf: [MaybeUninit::uninit(); BUF],
-            len: 0,
+/// Sends `s`, turning each `\n` into `\r\n`.
+pub fn put_str(s: &str) {
+    for &b in s.as_bytes() {
+        if b == b'\n' {
+            outb(COM1, b'\r');
         }
+        outb(COM1, b);
     }
 }
 
-impl Console {
-    fn push(&mut self, b: u8) {
-        if self.len == BUF {
-            self.flush();
-        }
-        self.buf[self.len].write(b);
-        self.len += 1;
-    }
-
-    /// Sends what is buffered.
-    pub fn flush(&mut self) {
-        for b in &self.buf[..self.len] {
-            // SAFETY: the first `len` bytes were written by `push`.
-            outb(COM1, unsafe { b.assume_init() });
-        }
-        self.len = 0;
+/// Sends `v` in decimal.
+pub fn put_u64(v: u64) {
+    let mut digits = [0u8; 20];
+    for b in neph_guest::decimal(v, &mut digits) {
+        outb(COM1, *b);
     }
 }
 
-impl Drop for Console {
-    fn drop(&mut self) {
-        self.flush();
-    }
-}
+/// The `core::fmt` sink for the console (unbuffered, see the module doc).
+#[derive(Debug, Default)]
+pub struct Console;
 
 impl fmt::Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for b in s.bytes() {
-            if b == b'\n' {
-                self.push(b'\r');
-            }
-            self.push(b);
-        }
+        put_str(s);
         Ok(())
     }
 }
@@ -101,7 +79,7 @@ macro_rules! println {
     () => { $crate::print!("\n") };
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
-        let mut c = $crate::hw::serial::Console::default();
+        let mut c = $crate::hw::serial::Console;
         let _ = writeln!(c, $($arg)*);
     }};
 }
@@ -111,7 +89,7 @@ macro_rules! println {
 macro_rules! print {
     ($($arg:tt)*) => {{
         use core::fmt::Write as _;
-        let mut c = $crate::hw::serial::Console::default();
+        let mut c = $crate::hw::serial::Console;
         let _ = write!(c, $($arg)*);
     }};
 }
