@@ -112,8 +112,8 @@ pub(crate) struct Boot {
     pending_vcpus: Vec<VcpuFd>,
     pub(crate) devices: Arc<Devices>,
     pub(crate) virtio: Vec<(SharedVirtio, DeviceKind, String)>,
-    _vm: Arc<VmFd>,
-    _mem: GuestMemoryMmap,
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) mem: GuestMemoryMmap,
 }
 
 impl std::fmt::Debug for Boot {
@@ -123,6 +123,11 @@ impl std::fmt::Debug for Boot {
 }
 
 impl Boot {
+    /// vCPU fds not started yet (a migration target loads state into them).
+    pub(crate) fn pending_vcpus(&self) -> &[VcpuFd] {
+        &self.pending_vcpus
+    }
+
     /// Starts the device thread and the vCPUs; events go to `sink`.
     pub(crate) fn start(
         &mut self,
@@ -176,6 +181,18 @@ fn host_memory_mib() -> Option<u64> {
 /// Validates `config`, probes KVM, opens the backends and builds the first
 /// boot. Nothing runs until [`Vm::run`].
 pub fn build(config: VmConfig, console: Arc<Console>) -> Result<Vm, StartVmError> {
+    build_with(config, console, true)
+}
+
+/// Like [`build`], for a migration target: the first boot gets no kernel,
+/// firmware tables or boot registers (memory stays zero until the source's
+/// pages arrive, and the vCPUs get the source's state); reboots load the
+/// kernel from `config` as usual.
+pub fn build_incoming(config: VmConfig, console: Arc<Console>) -> Result<Vm, StartVmError> {
+    build_with(config, console, false)
+}
+
+fn build_with(config: VmConfig, console: Arc<Console>, load: bool) -> Result<Vm, StartVmError> {
     config.validate()?;
     if let Some(host) = host_memory_mib()
         && config.memory_mib > host
@@ -197,7 +214,7 @@ pub fn build(config: VmConfig, console: Arc<Console>) -> Result<Vm, StartVmError
     for n in &config.nets {
         backends.nets.push((Tap::open(&n.tap)?, n.effective_mac()));
     }
-    let boot = create_boot(&config, &kvm, &caps, &backends, &console)?;
+    let boot = create_boot(&config, &kvm, &caps, &backends, &console, load)?;
     Ok(Vm::new(config, kvm, caps, console, backends, boot))
 }
 
@@ -208,6 +225,7 @@ pub(crate) fn create_boot(
     caps: &KvmCaps,
     backends: &Backends,
     console: &Arc<Console>,
+    load: bool,
 ) -> Result<Boot, StartVmError> {
     let vm = Arc::new(
         kvm.create_vm()
@@ -234,7 +252,7 @@ pub(crate) fn create_boot(
     // PVM); it runs on a helper thread while the rest is built.
     let (registered, rest) = std::thread::scope(|scope| {
         let registering = scope.spawn(|| memory::register(&vm, &mem));
-        let rest = populate(config, caps, backends, console, &vm, &mem);
+        let rest = populate(config, caps, backends, console, &vm, &mem, load);
         (registering.join(), rest)
     });
     registered.unwrap_or(Err(CreateMemoryError::Size))?;
@@ -245,8 +263,8 @@ pub(crate) fn create_boot(
         pending_vcpus: fds,
         devices,
         virtio,
-        _vm: vm,
-        _mem: mem,
+        vm,
+        mem,
     })
 }
 
@@ -264,18 +282,23 @@ fn populate(
     console: &Arc<Console>,
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
+    load: bool,
 ) -> Result<Populated, StartVmError> {
     let mem_bytes = config.memory_bytes();
-    acpi::setup(mem, config.vcpus, ACPI_START)?;
-    mptable::setup(mem, config.vcpus)?;
-    let kernel = loader::load(
-        mem,
-        mem_bytes,
-        &config.kernel,
-        config.initrd.as_deref(),
-        &config.cmdline,
-        ACPI_START,
-    )?;
+    let kernel = if load {
+        acpi::setup(mem, config.vcpus, ACPI_START)?;
+        mptable::setup(mem, config.vcpus)?;
+        Some(loader::load(
+            mem,
+            mem_bytes,
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+            ACPI_START,
+        )?)
+    } else {
+        None
+    };
 
     let router = Arc::new(IrqRouter::new(vm.clone(), caps.irq));
     let serial = SerialDevice::attach(console, IrqLine::new(vm, SERIAL_IRQ, caps.irq)?);
@@ -346,7 +369,10 @@ fn populate(
 
     let mut fds = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
-        let boot = (id == 0).then_some((kernel.mode, kernel.entry));
+        let boot = kernel
+            .as_ref()
+            .filter(|_| id == 0)
+            .map(|k| (k.mode, k.entry));
         fds.push(vcpu::create(
             vm,
             mem,

@@ -11,7 +11,9 @@
 //! - [`arch`]: x86_64 layout, registers, CPUID, MSRs, MP table, ACPI, loader;
 //! - [`devices`]: serial, legacy ports, PCI, virtio (`virtio/<device>/`);
 //! - [`api`]: the control socket protocol and the console socket;
-//! - [`probe`]: the KVM capability report (`neph-vmm --probe`).
+//! - [`probe`]: the KVM capability report (`neph-vmm --probe`);
+//! - [`migration`]: pre-copy live migration (source, target, wire
+//!   protocol, dirty tracking, saved state).
 //!
 //! The guest-facing contract is `docs/guest-platform.md`.
 //!
@@ -34,6 +36,7 @@ pub mod arch;
 pub mod builder;
 pub mod config;
 pub mod devices;
+pub mod migration;
 pub mod probe;
 pub mod terminal;
 pub mod vm;

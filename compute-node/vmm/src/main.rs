@@ -1,6 +1,7 @@
 //! The `neph-vmm` executable: a thin shell over the library. Parses the
 //! command line into a `VmConfig`, wires the console and the sockets, runs
-//! the VM; exits 0 when the guest powers off or is stopped, 1 on error.
+//! the VM (or receives one with `--incoming`); exits 0 when the guest
+//! powers off, is stopped or has migrated away, 1 on error.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -11,14 +12,19 @@ use anyhow::Context;
 use clap::Parser;
 use neph_vmm::config::{ConfigError, ConsoleConfig, DiskConfig, NetConfig};
 use neph_vmm::devices::serial::Console;
-use neph_vmm::{VmConfig, api};
+use neph_vmm::migration::target::IncomingConfig;
+use neph_vmm::{VmConfig, VmExit, api, migration};
 
 /// Run one KVM virtual machine.
 #[derive(Debug, Parser)]
 #[command(name = "neph-vmm", version)]
 struct Args {
     /// Kernel: PVH ELF, 64-bit ELF or bzImage.
-    #[arg(long, value_name = "PATH", required_unless_present = "probe")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present_any = ["probe", "incoming"]
+    )]
     kernel: Option<PathBuf>,
     /// Initramfs.
     #[arg(long, value_name = "PATH")]
@@ -50,6 +56,11 @@ struct Args {
     /// Leave out the virtio-rng device.
     #[arg(long)]
     no_rng: bool,
+    /// Receive a live migration on HOST:PORT instead of booting a kernel:
+    /// the VM's shape comes from the source; --disk (copied into, in the
+    /// source's order), --net, the console and --api-socket are this side's.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["kernel", "initrd", "probe"])]
+    incoming: Option<String>,
     /// Print what this host's KVM supports and exit.
     #[arg(long)]
     probe: bool,
@@ -91,6 +102,32 @@ fn config_from(args: Args) -> anyhow::Result<VmConfig> {
     })
 }
 
+fn incoming_from(args: &Args) -> anyhow::Result<IncomingConfig> {
+    let mut disks = Vec::new();
+    for d in &args.disk {
+        let c = d
+            .parse::<DiskConfig>()
+            .with_context(|| format!("--disk {d}"))?;
+        disks.push(c.path);
+    }
+    let mut taps = Vec::new();
+    for n in &args.net {
+        let c = n
+            .parse::<NetConfig>()
+            .with_context(|| format!("--net {n}"))?;
+        taps.push(c.tap);
+    }
+    Ok(IncomingConfig {
+        disks,
+        taps,
+        console: ConsoleConfig {
+            log: args.console_log.clone(),
+            socket: args.console_socket.clone(),
+        },
+        api_socket: args.api_socket.clone(),
+    })
+}
+
 fn probe(json: bool) -> anyhow::Result<()> {
     let kvm = kvm_ioctls::Kvm::new().context("cannot open /dev/kvm")?;
     let report = neph_vmm::probe::report(&kvm);
@@ -106,8 +143,23 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.probe {
         return probe(args.json);
     }
-    let config = config_from(args)?;
-    let sink: Box<dyn Write + Send> = match &config.console.log {
+    let incoming = match &args.incoming {
+        Some(addr) => Some((addr.clone(), incoming_from(&args)?)),
+        None => None,
+    };
+    let (console_log, console_socket, api_socket) = match &incoming {
+        Some((_, i)) => (
+            i.console.log.clone(),
+            i.console.socket.clone(),
+            i.api_socket.clone(),
+        ),
+        None => (
+            args.console_log.clone(),
+            args.console_socket.clone(),
+            args.api_socket.clone(),
+        ),
+    };
+    let sink: Box<dyn Write + Send> = match &console_log {
         Some(path) => Box::new(
             OpenOptions::new()
                 .create(true)
@@ -118,21 +170,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => Box::new(std::io::stdout()),
     };
     let console = Console::new(sink);
-    if let Some(path) = &config.console.socket {
+    if let Some(path) = &console_socket {
         api::console::serve(path, console.clone())?;
     }
-    let api_socket = config.api_socket.clone();
     // The sockets are this process's: leave no stale files behind, on
     // success or error.
     let _cleanup = RemoveOnDrop(
-        [&api_socket, &config.console.socket]
+        [&api_socket, &console_socket]
             .into_iter()
             .flatten()
             .cloned()
             .collect(),
     );
-    let stdin_console = config.console.log.is_none();
-    let vm = neph_vmm::build(config, console.clone())?;
+    let stdin_console = console_log.is_none();
+    let vm = match incoming {
+        Some((addr, local)) => migration::target::receive(&addr, &local, &console)?,
+        None => neph_vmm::build(config_from(args)?, console.clone())?,
+    };
     if let Some(path) = &api_socket {
         api::server::serve(path, vm.handle())?;
     }
@@ -150,7 +204,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let exit = vm.run();
     drop(_raw);
-    exit?;
+    if exit? == VmExit::Migrated {
+        eprintln!("neph-vmm: migrated");
+    }
     Ok(())
 }
 

@@ -13,6 +13,10 @@ use crate::api::{Metrics, NamedDeviceMetrics, Request, Response, RunState, Statu
 use crate::builder::{Backends, Boot, DeviceKind, StartVmError, create_boot};
 use crate::config::VmConfig;
 use crate::devices::serial::Console;
+use crate::migration::protocol::MigrationConfig;
+use crate::migration::source::{self, MigrateParams, SourceContext, SourceDisk, VmControl};
+use crate::migration::state::{self, DevicesState, MachineState, STATE_VERSION, SaveCaps};
+use crate::migration::{AlwaysSwitch, SwitchoverGate};
 use crate::probe::KvmCaps;
 use crate::vstate::vcpu::VcpuEvent;
 
@@ -30,6 +34,8 @@ pub enum VmExit {
     Stopped,
     /// A `shutdown` request's grace period ended first.
     ShutdownTimedOut,
+    /// The VM was live-migrated away; it runs on the target now.
+    Migrated,
 }
 
 /// Running the VM failed.
@@ -51,6 +57,16 @@ pub enum RunVmError {
 enum Message {
     Vcpu(u64, VcpuEvent),
     Request(Request, Sender<Response>),
+    Migration(u64, MigrationOp),
+}
+
+/// What the migration thread asks of the run loop (for the boot it
+/// started on: a reboot in between makes every op fail or do nothing).
+enum MigrationOp {
+    Throttle(bool),
+    StopAndSave(Sender<Result<MachineState, String>>),
+    Rollback,
+    Finish,
 }
 
 /// Sends control requests to a VM's run loop (cheap to clone).
@@ -64,6 +80,7 @@ impl std::fmt::Debug for Message {
         match self {
             Self::Vcpu(g, e) => write!(f, "Vcpu({g}, {e:?})"),
             Self::Request(r, _) => write!(f, "Request({r:?})"),
+            Self::Migration(g, _) => write!(f, "Migration({g})"),
         }
     }
 }
@@ -94,6 +111,45 @@ pub struct Vm {
     started: Instant,
     paused: bool,
     shutdown_deadline: Option<Instant>,
+    migration: Option<Arc<source::Shared>>,
+    gate: Arc<dyn SwitchoverGate>,
+    throttled: bool,
+}
+
+/// The run loop as the migration thread sees it.
+struct RunLoopControl {
+    tx: Sender<Message>,
+    generation: u64,
+}
+
+impl VmControl for RunLoopControl {
+    fn throttle(&self, pause: bool) {
+        let _ = self.tx.send(Message::Migration(
+            self.generation,
+            MigrationOp::Throttle(pause),
+        ));
+    }
+    fn stop_and_save(&self) -> Result<MachineState, String> {
+        let (tx, rx) = channel();
+        self.tx
+            .send(Message::Migration(
+                self.generation,
+                MigrationOp::StopAndSave(tx),
+            ))
+            .map_err(|_| "the VM has stopped".to_owned())?;
+        rx.recv_timeout(REQUEST_TIMEOUT)
+            .map_err(|_| "the VM did not answer".to_owned())?
+    }
+    fn rollback(&self) {
+        let _ = self
+            .tx
+            .send(Message::Migration(self.generation, MigrationOp::Rollback));
+    }
+    fn finish(&self) {
+        let _ = self
+            .tx
+            .send(Message::Migration(self.generation, MigrationOp::Finish));
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -128,7 +184,27 @@ impl Vm {
             started: Instant::now(),
             paused: false,
             shutdown_deadline: None,
+            migration: None,
+            gate: Arc::new(AlwaysSwitch),
+            throttled: false,
         }
+    }
+
+    /// Replaces the switchover gate migrations ask before they commit
+    /// (default: [`AlwaysSwitch`]).
+    pub fn set_switchover_gate(&mut self, gate: Arc<dyn SwitchoverGate>) {
+        self.gate = gate;
+    }
+
+    /// The current boot (a migration target loads state into it).
+    pub(crate) fn boot(&self) -> Option<&Boot> {
+        self.boot.as_ref()
+    }
+
+    /// Continues the source's boot count and run state (migration target).
+    pub(crate) fn continue_from(&mut self, boots: u64, paused: bool) {
+        self.generation = boots.saturating_sub(1);
+        self.paused = paused;
     }
 
     /// A handle for control requests.
@@ -169,6 +245,11 @@ impl Vm {
             self.stop_boot();
             return Err(e.into());
         }
+        if self.paused
+            && let Some(b) = &self.boot
+        {
+            b.pause();
+        }
         loop {
             let msg = match self.shutdown_deadline {
                 Some(d) => match self
@@ -195,6 +276,11 @@ impl Vm {
                     return Ok(VmExit::PoweredOff);
                 }
                 Message::Vcpu(_, VcpuEvent::Reset) => {
+                    if let Some(m) = &self.migration {
+                        // Its memory and state are gone with this boot.
+                        m.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    self.throttled = false;
                     self.stop_boot();
                     self.generation += 1;
                     self.paused = false;
@@ -204,6 +290,7 @@ impl Vm {
                         &self.caps,
                         &self.backends,
                         &self.console,
+                        true,
                     )?;
                     self.boot = Some(boot);
                     if let Err(e) = self.start_boot() {
@@ -214,6 +301,12 @@ impl Vm {
                 Message::Vcpu(_, VcpuEvent::Crash { id, reason }) => {
                     self.stop_boot();
                     return Err(RunVmError::Crash { id, reason });
+                }
+                Message::Migration(g, op) => {
+                    if self.migration_op(g, op) {
+                        self.stop_boot();
+                        return Ok(VmExit::Migrated);
+                    }
                 }
                 Message::Request(req, reply) => {
                     let (response, exit) = self.handle_request(req);
@@ -227,7 +320,211 @@ impl Vm {
         }
     }
 
+    /// Runs a migration op; true when the VM has moved away.
+    fn migration_op(&mut self, generation: u64, op: MigrationOp) -> bool {
+        let current = generation == self.generation;
+        let Some(boot) = self.boot.as_ref().filter(|_| current) else {
+            if let MigrationOp::StopAndSave(reply) = op {
+                let _ = reply.send(Err("the guest rebooted during the migration".into()));
+            }
+            return false;
+        };
+        match op {
+            MigrationOp::Throttle(pause) => {
+                // An operator's pause wins over the throttle.
+                if !self.paused && pause != self.throttled {
+                    if let Some(v) = &boot.vcpus {
+                        if pause { v.pause() } else { v.resume() }
+                    }
+                    self.throttled = pause;
+                }
+                false
+            }
+            MigrationOp::StopAndSave(reply) => {
+                if self.throttled {
+                    self.throttled = false;
+                }
+                boot.pause();
+                let _ = reply.send(self.save_state(boot));
+                false
+            }
+            MigrationOp::Rollback => {
+                self.throttled = false;
+                if !self.paused {
+                    boot.resume();
+                }
+                false
+            }
+            MigrationOp::Finish => true,
+        }
+    }
+
+    /// Saves the machine state of a paused boot.
+    fn save_state(&self, boot: &Boot) -> Result<MachineState, String> {
+        let Some(vcpus) = &boot.vcpus else {
+            return Err("the vCPUs are not running".into());
+        };
+        let caps = SaveCaps::probe(&self.kvm);
+        let msrs = Arc::new(self.caps.msrs.clone());
+        let results = vcpus.on_each_paused(
+            move |id, fd| state::save_vcpu(fd, id, caps, &msrs),
+            REQUEST_TIMEOUT,
+        );
+        let mut saved = Vec::with_capacity(results.len());
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Some(Ok(v)) => saved.push(v),
+                Some(Err(e)) => return Err(source::error_chain(&e)),
+                None => return Err(format!("vCPU {i} did not hand over its state")),
+            }
+        }
+        let vm = state::save_vm(&boot.vm).map_err(|e| source::error_chain(&e))?;
+        let serial = boot
+            .devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .save_state();
+        let virtio = boot
+            .virtio
+            .iter()
+            .map(|(d, _, _)| d.lock().unwrap_or_else(|e| e.into_inner()).save_state())
+            .collect();
+        Ok(MachineState {
+            version: STATE_VERSION,
+            paused: self.paused,
+            vcpus: saved,
+            vm,
+            devices: DevicesState { serial, virtio },
+        })
+    }
+
+    fn migration_running(&self) -> bool {
+        self.migration
+            .as_ref()
+            .is_some_and(|m| !m.done.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn start_migration(&mut self, params: MigrateParams) -> Response {
+        if self.migration_running() {
+            return Response::error("INVALID_STATE", "a migration is already running");
+        }
+        if self.shutdown_deadline.is_some() {
+            return Response::error("INVALID_STATE", "the VM is shutting down");
+        }
+        let Some(boot) = self.boot.as_ref() else {
+            return Response::error("UNAVAILABLE", "the VM is between boots");
+        };
+        let mut disks = Vec::new();
+        let blocks = boot
+            .virtio
+            .iter()
+            .filter(|(_, k, _)| *k == DeviceKind::Block)
+            .map(|(d, _, _)| d.clone());
+        for ((cfg, backend), device) in self
+            .config
+            .disks
+            .iter()
+            .zip(&self.backends.disks)
+            .zip(blocks)
+        {
+            disks.push(SourceDisk {
+                path: cfg.path.clone(),
+                capacity: backend.capacity,
+                readonly: backend.readonly,
+                device,
+            });
+        }
+        let config = MigrationConfig {
+            vcpus: self.config.vcpus,
+            memory_mib: self.config.memory_mib,
+            disks: disks.iter().map(source::disk_info).collect(),
+            nets: self.backends.nets.iter().map(|(_, mac)| mac.0).collect(),
+            rng: self.config.rng,
+            kernel: self.config.kernel.display().to_string(),
+            initrd: self.config.initrd.as_ref().map(|p| p.display().to_string()),
+            cmdline: self.config.cmdline.clone(),
+            boots: self.generation + 1,
+        };
+        let ctx = SourceContext {
+            vm: boot.vm.clone(),
+            mem: boot.mem.clone(),
+            config,
+            disks,
+            control: Arc::new(RunLoopControl {
+                tx: self.tx.clone(),
+                generation: self.generation,
+            }),
+            gate: self.gate.clone(),
+        };
+        let shared = source::Shared::new(&params.to);
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || source::run(ctx, params, s));
+        if let Err(e) = spawned {
+            return Response::error("UNAVAILABLE", format!("cannot start the migration: {e}"));
+        }
+        self.migration = Some(shared.clone());
+        let mut r = Response::ok();
+        r.migration = Some(shared.snapshot());
+        r
+    }
+
     fn handle_request(&mut self, req: Request) -> (Response, Option<VmExit>) {
+        match req {
+            Request::Migrate {
+                to,
+                max_downtime_ms,
+                timeout_ms,
+                verify,
+            } => {
+                let params = MigrateParams {
+                    to,
+                    max_downtime: max_downtime_ms
+                        .map_or(source::DEFAULT_MAX_DOWNTIME, Duration::from_millis),
+                    timeout: timeout_ms.map_or(source::DEFAULT_TIMEOUT, Duration::from_millis),
+                    verify,
+                };
+                return (self.start_migration(params), None);
+            }
+            Request::MigrateStatus => {
+                return match &self.migration {
+                    Some(m) => {
+                        let mut r = Response::ok();
+                        r.migration = Some(m.snapshot());
+                        (r, None)
+                    }
+                    None => (
+                        Response::error("INVALID_STATE", "no migration has been started"),
+                        None,
+                    ),
+                };
+            }
+            Request::MigrateCancel => {
+                return match &self.migration {
+                    Some(m) if self.migration_running() => {
+                        m.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+                        (Response::ok(), None)
+                    }
+                    _ => (
+                        Response::error("INVALID_STATE", "no migration is running"),
+                        None,
+                    ),
+                };
+            }
+            Request::Pause | Request::Resume if self.migration_running() => {
+                return (
+                    Response::error("INVALID_STATE", "a migration is running"),
+                    None,
+                );
+            }
+            _ => {}
+        }
+        self.handle_vm_request(req)
+    }
+
+    fn handle_vm_request(&mut self, req: Request) -> (Response, Option<VmExit>) {
         let Some(boot) = self.boot.as_ref() else {
             return (
                 Response::error("UNAVAILABLE", "the VM is between boots"),
@@ -245,6 +542,7 @@ impl Vm {
                 None,
             ),
             Request::Pause => {
+                self.throttled = false;
                 boot.pause();
                 self.paused = true;
                 (Response::ok(), None)
@@ -277,6 +575,9 @@ impl Vm {
                 let mut r = Response::ok();
                 r.metrics = Some(self.metrics(boot));
                 (r, None)
+            }
+            Request::Migrate { .. } | Request::MigrateStatus | Request::MigrateCancel => {
+                (Response::error("BAD_REQUEST", "not a VM request"), None)
             }
         }
     }

@@ -22,6 +22,9 @@
 //! | `shutdown` | asks the guest to power off (power button: I/O port 0x602 reads 1, see `devices::legacy`); stops it after `timeout_ms` (default 10000) | `ok` at once; the process exits 0 when the guest powers off or the timeout ends it |
 //! | `stop` | stops the VM now; the process exits 0 | `ok` |
 //! | `metrics` | none | `metrics`: `vcpus` (`id`, `tid`, `user_ms`, `system_ms`), `rss_bytes`, `guest_memory_bytes`, `console_bytes`, `disks` and `nets` (device counters) |
+//! | `migrate` | starts a live migration to `to` (`HOST:PORT` of a `neph-vmm --incoming`); optional `max_downtime_ms` (default 50), `timeout_ms` (default 120000), `verify` (test mode: memory checksum compared by the target) | `ok` and `migration` at once; on success the process exits 0 after printing `migrated` on stderr |
+//! | `migrate_status` | none | `migration`: `state` (`setup`, `precopy`, `stop_and_copy`, `completed`, `failed`, `cancelled`), `to`, `round`, `bytes_sent`, `bytes_remaining`, `dirty_rate_bps`, `throughput_bps`, `expected_downtime_ms`, `throttle_percent`, `elapsed_ms`, `downtime_ms`, `error` |
+//! | `migrate_cancel` | stops the running migration before its switchover; the VM runs on here | `ok` |
 //!
 //! Errors are `{"ok":false,"error":{"code":CODE,"message":TEXT}}` with
 //! `CODE` one of `BAD_REQUEST` (not JSON, unknown `cmd`, line over 64 KiB),
@@ -42,6 +45,7 @@ pub mod server;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::virtio::DeviceMetrics;
+use crate::migration::MigrationStatus;
 
 /// A control request. Unknown fields of `shutdown` are rejected; the
 /// commands without arguments ignore extra fields.
@@ -64,6 +68,25 @@ pub enum Request {
     Stop,
     /// Report counters.
     Metrics,
+    /// Live-migrate the VM to a `neph-vmm --incoming` at `to`.
+    Migrate {
+        /// `HOST:PORT` of the target.
+        to: String,
+        /// Downtime budget in ms (default 50).
+        #[serde(default)]
+        max_downtime_ms: Option<u64>,
+        /// Give up and resume here after this many ms (default 120000).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+        /// Test mode: the target compares a checksum of all guest memory
+        /// at switchover (costs a pass over memory in the downtime).
+        #[serde(default)]
+        verify: bool,
+    },
+    /// Progress of the current or last migration.
+    MigrateStatus,
+    /// Cancel the running migration (before its switchover).
+    MigrateCancel,
 }
 
 /// Run state.
@@ -157,6 +180,9 @@ pub struct Response {
     /// For `metrics`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
+    /// For `migrate` and `migrate_status`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
     /// On failure.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ApiError>,
@@ -169,6 +195,7 @@ impl Response {
             ok: true,
             status: None,
             metrics: None,
+            migration: None,
             error: None,
         }
     }
@@ -179,6 +206,7 @@ impl Response {
             ok: false,
             status: None,
             metrics: None,
+            migration: None,
             error: Some(ApiError {
                 code: code.to_owned(),
                 message: message.into(),
@@ -203,6 +231,19 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"cmd":"shutdown"}"#).unwrap();
         assert_eq!(r, Request::Shutdown { timeout_ms: None });
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"migrate","to":"10.0.0.2:7000","max_downtime_ms":20}"#)
+                .unwrap();
+        assert_eq!(
+            r,
+            Request::Migrate {
+                to: "10.0.0.2:7000".into(),
+                max_downtime_ms: Some(20),
+                timeout_ms: None,
+                verify: false
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"migrate"}"#).is_err());
         // A misspelt argument is an error, not a silent default.
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"shutdown","timeout":1}"#).is_err());
         let s = serde_json::to_string(&Response::error("BAD_REQUEST", "no")).unwrap();

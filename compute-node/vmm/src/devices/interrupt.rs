@@ -72,6 +72,14 @@ impl IrqLine {
         }
     }
 
+    /// Another handle on the same line.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            Self::Irqfd(evt) => Self::Irqfd(evt.try_clone()?),
+            Self::Ioctl(vm, gsi) => Self::Ioctl(vm.clone(), *gsi),
+        })
+    }
+
     /// Raises an edge on the line.
     pub fn trigger(&self) -> std::io::Result<()> {
         match self {

@@ -140,6 +140,31 @@ impl PciConfig {
         off
     }
 
+    /// The raw 256 bytes (for saving).
+    pub fn bytes(&self) -> &[u8; 256] {
+        &self.data
+    }
+
+    /// Replaces the contents with saved `bytes`, which must agree with this
+    /// space on every byte the guest cannot write (identity, capabilities,
+    /// BAR types): a saved space from another device is refused.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), RestorePciError> {
+        if bytes.len() != self.data.len() {
+            return Err(RestorePciError::Length(bytes.len()));
+        }
+        for (at, (&new, (&ours, &m))) in bytes
+            .iter()
+            .zip(self.data.iter().zip(self.wmask.iter()))
+            .enumerate()
+        {
+            if (new ^ ours) & !m != 0 {
+                return Err(RestorePciError::ReadOnly(at));
+            }
+        }
+        self.data.copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// The dword at `reg * 4`.
     pub fn read_reg(&self, reg: usize) -> u32 {
         if reg >= 64 {
@@ -159,6 +184,17 @@ impl PciConfig {
             self.data[at] = (self.data[at] & !m) | (v & m);
         }
     }
+}
+
+/// A saved configuration space does not fit this device.
+#[derive(Debug, thiserror::Error)]
+pub enum RestorePciError {
+    /// Not 256 bytes.
+    #[error("a saved PCI configuration space has {0} bytes instead of 256")]
+    Length(usize),
+    /// A read-only byte differs.
+    #[error("the saved PCI configuration space differs at read-only byte {0:#x}")]
+    ReadOnly(usize),
 }
 
 /// A function on the bus.

@@ -9,7 +9,9 @@ use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, Weak};
 
+use serde::{Deserialize, Serialize};
 use vm_superio::Serial;
+use vm_superio::serial::SerialState;
 
 use super::interrupt::IrqLine;
 
@@ -128,6 +130,46 @@ impl Write for ConsoleWriter {
     }
 }
 
+/// Saved UART registers and receive FIFO, plus console input not yet
+/// taken by the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSavedState {
+    /// Divisor latch, low and high byte.
+    pub baud_divisor: [u8; 2],
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Receive FIFO (at most 64 bytes).
+    pub fifo: Vec<u8>,
+    /// Input queued behind the FIFO (at most 64 KiB).
+    pub pending: Vec<u8>,
+}
+
+/// Loading saved UART state failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreSerialError {
+    /// More queued input than the UART keeps.
+    #[error("saved console input of {0} bytes is larger than the 64 KiB queue")]
+    Pending(usize),
+    /// vm-superio refused the state (e.g. a FIFO over 64 bytes).
+    #[error("the saved UART state is invalid: {0:?}")]
+    Invalid(String),
+    /// The interrupt line could not be shared.
+    #[error("cannot reuse the UART's interrupt line")]
+    Irq(#[source] io::Error),
+}
+
 /// The UART with its pending input.
 pub struct SerialDevice {
     uart: Serial<IrqLine, vm_superio::serial::NoEvents, ConsoleWriter>,
@@ -151,6 +193,53 @@ impl SerialDevice {
         }));
         console.attach(&dev);
         dev
+    }
+
+    /// Saves the UART state.
+    pub fn save_state(&self) -> SerialSavedState {
+        let s = self.uart.state();
+        SerialSavedState {
+            baud_divisor: [s.baud_divisor_low, s.baud_divisor_high],
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            fifo: s.in_buffer,
+            pending: self.pending.iter().copied().collect(),
+        }
+    }
+
+    /// Loads a state saved by [`Self::save_state`] (checked first).
+    pub fn restore_state(&mut self, state: &SerialSavedState) -> Result<(), RestoreSerialError> {
+        if state.pending.len() > MAX_PENDING_INPUT {
+            return Err(RestoreSerialError::Pending(state.pending.len()));
+        }
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor[0],
+            baud_divisor_high: state.baud_divisor[1],
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.fifo.clone(),
+        };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .try_clone()
+            .map_err(RestoreSerialError::Irq)?;
+        let writer = ConsoleWriter(self.uart.writer().0.clone());
+        let uart = Serial::from_state(&s, irq, vm_superio::serial::NoEvents, writer)
+            .map_err(|e| RestoreSerialError::Invalid(format!("{e:?}")))?;
+        self.uart = uart;
+        self.pending = state.pending.iter().copied().collect();
+        Ok(())
     }
 
     /// Register read at `offset` (0..8).

@@ -1,6 +1,6 @@
 //! Guest memory: anonymous mappings for each RAM range of the layout, with a
-//! dirty bitmap for VMM-side writes (for live migration later), registered
-//! with KVM as one memory slot per range.
+//! dirty bitmap for VMM-side writes (read by live migration), registered
+//! with KVM as one memory slot per range (KVM's own dirty log switchable).
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -41,6 +41,30 @@ pub fn create(mem_bytes: u64) -> Result<GuestMemoryMmap, CreateMemoryError> {
 
 /// Registers every region of `mem` with KVM, slot numbers from 0.
 pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), CreateMemoryError> {
+    register_with_flags(vm, mem, 0)
+}
+
+/// Turns KVM's dirty page log on (or off) for every slot of `mem`: the
+/// slots are registered again, same addresses, with
+/// `KVM_MEM_LOG_DIRTY_PAGES` set (or cleared).
+pub fn set_dirty_logging(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    on: bool,
+) -> Result<(), CreateMemoryError> {
+    let flags = if on {
+        kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
+    register_with_flags(vm, mem, flags)
+}
+
+fn register_with_flags(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    flags: u32,
+) -> Result<(), CreateMemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let slot = u32::try_from(slot).map_err(|_| CreateMemoryError::Size)?;
         let host = region
@@ -48,7 +72,7 @@ pub fn register(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), CreateMemoryErro
             .map_err(|_| CreateMemoryError::Size)?;
         let desc = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,

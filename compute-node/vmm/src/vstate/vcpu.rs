@@ -71,12 +71,22 @@ enum Wanted {
     Stop,
 }
 
-#[derive(Debug)]
+/// Work run on a parked vCPU's own thread (which owns its fd), e.g. saving
+/// its state for a migration.
+pub type VcpuJob = Box<dyn FnOnce(&VcpuFd) + Send>;
+
 struct Shared {
     wanted: Mutex<Wanted>,
+    jobs: Mutex<Vec<Option<VcpuJob>>>,
     changed: Condvar,
     parked: Mutex<Vec<bool>>,
     parked_changed: Condvar,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
 }
 
 /// Creates vCPU `id` of `count` and sets its state; the boot vCPU (id 0)
@@ -132,6 +142,7 @@ impl VcpuSet {
                 Wanted::Run
             }),
             changed: Condvar::new(),
+            jobs: Mutex::new((0..fds.len()).map(|_| None).collect()),
             parked: Mutex::new(vec![false; fds.len()]),
             parked_changed: Condvar::new(),
         });
@@ -177,6 +188,43 @@ impl VcpuSet {
     pub fn pause(&self) {
         self.set(Wanted::Pause);
         self.kick_until(|parked, i, t| parked[i] || t.is_finished());
+    }
+
+    /// Runs `job(id)` on every vCPU's thread while they are paused (call
+    /// [`Self::pause`] first) and returns the results in vCPU order; `None`
+    /// for a vCPU whose thread has ended or did not answer within `timeout`.
+    pub fn on_each_paused<T: Send + 'static>(
+        &self,
+        job: impl Fn(u8, &VcpuFd) -> T + Send + Sync + 'static,
+        timeout: Duration,
+    ) -> Vec<Option<T>> {
+        let job = Arc::new(job);
+        let mut rxs = Vec::with_capacity(self.threads.len());
+        {
+            let mut jobs = self.shared.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, slot) in jobs.iter_mut().enumerate() {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let job = job.clone();
+                let id = u8::try_from(i).unwrap_or(u8::MAX);
+                *slot = Some(Box::new(move |fd: &VcpuFd| {
+                    let _ = tx.send(job(id, fd));
+                }));
+                rxs.push(rx);
+            }
+        }
+        // Parked threads wait on `wanted`: wake them under its lock so none
+        // misses the notification.
+        {
+            let _w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.changed.notify_all();
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        rxs.into_iter()
+            .map(|rx| {
+                rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                    .ok()
+            })
+            .collect()
     }
 
     /// Lets the vCPUs run again.
@@ -270,7 +318,17 @@ impl VcpuThread {
         self.shared.parked_changed.notify_all();
     }
 
-    /// Blocks while paused; false when asked to stop.
+    fn take_job(&self) -> Option<VcpuJob> {
+        self.shared
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(usize::from(self.id))
+            .and_then(Option::take)
+    }
+
+    /// Blocks while paused (running jobs handed to it meanwhile); false
+    /// when asked to stop.
     fn wait_until_runnable(&self) -> bool {
         let mut w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
         if *w == Wanted::Run {
@@ -280,6 +338,12 @@ impl VcpuThread {
         self.set_parked(true);
         w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
         while *w == Wanted::Pause {
+            if let Some(job) = self.take_job() {
+                drop(w);
+                job(&self.fd);
+                w = self.shared.wanted.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
             w = self
                 .shared
                 .changed

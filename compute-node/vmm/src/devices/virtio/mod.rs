@@ -117,7 +117,20 @@ pub trait VirtioDevice: Send {
     }
     /// Its counters.
     fn metrics(&self) -> DeviceMetrics;
+    /// The queues it works on, once activated (for saving their positions).
+    fn queues(&self) -> Option<&[virtio_queue::Queue]>;
+    /// The same, to restore their positions after a migration.
+    fn queues_mut(&mut self) -> Option<&mut [virtio_queue::Queue]>;
+    /// Starts (`Some`) or stops recording which backend byte ranges the
+    /// guest writes (block devices; others ignore it).
+    fn set_write_log(&mut self, _log: Option<Arc<WriteLog>>) {}
 }
+
+/// Chunks of a backend written while a migration copies it: one bit per
+/// [`WRITE_LOG_CHUNK`] bytes.
+pub type WriteLog = vm_memory::bitmap::AtomicBitmap;
+/// Granularity of a [`WriteLog`].
+pub const WRITE_LOG_CHUNK: usize = 64 * 1024;
 
 /// Copies `value`'s little-endian bytes at `offset` into `data` (for device
 /// configuration reads of any width and alignment); bytes past the end read 0.

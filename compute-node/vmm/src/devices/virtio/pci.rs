@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use serde::{Deserialize, Serialize};
+use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{Activation, DeviceMetrics, VIRTIO_F_VERSION_1, VirtioDevice, queue, status};
@@ -281,6 +283,109 @@ impl std::fmt::Debug for VirtioPciDevice {
     }
 }
 
+/// Saved state of one queue: the driver's setup and the device's ring
+/// positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSavedState {
+    /// Size the driver chose.
+    pub size: u16,
+    /// Enabled by the driver.
+    pub ready: bool,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available ring address.
+    pub avail: u64,
+    /// Used ring address.
+    pub used: u64,
+    /// Next available index the device will read.
+    pub next_avail: u16,
+    /// Next used index the device will write.
+    pub next_used: u16,
+}
+
+/// Saved MSI-X state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixSavedState {
+    /// Table entries: address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    /// Pending bits.
+    pub pending: Vec<bool>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_masked: bool,
+    /// Vector of each queue.
+    pub queue_vectors: Vec<u16>,
+    /// Configuration change vector.
+    pub config_vector: u16,
+}
+
+/// Saved state of a virtio-pci device (transport and queues). Untrusted
+/// on load: [`VirtioPciDevice::restore_state`] checks it against the
+/// device it is loaded into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    /// virtio device type, which must match.
+    pub device_type: u16,
+    /// PCI configuration space (256 bytes).
+    pub config_space: Vec<u8>,
+    /// Device status.
+    pub status: u8,
+    /// Common configuration registers.
+    pub device_feature_select: u32,
+    /// Common configuration registers.
+    pub driver_feature_select: u32,
+    /// Features the driver wrote.
+    pub driver_features: u64,
+    /// Configuration generation.
+    pub config_generation: u8,
+    /// Selected queue.
+    pub queue_select: u16,
+    /// Every queue.
+    pub queues: Vec<QueueSavedState>,
+    /// MSI-X.
+    pub msix: MsixSavedState,
+    /// ISR byte.
+    pub isr: u8,
+}
+
+/// Loading saved state into a virtio-pci device failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreVirtioError {
+    /// Another device type.
+    #[error("saved state of a type {saved} virtio device cannot load into a type {ours} device")]
+    DeviceType {
+        /// In the state.
+        saved: u16,
+        /// This device.
+        ours: u16,
+    },
+    /// Counts disagree.
+    #[error("saved state has {saved} {what}, this device has {ours}")]
+    Count {
+        /// What is counted.
+        what: &'static str,
+        /// In the state.
+        saved: usize,
+        /// This device.
+        ours: usize,
+    },
+    /// The configuration space.
+    #[error("cannot restore the PCI configuration space")]
+    Config(#[from] crate::devices::pci::RestorePciError),
+    /// A queue's setup is invalid.
+    #[error("saved queue {index} is invalid: {reason}")]
+    Queue {
+        /// Queue.
+        index: usize,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A vector register names no vector.
+    #[error("saved vector {0} is out of range")]
+    Vector(u16),
+}
+
 /// Creating a virtio-pci device failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateVirtioPciError {
@@ -424,6 +529,171 @@ impl VirtioPciDevice {
     /// The device status byte.
     pub fn status(&self) -> u8 {
         self.status
+    }
+
+    /// Starts or stops logging backend writes (see [`super::WriteLog`]).
+    pub fn set_write_log(&mut self, log: Option<Arc<super::WriteLog>>) {
+        self.device.set_write_log(log);
+    }
+
+    /// Saves the transport and queue state. The device thread must be
+    /// paused (or stopped) so no request is half done: requests are handled
+    /// synchronously, so a paused device has none in flight.
+    pub fn save_state(&self) -> VirtioPciState {
+        let st = self.interrupt.lock();
+        let positions: Vec<(u16, u16)> = self
+            .device
+            .queues()
+            .map(|qs| qs.iter().map(|q| (q.next_avail(), q.next_used())).collect())
+            .unwrap_or_default();
+        VirtioPciState {
+            device_type: self.device.device_type(),
+            config_space: self.config.bytes().to_vec(),
+            status: self.status,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            config_generation: self.config_generation,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let (next_avail, next_used) = positions.get(i).copied().unwrap_or((0, 0));
+                    QueueSavedState {
+                        size: q.size,
+                        ready: q.ready,
+                        desc: q.desc,
+                        avail: q.avail,
+                        used: q.used,
+                        next_avail,
+                        next_used,
+                    }
+                })
+                .collect(),
+            msix: MsixSavedState {
+                entries: st
+                    .entries
+                    .iter()
+                    .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                    .collect(),
+                pending: st.pending.clone(),
+                enabled: st.enabled,
+                function_masked: st.function_masked,
+                queue_vectors: st.queue_vectors.clone(),
+                config_vector: st.config_vector,
+            },
+            isr: self.interrupt.isr(),
+        }
+    }
+
+    /// Loads `state` saved by [`Self::save_state`] on another host into
+    /// this freshly created, never activated device: everything is checked
+    /// before anything is changed, then interrupt routes and notification
+    /// eventfds are set up again and an active device is reactivated with
+    /// its ring positions.
+    pub fn restore_state(&mut self, state: &VirtioPciState) -> Result<(), RestoreVirtioError> {
+        let ours = self.device.device_type();
+        if state.device_type != ours {
+            return Err(RestoreVirtioError::DeviceType {
+                saved: state.device_type,
+                ours,
+            });
+        }
+        let count = |what, saved: usize, ours: usize| {
+            if saved == ours {
+                Ok(())
+            } else {
+                Err(RestoreVirtioError::Count { what, saved, ours })
+            }
+        };
+        let nvec = self.interrupt.vectors.len();
+        count("queues", state.queues.len(), self.queues.len())?;
+        count("MSI-X entries", state.msix.entries.len(), nvec)?;
+        count("MSI-X pending bits", state.msix.pending.len(), nvec)?;
+        count(
+            "queue vectors",
+            state.msix.queue_vectors.len(),
+            self.queues.len(),
+        )?;
+        for &v in state
+            .msix
+            .queue_vectors
+            .iter()
+            .chain(std::iter::once(&state.msix.config_vector))
+        {
+            if v != NO_VECTOR && usize::from(v) >= nvec {
+                return Err(RestoreVirtioError::Vector(v));
+            }
+        }
+        for (index, (q, ours)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if q.ready {
+                queue::build(ours.max, q.size, q.desc, q.avail, q.used, &self.mem)
+                    .map_err(|reason| RestoreVirtioError::Queue { index, reason })?;
+            } else if q.size > ours.max {
+                return Err(RestoreVirtioError::Queue {
+                    index,
+                    reason: "size above the maximum",
+                });
+            }
+        }
+        let mut config = self.config.clone();
+        config.restore(&state.config_space)?;
+
+        // Checked: apply.
+        self.config = config;
+        self.status = state.status;
+        self.device_feature_select = state.device_feature_select;
+        self.driver_feature_select = state.driver_feature_select;
+        self.driver_features = state.driver_features;
+        self.config_generation = state.config_generation;
+        self.queue_select = state.queue_select;
+        for (q, s) in self.queues.iter_mut().zip(&state.queues) {
+            q.size = s.size;
+            q.ready = s.ready;
+            q.desc = s.desc;
+            q.avail = s.avail;
+            q.used = s.used;
+        }
+        {
+            let mut st = self.interrupt.lock();
+            for (e, w) in st.entries.iter_mut().zip(&state.msix.entries) {
+                e.addr_lo = w[0];
+                e.addr_hi = w[1];
+                e.data = w[2];
+                e.control = w[3] & 1;
+            }
+            st.pending.clone_from(&state.msix.pending);
+            st.enabled = state.msix.enabled;
+            st.function_masked = state.msix.function_masked;
+            st.queue_vectors.clone_from(&state.msix.queue_vectors);
+            st.config_vector = state.msix.config_vector;
+            if let Some(r) = &self.interrupt.router {
+                for (e, v) in st.entries.iter().zip(&self.interrupt.vectors) {
+                    let msg = MsiMessage {
+                        addr_lo: e.addr_lo,
+                        addr_hi: e.addr_hi,
+                        data: e.data,
+                    };
+                    let _ = r.update(v, (msg.addr_lo != 0).then_some(msg));
+                }
+            }
+        }
+        self.interrupt.isr.store(state.isr, Ordering::SeqCst);
+        self.sync_ioeventfds();
+        if self.active() && self.status & status::FEATURES_OK != 0 {
+            self.activate();
+            if let Some(qs) = self.device.queues_mut() {
+                for (q, s) in qs.iter_mut().zip(&state.queues) {
+                    if s.ready {
+                        q.set_next_avail(s.next_avail);
+                        q.set_next_used(s.next_used);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     fn active(&self) -> bool {

@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -127,6 +128,7 @@ pub struct Block {
     config: [u8; 24],
     active: Option<Activation>,
     metrics: DeviceMetrics,
+    write_log: Option<Arc<super::WriteLog>>,
 }
 
 impl Block {
@@ -149,6 +151,7 @@ impl Block {
             config,
             active: None,
             metrics: DeviceMetrics::default(),
+            write_log: None,
         }
     }
 
@@ -225,6 +228,15 @@ impl Block {
                                 usize::try_from(len).unwrap_or(usize::MAX),
                             )
                             .is_ok();
+                    // Logged after the write (even a failed one, which may
+                    // have written part): a migration that reads the chunk
+                    // before this sees the bit again next round.
+                    if let Some(log) = &self.write_log {
+                        log.set_addr_range(
+                            usize::try_from(pos).unwrap_or(usize::MAX),
+                            usize::try_from(len).unwrap_or(usize::MAX),
+                        );
+                    }
                     if !ok {
                         return Ok((S_IOERR, 0));
                     }
@@ -281,6 +293,15 @@ impl VirtioDevice for Block {
         let result = self.drain(&mut a, index);
         self.active = Some(a);
         result
+    }
+    fn set_write_log(&mut self, log: Option<Arc<super::WriteLog>>) {
+        self.write_log = log;
+    }
+    fn queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+    fn queues_mut(&mut self) -> Option<&mut [virtio_queue::Queue]> {
+        self.active.as_mut().map(|a| a.queues.as_mut_slice())
     }
     fn metrics(&self) -> DeviceMetrics {
         self.metrics.clone()

@@ -101,6 +101,12 @@ impl VirtioDevice for Rng {
         }
         Ok(())
     }
+    fn queues(&self) -> Option<&[virtio_queue::Queue]> {
+        self.active.as_ref().map(|a| a.queues.as_slice())
+    }
+    fn queues_mut(&mut self) -> Option<&mut [virtio_queue::Queue]> {
+        self.active.as_mut().map(|a| a.queues.as_mut_slice())
+    }
     fn metrics(&self) -> DeviceMetrics {
         self.metrics.clone()
     }

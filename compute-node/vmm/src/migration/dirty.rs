@@ -1,0 +1,309 @@
+//! Dirty tracking for pre-copy: which guest pages and which disk chunks
+//! still have to be sent.
+//!
+//! Guest pages are dirtied by vCPUs (KVM's dirty log, turned on per memory
+//! slot with `KVM_MEM_LOG_DIRTY_PAGES` and read-and-cleared with
+//! `KVM_GET_DIRTY_LOG`) and by the VMM's own devices (virtio-blk reads,
+//! virtio-net receive, rng, used rings: vm-memory's [`AtomicBitmap`] on each
+//! region). Disk chunks are dirtied by the guest's writes, logged by the
+//! block device into a [`WriteLog`].
+//!
+//! The bug class this module is shaped against: a dirty bit read (and so
+//! cleared) by an attempt that then fails is lost to the next attempt. Here
+//! every bit harvested goes into a "still to send" set owned by the
+//! attempt, and each attempt starts from "everything": [`PageTracker::start`]
+//! marks all pages (and [`DiskTracker::start`] all chunks) to send, then
+//! clears the logs. A failed attempt's harvest is thrown away with the
+//! attempt, never leaving a page unsent by the next one.
+
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::devices::virtio::{WRITE_LOG_CHUNK, WriteLog};
+use crate::vstate::memory::{self, CreateMemoryError, GuestMemoryMmap};
+
+/// Page size of the logs.
+pub const PAGE: u64 = 4096;
+
+/// Reading the dirty log failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DirtyLogError {
+    /// Turning logging on or off.
+    #[error("cannot switch KVM's dirty log")]
+    Switch(#[from] CreateMemoryError),
+    /// `KVM_GET_DIRTY_LOG`.
+    #[error("KVM refused the dirty log of slot {0}")]
+    Get(u32, #[source] kvm_ioctls::Error),
+}
+
+/// A growable bit set over pages or chunks.
+#[derive(Debug, Clone, Default)]
+pub struct BitSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl BitSet {
+    /// `len` bits, all set or all clear.
+    pub fn new(len: usize, all: bool) -> Self {
+        let mut words = vec![if all { u64::MAX } else { 0 }; len.div_ceil(64)];
+        if all
+            && !len.is_multiple_of(64)
+            && let Some(last) = words.last_mut()
+        {
+            *last = (1u64 << (len % 64)) - 1;
+        }
+        Self { words, len }
+    }
+
+    /// ORs `other` (a bitmap of the same layout, e.g. from KVM) in.
+    pub fn or_words(&mut self, other: &[u64]) {
+        for (w, o) in self.words.iter_mut().zip(other) {
+            *w |= o;
+        }
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        if !self.len.is_multiple_of(64)
+            && let Some(last) = self.words.last_mut()
+        {
+            *last &= (1u64 << (self.len % 64)) - 1;
+        }
+    }
+
+    /// Bits set.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Takes every set bit out, in order.
+    pub fn drain(&mut self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(usize::try_from(self.count()).unwrap_or(0));
+        for (i, w) in self.words.iter_mut().enumerate() {
+            let mut bits = std::mem::take(w);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                out.push(i * 64 + b);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+
+    /// Sets bit `i` (ignored past the end).
+    pub fn set(&mut self, i: usize) {
+        if i < self.len {
+            self.words[i / 64] |= 1 << (i % 64);
+        }
+    }
+}
+
+/// Guest pages still to send, per memory region (slot).
+#[derive(Debug)]
+pub struct PageTracker {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    pending: Vec<BitSet>,
+    logging: bool,
+}
+
+impl PageTracker {
+    /// Turns KVM's log on, clears both logs and marks every page to send.
+    pub fn start(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Result<Self, DirtyLogError> {
+        memory::set_dirty_logging(&vm, &mem, true)?;
+        let pending = mem
+            .iter()
+            .map(|r| BitSet::new(usize::try_from(r.len() / PAGE).unwrap_or(0), true))
+            .collect();
+        let mut t = Self {
+            vm,
+            mem,
+            pending,
+            logging: true,
+        };
+        // Whatever was logged before this attempt is covered by "all".
+        let _ = t.harvest_into(false)?;
+        Ok(t)
+    }
+
+    /// Reads and clears both logs into the pending set; returns the pages
+    /// newly found dirty.
+    pub fn harvest(&mut self) -> Result<u64, DirtyLogError> {
+        self.harvest_into(true)
+    }
+
+    fn harvest_into(&mut self, keep: bool) -> Result<u64, DirtyLogError> {
+        let mut found = 0;
+        for (slot, region) in self.mem.iter().enumerate() {
+            let slot_id = u32::try_from(slot).unwrap_or(u32::MAX);
+            let size = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            let kvm = self
+                .vm
+                .get_dirty_log(slot_id, size)
+                .map_err(|e| DirtyLogError::Get(slot_id, e))?;
+            let vmm: Vec<u64> = bitmap_of(region).get_and_reset();
+            if !keep {
+                continue;
+            }
+            let mut fresh = BitSet::new(self.pending[slot].len, false);
+            fresh.or_words(&kvm);
+            fresh.or_words(&vmm);
+            found += fresh.count();
+            self.pending[slot].or_words(&fresh.words);
+        }
+        Ok(found)
+    }
+
+    /// Pages waiting to be sent.
+    pub fn pending(&self) -> u64 {
+        self.pending.iter().map(BitSet::count).sum()
+    }
+
+    /// Takes the pending pages out as guest physical addresses, in order.
+    pub fn take_pending(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (region, set) in self.mem.iter().zip(self.pending.iter_mut()) {
+            let base = region.start_addr().0;
+            out.extend(set.drain().into_iter().map(|p| base + p as u64 * PAGE));
+        }
+        out
+    }
+
+    /// Turns KVM's log off (also done on drop).
+    pub fn stop(mut self) {
+        self.turn_off();
+    }
+
+    fn turn_off(&mut self) {
+        if self.logging {
+            self.logging = false;
+            let _ = memory::set_dirty_logging(&self.vm, &self.mem, false);
+        }
+    }
+}
+
+impl Drop for PageTracker {
+    fn drop(&mut self) {
+        self.turn_off();
+    }
+}
+
+fn bitmap_of(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    // The mapping's own bitmap (not the region-relative slice).
+    std::ops::Deref::deref(region).bitmap()
+}
+
+/// Disk chunks still to send, for one disk.
+#[derive(Debug)]
+pub struct DiskTracker {
+    log: Arc<WriteLog>,
+    pending: BitSet,
+    capacity: u64,
+}
+
+impl DiskTracker {
+    /// A tracker for a disk of `capacity` bytes, everything pending; the
+    /// caller hands [`Self::log`] to the block device.
+    pub fn start(capacity: u64) -> Self {
+        let cap = usize::try_from(capacity).unwrap_or(usize::MAX);
+        let chunks = cap.div_ceil(WRITE_LOG_CHUNK);
+        let page =
+            std::num::NonZeroUsize::new(WRITE_LOG_CHUNK).unwrap_or(std::num::NonZeroUsize::MIN);
+        Self {
+            log: Arc::new(AtomicBitmap::new(cap, page)),
+            pending: BitSet::new(chunks, true),
+            capacity,
+        }
+    }
+
+    /// The log the block device writes into.
+    pub fn log(&self) -> Arc<WriteLog> {
+        self.log.clone()
+    }
+
+    /// Moves logged writes into the pending set; returns the chunks found.
+    pub fn harvest(&mut self) -> u64 {
+        let mut fresh = BitSet::new(self.pending.len, false);
+        fresh.or_words(&self.log.get_and_reset());
+        let n = fresh.count();
+        self.pending.or_words(&fresh.words);
+        n
+    }
+
+    /// Chunks waiting.
+    pub fn pending(&self) -> u64 {
+        self.pending.count()
+    }
+
+    /// Takes the pending chunks out as (offset, length) byte ranges.
+    pub fn take_pending(&mut self) -> Vec<(u64, u64)> {
+        let chunk = WRITE_LOG_CHUNK as u64;
+        self.pending
+            .drain()
+            .into_iter()
+            .map(|c| {
+                let off = c as u64 * chunk;
+                (off, chunk.min(self.capacity - off))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitset_counts_drains_and_trims() {
+        let mut b = BitSet::new(70, true);
+        assert_eq!(b.count(), 70);
+        let all = b.drain();
+        assert_eq!(all.len(), 70);
+        assert_eq!(b.count(), 0);
+        b.or_words(&[0b101, u64::MAX]);
+        // Bits past 70 are not part of the set.
+        assert_eq!(b.count(), 2 + 6);
+        assert_eq!(b.drain()[..2], [0, 2]);
+        b.set(69);
+        b.set(500);
+        assert_eq!(b.drain(), vec![69]);
+    }
+
+    #[test]
+    fn disk_tracker_starts_full_and_collects_logged_writes() {
+        let cap = 3 * WRITE_LOG_CHUNK as u64 + 512;
+        let mut t = DiskTracker::start(cap);
+        assert_eq!(t.pending(), 4);
+        let ranges = t.take_pending();
+        assert_eq!(ranges.last(), Some(&(3 * WRITE_LOG_CHUNK as u64, 512)));
+        assert_eq!(t.pending(), 0);
+        t.log().set_addr_range(WRITE_LOG_CHUNK + 10, 1);
+        assert_eq!(t.harvest(), 1);
+        assert_eq!(
+            t.take_pending(),
+            vec![(WRITE_LOG_CHUNK as u64, WRITE_LOG_CHUNK as u64)]
+        );
+        // A harvested write stays pending until taken, however often the
+        // log is read again.
+        t.log().set_addr_range(0, 1);
+        t.harvest();
+        t.harvest();
+        assert_eq!(t.pending(), 1);
+    }
+
+    #[test]
+    fn vmm_writes_reach_the_page_bitmap() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = crate::vstate::memory::create(128 << 20).unwrap();
+        let region = mem.iter().next().unwrap();
+        let _ = bitmap_of(region).get_and_reset();
+        mem.write_obj(1u64, GuestAddress(5 * PAGE + 8)).unwrap();
+        let mut set = BitSet::new(usize::try_from(region.len() / PAGE).unwrap(), false);
+        set.or_words(&bitmap_of(region).get_and_reset());
+        assert_eq!(set.drain(), vec![5]);
+    }
+}

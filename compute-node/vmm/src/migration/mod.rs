@@ -1,0 +1,92 @@
+//! Pre-copy live migration of a running VM between two `neph-vmm`
+//! processes over TCP.
+//!
+//! - [`protocol`]: the versioned wire format and its sequence diagram;
+//! - [`source`]: the sending side (rounds, stop-and-copy, auto-converge,
+//!   cancel, rollback), driven by the `migrate` control request;
+//! - [`target`]: the receiving side (`neph-vmm --incoming HOST:PORT`);
+//! - [`dirty`]: which pages and disk chunks are still to send;
+//! - [`state`]: vCPU, VM and device state as plain serde data.
+//!
+//! Exactly one running copy: the source keeps the VM until the target has
+//! loaded the complete state and acknowledged it, then asks its
+//! [`SwitchoverGate`] (the controllers' Raft log, once the node agent wires
+//! it; [`AlwaysSwitch`] by default) before it sends the final commit and
+//! stops. Until the gate says yes, any failure resumes the VM on the source.
+
+pub mod dirty;
+pub mod protocol;
+pub mod source;
+pub mod state;
+pub mod target;
+
+use serde::{Deserialize, Serialize};
+
+/// Decides whether a migration may commit: the last step before the source
+/// gives up its VM. The node agent will implement this with an entry in
+/// the controllers' Raft log ("instance X now runs on node B"), so a
+/// partitioned source can never resume a VM that has moved.
+pub trait SwitchoverGate: Send + Sync + std::fmt::Debug {
+    /// True to commit the switchover; false aborts the migration and the
+    /// source resumes the VM.
+    fn allow_switchover(&self, target: &str) -> bool;
+}
+
+/// The default gate: always yes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AlwaysSwitch;
+
+impl SwitchoverGate for AlwaysSwitch {
+    fn allow_switchover(&self, _target: &str) -> bool {
+        true
+    }
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationState {
+    /// Connecting and sending the configuration.
+    Setup,
+    /// Copying memory and disks while the guest runs.
+    Precopy,
+    /// The VM is paused, the last pages and the state are going.
+    StopAndCopy,
+    /// The target runs the VM; this process exits.
+    Completed,
+    /// Failed (or timed out); the VM runs here again.
+    Failed,
+    /// Cancelled; the VM runs here again.
+    Cancelled,
+}
+
+/// Progress of the current (or last) migration, as `migrate_status`
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// State.
+    pub state: MigrationState,
+    /// Target address.
+    pub to: String,
+    /// Round: 0 is the full pass, then one per dirty round.
+    pub round: u32,
+    /// Bytes sent so far (memory, disks, state; framing included).
+    pub bytes_sent: u64,
+    /// Estimated bytes still to send (dirty pages and chunks now).
+    pub bytes_remaining: u64,
+    /// Guest dirty rate measured in the last round, bytes per second.
+    pub dirty_rate_bps: u64,
+    /// Link throughput measured so far, bytes per second.
+    pub throughput_bps: u64,
+    /// Predicted downtime if the VM stopped now, ms.
+    pub expected_downtime_ms: u64,
+    /// Auto-converge throttle: percent of each 10 ms the vCPUs are paused.
+    pub throttle_percent: u8,
+    /// Since the migration started, ms.
+    pub elapsed_ms: u64,
+    /// Measured downtime (VM paused on the source until the target
+    /// acknowledged), once known, ms.
+    pub downtime_ms: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+}

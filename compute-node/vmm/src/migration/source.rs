@@ -1,0 +1,725 @@
+//! The sending side of a migration: runs on its own thread, started by the
+//! `migrate` control request, while the VM keeps running.
+//!
+//! Rounds: round 0 sends every page (zero pages skipped: the target's
+//! memory starts zeroed) and every non-zero disk chunk; each later round
+//! sends what the dirty logs ([`super::dirty`]) collected meanwhile. When
+//! the predicted transfer of what is left fits the downtime budget, the VM
+//! is paused (vCPUs, then the device thread, which leaves no request in
+//! flight), the rest goes with the machine state, and after the target's
+//! `Loaded` and the [`SwitchoverGate`] the source commits and its process
+//! exits. Auto-converge: a round whose guest dirtied more than half of what
+//! it sent raises a throttle that pauses the vCPUs for a growing share of
+//! every 10 ms. Cancel, a timeout, the gate saying no, or any error before
+//! the commit resume the VM here.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::VmFd;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::dirty::{DirtyLogError, DiskTracker, PAGE, PageTracker};
+use super::protocol::{self, Complete, DiskInfo, Kind, MigrationConfig, ProtocolError};
+use super::state::MachineState;
+use super::{MigrationState, MigrationStatus, SwitchoverGate};
+use crate::devices::virtio::event_loop::SharedVirtio;
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Default downtime budget.
+pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(50);
+/// Default time before a migration that does not converge gives up.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pages per `Pages` frame.
+const PAGES_PER_FRAME: usize = 256;
+/// Fixed part of the predicted downtime: state, acknowledgement, resume.
+const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(2);
+/// Page size, as a length.
+const PAGE_BYTES: usize = protocol::PAGE_SIZE;
+/// Throttle period.
+const THROTTLE_PERIOD_US: u64 = 10_000;
+
+/// A migration failed; the VM runs on here.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The target address does not resolve.
+    #[error("cannot resolve the target address {0}")]
+    Resolve(String),
+    /// Connecting failed.
+    #[error("cannot connect to the target {0}")]
+    Connect(String, #[source] std::io::Error),
+    /// The stream failed or the target answered badly.
+    #[error("the migration stream failed")]
+    Protocol(#[from] ProtocolError),
+    /// Dirty logging.
+    #[error("dirty page tracking failed")]
+    Dirty(#[from] DirtyLogError),
+    /// Reading guest memory or a disk.
+    #[error("cannot read {0}")]
+    Read(String),
+    /// The VM went away or rebooted, or could not be paused and saved.
+    #[error("the VM could not be stopped for the switchover: {0}")]
+    Vm(String),
+    /// Cancelled by `migrate_cancel`.
+    #[error("the migration was cancelled")]
+    Cancelled,
+    /// Did not converge in time.
+    #[error("the migration did not converge within {0:?}")]
+    Timeout(Duration),
+    /// The switchover gate said no.
+    #[error("the switchover was refused by the gate")]
+    GateRefused,
+}
+
+/// What the `migrate` request asks.
+#[derive(Debug, Clone)]
+pub struct MigrateParams {
+    /// `HOST:PORT` of the target.
+    pub to: String,
+    /// Downtime budget.
+    pub max_downtime: Duration,
+    /// Give up (and resume here) after this long.
+    pub timeout: Duration,
+    /// Send a checksum of all memory at switchover for the target to
+    /// compare (a test mode: it costs a pass over memory in the downtime).
+    pub verify: bool,
+}
+
+/// State shared between the migration thread and the run loop.
+#[derive(Debug)]
+pub struct Shared {
+    /// Progress.
+    pub status: Mutex<MigrationStatus>,
+    /// Set by `migrate_cancel`.
+    pub cancel: AtomicBool,
+    /// Set when the thread is done (whatever the outcome).
+    pub done: AtomicBool,
+}
+
+impl Shared {
+    /// A fresh migration to `to`.
+    pub fn new(to: &str) -> Arc<Self> {
+        Arc::new(Self {
+            status: Mutex::new(MigrationStatus {
+                state: MigrationState::Setup,
+                to: to.to_owned(),
+                round: 0,
+                bytes_sent: 0,
+                bytes_remaining: 0,
+                dirty_rate_bps: 0,
+                throughput_bps: 0,
+                expected_downtime_ms: 0,
+                throttle_percent: 0,
+                elapsed_ms: 0,
+                downtime_ms: None,
+                error: None,
+            }),
+            cancel: AtomicBool::new(false),
+            done: AtomicBool::new(false),
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// A copy of the progress.
+    pub fn snapshot(&self) -> MigrationStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// What the source needs from the VM's run loop (implemented in
+/// [`crate::vm`]).
+pub trait VmControl: Send + Sync {
+    /// Pauses (true) or resumes (false) the vCPUs only, for auto-converge.
+    fn throttle(&self, pause: bool);
+    /// Pauses vCPUs and devices and saves the machine state.
+    fn stop_and_save(&self) -> Result<MachineState, String>;
+    /// Resumes after a failed attempt (unless the operator had paused).
+    fn rollback(&self);
+    /// The target has the VM: stop it here and end the process.
+    fn finish(&self);
+}
+
+/// One disk as the source copies it.
+#[derive(Debug)]
+pub struct SourceDisk {
+    /// Path of the image (opened again read-only for copying).
+    pub path: PathBuf,
+    /// Size.
+    pub capacity: u64,
+    /// Read-only.
+    pub readonly: bool,
+    /// Its virtio device, which logs writes while the copy runs.
+    pub device: SharedVirtio,
+}
+
+/// Everything the migration thread needs.
+pub struct SourceContext {
+    /// The KVM VM (for the dirty log).
+    pub vm: Arc<VmFd>,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// What the target builds.
+    pub config: MigrationConfig,
+    /// Disks.
+    pub disks: Vec<SourceDisk>,
+    /// The run loop.
+    pub control: Arc<dyn VmControl>,
+    /// The switchover gate.
+    pub gate: Arc<dyn SwitchoverGate>,
+}
+
+impl std::fmt::Debug for SourceContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceContext")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Runs a migration to its end; the outcome is in `shared`'s status. On
+/// success the VM has been handed over ([`VmControl::finish`]).
+pub fn run(ctx: SourceContext, params: MigrateParams, shared: Arc<Shared>) {
+    let started = Instant::now();
+    let mut m = Migration {
+        ctx: &ctx,
+        params: &params,
+        shared: &shared,
+        started,
+        bytes_sent: 0,
+        work_time: Duration::ZERO,
+        last_rate: None,
+        pages_sent: 0,
+    };
+    let result = m.migrate();
+    for d in &ctx.disks {
+        d.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_write_log(None);
+    }
+    match result {
+        Ok(downtime) => {
+            shared.update(|s| {
+                s.state = MigrationState::Completed;
+                s.downtime_ms = Some(u64::try_from(downtime.as_millis()).unwrap_or(u64::MAX));
+                s.elapsed_ms = ms(started.elapsed());
+                s.bytes_remaining = 0;
+            });
+            eprintln!(
+                "neph-vmm: migrated to {} in {} ms, downtime {} ms (source side), {} bytes sent",
+                params.to,
+                started.elapsed().as_millis(),
+                downtime.as_millis(),
+                m.bytes_sent
+            );
+            shared.done.store(true, Ordering::SeqCst);
+            ctx.control.finish();
+        }
+        Err(e) => {
+            let cancelled = matches!(e, MigrateError::Cancelled);
+            let msg = error_chain(&e);
+            eprintln!(
+                "neph-vmm: migration to {} failed: {msg}; the VM runs here",
+                params.to
+            );
+            ctx.control.rollback();
+            shared.update(|s| {
+                s.state = if cancelled {
+                    MigrationState::Cancelled
+                } else {
+                    MigrationState::Failed
+                };
+                s.error = Some(msg);
+                s.throttle_percent = 0;
+                s.elapsed_ms = ms(started.elapsed());
+            });
+            shared.done.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Bytes per second (saturating; rates are estimates).
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn rate(bytes: u64, secs: f64) -> u64 {
+    (bytes as f64 / secs.max(1e-6)) as u64
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+struct Migration<'a> {
+    ctx: &'a SourceContext,
+    params: &'a MigrateParams,
+    shared: &'a Shared,
+    started: Instant,
+    bytes_sent: u64,
+    /// Time spent reading, scanning and sending (what the link and this
+    /// host's copying can do, without the time between rounds).
+    work_time: Duration,
+    /// Bytes and time of the last round that carried enough to measure.
+    last_rate: Option<u64>,
+    pages_sent: u64,
+}
+
+/// Pauses the vCPUs a share of each 10 ms while it lives.
+struct Throttle {
+    percent: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Throttle {
+    fn start(control: Arc<dyn VmControl>) -> Self {
+        let percent = Arc::new(AtomicU8::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (percent.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("mig-throttle".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                while !s.load(Ordering::SeqCst) {
+                    let pct = u64::from(p.load(Ordering::SeqCst).min(99));
+                    if pct == 0 {
+                        std::thread::sleep(Duration::from_micros(THROTTLE_PERIOD_US));
+                        continue;
+                    }
+                    control.throttle(true);
+                    std::thread::sleep(Duration::from_micros(THROTTLE_PERIOD_US * pct / 100));
+                    control.throttle(false);
+                    std::thread::sleep(Duration::from_micros(
+                        THROTTLE_PERIOD_US * (100 - pct) / 100,
+                    ));
+                }
+            })
+            .ok();
+        Self {
+            percent,
+            stop,
+            thread,
+        }
+    }
+
+    fn set(&self, pct: u8) {
+        self.percent.store(pct, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A page of zeros to compare with (a slice comparison is a `bcmp`, fast
+/// even in unoptimised builds).
+static ZERO_PAGE: [u8; PAGE_BYTES] = [0; PAGE_BYTES];
+
+fn is_zero(data: &[u8]) -> bool {
+    data.chunks(ZERO_PAGE.len())
+        .all(|c| c == &ZERO_PAGE[..c.len()])
+}
+
+/// A checksum of all guest memory, in region order (the target computes
+/// the same). std's SipHash with its fixed default keys: the same on both
+/// sides as long as both run the same build, which is what the test mode
+/// that uses it needs.
+pub fn memory_checksum(mem: &GuestMemoryMmap) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::hash::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for region in mem.iter() {
+        let base = region.start_addr().0;
+        let len = region.len();
+        let mut off = 0;
+        while off < len {
+            let n = usize::try_from((len - off).min(buf.len() as u64)).unwrap_or(0);
+            if mem
+                .read_slice(&mut buf[..n], GuestAddress(base + off))
+                .is_err()
+            {
+                return 0;
+            }
+            h.write(&buf[..n]);
+            off += n as u64;
+        }
+    }
+    h.finish()
+}
+
+/// Groups sorted page addresses into runs of consecutive pages, at most
+/// `max` pages each.
+fn runs(pages: &[u64], max: usize) -> Vec<(u64, usize)> {
+    let mut out: Vec<(u64, usize)> = Vec::new();
+    for &gpa in pages {
+        match out.last_mut() {
+            Some((start, n)) if *n < max && *start + (*n as u64) * PAGE == gpa => *n += 1,
+            _ => out.push((gpa, 1)),
+        }
+    }
+    out
+}
+
+impl Migration<'_> {
+    fn check(&self) -> Result<(), MigrateError> {
+        if self.shared.cancel.load(Ordering::SeqCst) {
+            return Err(MigrateError::Cancelled);
+        }
+        if self.started.elapsed() > self.params.timeout {
+            return Err(MigrateError::Timeout(self.params.timeout));
+        }
+        Ok(())
+    }
+
+    fn connect(&self) -> Result<TcpStream, MigrateError> {
+        let addrs: Vec<SocketAddr> = self
+            .params
+            .to
+            .to_socket_addrs()
+            .map_err(|_| MigrateError::Resolve(self.params.to.clone()))?
+            .collect();
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(MigrateError::Connect(
+            self.params.to.clone(),
+            last.unwrap_or_else(|| std::io::Error::other("no address")),
+        ))
+    }
+
+    fn frame(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        kind: Kind,
+        payload: &[u8],
+    ) -> Result<(), MigrateError> {
+        protocol::write_frame(w, kind, payload).map_err(ProtocolError::Io)?;
+        self.bytes_sent += 5 + payload.len() as u64;
+        Ok(())
+    }
+
+    /// Throughput (bytes per second) for predictions: the last round that
+    /// sent at least 256 KiB, else everything so far; at least 1 MiB/s so
+    /// a prediction is never infinite.
+    fn throughput(&self) -> u64 {
+        let all = || {
+            let secs = self.work_time.as_secs_f64().max(1e-3);
+            rate(self.bytes_sent, secs)
+        };
+        self.last_rate.unwrap_or_else(all).max(1 << 20)
+    }
+
+    /// Sends `pages`; round 0 skips zero pages, later rounds send them as
+    /// `ZeroPages`.
+    fn send_pages(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        pages: &[u64],
+        first: bool,
+        check: bool,
+    ) -> Result<(), MigrateError> {
+        let mut payload = Vec::with_capacity(PAGES_PER_FRAME * protocol::PAGE_RECORD);
+        let mut zeros = Vec::new();
+        let mut block = vec![0u8; PAGES_PER_FRAME * PAGE_BYTES];
+        let t = Instant::now();
+        for (start, n) in runs(pages, PAGES_PER_FRAME) {
+            let data = &mut block[..n * PAGE_BYTES];
+            self.ctx
+                .mem
+                .read_slice(data, GuestAddress(start))
+                .map_err(|e| MigrateError::Read(format!("guest pages at {start:#x}: {e}")))?;
+            for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
+                let gpa = start + i as u64 * PAGE;
+                if is_zero(page) {
+                    if !first {
+                        zeros.extend_from_slice(&gpa.to_le_bytes());
+                    }
+                    continue;
+                }
+                payload.extend_from_slice(&gpa.to_le_bytes());
+                payload.extend_from_slice(page);
+                self.pages_sent += 1;
+                if payload.len() >= PAGES_PER_FRAME * protocol::PAGE_RECORD {
+                    self.frame(w, Kind::Pages, &payload)?;
+                    payload.clear();
+                    if check {
+                        self.check()?;
+                        self.shared.update(|s| s.bytes_sent = self.bytes_sent);
+                    }
+                }
+            }
+        }
+        self.work_time += t.elapsed();
+        if !payload.is_empty() {
+            self.frame(w, Kind::Pages, &payload)?;
+        }
+        for z in zeros.chunks(64 * 1024) {
+            self.frame(w, Kind::ZeroPages, z)?;
+        }
+        Ok(())
+    }
+
+    fn send_disk(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        files: &[File],
+        disk: usize,
+        chunks: &[(u64, u64)],
+        first: bool,
+        check: bool,
+    ) -> Result<(), MigrateError> {
+        let mut buf = Vec::new();
+        let t = Instant::now();
+        for &(off, len) in chunks {
+            buf.resize(usize::try_from(len).unwrap_or(0), 0);
+            files[disk].read_exact_at(&mut buf, off).map_err(|e| {
+                MigrateError::Read(format!(
+                    "disk {} at {off}: {e}",
+                    self.ctx.disks[disk].path.display()
+                ))
+            })?;
+            if first && is_zero(&buf) {
+                continue;
+            }
+            let payload = protocol::disk_chunk(u32::try_from(disk).unwrap_or(u32::MAX), off, &buf);
+            self.frame(w, Kind::DiskChunk, &payload)?;
+            if check {
+                self.check()?;
+            }
+        }
+        self.work_time += t.elapsed();
+        Ok(())
+    }
+
+    fn migrate(&mut self) -> Result<Duration, MigrateError> {
+        let stream = self.connect()?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(ProtocolError::Io)?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(ProtocolError::Io)?;
+        let mut reader = stream.try_clone().map_err(ProtocolError::Io)?;
+        let mut w = BufWriter::with_capacity(4 << 20, stream);
+        let result = self.migrate_on(&mut w, &mut reader);
+        if result.is_err() {
+            // Best effort: the target may be gone already.
+            let _ = protocol::write_frame(&mut w, Kind::Abort, b"the source gave up");
+            let _ = w.flush();
+        }
+        result
+    }
+
+    fn migrate_on(
+        &mut self,
+        w: &mut BufWriter<TcpStream>,
+        reader: &mut TcpStream,
+    ) -> Result<Duration, MigrateError> {
+        let mut buf = Vec::new();
+        protocol::write_header(w, protocol::VERSION).map_err(ProtocolError::Io)?;
+        protocol::write_value(w, Kind::Config, &self.ctx.config).map_err(ProtocolError::Io)?;
+        w.flush().map_err(ProtocolError::Io)?;
+        expect(reader, &mut buf, Kind::Ready, "Ready")?;
+        self.check()?;
+
+        let files = self
+            .ctx
+            .disks
+            .iter()
+            .map(|d| {
+                File::open(&d.path)
+                    .map_err(|e| MigrateError::Read(format!("disk {}: {e}", d.path.display())))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut disks: Vec<DiskTracker> = Vec::with_capacity(self.ctx.disks.len());
+        for d in &self.ctx.disks {
+            let t = DiskTracker::start(d.capacity);
+            d.device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_write_log(Some(t.log()));
+            disks.push(t);
+        }
+        let mut pages = PageTracker::start(self.ctx.vm.clone(), self.ctx.mem.clone())?;
+        self.shared.update(|s| s.state = MigrationState::Precopy);
+
+        let throttle = Throttle::start(self.ctx.control.clone());
+        let mut throttle_pct: u8 = 0;
+        let mut round: u32 = 0;
+        loop {
+            let round_start = Instant::now();
+            let sent_before = self.bytes_sent;
+            let work_before = self.work_time;
+            let list = pages.take_pending();
+            self.send_pages(w, &list, round == 0, true)?;
+            for (i, t) in disks.iter_mut().enumerate() {
+                let chunks = t.take_pending();
+                self.send_disk(w, &files, i, &chunks, round == 0, true)?;
+            }
+            w.flush().map_err(ProtocolError::Io)?;
+            self.check()?;
+            let took = round_start.elapsed().max(Duration::from_micros(100));
+            let sent = self.bytes_sent - sent_before;
+            let worked = (self.work_time - work_before).as_secs_f64();
+            if sent >= 256 << 10 && worked > 0.0 {
+                self.last_rate = Some(rate(sent, worked));
+            }
+            let dirty_pages = pages.harvest()?;
+            let dirty_chunks: u64 = disks.iter_mut().map(DiskTracker::harvest).sum();
+            let dirty_bytes =
+                dirty_pages * PAGE + dirty_chunks * crate::devices::virtio::WRITE_LOG_CHUNK as u64;
+            let remaining = pages.pending() * protocol::PAGE_RECORD as u64
+                + disks.iter().map(DiskTracker::pending).sum::<u64>()
+                    * crate::devices::virtio::WRITE_LOG_CHUNK as u64;
+            let throughput = self.throughput();
+            let expected =
+                Duration::from_secs_f64(remaining as f64 / throughput as f64) + SWITCHOVER_OVERHEAD;
+            let dirty_rate = rate(dirty_bytes, took.as_secs_f64());
+            self.shared.update(|s| {
+                s.round = round;
+                s.bytes_sent = self.bytes_sent;
+                s.bytes_remaining = remaining;
+                s.dirty_rate_bps = dirty_rate;
+                s.throughput_bps = throughput;
+                s.expected_downtime_ms = ms(expected);
+                s.throttle_percent = throttle_pct;
+                s.elapsed_ms = ms(self.started.elapsed());
+            });
+            if expected <= self.params.max_downtime {
+                break;
+            }
+            // Auto-converge: the guest dirtied more than half of what the
+            // round carried: throttle harder.
+            if round >= 1 && dirty_bytes * 2 > sent {
+                throttle_pct = match throttle_pct {
+                    0 => 20,
+                    p => p.saturating_add(10).min(99),
+                };
+                throttle.set(throttle_pct);
+            }
+            round = round.saturating_add(1);
+        }
+        drop(throttle);
+
+        // Stop and copy.
+        self.shared
+            .update(|s| s.state = MigrationState::StopAndCopy);
+        let state = self.ctx.control.stop_and_save().map_err(MigrateError::Vm)?;
+        let paused_at = Instant::now();
+        pages.harvest()?;
+        let list = pages.take_pending();
+        self.send_pages(w, &list, false, false)?;
+        for (i, t) in disks.iter_mut().enumerate() {
+            t.harvest();
+            let chunks = t.take_pending();
+            self.send_disk(w, &files, i, &chunks, false, false)?;
+        }
+        let state_bytes = postcard::to_stdvec(&state)
+            .map_err(|e| MigrateError::Vm(format!("cannot encode the state: {e}")))?;
+        self.frame(w, Kind::State, &state_bytes)?;
+        let checksum = self.params.verify.then(|| memory_checksum(&self.ctx.mem));
+        let complete = Complete {
+            memory_checksum: checksum,
+            pages_sent: self.pages_sent,
+        };
+        let bytes = postcard::to_stdvec(&complete)
+            .map_err(|e| MigrateError::Vm(format!("cannot encode the last frame: {e}")))?;
+        self.frame(w, Kind::Complete, &bytes)?;
+        w.flush().map_err(ProtocolError::Io)?;
+        expect(reader, &mut buf, Kind::Loaded, "Loaded")?;
+        if !self.ctx.gate.allow_switchover(&self.params.to) {
+            return Err(MigrateError::GateRefused);
+        }
+        protocol::write_frame(w, Kind::Commit, b"").map_err(ProtocolError::Io)?;
+        w.flush().map_err(ProtocolError::Io)?;
+        pages.stop();
+        Ok(paused_at.elapsed())
+    }
+}
+
+fn expect(
+    reader: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    want: Kind,
+    name: &'static str,
+) -> Result<(), MigrateError> {
+    match protocol::read_frame(reader, buf)? {
+        k if k == want => Ok(()),
+        Kind::Error => Err(ProtocolError::Peer(String::from_utf8_lossy(buf).into_owned()).into()),
+        got => Err(ProtocolError::Unexpected {
+            got,
+            expected: name,
+        }
+        .into()),
+    }
+}
+
+/// The target-facing description of a disk.
+pub fn disk_info(d: &SourceDisk) -> DiskInfo {
+    DiskInfo {
+        capacity: d.capacity,
+        readonly: d.readonly,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_recognised() {
+        let mut p = [0u8; 4096];
+        assert!(is_zero(&p));
+        p[4095] = 1;
+        assert!(!is_zero(&p));
+        assert!(!is_zero(&[0, 0, 1]));
+    }
+
+    #[test]
+    fn consecutive_pages_group_into_runs() {
+        let p = [0x1000, 0x2000, 0x3000, 0x5000, 0x6000];
+        assert_eq!(runs(&p, 256), vec![(0x1000, 3), (0x5000, 2)]);
+        assert_eq!(runs(&p, 2), vec![(0x1000, 2), (0x3000, 1), (0x5000, 2)]);
+        assert!(runs(&[], 4).is_empty());
+    }
+
+    #[test]
+    fn checksum_changes_with_memory() {
+        let mem = crate::vstate::memory::create(128 << 20).unwrap();
+        let a = memory_checksum(&mem);
+        mem.write_obj(5u8, GuestAddress(0x12345)).unwrap();
+        assert_ne!(memory_checksum(&mem), a);
+    }
+}

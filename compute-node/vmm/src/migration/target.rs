@@ -1,0 +1,422 @@
+//! The receiving side of a migration (`neph-vmm --incoming HOST:PORT`):
+//! listens, takes one migration stream at a time, builds a VM matching the
+//! source's configuration with this node's own disks and taps, fills its
+//! memory and disks from the stream, loads the machine state, and hands the
+//! VM back to run once the source commits.
+//!
+//! Every byte from the peer is checked (see [`super::protocol`]). A stream
+//! that is not a migration, breaks off, or fails a check is refused with an
+//! error on stderr; the half-built VM is dropped and the target goes on
+//! listening for the next stream, so a stray or hostile connection cannot
+//! take the place of the real migration. Disks named with `--disk` on the
+//! target are regular files; each is truncated and resized to the source
+//! disk's size (so chunks the source skips as zero read as zero).
+
+use std::fs::{File, OpenOptions};
+use std::io::BufReader;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::protocol::{self, Complete, Kind, MigrationConfig, ProtocolError};
+use super::source::{error_chain, memory_checksum};
+use super::state::{self, MachineState, MachineStateError};
+use crate::builder::{StartVmError, build_incoming};
+use crate::config::{ConsoleConfig, DiskConfig, MacAddr, NetConfig, VmConfig};
+use crate::devices::serial::{Console, RestoreSerialError};
+use crate::devices::virtio::pci::RestoreVirtioError;
+use crate::vm::Vm;
+
+/// Longest wait for the next frame once a stream has started.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+/// Transit time larger than this is taken as a clock problem, not as time
+/// the guest was away (the guest's clock then jumps by at most this).
+const MAX_TRANSIT: Duration = Duration::from_secs(60);
+
+/// An incoming migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    /// The listening socket.
+    #[error("cannot listen on {0}")]
+    Listen(String, #[source] std::io::Error),
+    /// The stream.
+    #[error("the migration stream was refused")]
+    Protocol(#[from] ProtocolError),
+    /// The source's VM does not fit what this side was given.
+    #[error("the source's VM does not fit this target: {0}")]
+    Mismatch(String),
+    /// A target disk.
+    #[error("cannot prepare disk {0}")]
+    Disk(PathBuf, #[source] std::io::Error),
+    /// Building the VM.
+    #[error("cannot build the VM")]
+    Build(#[from] StartVmError),
+    /// Writing guest memory.
+    #[error("cannot write guest memory at {0:#x}")]
+    Memory(u64),
+    /// Machine state.
+    #[error("cannot load the machine state")]
+    State(#[from] MachineStateError),
+    /// Serial state.
+    #[error("cannot load the serial port state")]
+    Serial(#[from] RestoreSerialError),
+    /// A virtio device's state.
+    #[error("cannot load the state of virtio device {0}")]
+    Virtio(usize, #[source] RestoreVirtioError),
+    /// The memory checksum differs.
+    #[error("guest memory differs from the source's: checksum {ours:#x}, source {theirs:#x}")]
+    Checksum {
+        /// Computed here.
+        ours: u64,
+        /// Sent.
+        theirs: u64,
+    },
+}
+
+/// What the target side is given on its command line.
+#[derive(Debug, Clone, Default)]
+pub struct IncomingConfig {
+    /// Where this target's copy of each disk goes, in the source's order.
+    pub disks: Vec<PathBuf>,
+    /// This node's taps, in the source's order.
+    pub taps: Vec<String>,
+    /// Console.
+    pub console: ConsoleConfig,
+    /// Control socket.
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Listens on `listen` and returns the VM of the first stream that
+/// completes, ready to [`Vm::run`]. Failed streams are reported on stderr
+/// and the next one is awaited.
+pub fn receive(
+    listen: &str,
+    local: &IncomingConfig,
+    console: &Arc<Console>,
+) -> Result<Vm, IncomingError> {
+    let listener =
+        TcpListener::bind(listen).map_err(|e| IncomingError::Listen(listen.to_owned(), e))?;
+    eprintln!("neph-vmm: waiting for a migration on {listen}");
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("neph-vmm: accepting a migration connection failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        match receive_one(stream, local, console) {
+            Ok(vm) => {
+                eprintln!("neph-vmm: migration from {peer} complete; the VM runs here");
+                return Ok(vm);
+            }
+            Err(e) => eprintln!(
+                "neph-vmm: refused the migration from {peer}: {}",
+                error_chain(&e)
+            ),
+        }
+    }
+}
+
+/// Handles one stream to its end.
+pub fn receive_one(
+    stream: TcpStream,
+    local: &IncomingConfig,
+    console: &Arc<Console>,
+) -> Result<Vm, IncomingError> {
+    let _ = stream.set_nodelay(true);
+    stream
+        .set_read_timeout(Some(FRAME_TIMEOUT))
+        .map_err(ProtocolError::Io)?;
+    let mut w = stream.try_clone().map_err(ProtocolError::Io)?;
+    let mut r = BufReader::with_capacity(4 << 20, stream);
+    let result = Receiver::new(local, console).run(&mut r, &mut w);
+    if let Err(e) = &result
+        && !matches!(e, IncomingError::Protocol(ProtocolError::Aborted(_)))
+    {
+        let _ = protocol::write_frame(&mut w, Kind::Error, error_chain(e).as_bytes());
+    }
+    result
+}
+
+struct Receiver<'a> {
+    local: &'a IncomingConfig,
+    console: &'a Arc<Console>,
+}
+
+/// The config for the target's VM: the source's machine with this node's
+/// backends.
+fn target_config(cfg: &MigrationConfig, local: &IncomingConfig) -> Result<VmConfig, IncomingError> {
+    if cfg.disks.len() != local.disks.len() {
+        return Err(IncomingError::Mismatch(format!(
+            "the source has {} disks, this target was given {} (--disk)",
+            cfg.disks.len(),
+            local.disks.len()
+        )));
+    }
+    if cfg.nets.len() != local.taps.len() {
+        return Err(IncomingError::Mismatch(format!(
+            "the source has {} network interfaces, this target was given {} (--net)",
+            cfg.nets.len(),
+            local.taps.len()
+        )));
+    }
+    let config = VmConfig {
+        kernel: PathBuf::from(&cfg.kernel),
+        initrd: cfg.initrd.as_ref().map(PathBuf::from),
+        cmdline: cfg.cmdline.clone(),
+        vcpus: cfg.vcpus,
+        memory_mib: cfg.memory_mib,
+        disks: local
+            .disks
+            .iter()
+            .zip(&cfg.disks)
+            .map(|(path, d)| DiskConfig {
+                path: path.clone(),
+                readonly: d.readonly,
+            })
+            .collect(),
+        nets: local
+            .taps
+            .iter()
+            .zip(&cfg.nets)
+            .map(|(tap, mac)| NetConfig {
+                tap: tap.clone(),
+                mac: Some(MacAddr(*mac)),
+            })
+            .collect(),
+        console: local.console.clone(),
+        api_socket: local.api_socket.clone(),
+        rng: cfg.rng,
+    };
+    config
+        .validate()
+        .map_err(|e| IncomingError::Mismatch(error_chain(&e)))?;
+    Ok(config)
+}
+
+fn prepare_disk(path: &PathBuf, capacity: u64) -> Result<File, IncomingError> {
+    let err = |e| IncomingError::Disk(path.clone(), e);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(err)?;
+    if !f.metadata().map_err(err)?.is_file() {
+        return Err(err(std::io::Error::other(
+            "a migration target disk must be a regular file",
+        )));
+    }
+    f.set_len(0).map_err(err)?;
+    f.set_len(capacity).map_err(err)?;
+    Ok(f)
+}
+
+impl<'a> Receiver<'a> {
+    fn new(local: &'a IncomingConfig, console: &'a Arc<Console>) -> Self {
+        Self { local, console }
+    }
+
+    fn run(&self, r: &mut BufReader<TcpStream>, w: &mut TcpStream) -> Result<Vm, IncomingError> {
+        protocol::read_header(r)?;
+        let mut buf = Vec::new();
+        let kind = protocol::read_frame(r, &mut buf)?;
+        if kind != Kind::Config {
+            return Err(unexpected(kind, "Config"));
+        }
+        let cfg: MigrationConfig = protocol::decode(kind, &buf)?;
+        let config = target_config(&cfg, self.local)?;
+        let capacities: Vec<u64> = cfg.disks.iter().map(|d| d.capacity).collect();
+        let files = self
+            .local
+            .disks
+            .iter()
+            .zip(&capacities)
+            .map(|(p, c)| prepare_disk(p, *c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut vm = build_incoming(config, self.console.clone())?;
+        let (mem, virtio_count) = {
+            let boot = vm
+                .boot()
+                .ok_or_else(|| IncomingError::Mismatch("no boot was built".into()))?;
+            (boot.mem.clone(), boot.virtio.len())
+        };
+        let valid = |gpa: u64| {
+            gpa.is_multiple_of(protocol::PAGE_SIZE as u64)
+                && mem.address_in_range(GuestAddress(gpa))
+                && gpa
+                    .checked_add(protocol::PAGE_SIZE as u64 - 1)
+                    .is_some_and(|end| mem.address_in_range(GuestAddress(end)))
+        };
+        protocol::write_frame(w, Kind::Ready, b"").map_err(ProtocolError::Io)?;
+
+        let mut machine: Option<MachineState> = None;
+        let zero = [0u8; protocol::PAGE_SIZE];
+        loop {
+            let kind = protocol::read_frame(r, &mut buf)?;
+            match kind {
+                Kind::Pages => {
+                    for (gpa, page) in protocol::pages(&buf, valid)? {
+                        mem.write_slice(page, GuestAddress(gpa))
+                            .map_err(|_| IncomingError::Memory(gpa))?;
+                    }
+                }
+                Kind::ZeroPages => {
+                    for gpa in protocol::zero_pages(&buf, valid)? {
+                        mem.write_slice(&zero, GuestAddress(gpa))
+                            .map_err(|_| IncomingError::Memory(gpa))?;
+                    }
+                }
+                Kind::DiskChunk => {
+                    let (disk, offset, data) = protocol::parse_disk_chunk(&buf, &capacities)?;
+                    files[disk]
+                        .write_all_at(data, offset)
+                        .map_err(|e| IncomingError::Disk(self.local.disks[disk].clone(), e))?;
+                }
+                Kind::State => {
+                    let s: MachineState = protocol::decode(kind, &buf)?;
+                    s.validate(cfg.vcpus, virtio_count)?;
+                    machine = Some(s);
+                }
+                Kind::Complete => {
+                    let c: Complete = protocol::decode(kind, &buf)?;
+                    let Some(s) = machine.take() else {
+                        return Err(ProtocolError::Malformed {
+                            kind,
+                            reason: "the machine state has not been sent".into(),
+                        }
+                        .into());
+                    };
+                    if let Some(theirs) = c.memory_checksum {
+                        let ours = memory_checksum(&mem);
+                        if ours != theirs {
+                            return Err(IncomingError::Checksum { ours, theirs });
+                        }
+                        eprintln!("neph-vmm: guest memory verified (checksum {ours:#x})");
+                    }
+                    for f in &files {
+                        f.sync_data()
+                            .map_err(|e| IncomingError::Disk(PathBuf::from("target"), e))?;
+                    }
+                    restore(&mut vm, &s, cfg.boots)?;
+                    protocol::write_frame(w, Kind::Loaded, b"").map_err(ProtocolError::Io)?;
+                    let kind = protocol::read_frame(r, &mut buf)?;
+                    return match kind {
+                        Kind::Commit => Ok(vm),
+                        Kind::Abort => Err(ProtocolError::Aborted(
+                            String::from_utf8_lossy(&buf).into_owned(),
+                        )
+                        .into()),
+                        other => Err(unexpected(other, "Commit")),
+                    };
+                }
+                Kind::Abort => {
+                    return Err(
+                        ProtocolError::Aborted(String::from_utf8_lossy(&buf).into_owned()).into(),
+                    );
+                }
+                other => return Err(unexpected(other, "memory, disk or state")),
+            }
+        }
+    }
+}
+
+fn unexpected(got: Kind, expected: &'static str) -> IncomingError {
+    ProtocolError::Unexpected { got, expected }.into()
+}
+
+/// Loads `s` into the not yet started boot of `vm`.
+fn restore(vm: &mut Vm, s: &MachineState, boots: u64) -> Result<(), IncomingError> {
+    let elapsed = state::unix_ns().saturating_sub(s.vm.saved_at_unix_ns);
+    let elapsed = elapsed.min(u64::try_from(MAX_TRANSIT.as_nanos()).unwrap_or(u64::MAX));
+    {
+        let boot = vm
+            .boot()
+            .ok_or_else(|| IncomingError::Mismatch("no boot was built".into()))?;
+        state::restore_vm(&boot.vm, &s.vm, elapsed)?;
+        let fds = boot.pending_vcpus();
+        if fds.len() != s.vcpus.len() {
+            return Err(IncomingError::Mismatch(format!(
+                "{} vCPUs built, {} saved",
+                fds.len(),
+                s.vcpus.len()
+            )));
+        }
+        for (fd, v) in fds.iter().zip(&s.vcpus) {
+            state::restore_vcpu(fd, v, elapsed)?;
+        }
+        boot.devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore_state(&s.devices.serial)?;
+        for (i, ((dev, _, _), st)) in boot.virtio.iter().zip(&s.devices.virtio).enumerate() {
+            dev.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore_state(st)
+                .map_err(|e| IncomingError::Virtio(i, e))?;
+        }
+    }
+    vm.continue_from(boots, s.paused);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::protocol::DiskInfo;
+
+    fn cfg(disks: usize) -> MigrationConfig {
+        MigrationConfig {
+            vcpus: 1,
+            memory_mib: 128,
+            disks: vec![
+                DiskInfo {
+                    capacity: 1 << 20,
+                    readonly: false
+                };
+                disks
+            ],
+            nets: vec![],
+            rng: true,
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            boots: 1,
+        }
+    }
+
+    #[test]
+    fn source_config_must_match_local_backends() {
+        let local = IncomingConfig::default();
+        assert!(target_config(&cfg(0), &local).is_ok());
+        assert!(matches!(
+            target_config(&cfg(1), &local),
+            Err(IncomingError::Mismatch(_))
+        ));
+        let mut big = cfg(0);
+        big.memory_mib = 1 << 40;
+        assert!(target_config(&big, &local).is_err());
+        let mut none = cfg(0);
+        none.vcpus = 0;
+        assert!(target_config(&none, &local).is_err());
+    }
+
+    #[test]
+    fn target_disks_start_zeroed_at_the_source_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        std::fs::write(&p, [7u8; 4096]).unwrap();
+        let f = prepare_disk(&p, 8192).unwrap();
+        let mut b = [1u8; 8192];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|x| *x == 0));
+    }
+}
