@@ -15,6 +15,8 @@ use crate::println;
 
 const START_INFO_MAGIC: u32 = 0x336e_c578;
 const MAX_MEMMAP_ENTRIES: u32 = 128;
+/// Bytes per `hvm_memmap_table_entry`.
+const MEMMAP_ENTRY: usize = 24;
 const CMDLINE_MAX: usize = 1024;
 /// Largest ACPI table accepted.
 const TABLE_MAX: usize = 2048;
@@ -273,12 +275,19 @@ pub fn discover(start_info: u64) -> Platform {
         panic!("hvm_start_info (version {version}) has no memory map");
     }
     let memmap = MEMMAP.init_with(|map| {
-        for i in 0..entries.min(MAX_MEMMAP_ENTRIES) {
-            let mut e = [0u8; 24];
-            if !read_phys(memmap_paddr + u64::from(i) * 24, &mut e) {
-                panic!("memory map entry {i} at {memmap_paddr:#x} is not readable");
+        // Copied in table-sized chunks of whole entries, 8 bytes per load.
+        const PER_CHUNK: u32 = (TABLE_MAX / MEMMAP_ENTRY) as u32;
+        let mut buf = TableBuf::new();
+        let total = entries.min(MAX_MEMMAP_ENTRIES);
+        for first in (0..total).step_by(PER_CHUNK as usize) {
+            let n = (total - first).min(PER_CHUNK);
+            let at = memmap_paddr + u64::from(first) * MEMMAP_ENTRY as u64;
+            let Some(chunk) = buf.copy(at, n as usize * MEMMAP_ENTRY) else {
+                panic!("memory map entries {first}.. at {at:#x} are not readable");
+            };
+            for e in chunk.chunks_exact(MEMMAP_ENTRY) {
+                map.add(read_u64(e, 0), read_u64(e, 8), read_u32(e, 16));
             }
-            map.add(read_u64(&e, 0), read_u64(&e, 8), read_u32(&e, 16));
         }
     });
     if memmap.total_bytes() == 0 {
