@@ -6,5 +6,6 @@
 
 pub mod bench;
 pub mod guest;
+pub mod migration;
 pub mod netdev;
 pub mod procs;

@@ -40,6 +40,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const PAGES_PER_FRAME: usize = 256;
 /// Fixed part of the predicted downtime: state, acknowledgement, resume.
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(2);
+/// How long a refused connection is retried.
+const CONNECT_RETRY: Duration = Duration::from_secs(5);
 /// Page size, as a length.
 const PAGE_BYTES: usize = protocol::PAGE_SIZE;
 /// Throttle period.
@@ -398,6 +400,8 @@ impl Migration<'_> {
         Ok(())
     }
 
+    /// Connects, retrying refused connections for a few seconds: a target
+    /// started just before the request may not listen yet.
     fn connect(&self) -> Result<TcpStream, MigrateError> {
         let addrs: Vec<SocketAddr> = self
             .params
@@ -405,17 +409,22 @@ impl Migration<'_> {
             .to_socket_addrs()
             .map_err(|_| MigrateError::Resolve(self.params.to.clone()))?
             .collect();
-        let mut last = None;
-        for a in addrs {
-            match TcpStream::connect_timeout(&a, Duration::from_secs(5)) {
-                Ok(s) => return Ok(s),
-                Err(e) => last = Some(e),
+        let deadline = Instant::now() + CONNECT_RETRY;
+        loop {
+            let mut last = None;
+            for a in &addrs {
+                match TcpStream::connect_timeout(a, Duration::from_secs(5)) {
+                    Ok(s) => return Ok(s),
+                    Err(e) => last = Some(e),
+                }
             }
+            let e = last.unwrap_or_else(|| std::io::Error::other("no address"));
+            if e.kind() != std::io::ErrorKind::ConnectionRefused || Instant::now() > deadline {
+                return Err(MigrateError::Connect(self.params.to.clone(), e));
+            }
+            self.check()?;
+            std::thread::sleep(Duration::from_millis(20));
         }
-        Err(MigrateError::Connect(
-            self.params.to.clone(),
-            last.unwrap_or_else(|| std::io::Error::other("no address")),
-        ))
     }
 
     fn frame(

@@ -1,0 +1,373 @@
+//! Live migration of the test guest between two `neph-vmm` processes on
+//! loopback (issue 6): the same boot continues on the target (uptime goes
+//! on, no new READY), the ticker's largest gap is the downtime the guest saw
+//! (printed, and bounded generously: benchmarks measure it), the console
+//! continues, disk data written before and during the migration verifies on
+//! the target, every page matches at switchover (verify mode), a guest that
+//! dirties as fast as it can converges, A→B→C after a cancelled attempt
+//! loses no page, cancel and kill -9 of the target leave the VM running on
+//! the source, and hostile streams are refused while the target keeps
+//! listening.
+//!
+//! Each test needs root and `/dev/kvm`; without them it prints why and
+//! returns. Processes go away on drop, also on failure.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nephele_integration_tests::guest::{GuestVm, READY_MARKER, field, kvm_unavailable};
+use nephele_integration_tests::migration::{
+    control, free_port, migrate, start_target, wait_outcome,
+};
+
+const BOOT: Duration = Duration::from_secs(30);
+const CMD: Duration = Duration::from_secs(30);
+const MIGRATION: Duration = Duration::from_secs(60);
+/// Largest ticker gap accepted across a migration: generous, so a loaded
+/// machine does not make the test flaky (the benchmark measures the real
+/// figure).
+const GAP_BOUND_US: u64 = 1_000_000;
+
+fn skip() -> bool {
+    match kvm_unavailable() {
+        Some(reason) => {
+            eprintln!("{reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+fn number(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number {key}= in {line:?}"))
+}
+
+fn arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn disk(dir: &Path, name: &str) -> String {
+    let p = dir.join(name);
+    std::fs::File::create(&p)
+        .and_then(|f| f.set_len(8 << 20))
+        .expect("create disk");
+    arg(&p)
+}
+
+/// Boots a source with a control socket, the extra `args`, and the ticker
+/// started.
+fn source(sock: &Path, args: &[&str]) -> GuestVm {
+    let s = arg(sock);
+    let mut all = vec!["--memory", "256", "--api-socket", s.as_str()];
+    all.extend_from_slice(args);
+    let mut vm = GuestVm::start(&all).expect("start source");
+    vm.wait_ready(BOOT).expect("source ready");
+    vm.command("ticker start", "TICKER OK", CMD)
+        .expect("ticker start");
+    vm
+}
+
+fn assert_exits_migrated(vm: &mut GuestVm) {
+    let status = vm
+        .wait_exit(Duration::from_secs(10))
+        .expect("the source exits after the switchover");
+    assert!(status.success(), "a migrated source exits 0, got {status}");
+}
+
+fn assert_still_runs(vm: &mut GuestVm, sock: &Path) {
+    let st = control(sock, r#"{"cmd":"status"}"#).expect("status");
+    assert_eq!(st["status"]["state"], "running", "{st}");
+    let line = vm
+        .command("echo still-here", "ECHO still-here", CMD)
+        .expect("the guest still answers on the source");
+    assert!(line.contains("still-here"));
+}
+
+#[test]
+fn a_running_guest_moves_with_its_disk_console_and_clock() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let src_disk = disk(dir.path(), "src.img");
+    let dst_disk = arg(&dir.path().join("dst.img"));
+    let mut src = source(&a, &["--disk", &src_disk]);
+    src.command("diskwrite 8 16 7", "DISKWRITE OK", CMD)
+        .expect("disk write before");
+    src.command("dirty 16 32", "DIRTY OK", CMD)
+        .expect("paced dirtier");
+    let before = src.command("uptime", "UPTIME OK", CMD).expect("uptime");
+    let port = free_port().expect("port");
+    let b_arg = arg(&b);
+    let mut dst =
+        start_target(port, &["--disk", &dst_disk, "--api-socket", &b_arg]).expect("start target");
+
+    // A disk write in progress while the migration runs (~1 MB/s here).
+    src.send_line("diskwrite 2048 256 5").expect("type");
+    let out = migrate(&a, &format!("127.0.0.1:{port}"), "", MIGRATION).expect("migrate");
+    assert_eq!(out.state, "completed", "{}", out.last);
+    assert_exits_migrated(&mut src);
+
+    // The same boot goes on, on the target's console.
+    dst.command("echo after-move", "ECHO after-move", CMD)
+        .expect("the console continues on the target");
+    let report = dst
+        .command("ticker report", "TICKER OK", CMD)
+        .expect("ticker report");
+    let gap = number(&report, "max_gap_us");
+    eprintln!(
+        "migration: total {} ms, downtime seen by the guest (ticker gap) {} us, \
+         source-side downtime {} ms",
+        out.elapsed.as_millis(),
+        gap,
+        out.last["downtime_ms"]
+    );
+    assert!(gap < GAP_BOUND_US, "ticker gap {gap} us: {report}");
+    let after = dst.command("uptime", "UPTIME OK", CMD).expect("uptime");
+    assert!(
+        number(&after, "us") > number(&before, "us"),
+        "uptime must continue: {before} then {after}"
+    );
+    assert!(
+        !dst.console_text().contains(READY_MARKER),
+        "the guest must not boot again on the target"
+    );
+    let st = control(&b, r#"{"cmd":"status"}"#).expect("target status");
+    assert_eq!(st["status"]["boots"], 1, "{st}");
+    dst.command("dirty status", "DIRTY OK running=1", CMD)
+        .expect("the dirtier keeps running");
+
+    // Disk data written before and during the migration.
+    dst.command("diskverify 8 16 7", "DISKVERIFY OK", CMD)
+        .expect("data written before the migration");
+    dst.command("diskverify 2048 256 5", "DISKVERIFY OK", CMD)
+        .expect("data written during the migration");
+    dst.command("poweroff", "POWEROFF", CMD).expect("poweroff");
+    let status = dst.wait_exit(BOOT).expect("target exits");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn every_page_matches_while_the_guest_dirties_as_fast_as_it_can() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.sock");
+    let mut src = source(&a, &[]);
+    src.command("dirty 64 0", "DIRTY OK", CMD)
+        .expect("unpaced dirtier");
+    let port = free_port().expect("port");
+    let mut dst = start_target(port, &[]).expect("start target");
+    let out = migrate(
+        &a,
+        &format!("127.0.0.1:{port}"),
+        r#""verify":true"#,
+        MIGRATION,
+    )
+    .expect("migrate");
+    // With verify the target refuses (and this fails) unless its memory
+    // equals the source's at switchover.
+    assert_eq!(out.state, "completed", "{}", out.last);
+    eprintln!(
+        "max-rate dirtying: total {} ms, rounds {}, throttle {}%",
+        out.elapsed.as_millis(),
+        out.last["round"],
+        out.last["throttle_percent"]
+    );
+    assert_exits_migrated(&mut src);
+    let st = dst
+        .command("dirty status", "DIRTY OK", CMD)
+        .expect("dirty status");
+    assert!(st.contains("running=1"), "{st}");
+}
+
+#[test]
+fn a_cancelled_attempt_then_two_moves_lose_no_page() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut src = source(&a, &[]);
+    src.command("dirty 32 0", "DIRTY OK", CMD)
+        .expect("unpaced dirtier");
+    let (pb, pc) = (free_port().expect("port"), free_port().expect("port"));
+    let b_arg = arg(&b);
+    let mut vm_b = start_target(pb, &["--api-socket", &b_arg]).expect("target B");
+
+    // A budget of 0 ms never fits: the attempt runs until cancelled.
+    let to_b = format!("127.0.0.1:{pb}");
+    let req = format!(r#"{{"cmd":"migrate","to":"{to_b}","max_downtime_ms":0}}"#);
+    let started = control(&a, &req).expect("migrate");
+    assert_eq!(started["ok"], true, "{started}");
+    let deadline = Instant::now() + MIGRATION;
+    loop {
+        let st = control(&a, r#"{"cmd":"migrate_status"}"#).expect("status");
+        if st["migration"]["round"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {st}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let c = control(&a, r#"{"cmd":"migrate_cancel"}"#).expect("cancel");
+    assert_eq!(c["ok"], true, "{c}");
+    let out = wait_outcome(&a, MIGRATION).expect("outcome");
+    assert_eq!(out.state, "cancelled", "{}", out.last);
+    assert_still_runs(&mut src, &a);
+
+    // B dropped the abandoned stream and still listens: A→B, verified.
+    let out = migrate(&a, &to_b, r#""verify":true"#, MIGRATION).expect("A to B");
+    assert_eq!(out.state, "completed", "{}", out.last);
+    assert_exits_migrated(&mut src);
+    vm_b.command("echo on-b", "ECHO on-b", CMD)
+        .expect("runs on B");
+
+    // B→C, verified.
+    let mut vm_c = start_target(pc, &[]).expect("target C");
+    let out = migrate(
+        &b,
+        &format!("127.0.0.1:{pc}"),
+        r#""verify":true"#,
+        MIGRATION,
+    )
+    .expect("B to C");
+    assert_eq!(out.state, "completed", "{}", out.last);
+    assert_exits_migrated(&mut vm_b);
+    vm_c.command("echo on-c", "ECHO on-c", CMD)
+        .expect("runs on C");
+    let st = vm_c
+        .command("dirty status", "DIRTY OK", CMD)
+        .expect("dirty status");
+    assert!(st.contains("running=1"), "{st}");
+    assert!(!vm_c.console_text().contains(READY_MARKER));
+}
+
+#[test]
+fn killing_the_target_mid_copy_leaves_the_source_running() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.sock");
+    let mut src = source(&a, &[]);
+    src.command("dirty 32 0", "DIRTY OK", CMD)
+        .expect("unpaced dirtier");
+    let port = free_port().expect("port");
+    let dst = start_target(port, &[]).expect("target");
+    let req = format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","max_downtime_ms":0}}"#);
+    assert_eq!(control(&a, &req).expect("migrate")["ok"], true);
+    let deadline = Instant::now() + MIGRATION;
+    loop {
+        let st = control(&a, r#"{"cmd":"migrate_status"}"#).expect("status");
+        if st["migration"]["round"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {st}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Dropping the handle is kill -9.
+    drop(dst);
+    let out = wait_outcome(&a, MIGRATION).expect("outcome");
+    assert_eq!(out.state, "failed", "{}", out.last);
+    eprintln!("after kill -9 of the target: {}", out.last["error"]);
+    assert_still_runs(&mut src, &a);
+    let st = src
+        .command("dirty status", "DIRTY OK", CMD)
+        .expect("dirty status");
+    assert!(st.contains("running=1"), "{st}");
+}
+
+/// Sends `bytes` to the target and returns the error frame it answers
+/// with (kind 0x83), if any.
+fn hostile(port: u16, bytes: &[u8]) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(bytes).ok()?;
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    (reply.len() >= 5 && reply[0] == 0x83)
+        .then(|| String::from_utf8_lossy(&reply[5..]).into_owned())
+}
+
+fn header(version: u32) -> Vec<u8> {
+    let mut h = b"NEPHMIG\0".to_vec();
+    h.extend_from_slice(&version.to_le_bytes());
+    h
+}
+
+#[test]
+fn hostile_streams_are_refused_and_the_target_keeps_listening() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.sock");
+    let port = free_port().expect("port");
+    let mut dst = start_target(port, &[]).expect("target");
+    std::thread::sleep(Duration::from_millis(300));
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "not a migration",
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            "magic",
+        ),
+        ("unknown version", header(99), "version 99"),
+        (
+            "unknown frame kind",
+            [header(1), vec![0x42, 0, 0, 0, 0]].concat(),
+            "kind",
+        ),
+        (
+            "oversized frame",
+            [header(1), vec![1, 0xff, 0xff, 0xff, 0x7f]].concat(),
+            "limit",
+        ),
+        (
+            "garbage configuration",
+            [header(1), vec![1, 4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]].concat(),
+            "malformed",
+        ),
+        (
+            "memory before configuration",
+            [header(1), vec![2, 0, 0, 0, 0]].concat(),
+            "Config",
+        ),
+        (
+            "truncated frame",
+            [header(1), vec![1, 100, 0, 0, 0, 1, 2, 3]].concat(),
+            "connection",
+        ),
+    ];
+    for (what, bytes, expect) in cases {
+        let err = hostile(port, &bytes).unwrap_or_else(|| panic!("{what}: no error frame"));
+        eprintln!("{what}: refused with: {err}");
+        assert!(
+            err.contains(expect),
+            "{what}: error {err:?} should mention {expect:?}"
+        );
+    }
+    // A connection that closes without a byte is refused quietly too.
+    drop(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
+
+    // Nothing broke: a real migration still lands.
+    let mut src = source(&a, &[]);
+    let out = migrate(
+        &a,
+        &format!("127.0.0.1:{port}"),
+        r#""verify":true"#,
+        MIGRATION,
+    )
+    .expect("migrate");
+    assert_eq!(out.state, "completed", "{}", out.last);
+    assert_exits_migrated(&mut src);
+    dst.command("echo survived", "ECHO survived", CMD)
+        .expect("the target runs the VM");
+}
