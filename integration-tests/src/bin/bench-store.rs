@@ -50,8 +50,8 @@ fn main() -> anyhow::Result<()> {
             .with_context(|| format!("start {members} controllers"))?;
         ours.wait_leader(Duration::from_secs(20))
             .context("the controllers elected no leader")?;
-        let theirs = EtcdCluster::start(members)
-            .with_context(|| format!("start {members} etcd"))?;
+        let theirs =
+            EtcdCluster::start(members).with_context(|| format!("start {members} etcd"))?;
         for c in CONCURRENCY {
             let o = load(
                 &["--endpoints", &ours.endpoints().join(",")],
