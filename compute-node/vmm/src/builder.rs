@@ -231,6 +231,12 @@ pub(crate) fn create_boot(
         kvm.create_vm()
             .map_err(|e| StartVmError::KvmVm("create a VM", e))?,
     );
+    // Guest RAM goes in before the irqchip and PIT: registering the first
+    // memory slot after them costs 3.5 to 7.5 ms on this PVM host, before
+    // them 0.1 to 0.2 ms (measured with strace -T; Firecracker keeps the
+    // same order).
+    let mem = memory::create(config.memory_bytes())?;
+    memory::register(&vm, &mem)?;
     vm.set_tss_address(usize::try_from(KVM_TSS_ADDRESS).unwrap_or(0))
         .map_err(|e| StartVmError::KvmVm("set the TSS address", e))?;
     if kvm.check_extension(Cap::SetIdentityMapAddr) {
@@ -246,17 +252,7 @@ pub(crate) fn create_boot(
     vm.create_pit2(pit)
         .map_err(|e| StartVmError::KvmVm("create the in-kernel PIT", e))?;
 
-    let mem_bytes = config.memory_bytes();
-    let mem = memory::create(mem_bytes)?;
-    // The first memory slot costs milliseconds inside KVM (more under
-    // PVM); it runs on a helper thread while the rest is built.
-    let (registered, rest) = std::thread::scope(|scope| {
-        let registering = scope.spawn(|| memory::register(&vm, &mem));
-        let rest = populate(config, caps, backends, console, &vm, &mem, load);
-        (registering.join(), rest)
-    });
-    registered.unwrap_or(Err(CreateMemoryError::Size))?;
-    let (devices, virtio, fds) = rest?;
+    let (devices, virtio, fds) = populate(config, caps, backends, console, &vm, &mem, load)?;
     Ok(Boot {
         vcpus: None,
         event_loop: None,
