@@ -7,10 +7,16 @@
 //! - [`config`]: the daemon's configuration (TOML file, `NEPHELE_*`
 //!   environment, flags).
 //! - [`server`]: starting a member and serving it over gRPC.
+//! - [`api`]: the public gRPC API and the node agent protocol, with
+//!   authentication, authorization and the stable error reasons.
+//! - [`reconcile`]: the leader's control loops (scheduling, node liveness,
+//!   operation completion).
 //!
 //! The state machine itself lives in the `nephele-state` crate.
 
+pub mod api;
 pub mod config;
 pub mod raft;
+pub mod reconcile;
 pub mod server;
 pub mod store;

@@ -87,7 +87,15 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let bound = listener.local_addr()?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let mut running = server::start(cfg.raft_config(advertise.clone(), init), listener).await?;
+    let mut options = server::ControllerOptions::default();
+    if let Ok(ms) = std::env::var("NEPHELE_NODE_TIMEOUT_MS") {
+        let ms: u64 = ms
+            .parse()
+            .context("NEPHELE_NODE_TIMEOUT_MS must be a number of milliseconds")?;
+        options.reconcile.node_timeout = Duration::from_millis(ms);
+    }
+    let mut running =
+        server::start_with(cfg.raft_config(advertise.clone(), init), listener, options).await?;
     tracing::info!(
         id = cfg.id,
         cluster_id = running.store.cluster_id(),
@@ -98,6 +106,32 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
     );
     // The machine-readable line tests and `neph dev` rely on.
     println!("LISTENING {bound}");
+
+    if init {
+        // The bootstrap admin token: created once the cluster has a leader,
+        // written to the data directory (0600), never printed.
+        let store = running.store.clone();
+        let data_dir = cfg.data_dir.clone();
+        let id = cfg.id;
+        tokio::spawn(async move {
+            loop {
+                match neph_controller::api::auth::bootstrap_admin(&store, id, &data_dir).await {
+                    Ok(created) => {
+                        let path = data_dir.join(neph_controller::api::auth::BOOTSTRAP_TOKEN_FILE);
+                        if created.is_some() {
+                            tracing::info!(path = %path.display(), "bootstrap admin token written");
+                        }
+                        println!("ADMIN_TOKEN_FILE {}", path.display());
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bootstrap admin token not created yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                }
+            }
+        });
+    }
 
     let store = running.store.clone();
     let failed = async move {

@@ -1,0 +1,768 @@
+//! `nephele.compute.v1`: flavors, images, instances and server groups.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use nephele_proto::compute::v1 as pb;
+use nephele_proto::compute::v1::flavors_server::Flavors;
+use nephele_proto::compute::v1::images_server::Images;
+use nephele_proto::compute::v1::instances_server::Instances;
+use nephele_proto::compute::v1::server_groups_server::ServerGroups;
+use nephele_proto::ops::v1 as ops_pb;
+use nephele_state::model::{ImageState, InstanceState, State};
+use nephele_state::names;
+use nephele_state::{Command, Response};
+use tonic::{Request, Response as Reply, Status, Streaming};
+
+use super::authz::Target;
+use super::errors::ApiError;
+use super::{Api, Page, convert, derived_id, project_target, request_id};
+use crate::reconcile;
+use crate::store::StateStore;
+
+/// Most instances one batch create makes.
+pub const MAX_BATCH: u32 = 100;
+
+fn unexpected(r: Response) -> ApiError {
+    ApiError::Internal(format!("unexpected answer from the state machine: {r:?}"))
+}
+
+fn operation_of(r: Response) -> Result<ops_pb::Operation, ApiError> {
+    match r {
+        Response::Instance {
+            operation: Some(op),
+            ..
+        } => Ok(convert::operation(&op)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// What a create needs checked before anything is proposed, so that a
+/// create that cannot succeed creates nothing: references, quota for all
+/// `count` instances, and whether any node could take them.
+fn precheck_create(
+    s: &State,
+    project: &str,
+    flavor: &str,
+    image: &str,
+    group: Option<&str>,
+    count: u32,
+) -> Result<(), ApiError> {
+    let p = s
+        .projects
+        .get(project)
+        .ok_or_else(|| ApiError::not_found(project))?;
+    let res = s
+        .flavors
+        .get(flavor)
+        .ok_or_else(|| ApiError::not_found(flavor))?
+        .resources;
+    let img = s
+        .images
+        .get(image)
+        .ok_or_else(|| ApiError::not_found(image))?;
+    if img.state != ImageState::Active {
+        return Err(ApiError::FailedPrecondition(format!(
+            "{image} is not active; wait for its upload or pick another image"
+        )));
+    }
+    if let Some(g) = group
+        && !s.server_groups.contains_key(g)
+    {
+        return Err(ApiError::not_found(g));
+    }
+    let n = u64::from(count);
+    if p.instance_count + n > p.quota.instances {
+        return Err(ApiError::QuotaExceeded {
+            project: project.to_owned(),
+            message: format!(
+                "quota of {project} exceeded: {} of {} instances used, {n} more asked; delete instances or ask an admin to raise the quota",
+                p.instance_count, p.quota.instances
+            ),
+        });
+    }
+    let mut usage = p.usage;
+    for _ in 0..count {
+        usage = usage.plus(res);
+    }
+    if !usage.fits_in(p.quota.resources) {
+        return Err(ApiError::QuotaExceeded {
+            project: project.to_owned(),
+            message: format!(
+                "quota of {project} exceeded: would use {} vCPUs, {} MiB, {} GiB of {} vCPUs, {} MiB, {} GiB; pick a smaller flavor or ask an admin to raise the quota",
+                usage.vcpus,
+                usage.memory_mib,
+                usage.disk_gib,
+                p.quota.resources.vcpus,
+                p.quota.resources.memory_mib,
+                p.quota.resources.disk_gib
+            ),
+        });
+    }
+    let snap = reconcile::snapshot(s);
+    let mut scheduler =
+        nephele_scheduler::Scheduler::new(&snap).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let req = reconcile::request(
+        format!("precheck/{project}"),
+        res,
+        group.map(str::to_owned),
+        count,
+    );
+    match scheduler.place(&req, nephele_scheduler::Explain::Summary) {
+        Ok(_) => Ok(()),
+        Err(nephele_scheduler::PlaceError::NoValidHost(e)) => {
+            Err(ApiError::NoValidHost(e.to_string()))
+        }
+        Err(e) => Err(ApiError::InvalidArgument(e.to_string())),
+    }
+}
+
+struct CreateArgs {
+    project: String,
+    flavor: String,
+    image: String,
+    group: Option<String>,
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+fn create_args(parent: &str, instance: Option<pb::Instance>) -> Result<CreateArgs, ApiError> {
+    names::parse(parent, names::PROJECT)?;
+    let i = instance.ok_or_else(|| ApiError::InvalidArgument("instance is required".into()))?;
+    if i.flavor.is_empty() || i.image.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "instance.flavor and instance.image are required (flavors/NAME, images/NAME)".into(),
+        ));
+    }
+    names::parse(&i.flavor, names::FLAVOR)?;
+    names::parse(&i.image, names::IMAGE)?;
+    let group = (!i.server_group.is_empty()).then_some(i.server_group);
+    if let Some(g) = &group {
+        names::parse(g, names::SERVER_GROUP)?;
+        if names::project_of(g) != Some(parent) {
+            return Err(ApiError::InvalidArgument(format!(
+                "server group {g} is not in {parent}"
+            )));
+        }
+    }
+    Ok(CreateArgs {
+        project: parent.to_owned(),
+        flavor: i.flavor,
+        image: i.image,
+        group,
+        labels: i.labels.into_iter().collect(),
+    })
+}
+
+impl<S: StateStore> Api<S> {
+    /// Runs the create prechecks unless `request_id` was already answered
+    /// (a retry gets the first answer even if quota is now used up).
+    async fn precheck(
+        &self,
+        a: &CreateArgs,
+        count: u32,
+        request_ids: Vec<String>,
+    ) -> Result<(), ApiError> {
+        let (project, flavor, image, group) = (
+            a.project.clone(),
+            a.flavor.clone(),
+            a.image.clone(),
+            a.group.clone(),
+        );
+        self.read_try(move |s| {
+            if !request_ids.is_empty() && request_ids.iter().all(|r| s.requests.contains_key(r)) {
+                return Ok(());
+            }
+            precheck_create(s, &project, &flavor, &image, group.as_deref(), count)
+        })
+        .await
+    }
+
+    async fn create_one(
+        &self,
+        actor: &str,
+        a: &CreateArgs,
+        instance_id: String,
+        rid: Option<String>,
+    ) -> Result<ops_pb::Operation, ApiError> {
+        let operation_id = derived_id(
+            "op",
+            rid.as_deref(),
+            &format!("create/{}/{instance_id}", a.project),
+        )?;
+        let command = Command::CreateInstance {
+            project: a.project.clone(),
+            instance_id,
+            flavor: a.flavor.clone(),
+            image: a.image.clone(),
+            server_group: a.group.clone(),
+            labels: a.labels.clone(),
+            operation_id,
+        };
+        operation_of(self.propose(actor, rid, command).await?)
+    }
+
+    /// Authorizes an instance-scoped call; returns the caller's user name.
+    async fn instance_call(
+        &self,
+        req_md: &tonic::metadata::MetadataMap,
+        rpc: &str,
+        name: &str,
+    ) -> Result<String, ApiError> {
+        names::parse(name, names::INSTANCE)?;
+        Ok(self
+            .authorize(req_md, rpc, project_target(name))
+            .await?
+            .user)
+    }
+
+    async fn action(
+        &self,
+        actor: &str,
+        name: String,
+        to: InstanceState,
+        verb: &str,
+        rid: Option<String>,
+    ) -> Result<ops_pb::Operation, ApiError> {
+        let operation_id = derived_id("op", rid.as_deref(), &format!("{verb}/{name}"))?;
+        let command = Command::BeginInstanceAction {
+            instance: name,
+            state: to,
+            verb: verb.to_owned(),
+            operation_id,
+        };
+        operation_of(self.propose(actor, rid, command).await?)
+    }
+}
+
+const INSTANCES: &str = "/nephele.compute.v1.Instances/";
+
+type ConsoleStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ConsoleResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl<S: StateStore> Instances for Api<S> {
+    async fn create_instance(
+        &self,
+        req: Request<pb::CreateInstanceRequest>,
+    ) -> Result<Reply<ops_pb::Operation>, Status> {
+        let parent = req.get_ref().parent.clone();
+        names::parse(&parent, names::PROJECT).map_err(ApiError::from)?;
+        let caller = self
+            .authorize(
+                req.metadata(),
+                &format!("{INSTANCES}CreateInstance"),
+                Target::Project(&parent),
+            )
+            .await?;
+        let r = req.into_inner();
+        names::validate_id(&r.instance_id).map_err(ApiError::from)?;
+        let a = create_args(&r.parent, r.instance)?;
+        let rid = request_id(&r.request_id);
+        self.precheck(&a, 1, rid.iter().cloned().collect()).await?;
+        let op = self
+            .create_one(&caller.user, &a, r.instance_id, rid)
+            .await?;
+        Ok(Reply::new(op))
+    }
+
+    async fn batch_create_instances(
+        &self,
+        req: Request<pb::BatchCreateInstancesRequest>,
+    ) -> Result<Reply<pb::BatchCreateInstancesResponse>, Status> {
+        let parent = req.get_ref().parent.clone();
+        names::parse(&parent, names::PROJECT).map_err(ApiError::from)?;
+        let caller = self
+            .authorize(
+                req.metadata(),
+                &format!("{INSTANCES}BatchCreateInstances"),
+                Target::Project(&parent),
+            )
+            .await?;
+        let r = req.into_inner();
+        if r.count == 0 || r.count > MAX_BATCH {
+            return Err(ApiError::InvalidArgument(format!(
+                "count must be 1 to {MAX_BATCH}, not {}",
+                r.count
+            ))
+            .into());
+        }
+        let ids: Vec<String> = (1..=r.count)
+            .map(|k| format!("{}-{k}", r.instance_id))
+            .collect();
+        for id in &ids {
+            names::validate_id(id).map_err(ApiError::from)?;
+        }
+        let a = create_args(&r.parent, r.instance)?;
+        let rids: Vec<Option<String>> = ids
+            .iter()
+            .map(|id| request_id(&r.request_id).map(|rid| format!("{rid}/{id}")))
+            .collect();
+        self.precheck(&a, r.count, rids.iter().flatten().cloned().collect())
+            .await?;
+        let mut operations = Vec::new();
+        for (id, rid) in ids.into_iter().zip(rids) {
+            operations.push(self.create_one(&caller.user, &a, id, rid).await?);
+        }
+        Ok(Reply::new(pb::BatchCreateInstancesResponse { operations }))
+    }
+
+    async fn get_instance(
+        &self,
+        req: Request<pb::GetInstanceRequest>,
+    ) -> Result<Reply<pb::Instance>, Status> {
+        let name = req.get_ref().name.clone();
+        self.instance_call(req.metadata(), &format!("{INSTANCES}GetInstance"), &name)
+            .await?;
+        let i = self
+            .read_try(move |s| {
+                s.instances
+                    .get(&name)
+                    .map(convert::instance)
+                    .ok_or_else(|| ApiError::not_found(name))
+            })
+            .await?;
+        Ok(Reply::new(i))
+    }
+
+    async fn list_instances(
+        &self,
+        req: Request<pb::ListInstancesRequest>,
+    ) -> Result<Reply<pb::ListInstancesResponse>, Status> {
+        let r = req.get_ref();
+        let all = r.parent == "projects/-";
+        if !all {
+            names::parse(&r.parent, names::PROJECT).map_err(ApiError::from)?;
+        }
+        let target = if all {
+            Target::Cluster
+        } else {
+            Target::Project(&r.parent)
+        };
+        self.authorize(req.metadata(), &format!("{INSTANCES}ListInstances"), target)
+            .await?;
+        let r = req.into_inner();
+        let page = Page::parse(r.page_size, &r.page_token)?;
+        let state = convert::instance_state_in(r.state)?;
+        let prefix = if all {
+            "projects/".to_owned()
+        } else {
+            format!("{}/instances/", r.parent)
+        };
+        let (node, labels) = (r.node, r.labels);
+        let (instances, next_page_token) = self
+            .read(move |s| {
+                page.take(&s.instances, &prefix, |i| {
+                    let keep = state.is_none_or(|st| i.state == st)
+                        && (node.is_empty() || i.node.as_deref() == Some(node.as_str()))
+                        && labels.iter().all(|(k, v)| i.labels.get(k) == Some(v));
+                    keep.then(|| convert::instance(i))
+                })
+            })
+            .await?;
+        Ok(Reply::new(pb::ListInstancesResponse {
+            instances,
+            next_page_token,
+        }))
+    }
+
+    async fn start_instance(
+        &self,
+        req: Request<pb::StartInstanceRequest>,
+    ) -> Result<Reply<ops_pb::Operation>, Status> {
+        let name = req.get_ref().name.clone();
+        let actor = self
+            .instance_call(req.metadata(), &format!("{INSTANCES}StartInstance"), &name)
+            .await?;
+        let rid = request_id(&req.get_ref().request_id);
+        Ok(Reply::new(
+            self.action(&actor, name, InstanceState::Starting, "start", rid)
+                .await?,
+        ))
+    }
+
+    async fn stop_instance(
+        &self,
+        req: Request<pb::StopInstanceRequest>,
+    ) -> Result<Reply<ops_pb::Operation>, Status> {
+        let name = req.get_ref().name.clone();
+        let actor = self
+            .instance_call(req.metadata(), &format!("{INSTANCES}StopInstance"), &name)
+            .await?;
+        let rid = request_id(&req.get_ref().request_id);
+        Ok(Reply::new(
+            self.action(&actor, name, InstanceState::Stopping, "stop", rid)
+                .await?,
+        ))
+    }
+
+    async fn reboot_instance(
+        &self,
+        req: Request<pb::RebootInstanceRequest>,
+    ) -> Result<Reply<ops_pb::Operation>, Status> {
+        let name = req.get_ref().name.clone();
+        let actor = self
+            .instance_call(req.metadata(), &format!("{INSTANCES}RebootInstance"), &name)
+            .await?;
+        let rid = request_id(&req.get_ref().request_id);
+        Ok(Reply::new(
+            self.action(&actor, name, InstanceState::Starting, "reboot", rid)
+                .await?,
+        ))
+    }
+
+    async fn resize_instance(
+        &self,
+        req: Request<pb::ResizeInstanceRequest>,
+    ) -> Result<Reply<pb::Instance>, Status> {
+        let name = req.get_ref().name.clone();
+        let actor = self
+            .instance_call(req.metadata(), &format!("{INSTANCES}ResizeInstance"), &name)
+            .await?;
+        let r = req.into_inner();
+        let command = Command::ResizeInstance {
+            instance: name,
+            flavor: r.flavor,
+        };
+        match self
+            .propose(&actor, request_id(&r.request_id), command)
+            .await?
+        {
+            Response::Instance { instance, .. } => Ok(Reply::new(convert::instance(&instance))),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn delete_instance(
+        &self,
+        req: Request<pb::DeleteInstanceRequest>,
+    ) -> Result<Reply<ops_pb::Operation>, Status> {
+        let name = req.get_ref().name.clone();
+        let actor = self
+            .instance_call(req.metadata(), &format!("{INSTANCES}DeleteInstance"), &name)
+            .await?;
+        let rid = request_id(&req.get_ref().request_id);
+        let operation_id = derived_id("op", rid.as_deref(), &format!("delete/{name}"))?;
+        let command = Command::DeleteInstance {
+            instance: name,
+            operation_id,
+        };
+        Ok(Reply::new(operation_of(
+            self.propose(&actor, rid, command).await?,
+        )?))
+    }
+
+    type ConsoleStream = ConsoleStream;
+
+    async fn console(
+        &self,
+        req: Request<Streaming<pb::ConsoleRequest>>,
+    ) -> Result<Reply<Self::ConsoleStream>, Status> {
+        // Authenticate before saying anything about the feature.
+        self.authenticate(req.metadata()).await?;
+        Err(ApiError::NotImplemented(
+            "the console is relayed by the compute-node agent, which does not serve it yet".into(),
+        )
+        .into())
+    }
+
+    async fn get_console_log(
+        &self,
+        req: Request<pb::GetConsoleLogRequest>,
+    ) -> Result<Reply<pb::ConsoleLog>, Status> {
+        let name = req.get_ref().name.clone();
+        self.instance_call(req.metadata(), &format!("{INSTANCES}GetConsoleLog"), &name)
+            .await?;
+        Err(ApiError::NotImplemented(
+            "console logs are kept by the compute-node agent, which does not serve them yet".into(),
+        )
+        .into())
+    }
+}
+
+const FLAVORS: &str = "/nephele.compute.v1.Flavors/";
+
+#[tonic::async_trait]
+impl<S: StateStore> Flavors for Api<S> {
+    async fn create_flavor(
+        &self,
+        req: Request<pb::CreateFlavorRequest>,
+    ) -> Result<Reply<pb::Flavor>, Status> {
+        let caller = self
+            .authorize(
+                req.metadata(),
+                &format!("{FLAVORS}CreateFlavor"),
+                Target::Cluster,
+            )
+            .await?;
+        let r = req.into_inner();
+        let command = Command::CreateFlavor {
+            flavor_id: r.flavor_id,
+            resources: convert::resources_in(r.flavor.as_ref().and_then(|f| f.resources.as_ref())),
+        };
+        match self
+            .propose(&caller.user, request_id(&r.request_id), command)
+            .await?
+        {
+            Response::Flavor(f) => Ok(Reply::new(convert::flavor(&f))),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn get_flavor(
+        &self,
+        req: Request<pb::GetFlavorRequest>,
+    ) -> Result<Reply<pb::Flavor>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{FLAVORS}GetFlavor"),
+            Target::Cluster,
+        )
+        .await?;
+        let name = req.into_inner().name;
+        let f = self
+            .read_try(move |s| {
+                s.flavors
+                    .get(&name)
+                    .map(convert::flavor)
+                    .ok_or_else(|| ApiError::not_found(name))
+            })
+            .await?;
+        Ok(Reply::new(f))
+    }
+
+    async fn list_flavors(
+        &self,
+        req: Request<pb::ListFlavorsRequest>,
+    ) -> Result<Reply<pb::ListFlavorsResponse>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{FLAVORS}ListFlavors"),
+            Target::Cluster,
+        )
+        .await?;
+        let page = Page::parse(req.get_ref().page_size, &req.get_ref().page_token)?;
+        let (flavors, next_page_token) = self
+            .read(move |s| page.take(&s.flavors, "flavors/", |f| Some(convert::flavor(f))))
+            .await?;
+        Ok(Reply::new(pb::ListFlavorsResponse {
+            flavors,
+            next_page_token,
+        }))
+    }
+
+    async fn delete_flavor(
+        &self,
+        req: Request<pb::DeleteFlavorRequest>,
+    ) -> Result<Reply<pb::DeleteFlavorResponse>, Status> {
+        let caller = self
+            .authorize(
+                req.metadata(),
+                &format!("{FLAVORS}DeleteFlavor"),
+                Target::Cluster,
+            )
+            .await?;
+        let flavor = req.into_inner().name;
+        self.propose(&caller.user, None, Command::DeleteFlavor { flavor })
+            .await?;
+        Ok(Reply::new(pb::DeleteFlavorResponse {}))
+    }
+}
+
+const IMAGES: &str = "/nephele.compute.v1.Images/";
+
+#[tonic::async_trait]
+impl<S: StateStore> Images for Api<S> {
+    async fn create_image(
+        &self,
+        req: Request<pb::CreateImageRequest>,
+    ) -> Result<Reply<pb::Image>, Status> {
+        let caller = self
+            .authorize(
+                req.metadata(),
+                &format!("{IMAGES}CreateImage"),
+                Target::Cluster,
+            )
+            .await?;
+        let r = req.into_inner();
+        let i = r.image.unwrap_or_default();
+        let command = Command::CreateImage {
+            image_id: r.image_id,
+            format: i.format,
+            size_bytes: i.size_bytes,
+            checksum: i.checksum,
+            state: ImageState::Active,
+        };
+        match self
+            .propose(&caller.user, request_id(&r.request_id), command)
+            .await?
+        {
+            Response::Image(i) => Ok(Reply::new(convert::image(&i))),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn get_image(
+        &self,
+        req: Request<pb::GetImageRequest>,
+    ) -> Result<Reply<pb::Image>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{IMAGES}GetImage"),
+            Target::Cluster,
+        )
+        .await?;
+        let name = req.into_inner().name;
+        let i = self
+            .read_try(move |s| {
+                s.images
+                    .get(&name)
+                    .map(convert::image)
+                    .ok_or_else(|| ApiError::not_found(name))
+            })
+            .await?;
+        Ok(Reply::new(i))
+    }
+
+    async fn list_images(
+        &self,
+        req: Request<pb::ListImagesRequest>,
+    ) -> Result<Reply<pb::ListImagesResponse>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{IMAGES}ListImages"),
+            Target::Cluster,
+        )
+        .await?;
+        let page = Page::parse(req.get_ref().page_size, &req.get_ref().page_token)?;
+        let (images, next_page_token) = self
+            .read(move |s| page.take(&s.images, "images/", |i| Some(convert::image(i))))
+            .await?;
+        Ok(Reply::new(pb::ListImagesResponse {
+            images,
+            next_page_token,
+        }))
+    }
+
+    async fn delete_image(
+        &self,
+        req: Request<pb::DeleteImageRequest>,
+    ) -> Result<Reply<pb::DeleteImageResponse>, Status> {
+        let caller = self
+            .authorize(
+                req.metadata(),
+                &format!("{IMAGES}DeleteImage"),
+                Target::Cluster,
+            )
+            .await?;
+        let image = req.into_inner().name;
+        self.propose(&caller.user, None, Command::DeleteImage { image })
+            .await?;
+        Ok(Reply::new(pb::DeleteImageResponse {}))
+    }
+}
+
+const GROUPS: &str = "/nephele.compute.v1.ServerGroups/";
+
+#[tonic::async_trait]
+impl<S: StateStore> ServerGroups for Api<S> {
+    async fn create_server_group(
+        &self,
+        req: Request<pb::CreateServerGroupRequest>,
+    ) -> Result<Reply<pb::ServerGroup>, Status> {
+        let parent = req.get_ref().parent.clone();
+        names::parse(&parent, names::PROJECT).map_err(ApiError::from)?;
+        let caller = self
+            .authorize(
+                req.metadata(),
+                &format!("{GROUPS}CreateServerGroup"),
+                Target::Project(&parent),
+            )
+            .await?;
+        let r = req.into_inner();
+        let policy = convert::policy_in(r.server_group.map(|g| g.policy).unwrap_or_default())?;
+        let command = Command::CreateServerGroup {
+            project: parent,
+            group_id: r.server_group_id,
+            policy,
+        };
+        match self
+            .propose(&caller.user, request_id(&r.request_id), command)
+            .await?
+        {
+            Response::ServerGroup(g) => Ok(Reply::new(convert::server_group(&g))),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
+    async fn get_server_group(
+        &self,
+        req: Request<pb::GetServerGroupRequest>,
+    ) -> Result<Reply<pb::ServerGroup>, Status> {
+        let name = req.get_ref().name.clone();
+        names::parse(&name, names::SERVER_GROUP).map_err(ApiError::from)?;
+        self.authorize(
+            req.metadata(),
+            &format!("{GROUPS}GetServerGroup"),
+            project_target(&name),
+        )
+        .await?;
+        let g = self
+            .read_try(move |s| {
+                s.server_groups
+                    .get(&name)
+                    .map(convert::server_group)
+                    .ok_or_else(|| ApiError::not_found(name))
+            })
+            .await?;
+        Ok(Reply::new(g))
+    }
+
+    async fn list_server_groups(
+        &self,
+        req: Request<pb::ListServerGroupsRequest>,
+    ) -> Result<Reply<pb::ListServerGroupsResponse>, Status> {
+        let parent = req.get_ref().parent.clone();
+        names::parse(&parent, names::PROJECT).map_err(ApiError::from)?;
+        self.authorize(
+            req.metadata(),
+            &format!("{GROUPS}ListServerGroups"),
+            Target::Project(&parent),
+        )
+        .await?;
+        let page = Page::parse(req.get_ref().page_size, &req.get_ref().page_token)?;
+        let prefix = format!("{parent}/serverGroups/");
+        let (server_groups, next_page_token) = self
+            .read(move |s| {
+                page.take(&s.server_groups, &prefix, |g| {
+                    Some(convert::server_group(g))
+                })
+            })
+            .await?;
+        Ok(Reply::new(pb::ListServerGroupsResponse {
+            server_groups,
+            next_page_token,
+        }))
+    }
+
+    async fn delete_server_group(
+        &self,
+        req: Request<pb::DeleteServerGroupRequest>,
+    ) -> Result<Reply<pb::DeleteServerGroupResponse>, Status> {
+        let name = req.get_ref().name.clone();
+        names::parse(&name, names::SERVER_GROUP).map_err(ApiError::from)?;
+        let caller = self
+            .authorize(
+                req.metadata(),
+                &format!("{GROUPS}DeleteServerGroup"),
+                project_target(&name),
+            )
+            .await?;
+        self.propose(
+            &caller.user,
+            None,
+            Command::DeleteServerGroup { group: name },
+        )
+        .await?;
+        Ok(Reply::new(pb::DeleteServerGroupResponse {}))
+    }
+}

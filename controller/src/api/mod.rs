@@ -1,0 +1,413 @@
+//! The public gRPC API (`nephele.iam.v1`, `nephele.compute.v1`,
+//! `nephele.infra.v1`, `nephele.ops.v1`) and the node agent protocol
+//! (`nephele.node.v1`), served by every controller over the
+//! [`StateStore`]: writes go through `propose` (which forwards to the raft
+//! leader), reads through the linearizable `read`, so any controller answers
+//! any call.
+//!
+//! - [`errors`]: status codes and the stable `ErrorInfo` reasons (the table).
+//! - [`auth`]: bearer tokens, hashing, the bootstrap admin token.
+//! - [`authz`]: the one table of which role each RPC needs.
+//! - [`convert`]: state model <-> protobuf messages.
+//! - `iam.rs`, `compute.rs`, `infra.rs`, `ops.rs`, `node.rs`: the services,
+//!   all implemented on [`Api`].
+//!
+//! [`routes`] adds every service (plus gRPC health and reflection) to a
+//! tonic router, each with explicit message size limits.
+
+pub mod auth;
+pub mod authz;
+pub mod convert;
+pub mod errors;
+
+mod compute;
+mod iam;
+mod infra;
+mod node;
+mod ops;
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nephele_proto::compute::v1 as compute_pb;
+use nephele_proto::iam::v1 as iam_pb;
+use nephele_proto::infra::v1 as infra_pb;
+use nephele_proto::node::v1 as node_pb;
+use nephele_proto::ops::v1 as ops_pb;
+use nephele_state::{Command, Envelope, Response, State};
+use sha2::{Digest as _, Sha256};
+use tonic::metadata::MetadataMap;
+use tonic::transport::server::Router;
+
+use self::auth::Caller;
+use self::authz::Target;
+use self::errors::ApiError;
+use crate::store::{Committed, ProposeError, StateStore};
+
+/// Largest request message a server accepts.
+pub const MAX_DECODING_MESSAGE_SIZE: usize = 4 << 20;
+/// Largest response message a server sends.
+pub const MAX_ENCODING_MESSAGE_SIZE: usize = 16 << 20;
+/// Page size when a list request does not say.
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+/// Largest page size; larger requests are clamped.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// Settings of the API services.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// How often agents are told to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Graceful stop time when a stop request does not say.
+    pub default_stop_timeout: Duration,
+    /// Longest WaitOperation.
+    pub max_wait: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            heartbeat_interval: Duration::from_secs(2),
+            default_stop_timeout: Duration::from_secs(30),
+            max_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+struct Inner<S> {
+    store: Arc<S>,
+    config: ApiConfig,
+    /// Measured load per node from the heartbeats this controller received
+    /// (not replicated: load is fresh or useless).
+    loads: Mutex<HashMap<String, infra_pb::Load>>,
+}
+
+/// The API services over one store. Cheap to clone.
+pub struct Api<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Api<S> {
+    fn clone(&self) -> Self {
+        Api {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S> std::fmt::Debug for Api<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Wall-clock milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A proposal's result as an API result.
+pub fn outcome(r: Result<Committed, ProposeError>) -> Result<Response, ApiError> {
+    Ok(r?.outcome?)
+}
+
+/// `Some` for a non-empty request id.
+fn request_id(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_owned())
+}
+
+/// An id for a resource a command creates on the caller's behalf (an
+/// operation, a migration): derived from the request id when there is one,
+/// so a retry proposes the very same command, random otherwise.
+fn derived_id(prefix: &str, request_id: Option<&str>, salt: &str) -> Result<String, ApiError> {
+    let digest = match request_id {
+        Some(r) => Sha256::digest(format!("{r}\0{salt}").as_bytes()).to_vec(),
+        None => {
+            let s = auth::new_secret().map_err(|e| ApiError::Internal(e.to_string()))?;
+            s.into_bytes()
+        }
+    };
+    let hex: String = Sha256::digest(&digest)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(format!("{prefix}-{hex}"))
+}
+
+/// A parsed page request: how many, and after which key.
+#[derive(Debug, Clone)]
+struct Page {
+    size: usize,
+    after: Option<String>,
+}
+
+impl Page {
+    fn parse(page_size: i32, page_token: &str) -> Result<Page, ApiError> {
+        let size = match usize::try_from(page_size) {
+            Err(_) => {
+                return Err(ApiError::InvalidArgument(
+                    "page_size must not be negative".into(),
+                ));
+            }
+            Ok(0) => DEFAULT_PAGE_SIZE,
+            Ok(n) => n.min(MAX_PAGE_SIZE),
+        };
+        let after = if page_token.is_empty() {
+            None
+        } else {
+            Some(decode_token(page_token).ok_or_else(|| {
+                ApiError::InvalidArgument(
+                    "page_token is not one this API returned; start again without it".into(),
+                )
+            })?)
+        };
+        Ok(Page { size, after })
+    }
+
+    /// Takes up to `size` items of `map` after the token (and starting with
+    /// `prefix`) that `f` maps to `Some`; returns them and the next token.
+    fn take<T, U>(
+        &self,
+        map: &BTreeMap<String, T>,
+        prefix: &str,
+        mut f: impl FnMut(&T) -> Option<U>,
+    ) -> (Vec<U>, String) {
+        let start = match &self.after {
+            Some(a) => Bound::Excluded(a.clone()),
+            None => Bound::Included(prefix.to_owned()),
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        for (k, v) in map.range((start, Bound::Unbounded)) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if out.len() == self.size {
+                return (
+                    out,
+                    last.map(|l: &String| encode_token(l)).unwrap_or_default(),
+                );
+            }
+            if let Some(u) = f(v) {
+                out.push(u);
+                last = Some(k);
+            }
+        }
+        (out, String::new())
+    }
+}
+
+/// Page tokens are the last key returned, hex-encoded: opaque to clients,
+/// stable across controllers.
+fn encode_token(key: &str) -> String {
+    key.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str) -> Option<String> {
+    if !token.len().is_multiple_of(2) || token.len() > 4096 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+impl<S: StateStore> Api<S> {
+    /// The API over `store`.
+    pub fn new(store: Arc<S>, config: ApiConfig) -> Self {
+        Api {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                loads: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// Reads linearizably.
+    async fn read<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&State) -> R + Send + 'static,
+    {
+        Ok(self.store().read(f).await?)
+    }
+
+    /// Reads linearizably; `f` may fail.
+    async fn read_try<R, F>(&self, f: F) -> Result<R, ApiError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&State) -> Result<R, ApiError> + Send + 'static,
+    {
+        self.store().read(f).await?
+    }
+
+    /// Proposes `command` as `actor`.
+    async fn propose(
+        &self,
+        actor: &str,
+        request_id: Option<String>,
+        command: Command,
+    ) -> Result<Response, ApiError> {
+        let envelope = Envelope {
+            time: now_ms(),
+            actor: actor.to_owned(),
+            request_id,
+            fence_term: None,
+            command,
+        };
+        outcome(self.store().propose(envelope).await)
+    }
+
+    /// Who calls.
+    async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
+        let bearer = auth::bearer(metadata)?;
+        let now = now_ms();
+        self.read_try(move |s| auth::authenticate(s, &bearer, now))
+            .await
+    }
+
+    /// Authenticates and authorizes `rpc` on `target`.
+    async fn authorize(
+        &self,
+        metadata: &MetadataMap,
+        rpc: &str,
+        target: Target<'_>,
+    ) -> Result<Caller, ApiError> {
+        let caller = self.authenticate(metadata).await?;
+        authz::authorize(&caller, rpc, target)?;
+        Ok(caller)
+    }
+
+    /// Every controller's address and the leader's, for agents.
+    async fn controller_info(&self) -> Result<node_pb::ControllerInfo, ApiError> {
+        let leader = self.store().leadership().leader_id;
+        self.read(move |s| node_pb::ControllerInfo {
+            controllers: s.controllers.values().cloned().collect(),
+            leader_address: leader
+                .and_then(|l| s.controllers.get(&l).cloned())
+                .unwrap_or_default(),
+        })
+        .await
+    }
+}
+
+/// The project of a project-scoped name, as an authorization target; names
+/// outside projects are cluster-wide.
+fn project_target(name: &str) -> Target<'_> {
+    match nephele_state::names::project_of(name) {
+        Some(p) => Target::Project(p),
+        None => Target::Cluster,
+    }
+}
+
+/// Adds every API service, gRPC health and gRPC reflection to `router`.
+pub async fn routes<S: StateStore>(api: Api<S>, router: Router) -> Router {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in [
+        "nephele.iam.v1.Iam",
+        "nephele.compute.v1.Flavors",
+        "nephele.compute.v1.Images",
+        "nephele.compute.v1.Instances",
+        "nephele.compute.v1.ServerGroups",
+        "nephele.infra.v1.Nodes",
+        "nephele.infra.v1.Migrations",
+        "nephele.infra.v1.Cluster",
+        "nephele.ops.v1.Operations",
+        "nephele.ops.v1.Events",
+        "nephele.node.v1.NodeAgent",
+        "",
+    ] {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(nephele_proto::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    macro_rules! limited {
+        ($server:path) => {{
+            use $server as server;
+            server::new(api.clone())
+                .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE)
+        }};
+    }
+    let router = router
+        .add_service(health_service)
+        .add_service(limited!(iam_pb::iam_server::IamServer))
+        .add_service(limited!(compute_pb::flavors_server::FlavorsServer))
+        .add_service(limited!(compute_pb::images_server::ImagesServer))
+        .add_service(limited!(compute_pb::instances_server::InstancesServer))
+        .add_service(limited!(
+            compute_pb::server_groups_server::ServerGroupsServer
+        ))
+        .add_service(limited!(infra_pb::nodes_server::NodesServer))
+        .add_service(limited!(infra_pb::migrations_server::MigrationsServer))
+        .add_service(limited!(infra_pb::cluster_server::ClusterServer))
+        .add_service(limited!(ops_pb::operations_server::OperationsServer))
+        .add_service(limited!(ops_pb::events_server::EventsServer))
+        .add_service(limited!(node_pb::node_agent_server::NodeAgentServer));
+    match reflection {
+        Ok(r) => router.add_service(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "gRPC reflection is off: the descriptor set did not load");
+            router
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_walk_a_map_in_order() {
+        let map: BTreeMap<String, u32> = (0..7).map(|i| (format!("k/{i}"), i)).collect();
+        let mut token = String::new();
+        let mut seen = Vec::new();
+        loop {
+            let page = Page::parse(3, &token).unwrap();
+            let (items, next) = page.take(&map, "k/", |v| (v % 2 == 0).then_some(*v));
+            seen.extend(items);
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, vec![0, 2, 4, 6]);
+        assert!(Page::parse(-1, "").is_err());
+        assert!(Page::parse(1, "zz").is_err());
+        assert_eq!(Page::parse(5000, "").unwrap().size, MAX_PAGE_SIZE);
+        assert_eq!(
+            decode_token(&encode_token("projects/p1")).as_deref(),
+            Some("projects/p1")
+        );
+    }
+
+    #[test]
+    fn derived_ids_are_stable_with_a_request_id() {
+        let a = derived_id("op", Some("r1"), "x").unwrap();
+        assert_eq!(a, derived_id("op", Some("r1"), "x").unwrap());
+        assert_ne!(a, derived_id("op", Some("r1"), "y").unwrap());
+        assert_ne!(
+            derived_id("op", None, "x").unwrap(),
+            derived_id("op", None, "x").unwrap()
+        );
+        nephele_state::names::validate_id(&a).unwrap();
+    }
+}

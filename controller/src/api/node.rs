@@ -1,0 +1,303 @@
+//! `nephele.node.v1.NodeAgent`: what compute-node agents call. Any
+//! controller answers; responses carry every controller's address so an
+//! agent can move on when its controller goes away.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use nephele_proto::node::v1 as pb;
+use nephele_proto::node::v1::node_agent_server::NodeAgent;
+use nephele_state::model::{InstanceState, State};
+use nephele_state::names;
+use nephele_state::{Command, Response};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response as Reply, Status};
+
+use super::authz::Target;
+use super::errors::ApiError;
+use super::{Api, convert};
+use crate::store::StateStore;
+
+const SVC: &str = "/nephele.node.v1.NodeAgent/";
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// What `node` should hold: every instance placed on it, with the state
+/// it should be in.
+fn assignments(s: &State, node: &str, stop_timeout: Duration) -> Result<pb::Assignments, ApiError> {
+    if !s.nodes.contains_key(node) {
+        return Err(ApiError::not_found(node));
+    }
+    let assignments = s
+        .instances
+        .values()
+        .filter(|i| i.node.as_deref() == Some(node))
+        .map(|i| {
+            let desired = match i.state {
+                InstanceState::Pending => pb::DesiredState::Unspecified,
+                InstanceState::Scheduled
+                | InstanceState::Starting
+                | InstanceState::Running
+                | InstanceState::Migrating => pb::DesiredState::DesiredRunning,
+                InstanceState::Stopping | InstanceState::Stopped | InstanceState::Error => {
+                    pb::DesiredState::DesiredStopped
+                }
+                InstanceState::Deleting => pb::DesiredState::DesiredDeleted,
+            };
+            pb::Assignment {
+                instance: Some(convert::instance(i)),
+                image: s.images.get(&i.image).map(convert::image),
+                desired: desired as i32,
+                stop_timeout: Some(duration(stop_timeout)),
+            }
+        })
+        .collect();
+    Ok(pb::Assignments {
+        node: node.to_owned(),
+        assignments,
+        revision: s.applied,
+        controllers: None,
+    })
+}
+
+impl<S: StateStore> Api<S> {
+    async fn assignments_of(&self, node: String) -> Result<pb::Assignments, ApiError> {
+        let stop = self.inner.config.default_stop_timeout;
+        let mut a = self.read_try(move |s| assignments(s, &node, stop)).await?;
+        a.controllers = Some(self.controller_info().await?);
+        Ok(a)
+    }
+
+    async fn set_state(
+        &self,
+        actor: &str,
+        instance: &str,
+        to: InstanceState,
+        reason: &str,
+    ) -> Result<(), ApiError> {
+        let command = Command::SetInstanceState {
+            instance: instance.to_owned(),
+            state: to,
+            reason: reason.to_owned(),
+            expected_generation: None,
+        };
+        self.propose(actor, None, command).await.map(|_| ())
+    }
+}
+
+type AssignmentStream =
+    Pin<Box<dyn Stream<Item = Result<pb::Assignments, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl<S: StateStore> NodeAgent for Api<S> {
+    async fn register_node(
+        &self,
+        req: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Reply<pb::RegisterNodeResponse>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{SVC}RegisterNode"),
+            Target::Cluster,
+        )
+        .await?;
+        let r = req.into_inner();
+        let actor = format!("nodes/{}", r.node_id);
+        let command = Command::RegisterNode {
+            node_id: r.node_id,
+            address: r.address,
+            capacity: convert::resources_in(r.capacity.as_ref()),
+            labels: r.labels.into_iter().collect(),
+        };
+        let node = match self.propose(&actor, None, command).await? {
+            Response::Node(n) => convert::node(&n, Vec::new(), None),
+            other => return Err(ApiError::Internal(format!("unexpected answer {other:?}")).into()),
+        };
+        Ok(Reply::new(pb::RegisterNodeResponse {
+            node: Some(node),
+            heartbeat_interval: Some(duration(self.inner.config.heartbeat_interval)),
+            controllers: Some(self.controller_info().await?),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Reply<pb::HeartbeatResponse>, Status> {
+        self.authorize(req.metadata(), &format!("{SVC}Heartbeat"), Target::Cluster)
+            .await?;
+        let r = req.into_inner();
+        names::parse(&r.node, names::NODE).map_err(ApiError::from)?;
+        self.propose(
+            &r.node,
+            None,
+            Command::NodeHeartbeat {
+                node: r.node.clone(),
+            },
+        )
+        .await?;
+        if let (Some(load), Ok(mut loads)) = (r.load, self.inner.loads.lock()) {
+            loads.insert(r.node, load);
+        }
+        Ok(Reply::new(pb::HeartbeatResponse {
+            controllers: Some(self.controller_info().await?),
+        }))
+    }
+
+    type WatchAssignmentsStream = AssignmentStream;
+
+    async fn watch_assignments(
+        &self,
+        req: Request<pb::WatchAssignmentsRequest>,
+    ) -> Result<Reply<AssignmentStream>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{SVC}WatchAssignments"),
+            Target::Cluster,
+        )
+        .await?;
+        let node = req.into_inner().node;
+        names::parse(&node, names::NODE).map_err(ApiError::from)?;
+        let mut changes = self.store().watch();
+        let first = self.assignments_of(node.clone()).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let mut last = first.assignments.clone();
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    got = changes.recv() => match got {
+                        Ok(_) | Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => {
+                            let _ = tx.send(Err(Status::unavailable("the controller is stopping; watch another one"))).await;
+                            return;
+                        }
+                    },
+                }
+                // Coalesce a burst of changes into one read.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                while changes.try_recv().is_ok() {}
+                match api.assignments_of(node.clone()).await {
+                    Ok(a) if a.assignments != last => {
+                        last = a.assignments.clone();
+                        if tx.send(Ok(a)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(e))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Reply::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_assignments(
+        &self,
+        req: Request<pb::WatchAssignmentsRequest>,
+    ) -> Result<Reply<pb::Assignments>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{SVC}GetAssignments"),
+            Target::Cluster,
+        )
+        .await?;
+        let node = req.into_inner().node;
+        names::parse(&node, names::NODE).map_err(ApiError::from)?;
+        Ok(Reply::new(self.assignments_of(node).await?))
+    }
+
+    async fn report_instance_state(
+        &self,
+        req: Request<pb::ReportInstanceStateRequest>,
+    ) -> Result<Reply<pb::ReportInstanceStateResponse>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{SVC}ReportInstanceState"),
+            Target::Cluster,
+        )
+        .await?;
+        let r = req.into_inner();
+        names::parse(&r.node, names::NODE).map_err(ApiError::from)?;
+        names::parse(&r.instance, names::INSTANCE).map_err(ApiError::from)?;
+        let reported = pb::ReportedState::try_from(r.state).map_err(|_| {
+            ApiError::InvalidArgument(format!("unknown reported state {}", r.state))
+        })?;
+        let name = r.instance.clone();
+        let current = self
+            .read_try(move |s| {
+                s.instances
+                    .get(&name)
+                    .cloned()
+                    .ok_or_else(|| ApiError::not_found(name))
+            })
+            .await?;
+        if current.node.as_deref() != Some(r.node.as_str()) {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} is not placed on {}; stop it there",
+                r.instance, r.node
+            ))
+            .into());
+        }
+        let actor = r.node.as_str();
+        let reason = r.reason.as_str();
+        use InstanceState as I;
+        // The steps from the current state to the reported one, each a
+        // lifecycle transition the state machine accepts.
+        let steps: &[I] = match (reported, current.state) {
+            (pb::ReportedState::ReportedStarting, I::Scheduled | I::Stopped) => &[I::Starting],
+            (pb::ReportedState::ReportedRunning, I::Scheduled | I::Stopped) => {
+                &[I::Starting, I::Running]
+            }
+            (pb::ReportedState::ReportedRunning, I::Starting) => &[I::Running],
+            (pb::ReportedState::ReportedStopped, I::Stopping | I::Starting) => &[I::Stopped],
+            (pb::ReportedState::ReportedStopped, I::Running) => &[I::Stopping, I::Stopped],
+            (pb::ReportedState::ReportedFailed, s) if s != I::Error && s != I::Deleting => {
+                &[I::Error]
+            }
+            _ => &[],
+        };
+        if reported == pb::ReportedState::ReportedDeleted {
+            if current.state != I::Deleting {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "{} is {}, not being deleted; keep it",
+                    r.instance, current.state
+                ))
+                .into());
+            }
+            self.propose(
+                actor,
+                None,
+                Command::PurgeInstance {
+                    instance: r.instance.clone(),
+                },
+            )
+            .await?;
+            return Ok(Reply::new(pb::ReportInstanceStateResponse {
+                instance: None,
+            }));
+        }
+        for to in steps {
+            self.set_state(actor, &r.instance, *to, reason).await?;
+        }
+        let name = r.instance.clone();
+        let instance = self
+            .read(move |s| s.instances.get(&name).map(convert::instance))
+            .await?;
+        Ok(Reply::new(pb::ReportInstanceStateResponse { instance }))
+    }
+}
