@@ -22,6 +22,8 @@ use crate::vstate::vcpu::VcpuEvent;
 
 /// Default grace period of a `shutdown` request.
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a migrated source still answers `migrate_status`.
+const MIGRATED_LINGER: Duration = Duration::from_millis(200);
 /// How long a control request waits for the run loop.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -305,6 +307,7 @@ impl Vm {
                 Message::Migration(g, op) => {
                     if self.migration_op(g, op) {
                         self.stop_boot();
+                        self.linger_after_migration();
                         return Ok(VmExit::Migrated);
                     }
                 }
@@ -316,6 +319,29 @@ impl Vm {
                         return Ok(exit);
                     }
                 }
+            }
+        }
+    }
+
+    /// After the switchover, answers `migrate_status` (and `status`) for a
+    /// short while, so whoever drives the migration can read its final
+    /// figures before the process exits.
+    fn linger_after_migration(&mut self) {
+        let until = Instant::now() + MIGRATED_LINGER;
+        while let Ok(msg) = self
+            .rx
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+        {
+            if let Message::Request(req, reply) = msg {
+                let r = match (req, &self.migration) {
+                    (Request::MigrateStatus, Some(m)) => {
+                        let mut r = Response::ok();
+                        r.migration = Some(m.snapshot());
+                        r
+                    }
+                    _ => Response::error("UNAVAILABLE", "the VM has migrated away"),
+                };
+                let _ = reply.send(r);
             }
         }
     }

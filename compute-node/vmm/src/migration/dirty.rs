@@ -16,6 +16,7 @@
 //! clears the logs. A failed attempt's harvest is thrown away with the
 //! attempt, never leaving a page unsent by the next one.
 
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
@@ -94,6 +95,13 @@ impl BitSet {
         out
     }
 
+    /// Clears bit `i` (ignored past the end).
+    pub fn clear(&mut self, i: usize) {
+        if i < self.len {
+            self.words[i / 64] &= !(1 << (i % 64));
+        }
+    }
+
     /// Sets bit `i` (ignored past the end).
     pub fn set(&mut self, i: usize) {
         if i < self.len {
@@ -161,6 +169,41 @@ impl PageTracker {
     /// Pages waiting to be sent.
     pub fn pending(&self) -> u64 {
         self.pending.iter().map(BitSet::count).sum()
+    }
+
+    /// Drops from the pending set the pages the host has never backed
+    /// (neither resident nor swapped, per `/proc/self/pagemap`): anonymous
+    /// memory never touched reads as zero, and the target's starts zeroed,
+    /// so round 0 need not read them (which would fault each one in). Call
+    /// only after [`Self::start`], so a page touched after the look is in
+    /// the dirty log. Without a readable pagemap nothing is dropped.
+    pub fn drop_untouched(&mut self) {
+        let Ok(pagemap) = std::fs::File::open("/proc/self/pagemap") else {
+            return;
+        };
+        for (region, set) in self.mem.iter().zip(self.pending.iter_mut()) {
+            let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+                continue;
+            };
+            let first = host as u64 / PAGE;
+            let mut buf = vec![0u8; 8 * 4096];
+            let mut page = 0usize;
+            while page < set.len {
+                let n = (set.len - page).min(4096);
+                let b = &mut buf[..n * 8];
+                if pagemap.read_exact_at(b, (first + page as u64) * 8).is_err() {
+                    return;
+                }
+                for (i, e) in b.chunks_exact(8).enumerate() {
+                    let entry = u64::from_le_bytes(e.try_into().unwrap_or([0xff; 8]));
+                    // Bit 63: present; bit 62: swapped.
+                    if entry & (3 << 62) == 0 {
+                        set.clear(page + i);
+                    }
+                }
+                page += n;
+            }
+        }
     }
 
     /// Takes the pending pages out as guest physical addresses, in order.
@@ -305,5 +348,28 @@ mod tests {
         let mut set = BitSet::new(usize::try_from(region.len() / PAGE).unwrap(), false);
         set.or_words(&bitmap_of(region).get_and_reset());
         assert_eq!(set.drain(), vec![5]);
+    }
+
+    #[test]
+    fn pagemap_tells_untouched_memory_apart() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = crate::vstate::memory::create(128 << 20).unwrap();
+        mem.write_obj(1u64, GuestAddress(7 * PAGE)).unwrap();
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm for a VM to track");
+            return;
+        };
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        crate::vstate::memory::register(&vm, &mem).unwrap();
+        let mut t = PageTracker::start(vm, mem).unwrap();
+        t.drop_untouched();
+        // Only the written page is left (unless pagemap is unreadable
+        // here, when nothing is dropped).
+        let left = t.take_pending();
+        assert!(
+            left == vec![7 * PAGE] || left.len() == (128 << 20) / 4096,
+            "{}",
+            left.len()
+        );
     }
 }

@@ -13,6 +13,8 @@
 //!   round 0: Pages/DiskChunks (zero pages skipped) ► writes into memory/disk
 //!   rounds 1..: dirty Pages/ZeroPages/DiskChunks ─►  (auto-converge throttles
 //!     until the remainder fits the downtime budget    the vCPUs if needed)
+//!   each round ends with Sync ───────────────────►
+//!                                        ◄──────── Synced (all applied)
 //!   pause vCPUs and devices
 //!   last Pages/ZeroPages/DiskChunks ─────────────►
 //!   State {vCPUs, VM, devices} ──────────────────► validates and loads it
@@ -73,12 +75,18 @@ pub enum Kind {
     Commit = 7,
     /// Source → target: the migration is abandoned (UTF-8 reason).
     Abort = 8,
+    /// Source → target: answer `Synced` once everything before is applied
+    /// (ends each round, so the source measures the real end-to-end rate
+    /// and never pauses the VM with a backlog in flight).
+    Sync = 9,
     /// Target → source: the VM is built, send memory.
     Ready = 0x81,
     /// Target → source: the complete state is loaded (and verified).
     Loaded = 0x82,
     /// Target → source: the target failed (UTF-8 message).
     Error = 0x83,
+    /// Target → source: everything up to the `Sync` is applied.
+    Synced = 0x84,
 }
 
 impl Kind {
@@ -92,9 +100,11 @@ impl Kind {
             6 => Self::Complete,
             7 => Self::Commit,
             8 => Self::Abort,
+            9 => Self::Sync,
             0x81 => Self::Ready,
             0x82 => Self::Loaded,
             0x83 => Self::Error,
+            0x84 => Self::Synced,
             _ => return None,
         })
     }

@@ -213,17 +213,12 @@ pub fn run(ctx: SourceContext, params: MigrateParams, shared: Arc<Shared>) {
     }
     match result {
         Ok(downtime) => {
-            shared.update(|s| {
-                s.state = MigrationState::Completed;
-                s.downtime_ms = Some(u64::try_from(downtime.as_millis()).unwrap_or(u64::MAX));
-                s.elapsed_ms = ms(started.elapsed());
-                s.bytes_remaining = 0;
-            });
+            let st = shared.snapshot();
             eprintln!(
-                "neph-vmm: migrated to {} in {} ms, downtime {} ms (source side), {} bytes sent",
+                "neph-vmm: migrated to {} in {} ms, downtime {} us (source side), {} bytes sent",
                 params.to,
-                started.elapsed().as_millis(),
-                downtime.as_millis(),
+                st.elapsed_ms,
+                downtime.as_micros(),
                 m.bytes_sent
             );
             shared.done.store(true, Ordering::SeqCst);
@@ -262,6 +257,19 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+/// The next auto-converge step from `current` percent towards `want`:
+/// 20 first, then at least 10 more, at most 99.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn next_throttle(current: u8, want: f64) -> u8 {
+    let floor = if current == 0 {
+        20
+    } else {
+        current.saturating_add(10)
+    };
+    let want = want.clamp(0.0, 99.0) as u8;
+    floor.max(want).min(99)
 }
 
 /// Bytes per second (saturating; rates are estimates).
@@ -582,6 +590,7 @@ impl Migration<'_> {
             disks.push(t);
         }
         let mut pages = PageTracker::start(self.ctx.vm.clone(), self.ctx.mem.clone())?;
+        pages.drop_untouched();
         self.shared.update(|s| s.state = MigrationState::Precopy);
 
         let throttle = Throttle::start(self.ctx.control.clone());
@@ -590,20 +599,21 @@ impl Migration<'_> {
         loop {
             let round_start = Instant::now();
             let sent_before = self.bytes_sent;
-            let work_before = self.work_time;
             let list = pages.take_pending();
             self.send_pages(w, &list, round == 0, true)?;
             for (i, t) in disks.iter_mut().enumerate() {
                 let chunks = t.take_pending();
                 self.send_disk(w, &files, i, &chunks, round == 0, true)?;
             }
+            protocol::write_frame(w, Kind::Sync, b"").map_err(ProtocolError::Io)?;
             w.flush().map_err(ProtocolError::Io)?;
+            expect(reader, &mut buf, Kind::Synced, "Synced")?;
             self.check()?;
             let took = round_start.elapsed().max(Duration::from_micros(100));
             let sent = self.bytes_sent - sent_before;
-            let worked = (self.work_time - work_before).as_secs_f64();
-            if sent >= 256 << 10 && worked > 0.0 {
-                self.last_rate = Some(rate(sent, worked));
+            if sent >= 256 << 10 {
+                // End to end: the round ends when the target has applied it.
+                self.last_rate = Some(rate(sent, took.as_secs_f64()));
             }
             let dirty_pages = pages.harvest()?;
             let dirty_chunks: u64 = disks.iter_mut().map(DiskTracker::harvest).sum();
@@ -629,13 +639,18 @@ impl Migration<'_> {
             if expected <= self.params.max_downtime {
                 break;
             }
-            // Auto-converge: the guest dirtied more than half of what the
-            // round carried: throttle harder.
-            if round >= 1 && dirty_bytes * 2 > sent {
-                throttle_pct = match throttle_pct {
-                    0 => 20,
-                    p => p.saturating_add(10).min(99),
-                };
+            // Auto-converge: over a round long enough to measure, the guest
+            // dirtied at more than half the rate the link carries: throttle
+            // harder.
+            if round >= 1
+                && took >= Duration::from_millis(5)
+                && dirty_rate.saturating_mul(2) > throughput
+            {
+                // The step is at least 10 points, more when the guest
+                // dirties much faster than the link carries, aiming at a
+                // dirty rate under half the throughput.
+                let want = 100.0 - 50.0 * throughput as f64 / dirty_rate.max(1) as f64;
+                throttle_pct = next_throttle(throttle_pct, want);
                 throttle.set(throttle_pct);
             }
             round = round.saturating_add(1);
@@ -673,8 +688,20 @@ impl Migration<'_> {
         }
         protocol::write_frame(w, Kind::Commit, b"").map_err(ProtocolError::Io)?;
         w.flush().map_err(ProtocolError::Io)?;
+        // Done: recorded before the log is switched off, which takes a
+        // while under PVM while the guest already runs on the target.
+        let downtime = paused_at.elapsed();
+        let bytes_sent = self.bytes_sent;
+        self.shared.update(|s| {
+            s.state = MigrationState::Completed;
+            s.downtime_ms = Some(ms(downtime));
+            s.elapsed_ms = ms(self.started.elapsed());
+            s.bytes_sent = bytes_sent;
+            s.bytes_remaining = 0;
+            s.expected_downtime_ms = 0;
+        });
         pages.stop();
-        Ok(paused_at.elapsed())
+        Ok(downtime)
     }
 }
 
@@ -714,6 +741,15 @@ mod tests {
         p[4095] = 1;
         assert!(!is_zero(&p));
         assert!(!is_zero(&[0, 0, 1]));
+    }
+
+    #[test]
+    fn throttle_steps_up_and_stops_at_99() {
+        assert_eq!(next_throttle(0, 5.0), 20);
+        assert_eq!(next_throttle(20, 5.0), 30);
+        assert_eq!(next_throttle(30, 75.0), 75);
+        assert_eq!(next_throttle(95, 120.0), 99);
+        assert_eq!(next_throttle(99, f64::NAN), 99);
     }
 
     #[test]

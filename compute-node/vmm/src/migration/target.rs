@@ -258,6 +258,7 @@ impl<'a> Receiver<'a> {
         protocol::write_frame(w, Kind::Ready, b"").map_err(ProtocolError::Io)?;
 
         let mut machine: Option<MachineState> = None;
+        let mut written = PageSet::new(mem.last_addr().0);
         let zero = [0u8; protocol::PAGE_SIZE];
         loop {
             let kind = protocol::read_frame(r, &mut buf)?;
@@ -266,13 +267,21 @@ impl<'a> Receiver<'a> {
                     for (gpa, page) in protocol::pages(&buf, valid)? {
                         mem.write_slice(page, GuestAddress(gpa))
                             .map_err(|_| IncomingError::Memory(gpa))?;
+                        written.set(gpa);
                     }
                 }
                 Kind::ZeroPages => {
                     for gpa in protocol::zero_pages(&buf, valid)? {
-                        mem.write_slice(&zero, GuestAddress(gpa))
-                            .map_err(|_| IncomingError::Memory(gpa))?;
+                        // A page never written here is zero already (and
+                        // stays unallocated).
+                        if written.get(gpa) {
+                            mem.write_slice(&zero, GuestAddress(gpa))
+                                .map_err(|_| IncomingError::Memory(gpa))?;
+                        }
                     }
+                }
+                Kind::Sync => {
+                    protocol::write_frame(w, Kind::Synced, b"").map_err(ProtocolError::Io)?;
                 }
                 Kind::DiskChunk => {
                     let (disk, offset, data) = protocol::parse_disk_chunk(&buf, &capacities)?;
@@ -325,6 +334,37 @@ impl<'a> Receiver<'a> {
                 other => return Err(unexpected(other, "memory, disk or state")),
             }
         }
+    }
+}
+
+/// Guest pages written so far, by guest physical page number.
+struct PageSet(Vec<u64>);
+
+impl PageSet {
+    fn new(last_addr: u64) -> Self {
+        let pages = usize::try_from(last_addr / protocol::PAGE_SIZE as u64 + 1).unwrap_or(0);
+        Self(vec![0; pages.div_ceil(64)])
+    }
+
+    fn index(gpa: u64) -> (usize, u32) {
+        let page = gpa / protocol::PAGE_SIZE as u64;
+        (
+            usize::try_from(page / 64).unwrap_or(usize::MAX),
+            u32::try_from(page % 64).unwrap_or(0),
+        )
+    }
+
+    fn set(&mut self, gpa: u64) {
+        let (w, b) = Self::index(gpa);
+        if let Some(word) = self.0.get_mut(w) {
+            *word |= 1 << b;
+        }
+    }
+
+    fn get(&self, gpa: u64) -> bool {
+        let (w, b) = Self::index(gpa);
+        // Unknown pages count as written: zeroing them is always right.
+        self.0.get(w).is_none_or(|word| word & (1 << b) != 0)
     }
 }
 
@@ -407,6 +447,16 @@ mod tests {
         let mut none = cfg(0);
         none.vcpus = 0;
         assert!(target_config(&none, &local).is_err());
+    }
+
+    #[test]
+    fn page_set_remembers_written_pages() {
+        let mut s = PageSet::new((128 << 20) - 1);
+        assert!(!s.get(0x5000));
+        s.set(0x5000);
+        assert!(s.get(0x5000));
+        assert!(!s.get(0x6000));
+        assert!(s.get(u64::MAX), "out of range counts as written");
     }
 
     #[test]
