@@ -8,9 +8,9 @@
 //!   over a snapshot of the nodes -> re-check against a newer snapshot ->
 //!   commit SCHEDULED with the node; no valid host -> ERROR with the
 //!   scheduler's reasons (which fails the create operation).
-//! - [`liveness_pass`]: a node whose last heartbeat is older than the
-//!   timeout is marked DOWN (only once this controller has led for a whole
-//!   timeout, so a new leader never acts on heartbeats it could not see).
+//! - [`liveness_pass`]: a node whose heartbeat has not changed for the
+//!   timeout, as this leader observed it on its monotonic clock
+//!   ([`HeartbeatMemory`]), is marked DOWN.
 //! - [`operations_pass`]: a DELETING instance with no node, or on a DOWN
 //!   node, is purged (which finishes its delete operation); an unfinished
 //!   operation whose target is gone is finished with an error.
@@ -259,29 +259,48 @@ pub async fn schedule_pass<S: StateStore>(
     })
 }
 
-/// One liveness pass; `led_for` is how long this controller has led.
+/// What the liveness loop has seen of each node's heartbeats: the last
+/// heartbeat time recorded in the state, and when (on this controller's
+/// monotonic clock) it was first seen with that value. A node is late when
+/// its recorded heartbeat has not changed for the timeout as measured here,
+/// so clock differences between controllers and nodes never matter, and a
+/// new leader (which starts with an empty memory) gives every node a whole
+/// timeout before judging it.
+#[derive(Debug, Default)]
+pub struct HeartbeatMemory {
+    seen: std::collections::HashMap<String, (u64, Instant)>,
+}
+
+/// One liveness pass.
 pub async fn liveness_pass<S: StateStore>(
     store: &S,
     term: u64,
-    led_for: Duration,
+    memory: &mut HeartbeatMemory,
     timeout: Duration,
 ) -> Result<Duration, ReconcileError> {
     let requeue = (timeout / 4).max(Duration::from_millis(50));
-    if led_for < timeout {
-        return Ok(requeue);
-    }
-    let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-    let now = now_ms();
-    let late: Vec<String> = store
-        .read(move |s| {
+    let nodes: Vec<(String, u64, bool)> = store
+        .read(|s| {
             s.nodes
                 .values()
-                .filter(|n| n.state != NodeState::Down)
-                .filter(|n| now.saturating_sub(n.last_heartbeat) > limit)
-                .map(|n| n.name.clone())
+                .map(|n| (n.name.clone(), n.last_heartbeat, n.state == NodeState::Down))
                 .collect()
         })
         .await?;
+    let now = Instant::now();
+    memory
+        .seen
+        .retain(|name, _| nodes.iter().any(|(n, _, _)| n == name));
+    let mut late = Vec::new();
+    for (name, beat, down) in nodes {
+        let entry = memory.seen.entry(name.clone()).or_insert((beat, now));
+        if entry.0 != beat {
+            *entry = (beat, now);
+        }
+        if !down && now.duration_since(entry.1) > timeout {
+            late.push(name);
+        }
+    }
     for node in late {
         tracing::warn!(%node, "node missed its heartbeats; marking it down");
         let cmd = Command::SetNodeState {
@@ -386,22 +405,19 @@ async fn run<S: StateStore>(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut changes = store.watch();
-    let mut led_since: Option<(u64, Instant)> = None;
+    let mut led_term = None;
+    let mut memory = HeartbeatMemory::default();
     loop {
         let l = store.leadership();
         let requeue = if l.is_leader() {
-            let since = match led_since {
-                Some((term, at)) if term == l.term => at,
-                _ => {
-                    let at = Instant::now();
-                    led_since = Some((l.term, at));
-                    at
-                }
-            };
+            if led_term != Some(l.term) {
+                led_term = Some(l.term);
+                memory = HeartbeatMemory::default();
+            }
             let pass = match kind {
                 Loop::Schedule => schedule_pass(&*store, l.term).await,
                 Loop::Liveness => {
-                    liveness_pass(&*store, l.term, since.elapsed(), config.node_timeout).await
+                    liveness_pass(&*store, l.term, &mut memory, config.node_timeout).await
                 }
                 Loop::Operations => operations_pass(&*store, l.term).await,
             };
@@ -413,7 +429,7 @@ async fn run<S: StateStore>(
                 }
             }
         } else {
-            led_since = None;
+            led_term = None;
             Duration::from_millis(200)
         };
         let deadline = tokio::time::sleep(requeue);

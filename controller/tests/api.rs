@@ -1,0 +1,861 @@
+//! The public API end to end, in process: one raft member on a temp dir
+//! serving the API on loopback, real gRPC clients with bearer tokens, and a
+//! fake compute node (`FakeNode`, a test double that speaks the node
+//! protocol and "runs" whatever it is assigned, without any VM).
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use neph_controller::api::auth;
+use neph_controller::server::{self, ControllerOptions, RunningController};
+use nephele_proto::compute::v1 as compute;
+use nephele_proto::iam::v1 as iam;
+use nephele_proto::infra::v1 as infra;
+use nephele_proto::node::v1 as node;
+use nephele_proto::ops::v1 as ops;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt as _;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Auth(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.0 {
+            r.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(r)
+    }
+}
+
+type Svc = InterceptedService<Channel, Auth>;
+
+struct Clients {
+    iam: iam::iam_client::IamClient<Svc>,
+    flavors: compute::flavors_client::FlavorsClient<Svc>,
+    images: compute::images_client::ImagesClient<Svc>,
+    instances: compute::instances_client::InstancesClient<Svc>,
+    groups: compute::server_groups_client::ServerGroupsClient<Svc>,
+    nodes: infra::nodes_client::NodesClient<Svc>,
+    ops: ops::operations_client::OperationsClient<Svc>,
+    events: ops::events_client::EventsClient<Svc>,
+    agent: node::node_agent_client::NodeAgentClient<Svc>,
+}
+
+fn clients(channel: &Channel, token: Option<&str>) -> Clients {
+    let header = token.map(|t| format!("Bearer {t}").parse().expect("ascii"));
+    let auth = || Auth(header.clone());
+    let c = channel.clone();
+    Clients {
+        iam: iam::iam_client::IamClient::with_interceptor(c.clone(), auth()),
+        flavors: compute::flavors_client::FlavorsClient::with_interceptor(c.clone(), auth()),
+        images: compute::images_client::ImagesClient::with_interceptor(c.clone(), auth()),
+        instances: compute::instances_client::InstancesClient::with_interceptor(c.clone(), auth()),
+        groups: compute::server_groups_client::ServerGroupsClient::with_interceptor(
+            c.clone(),
+            auth(),
+        ),
+        nodes: infra::nodes_client::NodesClient::with_interceptor(c.clone(), auth()),
+        ops: ops::operations_client::OperationsClient::with_interceptor(c.clone(), auth()),
+        events: ops::events_client::EventsClient::with_interceptor(c.clone(), auth()),
+        agent: node::node_agent_client::NodeAgentClient::with_interceptor(c, auth()),
+    }
+}
+
+fn reason(s: &Status) -> String {
+    s.get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
+}
+
+fn assert_err<T: std::fmt::Debug>(r: Result<T, Status>, code: Code, want: &str) {
+    match r {
+        Ok(v) => panic!("expected {want}, got {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{s:?}");
+            assert_eq!(reason(&s), want, "{s:?}");
+        }
+    }
+}
+
+struct Env {
+    member: RunningController,
+    _dir: tempfile::TempDir,
+    channel: Channel,
+    admin: Clients,
+}
+
+async fn start() -> anyhow::Result<Env> {
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mut config = common::test_config(1, dir.path(), Default::default());
+    config.cluster_id = Some(7);
+    config.init = true;
+    let mut options = ControllerOptions::default();
+    options.reconcile.node_timeout = Duration::from_millis(1500);
+    options.reconcile.max_requeue = Duration::from_millis(200);
+    let member = server::start_with(config, listener, options).await?;
+    let token = loop {
+        match auth::bootstrap_admin(&member.store, 1, dir.path()).await {
+            Ok(Some(t)) => break t,
+            Ok(None) => anyhow::bail!("a token file already existed"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    let file = std::fs::read_to_string(dir.path().join(auth::BOOTSTRAP_TOKEN_FILE))?;
+    assert_eq!(file.trim(), token);
+    let channel = Channel::from_shared(format!("http://{}", member.address))?
+        .connect()
+        .await?;
+    let admin = clients(&channel, Some(&token));
+    Ok(Env {
+        member,
+        _dir: dir,
+        channel,
+        admin,
+    })
+}
+
+/// A test double for a compute node: registers, and reports whatever the
+/// controller assigns it as done (RUNNING, STOPPED, DELETED) at once.
+struct FakeNode {
+    name: String,
+    agent: node::node_agent_client::NodeAgentClient<Svc>,
+}
+
+impl FakeNode {
+    async fn register(
+        c: &Clients,
+        id: &str,
+        vcpus: u64,
+        memory_mib: u64,
+    ) -> anyhow::Result<FakeNode> {
+        let mut agent = c.agent.clone();
+        let r = agent
+            .register_node(node::RegisterNodeRequest {
+                node_id: id.into(),
+                address: format!("127.0.0.1:9{}", id.len()),
+                capacity: Some(compute::Resources {
+                    vcpus,
+                    memory_mib,
+                    disk_gib: 100,
+                }),
+                labels: Default::default(),
+            })
+            .await?
+            .into_inner();
+        assert!(!r.controllers.unwrap_or_default().controllers.is_empty());
+        Ok(FakeNode {
+            name: format!("nodes/{id}"),
+            agent,
+        })
+    }
+
+    async fn heartbeat(&mut self) -> anyhow::Result<()> {
+        self.agent
+            .heartbeat(node::HeartbeatRequest {
+                node: self.name.clone(),
+                load: Some(infra::Load {
+                    cpu_busy: 0.5,
+                    memory_used_mib: 100,
+                    running_vms: 1,
+                }),
+                instances: vec![],
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Heartbeats every 100 ms until the handle is aborted.
+    fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
+        let mut beat = FakeNode {
+            name: self.name.clone(),
+            agent: self.agent.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let _ = beat.heartbeat().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    /// Converges once: reports every assignment as done.
+    async fn converge(&mut self) -> anyhow::Result<usize> {
+        let a = self
+            .agent
+            .get_assignments(node::WatchAssignmentsRequest {
+                node: self.name.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut n = 0;
+        for a in a.assignments {
+            let i = a.instance.context("assignment without instance")?;
+            let state = match node::DesiredState::try_from(a.desired)? {
+                node::DesiredState::DesiredRunning
+                    if i.state != compute::InstanceState::Running as i32 =>
+                {
+                    node::ReportedState::ReportedRunning
+                }
+                node::DesiredState::DesiredStopped
+                    if i.state == compute::InstanceState::Stopping as i32 =>
+                {
+                    node::ReportedState::ReportedStopped
+                }
+                node::DesiredState::DesiredDeleted => node::ReportedState::ReportedDeleted,
+                _ => continue,
+            };
+            self.agent
+                .report_instance_state(node::ReportInstanceStateRequest {
+                    node: self.name.clone(),
+                    instance: i.name,
+                    state: state as i32,
+                    reason: String::new(),
+                })
+                .await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+async fn wait_state(
+    c: &mut Clients,
+    name: &str,
+    want: compute::InstanceState,
+) -> anyhow::Result<compute::Instance> {
+    for _ in 0..200 {
+        let i = c
+            .instances
+            .get_instance(compute::GetInstanceRequest { name: name.into() })
+            .await?
+            .into_inner();
+        if i.state == want as i32 {
+            return Ok(i);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("{name} never reached {want:?}")
+}
+
+fn instance_template(flavor: &str, group: &str) -> compute::Instance {
+    compute::Instance {
+        flavor: format!("flavors/{flavor}"),
+        image: "images/guest".into(),
+        server_group: group.into(),
+        ..Default::default()
+    }
+}
+
+/// Creates the cluster resources, projects p1 and p2, and users: alice
+/// (member of p1), bob (reader of p1), carol (member of p2). Returns their
+/// tokens.
+async fn populate(c: &mut Clients) -> anyhow::Result<(String, String, String)> {
+    for (id, vcpus, mem) in [("small", 1, 256), ("huge", 4, 1 << 20)] {
+        c.flavors
+            .create_flavor(compute::CreateFlavorRequest {
+                flavor_id: id.into(),
+                flavor: Some(compute::Flavor {
+                    name: String::new(),
+                    resources: Some(compute::Resources {
+                        vcpus,
+                        memory_mib: mem,
+                        disk_gib: 1,
+                    }),
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+    }
+    c.images
+        .create_image(compute::CreateImageRequest {
+            image_id: "guest".into(),
+            image: Some(compute::Image {
+                format: "pvh-elf".into(),
+                size_bytes: 4096,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    for p in ["p1", "p2"] {
+        c.iam
+            .create_project(iam::CreateProjectRequest {
+                project_id: p.into(),
+                project: Some(iam::Project {
+                    quota: Some(iam::Quota {
+                        instances: 3,
+                        vcpus: 8,
+                        memory_mib: 1 << 30,
+                        disk_gib: 100,
+                    }),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+    }
+    let mut tokens = Vec::new();
+    for (user, project, role) in [
+        ("alice", "p1", iam::Role::Member),
+        ("bob", "p1", iam::Role::Reader),
+        ("carol", "p2", iam::Role::Member),
+    ] {
+        c.iam
+            .create_user(iam::CreateUserRequest {
+                user_id: user.into(),
+                user: None,
+                request_id: String::new(),
+            })
+            .await?;
+        c.iam
+            .set_role(iam::SetRoleRequest {
+                user: format!("users/{user}"),
+                project: format!("projects/{project}"),
+                role: role as i32,
+            })
+            .await?;
+        let t = c
+            .iam
+            .create_token(iam::CreateTokenRequest {
+                parent: format!("users/{user}"),
+                token_id: "t1".into(),
+                token: None,
+            })
+            .await?
+            .into_inner();
+        tokens.push(t.secret);
+    }
+    let mut it = tokens.into_iter();
+    Ok((
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+        it.next().unwrap_or_default(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_lifecycle_isolation_and_errors() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, bob_t, carol_t) = populate(&mut env.admin).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let mut bob = clients(&env.channel, Some(&bob_t));
+    let mut carol = clients(&env.channel, Some(&carol_t));
+    let mut nobody = clients(&env.channel, None);
+    let mut forged = clients(&env.channel, Some("nph_alice_t1_0000"));
+
+    // Without a node nothing fits: refused at once, nothing created.
+    let create = |id: &str, flavor: &str, rid: &str| compute::CreateInstanceRequest {
+        parent: "projects/p1".into(),
+        instance_id: id.into(),
+        instance: Some(instance_template(flavor, "")),
+        request_id: rid.into(),
+    };
+    assert_err(
+        alice
+            .instances
+            .create_instance(create("web-1", "small", ""))
+            .await,
+        Code::ResourceExhausted,
+        "NO_VALID_HOST",
+    );
+    let mut n1 = FakeNode::register(&env.admin, "n1", 4, 4096).await?;
+    let alive = n1.keep_alive();
+
+    // Idempotent create.
+    let op1 = alice
+        .instances
+        .create_instance(create("web-1", "small", "req-1"))
+        .await?
+        .into_inner();
+    let op1_again = alice
+        .instances
+        .create_instance(create("web-1", "small", "req-1"))
+        .await?
+        .into_inner();
+    assert_eq!(op1.name, op1_again.name);
+    assert!(!op1.done);
+    assert_err(
+        alice
+            .instances
+            .create_instance(create("web-1", "small", ""))
+            .await,
+        Code::AlreadyExists,
+        "ALREADY_EXISTS",
+    );
+    // Scheduled onto the fake node by the leader's loop, then "run" there.
+    let web1 = wait_state(
+        &mut alice,
+        "projects/p1/instances/web-1",
+        compute::InstanceState::Scheduled,
+    )
+    .await?;
+    assert_eq!(web1.node, "nodes/n1");
+    assert_eq!(n1.converge().await?, 1);
+    let done = alice
+        .ops
+        .wait_operation(ops::WaitOperationRequest {
+            name: op1.name.clone(),
+            timeout: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+        })
+        .await?
+        .into_inner();
+    assert!(done.done && done.error.is_empty(), "{done:?}");
+
+    // Bad input.
+    assert_err(
+        alice
+            .instances
+            .create_instance(create("web-2", "nope", ""))
+            .await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+    assert_err(
+        alice
+            .instances
+            .create_instance(create("Web_2", "small", ""))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    assert_err(
+        alice
+            .instances
+            .create_instance(create("web-2", "huge", ""))
+            .await,
+        Code::ResourceExhausted,
+        "NO_VALID_HOST",
+    );
+    assert_err(
+        alice
+            .instances
+            .create_instance(create("web-9", "small", "req-1"))
+            .await,
+        Code::InvalidArgument,
+        "REQUEST_ID_REUSED",
+    );
+
+    // Quota: 3 instances. A batch of 3 more is refused whole.
+    assert_err(
+        alice
+            .instances
+            .batch_create_instances(compute::BatchCreateInstancesRequest {
+                parent: "projects/p1".into(),
+                instance_id: "batch".into(),
+                count: 3,
+                instance: Some(instance_template("small", "")),
+                request_id: String::new(),
+            })
+            .await,
+        Code::ResourceExhausted,
+        "QUOTA_EXCEEDED",
+    );
+    let batch = alice
+        .instances
+        .batch_create_instances(compute::BatchCreateInstancesRequest {
+            parent: "projects/p1".into(),
+            instance_id: "batch".into(),
+            count: 2,
+            instance: Some(instance_template("small", "")),
+            request_id: "req-batch".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(batch.operations.len(), 2);
+    assert_err(
+        alice
+            .instances
+            .create_instance(create("web-4", "small", ""))
+            .await,
+        Code::ResourceExhausted,
+        "QUOTA_EXCEEDED",
+    );
+    // A retry of an answered request is not refused by the (now full) quota.
+    let op1_third = alice
+        .instances
+        .create_instance(create("web-1", "small", "req-1"))
+        .await?
+        .into_inner();
+    assert_eq!(op1_third.name, op1.name);
+
+    // Pagination over the three instances, two per page.
+    let mut names = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let r = bob
+            .instances
+            .list_instances(compute::ListInstancesRequest {
+                parent: "projects/p1".into(),
+                page_size: 2,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        pages += 1;
+        names.extend(r.instances.into_iter().map(|i| i.name));
+        if r.next_page_token.is_empty() {
+            break;
+        }
+        token = r.next_page_token;
+    }
+    assert_eq!(pages, 2);
+    assert_eq!(
+        names,
+        [
+            "projects/p1/instances/batch-1",
+            "projects/p1/instances/batch-2",
+            "projects/p1/instances/web-1"
+        ]
+    );
+    assert_err(
+        bob.instances
+            .list_instances(compute::ListInstancesRequest {
+                parent: "projects/p1".into(),
+                page_token: "not-a-token".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+
+    // Isolation and roles.
+    let get = |name: &str| compute::GetInstanceRequest { name: name.into() };
+    assert_err(
+        carol
+            .instances
+            .get_instance(get("projects/p1/instances/web-1"))
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    assert_err(
+        carol
+            .instances
+            .list_instances(compute::ListInstancesRequest {
+                parent: "projects/p1".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    assert_err(
+        carol
+            .instances
+            .delete_instance(compute::DeleteInstanceRequest {
+                name: "projects/p1/instances/web-1".into(),
+                request_id: String::new(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    assert_err(
+        carol
+            .ops
+            .get_operation(ops::GetOperationRequest {
+                name: op1.name.clone(),
+            })
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let carol_ops = carol
+        .ops
+        .list_operations(ops::ListOperationsRequest::default())
+        .await?
+        .into_inner();
+    assert!(carol_ops.operations.is_empty(), "{carol_ops:?}");
+    let carol_events = carol
+        .events
+        .list_events(ops::ListEventsRequest::default())
+        .await?
+        .into_inner();
+    assert!(
+        carol_events
+            .events
+            .iter()
+            .all(|e| e.resource.starts_with("projects/p2")),
+        "{carol_events:?}"
+    );
+    assert!(!carol_events.events.is_empty());
+    let carol_projects = carol
+        .iam
+        .list_projects(iam::ListProjectsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(carol_projects.projects.len(), 1);
+    assert_eq!(carol_projects.projects[0].name, "projects/p2");
+    assert_err(
+        bob.instances
+            .create_instance(create("web-5", "small", ""))
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    bob.instances
+        .get_instance(get("projects/p1/instances/web-1"))
+        .await?;
+    assert_err(
+        alice
+            .nodes
+            .list_nodes(infra::ListNodesRequest::default())
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    assert_err(
+        alice
+            .flavors
+            .create_flavor(compute::CreateFlavorRequest::default())
+            .await,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    assert_err(
+        nobody
+            .flavors
+            .list_flavors(compute::ListFlavorsRequest::default())
+            .await,
+        Code::Unauthenticated,
+        "UNAUTHENTICATED",
+    );
+    assert_err(
+        forged
+            .flavors
+            .list_flavors(compute::ListFlavorsRequest::default())
+            .await,
+        Code::Unauthenticated,
+        "UNAUTHENTICATED",
+    );
+    let me = alice
+        .iam
+        .get_caller(iam::GetCallerRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(me.name, "users/alice");
+    assert_eq!(me.roles.len(), 1);
+
+    // Stop, start, reboot through the fake node.
+    let web = "projects/p1/instances/web-1";
+    let stop = alice
+        .instances
+        .stop_instance(compute::StopInstanceRequest {
+            name: web.into(),
+            timeout: None,
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stop.verb, "stop");
+    n1.converge().await?;
+    wait_state(&mut alice, web, compute::InstanceState::Stopped).await?;
+    let resized = alice
+        .instances
+        .resize_instance(compute::ResizeInstanceRequest {
+            name: web.into(),
+            flavor: "flavors/small".into(),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(resized.flavor, "flavors/small");
+    assert_err(
+        alice
+            .instances
+            .stop_instance(compute::StopInstanceRequest {
+                name: web.into(),
+                timeout: None,
+                request_id: String::new(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        "FAILED_PRECONDITION",
+    );
+    let start = alice
+        .instances
+        .start_instance(compute::StartInstanceRequest {
+            name: web.into(),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    n1.converge().await?;
+    wait_state(&mut alice, web, compute::InstanceState::Running).await?;
+    let start = alice
+        .ops
+        .get_operation(ops::GetOperationRequest { name: start.name })
+        .await?
+        .into_inner();
+    assert!(start.done);
+
+    // Delete: DELETING until the node releases it, then gone.
+    let del = alice
+        .instances
+        .delete_instance(compute::DeleteInstanceRequest {
+            name: web.into(),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    n1.converge().await?;
+    let del = alice
+        .ops
+        .wait_operation(ops::WaitOperationRequest {
+            name: del.name,
+            timeout: None,
+        })
+        .await?
+        .into_inner();
+    assert!(del.done);
+    assert_err(
+        alice.instances.get_instance(get(web)).await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+
+    // The audit trail names who did what.
+    let events = alice
+        .events
+        .list_events(ops::ListEventsRequest {
+            resource: web.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert!(
+        kinds.contains(&"instance.created") && kinds.contains(&"instance.deleted"),
+        "{kinds:?}"
+    );
+    assert!(events.iter().any(|e| e.actor == "users/alice"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.actor == "system" && e.kind == "instance.scheduled")
+    );
+
+    // Node liveness: heartbeats kept n1 up; silence marks it down.
+    n1.heartbeat().await?;
+    let n = env
+        .admin
+        .nodes
+        .get_node(infra::GetNodeRequest {
+            name: "nodes/n1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(n.state, infra::NodeState::Up as i32);
+    assert_eq!(n.load.map(|l| l.running_vms), Some(1));
+    alive.abort();
+    let mut down = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let n = env
+            .admin
+            .nodes
+            .get_node(infra::GetNodeRequest {
+                name: "nodes/n1".into(),
+            })
+            .await?
+            .into_inner();
+        if n.state == infra::NodeState::Down as i32 {
+            down = true;
+            break;
+        }
+    }
+    assert!(down, "n1 was never marked down");
+    n1.heartbeat().await?;
+
+    env.member.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_affinity_spreads_and_health_answers() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let _n1 = FakeNode::register(&env.admin, "n1", 8, 8192)
+        .await?
+        .keep_alive();
+    let _n2 = FakeNode::register(&env.admin, "n2", 8, 8192)
+        .await?
+        .keep_alive();
+    alice
+        .groups
+        .create_server_group(compute::CreateServerGroupRequest {
+            parent: "projects/p1".into(),
+            server_group_id: "web".into(),
+            server_group: Some(compute::ServerGroup {
+                policy: compute::GroupPolicy::AntiAffinity as i32,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    alice
+        .instances
+        .batch_create_instances(compute::BatchCreateInstancesRequest {
+            parent: "projects/p1".into(),
+            instance_id: "web".into(),
+            count: 2,
+            instance: Some(instance_template("small", "projects/p1/serverGroups/web")),
+            request_id: String::new(),
+        })
+        .await?;
+    let a = wait_state(
+        &mut alice,
+        "projects/p1/instances/web-1",
+        compute::InstanceState::Scheduled,
+    )
+    .await?;
+    let b = wait_state(
+        &mut alice,
+        "projects/p1/instances/web-2",
+        compute::InstanceState::Scheduled,
+    )
+    .await?;
+    assert_ne!(a.node, b.node);
+    // A third member has nowhere to go: the scheduler's reason is in the error.
+    let err = alice
+        .instances
+        .create_instance(compute::CreateInstanceRequest {
+            parent: "projects/p1".into(),
+            instance_id: "web-3".into(),
+            instance: Some(instance_template("small", "projects/p1/serverGroups/web")),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("no third node");
+    assert_eq!(reason(&err), "NO_VALID_HOST");
+    assert!(err.message().contains("anti-affinity"), "{}", err.message());
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(env.channel.clone());
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "nephele.compute.v1.Instances".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    env.member.stop().await?;
+    Ok(())
+}
