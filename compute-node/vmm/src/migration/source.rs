@@ -40,6 +40,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 const PAGES_PER_FRAME: usize = 256;
 /// Fixed part of the predicted downtime: state, acknowledgement, resume.
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(2);
+/// The lowest throughput predictions assume, bytes per second.
+const MIN_THROUGHPUT: u64 = 32 << 20;
 /// How long a refused connection is retried.
 const CONNECT_RETRY: Duration = Duration::from_secs(5);
 /// Page size, as a length.
@@ -447,14 +449,16 @@ impl Migration<'_> {
     }
 
     /// Throughput (bytes per second) for predictions: the last round that
-    /// sent at least 256 KiB, else everything so far; at least 1 MiB/s so
-    /// a prediction is never infinite.
+    /// carried at least 1 MiB (a smaller one measures round trips and
+    /// scanning, not the link), else everything so far; at least
+    /// [`MIN_THROUGHPUT`], so a loaded host's slow first round cannot keep
+    /// a nearly idle guest from ever fitting its budget.
     fn throughput(&self) -> u64 {
         let all = || {
             let secs = self.work_time.as_secs_f64().max(1e-3);
             rate(self.bytes_sent, secs)
         };
-        self.last_rate.unwrap_or_else(all).max(1 << 20)
+        self.last_rate.unwrap_or_else(all).max(MIN_THROUGHPUT)
     }
 
     /// Sends `pages`; round 0 skips zero pages, later rounds send them as
@@ -611,7 +615,7 @@ impl Migration<'_> {
             self.check()?;
             let took = round_start.elapsed().max(Duration::from_micros(100));
             let sent = self.bytes_sent - sent_before;
-            if sent >= 256 << 10 {
+            if sent >= 1 << 20 {
                 // End to end: the round ends when the target has applied it.
                 self.last_rate = Some(rate(sent, took.as_secs_f64()));
             }

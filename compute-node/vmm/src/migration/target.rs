@@ -224,6 +224,18 @@ impl<'a> Receiver<'a> {
         Self { local, console }
     }
 
+    /// `fdatasync`s the disks written since the last call.
+    fn sync_disks(&self, files: &[File], unsynced: &mut [bool]) -> Result<(), IncomingError> {
+        for (i, (f, dirty)) in files.iter().zip(unsynced.iter_mut()).enumerate() {
+            if *dirty {
+                f.sync_data()
+                    .map_err(|e| IncomingError::Disk(self.local.disks[i].clone(), e))?;
+                *dirty = false;
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, r: &mut BufReader<TcpStream>, w: &mut TcpStream) -> Result<Vm, IncomingError> {
         protocol::read_header(r)?;
         let mut buf = Vec::new();
@@ -259,6 +271,7 @@ impl<'a> Receiver<'a> {
 
         let mut machine: Option<MachineState> = None;
         let mut written = PageSet::new(mem.last_addr().0);
+        let mut unsynced = vec![false; files.len()];
         let zero = [0u8; protocol::PAGE_SIZE];
         loop {
             let kind = protocol::read_frame(r, &mut buf)?;
@@ -281,6 +294,9 @@ impl<'a> Receiver<'a> {
                     }
                 }
                 Kind::Sync => {
+                    // Disk data goes to stable storage round by round, so
+                    // the switchover only waits for the last few chunks.
+                    self.sync_disks(&files, &mut unsynced)?;
                     protocol::write_frame(w, Kind::Synced, b"").map_err(ProtocolError::Io)?;
                 }
                 Kind::DiskChunk => {
@@ -288,6 +304,7 @@ impl<'a> Receiver<'a> {
                     files[disk]
                         .write_all_at(data, offset)
                         .map_err(|e| IncomingError::Disk(self.local.disks[disk].clone(), e))?;
+                    unsynced[disk] = true;
                 }
                 Kind::State => {
                     let s: MachineState = protocol::decode(kind, &buf)?;
@@ -310,10 +327,7 @@ impl<'a> Receiver<'a> {
                         }
                         eprintln!("neph-vmm: guest memory verified (checksum {ours:#x})");
                     }
-                    for f in &files {
-                        f.sync_data()
-                            .map_err(|e| IncomingError::Disk(PathBuf::from("target"), e))?;
-                    }
+                    self.sync_disks(&files, &mut unsynced)?;
                     restore(&mut vm, &s, cfg.boots)?;
                     protocol::write_frame(w, Kind::Loaded, b"").map_err(ProtocolError::Io)?;
                     let kind = protocol::read_frame(r, &mut buf)?;
