@@ -1,0 +1,177 @@
+//! Connecting to a controller with a bearer token, and turning failures
+//! into messages that say what to do, with the CLI's exit codes.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_types::StatusExt as _;
+
+/// Exit code when the API refused or failed.
+pub const EXIT_API: i32 = 1;
+/// Exit code for bad usage or configuration.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code when `--wait` timed out.
+pub const EXIT_WAIT_TIMEOUT: i32 = 3;
+
+/// Why a command failed; each kind has its exit code.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// The API refused or could not be reached.
+    #[error("{0}")]
+    Api(String),
+    /// The command line or configuration is wrong.
+    #[error("{0}")]
+    Usage(String),
+    /// `--wait` gave up.
+    #[error("{0}")]
+    WaitTimeout(String),
+}
+
+impl CliError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Api(_) => EXIT_API,
+            CliError::Usage(_) => EXIT_USAGE,
+            CliError::WaitTimeout(_) => EXIT_WAIT_TIMEOUT,
+        }
+    }
+}
+
+impl From<Status> for CliError {
+    fn from(s: Status) -> Self {
+        let reason = s
+            .get_details_error_info()
+            .map(|i| i.reason)
+            .unwrap_or_default();
+        let hint = match reason.as_str() {
+            "UNAUTHENTICATED" => {
+                " (set `token` or `token_file` in your profile, or NEPHELE_TOKEN; an admin creates tokens with `neph token create`)"
+            }
+            "NOT_FOUND" => " (check the name with the resource's `list` command)",
+            "NO_VALID_HOST" => {
+                " (no compute node can take it: a smaller flavor, or an admin adds or enables nodes: `neph node list`)"
+            }
+            "NOT_LEADER" | "CONTROLLER_STOPPED" => {
+                " (the cluster is electing a leader or this controller is stopping; retry, or use another endpoint)"
+            }
+            "COMMIT_UNKNOWN" => " (retry with the same --request-id to learn the outcome)",
+            _ => "",
+        };
+        let message = match s.code() {
+            Code::Unavailable if reason.is_empty() => format!(
+                "cannot reach the controller: {}; is it running, and is `endpoint` right (--endpoint, NEPHELE_ENDPOINT, or the profile)?",
+                s.message()
+            ),
+            _ => s.message().to_owned(),
+        };
+        let tag = if reason.is_empty() {
+            format!("{:?}", s.code())
+        } else {
+            reason
+        };
+        CliError::Api(format!("{tag}: {message}{hint}"))
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(h) = &self.0 {
+            r.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// The channel every client uses.
+pub type Svc = InterceptedService<Channel, Bearer>;
+
+/// A connection to one controller.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    channel: Channel,
+    bearer: Bearer,
+}
+
+/// Largest response accepted.
+const MAX_MESSAGE: usize = 16 << 20;
+
+macro_rules! client {
+    ($name:ident, $($ty:ident)::+) => {
+        /// A client of this service.
+        pub fn $name(&self) -> $($ty)::+<Svc> {
+            $($ty)::+::with_interceptor(self.channel.clone(), self.bearer.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+        }
+    };
+}
+
+impl Conn {
+    /// Connects to `endpoint` (scheme optional) with `token`.
+    pub async fn connect(endpoint: &str, token: Option<String>) -> Result<Conn, CliError> {
+        let url = if endpoint.contains("://") {
+            endpoint.to_owned()
+        } else {
+            format!("http://{endpoint}")
+        };
+        let bearer = match token {
+            None => Bearer(None),
+            Some(t) => Bearer(Some(format!("Bearer {}", t.trim()).parse().map_err(
+                |_| {
+                    CliError::Usage("the token holds characters a token never has; check it".into())
+                },
+            )?)),
+        };
+        let channel = Channel::from_shared(url.clone())
+            .map_err(|_| CliError::Usage(format!("endpoint {endpoint:?} is not an address like 127.0.0.1:7001")))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| {
+                CliError::Api(format!(
+                    "cannot reach the controller at {url}: {e}; is it running, and is `endpoint` right (--endpoint, NEPHELE_ENDPOINT, or the profile)?"
+                ))
+            })?;
+        Ok(Conn { channel, bearer })
+    }
+
+    client!(iam, nephele_proto::iam::v1::iam_client::IamClient);
+    client!(
+        flavors,
+        nephele_proto::compute::v1::flavors_client::FlavorsClient
+    );
+    client!(
+        images,
+        nephele_proto::compute::v1::images_client::ImagesClient
+    );
+    client!(
+        instances,
+        nephele_proto::compute::v1::instances_client::InstancesClient
+    );
+    client!(
+        groups,
+        nephele_proto::compute::v1::server_groups_client::ServerGroupsClient
+    );
+    client!(nodes, nephele_proto::infra::v1::nodes_client::NodesClient);
+    client!(
+        migrations,
+        nephele_proto::infra::v1::migrations_client::MigrationsClient
+    );
+    client!(
+        cluster,
+        nephele_proto::infra::v1::cluster_client::ClusterClient
+    );
+    client!(
+        operations,
+        nephele_proto::ops::v1::operations_client::OperationsClient
+    );
+    client!(events, nephele_proto::ops::v1::events_client::EventsClient);
+}

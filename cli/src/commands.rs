@@ -1,0 +1,1437 @@
+//! Every `neph` command: the clap grammar and what each does.
+
+use std::collections::HashMap;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, CommandFactory as _, Parser, Subcommand};
+use nephele_proto::compute::v1 as compute;
+use nephele_proto::iam::v1 as iam;
+use nephele_proto::infra::v1 as infra;
+use nephele_proto::ops::v1 as ops;
+
+use crate::client::{CliError, Conn};
+use crate::output::{self, Format, Record};
+use crate::profile;
+use crate::records;
+
+/// Nephele command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "neph", version, about = "Nephele cloud command-line client")]
+pub struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// Profile in $XDG_CONFIG_HOME/nephele/config.toml.
+    #[arg(long, global = true, env = "NEPHELE_PROFILE")]
+    profile: Option<String>,
+    /// Controller address (host:port or http://host:port).
+    #[arg(long, global = true, env = "NEPHELE_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Bearer token.
+    #[arg(long, global = true, env = "NEPHELE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long, global = true, env = "NEPHELE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Project (id or projects/ID).
+    #[arg(long, short = 'p', global = true, env = "NEPHELE_PROJECT")]
+    project: Option<String>,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum)]
+    output: Option<Format>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Projects and their quotas.
+    #[command(subcommand)]
+    Project(ProjectCmd),
+    /// Users and their roles.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Instance sizes.
+    #[command(subcommand)]
+    Flavor(FlavorCmd),
+    /// Bootable images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Instance(InstanceCmd),
+    /// Server groups (affinity and anti-affinity).
+    #[command(subcommand)]
+    Group(GroupCmd),
+    /// Compute nodes (admins).
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Live migrations (admins).
+    #[command(subcommand)]
+    Migration(MigrationCmd),
+    /// Long-running operations.
+    #[command(subcommand)]
+    Operation(OperationCmd),
+    /// The event and audit log.
+    #[command(subcommand)]
+    Event(EventCmd),
+    /// The controllers.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Prints a shell completion script (`neph completion bash > /etc/bash_completion.d/neph`).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Paging {
+    /// Most results per call (the CLI follows every page).
+    #[arg(long, default_value_t = 200)]
+    page_size: i32,
+}
+
+#[derive(Debug, Args)]
+struct Wait {
+    /// Wait until the operation finishes.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds (exit code 3).
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectCmd {
+    /// Create a project (admins).
+    Create {
+        id: String,
+        #[arg(long, default_value = "")]
+        display_name: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Show a project with its usage.
+    Get { id: String },
+    /// List the projects you have a role in.
+    List(Paging),
+    /// Change a project's quota (admins).
+    SetQuota {
+        id: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+    /// Delete an empty project (admins).
+    Delete { id: String },
+}
+
+#[derive(Debug, Args)]
+struct QuotaArgs {
+    /// Most instances.
+    #[arg(long, default_value_t = 10)]
+    instances: u64,
+    /// Most vCPUs.
+    #[arg(long, default_value_t = 20)]
+    vcpus: u64,
+    /// Most memory, MiB.
+    #[arg(long, default_value_t = 51200)]
+    memory_mib: u64,
+    /// Most disk, GiB.
+    #[arg(long, default_value_t = 1000)]
+    disk_gib: u64,
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCmd {
+    /// Create a user (admins).
+    Create {
+        id: String,
+        /// Make the user a cluster admin.
+        #[arg(long)]
+        admin: bool,
+        #[arg(long, default_value = "")]
+        display_name: String,
+    },
+    /// Show a user (yourself with `me`).
+    Get { id: String },
+    /// List users (admins).
+    List(Paging),
+    /// Delete a user and its tokens (admins).
+    Delete { id: String },
+    /// Grant a role in a project, or revoke it with `--role none` (admins).
+    Grant {
+        id: String,
+        /// reader, member or none.
+        #[arg(long, value_parser = ["reader", "member", "none"])]
+        role: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Create a token for a user; prints its secret once.
+    Create { user: String, id: String },
+    /// List a user's tokens.
+    List { user: String },
+    /// Revoke a token (users/U/tokens/T).
+    Delete { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum FlavorCmd {
+    /// Create a flavor (admins).
+    Create {
+        id: String,
+        #[arg(long)]
+        vcpus: u64,
+        #[arg(long)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 0)]
+        disk_gib: u64,
+    },
+    Get {
+        id: String,
+    },
+    List(Paging),
+    /// Delete a flavor (admins).
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Register an image (admins). Its content must be where compute nodes read images.
+    Create {
+        id: String,
+        /// pvh-elf, bzimage, raw or qcow2.
+        #[arg(long, default_value = "pvh-elf")]
+        format: String,
+        /// Take size and SHA-256 from this local file.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    Get {
+        id: String,
+    },
+    List(Paging),
+    /// Delete an image (admins).
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InstanceCmd {
+    /// Create an instance (or --count N of them, named ID-1 ... ID-N).
+    Create {
+        id: String,
+        #[arg(long)]
+        flavor: String,
+        #[arg(long)]
+        image: String,
+        /// Server group id.
+        #[arg(long)]
+        group: Option<String>,
+        /// key=value, repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Makes a retry return the first result.
+        #[arg(long, default_value = "")]
+        request_id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    Get {
+        id: String,
+    },
+    /// List instances of the project (--all-projects: admins).
+    List {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long)]
+        all_projects: bool,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    Start {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Stop (the guest is asked to power off, forced after the node's timeout).
+    Stop {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    Reboot {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Change the flavor of a stopped instance.
+    Resize {
+        id: String,
+        #[arg(long)]
+        flavor: String,
+    },
+    Delete {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Print the serial console log.
+    ConsoleLog {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCmd {
+    Create {
+        id: String,
+        /// affinity, anti-affinity, soft-affinity or soft-anti-affinity.
+        #[arg(long, value_parser = ["affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity"])]
+        policy: String,
+    },
+    Get {
+        id: String,
+    },
+    List(Paging),
+    Delete {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    List(Paging),
+    Get { id: String },
+    Disable { id: String },
+    Enable { id: String },
+    Drain { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrationCmd {
+    List(Paging),
+    Get {
+        id: String,
+    },
+    /// Live-migrate an instance (projects/P/instances/I or ID in --project).
+    Create {
+        instance: String,
+        #[arg(long)]
+        to: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OperationCmd {
+    Get {
+        name: String,
+    },
+    List {
+        #[arg(long)]
+        pending: bool,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    Wait {
+        name: String,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventCmd {
+    List {
+        /// Only this resource (full name).
+        #[arg(long)]
+        resource: Option<String>,
+        #[command(flatten)]
+        paging: Paging,
+    },
+    /// Stream new events until interrupted.
+    Watch,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCmd {
+    /// Controllers, leader and counts (admins).
+    Status,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("label {s:?} is not key=value"))
+}
+
+/// Everything a command needs: the connection, the output format and the
+/// project.
+struct Ctx {
+    conn: Conn,
+    format: Format,
+    project: Option<String>,
+}
+
+impl Ctx {
+    fn project(&self) -> Result<String, CliError> {
+        let p = self.project.clone().ok_or_else(|| {
+            CliError::Usage(
+                "no project: pass --project, set NEPHELE_PROJECT, or `project` in the profile"
+                    .into(),
+            )
+        })?;
+        Ok(if p.starts_with("projects/") {
+            p
+        } else {
+            format!("projects/{p}")
+        })
+    }
+
+    /// `ID` -> `projects/{project}/{collection}/ID`; full names pass.
+    fn scoped(&self, collection: &str, id: &str) -> Result<String, CliError> {
+        if id.contains('/') {
+            return Ok(id.to_owned());
+        }
+        Ok(format!("{}/{collection}/{id}", self.project()?))
+    }
+
+    fn one(&self, r: &Record) {
+        output::one(self.format, r);
+    }
+
+    fn list(&self, rows: &[Record], what: &str) {
+        output::list(self.format, rows, what);
+    }
+}
+
+fn global_name(collection: &str, id: &str) -> String {
+    if id.contains('/') {
+        id.to_owned()
+    } else {
+        format!("{collection}/{id}")
+    }
+}
+
+async fn ctx(g: Global) -> Result<Ctx, CliError> {
+    let path = profile::config_path();
+    let p =
+        profile::load(&path, g.profile.as_deref()).map_err(|e| CliError::Usage(e.to_string()))?;
+    let endpoint = g.endpoint.or(p.endpoint).ok_or_else(|| {
+        CliError::Usage(format!(
+            "no controller endpoint: pass --endpoint, set NEPHELE_ENDPOINT, or `endpoint` in a profile of {}",
+            path.display()
+        ))
+    })?;
+    let token = match (g.token, g.token_file.or(p.token_file), p.token) {
+        (Some(t), _, _) => Some(t),
+        (None, Some(file), _) => Some(
+            std::fs::read_to_string(&file)
+                .map_err(|e| {
+                    CliError::Usage(format!(
+                        "cannot read the token file {}: {e}",
+                        file.display()
+                    ))
+                })?
+                .trim()
+                .to_owned(),
+        ),
+        (None, None, t) => t,
+    };
+    let format = match (g.output, p.output) {
+        (Some(f), _) => f,
+        (None, Some(s)) => Format::parse(&s).ok_or_else(|| {
+            CliError::Usage(format!(
+                "output {s:?} in the profile is not table, json or yaml"
+            ))
+        })?,
+        (None, None) => Format::Table,
+    };
+    Ok(Ctx {
+        conn: Conn::connect(&endpoint, token).await?,
+        format,
+        project: g.project.or(p.project),
+    })
+}
+
+/// Runs the command.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    if let Cmd::Completion { shell } = cli.command {
+        let mut cmd = Cli::command();
+        clap_complete::generate(shell, &mut cmd, "neph", &mut std::io::stdout());
+        return Ok(());
+    }
+    let c = ctx(cli.global).await?;
+    match cli.command {
+        Cmd::Completion { .. } => Ok(()),
+        Cmd::Project(cmd) => project(&c, cmd).await,
+        Cmd::User(cmd) => user(&c, cmd).await,
+        Cmd::Token(cmd) => token(&c, cmd).await,
+        Cmd::Flavor(cmd) => flavor(&c, cmd).await,
+        Cmd::Image(cmd) => image(&c, cmd).await,
+        Cmd::Instance(cmd) => instance(&c, cmd).await,
+        Cmd::Group(cmd) => group(&c, cmd).await,
+        Cmd::Node(cmd) => node(&c, cmd).await,
+        Cmd::Migration(cmd) => migration(&c, cmd).await,
+        Cmd::Operation(cmd) => operation(&c, cmd).await,
+        Cmd::Event(cmd) => event(&c, cmd).await,
+        Cmd::Cluster(ClusterCmd::Status) => {
+            let s = c
+                .conn
+                .cluster()
+                .get_cluster_status(infra::GetClusterStatusRequest {})
+                .await?
+                .into_inner();
+            c.one(&records::cluster(&s));
+            Ok(())
+        }
+    }
+}
+
+/// Follows every page of a list call.
+macro_rules! all_pages {
+    ($page_size:expr, |$token:ident| $call:expr, $field:ident) => {{
+        let mut out = Vec::new();
+        let mut $token = String::new();
+        loop {
+            let r = $call.await?.into_inner();
+            out.extend(r.$field);
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            $token = r.next_page_token;
+        }
+        let _ = $page_size;
+        out
+    }};
+}
+
+fn quota(q: &QuotaArgs) -> iam::Quota {
+    iam::Quota {
+        instances: q.instances,
+        vcpus: q.vcpus,
+        memory_mib: q.memory_mib,
+        disk_gib: q.disk_gib,
+    }
+}
+
+async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
+    let mut iam_c = c.conn.iam();
+    match cmd {
+        ProjectCmd::Create {
+            id,
+            display_name,
+            quota: q,
+            request_id,
+        } => {
+            let p = iam_c
+                .create_project(iam::CreateProjectRequest {
+                    project_id: id,
+                    project: Some(iam::Project {
+                        display_name,
+                        quota: Some(quota(&q)),
+                        ..Default::default()
+                    }),
+                    request_id,
+                })
+                .await?
+                .into_inner();
+            c.one(&records::project(&p));
+        }
+        ProjectCmd::Get { id } => {
+            let p = iam_c
+                .get_project(iam::GetProjectRequest {
+                    name: global_name("projects", &id),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::project(&p));
+        }
+        ProjectCmd::List(pg) => {
+            let all = all_pages!(
+                pg.page_size,
+                |t| iam_c.list_projects(iam::ListProjectsRequest {
+                    page_size: pg.page_size,
+                    page_token: t.clone(),
+                }),
+                projects
+            );
+            c.list(
+                &all.iter().map(records::project).collect::<Vec<_>>(),
+                "projects",
+            );
+        }
+        ProjectCmd::SetQuota { id, quota: q } => {
+            let p = iam_c
+                .update_project(iam::UpdateProjectRequest {
+                    project: Some(iam::Project {
+                        name: global_name("projects", &id),
+                        quota: Some(quota(&q)),
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec!["quota".into()],
+                    }),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::project(&p));
+        }
+        ProjectCmd::Delete { id } => {
+            let name = global_name("projects", &id);
+            iam_c
+                .delete_project(iam::DeleteProjectRequest { name: name.clone() })
+                .await?;
+            eprintln!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn user(c: &Ctx, cmd: UserCmd) -> Result<(), CliError> {
+    let mut iam_c = c.conn.iam();
+    match cmd {
+        UserCmd::Create {
+            id,
+            admin,
+            display_name,
+        } => {
+            let u = iam_c
+                .create_user(iam::CreateUserRequest {
+                    user_id: id,
+                    user: Some(iam::User {
+                        display_name,
+                        admin,
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::user(&u));
+        }
+        UserCmd::Get { id } => {
+            let u = if id == "me" {
+                iam_c.get_caller(iam::GetCallerRequest {}).await?
+            } else {
+                iam_c
+                    .get_user(iam::GetUserRequest {
+                        name: global_name("users", &id),
+                    })
+                    .await?
+            }
+            .into_inner();
+            c.one(&records::user(&u));
+        }
+        UserCmd::List(pg) => {
+            let all = all_pages!(
+                pg.page_size,
+                |t| iam_c.list_users(iam::ListUsersRequest {
+                    page_size: pg.page_size,
+                    page_token: t.clone(),
+                }),
+                users
+            );
+            c.list(&all.iter().map(records::user).collect::<Vec<_>>(), "users");
+        }
+        UserCmd::Delete { id } => {
+            let name = global_name("users", &id);
+            iam_c
+                .delete_user(iam::DeleteUserRequest { name: name.clone() })
+                .await?;
+            eprintln!("deleted {name}");
+        }
+        UserCmd::Grant { id, role } => {
+            let role = match role.as_str() {
+                "reader" => iam::Role::Reader,
+                "member" => iam::Role::Member,
+                _ => iam::Role::Unspecified,
+            };
+            let u = iam_c
+                .set_role(iam::SetRoleRequest {
+                    user: global_name("users", &id),
+                    project: c.project()?,
+                    role: role as i32,
+                })
+                .await?
+                .into_inner();
+            c.one(&records::user(&u));
+        }
+    }
+    Ok(())
+}
+
+async fn token(c: &Ctx, cmd: TokenCmd) -> Result<(), CliError> {
+    let mut iam_c = c.conn.iam();
+    match cmd {
+        TokenCmd::Create { user, id } => {
+            let r = iam_c
+                .create_token(iam::CreateTokenRequest {
+                    parent: global_name("users", &user),
+                    token_id: id,
+                    token: None,
+                })
+                .await?
+                .into_inner();
+            let mut rec = r.token.as_ref().map(records::token).unwrap_or_default();
+            rec.push(("secret", r.secret.clone().into()));
+            c.one(&rec);
+            eprintln!("the secret is shown once: store it now");
+        }
+        TokenCmd::List { user } => {
+            let parent = global_name("users", &user);
+            let all = all_pages!(
+                0,
+                |t| iam_c.list_tokens(iam::ListTokensRequest {
+                    parent: parent.clone(),
+                    page_size: 0,
+                    page_token: t.clone(),
+                }),
+                tokens
+            );
+            c.list(
+                &all.iter().map(records::token).collect::<Vec<_>>(),
+                "tokens",
+            );
+        }
+        TokenCmd::Delete { name } => {
+            iam_c
+                .delete_token(iam::DeleteTokenRequest { name: name.clone() })
+                .await?;
+            eprintln!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn flavor(c: &Ctx, cmd: FlavorCmd) -> Result<(), CliError> {
+    let mut f = c.conn.flavors();
+    match cmd {
+        FlavorCmd::Create {
+            id,
+            vcpus,
+            memory_mib,
+            disk_gib,
+        } => {
+            let r = f
+                .create_flavor(compute::CreateFlavorRequest {
+                    flavor_id: id,
+                    flavor: Some(compute::Flavor {
+                        name: String::new(),
+                        resources: Some(compute::Resources {
+                            vcpus,
+                            memory_mib,
+                            disk_gib,
+                        }),
+                    }),
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::flavor(&r));
+        }
+        FlavorCmd::Get { id } => {
+            let r = f
+                .get_flavor(compute::GetFlavorRequest {
+                    name: global_name("flavors", &id),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::flavor(&r));
+        }
+        FlavorCmd::List(pg) => {
+            let all = all_pages!(
+                pg.page_size,
+                |t| f.list_flavors(compute::ListFlavorsRequest {
+                    page_size: pg.page_size,
+                    page_token: t.clone(),
+                }),
+                flavors
+            );
+            c.list(
+                &all.iter().map(records::flavor).collect::<Vec<_>>(),
+                "flavors",
+            );
+        }
+        FlavorCmd::Delete { id } => {
+            let name = global_name("flavors", &id);
+            f.delete_flavor(compute::DeleteFlavorRequest { name: name.clone() })
+                .await?;
+            eprintln!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Size and `sha256:` checksum of a local file.
+fn file_digest(path: &std::path::Path) -> Result<(u64, String), CliError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+    Ok((
+        u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+        format!("sha256:{}", sha256_hex(&bytes)),
+    ))
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+async fn image(c: &Ctx, cmd: ImageCmd) -> Result<(), CliError> {
+    let mut im = c.conn.images();
+    match cmd {
+        ImageCmd::Create { id, format, file } => {
+            let (size_bytes, checksum) = match file {
+                Some(f) => file_digest(&f)?,
+                None => (0, String::new()),
+            };
+            let r = im
+                .create_image(compute::CreateImageRequest {
+                    image_id: id,
+                    image: Some(compute::Image {
+                        format,
+                        size_bytes,
+                        checksum,
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::image(&r));
+        }
+        ImageCmd::Get { id } => {
+            let r = im
+                .get_image(compute::GetImageRequest {
+                    name: global_name("images", &id),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::image(&r));
+        }
+        ImageCmd::List(pg) => {
+            let all = all_pages!(
+                pg.page_size,
+                |t| im.list_images(compute::ListImagesRequest {
+                    page_size: pg.page_size,
+                    page_token: t.clone(),
+                }),
+                images
+            );
+            c.list(
+                &all.iter().map(records::image).collect::<Vec<_>>(),
+                "images",
+            );
+        }
+        ImageCmd::Delete { id } => {
+            let name = global_name("images", &id);
+            im.delete_image(compute::DeleteImageRequest { name: name.clone() })
+                .await?;
+            eprintln!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+/// Waits for `operations`, showing the instances' states as they change:
+/// a redrawn line on a terminal, plain lines otherwise.
+async fn wait_for(
+    c: &Ctx,
+    operations: &[ops::Operation],
+    timeout: u64,
+) -> Result<Vec<ops::Operation>, CliError> {
+    let tty = std::io::stderr().is_terminal();
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(timeout);
+    let mut opc = c.conn.operations();
+    let mut inst = c.conn.instances();
+    let mut shown: HashMap<String, String> = HashMap::new();
+    let mut done = Vec::new();
+    let spinner = ['|', '/', '-', '\\'];
+    let mut tick = 0usize;
+    for op in operations {
+        let mut op = op.clone();
+        loop {
+            if op.done {
+                break;
+            }
+            if Instant::now() >= deadline {
+                if tty {
+                    eprintln!();
+                }
+                return Err(CliError::WaitTimeout(format!(
+                    "{} ({} {}) is not done after {timeout} s; it goes on: `neph operation wait {}`",
+                    op.name, op.verb, op.target, op.name
+                )));
+            }
+            op = opc
+                .wait_operation(ops::WaitOperationRequest {
+                    name: op.name.clone(),
+                    timeout: Some(prost_types::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                })
+                .await?
+                .into_inner();
+            let state = match inst
+                .get_instance(compute::GetInstanceRequest {
+                    name: op.target.clone(),
+                })
+                .await
+            {
+                Ok(i) => records::instance_state(i.get_ref().state),
+                Err(s) if s.code() == tonic::Code::NotFound => "gone".to_owned(),
+                Err(_) => String::new(),
+            };
+            let short = op.target.rsplit('/').next().unwrap_or_default().to_owned();
+            if tty {
+                tick += 1;
+                eprint!(
+                    "\r\x1b[K{} {} {short}: {state} ({:.1} s)",
+                    spinner[tick % spinner.len()],
+                    op.verb,
+                    start.elapsed().as_secs_f64()
+                );
+            } else if shown.get(&op.target) != Some(&state) && !state.is_empty() {
+                eprintln!("{} {short}: {state}", op.verb);
+            }
+            shown.insert(op.target.clone(), state);
+        }
+        if tty {
+            eprintln!(
+                "\r\x1b[K{} {}: {} ({:.1} s)",
+                op.verb,
+                op.target.rsplit('/').next().unwrap_or_default(),
+                if op.error.is_empty() {
+                    "done"
+                } else {
+                    "failed"
+                },
+                start.elapsed().as_secs_f64()
+            );
+        }
+        if !op.error.is_empty() {
+            return Err(CliError::Api(format!(
+                "{} {} failed: {}",
+                op.verb, op.target, op.error
+            )));
+        }
+        done.push(op);
+    }
+    Ok(done)
+}
+
+/// Prints operations, or waits for them and prints what they worked on.
+async fn finish(c: &Ctx, operations: Vec<ops::Operation>, wait: &Wait) -> Result<(), CliError> {
+    if !wait.wait {
+        let rows: Vec<Record> = operations.iter().map(records::operation).collect();
+        if rows.len() == 1 {
+            c.one(&rows[0]);
+        } else {
+            c.list(&rows, "operations");
+        }
+        return Ok(());
+    }
+    let done = wait_for(c, &operations, wait.timeout).await?;
+    let mut rows = Vec::new();
+    let mut inst = c.conn.instances();
+    for op in &done {
+        match inst
+            .get_instance(compute::GetInstanceRequest {
+                name: op.target.clone(),
+            })
+            .await
+        {
+            Ok(i) => rows.push(records::instance(i.get_ref())),
+            Err(_) => rows.push(records::operation(op)),
+        }
+    }
+    if rows.len() == 1 {
+        c.one(&rows[0]);
+    } else {
+        c.list(&rows, "instances");
+    }
+    Ok(())
+}
+
+async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
+    let mut ic = c.conn.instances();
+    match cmd {
+        InstanceCmd::Create {
+            id,
+            flavor,
+            image,
+            group,
+            labels,
+            count,
+            request_id,
+            wait,
+        } => {
+            let parent = c.project()?;
+            let template = compute::Instance {
+                flavor: global_name("flavors", &flavor),
+                image: global_name("images", &image),
+                server_group: match group {
+                    Some(g) => c.scoped("serverGroups", &g)?,
+                    None => String::new(),
+                },
+                labels: labels.into_iter().collect(),
+                ..Default::default()
+            };
+            let operations = if count == 1 {
+                vec![
+                    ic.create_instance(compute::CreateInstanceRequest {
+                        parent,
+                        instance_id: id,
+                        instance: Some(template),
+                        request_id,
+                    })
+                    .await?
+                    .into_inner(),
+                ]
+            } else {
+                ic.batch_create_instances(compute::BatchCreateInstancesRequest {
+                    parent,
+                    instance_id: id,
+                    count,
+                    instance: Some(template),
+                    request_id,
+                })
+                .await?
+                .into_inner()
+                .operations
+            };
+            finish(c, operations, &wait).await
+        }
+        InstanceCmd::Get { id } => {
+            let i = ic
+                .get_instance(compute::GetInstanceRequest {
+                    name: c.scoped("instances", &id)?,
+                })
+                .await?
+                .into_inner();
+            c.one(&records::instance(&i));
+            Ok(())
+        }
+        InstanceCmd::List {
+            state,
+            node,
+            all_projects,
+            paging,
+        } => {
+            let parent = if all_projects {
+                "projects/-".to_owned()
+            } else {
+                c.project()?
+            };
+            let state = match state {
+                None => 0,
+                Some(s) => compute::InstanceState::from_str_name(&s.to_uppercase())
+                    .map(|s| s as i32)
+                    .ok_or_else(|| {
+                        CliError::Usage(format!(
+                            "state {s:?} is not one of pending, scheduled, starting, running, stopping, stopped, migrating, deleting, error"
+                        ))
+                    })?,
+            };
+            let node = node.map(|n| global_name("nodes", &n)).unwrap_or_default();
+            let all = all_pages!(
+                paging.page_size,
+                |t| ic.list_instances(compute::ListInstancesRequest {
+                    parent: parent.clone(),
+                    page_size: paging.page_size,
+                    page_token: t.clone(),
+                    state,
+                    node: node.clone(),
+                    labels: Default::default(),
+                }),
+                instances
+            );
+            c.list(
+                &all.iter().map(records::instance).collect::<Vec<_>>(),
+                "instances",
+            );
+            Ok(())
+        }
+        InstanceCmd::Start { id, wait } => {
+            let op = ic
+                .start_instance(compute::StartInstanceRequest {
+                    name: c.scoped("instances", &id)?,
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            finish(c, vec![op], &wait).await
+        }
+        InstanceCmd::Stop { id, wait } => {
+            let op = ic
+                .stop_instance(compute::StopInstanceRequest {
+                    name: c.scoped("instances", &id)?,
+                    timeout: None,
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            finish(c, vec![op], &wait).await
+        }
+        InstanceCmd::Reboot { id, wait } => {
+            let op = ic
+                .reboot_instance(compute::RebootInstanceRequest {
+                    name: c.scoped("instances", &id)?,
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            finish(c, vec![op], &wait).await
+        }
+        InstanceCmd::Resize { id, flavor } => {
+            let i = ic
+                .resize_instance(compute::ResizeInstanceRequest {
+                    name: c.scoped("instances", &id)?,
+                    flavor: global_name("flavors", &flavor),
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::instance(&i));
+            Ok(())
+        }
+        InstanceCmd::Delete { id, wait } => {
+            let op = ic
+                .delete_instance(compute::DeleteInstanceRequest {
+                    name: c.scoped("instances", &id)?,
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            if wait.wait {
+                wait_for(c, std::slice::from_ref(&op), wait.timeout).await?;
+                eprintln!("deleted {}", op.target);
+                Ok(())
+            } else {
+                finish(c, vec![op], &wait).await
+            }
+        }
+        InstanceCmd::ConsoleLog { id } => {
+            let log = ic
+                .get_console_log(compute::GetConsoleLogRequest {
+                    name: c.scoped("instances", &id)?,
+                    max_bytes: 0,
+                })
+                .await?
+                .into_inner();
+            use std::io::Write as _;
+            let _ = std::io::stdout().write_all(&log.data);
+            Ok(())
+        }
+    }
+}
+
+async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
+    let mut gc = c.conn.groups();
+    match cmd {
+        GroupCmd::Create { id, policy } => {
+            let policy = match policy.as_str() {
+                "affinity" => compute::GroupPolicy::Affinity,
+                "anti-affinity" => compute::GroupPolicy::AntiAffinity,
+                "soft-affinity" => compute::GroupPolicy::SoftAffinity,
+                _ => compute::GroupPolicy::SoftAntiAffinity,
+            };
+            let g = gc
+                .create_server_group(compute::CreateServerGroupRequest {
+                    parent: c.project()?,
+                    server_group_id: id,
+                    server_group: Some(compute::ServerGroup {
+                        policy: policy as i32,
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::group(&g));
+        }
+        GroupCmd::Get { id } => {
+            let g = gc
+                .get_server_group(compute::GetServerGroupRequest {
+                    name: c.scoped("serverGroups", &id)?,
+                })
+                .await?
+                .into_inner();
+            c.one(&records::group(&g));
+        }
+        GroupCmd::List(pg) => {
+            let parent = c.project()?;
+            let all = all_pages!(
+                pg.page_size,
+                |t| gc.list_server_groups(compute::ListServerGroupsRequest {
+                    parent: parent.clone(),
+                    page_size: pg.page_size,
+                    page_token: t.clone(),
+                }),
+                server_groups
+            );
+            c.list(
+                &all.iter().map(records::group).collect::<Vec<_>>(),
+                "server groups",
+            );
+        }
+        GroupCmd::Delete { id } => {
+            let name = c.scoped("serverGroups", &id)?;
+            gc.delete_server_group(compute::DeleteServerGroupRequest { name: name.clone() })
+                .await?;
+            eprintln!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
+    let mut nc = c.conn.nodes();
+    let n = match cmd {
+        NodeCmd::List(pg) => {
+            let all = all_pages!(
+                pg.page_size,
+                |t| nc.list_nodes(infra::ListNodesRequest {
+                    page_size: pg.page_size,
+                    page_token: t.clone(),
+                    state: 0,
+                }),
+                nodes
+            );
+            c.list(&all.iter().map(records::node).collect::<Vec<_>>(), "nodes");
+            return Ok(());
+        }
+        NodeCmd::Get { id } => {
+            let n = nc
+                .get_node(infra::GetNodeRequest {
+                    name: global_name("nodes", &id),
+                })
+                .await?
+                .into_inner();
+            let mut r = records::node(&n);
+            r.push(("instance_names", serde_json::json!(n.instances)));
+            c.one(&r);
+            return Ok(());
+        }
+        NodeCmd::Disable { id } => nc
+            .disable_node(infra::DisableNodeRequest {
+                name: global_name("nodes", &id),
+            })
+            .await?
+            .into_inner(),
+        NodeCmd::Enable { id } => nc
+            .enable_node(infra::EnableNodeRequest {
+                name: global_name("nodes", &id),
+            })
+            .await?
+            .into_inner(),
+        NodeCmd::Drain { id } => nc
+            .drain_node(infra::DrainNodeRequest {
+                name: global_name("nodes", &id),
+            })
+            .await?
+            .into_inner(),
+    };
+    c.one(&records::node(&n));
+    Ok(())
+}
+
+async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
+    let mut mc = c.conn.migrations();
+    match cmd {
+        MigrationCmd::List(pg) => {
+            let all = all_pages!(
+                pg.page_size,
+                |t| mc.list_migrations(infra::ListMigrationsRequest {
+                    page_size: pg.page_size,
+                    page_token: t.clone(),
+                }),
+                migrations
+            );
+            c.list(
+                &all.iter().map(records::migration).collect::<Vec<_>>(),
+                "migrations",
+            );
+        }
+        MigrationCmd::Get { id } => {
+            let m = mc
+                .get_migration(infra::GetMigrationRequest {
+                    name: global_name("migrations", &id),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::migration(&m));
+        }
+        MigrationCmd::Create { instance, to } => {
+            let op = mc
+                .create_migration(infra::CreateMigrationRequest {
+                    instance: c.scoped("instances", &instance)?,
+                    target: global_name("nodes", &to),
+                    request_id: String::new(),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::operation(&op));
+        }
+    }
+    Ok(())
+}
+
+async fn operation(c: &Ctx, cmd: OperationCmd) -> Result<(), CliError> {
+    let mut oc = c.conn.operations();
+    match cmd {
+        OperationCmd::Get { name } => {
+            let o = oc
+                .get_operation(ops::GetOperationRequest {
+                    name: global_name("operations", &name),
+                })
+                .await?
+                .into_inner();
+            c.one(&records::operation(&o));
+        }
+        OperationCmd::List { pending, paging } => {
+            let project = c
+                .project
+                .clone()
+                .map(|p| global_name("projects", &p))
+                .unwrap_or_default();
+            let all = all_pages!(
+                paging.page_size,
+                |t| oc.list_operations(ops::ListOperationsRequest {
+                    page_size: paging.page_size,
+                    page_token: t.clone(),
+                    project: project.clone(),
+                    only_pending: pending,
+                }),
+                operations
+            );
+            c.list(
+                &all.iter().map(records::operation).collect::<Vec<_>>(),
+                "operations",
+            );
+        }
+        OperationCmd::Wait { name, timeout } => {
+            let o = oc
+                .get_operation(ops::GetOperationRequest {
+                    name: global_name("operations", &name),
+                })
+                .await?
+                .into_inner();
+            let done = wait_for(c, &[o], timeout).await?;
+            c.list(
+                &done.iter().map(records::operation).collect::<Vec<_>>(),
+                "operations",
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn event(c: &Ctx, cmd: EventCmd) -> Result<(), CliError> {
+    let mut ec = c.conn.events();
+    let project = c
+        .project
+        .clone()
+        .map(|p| global_name("projects", &p))
+        .unwrap_or_default();
+    match cmd {
+        EventCmd::List { resource, paging } => {
+            let resource = resource.unwrap_or_default();
+            let all = all_pages!(
+                paging.page_size,
+                |t| ec.list_events(ops::ListEventsRequest {
+                    page_size: paging.page_size,
+                    page_token: t.clone(),
+                    project: project.clone(),
+                    resource: resource.clone(),
+                }),
+                events
+            );
+            c.list(
+                &all.iter().map(records::event).collect::<Vec<_>>(),
+                "events",
+            );
+        }
+        EventCmd::Watch => {
+            let mut stream = ec
+                .watch_events(ops::WatchEventsRequest {
+                    project,
+                    after_seq: 0,
+                })
+                .await?
+                .into_inner();
+            while let Some(e) = stream.message().await? {
+                let r = records::event(&e);
+                match c.format {
+                    Format::Table => println!(
+                        "{} {} {} {} {}",
+                        e.seq,
+                        records::time(e.time.as_ref()).as_str().unwrap_or_default(),
+                        e.actor,
+                        e.kind,
+                        e.resource
+                    ),
+                    _ => {
+                        let obj: serde_json::Map<String, serde_json::Value> =
+                            r.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                        println!("{}", serde_json::Value::Object(obj));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_matches_known_digests() {
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let long = vec![b'a'; 1000];
+        assert_eq!(
+            sha256_hex(&long),
+            "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3"
+        );
+    }
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}
