@@ -78,6 +78,51 @@ pub fn kvm_unavailable() -> Option<String> {
     }
 }
 
+/// QEMU (`qemu-system-x86_64` from Debian) booting `image` the way the
+/// benchmarks compare against: `-M microvm`, KVM, the host CPU less
+/// `arch-capabilities` (PRODUCT.md), no default devices, serial on stdio.
+pub fn qemu_microvm(image: &Path, memory_mib: u64, cpus: u32) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-enable-kvm",
+        "-M",
+        "microvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+    ])
+    .args(["-smp", &cpus.to_string()])
+    .args(["-m", &memory_mib.to_string()])
+    .arg("-kernel")
+    .arg(image);
+    cmd
+}
+
+/// For tests: prints why KVM guests cannot run here and returns true, so the
+/// test can return early (it needs root and `/dev/kvm`).
+pub fn skip_without_kvm() -> bool {
+    match kvm_unavailable() {
+        Some(reason) => {
+            eprintln!("{reason}");
+            true
+        }
+        None => false,
+    }
+}
+
+/// For tests: the number after `key=` in a console line; panics with the
+/// line when it is missing.
+pub fn number(line: &str, key: &str) -> u64 {
+    field(line, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no number {key}= in {line:?}"))
+}
+
 /// Why this host's KVM cannot boot a stock Linux kernel, if it cannot: PVM
 /// (the `kvm_pvm` module, KVM without VMX/SVM) stops stock kernels on
 /// instructions its emulator lacks; hardware KVM (`kvm_intel`, `kvm_amd`)

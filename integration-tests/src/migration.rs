@@ -4,7 +4,6 @@
 //! and wait for the outcome.
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
@@ -22,18 +21,12 @@ pub enum MigrationDriveError {
     },
     #[error("the control answer is not JSON: {0}")]
     Answer(String),
-    #[error("no free TCP port on loopback: {0}")]
-    Port(std::io::Error),
+    #[error(transparent)]
+    Start(#[from] crate::procs::StartError),
     #[error("the migration did not finish within {0:?}; last status {1}")]
     Timeout(Duration, String),
     #[error(transparent)]
     Guest(#[from] GuestError),
-}
-
-/// A loopback port that was free a moment ago.
-pub fn free_port() -> Result<u16, MigrationDriveError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(MigrationDriveError::Port)?;
-    Ok(l.local_addr().map_err(MigrationDriveError::Port)?.port())
 }
 
 /// Sends one control request and returns the answer (ok or not).

@@ -17,10 +17,9 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nephele_integration_tests::guest::{GuestVm, READY_MARKER, field, kvm_unavailable};
-use nephele_integration_tests::migration::{
-    control, free_port, migrate, start_target, wait_outcome,
-};
+use nephele_integration_tests::guest::{GuestVm, READY_MARKER, number, skip_without_kvm as skip};
+use nephele_integration_tests::migration::{control, migrate, start_target, wait_outcome};
+use nephele_integration_tests::procs::free_port;
 
 const BOOT: Duration = Duration::from_secs(30);
 const CMD: Duration = Duration::from_secs(30);
@@ -29,22 +28,6 @@ const MIGRATION: Duration = Duration::from_secs(60);
 /// machine does not make the test flaky (the benchmark measures the real
 /// figure).
 const GAP_BOUND_US: u64 = 1_000_000;
-
-fn skip() -> bool {
-    match kvm_unavailable() {
-        Some(reason) => {
-            eprintln!("{reason}");
-            true
-        }
-        None => false,
-    }
-}
-
-fn number(line: &str, key: &str) -> u64 {
-    field(line, key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no number {key}= in {line:?}"))
-}
 
 fn arg(p: &Path) -> String {
     p.display().to_string()

@@ -7,32 +7,15 @@
 //! Each test needs root and `/dev/kvm`; without them it prints why and
 //! returns. Processes, namespaces and taps go away on drop, also on failure.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use nephele_integration_tests::guest::{GuestVm, field, kvm_unavailable};
+use nephele_integration_tests::guest::{GuestVm, field, number, skip_without_kvm as skip};
+use nephele_integration_tests::migration;
 use nephele_integration_tests::netdev::NetNs;
 
 const BOOT: Duration = Duration::from_secs(30);
 const CMD: Duration = Duration::from_secs(20);
-
-fn skip() -> bool {
-    match kvm_unavailable() {
-        Some(reason) => {
-            eprintln!("{reason}");
-            true
-        }
-        None => false,
-    }
-}
-
-fn number(line: &str, key: &str) -> u64 {
-    field(line, key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no number {key}= in {line:?}"))
-}
 
 fn power_off(mut vm: GuestVm) {
     vm.command("poweroff", "POWEROFF", CMD).expect("poweroff");
@@ -40,18 +23,10 @@ fn power_off(mut vm: GuestVm) {
     assert!(status.success(), "poweroff must exit 0, got {status}");
 }
 
-/// One request on the VMM's control socket.
+/// One request on the VMM's control socket, which must succeed.
 fn control(socket: &Path, request: &str) -> serde_json::Value {
-    let mut stream = UnixStream::connect(socket).expect("connect to the control socket");
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .expect("send request");
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .expect("read answer");
-    let answer: serde_json::Value = serde_json::from_str(&line).expect("answer is JSON");
-    assert_eq!(answer["ok"], true, "{request} failed: {line}");
+    let answer = migration::control(socket, request).expect("control request");
+    assert_eq!(answer["ok"], true, "{request} failed: {answer}");
     answer
 }
 

@@ -29,6 +29,15 @@ const BENCHES: &[Bench] = &[
         needs_guest: true,
     },
     Bench {
+        name: "migration",
+        package: "nephele-integration-tests",
+        binary: "bench-migration",
+        peer_commands: &[("qemu-system-x86_64", "qemu-system-x86")],
+        drives: &["neph-vmm"],
+        examples: &[],
+        needs_guest: true,
+    },
+    Bench {
         name: "store",
         package: "nephele-integration-tests",
         binary: "bench-store",
@@ -49,7 +58,7 @@ const BENCHES: &[Bench] = &[
 ];
 
 /// Benchmarks the product brief names that are not written yet.
-const PLANNED: &[&str] = &["migration", "provision"];
+const PLANNED: &[&str] = &["provision"];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let names = || {

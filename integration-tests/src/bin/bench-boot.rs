@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nephele_integration_tests::bench::{Metric, Report, Stats};
-use nephele_integration_tests::guest::{GuestVm, guest_image, workspace_binary};
+use nephele_integration_tests::guest::{GuestVm, guest_image, qemu_microvm, workspace_binary};
 
 const MEMORY_MIB: u64 = 256;
 const CPUS: u32 = 1;
@@ -31,7 +31,6 @@ fn main() -> anyhow::Result<()> {
     }
     let image = guest_image();
     let vmm = workspace_binary("neph-vmm");
-    let qemu = PathBuf::from("qemu-system-x86_64");
     println!(
         "boot: {boots} boots each, alternating; guest {} ({CPUS} vCPU, {MEMORY_MIB} MiB)",
         image.display()
@@ -41,7 +40,7 @@ fn main() -> anyhow::Result<()> {
     let mut peer = Samples::default();
     for _ in 0..boots {
         ours.add(boot_once(neph_vmm(&vmm, &image))?);
-        peer.add(boot_once(qemu_microvm(&qemu, &image))?);
+        peer.add(boot_once(qemu_microvm(&image, MEMORY_MIB, CPUS))?);
     }
 
     let (o, p) = (ours.stats("neph-vmm")?, peer.stats("qemu")?);
@@ -88,28 +87,6 @@ fn neph_vmm(vmm: &PathBuf, image: &PathBuf) -> Command {
         .arg("--no-rng")
         .args(["--cpus", &CPUS.to_string()])
         .args(["--memory", &MEMORY_MIB.to_string()]);
-    cmd
-}
-
-fn qemu_microvm(qemu: &PathBuf, image: &PathBuf) -> Command {
-    let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-enable-kvm",
-        "-M",
-        "microvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-    ])
-    .args(["-smp", &CPUS.to_string()])
-    .args(["-m", &MEMORY_MIB.to_string()])
-    .arg("-kernel")
-    .arg(image);
     cmd
 }
 

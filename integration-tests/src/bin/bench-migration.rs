@@ -16,14 +16,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nephele_integration_tests::bench::{Metric, Report, Stats};
-use nephele_integration_tests::guest::{GuestVm, field, guest_image};
-use nephele_integration_tests::migration::{free_port, migrate, start_target};
+use nephele_integration_tests::guest::{GuestVm, field, guest_image, qemu_microvm};
+use nephele_integration_tests::migration::{migrate, start_target};
+use nephele_integration_tests::procs::free_port;
 
 const MEMORY_MIB: u64 = 1024;
 const WORKING_SET_MIB: u64 = 128;
@@ -280,27 +281,9 @@ fn ours_once(dir: &Path, load: Load, budget: Option<u64>) -> anyhow::Result<Run>
 }
 
 fn qemu(image: &Path, qmp: &Path, incoming: Option<u16>) -> Command {
-    let mut cmd = Command::new(PathBuf::from("qemu-system-x86_64"));
-    cmd.args([
-        "-enable-kvm",
-        "-M",
-        "microvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-smp",
-        "1",
-    ])
-    .args(["-m", &MEMORY_MIB.to_string()])
-    .arg("-kernel")
-    .arg(image)
-    .arg("-qmp")
-    .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    let mut cmd = qemu_microvm(image, MEMORY_MIB, 1);
+    cmd.arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     if let Some(port) = incoming {
         cmd.arg("-incoming").arg(format!("tcp:127.0.0.1:{port}"));
     }
