@@ -49,9 +49,13 @@ fn apt_install(missing: &[&str]) -> Result<(), String> {
     )
 }
 
-/// A `protoc` for crates whose build scripts need one (etcd-client): the
-/// pure-Rust protox compiler's command-line tool, installed from crates.io
-/// into cargo's bin folder when missing. Returns its path.
+/// A `protoc` for crates whose build scripts need one (etcd-client through
+/// prost-build; raft-proto checks one it is given): a small script in
+/// `target/tools/` that runs protox, the pure-Rust protobuf compiler
+/// (installed from crates.io into cargo's bin folder when missing), and
+/// answers `--version` as the protoc release whose language protox
+/// implements, since protox has no `--version` and raft-proto's build script
+/// insists on parsing one. Returns the script's path, for `PROTOC`.
 pub fn ensure_protoc() -> Result<std::path::PathBuf, String> {
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(std::path::PathBuf::from)
@@ -62,7 +66,25 @@ pub fn ensure_protoc() -> Result<std::path::PathBuf, String> {
         eprintln!("xtask: installing protox (a protoc stand-in) from crates.io");
         exec(crate::cargo().args(["install", "--locked", "protox", "--features", "bin"]))?;
     }
-    Ok(protox)
+    let tools = crate::root().join("target").join("tools");
+    std::fs::create_dir_all(&tools)
+        .map_err(|e| format!("could not create {}: {e}", tools.display()))?;
+    let script = tools.join("protoc");
+    let text = format!(
+        "#!/bin/sh\n\
+         # Written by cargo xtask: protox standing in for protoc.\n\
+         if [ \"$1\" = \"--version\" ]; then echo \"libprotoc 3.21.12 (protox)\"; exit 0; fi\n\
+         exec '{}' \"$@\"\n",
+        protox.display()
+    );
+    if std::fs::read_to_string(&script).ok().as_deref() != Some(text.as_str()) {
+        std::fs::write(&script, &text)
+            .map_err(|e| format!("could not write {}: {e}", script.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| format!("could not make {} executable: {e}", script.display()))?;
+    }
+    Ok(script)
 }
 
 fn ensure_nextest() -> Result<(), String> {
