@@ -470,7 +470,7 @@ async fn ctx(g: Global) -> Result<Ctx, CliError> {
     Ok(Ctx {
         conn: Conn::connect(&endpoint, token).await?,
         format,
-        project: g.project.or(p.project),
+        project: g.project.or(p.project).filter(|p| !p.is_empty()),
     })
 }
 

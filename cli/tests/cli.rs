@@ -1,0 +1,307 @@
+//! `neph` against a real `neph-controller` process on loopback: output
+//! formats, exit codes (0 ok, 1 API error, 2 usage, 3 wait timed out) and
+//! error messages. A fake compute node (`fake_node`, a test double that only
+//! registers and heartbeats over the node protocol) lets instances be
+//! scheduled; nothing runs them, which is what the `--wait` timeout needs.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use nephele_proto::compute::v1 as compute;
+use nephele_proto::node::v1 as node;
+
+/// Builds (if needed) and finds the controller binary next to `neph`.
+fn controller_binary() -> PathBuf {
+    let neph = PathBuf::from(env!("CARGO_BIN_EXE_neph"));
+    let dir = neph.parent().expect("target dir").to_path_buf();
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-p", "neph-controller", "--bin", "neph-controller"])
+        .status()
+        .expect("run cargo");
+    assert!(status.success(), "cannot build neph-controller");
+    dir.join("neph-controller")
+}
+
+struct Controller {
+    child: Child,
+    address: String,
+    token_file: PathBuf,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_controller(data: &Path) -> Controller {
+    let mut child = Command::new(controller_binary())
+        .args([
+            "init",
+            "--id",
+            "1",
+            "--cluster-id",
+            "9",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(data)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start neph-controller");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let mut address = None;
+    let mut token_file = None;
+    while address.is_none() || token_file.is_none() {
+        let line = lines.next().expect("controller output").expect("line");
+        if let Some(a) = line.strip_prefix("LISTENING ") {
+            address = Some(a.to_owned());
+        } else if let Some(f) = line.strip_prefix("ADMIN_TOKEN_FILE ") {
+            token_file = Some(PathBuf::from(f));
+        }
+    }
+    Controller {
+        child,
+        address: address.unwrap_or_default(),
+        token_file: token_file.unwrap_or_default(),
+    }
+}
+
+struct Neph {
+    config_home: tempfile::TempDir,
+}
+
+impl Neph {
+    fn new(c: &Controller) -> Neph {
+        let config_home = tempfile::tempdir().expect("tempdir");
+        let dir = config_home.path().join("nephele");
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join("config.toml"),
+            format!(
+                "default_profile = \"t\"\n[profiles.t]\nendpoint = \"{}\"\ntoken_file = \"{}\"\nproject = \"p1\"\n\n[profiles.nobody]\nendpoint = \"{}\"\ntoken = \"nph_admin_bootstrap-1_0000\"\n",
+                c.address,
+                c.token_file.display(),
+                c.address
+            ),
+        )
+        .expect("write config");
+        Neph { config_home }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_neph"))
+            .args(args)
+            .env("XDG_CONFIG_HOME", self.config_home.path())
+            .env_remove("NEPHELE_ENDPOINT")
+            .env_remove("NEPHELE_TOKEN")
+            .env_remove("NEPHELE_TOKEN_FILE")
+            .env_remove("NEPHELE_PROJECT")
+            .env_remove("NEPHELE_PROFILE")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run neph")
+    }
+
+    /// Runs and checks the exit code; returns stdout.
+    fn expect(&self, args: &[&str], code: i32) -> (String, String) {
+        let out = self.run(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "neph {args:?}\nstdout: {stdout}\nstderr: {stderr}"
+        );
+        (stdout, stderr)
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        let (out, _) = self.expect(&a, 0);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("neph {args:?}: {e}: {out}"))
+    }
+}
+
+/// Registers `nodes/n1` and heartbeats it in the background.
+fn fake_node(address: &str, token: &str) -> std::thread::JoinHandle<()> {
+    let (address, token) = (format!("http://{address}"), token.trim().to_owned());
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let channel = tonic::transport::Channel::from_shared(address)
+                .expect("url")
+                .connect()
+                .await
+                .expect("connect");
+            let header: tonic::metadata::MetadataValue<_> =
+                format!("Bearer {token}").parse().expect("ascii");
+            let mut agent = node::node_agent_client::NodeAgentClient::with_interceptor(
+                channel,
+                move |mut r: tonic::Request<()>| {
+                    r.metadata_mut().insert("authorization", header.clone());
+                    Ok(r)
+                },
+            );
+            agent
+                .register_node(node::RegisterNodeRequest {
+                    node_id: "n1".into(),
+                    address: "127.0.0.1:1".into(),
+                    capacity: Some(compute::Resources {
+                        vcpus: 4,
+                        memory_mib: 4096,
+                        disk_gib: 100,
+                    }),
+                    labels: Default::default(),
+                })
+                .await
+                .expect("register");
+            let _ = ready_tx.send(());
+            loop {
+                let beat = agent
+                    .heartbeat(node::HeartbeatRequest {
+                        node: "nodes/n1".into(),
+                        load: None,
+                        instances: vec![],
+                    })
+                    .await;
+                if beat.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("node registered");
+    handle
+}
+
+#[test]
+fn formats_exit_codes_and_errors() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+
+    // Usage errors exit 2, before any connection.
+    neph.expect(&["bogus"], 2);
+    neph.expect(&["instance", "create", "x"], 2);
+    neph.expect(&["instance", "list", "-o", "xml"], 2);
+    let (out, _) = neph.expect(&["--help"], 0);
+    assert!(out.contains("instance"));
+    let (out, _) = neph.expect(&["completion", "bash"], 0);
+    assert!(out.contains("neph"));
+    let (_, err) = neph.expect(&["--profile", "missing", "flavor", "list"], 2);
+    assert!(err.contains("profile \"missing\""), "{err}");
+
+    // Cluster resources as the bootstrap admin, in every format.
+    let f = neph.json(&[
+        "flavor",
+        "create",
+        "small",
+        "--vcpus",
+        "1",
+        "--memory-mib",
+        "256",
+        "--disk-gib",
+        "1",
+    ]);
+    assert_eq!(f["name"], "small");
+    assert_eq!(f["vcpus"], 1);
+    let (yaml, _) = neph.expect(&["image", "create", "guest", "-o", "yaml"], 0);
+    assert!(yaml.contains("name: guest"), "{yaml}");
+    let (table, _) = neph.expect(&["project", "create", "p1", "--instances", "5"], 0);
+    assert!(table.contains("p1"), "{table}");
+    let (table, _) = neph.expect(&["flavor", "list"], 0);
+    assert!(table.contains("NAME") && table.contains("small"), "{table}");
+    let status = neph.json(&["cluster", "status"]);
+    assert_eq!(status["leader_id"], 1);
+
+    // API errors exit 1 and say what to do.
+    let (_, err) = neph.expect(
+        &[
+            "instance", "create", "web-1", "--flavor", "small", "--image", "guest",
+        ],
+        1,
+    );
+    assert!(
+        err.contains("NO_VALID_HOST") && err.contains("neph node list"),
+        "{err}"
+    );
+    let (_, err) = neph.expect(&["instance", "get", "nope"], 1);
+    assert!(err.contains("NOT_FOUND"), "{err}");
+    let (_, err) = neph.expect(&["--profile", "nobody", "flavor", "list"], 1);
+    assert!(
+        err.contains("UNAUTHENTICATED") && err.contains("token"),
+        "{err}"
+    );
+    let (_, err) = neph.expect(&["--endpoint", "127.0.0.1:1", "flavor", "list"], 1);
+    assert!(err.contains("cannot reach the controller"), "{err}");
+    let (_, err) = neph.expect(&["--profile", "nobody", "instance", "list"], 2);
+    assert!(err.contains("project"), "{err}");
+
+    // With a (fake) node, creates succeed; nothing runs the instance, so
+    // waiting for it times out with exit 3.
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let _node = fake_node(&c.address, &token);
+    let op = neph.json(&[
+        "instance", "create", "web-1", "--flavor", "small", "--image", "guest",
+    ]);
+    assert_eq!(op["verb"], "create");
+    assert_eq!(op["done"], false);
+    let (_, err) = neph.expect(
+        &[
+            "instance",
+            "create",
+            "web-2",
+            "--flavor",
+            "small",
+            "--image",
+            "guest",
+            "--wait",
+            "--timeout",
+            "2",
+        ],
+        3,
+    );
+    assert!(err.contains("neph operation wait"), "{err}");
+    let list = neph.json(&["instance", "list"]);
+    let names: Vec<&str> = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    assert_eq!(names, ["web-1", "web-2"]);
+    let (_, err) = neph.expect(
+        &[
+            "instance", "create", "web-1", "--flavor", "small", "--image", "guest",
+        ],
+        1,
+    );
+    assert!(err.contains("ALREADY_EXISTS"), "{err}");
+    let events = neph.json(&["event", "list"]);
+    assert!(
+        events
+            .as_array()
+            .expect("array")
+            .iter()
+            .any(|e| e["kind"] == "instance.scheduled"),
+        "{events}"
+    );
+    let nodes = neph.json(&["node", "list"]);
+    assert_eq!(nodes[0]["name"], "n1");
+}
