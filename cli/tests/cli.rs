@@ -12,16 +12,21 @@ use std::time::Duration;
 use nephele_proto::compute::v1 as compute;
 use nephele_proto::node::v1 as node;
 
-/// Builds (if needed) and finds the controller binary next to `neph`.
+/// The controller binary next to `neph`: `cargo xtask test` builds every
+/// workspace binary before the suite; a bare `cargo nextest run -p neph`
+/// builds it here.
 fn controller_binary() -> PathBuf {
     let neph = PathBuf::from(env!("CARGO_BIN_EXE_neph"));
     let dir = neph.parent().expect("target dir").to_path_buf();
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "-p", "neph-controller", "--bin", "neph-controller"])
-        .status()
-        .expect("run cargo");
-    assert!(status.success(), "cannot build neph-controller");
-    dir.join("neph-controller")
+    let binary = dir.join("neph-controller");
+    if !binary.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "neph-controller", "--bin", "neph-controller"])
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "cannot build neph-controller");
+    }
+    binary
 }
 
 struct Controller {
