@@ -121,9 +121,10 @@ pub(crate) struct Node {
     /// so a different entry applied there proves they were dropped.
     expected_at: BTreeMap<u64, u64>,
     /// Reads collected this turn.
-    new_reads: Vec<ReadReply>,
+    new_reads: Vec<(Instant, ReadReply)>,
     /// ReadIndex requests in flight by context.
-    reads_in_flight: HashMap<u64, (Instant, Vec<ReadReply>)>,
+    /// Each batch with when it was issued; each read with when it arrived.
+    reads_in_flight: HashMap<u64, (Instant, Vec<(Instant, ReadReply)>)>,
     /// Reads confirmed at an index not applied yet.
     reads_waiting_apply: Vec<(u64, Vec<ReadReply>)>,
     applied: u64,
@@ -152,8 +153,12 @@ fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
     Some((member, seq))
 }
 
-/// How long a ReadIndex request may wait for the leader's confirmation.
-const READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a read may wait, in all, for the leader's confirmation.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one ReadIndex request may go unconfirmed before it is issued
+/// again.
+const READ_RETRY: Duration = Duration::from_millis(500);
 
 impl Node {
     pub(crate) fn new(
@@ -241,11 +246,11 @@ impl Node {
         for (_, w) in self.waiters.drain() {
             w.fail(ProposeError::Stopped(why.to_owned()));
         }
-        for r in self.new_reads.drain(..) {
+        for (_, r) in self.new_reads.drain(..) {
             let _ = r.send(Err(ReadError::Stopped(why.to_owned())));
         }
         for (_, (_, rs)) in self.reads_in_flight.drain() {
-            for r in rs {
+            for (_, r) in rs {
                 let _ = r.send(Err(ReadError::Stopped(why.to_owned())));
             }
         }
@@ -280,7 +285,7 @@ impl Node {
                     }
                 }
             }
-            Msg::ReadIndex { reply } => self.new_reads.push(reply),
+            Msg::ReadIndex { reply } => self.new_reads.push((Instant::now(), reply)),
             Msg::ConfChange {
                 change,
                 id,
@@ -333,16 +338,25 @@ impl Node {
     fn housekeeping(&mut self) {
         self.waiters.retain(|_, w| !w.is_closed());
         let now = Instant::now();
-        self.reads_in_flight.retain(|_, (at, rs)| {
-            if now.duration_since(*at) > READ_TIMEOUT {
-                for r in rs.drain(..) {
-                    let _ = r.send(Err(ReadError::Timeout));
-                }
-                false
-            } else {
-                true
+        // raft-rs drops a ReadIndex silently when no leader is known (an
+        // election, a member catching up): a batch unconfirmed after
+        // READ_RETRY is issued again, and a read fails only after
+        // READ_TIMEOUT in all.
+        let mut retry = Vec::new();
+        self.reads_in_flight.retain(|_, (issued, rs)| {
+            if now.duration_since(*issued) <= READ_RETRY {
+                return true;
             }
+            for (arrived, r) in rs.drain(..) {
+                if now.duration_since(arrived) > READ_TIMEOUT {
+                    let _ = r.send(Err(ReadError::Timeout));
+                } else {
+                    retry.push((arrived, r));
+                }
+            }
+            false
         });
+        self.new_reads.extend(retry);
         let live = &self.waiters;
         self.expected_at.retain(|_, seq| live.contains_key(seq));
     }
@@ -374,6 +388,7 @@ impl Node {
                 continue;
             };
             if let Some((_, readers)) = self.reads_in_flight.remove(&u64::from_le_bytes(ctx)) {
+                let readers = readers.into_iter().map(|(_, r)| r).collect();
                 self.reads_waiting_apply.push((rs.index, readers));
             }
         }
