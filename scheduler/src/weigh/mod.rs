@@ -3,10 +3,8 @@
 //! the candidates (min-max, as Nova's `normalize`), multiplies by the
 //! weigher's multiplier and sums. One file per weigher.
 
-mod cpu;
-mod disk;
+mod capacity;
 mod load;
-mod ram;
 mod soft_affinity;
 mod zone;
 
@@ -14,12 +12,10 @@ use std::fmt;
 
 use crate::filter::Ctx;
 use crate::model::Strategy;
-use crate::state::{NodeMarks, RAW_DISK, RAW_LOAD, RAW_MEM, RAW_VCPU};
+use crate::state::{NodeMarks, RAW_LOAD};
 
-pub(crate) use cpu::CpuWeigher;
-pub(crate) use disk::DiskWeigher;
+pub(crate) use capacity::{CapacityWeigher, Resource};
 pub(crate) use load::LoadWeigher;
-pub(crate) use ram::RamWeigher;
 pub(crate) use soft_affinity::SoftAffinityWeigher;
 pub(crate) use zone::ZoneWeigher;
 
@@ -58,9 +54,7 @@ pub(crate) trait Weigher: fmt::Debug + Send + Sync {
 /// Every weigher, as one enum for static dispatch in the per-node loop.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum AnyWeigher {
-    Ram(RamWeigher),
-    Cpu(CpuWeigher),
-    Disk(DiskWeigher),
+    Capacity(CapacityWeigher),
     Load(LoadWeigher),
     SoftAffinity(SoftAffinityWeigher),
     Zone(ZoneWeigher),
@@ -69,9 +63,7 @@ pub(crate) enum AnyWeigher {
 macro_rules! each_weigher {
     ($self:ident, $w:ident => $e:expr) => {
         match $self {
-            AnyWeigher::Ram($w) => $e,
-            AnyWeigher::Cpu($w) => $e,
-            AnyWeigher::Disk($w) => $e,
+            AnyWeigher::Capacity($w) => $e,
             AnyWeigher::Load($w) => $e,
             AnyWeigher::SoftAffinity($w) => $e,
             AnyWeigher::Zone($w) => $e,
@@ -84,9 +76,7 @@ impl AnyWeigher {
     /// in [`Hot::raw`](crate::state::Hot).
     pub(crate) fn core_slot(&self) -> Option<usize> {
         match self {
-            AnyWeigher::Ram(_) => Some(RAW_MEM),
-            AnyWeigher::Cpu(_) => Some(RAW_VCPU),
-            AnyWeigher::Disk(_) => Some(RAW_DISK),
+            AnyWeigher::Capacity(w) => Some(w.slot()),
             AnyWeigher::Load(_) => Some(RAW_LOAD),
             AnyWeigher::SoftAffinity(_) | AnyWeigher::Zone(_) => None,
         }
@@ -134,9 +124,9 @@ pub(crate) fn core_raw(ctx: &Ctx<'_>, slot: usize, node: u32) -> f64 {
 /// The weighers in the order their scores are reported.
 pub(crate) fn default_weighers() -> Vec<AnyWeigher> {
     vec![
-        AnyWeigher::Ram(RamWeigher),
-        AnyWeigher::Cpu(CpuWeigher),
-        AnyWeigher::Disk(DiskWeigher),
+        AnyWeigher::Capacity(CapacityWeigher(Resource::Ram)),
+        AnyWeigher::Capacity(CapacityWeigher(Resource::Cpu)),
+        AnyWeigher::Capacity(CapacityWeigher(Resource::Disk)),
         AnyWeigher::Load(LoadWeigher),
         AnyWeigher::SoftAffinity(SoftAffinityWeigher),
         AnyWeigher::Zone(ZoneWeigher),
