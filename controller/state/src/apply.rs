@@ -187,6 +187,32 @@ fn event(state: &mut State, actor: &str, resource: &str, kind: &str, message: St
     }
 }
 
+/// Deletes a resource that nothing else holds on to: checks the name
+/// against `pattern`, removes it from its map, records `<kind>.deleted`.
+fn delete_plain<V>(
+    state: &mut State,
+    actor: &str,
+    name: &str,
+    pattern: &'static str,
+    kind: &str,
+    map: fn(&mut State) -> &mut std::collections::BTreeMap<String, V>,
+) -> Result<Response, ApplyError> {
+    names::parse(name, pattern)?;
+    if map(state).remove(name).is_none() {
+        return Err(not_found(name));
+    }
+    event(
+        state,
+        actor,
+        name,
+        &format!("{kind}.deleted"),
+        String::new(),
+    );
+    Ok(Response::Deleted {
+        name: name.to_owned(),
+    })
+}
+
 fn not_found(name: &str) -> ApplyError {
     ApplyError::NotFound {
         name: name.to_owned(),
@@ -434,13 +460,8 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             Ok(Response::Token(token))
         }
         Command::DeleteToken { token } => {
-            names::parse(token, names::TOKEN)?;
-            if state.tokens.remove(token).is_none() {
-                return Err(not_found(token));
-            }
-            event(state, actor, token, "token.deleted", String::new());
-            Ok(Response::Deleted {
-                name: token.clone(),
+            delete_plain(state, actor, token, names::TOKEN, "token", |s| {
+                &mut s.tokens
             })
         }
 
@@ -467,13 +488,8 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             Ok(Response::Flavor(flavor))
         }
         Command::DeleteFlavor { flavor } => {
-            names::parse(flavor, names::FLAVOR)?;
-            if state.flavors.remove(flavor).is_none() {
-                return Err(not_found(flavor));
-            }
-            event(state, actor, flavor, "flavor.deleted", String::new());
-            Ok(Response::Deleted {
-                name: flavor.clone(),
+            delete_plain(state, actor, flavor, names::FLAVOR, "flavor", |s| {
+                &mut s.flavors
             })
         }
 
@@ -524,13 +540,8 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             Ok(Response::Image(i))
         }
         Command::DeleteImage { image } => {
-            names::parse(image, names::IMAGE)?;
-            if state.images.remove(image).is_none() {
-                return Err(not_found(image));
-            }
-            event(state, actor, image, "image.deleted", String::new());
-            Ok(Response::Deleted {
-                name: image.clone(),
+            delete_plain(state, actor, image, names::IMAGE, "image", |s| {
+                &mut s.images
             })
         }
 
