@@ -177,6 +177,8 @@ pub fn instance(i: &model::Instance) -> compute::Instance {
         generation: i.generation,
         create_time: ts(i.create_time),
         update_time: ts(i.update_time),
+        ha: i.ha,
+        boot_count: i.boot_count,
     }
 }
 

@@ -64,6 +64,9 @@ pub struct ApiConfig {
     pub default_stop_timeout: Duration,
     /// Longest WaitOperation.
     pub max_wait: Duration,
+    /// How long an agent's VMs may run after it sent its last acknowledged
+    /// heartbeat (see `proto/nephele/node/v1/node.proto`, fencing).
+    pub fence_lease: Duration,
 }
 
 impl Default for ApiConfig {
@@ -72,6 +75,7 @@ impl Default for ApiConfig {
             heartbeat_interval: Duration::from_secs(2),
             default_stop_timeout: Duration::from_secs(30),
             max_wait: Duration::from_secs(60),
+            fence_lease: Duration::from_secs(10),
         }
     }
 }

@@ -122,6 +122,7 @@ impl<S: StateStore> NodeAgent for Api<S> {
             node: Some(node),
             heartbeat_interval: Some(duration(self.inner.config.heartbeat_interval)),
             controllers: Some(self.controller_info().await?),
+            lease: Some(duration(self.inner.config.fence_lease)),
         }))
     }
 
@@ -146,6 +147,7 @@ impl<S: StateStore> NodeAgent for Api<S> {
         }
         Ok(Reply::new(pb::HeartbeatResponse {
             controllers: Some(self.controller_info().await?),
+            lease: Some(duration(self.inner.config.fence_lease)),
         }))
     }
 

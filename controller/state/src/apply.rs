@@ -667,6 +667,8 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 generation: 1,
                 create_time: now,
                 update_time: now,
+                ha: false,
+                boot_count: 1,
             };
             state.instances.insert(name.clone(), instance.clone());
             event(state, actor, &name, "instance.created", String::new());

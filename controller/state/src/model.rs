@@ -269,6 +269,11 @@ pub struct Instance {
     pub create_time: UnixMs,
     /// When it last changed.
     pub update_time: UnixMs,
+    /// Restarted on another node when its node dies (once fenced).
+    pub ha: bool,
+    /// Bumped by every start and reboot; agents boot the VM again when
+    /// theirs was booted for a smaller count.
+    pub boot_count: u64,
 }
 
 /// Placement policy of a server group.
