@@ -2,6 +2,17 @@
 //! into poweroff (process exit 0), reboot (a fresh boot in the same process)
 //! or a crash, and answers control requests ([`crate::api`]) through a
 //! [`VmHandle`].
+//!
+//! # Fencing lease
+//!
+//! The node agent hands the VM a deadline (`lease`, a `CLOCK_MONOTONIC`
+//! time in ms, see [`monotonic_ms`]) and renews it while the controllers
+//! acknowledge the node. When a deadline passes without renewal the run
+//! loop pauses every vCPU and marks the VM fenced (any running migration is
+//! cancelled first): the controllers may restart the instance elsewhere
+//! after that, so this copy must not run. Renewing the lease does not
+//! resume a fenced VM; the agent decides (`resume` with a valid lease, or
+//! `stop`).
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
@@ -113,6 +124,10 @@ pub struct Vm {
     started: Instant,
     paused: bool,
     shutdown_deadline: Option<Instant>,
+    /// The fencing lease: the vCPUs may run until then.
+    lease: Option<Lease>,
+    /// Paused because the lease ran out; cleared only by `resume`.
+    fenced: bool,
     migration: Option<Arc<source::Shared>>,
     gate: Arc<dyn SwitchoverGate>,
     throttled: bool,
@@ -186,6 +201,8 @@ impl Vm {
             started: Instant::now(),
             paused: false,
             shutdown_deadline: None,
+            lease: None,
+            fenced: false,
             migration: None,
             gate: Arc::new(AlwaysSwitch),
             throttled: false,
@@ -253,15 +270,26 @@ impl Vm {
             b.pause();
         }
         loop {
-            let msg = match self.shutdown_deadline {
+            // Checked on every turn, so a stream of requests cannot keep a
+            // lapsed lease from fencing the VM.
+            self.fence_if_lapsed();
+            let lease = self.lease.filter(|_| !self.fenced).map(|l| l.deadline);
+            let wake = match (self.shutdown_deadline, lease) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let msg = match wake {
                 Some(d) => match self
                     .rx
                     .recv_timeout(d.saturating_duration_since(Instant::now()))
                 {
                     Ok(m) => m,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.stop_boot();
-                        return Ok(VmExit::ShutdownTimedOut);
+                        if self.shutdown_deadline.is_some_and(|d| d <= Instant::now()) {
+                            self.stop_boot();
+                            return Ok(VmExit::ShutdownTimedOut);
+                        }
+                        continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => unreachable_disconnect(),
                 },
@@ -285,7 +313,8 @@ impl Vm {
                     self.throttled = false;
                     self.stop_boot();
                     self.generation += 1;
-                    self.paused = false;
+                    // A fenced VM stays paused across a reboot.
+                    self.paused = self.fenced;
                     let boot = create_boot(
                         &self.config,
                         &self.kvm,
@@ -298,6 +327,11 @@ impl Vm {
                     if let Err(e) = self.start_boot() {
                         self.stop_boot();
                         return Err(e.into());
+                    }
+                    if self.fenced
+                        && let Some(b) = &self.boot
+                    {
+                        b.pause();
                     }
                 }
                 Message::Vcpu(_, VcpuEvent::Crash { id, reason }) => {
@@ -497,8 +531,50 @@ impl Vm {
         r
     }
 
+    /// Pauses the VM for good if its lease has run out.
+    fn fence_if_lapsed(&mut self) {
+        if self.fenced || self.lease.is_none_or(|l| l.deadline > Instant::now()) {
+            return;
+        }
+        if let Some(m) = &self.migration
+            && self.migration_running()
+        {
+            // Rolling back will not resume a paused VM.
+            m.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.throttled = false;
+        if let Some(b) = &self.boot {
+            b.pause();
+        }
+        self.paused = true;
+        self.fenced = true;
+        eprintln!("neph-vmm: the lease ran out without renewal; the vCPUs are paused (fenced)");
+    }
+
     fn handle_request(&mut self, req: Request) -> (Response, Option<VmExit>) {
         match req {
+            Request::Lease { until_ms } => {
+                self.lease = Some(Lease::until(until_ms));
+                return (Response::ok(), None);
+            }
+            Request::Resume if self.fenced && !self.lease_valid() => {
+                return (
+                    Response::error(
+                        "INVALID_STATE",
+                        "the VM is fenced and its lease has run out; renew the lease before resuming",
+                    ),
+                    None,
+                );
+            }
+            Request::Shutdown { .. } if self.fenced => {
+                return (
+                    Response::error(
+                        "INVALID_STATE",
+                        "the VM is fenced; resume it with a valid lease first, or stop it",
+                    ),
+                    None,
+                );
+            }
             Request::Migrate {
                 to,
                 max_downtime_ms,
@@ -580,6 +656,7 @@ impl Vm {
             Request::Resume => {
                 boot.resume();
                 self.paused = false;
+                self.fenced = false;
                 (Response::ok(), None)
             }
             Request::Shutdown { timeout_ms } => {
@@ -602,9 +679,10 @@ impl Vm {
                 r.metrics = Some(self.metrics(boot));
                 (r, None)
             }
-            Request::Migrate { .. } | Request::MigrateStatus | Request::MigrateCancel => {
-                (Response::error("BAD_REQUEST", "not a VM request"), None)
-            }
+            Request::Migrate { .. }
+            | Request::MigrateStatus
+            | Request::MigrateCancel
+            | Request::Lease { .. } => (Response::error("BAD_REQUEST", "not a VM request"), None),
         }
     }
 
@@ -622,7 +700,13 @@ impl Vm {
             vcpus: self.config.vcpus,
             memory_mib: self.config.memory_mib,
             pid: std::process::id(),
+            fenced: self.fenced,
+            lease_until_ms: self.lease.map(|l| l.until_ms),
         }
+    }
+
+    fn lease_valid(&self) -> bool {
+        self.lease.is_some_and(|l| l.deadline > Instant::now())
     }
 
     fn metrics(&self, boot: &Boot) -> Metrics {
@@ -664,6 +748,46 @@ impl Vm {
             nets,
         }
     }
+}
+
+/// A fencing lease: the deadline as given and as an [`Instant`].
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    until_ms: u64,
+    deadline: Instant,
+}
+
+impl Lease {
+    /// `until_ms` on [`monotonic_ms`]'s clock. [`Instant`] reads the same
+    /// clock on Linux, but cannot be built from a raw value, so the
+    /// deadline is taken relative to now.
+    fn until(until_ms: u64) -> Self {
+        // Far enough to mean "no deadline", near enough not to overflow.
+        const MAX_AHEAD_MS: u64 = 10 * 365 * 24 * 3600 * 1000;
+        let ahead = until_ms.saturating_sub(monotonic_ms()).min(MAX_AHEAD_MS);
+        Self {
+            until_ms,
+            deadline: Instant::now() + Duration::from_millis(ahead),
+        }
+    }
+}
+
+/// `CLOCK_MONOTONIC` in milliseconds: the clock of the `lease` command,
+/// shared by every process on the host.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always
+    // exists on Linux, so the call only writes `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+    let nanos = u64::try_from(ts.tv_nsec).unwrap_or(0);
+    secs.saturating_mul(1000).saturating_add(nanos / 1_000_000)
 }
 
 fn unreachable_disconnect() -> ! {

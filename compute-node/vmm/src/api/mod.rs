@@ -16,10 +16,11 @@
 //!
 //! | `cmd` | effect | answer |
 //! |---|---|---|
-//! | `status` | none | `status`: `state` (`running`, `paused`, `shutting_down`), `boots`, `uptime_ms`, `vcpus`, `memory_mib`, `pid` |
+//! | `status` | none | `status`: `state` (`running`, `paused`, `shutting_down`), `boots`, `uptime_ms`, `vcpus`, `memory_mib`, `pid`, `fenced` (paused because the lease ran out), `lease_until_ms` (when a lease was given) |
 //! | `pause` | vCPUs stop (devices idle with them) | `ok` |
-//! | `resume` | vCPUs run again | `ok` |
-//! | `shutdown` | asks the guest to power off (power button: I/O port 0x602 reads 1, see `devices::legacy`); stops it after `timeout_ms` (default 10000) | `ok` at once; the process exits 0 when the guest powers off or the timeout ends it |
+//! | `resume` | vCPUs run again (a fenced VM only with an unexpired lease; clears `fenced`) | `ok` |
+//! | `lease` | sets the fencing lease to `until_ms`, a `CLOCK_MONOTONIC` time in ms; when it passes without a newer `lease` the vCPUs pause and `fenced` is set. A later `lease` does not resume a fenced VM | `ok` |
+//! | `shutdown` | asks the guest to power off (power button: I/O port 0x602 reads 1, see `devices::legacy`); stops it after `timeout_ms` (default 10000); refused while fenced | `ok` at once; the process exits 0 when the guest powers off or the timeout ends it |
 //! | `stop` | stops the VM now; the process exits 0 | `ok` |
 //! | `metrics` | none | `metrics`: `vcpus` (`id`, `tid`, `user_ms`, `system_ms`), `rss_bytes`, `guest_memory_bytes`, `console_bytes`, `disks` and `nets` (device counters) |
 //! | `migrate` | starts a live migration to `to` (`HOST:PORT` of a `neph-vmm --incoming`); optional `max_downtime_ms` (default 50), `timeout_ms` (default 120000), `verify` (test mode: memory checksum compared by the target) | `ok` and `migration` at once; on success the process exits 0 after printing `migrated` on stderr |
@@ -58,6 +59,11 @@ pub enum Request {
     Pause,
     /// Resume the vCPUs.
     Resume,
+    /// Set the fencing lease (see `crate::vm`'s fencing lease section).
+    Lease {
+        /// Deadline on `CLOCK_MONOTONIC`, in milliseconds.
+        until_ms: u64,
+    },
     /// Ask the guest to shut down, stop it after the timeout.
     Shutdown {
         /// Milliseconds before the VM is stopped anyway (default 10000).
@@ -116,6 +122,12 @@ pub struct Status {
     pub memory_mib: u64,
     /// This process.
     pub pid: u32,
+    /// Paused because the fencing lease ran out.
+    #[serde(default)]
+    pub fenced: bool,
+    /// The current lease deadline (`CLOCK_MONOTONIC` ms), if one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_until_ms: Option<u64>,
 }
 
 /// Per-vCPU CPU time.
@@ -244,6 +256,10 @@ mod tests {
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"migrate"}"#).is_err());
+        let r: Request = serde_json::from_str(r#"{"cmd":"lease","until_ms":123}"#).unwrap();
+        assert_eq!(r, Request::Lease { until_ms: 123 });
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"lease"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"cmd":"lease","until_ms":-1}"#).is_err());
         // A misspelt argument is an error, not a silent default.
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"shutdown","timeout":1}"#).is_err());
         let s = serde_json::to_string(&Response::error("BAD_REQUEST", "no")).unwrap();
