@@ -8,6 +8,7 @@ use std::time::Duration;
 use nephele_integration_tests::guest::{
     GuestVm, linux_image_dir, stock_linux_unsupported, workspace_binary,
 };
+use nephele_integration_tests::migration::control;
 
 fn image_dir() -> PathBuf {
     linux_image_dir().expect(
@@ -35,6 +36,9 @@ fn linux_image_files_are_well_formed() {
         &b"init\0"[..],
         b"bin/busybox\0",
         b"lib/modules/virtio_pci.ko\0",
+        b"lib/modules/button.ko\0",
+        b"lib/modules/evdev.ko\0",
+        b"etc/acpi/PWRF/00000080\0",
     ] {
         assert!(
             has(name),
@@ -52,13 +56,8 @@ fn linux_image_files_are_well_formed() {
     );
 }
 
-#[test]
-fn linux_boots_with_virtio_root_disk() {
-    if let Some(reason) = stock_linux_unsupported() {
-        eprintln!("{reason}");
-        return;
-    }
-    let dir = image_dir();
+/// `neph-vmm` booting the Linux guest with its root disk.
+fn linux_vm(dir: &std::path::Path, extra: &[&str]) -> GuestVm {
     let mut cmd = std::process::Command::new(workspace_binary("neph-vmm"));
     cmd.arg("--kernel")
         .arg(dir.join("vmlinuz"))
@@ -67,8 +66,19 @@ fn linux_boots_with_virtio_root_disk() {
         .args(["--cmdline", "console=ttyS0 panic=-1 quiet"])
         .arg("--disk")
         .arg(format!("{},readonly", dir.join("rootfs.ext4").display()))
-        .args(["--cpus", "2", "--memory", "512"]);
-    let mut vm = GuestVm::spawn(cmd).expect("start neph-vmm");
+        .args(["--cpus", "2", "--memory", "512"])
+        .args(extra);
+    GuestVm::spawn(cmd).expect("start neph-vmm")
+}
+
+#[test]
+fn linux_boots_with_virtio_root_disk() {
+    if let Some(reason) = stock_linux_unsupported() {
+        eprintln!("{reason}");
+        return;
+    }
+    let dir = image_dir();
+    let mut vm = linux_vm(&dir, &[]);
     let ready = vm
         .wait_for("NEPH-LINUX READY", Duration::from_secs(60))
         .expect("Linux reaches its ready line");
@@ -80,4 +90,31 @@ fn linux_boots_with_virtio_root_disk() {
     vm.send_line("poweroff -f").expect("type poweroff");
     let status = vm.wait_exit(Duration::from_secs(30)).expect("VMM exits");
     assert!(status.success(), "poweroff should exit 0, got {status}");
+}
+
+#[test]
+fn linux_powers_off_when_the_host_asks() {
+    if let Some(reason) = stock_linux_unsupported() {
+        eprintln!("{reason}");
+        return;
+    }
+    let dir = image_dir();
+    let socket = std::env::temp_dir().join(format!("neph-linux-{}.sock", std::process::id()));
+    let socket_arg = socket.display().to_string();
+    let mut vm = linux_vm(&dir, &["--api-socket", &socket_arg]);
+    vm.wait_for("NEPH-LINUX READY", Duration::from_secs(60))
+        .expect("Linux reaches its ready line");
+    // The graceful shutdown presses the ACPI power button (GED -> PNP0C0C);
+    // acpid in the guest powers off long before the 30 s timeout.
+    let answer =
+        control(&socket, r#"{"cmd":"shutdown","timeout_ms":30000}"#).expect("shutdown request");
+    assert_eq!(answer["ok"], true, "{answer}");
+    vm.wait_for("power button: powering off", Duration::from_secs(20))
+        .expect("the guest saw the power button");
+    let status = vm.wait_exit(Duration::from_secs(20)).expect("VMM exits");
+    assert!(
+        status.success(),
+        "a graceful poweroff exits 0, got {status}"
+    );
+    let _ = std::fs::remove_file(&socket);
 }

@@ -3,12 +3,17 @@
 //!
 //! - the kernel: `linux-image-cloud-amd64`'s bzImage (it has a PVH entry too);
 //! - an initramfs (written here as a `newc` cpio archive) holding
-//!   `busybox-static` and the virtio modules, whose `/init` loads them in
-//!   dependency order, mounts the root disk and prints a ready marker;
+//!   `busybox-static`, the virtio modules and the ACPI power button's
+//!   (`button`, `evdev`), whose `/init` loads them in dependency order,
+//!   starts busybox `acpid` (a power button press runs
+//!   `/etc/acpi/PWRF/00000080`, which syncs, unmounts and powers off: this is
+//!   how `neph-vmm`'s graceful shutdown reaches Linux), mounts the root disk
+//!   and prints a ready marker;
 //! - an ext4 root disk made by `mkfs.ext4 -d`.
 //!
 //! Packages are fetched with `apt-get download` and unpacked with `dpkg -x`,
-//! never installed; the result is cached under `target/images/linux/<kernel>/`.
+//! never installed; the result is cached under
+//! `target/images/linux/<kernel>-r<RECIPE>/`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -19,7 +24,25 @@ use crate::{deps, exec, root};
 
 /// Modules the guest needs, by name; their dependencies are added from each
 /// module's own `depends=` field.
-const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_blk", "virtio_net", "virtio-rng"];
+const WANTED_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio-rng",
+    "evdev",
+    "button",
+];
+
+/// Bumped whenever what goes into the image changes, so caches rebuild.
+const RECIPE: u32 = 2;
+
+/// What acpid runs on a power button press.
+const POWER_BUTTON_SCRIPT: &str = "#!/bin/sh
+echo \"NEPH-LINUX power button: powering off\"
+sync
+umount /mnt 2>/dev/null
+poweroff -f
+";
 
 /// What `/init` prints once the guest is up; tests wait for it.
 pub const LINUX_READY_MARKER: &str = "NEPH-LINUX READY";
@@ -60,7 +83,7 @@ pub fn build_linux() -> Result<LinuxImage, String> {
         .join("target")
         .join("images")
         .join("linux")
-        .join(&kernel_package);
+        .join(format!("{kernel_package}-r{RECIPE}"));
     let image = LinuxImage {
         kernel: cache.join("vmlinuz"),
         initramfs: cache.join("initramfs.cpio"),
@@ -96,9 +119,28 @@ pub fn build_linux() -> Result<LinuxImage, String> {
     let modules_dir = tree.join("lib").join("modules").join(kernel_release);
     let modules = module_load_order(&modules_dir, WANTED_MODULES)?;
     let mut cpio = Cpio::default();
-    for dir in ["bin", "dev", "proc", "sys", "mnt", "lib", "lib/modules"] {
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "mnt",
+        "lib",
+        "lib/modules",
+        "etc",
+        "etc/acpi",
+        "etc/acpi/PWRF",
+        "var",
+        "var/log",
+        "var/run",
+    ] {
         cpio.dir(dir);
     }
+    cpio.file(
+        "etc/acpi/PWRF/00000080",
+        0o755,
+        POWER_BUTTON_SCRIPT.as_bytes(),
+    );
     cpio.file(
         "bin/busybox",
         0o755,
@@ -229,7 +271,8 @@ fn init_script(load_modules: &str) -> String {
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-{load_modules}root=none
+{load_modules}acpid
+root=none
 if [ -b /dev/vda ] && mount -t ext4 /dev/vda /mnt; then root=$(cat /mnt/etc/neph-release); fi
 echo "{LINUX_READY_MARKER} cpus=$(nproc) mem_kib=$(awk '/MemTotal/ {{print $2}}' /proc/meminfo) root=\"$root\""
 exec setsid cttyhack sh

@@ -18,7 +18,7 @@ use crate::arch::{acpi, loader, mptable};
 use crate::config::{ConfigError, MacAddr, VmConfig};
 use crate::devices::Devices;
 use crate::devices::interrupt::{InterruptError, IrqLine, IrqRouter};
-use crate::devices::legacy::LegacyDevices;
+use crate::devices::legacy::{GED_IRQ, LegacyDevices};
 use crate::devices::pci::{PciBus, SharedPciDevice};
 use crate::devices::serial::{Console, SERIAL_IRQ, SerialDevice};
 use crate::devices::virtio::VirtioDevice;
@@ -359,7 +359,9 @@ fn populate(
         .collect();
     let devices = Arc::new(Devices {
         serial,
-        legacy: Arc::new(LegacyDevices::default()),
+        legacy: Arc::new(LegacyDevices::new(Some(IrqLine::new(
+            vm, GED_IRQ, caps.irq,
+        )?))),
         pci: Arc::new(PciBus::new(pci_devices)),
     });
 

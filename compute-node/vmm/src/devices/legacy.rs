@@ -1,6 +1,9 @@
 //! Small fixed I/O-port devices: the ACPI sleep control/status registers
 //! (poweroff), the i8042 reset line and port 0xcf9 (reboot), and the power
-//! button status register a graceful shutdown request sets.
+//! button a graceful shutdown request presses: it sets the status register
+//! below (which the test guest polls) and raises the ACPI Generic Event
+//! Device's interrupt, GSI [`GED_IRQ`] (which Linux handles, see
+//! `arch::x86_64::acpi`).
 //!
 //! | port | access | meaning |
 //! |---|---|---|
@@ -13,12 +16,16 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::interrupt::IrqLine;
+
 /// ACPI hardware-reduced sleep control register.
 pub const SLEEP_CONTROL_PORT: u16 = 0x600;
 /// ACPI sleep status register.
 pub const SLEEP_STATUS_PORT: u16 = 0x601;
 /// Power button status (a Nephele extension, see the module doc).
 pub const POWER_BUTTON_PORT: u16 = 0x602;
+/// The GSI of the ACPI Generic Event Device (the power button's event).
+pub const GED_IRQ: u32 = 5;
 /// i8042 command port.
 pub const RESET_PORT: u16 = 0x64;
 /// The i8042 "pulse reset line" command.
@@ -44,9 +51,18 @@ pub enum MachineRequest {
 #[derive(Debug, Default)]
 pub struct LegacyDevices {
     power_button: AtomicBool,
+    ged_irq: Option<IrqLine>,
 }
 
 impl LegacyDevices {
+    /// The ports, raising `ged_irq` when the power button is pressed.
+    pub fn new(ged_irq: Option<IrqLine>) -> Self {
+        LegacyDevices {
+            power_button: AtomicBool::new(false),
+            ged_irq,
+        }
+    }
+
     /// Whether `port` belongs here.
     pub fn handles(port: u16) -> bool {
         matches!(
@@ -63,6 +79,11 @@ impl LegacyDevices {
     /// Presses the power button (a graceful shutdown request).
     pub fn press_power_button(&self) {
         self.power_button.store(true, Ordering::SeqCst);
+        if let Some(irq) = &self.ged_irq
+            && let Err(e) = irq.trigger()
+        {
+            eprintln!("neph-vmm: cannot raise the power button's interrupt: {e}");
+        }
     }
 
     /// Whether the button press has not been acknowledged.

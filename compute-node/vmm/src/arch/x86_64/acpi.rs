@@ -2,16 +2,21 @@
 //! (revision 2, in the BIOS area so a scan finds it, and its address in
 //! `hvm_start_info.rsdp_paddr`), XSDT, MADT (one local APIC per vCPU, the
 //! IOAPIC), a hardware-reduced FADT whose sleep control register is I/O port
-//! 0x600 and reset register I/O port 0x64, and a DSDT holding `\_S5_`.
-//!
-//! Not there yet: a GED/power-button device, so Linux cannot be asked to
-//! shut down by ACPI event (see the control endpoint's `shutdown`).
+//! 0x600 and reset register I/O port 0x64, and a DSDT holding `\_S5_`, a
+//! power button (`PNP0C0C`) and a Generic Event Device (`ACPI0013`, the
+//! hardware-reduced way to signal events) whose interrupt is GSI
+//! [`GED_IRQ`]: a graceful shutdown request raises it, the GED's `_EVT`
+//! notifies the button with 0x80 and Linux's `button` driver reports
+//! KEY_POWER (the Linux guest image runs busybox `acpid`, which powers off).
+//! The AML is assembled by the few encoders below.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use super::layout::{APIC_START, IOAPIC_START};
 use super::mptable::fix_checksum;
-use crate::devices::legacy::{RESET_PORT, RESET_VALUE, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT};
+use crate::devices::legacy::{
+    GED_IRQ, RESET_PORT, RESET_VALUE, SLEEP_CONTROL_PORT, SLEEP_STATUS_PORT,
+};
 
 const OEM_ID: &[u8; 6] = b"NEPHEL";
 const OEM_TABLE_ID: &[u8; 8] = b"NEPHVMM ";
@@ -67,10 +72,143 @@ fn madt(cpus: u8) -> Vec<u8> {
     sdt(b"APIC", 5, &b)
 }
 
+/// AML encoders (ACPI 6.4, section 20): just what the DSDT needs.
+mod aml {
+    /// A package length prefixed to `body` (the length counts itself).
+    pub fn pkg(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(body.len() + 4);
+        if body.len() + 1 < 0x40 {
+            out.push((body.len() + 1).to_le_bytes()[0]);
+        } else {
+            // 2 to 4 bytes: the low nibble in the lead byte, then 8 bits each.
+            let extra: usize = if body.len() + 2 < 0x1000 {
+                1
+            } else if body.len() + 3 < 0x10_0000 {
+                2
+            } else {
+                3
+            };
+            let n = body.len() + 1 + extra;
+            out.push((extra << 6 | (n & 0xf)).to_le_bytes()[0]);
+            out.extend_from_slice(&(n >> 4).to_le_bytes()[..extra]);
+        }
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// `Name (seg, object)`.
+    pub fn name(seg: &[u8; 4], object: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x08];
+        out.extend_from_slice(seg);
+        out.extend_from_slice(object);
+        out
+    }
+
+    /// A string constant.
+    pub fn string(s: &str) -> Vec<u8> {
+        let mut out = vec![0x0d];
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+        out
+    }
+
+    /// A byte constant.
+    pub fn byte(v: u8) -> Vec<u8> {
+        vec![0x0a, v]
+    }
+
+    /// `Package () { elements }` (each element already encoded).
+    pub fn package(elements: &[Vec<u8>]) -> Vec<u8> {
+        let mut body = vec![u8::try_from(elements.len()).unwrap_or(u8::MAX)];
+        for e in elements {
+            body.extend_from_slice(e);
+        }
+        let mut out = vec![0x12];
+        out.extend(pkg(&body));
+        out
+    }
+
+    /// `Scope (path) { terms }`.
+    pub fn scope(path: &[u8], terms: &[Vec<u8>]) -> Vec<u8> {
+        let mut body = path.to_vec();
+        terms.iter().for_each(|t| body.extend_from_slice(t));
+        let mut out = vec![0x10];
+        out.extend(pkg(&body));
+        out
+    }
+
+    /// `Device (seg) { terms }`.
+    pub fn device(seg: &[u8; 4], terms: &[Vec<u8>]) -> Vec<u8> {
+        let mut body = seg.to_vec();
+        terms.iter().for_each(|t| body.extend_from_slice(t));
+        let mut out = vec![0x5b, 0x82];
+        out.extend(pkg(&body));
+        out
+    }
+
+    /// `Method (seg, args, NotSerialized) { terms }`.
+    pub fn method(seg: &[u8; 4], args: u8, terms: &[Vec<u8>]) -> Vec<u8> {
+        let mut body = seg.to_vec();
+        body.push(args & 0x7);
+        terms.iter().for_each(|t| body.extend_from_slice(t));
+        let mut out = vec![0x14];
+        out.extend(pkg(&body));
+        out
+    }
+
+    /// `Notify (path, value)`.
+    pub fn notify(path: &[u8], value: u8) -> Vec<u8> {
+        let mut out = vec![0x86];
+        out.extend_from_slice(path);
+        out.extend(byte(value));
+        out
+    }
+
+    /// `ResourceTemplate () { Interrupt (ResourceConsumer, Edge,
+    /// ActiveHigh, Exclusive) { gsi } }`: a buffer holding one extended
+    /// interrupt descriptor and the end tag.
+    pub fn edge_interrupt(gsi: u32) -> Vec<u8> {
+        let mut bytes = vec![0x89, 6, 0, 0x03, 1];
+        bytes.extend_from_slice(&gsi.to_le_bytes());
+        bytes.extend_from_slice(&[0x79, 0]);
+        let mut body = byte(u8::try_from(bytes.len()).unwrap_or(u8::MAX));
+        body.extend_from_slice(&bytes);
+        let mut out = vec![0x11];
+        out.extend(pkg(&body));
+        out
+    }
+}
+
+/// `\_SB_.PWRB` as an AML name path.
+const PWRB_PATH: &[u8] = b"\\\x2e_SB_PWRB";
+
 fn dsdt() -> Vec<u8> {
+    let mut body = Vec::new();
     // Name (_S5_, Package (1) { 5 }): SLP_TYP 5 for soft-off.
-    let aml = [0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x01, 0x0a, 0x05];
-    sdt(b"DSDT", 2, &aml)
+    body.extend(aml::name(b"_S5_", &aml::package(&[aml::byte(5)])));
+    body.extend(aml::scope(
+        b"\\_SB_",
+        &[
+            aml::device(
+                b"PWRB",
+                &[
+                    aml::name(b"_HID", &aml::string("PNP0C0C")),
+                    aml::name(b"_UID", &[0x00]),
+                ],
+            ),
+            aml::device(
+                b"GED0",
+                &[
+                    aml::name(b"_HID", &aml::string("ACPI0013")),
+                    aml::name(b"_UID", &[0x00]),
+                    aml::name(b"_CRS", &aml::edge_interrupt(GED_IRQ)),
+                    // The only event is the power button.
+                    aml::method(b"_EVT", 1, &[aml::notify(PWRB_PATH, 0x80)]),
+                ],
+            ),
+        ],
+    ));
+    sdt(b"DSDT", 2, &body)
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -170,5 +308,51 @@ mod tests {
         let madt = usize::try_from(u64_at(&t, xsdt + 44) - base).unwrap();
         let lapics = t[madt + 44..].chunks(8).take_while(|e| e[0] == 0).count();
         assert_eq!(lapics, 4);
+    }
+
+    #[test]
+    fn package_lengths_count_themselves() {
+        assert_eq!(aml::pkg(&[7; 10])[0], 11);
+        let two = aml::pkg(&[0; 100]);
+        assert_eq!(two.len(), 102);
+        assert_eq!(usize::from(two[0] & 0xf) | usize::from(two[1]) << 4, 102);
+        assert_eq!(two[0] >> 6, 1);
+        let three = aml::pkg(&vec![0; 5000]);
+        assert_eq!(three[0] >> 6, 2);
+        let n =
+            usize::from(three[0] & 0xf) | usize::from(three[1]) << 4 | usize::from(three[2]) << 12;
+        assert_eq!(n, three.len());
+    }
+
+    #[test]
+    fn dsdt_has_s5_power_button_and_ged() {
+        let t = dsdt();
+        assert_eq!(sum(&t), 0);
+        let body = &t[36..];
+        // Name (_S5_, Package (1) { 5 }).
+        assert_eq!(
+            &body[..10],
+            &[0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x01, 0x0a, 0x05]
+        );
+        // Scope (\_SB_) spans the rest of the table.
+        assert_eq!(body[10], 0x10);
+        let scope = &body[11..];
+        let len = usize::from(scope[0] & 0xf) | usize::from(scope[1]) << 4;
+        assert_eq!(scope[0] >> 6, 1);
+        assert_eq!(len, scope.len());
+        let find = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"PNP0C0C\0"));
+        assert!(find(b"ACPI0013\0"));
+        assert!(find(&[0x5b, 0x82]));
+        // The GED's interrupt is GSI GED_IRQ, edge, active high, consumer.
+        let mut irq = vec![0x89, 6, 0, 0x03, 1];
+        irq.extend_from_slice(&GED_IRQ.to_le_bytes());
+        irq.extend_from_slice(&[0x79, 0]);
+        assert!(find(&irq));
+        // _EVT notifies \_SB_.PWRB with 0x80.
+        let mut notify = vec![0x86];
+        notify.extend_from_slice(PWRB_PATH);
+        notify.extend_from_slice(&[0x0a, 0x80]);
+        assert!(find(&notify));
     }
 }
