@@ -5,6 +5,7 @@
 //! cluster tests live in `tests/`, benchmarks in `src/bin/bench-*.rs`.
 
 pub mod bench;
+pub mod cloud;
 pub mod guest;
 pub mod migration;
 pub mod netdev;

@@ -117,6 +117,12 @@ impl ControllerCluster {
         })
     }
 
+    /// Member `id`'s data directory (it holds `admin.token` once the
+    /// cluster has a leader).
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self._dir.path().join(format!("c{id}"))
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.address.clone()).collect()
     }
