@@ -11,6 +11,8 @@
 //! snapshot_interval = 10000
 //! tick_ms = 50
 //! election_ticks = 10
+//! node_timeout_ms = 10000
+//! fence_lease_ms = 10000
 //! ```
 //!
 //! | flag | environment | file key |
@@ -25,6 +27,14 @@
 //! | `--snapshot-interval` | `NEPHELE_SNAPSHOT_INTERVAL` | `snapshot_interval` |
 //! | `--tick-ms` | `NEPHELE_TICK_MS` | `tick_ms` |
 //! | `--election-ticks` | `NEPHELE_ELECTION_TICKS` | `election_ticks` |
+//! | `--node-timeout-ms` | `NEPHELE_NODE_TIMEOUT_MS` | `node_timeout_ms` |
+//! | `--fence-lease-ms` | `NEPHELE_FENCE_LEASE_MS` | `fence_lease_ms` |
+//!
+//! A node silent for the node timeout (default 10 s) is marked DOWN; its
+//! HA instances restart elsewhere once the fencing lease (default 10 s,
+//! what agents let their VMs run past their last acknowledged heartbeat)
+//! has passed on top of it. Agents are told to heartbeat every `lease / 4`
+//! (at most every 2 s).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -71,6 +81,12 @@ pub struct Flags {
     /// Ticks before a follower without a leader campaigns.
     #[arg(long, env = "NEPHELE_ELECTION_TICKS")]
     pub election_ticks: Option<usize>,
+    /// Milliseconds without a heartbeat before a node is marked DOWN.
+    #[arg(long, env = "NEPHELE_NODE_TIMEOUT_MS")]
+    pub node_timeout_ms: Option<u64>,
+    /// The fencing lease given to agents, in milliseconds.
+    #[arg(long, env = "NEPHELE_FENCE_LEASE_MS")]
+    pub fence_lease_ms: Option<u64>,
 }
 
 /// The configuration file.
@@ -95,6 +111,10 @@ pub struct FileConfig {
     pub tick_ms: Option<u64>,
     /// See [`Flags::election_ticks`].
     pub election_ticks: Option<usize>,
+    /// See [`Flags::node_timeout_ms`].
+    pub node_timeout_ms: Option<u64>,
+    /// See [`Flags::fence_lease_ms`].
+    pub fence_lease_ms: Option<u64>,
 }
 
 /// The resolved configuration of one controller.
@@ -118,6 +138,10 @@ pub struct ControllerConfig {
     pub tick: Duration,
     /// Election timeout in ticks.
     pub election_ticks: usize,
+    /// Silence before a node is DOWN.
+    pub node_timeout: Duration,
+    /// The fencing lease.
+    pub fence_lease: Duration,
 }
 
 /// Why the configuration is unusable.
@@ -224,6 +248,19 @@ impl ControllerConfig {
                 "election_ticks must be at least 2".into(),
             ));
         }
+        let node_timeout_ms = flags
+            .node_timeout_ms
+            .or(file.node_timeout_ms)
+            .unwrap_or(10_000);
+        let fence_lease_ms = flags
+            .fence_lease_ms
+            .or(file.fence_lease_ms)
+            .unwrap_or(10_000);
+        if node_timeout_ms < 100 || fence_lease_ms < 100 {
+            return Err(LoadConfigError::Invalid(
+                "node_timeout_ms and fence_lease_ms must be at least 100".into(),
+            ));
+        }
         Ok(ControllerConfig {
             id,
             cluster_id: flags.cluster_id.or(file.cluster_id),
@@ -245,6 +282,8 @@ impl ControllerConfig {
                 .max(1),
             tick: Duration::from_millis(tick_ms),
             election_ticks,
+            node_timeout: Duration::from_millis(node_timeout_ms),
+            fence_lease: Duration::from_millis(fence_lease_ms),
         })
     }
 
@@ -287,6 +326,23 @@ mod tests {
         assert_eq!(c.cluster_id, Some(9));
         assert_eq!(c.peers, BTreeMap::from([(1, "a:1".to_owned())]));
         assert_eq!(c.tick, Duration::from_millis(50));
+        assert_eq!(c.node_timeout, Duration::from_secs(10));
+        let flags = Flags {
+            fence_lease_ms: Some(700),
+            ..flags
+        };
+        let file: FileConfig = toml::from_str(
+            "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\nnode_timeout_ms = 900",
+        )
+        .unwrap();
+        let c = ControllerConfig::merge(&flags, file).unwrap();
+        assert_eq!(c.node_timeout, Duration::from_millis(900));
+        assert_eq!(c.fence_lease, Duration::from_millis(700));
+        let too_short = Flags {
+            node_timeout_ms: Some(5),
+            ..flags
+        };
+        assert!(ControllerConfig::merge(&too_short, FileConfig::default()).is_err());
     }
 
     #[test]

@@ -87,13 +87,7 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let bound = listener.local_addr()?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let mut options = server::ControllerOptions::default();
-    if let Ok(ms) = std::env::var("NEPHELE_NODE_TIMEOUT_MS") {
-        let ms: u64 = ms
-            .parse()
-            .context("NEPHELE_NODE_TIMEOUT_MS must be a number of milliseconds")?;
-        options.reconcile.node_timeout = Duration::from_millis(ms);
-    }
+    let options = server::ControllerOptions::with_fencing(cfg.node_timeout, cfg.fence_lease);
     let mut running =
         server::start_with(cfg.raft_config(advertise.clone(), init), listener, options).await?;
     tracing::info!(

@@ -3,6 +3,7 @@
 //! reflection on one port) and the leader's control loops.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -17,10 +18,28 @@ use crate::reconcile::{self, ReconcileConfig, Reconcilers};
 /// Settings of what a controller serves besides the store.
 #[derive(Debug, Clone, Default)]
 pub struct ControllerOptions {
-    /// The API services.
+    /// The API services. `api.fence_lease` is the one fencing lease: agents
+    /// are told it and the loops wait for it (`reconcile.fence_lease` is
+    /// overwritten with it).
     pub api: ApiConfig,
     /// The control loops.
     pub reconcile: ReconcileConfig,
+}
+
+impl ControllerOptions {
+    /// Options with this node timeout and fencing lease (and agents told
+    /// to heartbeat often enough for the lease: every `lease / 4`, at most
+    /// every 2 s).
+    pub fn with_fencing(node_timeout: Duration, fence_lease: Duration) -> Self {
+        let mut o = ControllerOptions::default();
+        o.reconcile.node_timeout = node_timeout;
+        o.api.fence_lease = fence_lease;
+        o.reconcile.fence_lease = fence_lease;
+        o.api.heartbeat_interval = (fence_lease / 4)
+            .min(Duration::from_secs(2))
+            .max(Duration::from_millis(20));
+        o
+    }
 }
 
 /// Why a controller could not start or stopped serving.
@@ -75,8 +94,11 @@ pub async fn start_with(
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(service);
-    let router = crate::api::routes(Api::new(shared.clone(), options.api), router).await;
-    let reconcilers = reconcile::spawn(shared, options.reconcile);
+    let router = crate::api::routes(Api::new(shared.clone(), options.api.clone()), router).await;
+    // One lease for both: what agents are told is what the loops wait for.
+    let mut loops = options.reconcile;
+    loops.fence_lease = options.api.fence_lease;
+    let reconcilers = reconcile::spawn(shared, loops);
     let server = tokio::spawn(async move {
         router
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

@@ -11,7 +11,7 @@ use nephele_proto::compute::v1::server_groups_server::ServerGroups;
 use nephele_proto::ops::v1 as ops_pb;
 use nephele_state::model::{ImageState, InstanceState, State};
 use nephele_state::names;
-use nephele_state::{Command, Response};
+use nephele_state::{Command, InstanceSpec, MAX_BATCH_CREATE, NewInstance, Response};
 use tonic::{Request, Response as Reply, Status, Streaming};
 
 use super::authz::Target;
@@ -19,9 +19,6 @@ use super::errors::ApiError;
 use super::{Api, Page, convert, derived_id, project_target, request_id};
 use crate::reconcile;
 use crate::store::StateStore;
-
-/// Most instances one batch create makes.
-pub const MAX_BATCH: u32 = 100;
 
 fn unexpected(r: Response) -> ApiError {
     ApiError::Internal(format!("unexpected answer from the state machine: {r:?}"))
@@ -117,15 +114,8 @@ fn precheck_create(
     }
 }
 
-struct CreateArgs {
-    project: String,
-    flavor: String,
-    image: String,
-    group: Option<String>,
-    labels: std::collections::BTreeMap<String, String>,
-}
-
-fn create_args(parent: &str, instance: Option<pb::Instance>) -> Result<CreateArgs, ApiError> {
+/// The parts of a create request every instance shares, checked.
+fn create_spec(parent: &str, instance: Option<pb::Instance>) -> Result<InstanceSpec, ApiError> {
     names::parse(parent, names::PROJECT)?;
     let i = instance.ok_or_else(|| ApiError::InvalidArgument("instance is required".into()))?;
     if i.flavor.is_empty() || i.image.is_empty() {
@@ -144,61 +134,89 @@ fn create_args(parent: &str, instance: Option<pb::Instance>) -> Result<CreateArg
             )));
         }
     }
-    Ok(CreateArgs {
-        project: parent.to_owned(),
+    Ok(InstanceSpec {
         flavor: i.flavor,
         image: i.image,
-        group,
+        server_group: group,
         labels: i.labels.into_iter().collect(),
+        ha: i.ha,
     })
 }
 
 impl<S: StateStore> Api<S> {
-    /// Runs the create prechecks unless `request_id` was already answered
-    /// (a retry gets the first answer even if quota is now used up).
-    async fn precheck(
+    /// Creates `ids` in `project` alike as ONE command (all or none), after
+    /// the prechecks (skipped when `rid` was already answered, so a retry
+    /// gets the first answer even if the quota is now used up).
+    async fn create_instances(
         &self,
-        a: &CreateArgs,
-        count: u32,
-        request_ids: Vec<String>,
-    ) -> Result<(), ApiError> {
-        let (project, flavor, image, group) = (
-            a.project.clone(),
-            a.flavor.clone(),
-            a.image.clone(),
-            a.group.clone(),
-        );
+        metadata: &tonic::metadata::MetadataMap,
+        rpc: &str,
+        parent: &str,
+        ids: Vec<String>,
+        instance: Option<pb::Instance>,
+        rid: Option<String>,
+    ) -> Result<Vec<ops_pb::Operation>, ApiError> {
+        names::parse(parent, names::PROJECT)?;
+        let caller = self
+            .authorize(
+                metadata,
+                &format!("{INSTANCES}{rpc}"),
+                Target::Project(parent),
+            )
+            .await?;
+        for id in &ids {
+            names::validate_id(id)?;
+        }
+        let spec = create_spec(parent, instance)?;
+        let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
+        let (project, check, answered) = (parent.to_owned(), spec.clone(), rid.clone());
         self.read_try(move |s| {
-            if !request_ids.is_empty() && request_ids.iter().all(|r| s.requests.contains_key(r)) {
+            if answered.is_some_and(|r| s.requests.contains_key(&r)) {
                 return Ok(());
             }
-            precheck_create(s, &project, &flavor, &image, group.as_deref(), count)
+            precheck_create(
+                s,
+                &project,
+                &check.flavor,
+                &check.image,
+                check.server_group.as_deref(),
+                count,
+            )
         })
-        .await
-    }
-
-    async fn create_one(
-        &self,
-        actor: &str,
-        a: &CreateArgs,
-        instance_id: String,
-        rid: Option<String>,
-    ) -> Result<ops_pb::Operation, ApiError> {
-        let operation_id = derived_id(
-            "op",
-            rid.as_deref(),
-            &format!("create/{}/{instance_id}", a.project),
-        )?;
-        let command = Command::CreateInstance {
-            project: a.project.clone(),
-            instance_id,
-            flavor: a.flavor.clone(),
-            image: a.image.clone(),
-            server_group: a.group.clone(),
-            labels: a.labels.clone(),
-            operation_id,
+        .await?;
+        let mut instances = Vec::with_capacity(ids.len());
+        for instance_id in ids {
+            let salt = format!("create/{parent}/{instance_id}");
+            instances.push(NewInstance {
+                operation_id: derived_id("op", rid.as_deref(), &salt)?,
+                instance_id,
+            });
+        }
+        let command = if let [one] = instances.as_slice() {
+            Command::CreateInstance {
+                project: parent.to_owned(),
+                instance_id: one.instance_id.clone(),
+                spec,
+                operation_id: one.operation_id.clone(),
+            }
+        } else {
+            Command::CreateInstances {
+                project: parent.to_owned(),
+                spec,
+                instances,
+            }
         };
-        operation_of(self.propose(actor, rid, command).await?)
+        match self.propose(&caller.user, rid, command).await? {
+            Response::Instance {
+                operation: Some(op),
+                ..
+            } => Ok(vec![convert::operation(&op)]),
+            Response::Created(created) => Ok(created
+                .iter()
+                .map(|(_, op)| convert::operation(op))
+                .collect()),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Authorizes an instance-scoped call; returns the caller's user name.
@@ -245,23 +263,20 @@ impl<S: StateStore> Instances for Api<S> {
         &self,
         req: Request<pb::CreateInstanceRequest>,
     ) -> Result<Reply<ops_pb::Operation>, Status> {
-        let parent = req.get_ref().parent.clone();
-        names::parse(&parent, names::PROJECT).map_err(ApiError::from)?;
-        let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{INSTANCES}CreateInstance"),
-                Target::Project(&parent),
+        let (metadata, _, r) = req.into_parts();
+        let mut ops = self
+            .create_instances(
+                &metadata,
+                "CreateInstance",
+                &r.parent,
+                vec![r.instance_id],
+                r.instance,
+                request_id(&r.request_id),
             )
             .await?;
-        let r = req.into_inner();
-        names::validate_id(&r.instance_id).map_err(ApiError::from)?;
-        let a = create_args(&r.parent, r.instance)?;
-        let rid = request_id(&r.request_id);
-        self.precheck(&a, 1, rid.iter().cloned().collect()).await?;
-        let op = self
-            .create_one(&caller.user, &a, r.instance_id, rid)
-            .await?;
+        let op = ops
+            .pop()
+            .ok_or_else(|| ApiError::Internal("a create answered no operation".into()))?;
         Ok(Reply::new(op))
     }
 
@@ -269,40 +284,28 @@ impl<S: StateStore> Instances for Api<S> {
         &self,
         req: Request<pb::BatchCreateInstancesRequest>,
     ) -> Result<Reply<pb::BatchCreateInstancesResponse>, Status> {
-        let parent = req.get_ref().parent.clone();
-        names::parse(&parent, names::PROJECT).map_err(ApiError::from)?;
-        let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{INSTANCES}BatchCreateInstances"),
-                Target::Project(&parent),
-            )
-            .await?;
-        let r = req.into_inner();
-        if r.count == 0 || r.count > MAX_BATCH {
+        let (metadata, _, r) = req.into_parts();
+        let max = u32::try_from(MAX_BATCH_CREATE).unwrap_or(u32::MAX);
+        if r.count == 0 || r.count > max {
             return Err(ApiError::InvalidArgument(format!(
-                "count must be 1 to {MAX_BATCH}, not {}",
+                "count must be 1 to {max}, not {}",
                 r.count
             ))
             .into());
         }
-        let ids: Vec<String> = (1..=r.count)
+        let ids = (1..=r.count)
             .map(|k| format!("{}-{k}", r.instance_id))
             .collect();
-        for id in &ids {
-            names::validate_id(id).map_err(ApiError::from)?;
-        }
-        let a = create_args(&r.parent, r.instance)?;
-        let rids: Vec<Option<String>> = ids
-            .iter()
-            .map(|id| request_id(&r.request_id).map(|rid| format!("{rid}/{id}")))
-            .collect();
-        self.precheck(&a, r.count, rids.iter().flatten().cloned().collect())
+        let operations = self
+            .create_instances(
+                &metadata,
+                "BatchCreateInstances",
+                &r.parent,
+                ids,
+                r.instance,
+                request_id(&r.request_id),
+            )
             .await?;
-        let mut operations = Vec::new();
-        for (id, rid) in ids.into_iter().zip(rids) {
-            operations.push(self.create_one(&caller.user, &a, id, rid).await?);
-        }
         Ok(Reply::new(pb::BatchCreateInstancesResponse { operations }))
     }
 

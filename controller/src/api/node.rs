@@ -255,6 +255,17 @@ impl<S: StateStore> NodeAgent for Api<S> {
             ))
             .into());
         }
+        if r.boot_count != 0
+            && r.boot_count < current.boot_count
+            && reported != pb::ReportedState::ReportedDeleted
+        {
+            // About a boot older than the one asked for (a reboot the node
+            // has not acted on yet): not news about this boot.
+            tracing::debug!(instance = %r.instance, reported = r.boot_count, current = current.boot_count, "stale instance report ignored");
+            return Ok(Reply::new(pb::ReportInstanceStateResponse {
+                instance: Some(convert::instance(&current)),
+            }));
+        }
         let actor = r.node.as_str();
         let reason = r.reason.as_str();
         use InstanceState as I;

@@ -10,7 +10,10 @@
 //!   scheduler's reasons (which fails the create operation).
 //! - [`liveness_pass`]: a node whose heartbeat has not changed for the
 //!   timeout, as this leader observed it on its monotonic clock
-//!   ([`HeartbeatMemory`]), is marked DOWN.
+//!   ([`HeartbeatMemory`]), is marked DOWN; its instances go to ERROR,
+//!   except HA ones, which restart elsewhere once the node is fenced (its
+//!   lease expired: `node_timeout + fence_lease` after the last heartbeat
+//!   this leader saw).
 //! - [`operations_pass`]: a DELETING instance with no node, or on a DOWN
 //!   node, is purged (which finishes its delete operation); an unfinished
 //!   operation whose target is gone is finished with an error.
@@ -39,6 +42,11 @@ pub const ACTOR: &str = "system";
 pub struct ReconcileConfig {
     /// A node that sends no heartbeat for this long is marked DOWN.
     pub node_timeout: Duration,
+    /// The fencing lease agents are given (see `ApiConfig::fence_lease`;
+    /// `server::start_with` copies the API's value here so the two agree):
+    /// HA instances of a DOWN node restart elsewhere once `node_timeout +
+    /// fence_lease` passed since its last heartbeat.
+    pub fence_lease: Duration,
     /// Longest sleep of any loop between passes.
     pub max_requeue: Duration,
 }
@@ -47,6 +55,7 @@ impl Default for ReconcileConfig {
     fn default() -> Self {
         ReconcileConfig {
             node_timeout: Duration::from_secs(10),
+            fence_lease: Duration::from_secs(10),
             max_requeue: Duration::from_secs(5),
         }
     }
@@ -271,43 +280,124 @@ pub struct HeartbeatMemory {
     seen: std::collections::HashMap<String, (u64, Instant)>,
 }
 
-/// One liveness pass.
+impl HeartbeatMemory {
+    /// Records that `node`'s recorded heartbeat is `beat` at `now`; returns
+    /// how long that value has been seen unchanged.
+    fn observe(&mut self, node: &str, beat: u64, now: Instant) -> Duration {
+        let entry = self.seen.entry(node.to_owned()).or_insert((beat, now));
+        if entry.0 != beat {
+            *entry = (beat, now);
+        }
+        now.saturating_duration_since(entry.1)
+    }
+}
+
+/// One instance placed on a node, as the liveness pass sees it.
+#[derive(Debug)]
+struct Placed {
+    name: String,
+    node: String,
+    state: InstanceState,
+    ha: bool,
+    generation: u64,
+}
+
+/// One liveness and fencing pass, judged at `now` (the loop passes
+/// `Instant::now()`; tests pass a fake clock):
+///
+/// - a node whose recorded heartbeat has not changed for `node_timeout`
+///   (as this leader observed it) is marked DOWN;
+/// - on a DOWN node, instances that are not HA (and HA ones being stopped)
+///   go to ERROR, "node X is down";
+/// - once `node_timeout + fence_lease` has passed since this leader last
+///   saw the node's heartbeat change, the node is fenced: its agent paused
+///   its VMs at (heartbeat sent + lease) at the latest, and sent <= seen
+///   here, so HA instances that should run are restarted elsewhere
+///   ([`Command::RestartInstanceElsewhere`]).
+///
+/// Clock assumption: the agent's and this leader's monotonic clocks run at
+/// about the same rate (the `node_timeout` is the margin for drift and for
+/// delays between sending, committing and observing a heartbeat); no
+/// wall clocks are compared. A new leader has seen no heartbeat, so it
+/// counts the whole window from its own first pass.
 pub async fn liveness_pass<S: StateStore>(
     store: &S,
     term: u64,
     memory: &mut HeartbeatMemory,
-    timeout: Duration,
+    config: &ReconcileConfig,
+    now: Instant,
 ) -> Result<Duration, ReconcileError> {
-    let requeue = (timeout / 4).max(Duration::from_millis(50));
-    let nodes: Vec<(String, u64, bool)> = store
+    let timeout = config.node_timeout;
+    let fenced_after = timeout.saturating_add(config.fence_lease);
+    let mut requeue = (timeout / 4).max(Duration::from_millis(50));
+    let (nodes, placed) = store
         .read(|s| {
-            s.nodes
+            let nodes: Vec<(String, u64, bool)> = s
+                .nodes
                 .values()
                 .map(|n| (n.name.clone(), n.last_heartbeat, n.state == NodeState::Down))
-                .collect()
+                .collect();
+            let placed: Vec<Placed> = s
+                .instances
+                .values()
+                .filter_map(|i| {
+                    Some(Placed {
+                        name: i.name.clone(),
+                        node: i.node.clone()?,
+                        state: i.state,
+                        ha: i.ha,
+                        generation: i.generation,
+                    })
+                })
+                .collect();
+            (nodes, placed)
         })
         .await?;
-    let now = Instant::now();
     memory
         .seen
         .retain(|name, _| nodes.iter().any(|(n, _, _)| n == name));
-    let mut late = Vec::new();
-    for (name, beat, down) in nodes {
-        let entry = memory.seen.entry(name.clone()).or_insert((beat, now));
-        if entry.0 != beat {
-            *entry = (beat, now);
+    for (node, beat, mut down) in nodes {
+        let silent = memory.observe(&node, beat, now);
+        if !down && silent > timeout {
+            tracing::warn!(%node, "node missed its heartbeats; marking it down");
+            let cmd = Command::SetNodeState {
+                node: node.clone(),
+                state: NodeState::Down,
+            };
+            down = store.propose(fenced(term, cmd)).await?.outcome.is_ok();
         }
-        if !down && now.duration_since(entry.1) > timeout {
-            late.push(name);
+        if !down {
+            continue;
         }
-    }
-    for node in late {
-        tracing::warn!(%node, "node missed its heartbeats; marking it down");
-        let cmd = Command::SetNodeState {
-            node,
-            state: NodeState::Down,
-        };
-        store.propose(fenced(term, cmd)).await?;
+        let node_id = node.strip_prefix("nodes/").unwrap_or(&node);
+        let fenced_now = silent > fenced_after;
+        for i in placed.iter().filter(|i| i.node == node) {
+            use InstanceState as I;
+            let should_run = matches!(i.state, I::Scheduled | I::Starting | I::Running);
+            let cmd = if i.ha && should_run {
+                if !fenced_now {
+                    requeue = requeue.min(fenced_after - silent + Duration::from_millis(10));
+                    continue;
+                }
+                tracing::warn!(instance = %i.name, %node, "node fenced; restarting the instance elsewhere");
+                Command::RestartInstanceElsewhere {
+                    instance: i.name.clone(),
+                    node: node.clone(),
+                }
+            } else if should_run || i.state == I::Stopping {
+                Command::SetInstanceState {
+                    instance: i.name.clone(),
+                    state: I::Error,
+                    reason: format!("node {node_id} is down"),
+                    expected_generation: Some(i.generation),
+                }
+            } else {
+                continue;
+            };
+            if let Err(e) = store.propose(fenced(term, cmd)).await?.outcome {
+                tracing::info!(instance = %i.name, error = %e, "instance on a down node not moved");
+            }
+        }
     }
     Ok(requeue)
 }
@@ -417,7 +507,7 @@ async fn run<S: StateStore>(
             let pass = match kind {
                 Loop::Schedule => schedule_pass(&*store, l.term).await,
                 Loop::Liveness => {
-                    liveness_pass(&*store, l.term, &mut memory, config.node_timeout).await
+                    liveness_pass(&*store, l.term, &mut memory, &config, Instant::now()).await
                 }
                 Loop::Operations => operations_pass(&*store, l.term).await,
             };
@@ -459,5 +549,314 @@ async fn run<S: StateStore>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use nephele_state::model::{ImageState, Resources};
+    use nephele_state::{InstanceSpec, Response, apply};
+
+    use super::*;
+    use crate::store::{Committed, Leadership, WatchEvent};
+
+    /// A test double for the replicated store: one in-memory state, this
+    /// controller always the leader in `term`.
+    struct MemStore {
+        state: Mutex<State>,
+        term: u64,
+        changes: tokio::sync::broadcast::Sender<WatchEvent>,
+    }
+
+    impl MemStore {
+        fn new(term: u64) -> Self {
+            MemStore {
+                state: Mutex::new(State::default()),
+                term,
+                changes: tokio::sync::broadcast::channel(16).0,
+            }
+        }
+
+        fn run(&self, command: Command) -> Response {
+            let mut s = self.state.lock().expect("state");
+            let env = Envelope::new(s.now + 1, "test", command);
+            apply(&mut s, &env, self.term).expect("command applies")
+        }
+
+        fn get<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+            f(&self.state.lock().expect("state"))
+        }
+    }
+
+    impl StateStore for MemStore {
+        async fn propose(&self, envelope: Envelope) -> Result<Committed, ProposeError> {
+            let mut s = self.state.lock().expect("state");
+            let outcome = apply(&mut s, &envelope, self.term);
+            Ok(Committed {
+                index: s.applied,
+                outcome,
+            })
+        }
+
+        async fn read<R, F>(&self, f: F) -> Result<R, ReadError>
+        where
+            R: Send + 'static,
+            F: FnOnce(&State) -> R + Send + 'static,
+        {
+            Ok(f(&self.state.lock().expect("state")))
+        }
+
+        fn watch(&self) -> tokio::sync::broadcast::Receiver<WatchEvent> {
+            self.changes.subscribe()
+        }
+
+        fn leadership(&self) -> Leadership {
+            Leadership {
+                member_id: 1,
+                term: self.term,
+                leader_id: Some(1),
+            }
+        }
+    }
+
+    /// Two nodes, `ha` and `plain` running on n1, `stopped` stopped there.
+    fn cluster() -> MemStore {
+        let store = MemStore::new(3);
+        let res = Resources {
+            vcpus: 1,
+            memory_mib: 64,
+            disk_gib: 1,
+        };
+        store.run(Command::CreateProject {
+            project_id: "p".into(),
+            display_name: String::new(),
+            quota: None,
+        });
+        store.run(Command::CreateFlavor {
+            flavor_id: "f".into(),
+            resources: res,
+        });
+        store.run(Command::CreateImage {
+            image_id: "i".into(),
+            format: "pvh-elf".into(),
+            size_bytes: 1,
+            checksum: String::new(),
+            state: ImageState::Active,
+        });
+        for n in ["n1", "n2"] {
+            store.run(Command::RegisterNode {
+                node_id: n.into(),
+                address: "127.0.0.1:1".into(),
+                capacity: Resources {
+                    vcpus: 8,
+                    memory_mib: 4096,
+                    disk_gib: 100,
+                },
+                labels: Default::default(),
+            });
+        }
+        for (id, ha) in [("ha", true), ("plain", false), ("stopped", true)] {
+            let name = format!("projects/p/instances/{id}");
+            store.run(Command::CreateInstance {
+                project: "projects/p".into(),
+                instance_id: id.into(),
+                spec: InstanceSpec {
+                    flavor: "flavors/f".into(),
+                    image: "images/i".into(),
+                    server_group: None,
+                    labels: Default::default(),
+                    ha,
+                },
+                operation_id: format!("op-{id}"),
+            });
+            store.run(Command::ScheduleInstance {
+                instance: name.clone(),
+                node: "nodes/n1".into(),
+                expected_generation: 1,
+            });
+            let mut to = vec![InstanceState::Starting, InstanceState::Running];
+            if id == "stopped" {
+                to.extend([InstanceState::Stopping, InstanceState::Stopped]);
+            }
+            for state in to {
+                store.run(Command::SetInstanceState {
+                    instance: name.clone(),
+                    state,
+                    reason: String::new(),
+                    expected_generation: None,
+                });
+            }
+        }
+        store
+    }
+
+    fn instance(store: &MemStore, id: &str) -> nephele_state::model::Instance {
+        store.get(|s| s.instances[&format!("projects/p/instances/{id}")].clone())
+    }
+
+    async fn pass(
+        store: &MemStore,
+        config: &ReconcileConfig,
+        memory: &mut HeartbeatMemory,
+        now: Instant,
+    ) -> Duration {
+        liveness_pass(store, 3, memory, config, now).await.unwrap()
+    }
+
+    fn beat(store: &MemStore, node: &str) {
+        store.run(Command::NodeHeartbeat { node: node.into() });
+    }
+
+    #[tokio::test]
+    async fn ha_instances_restart_elsewhere_only_once_the_node_is_fenced() {
+        let store = cluster();
+        let config = ReconcileConfig {
+            node_timeout: Duration::from_secs(10),
+            fence_lease: Duration::from_secs(5),
+            max_requeue: Duration::from_secs(5),
+        };
+        let mut memory = HeartbeatMemory::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        pass(&store, &config, &mut memory, at(0)).await;
+        // n2 keeps beating; n1 falls silent after t0.
+        for t in [4, 8, 12] {
+            beat(&store, "nodes/n2");
+            pass(&store, &config, &mut memory, at(t)).await;
+        }
+        let n1 = store.get(|s| s.nodes["nodes/n1"].state);
+        assert_eq!(n1, NodeState::Down, "silent for 12 s of a 10 s timeout");
+        assert_eq!(store.get(|s| s.nodes["nodes/n2"].state), NodeState::Up);
+        // Down: the plain instance fails at once, the HA one waits.
+        let plain = instance(&store, "plain");
+        assert_eq!(plain.state, InstanceState::Error);
+        assert_eq!(plain.reason, "node n1 is down");
+        assert!(store.get(|s| s.operations["operations/op-plain"].done));
+        let ha = instance(&store, "ha");
+        assert_eq!(ha.state, InstanceState::Running);
+        assert_eq!(ha.node.as_deref(), Some("nodes/n1"));
+        // Not yet fenced at 14 s (10 s + 5 s lease): still waiting, and the
+        // pass asks to look again by the time it is.
+        let requeue = pass(&store, &config, &mut memory, at(14)).await;
+        assert!(requeue <= Duration::from_millis(1100), "{requeue:?}");
+        assert_eq!(instance(&store, "ha").state, InstanceState::Running);
+        pass(&store, &config, &mut memory, at(16)).await;
+        let ha = instance(&store, "ha");
+        assert_eq!(ha.state, InstanceState::Pending);
+        assert_eq!(ha.node, None);
+        assert_eq!(ha.boot_count, 2);
+        assert_eq!(ha.reason, "restarted: node n1 fenced");
+        assert!(store.get(|s| {
+            s.events
+                .iter()
+                .any(|e| e.kind == "instance.restarted" && e.actor == ACTOR)
+        }));
+        // Stopped instances stay stopped where they are.
+        assert_eq!(instance(&store, "stopped").state, InstanceState::Stopped);
+        // The scheduler places it, and never on the dead node.
+        schedule_pass(&store, 3).await.unwrap();
+        let ha = instance(&store, "ha");
+        assert_eq!(ha.state, InstanceState::Scheduled);
+        assert_eq!(ha.node.as_deref(), Some("nodes/n2"));
+        assert_eq!(
+            store.get(|s| s.nodes["nodes/n1"].allocated.vcpus),
+            2,
+            "n1 keeps the stopped and the failed instance only"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_leader_waits_the_whole_window_from_its_own_start() {
+        let store = cluster();
+        let config = ReconcileConfig {
+            node_timeout: Duration::from_secs(10),
+            fence_lease: Duration::from_secs(5),
+            max_requeue: Duration::from_secs(5),
+        };
+        // n1 is already DOWN when this leader takes over: it has seen no
+        // heartbeat, so it counts from its first pass.
+        store.run(Command::SetNodeState {
+            node: "nodes/n1".into(),
+            state: NodeState::Down,
+        });
+        let mut memory = HeartbeatMemory::default();
+        let t0 = Instant::now();
+        liveness_pass(&store, 3, &mut memory, &config, t0)
+            .await
+            .unwrap();
+        liveness_pass(
+            &store,
+            3,
+            &mut memory,
+            &config,
+            t0 + Duration::from_secs(14),
+        )
+        .await
+        .unwrap();
+        assert_eq!(instance(&store, "ha").state, InstanceState::Running);
+        liveness_pass(
+            &store,
+            3,
+            &mut memory,
+            &config,
+            t0 + Duration::from_secs(16),
+        )
+        .await
+        .unwrap();
+        assert_eq!(instance(&store, "ha").state, InstanceState::Pending);
+        // A heartbeat in between would have brought n1 back and kept it.
+        let store = cluster();
+        let mut memory = HeartbeatMemory::default();
+        liveness_pass(&store, 3, &mut memory, &config, t0)
+            .await
+            .unwrap();
+        liveness_pass(
+            &store,
+            3,
+            &mut memory,
+            &config,
+            t0 + Duration::from_secs(11),
+        )
+        .await
+        .unwrap();
+        assert_eq!(store.get(|s| s.nodes["nodes/n1"].state), NodeState::Down);
+        beat(&store, "nodes/n1");
+        liveness_pass(
+            &store,
+            3,
+            &mut memory,
+            &config,
+            t0 + Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        assert_eq!(store.get(|s| s.nodes["nodes/n1"].state), NodeState::Up);
+        assert_eq!(instance(&store, "ha").state, InstanceState::Running);
+    }
+
+    #[tokio::test]
+    async fn a_deposed_leader_moves_nothing() {
+        let store = cluster();
+        store.run(Command::SetNodeState {
+            node: "nodes/n1".into(),
+            state: NodeState::Down,
+        });
+        let config = ReconcileConfig {
+            node_timeout: Duration::from_secs(1),
+            fence_lease: Duration::from_secs(1),
+            max_requeue: Duration::from_secs(1),
+        };
+        let mut memory = HeartbeatMemory::default();
+        let t0 = Instant::now();
+        for t in [0, 5] {
+            // Term 2 is over: the store commits in term 3.
+            liveness_pass(&store, 2, &mut memory, &config, t0 + Duration::from_secs(t))
+                .await
+                .unwrap();
+        }
+        assert_eq!(instance(&store, "ha").state, InstanceState::Running);
+        assert_eq!(instance(&store, "plain").state, InstanceState::Running);
     }
 }

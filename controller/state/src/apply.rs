@@ -5,7 +5,7 @@
 use thiserror::Error;
 
 use crate::codec;
-use crate::command::{Command, Envelope, Response};
+use crate::command::{Command, Envelope, InstanceSpec, NewInstance, Response};
 use crate::model::{
     Event, Flavor, Image, Instance, InstanceState, KvEntry, Migration, MigrationState, Node,
     NodeState, Operation, Project, RememberedRequest, Resources, ServerGroup, State, Token, User,
@@ -22,6 +22,8 @@ pub const MAX_KV_KEY_LEN: usize = 1024;
 pub const MAX_KV_VALUE_LEN: usize = 1 << 20;
 /// Longest free-text field (display names, reasons, messages).
 pub const MAX_TEXT_LEN: usize = 4096;
+/// Most instances one [`Command::CreateInstances`] makes.
+pub const MAX_BATCH_CREATE: usize = 100;
 
 /// Why a command was refused. A refused command leaves the state unchanged
 /// except for the applied counter and the clock.
@@ -237,6 +239,11 @@ fn new_operation(
     if state.operations.contains_key(&name) {
         return Err(ApplyError::AlreadyExists { name });
     }
+    Ok(insert_operation(state, name, target, verb))
+}
+
+/// Opens the operation `name`, which the caller checked is free.
+fn insert_operation(state: &mut State, name: String, target: &str, verb: &str) -> Operation {
     let op = Operation {
         name: name.clone(),
         target: target.to_owned(),
@@ -247,7 +254,7 @@ fn new_operation(
         update_time: state.now,
     };
     state.operations.insert(name, op.clone());
-    Ok(op)
+    op
 }
 
 /// Finishes every open operation on `target` whose verb is in `verbs`.
@@ -287,6 +294,131 @@ fn check_value(value: &[u8]) -> Result<(), ApplyError> {
         )));
     }
     Ok(())
+}
+
+/// Creates `new` instances of `project` alike, all or none: everything is
+/// checked (names, references, duplicates, quota for all of them) before
+/// anything changes, so a refusal leaves the state as it was.
+fn create_instances(
+    state: &mut State,
+    actor: &str,
+    project: &str,
+    spec: &InstanceSpec,
+    new: &[NewInstance],
+) -> Result<Vec<(Instance, Operation)>, ApplyError> {
+    names::parse(project, names::PROJECT)?;
+    names::parse(&spec.flavor, names::FLAVOR)?;
+    names::parse(&spec.image, names::IMAGE)?;
+    for (k, v) in &spec.labels {
+        text("label", k)?;
+        text("label", v)?;
+    }
+    if new.is_empty() || new.len() > MAX_BATCH_CREATE {
+        return Err(ApplyError::InvalidArgument(format!(
+            "a create makes 1 to {MAX_BATCH_CREATE} instances, not {}",
+            new.len()
+        )));
+    }
+    let p = state
+        .projects
+        .get(project)
+        .ok_or_else(|| not_found(project))?;
+    let mut seen = std::collections::BTreeSet::new();
+    let mut planned = Vec::with_capacity(new.len());
+    for n in new {
+        names::validate_id(&n.instance_id)?;
+        names::validate_id(&n.operation_id)?;
+        let name = format!("{project}/instances/{}", n.instance_id);
+        let op = format!("operations/{}", n.operation_id);
+        for key in [&name, &op] {
+            if !seen.insert(key.clone()) {
+                return Err(ApplyError::InvalidArgument(format!(
+                    "{key} is named twice in one create"
+                )));
+            }
+        }
+        if state.instances.contains_key(&name) {
+            return Err(ApplyError::AlreadyExists { name });
+        }
+        if state.operations.contains_key(&op) {
+            return Err(ApplyError::AlreadyExists { name: op });
+        }
+        planned.push((name, op));
+    }
+    let resources = state
+        .flavors
+        .get(&spec.flavor)
+        .ok_or_else(|| not_found(&spec.flavor))?
+        .resources;
+    let img = state
+        .images
+        .get(&spec.image)
+        .ok_or_else(|| not_found(&spec.image))?;
+    if img.state != crate::model::ImageState::Active {
+        return Err(precondition(&spec.image, "the image is not active"));
+    }
+    if let Some(g) = &spec.server_group {
+        names::parse(g, names::SERVER_GROUP)?;
+        if names::project_of(g) != Some(project) {
+            return Err(ApplyError::InvalidArgument(format!(
+                "server group {g} is not in {project}"
+            )));
+        }
+        if !state.server_groups.contains_key(g) {
+            return Err(not_found(g));
+        }
+    }
+    let count = u64::try_from(planned.len()).unwrap_or(u64::MAX);
+    if p.instance_count.saturating_add(count) > p.quota.instances {
+        return Err(ApplyError::QuotaExceeded {
+            project: project.to_owned(),
+            detail: format!("at most {} instances", p.quota.instances),
+        });
+    }
+    let usage = (0..count).fold(p.usage, |u, _| u.plus(resources));
+    if !usage.fits_in(p.quota.resources) {
+        return Err(ApplyError::QuotaExceeded {
+            project: project.to_owned(),
+            detail: format!("would use {usage:?} of {:?}", p.quota.resources),
+        });
+    }
+
+    // Everything is checked: from here on nothing fails.
+    let now = state.now;
+    if let Some(p) = state.projects.get_mut(project) {
+        p.instance_count += count;
+        p.usage = usage;
+    }
+    let mut created = Vec::with_capacity(planned.len());
+    for (name, op_name) in planned {
+        let op = insert_operation(state, op_name, &name, "create");
+        if let Some(g) = &spec.server_group
+            && let Some(g) = state.server_groups.get_mut(g)
+        {
+            g.members.push(name.clone());
+        }
+        let instance = Instance {
+            name: name.clone(),
+            flavor: spec.flavor.clone(),
+            resources,
+            image: spec.image.clone(),
+            server_group: spec.server_group.clone(),
+            state: InstanceState::Pending,
+            reason: String::new(),
+            node: None,
+            labels: spec.labels.clone(),
+            generation: 1,
+            create_time: now,
+            update_time: now,
+            ha: spec.ha,
+            boot_count: 1,
+        };
+        state.instances.insert(name.clone(), instance.clone());
+        let detail = if spec.ha { "ha" } else { "" };
+        event(state, actor, &name, "instance.created", detail.to_owned());
+        created.push((instance, op));
+    }
+    Ok(created)
 }
 
 fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyError> {
@@ -588,95 +720,29 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
         Command::CreateInstance {
             project,
             instance_id,
-            flavor,
-            image,
-            server_group,
-            labels,
+            spec,
             operation_id,
         } => {
-            names::parse(project, names::PROJECT)?;
-            names::validate_id(instance_id)?;
-            names::parse(flavor, names::FLAVOR)?;
-            names::parse(image, names::IMAGE)?;
-            names::validate_id(operation_id)?;
-            for (k, v) in labels {
-                text("label", k)?;
-                text("label", v)?;
+            let new = [NewInstance {
+                instance_id: instance_id.clone(),
+                operation_id: operation_id.clone(),
+            }];
+            let mut created = create_instances(state, actor, project, spec, &new)?;
+            match created.pop() {
+                Some((instance, op)) => Ok(Response::Instance {
+                    instance,
+                    operation: Some(op),
+                }),
+                None => Err(ApplyError::InvalidArgument("nothing to create".into())),
             }
-            let name = format!("{project}/instances/{instance_id}");
-            let p = state
-                .projects
-                .get(project)
-                .ok_or_else(|| not_found(project))?;
-            if state.instances.contains_key(&name) {
-                return Err(ApplyError::AlreadyExists { name });
-            }
-            let resources = state
-                .flavors
-                .get(flavor)
-                .ok_or_else(|| not_found(flavor))?
-                .resources;
-            let img = state.images.get(image).ok_or_else(|| not_found(image))?;
-            if img.state != crate::model::ImageState::Active {
-                return Err(precondition(image, "the image is not active"));
-            }
-            if let Some(g) = server_group {
-                names::parse(g, names::SERVER_GROUP)?;
-                if names::project_of(g) != Some(project.as_str()) {
-                    return Err(ApplyError::InvalidArgument(format!(
-                        "server group {g} is not in {project}"
-                    )));
-                }
-                if !state.server_groups.contains_key(g) {
-                    return Err(not_found(g));
-                }
-            }
-            if p.instance_count + 1 > p.quota.instances {
-                return Err(ApplyError::QuotaExceeded {
-                    project: project.clone(),
-                    detail: format!("at most {} instances", p.quota.instances),
-                });
-            }
-            let usage = p.usage.plus(resources);
-            if !usage.fits_in(p.quota.resources) {
-                return Err(ApplyError::QuotaExceeded {
-                    project: project.clone(),
-                    detail: format!("would use {usage:?} of {:?}", p.quota.resources),
-                });
-            }
-            let op = new_operation(state, operation_id, &name, "create")?;
-            if let Some(p) = state.projects.get_mut(project) {
-                p.instance_count += 1;
-                p.usage = usage;
-            }
-            if let Some(g) = server_group
-                && let Some(g) = state.server_groups.get_mut(g)
-            {
-                g.members.push(name.clone());
-            }
-            let instance = Instance {
-                name: name.clone(),
-                flavor: flavor.clone(),
-                resources,
-                image: image.clone(),
-                server_group: server_group.clone(),
-                state: InstanceState::Pending,
-                reason: String::new(),
-                node: None,
-                labels: labels.clone(),
-                generation: 1,
-                create_time: now,
-                update_time: now,
-                ha: false,
-                boot_count: 1,
-            };
-            state.instances.insert(name.clone(), instance.clone());
-            event(state, actor, &name, "instance.created", String::new());
-            Ok(Response::Instance {
-                instance,
-                operation: Some(op),
-            })
         }
+        Command::CreateInstances {
+            project,
+            spec,
+            instances,
+        } => Ok(Response::Created(create_instances(
+            state, actor, project, spec, instances,
+        )?)),
         Command::ScheduleInstance {
             instance,
             node,
@@ -1142,15 +1208,19 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                     expected_generation: None,
                 },
             };
-            let response = apply_command(state, &transition)?;
+            apply_command(state, &transition)?;
             let op = new_operation(state, operation_id, instance, verb)?;
-            match response {
-                Response::Instance { instance, .. } => Ok(Response::Instance {
-                    instance,
-                    operation: Some(op),
-                }),
-                other => Ok(other),
+            let i = state
+                .instances
+                .get_mut(instance)
+                .ok_or_else(|| not_found(instance))?;
+            if verb != "stop" {
+                i.boot_count += 1;
             }
+            Ok(Response::Instance {
+                instance: i.clone(),
+                operation: Some(op),
+            })
         }
         Command::ResizeInstance { instance, flavor } => {
             names::parse(instance, names::INSTANCE)?;
@@ -1201,6 +1271,68 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             i.update_time = now;
             let i = i.clone();
             event(state, actor, instance, "instance.resized", flavor.clone());
+            Ok(Response::Instance {
+                instance: i,
+                operation: None,
+            })
+        }
+        Command::RestartInstanceElsewhere { instance, node } => {
+            names::parse(instance, names::INSTANCE)?;
+            let node_id = names::parse(node, names::NODE)?
+                .first()
+                .map(|s| (*s).to_owned())
+                .unwrap_or_default();
+            let n = state.nodes.get(node).ok_or_else(|| not_found(node))?;
+            if n.state != NodeState::Down {
+                return Err(precondition(node, "the node is not down"));
+            }
+            let i = state
+                .instances
+                .get(instance)
+                .ok_or_else(|| not_found(instance))?;
+            if !i.ha {
+                return Err(precondition(
+                    instance,
+                    "the instance is not highly available",
+                ));
+            }
+            if i.node.as_deref() != Some(node.as_str()) {
+                return Err(precondition(
+                    instance,
+                    format!("the instance is not on {node}"),
+                ));
+            }
+            if !matches!(
+                i.state,
+                InstanceState::Scheduled | InstanceState::Starting | InstanceState::Running
+            ) {
+                return Err(precondition(
+                    instance,
+                    format!("a {} instance is not restarted elsewhere", i.state),
+                ));
+            }
+            let resources = i.resources;
+            release_node(state, &Some(node.clone()), resources);
+            let reason = format!("restarted: node {node_id} fenced");
+            let i = state
+                .instances
+                .get_mut(instance)
+                .ok_or_else(|| not_found(instance))?;
+            let from = i.state;
+            i.state = InstanceState::Pending;
+            i.node = None;
+            i.reason = reason.clone();
+            i.generation += 1;
+            i.boot_count += 1;
+            i.update_time = now;
+            let i = i.clone();
+            event(
+                state,
+                actor,
+                instance,
+                "instance.restarted",
+                format!("{reason} ({from} -> PENDING)"),
+            );
             Ok(Response::Instance {
                 instance: i,
                 operation: None,
@@ -1364,13 +1496,230 @@ mod tests {
             Command::CreateInstance {
                 project: "projects/p1".into(),
                 instance_id: id.into(),
-                flavor: "flavors/small".into(),
-                image: "images/debian".into(),
-                server_group: None,
-                labels: Default::default(),
+                spec: spec(false),
                 operation_id: format!("op-{id}"),
             },
         )
+    }
+
+    fn spec(ha: bool) -> InstanceSpec {
+        InstanceSpec {
+            flavor: "flavors/small".into(),
+            image: "images/debian".into(),
+            server_group: None,
+            labels: Default::default(),
+            ha,
+        }
+    }
+
+    fn new(ids: &[&str]) -> Vec<NewInstance> {
+        ids.iter()
+            .map(|id| NewInstance {
+                instance_id: (*id).into(),
+                operation_id: format!("op-{id}"),
+            })
+            .collect()
+    }
+
+    /// Creates `id` (HA or not), schedules it on `node` and runs it.
+    fn running(s: &mut State, id: &str, ha: bool, node: &str) -> String {
+        let name = format!("projects/p1/instances/{id}");
+        run(
+            s,
+            Command::CreateInstances {
+                project: "projects/p1".into(),
+                spec: spec(ha),
+                instances: new(&[id]),
+            },
+        )
+        .unwrap();
+        run(
+            s,
+            Command::ScheduleInstance {
+                instance: name.clone(),
+                node: node.into(),
+                expected_generation: 1,
+            },
+        )
+        .unwrap();
+        set(s, &name, InstanceState::Starting).unwrap();
+        set(s, &name, InstanceState::Running).unwrap();
+        name
+    }
+
+    #[test]
+    fn batch_create_is_all_or_nothing() {
+        let mut s = setup();
+        let batch = |s: &mut State, ids: &[&str]| {
+            run(
+                s,
+                Command::CreateInstances {
+                    project: "projects/p1".into(),
+                    spec: spec(true),
+                    instances: new(ids),
+                },
+            )
+        };
+        // Quota is 2 instances: three are refused whole.
+        let before = s.clone();
+        assert!(matches!(
+            batch(&mut s, &["a", "b", "c"]),
+            Err(ApplyError::QuotaExceeded { .. })
+        ));
+        // A name given twice, an invalid name, none at all: refused whole.
+        assert!(matches!(
+            batch(&mut s, &["a", "a"]),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            batch(&mut s, &["a", "B"]),
+            Err(ApplyError::InvalidName(_))
+        ));
+        assert!(matches!(
+            batch(&mut s, &[]),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        // Nothing but the counters moved.
+        let mut after = s.clone();
+        after.applied = before.applied;
+        after.now = before.now;
+        assert_eq!(after, before);
+
+        let Response::Created(created) = batch(&mut s, &["a", "b"]).unwrap() else {
+            panic!("not a batch answer");
+        };
+        assert_eq!(created.len(), 2);
+        assert!(created.iter().all(|(i, op)| i.ha && op.target == i.name));
+        assert_eq!(s.projects["projects/p1"].instance_count, 2);
+        assert_eq!(s.projects["projects/p1"].usage.vcpus, 4);
+        assert!(s.operations.contains_key("operations/op-b"));
+        // One existing name refuses the whole batch.
+        run(
+            &mut s,
+            Command::SetProjectQuota {
+                project: "projects/p1".into(),
+                quota: Quota {
+                    instances: 10,
+                    resources: Resources {
+                        vcpus: 100,
+                        memory_mib: 100_000,
+                        disk_gib: 1000,
+                    },
+                },
+            },
+        )
+        .unwrap();
+        let before = s.instances.len();
+        assert!(matches!(
+            batch(&mut s, &["c", "a"]),
+            Err(ApplyError::AlreadyExists { .. })
+        ));
+        assert_eq!(s.instances.len(), before);
+        assert!(!s.operations.contains_key("operations/op-c"));
+    }
+
+    #[test]
+    fn start_and_reboot_bump_the_boot_count() {
+        let mut s = setup();
+        let web = running(&mut s, "web", false, "nodes/n1");
+        assert!(!s.instances[&web].ha);
+        assert_eq!(s.instances[&web].boot_count, 1);
+        let action = |verb: &str, to: InstanceState, op: &str| Command::BeginInstanceAction {
+            instance: web.clone(),
+            state: to,
+            verb: verb.into(),
+            operation_id: op.into(),
+        };
+        let Response::Instance { instance, .. } =
+            run(&mut s, action("reboot", InstanceState::Starting, "r1")).unwrap()
+        else {
+            panic!("not an instance");
+        };
+        assert_eq!(instance.boot_count, 2);
+        assert_eq!(instance.state, InstanceState::Starting);
+        assert!(!s.operations["operations/r1"].done);
+        set(&mut s, &web, InstanceState::Running).unwrap();
+        assert!(s.operations["operations/r1"].done);
+        run(&mut s, action("stop", InstanceState::Stopping, "s1")).unwrap();
+        assert_eq!(s.instances[&web].boot_count, 2);
+        set(&mut s, &web, InstanceState::Stopped).unwrap();
+        run(&mut s, action("start", InstanceState::Starting, "s2")).unwrap();
+        assert_eq!(s.instances[&web].boot_count, 3);
+        // A refused action bumps nothing.
+        assert!(run(&mut s, action("start", InstanceState::Starting, "s3")).is_err());
+        assert_eq!(s.instances[&web].boot_count, 3);
+        // An instance in ERROR with a placement can be started again.
+        set(&mut s, &web, InstanceState::Error).unwrap();
+        run(&mut s, action("start", InstanceState::Starting, "s4")).unwrap();
+        assert_eq!(s.instances[&web].boot_count, 4);
+    }
+
+    #[test]
+    fn ha_instances_restart_elsewhere_only_from_a_down_node() {
+        let mut s = setup();
+        let ha = running(&mut s, "ha", true, "nodes/n1");
+        let plain = running(&mut s, "plain", false, "nodes/n1");
+        let restart = |instance: &str, node: &str| Command::RestartInstanceElsewhere {
+            instance: instance.into(),
+            node: node.into(),
+        };
+        // The node is up: refused.
+        assert!(matches!(
+            run(&mut s, restart(&ha, "nodes/n1")),
+            Err(ApplyError::FailedPrecondition { .. })
+        ));
+        run(
+            &mut s,
+            Command::SetNodeState {
+                node: "nodes/n1".into(),
+                state: NodeState::Down,
+            },
+        )
+        .unwrap();
+        // Not HA, or not on that node: refused.
+        assert!(matches!(
+            run(&mut s, restart(&plain, "nodes/n1")),
+            Err(ApplyError::FailedPrecondition { .. })
+        ));
+        assert!(matches!(
+            run(&mut s, restart(&ha, "nodes/n2")),
+            Err(ApplyError::FailedPrecondition { .. })
+        ));
+        assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 4);
+        run(&mut s, restart(&ha, "nodes/n1")).unwrap();
+        let i = &s.instances[&ha];
+        assert_eq!(i.state, InstanceState::Pending);
+        assert_eq!(i.node, None);
+        assert_eq!(i.boot_count, 2);
+        assert_eq!(i.reason, "restarted: node n1 fenced");
+        assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 2);
+        assert!(s.events.iter().any(|e| e.resource == ha
+            && e.kind == "instance.restarted"
+            && e.message.starts_with("restarted: node n1 fenced")));
+        // Twice is refused: it is no longer there.
+        assert!(run(&mut s, restart(&ha, "nodes/n1")).is_err());
+        // The scheduler may now place it on another node, not the dead one.
+        let generation = s.instances[&ha].generation;
+        assert!(matches!(
+            run(
+                &mut s,
+                Command::ScheduleInstance {
+                    instance: ha.clone(),
+                    node: "nodes/n1".into(),
+                    expected_generation: generation,
+                }
+            ),
+            Err(ApplyError::FailedPrecondition { .. })
+        ));
+        run(
+            &mut s,
+            Command::ScheduleInstance {
+                instance: ha.clone(),
+                node: "nodes/n2".into(),
+                expected_generation: generation,
+            },
+        )
+        .unwrap();
     }
 
     fn set(s: &mut State, name: &str, to: InstanceState) -> Result<Response, ApplyError> {

@@ -169,14 +169,8 @@ pub enum Command {
         project: String,
         /// Id of the new instance.
         instance_id: String,
-        /// `flavors/{flavor}`.
-        flavor: String,
-        /// `images/{image}`, which must be active.
-        image: String,
-        /// `projects/{project}/serverGroups/{group}` in the same project.
-        server_group: Option<String>,
-        /// Labels.
-        labels: Labels,
+        /// What it is made of.
+        spec: InstanceSpec,
         /// Id of the operation to create.
         operation_id: String,
     },
@@ -305,6 +299,9 @@ pub enum Command {
     /// does, and opens the operation `operations/{operation_id}` with `verb`:
     /// `start` and `reboot` finish when the instance reaches `RUNNING`, `stop`
     /// when it reaches `STOPPED`; any of them fails when it reaches `ERROR`.
+    /// `start` and `reboot` bump the instance's `boot_count`, which tells its
+    /// node to boot the VM again (a reboot of a `RUNNING` instance goes
+    /// `STARTING`, then `RUNNING` once the new boot runs).
     BeginInstanceAction {
         /// The instance.
         instance: String,
@@ -324,6 +321,52 @@ pub enum Command {
         /// `flavors/{flavor}`.
         flavor: String,
     },
+    /// Creates several instances of one project alike, all or none: every
+    /// name, reference and the quota for all of them are checked before any
+    /// is created. Each gets its own create operation.
+    CreateInstances {
+        /// `projects/{project}`.
+        project: String,
+        /// What every one of them is made of.
+        spec: InstanceSpec,
+        /// The instances to create, 1 to [`crate::MAX_BATCH_CREATE`].
+        instances: Vec<NewInstance>,
+    },
+    /// Restarts an HA instance whose node is `DOWN` and fenced (the leader
+    /// judged that the node's lease has expired, so its copy has stopped):
+    /// back to `PENDING` with its placement released and `boot_count`
+    /// bumped, so the scheduler places it on another node. Refused unless
+    /// the instance is HA, placed on `node`, and `node` is `DOWN`.
+    RestartInstanceElsewhere {
+        /// The instance.
+        instance: String,
+        /// `nodes/{node}` it was on.
+        node: String,
+    },
+}
+
+/// What every instance of one create request is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceSpec {
+    /// `flavors/{flavor}`.
+    pub flavor: String,
+    /// `images/{image}`, which must be active.
+    pub image: String,
+    /// `projects/{project}/serverGroups/{group}` in the same project.
+    pub server_group: Option<String>,
+    /// Labels.
+    pub labels: Labels,
+    /// Restarted on another node when its node dies (once fenced).
+    pub ha: bool,
+}
+
+/// One instance of a [`Command::CreateInstances`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewInstance {
+    /// Id of the new instance.
+    pub instance_id: String,
+    /// Id of its create operation.
+    pub operation_id: String,
 }
 
 /// What a successful command returns.
@@ -369,4 +412,7 @@ pub enum Response {
         /// Its version now.
         version: u64,
     },
+    /// Instances created together, each with its create operation, in
+    /// request order.
+    Created(Vec<(Instance, Operation)>),
 }

@@ -231,7 +231,7 @@ impl InstanceState {
                 | (Stopped, Starting | Pending | Error | Deleting)
                 | (Migrating, Running | Error | Deleting)
                 | (Deleting, Error)
-                | (Error, Pending | Stopped | Deleting)
+                | (Error, Pending | Starting | Stopped | Deleting)
         )
     }
 }

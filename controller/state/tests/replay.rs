@@ -7,7 +7,7 @@ use nephele_state::codec::{decode_snapshot, encode_snapshot};
 use nephele_state::model::{
     GroupPolicy, ImageState, InstanceState, MigrationState, NodeState, Quota, Resources,
 };
-use nephele_state::{Command, Envelope, State, apply};
+use nephele_state::{Command, Envelope, InstanceSpec, NewInstance, State, apply};
 use proptest::prelude::*;
 
 fn id() -> impl Strategy<Value = String> {
@@ -36,6 +36,16 @@ fn node() -> impl Strategy<Value = String> {
 
 fn instance_state() -> impl Strategy<Value = InstanceState> {
     proptest::sample::select(InstanceState::ALL.to_vec())
+}
+
+fn spec(project: &str, flavor: &str, image: &str, grouped: bool, ha: bool) -> InstanceSpec {
+    InstanceSpec {
+        flavor: format!("flavors/{flavor}"),
+        image: format!("images/{image}"),
+        server_group: grouped.then(|| format!("{project}/serverGroups/a")),
+        labels: BTreeMap::new(),
+        ha,
+    }
 }
 
 fn command() -> impl Strategy<Value = Command> {
@@ -86,17 +96,45 @@ fn command() -> impl Strategy<Value = Command> {
             group_id,
             policy: GroupPolicy::AntiAffinity,
         }),
-        (project(), id(), id(), id(), id(), any::<bool>()).prop_map(
-            |(project, instance_id, flavor, image, op, grouped)| Command::CreateInstance {
-                server_group: grouped.then(|| format!("{project}/serverGroups/a")),
-                project,
-                instance_id,
-                flavor: format!("flavors/{flavor}"),
-                image: format!("images/{image}"),
-                labels: BTreeMap::new(),
-                operation_id: op,
-            }
-        ),
+        (
+            project(),
+            id(),
+            id(),
+            id(),
+            id(),
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(|(project, instance_id, flavor, image, op, grouped, ha)| {
+                Command::CreateInstance {
+                    spec: spec(&project, &flavor, &image, grouped, ha),
+                    project,
+                    instance_id,
+                    operation_id: op,
+                }
+            }),
+        (
+            project(),
+            proptest::collection::vec(id(), 0..4),
+            id(),
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(project, ids, flavor, grouped, ha)| Command::CreateInstances {
+                    spec: spec(&project, &flavor, "a", grouped, ha),
+                    project,
+                    instances: ids
+                        .into_iter()
+                        .map(|instance_id| NewInstance {
+                            operation_id: format!("op-{instance_id}"),
+                            instance_id,
+                        })
+                        .collect(),
+                }
+            ),
+        (instance(), node())
+            .prop_map(|(instance, node)| { Command::RestartInstanceElsewhere { instance, node } }),
         (instance(), node(), 0u64..6).prop_map(|(instance, node, g)| {
             Command::ScheduleInstance {
                 instance,
@@ -129,7 +167,11 @@ fn command() -> impl Strategy<Value = Command> {
         }),
         (
             node(),
-            prop_oneof![Just(NodeState::Up), Just(NodeState::Draining)]
+            prop_oneof![
+                Just(NodeState::Up),
+                Just(NodeState::Draining),
+                Just(NodeState::Down)
+            ]
         )
             .prop_map(|(node, state)| Command::SetNodeState { node, state }),
         node().prop_map(|node| Command::DeregisterNode { node }),
@@ -196,6 +238,11 @@ fn log() -> impl Strategy<Value = Vec<(Envelope, u64)>> {
                     && operation_id != "Bad"
                 {
                     *operation_id = format!("op{i}");
+                }
+                if let Command::CreateInstances { instances, .. } = &mut command {
+                    for (k, n) in instances.iter_mut().enumerate() {
+                        n.operation_id = format!("op{i}-{k}");
+                    }
                 }
                 (
                     Envelope {
@@ -331,7 +378,8 @@ proptest! {
         for (env, term) in &log {
             let before = s.clone();
             let created = match &env.command {
-                Command::CreateInstance { project, .. } => Some(project.clone()),
+                Command::CreateInstance { project, .. }
+                | Command::CreateInstances { project, .. } => Some(project.clone()),
                 _ => None,
             };
             let out = apply(&mut s, env, *term);
