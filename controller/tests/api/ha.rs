@@ -224,3 +224,97 @@ async fn batch_creates_are_atomic_and_creates_idempotent_across_a_restart() -> a
     env.member.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_fenced_then_its_ha_instances_restart_elsewhere() -> anyhow::Result<()> {
+    let mut options = test_options();
+    // DOWN after 1.5 s of silence, fenced 0.8 s later.
+    options.api.fence_lease = std::time::Duration::from_millis(800);
+    let mut env = start_with(options).await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let mut n1 = FakeNode::register(&env.admin, "n1", 8, 8192).await?;
+    let n1_alive = n1.keep_alive();
+    let (ha, plain) = ("projects/p1/instances/ha", "projects/p1/instances/plain");
+    for (id, template) in [
+        ("ha", ha_template()),
+        ("plain", instance_template("small", "")),
+    ] {
+        alice
+            .instances
+            .create_instance(compute::CreateInstanceRequest {
+                parent: "projects/p1".into(),
+                instance_id: id.into(),
+                instance: Some(template),
+                request_id: String::new(),
+            })
+            .await?;
+        wait_state(
+            &mut alice,
+            &format!("projects/p1/instances/{id}"),
+            compute::InstanceState::Scheduled,
+        )
+        .await?;
+    }
+    n1.converge().await?;
+    wait_state(&mut alice, ha, compute::InstanceState::Running).await?;
+    wait_state(&mut alice, plain, compute::InstanceState::Running).await?;
+    let n2 = FakeNode::register(&env.admin, "n2", 8, 8192).await?;
+    let _n2_alive = n2.keep_alive();
+
+    // n1 falls silent.
+    n1_alive.abort();
+    let silent_since = std::time::Instant::now();
+    let failed = wait_state(&mut alice, plain, compute::InstanceState::Error).await?;
+    assert_eq!(failed.reason, "node n1 is down");
+    let moved = wait_state(&mut alice, ha, compute::InstanceState::Scheduled).await?;
+    let waited = silent_since.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(2300),
+        "restarted after {waited:?}, before node timeout + lease"
+    );
+    assert_eq!(moved.node, "nodes/n2");
+    assert_eq!(moved.boot_count, 2);
+    let events = alice
+        .events
+        .list_events(ops::ListEventsRequest {
+            resource: ha.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert!(
+        events.iter().any(|e| e.kind == "instance.restarted"
+            && e.message.starts_with("restarted: node n1 fenced")),
+        "{events:?}"
+    );
+
+    // n1 comes back: it is told to hold only what is still placed on it
+    // (the failed instance, to be stopped), not the restarted one.
+    n1.heartbeat().await?;
+    let a = n1
+        .agent
+        .get_assignments(node::WatchAssignmentsRequest {
+            node: "nodes/n1".into(),
+        })
+        .await?
+        .into_inner();
+    let held: Vec<(String, i32)> = a
+        .assignments
+        .iter()
+        .filter_map(|a| Some((a.instance.as_ref()?.name.clone(), a.desired)))
+        .collect();
+    assert_eq!(
+        held,
+        vec![(plain.to_owned(), node::DesiredState::DesiredStopped as i32)]
+    );
+    // A late report from n1 about the moved instance is refused.
+    assert!(
+        n1.report(ha, node::ReportedState::ReportedRunning, 1)
+            .await
+            .is_err()
+    );
+    env.member.stop().await?;
+    Ok(())
+}
