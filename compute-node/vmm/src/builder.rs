@@ -128,16 +128,29 @@ impl Boot {
         &self.pending_vcpus
     }
 
-    /// Starts the device thread and the vCPUs; events go to `sink`.
+    /// Starts the device thread and the vCPUs; events go to `sink`. With
+    /// `paused` the vCPUs start parked and the device thread is paused
+    /// before this returns (a migration target starts its threads before
+    /// the switchover is committed, so the commit only has to resume).
     pub(crate) fn start(
         &mut self,
         sink: Arc<dyn Fn(VcpuEvent) + Send + Sync>,
+        paused: bool,
     ) -> Result<(), StartVmError> {
         let shared: Vec<SharedVirtio> = self.virtio.iter().map(|(d, _, _)| d.clone()).collect();
-        self.event_loop = Some(EventLoop::start(&shared)?);
+        let event_loop = EventLoop::start(&shared)?;
+        if paused {
+            event_loop.pause();
+        }
+        self.event_loop = Some(event_loop);
         let fds = std::mem::take(&mut self.pending_vcpus);
-        self.vcpus = Some(VcpuSet::start(fds, self.devices.clone(), sink, false)?);
+        self.vcpus = Some(VcpuSet::start(fds, self.devices.clone(), sink, paused)?);
         Ok(())
+    }
+
+    /// Whether [`Self::start`] has run.
+    pub(crate) fn started(&self) -> bool {
+        self.vcpus.is_some()
     }
 
     /// Pauses the vCPUs, then the device thread.

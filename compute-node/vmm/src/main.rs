@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Parser;
 use neph_vmm::config::{ConfigError, ConsoleConfig, DiskConfig, NetConfig};
 use neph_vmm::devices::serial::Console;
-use neph_vmm::migration::target::IncomingConfig;
+use neph_vmm::migration::target::{Expected, IncomingConfig};
 use neph_vmm::{VmConfig, VmExit, api, migration};
 
 /// Run one KVM virtual machine.
@@ -59,6 +59,8 @@ struct Args {
     /// Receive a live migration on HOST:PORT instead of booting a kernel:
     /// the VM's shape comes from the source; --disk (copied into, in the
     /// source's order), --net, the console and --api-socket are this side's.
+    /// The VM is built ahead from --cpus, --memory and --no-rng (and rebuilt
+    /// if the source's differs), so give the source's values.
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["kernel", "initrd", "probe"])]
     incoming: Option<String>,
     /// Print what this host's KVM supports and exit.
@@ -104,20 +106,35 @@ fn config_from(args: Args) -> anyhow::Result<VmConfig> {
 
 fn incoming_from(args: &Args) -> anyhow::Result<IncomingConfig> {
     let mut disks = Vec::new();
+    let mut readonly = Vec::new();
     for d in &args.disk {
         let c = d
             .parse::<DiskConfig>()
             .with_context(|| format!("--disk {d}"))?;
         disks.push(c.path);
+        readonly.push(c.readonly);
     }
     let mut taps = Vec::new();
+    let mut macs = Vec::new();
     for n in &args.net {
         let c = n
             .parse::<NetConfig>()
             .with_context(|| format!("--net {n}"))?;
         taps.push(c.tap);
+        macs.push(c.mac);
     }
+    // The VM is pre-built from --cpus, --memory and --no-rng (their
+    // defaults if not given); a source with another shape gets its VM
+    // built when it connects.
+    let vcpus = u8::try_from(args.cpus).map_err(|_| ConfigError::Vcpus(args.cpus))?;
     Ok(IncomingConfig {
+        expect: Some(Expected {
+            vcpus,
+            memory_mib: args.memory,
+            rng: !args.no_rng,
+            macs,
+            readonly,
+        }),
         disks,
         taps,
         console: ConsoleConfig {

@@ -25,7 +25,9 @@ use crate::builder::{Backends, Boot, DeviceKind, StartVmError, create_boot};
 use crate::config::VmConfig;
 use crate::devices::serial::Console;
 use crate::migration::protocol::MigrationConfig;
-use crate::migration::source::{self, MigrateParams, SourceContext, SourceDisk, VmControl};
+use crate::migration::source::{
+    self, MigrateParams, SourceContext, SourceDisk, Stopped, VmControl,
+};
 use crate::migration::state::{self, DevicesState, MachineState, STATE_VERSION, SaveCaps};
 use crate::migration::{AlwaysSwitch, SwitchoverGate};
 use crate::probe::KvmCaps;
@@ -77,7 +79,7 @@ enum Message {
 /// started on: a reboot in between makes every op fail or do nothing).
 enum MigrationOp {
     Throttle(bool),
-    StopAndSave(Sender<Result<MachineState, String>>),
+    StopAndSave(Sender<Result<Stopped, String>>),
     Rollback,
     Finish,
 }
@@ -146,7 +148,7 @@ impl VmControl for RunLoopControl {
             MigrationOp::Throttle(pause),
         ));
     }
-    fn stop_and_save(&self) -> Result<MachineState, String> {
+    fn stop_and_save(&self) -> Result<Stopped, String> {
         let (tx, rx) = channel();
         self.tx
             .send(Message::Migration(
@@ -239,15 +241,57 @@ impl Vm {
     }
 
     fn start_boot(&mut self) -> Result<(), StartVmError> {
+        self.start_boot_with(false)
+    }
+
+    fn start_boot_with(&mut self, paused: bool) -> Result<(), StartVmError> {
         let tx = self.tx.clone();
         let generation = self.generation;
         let sink = Arc::new(move |e| {
             let _ = tx.send(Message::Vcpu(generation, e));
         });
         if let Some(b) = self.boot.as_mut() {
-            b.start(sink)?;
+            b.start(sink, paused)?;
         }
         Ok(())
+    }
+
+    /// Migration target: starts the vCPU and device threads of the loaded
+    /// boot parked, so the commit only has to [`Self::resume_incoming`].
+    /// Call after [`Self::continue_from`] (the boot count is the events'
+    /// generation).
+    pub(crate) fn start_incoming_paused(&mut self) -> Result<(), StartVmError> {
+        self.start_boot_with(true)
+    }
+
+    /// Migration target: lets the boot started by
+    /// [`Self::start_incoming_paused`] run, unless the source had it
+    /// paused. [`Self::run`] then takes over.
+    pub(crate) fn resume_incoming(&self) {
+        if !self.paused
+            && let Some(b) = &self.boot
+        {
+            b.resume();
+        }
+    }
+
+    /// Migration target: the kernel, initrd and command line the source
+    /// booted (used by reboots), and its configuration otherwise.
+    pub(crate) fn adopt_boot_files(&mut self, from: &VmConfig) {
+        self.config.kernel = from.kernel.clone();
+        self.config.initrd = from.initrd.clone();
+        self.config.cmdline = from.cmdline.clone();
+    }
+
+    /// The capacity of each disk, in order.
+    pub(crate) fn disk_capacities(&self) -> Vec<u64> {
+        self.backends.disks.iter().map(|d| d.capacity).collect()
+    }
+
+    /// Migration target: what `migrate_status` reports once the VM has
+    /// arrived.
+    pub(crate) fn set_incoming_status(&mut self, status: crate::migration::MigrationStatus) {
+        self.migration = Some(source::Shared::finished(status));
     }
 
     fn stop_boot(&mut self) {
@@ -260,7 +304,8 @@ impl Vm {
     /// inside.
     pub fn run(mut self) -> Result<VmExit, RunVmError> {
         self.started = Instant::now();
-        if let Err(e) = self.start_boot() {
+        let started = self.boot.as_ref().is_some_and(Boot::started);
+        if !started && let Err(e) = self.start_boot() {
             self.stop_boot();
             return Err(e.into());
         }
@@ -404,8 +449,12 @@ impl Vm {
                 if self.throttled {
                     self.throttled = false;
                 }
+                let t = Instant::now();
                 boot.pause();
-                let _ = reply.send(self.save_state(boot));
+                let pause = t.elapsed();
+                let state = self.save_state(boot);
+                let save = t.elapsed() - pause;
+                let _ = reply.send(state.map(|state| Stopped { state, pause, save }));
                 false
             }
             MigrationOp::Rollback => {

@@ -13,6 +13,9 @@
 //! sets our downtime budget (default: the VMM's, 50 ms; QEMU keeps its
 //! 300 ms default limit). A QEMU migration that
 //! has not converged after 30 s is cancelled and reported as such.
+//! `--only-ours` skips QEMU (for quick measurements while tuning; the BENCH
+//! line then has no peer values). Each of our runs prints its switchover
+//! step by step, source and target side (`migrate_status` of both).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nephele_integration_tests::bench::{Metric, Report, Stats};
 use nephele_integration_tests::guest::{GuestVm, field, guest_image, qemu_microvm};
-use nephele_integration_tests::migration::{migrate, start_target};
+use nephele_integration_tests::migration::{control, migrate, start_target};
 use nephele_integration_tests::procs::free_port;
 
 const MEMORY_MIB: u64 = 1024;
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         .map(|n| n.parse())
         .transpose()
         .context("--max-downtime-ms takes a number")?;
+    let only_ours = std::env::args().any(|a| a == "--only-ours");
     let image = guest_image();
     println!(
         "migration: {runs} run(s) per configuration; guest {} (1 vCPU, {MEMORY_MIB} MiB), \
@@ -89,12 +93,12 @@ fn main() -> anyhow::Result<()> {
     );
     let dir = std::env::temp_dir().join(format!("neph-bench-migration-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = run_all(&dir, runs, budget);
+    let result = run_all(&dir, runs, budget, only_ours);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_all(dir: &Path, runs: usize, budget: Option<u64>) -> anyhow::Result<()> {
+fn run_all(dir: &Path, runs: usize, budget: Option<u64>, only_ours: bool) -> anyhow::Result<()> {
     match budget {
         Some(ms) => println!("neph-vmm downtime budget: {ms} ms"),
         None => println!("neph-vmm downtime budget: its default (50 ms)"),
@@ -110,10 +114,28 @@ fn run_all(dir: &Path, runs: usize, budget: Option<u64>) -> anyhow::Result<()> {
         let mut capped = Vec::new();
         for _ in 0..runs {
             ours.push(ours_once(dir, load, budget)?);
-            uncapped.push(qemu_once(dir, load, true)?);
-            capped.push(qemu_once(dir, load, false)?);
+            if !only_ours {
+                uncapped.push(qemu_once(dir, load, true)?);
+                capped.push(qemu_once(dir, load, false)?);
+            }
         }
         let o = summarize(load.key, "neph-vmm", &ours);
+        if only_ours {
+            let k = load.key;
+            report.push(Metric::alone(
+                &format!("downtime_guest_ms_{k}"),
+                "ms",
+                o.guest_ms,
+            ));
+            report.push(Metric::alone(&format!("total_ms_{k}"), "ms", o.total_ms));
+            report.push(Metric::alone(
+                &format!("downtime_reported_ms_{k}"),
+                "ms",
+                o.reported_ms,
+            ));
+            report.push(Metric::alone(&format!("sent_mib_{k}"), "MiB", o.sent_mib));
+            continue;
+        }
         let u = summarize(load.key, "qemu-uncapped", &uncapped);
         let c = summarize(load.key, "qemu-default", &capped);
         let k = load.key;
@@ -255,7 +277,10 @@ fn ours_once(dir: &Path, load: Load, budget: Option<u64>) -> anyhow::Result<Run>
     let mut src = GuestVm::start(&["--memory", &mem, "--no-rng", "--api-socket", &s])?;
     prepare(&mut src, load)?;
     let port = free_port()?;
-    let mut dst = start_target(port, &[])?;
+    let dst_sock = dir.join("dst.sock");
+    let d = dst_sock.display().to_string();
+    // The target pre-builds the VM it is told to expect.
+    let mut dst = start_target(port, &["--memory", &mem, "--no-rng", "--api-socket", &d])?;
     let extra = budget.map_or(String::new(), |ms| format!(r#""max_downtime_ms":{ms}"#));
     let out = migrate(
         &sock,
@@ -268,6 +293,19 @@ fn ours_once(dir: &Path, load: Load, budget: Option<u64>) -> anyhow::Result<Run>
     }
     let guest_ms = gap_ms(&mut dst)?;
     let _ = src.wait_exit(Duration::from_secs(10));
+    let target = control(&dst_sock, r#"{"cmd":"migrate_status"}"#)
+        .map(|v| v["migration"]["switchover"].clone())
+        .unwrap_or_default();
+    println!(
+        "  {} run: guest gap {guest_ms:.2} ms, {} rounds, throttle {}%, {:.1} MiB; \
+         source {}; target {}",
+        load.key,
+        out.last["round"],
+        out.last["throttle_percent"],
+        out.last["bytes_sent"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
+        phases(&out.last["switchover"]),
+        phases(&target)
+    );
     // A migrated source answers `migrate_status` for a moment before it
     // exits, so the last status is normally the final one.
     let reported = out.last["downtime_ms"].as_f64().unwrap_or(f64::NAN);
@@ -278,6 +316,18 @@ fn ours_once(dir: &Path, load: Load, budget: Option<u64>) -> anyhow::Result<Run>
         reported_ms: reported,
         sent_mib: out.last["bytes_sent"].as_f64().unwrap_or(0.0) / f64::from(1 << 20),
     })
+}
+
+/// A `switchover` list as `name us, ...`.
+fn phases(v: &serde_json::Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| format!("{} {}", p["name"].as_str().unwrap_or("?"), p["us"]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
 }
 
 fn qemu(image: &Path, qmp: &Path, incoming: Option<u16>) -> Command {

@@ -20,6 +20,8 @@ pub mod source;
 pub mod state;
 pub mod target;
 
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
 
 /// Decides whether a migration may commit: the last step before the source
@@ -80,7 +82,7 @@ pub struct MigrationStatus {
     pub throughput_bps: u64,
     /// Predicted downtime if the VM stopped now, ms.
     pub expected_downtime_ms: u64,
-    /// Auto-converge throttle: percent of each 10 ms the vCPUs are paused.
+    /// Auto-converge throttle: percent of each 3 ms the vCPUs are paused.
     pub throttle_percent: u8,
     /// Since the migration started, ms.
     pub elapsed_ms: u64,
@@ -89,4 +91,100 @@ pub struct MigrationStatus {
     pub downtime_ms: Option<u64>,
     /// Why it failed.
     pub error: Option<String>,
+    /// Which end of the migration this status describes.
+    #[serde(default)]
+    pub side: Side,
+    /// The switchover step by step on this side, in order: how long each
+    /// step took (empty until the switchover starts).
+    #[serde(default)]
+    pub switchover: Vec<Phase>,
+    /// The target's steps up to its acknowledgement, as it reported them
+    /// (protocol version 2 and later; its resume comes after and is in
+    /// the target's own `migrate_status`).
+    #[serde(default)]
+    pub target_switchover: Vec<Phase>,
+    /// Memory streams in use.
+    #[serde(default)]
+    pub streams: u8,
+}
+
+/// Which end a [`MigrationStatus`] describes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// The sending VMM.
+    #[default]
+    Source,
+    /// The receiving VMM (`--incoming`).
+    Target,
+}
+
+/// One step of a switchover and how long it took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    /// What the step did (`pause`, `save`, `last_pages`, `restore`, ...).
+    pub name: String,
+    /// Its duration, microseconds.
+    pub us: u64,
+}
+
+/// Times consecutive steps: each [`PhaseClock::lap`] closes the step that
+/// began at the previous one.
+#[derive(Debug)]
+pub struct PhaseClock {
+    start: Instant,
+    last: Instant,
+    phases: Vec<Phase>,
+}
+
+impl Default for PhaseClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PhaseClock {
+    /// Starts timing now.
+    pub fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            last: now,
+            phases: Vec::new(),
+        }
+    }
+
+    /// Closes the current step as `name`.
+    pub fn lap(&mut self, name: &str) {
+        let now = Instant::now();
+        self.phases.push(Phase {
+            name: name.to_owned(),
+            us: micros(now - self.last),
+        });
+        self.last = now;
+    }
+
+    /// Since [`PhaseClock::new`].
+    pub fn total(&self) -> std::time::Duration {
+        self.start.elapsed()
+    }
+
+    /// The steps so far.
+    pub fn phases(&self) -> &[Phase] {
+        &self.phases
+    }
+}
+
+/// A duration in whole microseconds (saturating).
+pub fn micros(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The steps as one line, e.g. `pause 120us, save 800us`.
+pub fn describe_phases(phases: &[Phase]) -> String {
+    phases
+        .iter()
+        .map(|p| format!("{} {}us", p.name, p.us))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 /// Magic at the start of a stream.
 pub const MAGIC: [u8; 8] = *b"NEPHMIG\0";
 /// Protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The oldest version this build still accepts.
 pub const PREVIOUS_VERSION: u32 = 1;
 /// Largest frame payload.
@@ -195,6 +195,24 @@ pub struct Complete {
     pub memory_checksum: Option<u64>,
     /// Pages sent in total (for the target's report).
     pub pages_sent: u64,
+}
+
+/// The payload of a `Loaded` frame: how long the target's steps took, for
+/// the source's report. An empty payload (what a target of protocol
+/// version 1 sends) means no report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadedReport {
+    /// The target's steps from the first switchover frame to `Loaded`.
+    pub phases: Vec<super::Phase>,
+}
+
+/// Decodes a `Loaded` payload into the target's steps (none if empty).
+pub fn decode_loaded(payload: &[u8]) -> Result<Vec<super::Phase>, ProtocolError> {
+    if payload.is_empty() {
+        return Ok(Vec::new());
+    }
+    let r: LoadedReport = decode(Kind::Loaded, payload)?;
+    Ok(r.phases)
 }
 
 /// Writes the stream header.

@@ -3,15 +3,20 @@
 //!
 //! Rounds: round 0 sends every page (zero pages skipped: the target's
 //! memory starts zeroed) and every non-zero disk chunk; each later round
-//! sends what the dirty logs ([`super::dirty`]) collected meanwhile. When
-//! the predicted transfer of what is left fits the downtime budget, the VM
-//! is paused (vCPUs, then the device thread, which leaves no request in
-//! flight), the rest goes with the machine state, and after the target's
-//! `Loaded` and the [`SwitchoverGate`] the source commits and its process
-//! exits. Auto-converge: a round whose guest dirtied more than half of what
-//! it sent raises a throttle that pauses the vCPUs for a growing share of
-//! every 10 ms. Cancel, a timeout, the gate saying no, or any error before
-//! the commit resume the VM here.
+//! sends what the dirty logs ([`super::dirty`]) collected meanwhile. Pre-copy
+//! goes on while rounds shrink what is left and stops once the predicted
+//! downtime (what is left over the measured throughput, plus the fixed
+//! switchover cost) is within a few milliseconds, or within the budget when
+//! it no longer shrinks (see [`decide`]). Then the VM is paused (vCPUs, then
+//! the device thread, which leaves no request in flight), the rest goes with
+//! the machine state in the same burst (no round trip in between), and
+//! after the target's `Loaded` and the [`SwitchoverGate`] the source commits
+//! and its process exits. Every switchover step is timed and reported in
+//! `migrate_status` (`switchover`, and the target's `target_switchover`).
+//! Auto-converge: when rounds stop shrinking (or the guest dirties faster
+//! than half the throughput), a throttle pauses the vCPUs for a growing
+//! share of every 3 ms. Cancel, a timeout, the gate saying no, or any error
+//! before the commit resume the VM here.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -28,7 +33,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use super::dirty::{DirtyLogError, DiskTracker, PAGE, PageTracker};
 use super::protocol::{self, Complete, DiskInfo, Kind, MigrationConfig, ProtocolError};
 use super::state::MachineState;
-use super::{MigrationState, MigrationStatus, SwitchoverGate};
+use super::{
+    MigrationState, MigrationStatus, Phase, PhaseClock, Side, SwitchoverGate, describe_phases,
+};
 use crate::devices::virtio::event_loop::SharedVirtio;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -38,16 +45,24 @@ pub const DEFAULT_MAX_DOWNTIME: Duration = Duration::from_millis(50);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pages per `Pages` frame.
 const PAGES_PER_FRAME: usize = 256;
-/// Fixed part of the predicted downtime: state, acknowledgement, resume.
+/// Fixed part of the predicted downtime: pause, state, acknowledgement,
+/// resume (measured here: 1 to 2.5 ms, see the `switchover` steps).
 const SWITCHOVER_OVERHEAD: Duration = Duration::from_millis(2);
+/// The downtime pre-copy aims at when it can: the overhead plus about a
+/// millisecond of pages.
+const DOWNTIME_GOAL: Duration = Duration::from_millis(3);
+/// The strongest auto-converge throttle, percent.
+const MAX_THROTTLE: u8 = 99;
 /// The lowest throughput predictions assume, bytes per second.
 const MIN_THROUGHPUT: u64 = 32 << 20;
 /// How long a refused connection is retried.
 const CONNECT_RETRY: Duration = Duration::from_secs(5);
 /// Page size, as a length.
 const PAGE_BYTES: usize = protocol::PAGE_SIZE;
-/// Throttle period.
-const THROTTLE_PERIOD_US: u64 = 10_000;
+/// Throttle period: the longest pause a throttled guest sees is this times
+/// the throttle percent, so it is kept short (the guest-visible downtime
+/// bar counts throttle pauses too).
+const THROTTLE_PERIOD_US: u64 = 3_000;
 
 /// A migration failed; the VM runs on here.
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +138,23 @@ impl Shared {
                 elapsed_ms: 0,
                 downtime_ms: None,
                 error: None,
+                side: Side::Source,
+                switchover: Vec::new(),
+                target_switchover: Vec::new(),
+                streams: 1,
             }),
             cancel: AtomicBool::new(false),
             done: AtomicBool::new(false),
+        })
+    }
+
+    /// A migration that has ended with `status` (a target reports the
+    /// migration that brought its VM this way).
+    pub fn finished(status: MigrationStatus) -> Arc<Self> {
+        Arc::new(Self {
+            status: Mutex::new(status),
+            cancel: AtomicBool::new(false),
+            done: AtomicBool::new(true),
         })
     }
 
@@ -142,13 +171,24 @@ impl Shared {
     }
 }
 
+/// A VM stopped for the switchover.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Its complete state.
+    pub state: MachineState,
+    /// How long pausing the vCPUs and the device thread took.
+    pub pause: Duration,
+    /// How long saving the state took.
+    pub save: Duration,
+}
+
 /// What the source needs from the VM's run loop (implemented in
 /// [`crate::vm`]).
 pub trait VmControl: Send + Sync {
     /// Pauses (true) or resumes (false) the vCPUs only, for auto-converge.
     fn throttle(&self, pause: bool);
     /// Pauses vCPUs and devices and saves the machine state.
-    fn stop_and_save(&self) -> Result<MachineState, String>;
+    fn stop_and_save(&self) -> Result<Stopped, String>;
     /// Resumes after a failed attempt (unless the operator had paused).
     fn rollback(&self);
     /// The target has the VM: stop it here and end the process.
@@ -274,6 +314,73 @@ fn next_throttle(current: u8, want: f64) -> u8 {
     floor.max(want).min(99)
 }
 
+/// What a round found, for [`decide`].
+#[derive(Debug, Clone, Copy)]
+struct RoundFacts {
+    /// The round just finished (0: the full pass).
+    round: u32,
+    /// Predicted downtime if the VM stopped now.
+    expected: Duration,
+    /// The migration's downtime budget.
+    budget: Duration,
+    /// Bytes still to send.
+    remaining: u64,
+    /// Bytes still to send after the round before (none after round 0).
+    previous: Option<u64>,
+    /// Auto-converge throttle now, percent.
+    throttle: u8,
+    /// Guest dirty rate over the round, bytes per second.
+    dirty_rate: u64,
+    /// Link throughput, bytes per second.
+    throughput: u64,
+    /// Half the migration's timeout has passed.
+    late: bool,
+}
+
+/// What to do after a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Stop the VM and send the rest.
+    Switchover,
+    /// Another round, as things are.
+    Round,
+    /// Another round, with the vCPUs throttled to this percent.
+    Throttle(u8),
+}
+
+/// Decides after each round. The budget is a ceiling, not a target: the
+/// guest sees the pause plus what the host adds around it, so pre-copy
+/// goes on while rounds still shrink what is left, and switches over once
+/// the prediction is within [`DOWNTIME_GOAL`] (or the budget, when rounds
+/// no longer shrink it and throttling cannot do more). When the guest
+/// dirties faster than rounds can drain (the remainder stopped shrinking
+/// or the dirty rate is over half the throughput), auto-converge throttles
+/// the vCPUs harder, by at least 10 points a step.
+fn decide(f: &RoundFacts) -> Next {
+    let goal = f.budget.min(DOWNTIME_GOAL);
+    if f.expected <= goal {
+        return Next::Switchover;
+    }
+    // Shrinking: the remainder fell by a quarter or more.
+    let shrinking = f
+        .previous
+        .is_none_or(|p| f.remaining.saturating_mul(4) < p.saturating_mul(3));
+    let fits = f.expected <= f.budget;
+    if shrinking && !f.late {
+        return Next::Round;
+    }
+    // Stalled (or late). Near the goal, or out of levers: take it if it fits.
+    if fits && (f.expected <= goal * 2 || f.throttle >= MAX_THROTTLE || f.late) {
+        return Next::Switchover;
+    }
+    if f.round >= 1 && f.throttle < MAX_THROTTLE {
+        // Aim at a dirty rate under half the throughput.
+        let want = 100.0 - 50.0 * f.throughput as f64 / f.dirty_rate.max(1) as f64;
+        return Next::Throttle(next_throttle(f.throttle, want));
+    }
+    Next::Round
+}
+
 /// Bytes per second (saturating; rates are estimates).
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn rate(bytes: u64, secs: f64) -> u64 {
@@ -298,7 +405,7 @@ struct Migration<'a> {
     pages_sent: u64,
 }
 
-/// Pauses the vCPUs a share of each 10 ms while it lives.
+/// Pauses the vCPUs a share of each throttle period while it lives.
 struct Throttle {
     percent: Arc<AtomicU8>,
     stop: Arc<AtomicBool>,
@@ -600,6 +707,7 @@ impl Migration<'_> {
         let throttle = Throttle::start(self.ctx.control.clone());
         let mut throttle_pct: u8 = 0;
         let mut round: u32 = 0;
+        let mut previous_remaining: Option<u64> = None;
         loop {
             let round_start = Instant::now();
             let sent_before = self.bytes_sent;
@@ -640,44 +748,72 @@ impl Migration<'_> {
                 s.throttle_percent = throttle_pct;
                 s.elapsed_ms = ms(self.started.elapsed());
             });
-            if expected <= self.params.max_downtime {
-                break;
-            }
-            // Auto-converge: over a round long enough to measure, the guest
-            // dirtied at more than half the rate the link carries: throttle
-            // harder.
-            if round >= 1
-                && took >= Duration::from_millis(5)
-                && dirty_rate.saturating_mul(2) > throughput
-            {
-                // The step is at least 10 points, more when the guest
-                // dirties much faster than the link carries, aiming at a
-                // dirty rate under half the throughput.
-                let want = 100.0 - 50.0 * throughput as f64 / dirty_rate.max(1) as f64;
-                throttle_pct = next_throttle(throttle_pct, want);
-                throttle.set(throttle_pct);
+            let next = decide(&RoundFacts {
+                round,
+                expected,
+                budget: self.params.max_downtime,
+                remaining,
+                previous: previous_remaining,
+                throttle: throttle_pct,
+                dirty_rate,
+                throughput,
+                late: self.started.elapsed() > self.params.timeout / 2,
+            });
+            previous_remaining = Some(remaining);
+            match next {
+                Next::Switchover => break,
+                Next::Round => {}
+                Next::Throttle(pct) => {
+                    throttle_pct = pct;
+                    throttle.set(pct);
+                }
             }
             round = round.saturating_add(1);
         }
         drop(throttle);
 
-        // Stop and copy.
+        // Stop and copy: every step is timed (the guest's downtime is
+        // their sum plus the target's resume).
         self.shared
             .update(|s| s.state = MigrationState::StopAndCopy);
-        let state = self.ctx.control.stop_and_save().map_err(MigrateError::Vm)?;
-        let paused_at = Instant::now();
+        let mut clock = PhaseClock::new();
+        let stopped = self.ctx.control.stop_and_save().map_err(MigrateError::Vm)?;
+        let handoff = clock.total().saturating_sub(stopped.pause + stopped.save);
+        clock.lap("stop");
+        let mut phases = vec![
+            Phase {
+                name: "handoff".into(),
+                us: super::micros(handoff),
+            },
+            Phase {
+                name: "pause".into(),
+                us: super::micros(stopped.pause),
+            },
+            Phase {
+                name: "save".into(),
+                us: super::micros(stopped.save),
+            },
+        ];
         pages.harvest()?;
+        for t in disks.iter_mut() {
+            t.harvest();
+        }
+        clock.lap("harvest");
         let list = pages.take_pending();
+        let last_pages = list.len();
         self.send_pages(w, &list, false, false)?;
         for (i, t) in disks.iter_mut().enumerate() {
-            t.harvest();
             let chunks = t.take_pending();
             self.send_disk(w, &files, i, &chunks, false, false)?;
         }
-        let state_bytes = postcard::to_stdvec(&state)
+        clock.lap("last_pages");
+        let state_bytes = postcard::to_stdvec(&stopped.state)
             .map_err(|e| MigrateError::Vm(format!("cannot encode the state: {e}")))?;
         self.frame(w, Kind::State, &state_bytes)?;
         let checksum = self.params.verify.then(|| memory_checksum(&self.ctx.mem));
+        if checksum.is_some() {
+            clock.lap("checksum");
+        }
         let complete = Complete {
             memory_checksum: checksum,
             pages_sent: self.pages_sent,
@@ -686,15 +822,26 @@ impl Migration<'_> {
             .map_err(|e| MigrateError::Vm(format!("cannot encode the last frame: {e}")))?;
         self.frame(w, Kind::Complete, &bytes)?;
         w.flush().map_err(ProtocolError::Io)?;
+        clock.lap("send_state");
         expect(reader, &mut buf, Kind::Loaded, "Loaded")?;
+        clock.lap("target_load");
+        let target_phases = protocol::decode_loaded(&buf)?;
         if !self.ctx.gate.allow_switchover(&self.params.to) {
             return Err(MigrateError::GateRefused);
         }
+        clock.lap("gate");
         protocol::write_frame(w, Kind::Commit, b"").map_err(ProtocolError::Io)?;
         w.flush().map_err(ProtocolError::Io)?;
+        clock.lap("commit");
         // Done: recorded before the log is switched off, which takes a
         // while under PVM while the guest already runs on the target.
-        let downtime = paused_at.elapsed();
+        let downtime = clock.total();
+        phases.extend(clock.phases().iter().skip(1).cloned());
+        eprintln!(
+            "neph-vmm: switchover: {last_pages} last pages; source {}; target {}",
+            describe_phases(&phases),
+            describe_phases(&target_phases)
+        );
         let bytes_sent = self.bytes_sent;
         self.shared.update(|s| {
             s.state = MigrationState::Completed;
@@ -703,6 +850,8 @@ impl Migration<'_> {
             s.bytes_sent = bytes_sent;
             s.bytes_remaining = 0;
             s.expected_downtime_ms = 0;
+            s.switchover = phases;
+            s.target_switchover = target_phases;
         });
         pages.stop();
         Ok(downtime)
@@ -754,6 +903,80 @@ mod tests {
         assert_eq!(next_throttle(30, 75.0), 75);
         assert_eq!(next_throttle(95, 120.0), 99);
         assert_eq!(next_throttle(99, f64::NAN), 99);
+    }
+
+    fn facts() -> RoundFacts {
+        RoundFacts {
+            round: 1,
+            expected: Duration::from_millis(20),
+            budget: Duration::from_millis(50),
+            remaining: 10 << 20,
+            previous: Some(40 << 20),
+            throttle: 0,
+            dirty_rate: 100 << 20,
+            throughput: 1 << 30,
+            late: false,
+        }
+    }
+
+    #[test]
+    fn rounds_go_on_while_they_shrink_and_stop_at_the_goal() {
+        // Fits the budget but still shrinking: one more round.
+        assert_eq!(decide(&facts()), Next::Round);
+        // Within the goal: stop.
+        let f = RoundFacts {
+            expected: Duration::from_millis(3),
+            ..facts()
+        };
+        assert_eq!(decide(&f), Next::Switchover);
+        // A smaller budget than the goal is the goal.
+        let f = RoundFacts {
+            expected: Duration::from_millis(2),
+            budget: Duration::from_millis(1),
+            ..facts()
+        };
+        assert_eq!(decide(&f), Next::Round);
+        // Stalled near the goal: stop.
+        let f = RoundFacts {
+            expected: Duration::from_millis(5),
+            remaining: 39 << 20,
+            ..facts()
+        };
+        assert_eq!(decide(&f), Next::Switchover);
+    }
+
+    #[test]
+    fn a_stalled_migration_throttles_then_settles_for_the_budget() {
+        let stalled = RoundFacts {
+            remaining: 39 << 20,
+            dirty_rate: 2 << 30,
+            ..facts()
+        };
+        // 100 - 50 * 1/2 = 75.
+        assert_eq!(decide(&stalled), Next::Throttle(75));
+        let f = RoundFacts {
+            throttle: 99,
+            ..stalled
+        };
+        assert_eq!(decide(&f), Next::Switchover);
+        let f = RoundFacts {
+            throttle: 99,
+            expected: Duration::from_millis(80),
+            ..stalled
+        };
+        assert_eq!(decide(&f), Next::Round, "over budget: wait for the timeout");
+        let f = RoundFacts {
+            late: true,
+            ..facts()
+        };
+        assert_eq!(decide(&f), Next::Switchover, "late and within budget");
+        // Round 0 never throttles (its dirty rate means nothing yet).
+        let f = RoundFacts {
+            round: 0,
+            expected: Duration::from_millis(80),
+            ..stalled
+        };
+        assert_eq!(decide(&f), Next::Round);
     }
 
     #[test]

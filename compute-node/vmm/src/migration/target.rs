@@ -18,13 +18,14 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::protocol::{self, Complete, Kind, MigrationConfig, ProtocolError};
+use super::protocol::{self, Complete, Kind, LoadedReport, MigrationConfig, ProtocolError};
 use super::source::{error_chain, memory_checksum};
 use super::state::{self, MachineState, MachineStateError};
+use super::{MigrationState, MigrationStatus, PhaseClock, Side, describe_phases};
 use crate::builder::{StartVmError, build_incoming};
 use crate::config::{ConsoleConfig, DiskConfig, MacAddr, NetConfig, VmConfig};
 use crate::devices::serial::{Console, RestoreSerialError};
@@ -88,11 +89,35 @@ pub struct IncomingConfig {
     pub console: ConsoleConfig,
     /// Control socket.
     pub api_socket: Option<PathBuf>,
+    /// The VM this target expects (vCPUs, memory, rng, and the MACs of
+    /// `taps` if given): built before the source connects, so the build is
+    /// not part of the migration. A source whose VM differs gets one built
+    /// for it after its `Config` (slower, never wrong). `None`: build only
+    /// then. Disks are pre-built only when each `disks` file exists with
+    /// the source's size (the node agent creates it sparse), because a
+    /// block device's size is fixed when it is built.
+    pub expect: Option<Expected>,
+}
+
+/// The shape of the VM a target pre-builds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Whether it has an rng device.
+    pub rng: bool,
+    /// The MAC of each tap, in order (`None`: derived from the tap name,
+    /// as a booted VM would).
+    pub macs: Vec<Option<MacAddr>>,
+    /// Whether each disk is read-only, in order.
+    pub readonly: Vec<bool>,
 }
 
 /// Listens on `listen` and returns the VM of the first stream that
-/// completes, ready to [`Vm::run`]. Failed streams are reported on stderr
-/// and the next one is awaited.
+/// completes, already running. Failed streams are reported on stderr and
+/// the next one is awaited.
 pub fn receive(
     listen: &str,
     local: &IncomingConfig,
@@ -101,6 +126,8 @@ pub fn receive(
     let listener =
         TcpListener::bind(listen).map_err(|e| IncomingError::Listen(listen.to_owned(), e))?;
     eprintln!("neph-vmm: waiting for a migration on {listen}");
+    // Built while the source connects (the backlog holds its connection).
+    let mut prebuilt = prebuild(local, console);
     loop {
         let (stream, peer) = match listener.accept() {
             Ok(s) => s,
@@ -110,32 +137,113 @@ pub fn receive(
                 continue;
             }
         };
-        match receive_one(stream, local, console) {
-            Ok(vm) => {
-                eprintln!("neph-vmm: migration from {peer} complete; the VM runs here");
+        match receive_one(stream, local, console, &mut prebuilt) {
+            Ok((vm, status)) => {
+                eprintln!(
+                    "neph-vmm: migration from {peer} complete; the VM runs here (switchover: {})",
+                    describe_phases(&status.switchover)
+                );
+                let mut vm = vm;
+                vm.set_incoming_status(status);
                 return Ok(vm);
             }
-            Err(e) => eprintln!(
-                "neph-vmm: refused the migration from {peer}: {}",
-                error_chain(&e)
-            ),
+            Err(e) => {
+                eprintln!(
+                    "neph-vmm: refused the migration from {peer}: {}",
+                    error_chain(&e)
+                );
+                // A stream that got as far as the VM used it up.
+                if prebuilt.is_none() {
+                    prebuilt = prebuild(local, console);
+                }
+            }
         }
     }
 }
 
-/// Handles one stream to its end.
+/// Builds the VM `local` expects, if it says; `None` (with the reason on
+/// stderr) when it cannot be built ahead.
+fn prebuild(local: &IncomingConfig, console: &Arc<Console>) -> Option<Vm> {
+    let e = local.expect.as_ref()?;
+    if e.macs.len() != local.taps.len() || e.readonly.len() != local.disks.len() {
+        return None;
+    }
+    let config = VmConfig {
+        kernel: PathBuf::new(),
+        initrd: None,
+        cmdline: String::new(),
+        vcpus: e.vcpus,
+        memory_mib: e.memory_mib,
+        disks: local
+            .disks
+            .iter()
+            .zip(&e.readonly)
+            .map(|(path, ro)| DiskConfig {
+                path: path.clone(),
+                readonly: *ro,
+            })
+            .collect(),
+        nets: local
+            .taps
+            .iter()
+            .zip(&e.macs)
+            .map(|(tap, mac)| NetConfig {
+                tap: tap.clone(),
+                mac: *mac,
+            })
+            .collect(),
+        console: local.console.clone(),
+        api_socket: local.api_socket.clone(),
+        rng: e.rng,
+    };
+    match build_incoming(config, console.clone()) {
+        Ok(vm) => Some(vm),
+        Err(e) => {
+            eprintln!(
+                "neph-vmm: the VM is built when the source connects, not ahead: {}",
+                error_chain(&e)
+            );
+            None
+        }
+    }
+}
+
+/// Whether a pre-built VM is the one `want` describes, with disks of
+/// `capacities`.
+fn fits(vm: &Vm, want: &VmConfig, capacities: &[u64]) -> bool {
+    let have = vm.config();
+    have.vcpus == want.vcpus
+        && have.memory_mib == want.memory_mib
+        && have.rng == want.rng
+        && have.disks == want.disks
+        && vm.disk_capacities() == capacities
+        && have.nets.len() == want.nets.len()
+        && have
+            .nets
+            .iter()
+            .zip(&want.nets)
+            .all(|(a, b)| a.tap == b.tap && a.effective_mac() == b.effective_mac())
+}
+
+/// Handles one stream to its end: the VM, started, and the report of the
+/// migration. Takes the pre-built VM out of `prebuilt` once the source's
+/// configuration has arrived (whether or not it fits).
 pub fn receive_one(
     stream: TcpStream,
     local: &IncomingConfig,
     console: &Arc<Console>,
-) -> Result<Vm, IncomingError> {
+    prebuilt: &mut Option<Vm>,
+) -> Result<(Vm, MigrationStatus), IncomingError> {
     let _ = stream.set_nodelay(true);
     stream
         .set_read_timeout(Some(FRAME_TIMEOUT))
         .map_err(ProtocolError::Io)?;
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let mut w = stream.try_clone().map_err(ProtocolError::Io)?;
     let mut r = BufReader::with_capacity(4 << 20, stream);
-    let result = Receiver::new(local, console).run(&mut r, &mut w);
+    let result = Receiver::new(local, console).run(&mut r, &mut w, prebuilt, &peer);
     if let Err(e) = &result
         && !matches!(e, IncomingError::Protocol(ProtocolError::Aborted(_)))
     {
@@ -236,8 +344,15 @@ impl<'a> Receiver<'a> {
         Ok(())
     }
 
-    fn run(&self, r: &mut BufReader<TcpStream>, w: &mut TcpStream) -> Result<Vm, IncomingError> {
-        protocol::read_header(r)?;
+    fn run(
+        &self,
+        r: &mut BufReader<TcpStream>,
+        w: &mut TcpStream,
+        prebuilt: &mut Option<Vm>,
+        peer: &str,
+    ) -> Result<(Vm, MigrationStatus), IncomingError> {
+        let started = Instant::now();
+        let version = protocol::read_header(r)?;
         let mut buf = Vec::new();
         let kind = protocol::read_frame(r, &mut buf)?;
         if kind != Kind::Config {
@@ -246,6 +361,18 @@ impl<'a> Receiver<'a> {
         let cfg: MigrationConfig = protocol::decode(kind, &buf)?;
         let config = target_config(&cfg, self.local)?;
         let capacities: Vec<u64> = cfg.disks.iter().map(|d| d.capacity).collect();
+        let ready = match prebuilt.take() {
+            Some(vm) if fits(&vm, &config, &capacities) => Some(vm),
+            Some(_) => {
+                eprintln!(
+                    "neph-vmm: the source's VM ({} vCPUs, {} MiB) is not the one pre-built; \
+                     building it now",
+                    cfg.vcpus, cfg.memory_mib
+                );
+                None
+            }
+            None => None,
+        };
         let files = self
             .local
             .disks
@@ -253,7 +380,13 @@ impl<'a> Receiver<'a> {
             .zip(&capacities)
             .map(|(p, c)| prepare_disk(p, *c))
             .collect::<Result<Vec<_>, _>>()?;
-        let mut vm = build_incoming(config, self.console.clone())?;
+        let mut vm = match ready {
+            Some(mut vm) => {
+                vm.adopt_boot_files(&config);
+                vm
+            }
+            None => build_incoming(config, self.console.clone())?,
+        };
         let (mem, virtio_count) = {
             let boot = vm
                 .boot()
@@ -273,8 +406,12 @@ impl<'a> Receiver<'a> {
         let mut written = PageSet::new(mem.last_addr().0);
         let mut unsynced = vec![false; files.len()];
         let zero = [0u8; protocol::PAGE_SIZE];
+        let mut rounds: u32 = 0;
+        let mut received: u64 = 0;
+        let mut clock = PhaseClock::new();
         loop {
             let kind = protocol::read_frame(r, &mut buf)?;
+            received += 5 + buf.len() as u64;
             match kind {
                 Kind::Pages => {
                     for (gpa, page) in protocol::pages(&buf, valid)? {
@@ -298,6 +435,9 @@ impl<'a> Receiver<'a> {
                     // the switchover only waits for the last few chunks.
                     self.sync_disks(&files, &mut unsynced)?;
                     protocol::write_frame(w, Kind::Synced, b"").map_err(ProtocolError::Io)?;
+                    rounds = rounds.saturating_add(1);
+                    // The switchover starts after the last Synced.
+                    clock = PhaseClock::new();
                 }
                 Kind::DiskChunk => {
                     let (disk, offset, data) = protocol::parse_disk_chunk(&buf, &capacities)?;
@@ -307,11 +447,14 @@ impl<'a> Receiver<'a> {
                     unsynced[disk] = true;
                 }
                 Kind::State => {
+                    clock.lap("last_pages");
                     let s: MachineState = protocol::decode(kind, &buf)?;
                     s.validate(cfg.vcpus, virtio_count)?;
                     machine = Some(s);
+                    clock.lap("decode_state");
                 }
                 Kind::Complete => {
+                    clock.lap("wait_complete");
                     let c: Complete = protocol::decode(kind, &buf)?;
                     let Some(s) = machine.take() else {
                         return Err(ProtocolError::Malformed {
@@ -326,13 +469,51 @@ impl<'a> Receiver<'a> {
                             return Err(IncomingError::Checksum { ours, theirs });
                         }
                         eprintln!("neph-vmm: guest memory verified (checksum {ours:#x})");
+                        clock.lap("checksum");
                     }
                     self.sync_disks(&files, &mut unsynced)?;
+                    clock.lap("sync_disks");
                     restore(&mut vm, &s, cfg.boots)?;
-                    protocol::write_frame(w, Kind::Loaded, b"").map_err(ProtocolError::Io)?;
+                    clock.lap("restore");
+                    // The threads start parked: the commit only wakes them.
+                    vm.start_incoming_paused()?;
+                    clock.lap("start_paused");
+                    let report = if version >= 2 {
+                        postcard::to_stdvec(&LoadedReport {
+                            phases: clock.phases().to_vec(),
+                        })
+                        .unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    };
+                    protocol::write_frame(w, Kind::Loaded, &report).map_err(ProtocolError::Io)?;
                     let kind = protocol::read_frame(r, &mut buf)?;
+                    clock.lap("wait_commit");
                     return match kind {
-                        Kind::Commit => Ok(vm),
+                        Kind::Commit => {
+                            vm.resume_incoming();
+                            clock.lap("resume");
+                            let status = MigrationStatus {
+                                state: MigrationState::Completed,
+                                to: peer.to_owned(),
+                                round: rounds,
+                                bytes_sent: received,
+                                bytes_remaining: 0,
+                                dirty_rate_bps: 0,
+                                throughput_bps: 0,
+                                expected_downtime_ms: 0,
+                                throttle_percent: 0,
+                                elapsed_ms: u64::try_from(started.elapsed().as_millis())
+                                    .unwrap_or(u64::MAX),
+                                downtime_ms: None,
+                                error: None,
+                                side: Side::Target,
+                                switchover: clock.phases().to_vec(),
+                                target_switchover: Vec::new(),
+                                streams: 1,
+                            };
+                            Ok((vm, status))
+                        }
                         Kind::Abort => Err(ProtocolError::Aborted(
                             String::from_utf8_lossy(&buf).into_owned(),
                         )
