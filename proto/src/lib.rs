@@ -14,6 +14,9 @@ pub mod cluster {
     }
 }
 
+#[cfg(feature = "serve")]
+pub mod serve;
+
 /// The encoded `FileDescriptorSet` of every package, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/nephele_descriptor.bin"));

@@ -1,7 +1,127 @@
-//! `neph-node`: the compute-node agent. It registers with the controllers,
-//! reports capacity and health, and runs one `neph-vmm` process per VM.
+//! `neph-node`: the compute-node agent daemon, a thin shell over the
+//! `neph_node` library (see its crate doc and the README).
 
-fn main() {
-    eprintln!("neph-node: not implemented yet (see issue 5)");
-    std::process::exit(1);
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use neph_node::config::{AgentConfig, RawFlags};
+
+#[derive(Debug, Parser)]
+#[command(name = "neph-node", version, about = "Nephele compute-node agent")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Register with the controllers and run the VMs assigned to this node.
+    Run(RunFlags),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunFlags {
+    /// This node's id (a lowercase DNS label).
+    #[arg(long, env = "NEPHELE_NODE_ID")]
+    node_id: String,
+    /// A controller's HOST:PORT (repeatable; more are learned from answers).
+    #[arg(
+        long = "controller",
+        env = "NEPHELE_CONTROLLERS",
+        value_delimiter = ',',
+        required = true
+    )]
+    controllers: Vec<String>,
+    /// Where to serve the Agent gRPC service (IP:PORT; port 0 picks one).
+    #[arg(long, env = "NEPHELE_LISTEN")]
+    listen: String,
+    /// The address the controllers reach this agent at (default: the bound
+    /// listen address).
+    #[arg(long, env = "NEPHELE_ADVERTISE")]
+    advertise: Option<String>,
+    /// Instance directories live under DIR/instances.
+    #[arg(long, env = "NEPHELE_DATA_DIR")]
+    data_dir: PathBuf,
+    /// Images: DIR/<image-id>/kernel, initrd, cmdline, disk.raw.
+    #[arg(long, env = "NEPHELE_IMAGE_DIR")]
+    image_dir: PathBuf,
+    /// A file holding the bearer token for the controllers.
+    #[arg(long, env = "NEPHELE_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// The hypervisor binary (default: neph-vmm next to this executable).
+    #[arg(long, env = "NEPHELE_VMM")]
+    vmm: Option<PathBuf>,
+    /// Attach every VM's tap to this bridge (no network without it).
+    #[arg(long, env = "NEPHELE_BRIDGE")]
+    bridge: Option<String>,
+    /// vCPUs offered (default: the host's CPUs).
+    #[arg(long)]
+    capacity_vcpus: Option<u64>,
+    /// Memory offered in MiB (default: the host's less 10%, at least 1 GiB).
+    #[arg(long)]
+    capacity_memory_mib: Option<u64>,
+    /// Disk offered in GiB (default: free space in --data-dir less 2 GiB).
+    #[arg(long)]
+    capacity_disk_gib: Option<u64>,
+    /// A node label KEY=VALUE (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    match term {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stopping the agent; the VMs keep running");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let Cmd::Run(f) = cli.command;
+    let cfg = AgentConfig::load(RawFlags {
+        node_id: f.node_id,
+        controllers: f.controllers,
+        listen: f.listen,
+        advertise: f.advertise,
+        data_dir: f.data_dir,
+        image_dir: f.image_dir,
+        token_file: f.token_file,
+        vmm: f.vmm,
+        bridge: f.bridge,
+        capacity_vcpus: f.capacity_vcpus,
+        capacity_memory_mib: f.capacity_memory_mib,
+        capacity_disk_gib: f.capacity_disk_gib,
+        labels: f.labels,
+    })?;
+    tracing::info!(node = %cfg.node_id, capacity = ?cfg.capacity, vmm = %cfg.vmm.display(), "starting");
+    neph_node::daemon::run(
+        cfg,
+        |addr| {
+            // The machine-readable line tests and `neph dev` rely on.
+            println!("LISTENING {addr}");
+        },
+        shutdown_signal(),
+    )
+    .await?;
+    Ok(())
 }

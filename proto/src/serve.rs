@@ -1,0 +1,31 @@
+//! What every Nephele daemon serves besides its own services (feature
+//! `serve`): gRPC health, with each named service and the server as a whole
+//! (`""`) reported SERVING, and gRPC reflection over
+//! [`crate::FILE_DESCRIPTOR_SET`]. Used by `neph-node`; `neph-controller`
+//! does the same in `controller/src/api/mod.rs` and can move onto this.
+
+use tonic::transport::server::Router;
+
+/// Adds gRPC health (every name in `services`, plus `""`, SERVING) and
+/// gRPC reflection to `router`. Reflection is left out, with a warning on
+/// stderr, if the descriptor set does not load (it is compiled in, so
+/// that is a build bug).
+pub async fn add_health_and_reflection(router: Router, services: &[&str]) -> Router {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in services.iter().copied().chain([""]) {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let router = router.add_service(health_service);
+    match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(r) => router.add_service(r),
+        Err(e) => {
+            eprintln!("gRPC reflection is off: the descriptor set did not load: {e}");
+            router
+        }
+    }
+}
