@@ -1,8 +1,5 @@
 //! `nephele.compute.v1`: flavors, images, instances and server groups.
 
-use std::pin::Pin;
-
-use futures::Stream;
 use nephele_proto::compute::v1 as pb;
 use nephele_proto::compute::v1::flavors_server::Flavors;
 use nephele_proto::compute::v1::images_server::Images;
@@ -16,7 +13,7 @@ use tonic::{Request, Response as Reply, Status, Streaming};
 
 use super::authz::Target;
 use super::errors::ApiError;
-use super::{Api, Page, convert, derived_id, project_target, request_id};
+use super::{Api, Page, console, convert, derived_id, project_target, request_id};
 use crate::reconcile;
 use crate::store::StateStore;
 
@@ -254,9 +251,6 @@ impl<S: StateStore> Api<S> {
 
 const INSTANCES: &str = "/nephele.compute.v1.Instances/";
 
-type ConsoleStream =
-    Pin<Box<dyn Stream<Item = Result<pb::ConsoleResponse, Status>> + Send + 'static>>;
-
 #[tonic::async_trait]
 impl<S: StateStore> Instances for Api<S> {
     async fn create_instance(
@@ -454,18 +448,25 @@ impl<S: StateStore> Instances for Api<S> {
         )?))
     }
 
-    type ConsoleStream = ConsoleStream;
+    type ConsoleStream = console::ConsoleStream;
 
     async fn console(
         &self,
         req: Request<Streaming<pb::ConsoleRequest>>,
     ) -> Result<Reply<Self::ConsoleStream>, Status> {
-        // Authenticate before saying anything about the feature.
-        self.authenticate(req.metadata()).await?;
-        Err(ApiError::NotImplemented(
-            "the console is relayed by the compute-node agent, which does not serve it yet".into(),
-        )
-        .into())
+        let (metadata, _, mut inbound) = req.into_parts();
+        // Who calls, before anything about the instance is said.
+        self.authenticate(&metadata).await?;
+        let first = inbound.message().await?.ok_or_else(|| {
+            ApiError::InvalidArgument("the first console message must name the instance".into())
+        })?;
+        let name = first.name.clone();
+        self.instance_call(&metadata, &format!("{INSTANCES}Console"), &name)
+            .await?;
+        let target = self
+            .read_try(move |s| console::target(s, &name, true))
+            .await?;
+        Ok(Reply::new(console::relay(target, first, inbound).await?))
     }
 
     async fn get_console_log(
@@ -475,10 +476,10 @@ impl<S: StateStore> Instances for Api<S> {
         let name = req.get_ref().name.clone();
         self.instance_call(req.metadata(), &format!("{INSTANCES}GetConsoleLog"), &name)
             .await?;
-        Err(ApiError::NotImplemented(
-            "console logs are kept by the compute-node agent, which does not serve them yet".into(),
-        )
-        .into())
+        let target = self
+            .read_try(move |s| console::target(s, &name, false))
+            .await?;
+        Ok(Reply::new(console::log(target, req.into_inner()).await?))
     }
 }
 

@@ -17,6 +17,7 @@
 //! | `NOT_LEADER` | UNAVAILABLE | no raft leader is reachable from this controller (election, partition); retry, maybe on another controller |
 //! | `COMMIT_UNKNOWN` | DEADLINE_EXCEEDED | the write was submitted but not seen applied in time; retry only with the same `request_id` |
 //! | `CONTROLLER_STOPPED` | UNAVAILABLE | this controller is shutting down or failed; use another |
+//! | `NODE_UNAVAILABLE` | UNAVAILABLE | the compute node holding the instance does not answer (console, console log); retry later |
 //! | `NOT_IMPLEMENTED` | UNIMPLEMENTED | the call exists in the API but this release does not serve it yet |
 //! | `INTERNAL` | INTERNAL | a bug: the state machine answered something unexpected |
 
@@ -47,6 +48,7 @@ pub const REASONS: &[&str] = &[
     "NOT_LEADER",
     "COMMIT_UNKNOWN",
     "CONTROLLER_STOPPED",
+    "NODE_UNAVAILABLE",
     "NOT_IMPLEMENTED",
     "INTERNAL",
 ];
@@ -104,6 +106,9 @@ pub enum ApiError {
     /// This controller stopped.
     #[error("{0}")]
     ControllerStopped(String),
+    /// The compute node that holds the instance does not answer.
+    #[error("{0}")]
+    NodeUnavailable(String),
     /// Not served yet.
     #[error("{0}")]
     NotImplemented(String),
@@ -129,6 +134,7 @@ impl ApiError {
             ApiError::NotLeader(_) => "NOT_LEADER",
             ApiError::CommitUnknown(_) => "COMMIT_UNKNOWN",
             ApiError::ControllerStopped(_) => "CONTROLLER_STOPPED",
+            ApiError::NodeUnavailable(_) => "NODE_UNAVAILABLE",
             ApiError::NotImplemented(_) => "NOT_IMPLEMENTED",
             ApiError::Internal(_) => "INTERNAL",
         }
@@ -145,7 +151,9 @@ impl ApiError {
             ApiError::QuotaExceeded { .. } | ApiError::NoValidHost(_) => Code::ResourceExhausted,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Conflict(_) => Code::Aborted,
-            ApiError::NotLeader(_) | ApiError::ControllerStopped(_) => Code::Unavailable,
+            ApiError::NotLeader(_)
+            | ApiError::ControllerStopped(_)
+            | ApiError::NodeUnavailable(_) => Code::Unavailable,
             ApiError::CommitUnknown(_) => Code::DeadlineExceeded,
             ApiError::NotImplemented(_) => Code::Unimplemented,
             ApiError::Internal(_) => Code::Internal,

@@ -11,6 +11,8 @@
 //! - [`convert`]: state model <-> protobuf messages.
 //! - `iam.rs`, `compute.rs`, `infra.rs`, `ops.rs`, `node.rs`: the services,
 //!   all implemented on [`Api`].
+//! - `console.rs`: the console and console-log relay to the instance's
+//!   node (`nephele.node.v1.Agent`).
 //!
 //! [`routes`] adds every service (plus gRPC health and reflection) to a
 //! tonic router, each with explicit message size limits.
@@ -21,6 +23,7 @@ pub mod convert;
 pub mod errors;
 
 mod compute;
+mod console;
 mod iam;
 mod infra;
 mod node;

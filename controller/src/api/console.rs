@@ -1,0 +1,188 @@
+//! The console relay: `Instances.Console` and `Instances.GetConsoleLog` are
+//! answered by the compute node that holds the instance, through the
+//! `nephele.node.v1.Agent` service its agent serves at the address it
+//! registered. The caller is authorized on the instance first; the node is
+//! then called without credentials (controller-to-node authentication comes
+//! with mTLS).
+//!
+//! ```text
+//!  neph ──Console(stream)──► controller ──Agent.Console(stream)──► neph-node
+//!       ◄──────── output ───            ◄────────── output ──────
+//! ```
+//!
+//! The first request names the instance; the controller forwards it (with
+//! any input it carries) and every later request as they come, and every
+//! response back. Either side ending its stream ends the relay.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use nephele_proto::compute::v1 as pb;
+use nephele_proto::node::v1::agent_client::AgentClient;
+use nephele_state::model::{InstanceState, State};
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+use super::errors::ApiError;
+
+/// How long a node may take to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a console log read may take.
+const LOG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest message accepted from a node.
+const MAX_MESSAGE: usize = 8 << 20;
+/// Console log size when the request does not say.
+const DEFAULT_LOG_BYTES: u64 = 64 << 10;
+/// Largest console log relayed.
+const MAX_LOG_BYTES: u64 = 4 << 20;
+
+/// The relayed console output.
+pub type ConsoleStream =
+    Pin<Box<dyn Stream<Item = Result<pb::ConsoleResponse, Status>> + Send + 'static>>;
+
+/// Where an instance's console is: its node and that node's agent address.
+#[derive(Debug, Clone)]
+pub struct ConsoleTarget {
+    /// `nodes/{node}`.
+    pub node: String,
+    /// The agent's `host:port`.
+    pub address: String,
+}
+
+/// Finds the node of `name`; with `running`, the instance must be RUNNING
+/// (a live console), otherwise only placed (its log outlives the VM).
+pub fn target(s: &State, name: &str, running: bool) -> Result<ConsoleTarget, ApiError> {
+    let i = s
+        .instances
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(name))?;
+    if running && i.state != InstanceState::Running {
+        return Err(ApiError::FailedPrecondition(format!(
+            "instance is not running: {name} is {}; start it first",
+            i.state
+        )));
+    }
+    let node = i.node.clone().ok_or_else(|| {
+        ApiError::FailedPrecondition(format!(
+            "{name} is not placed on a node yet, so it has no console"
+        ))
+    })?;
+    let address = s
+        .nodes
+        .get(&node)
+        .map(|n| n.address.clone())
+        .ok_or_else(|| ApiError::not_found(&node))?;
+    Ok(ConsoleTarget { node, address })
+}
+
+fn node_id(node: &str) -> &str {
+    node.strip_prefix("nodes/").unwrap_or(node)
+}
+
+/// A node's failure as the API's: transport failures are the node not
+/// answering; what the agent itself refused passes through.
+fn relay_error(node: &str, status: Status) -> Status {
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Cancelled => {
+            ApiError::NodeUnavailable(format!(
+                "node {} does not answer: {}",
+                node_id(node),
+                status.message()
+            ))
+            .into()
+        }
+        Code::NotFound => ApiError::FailedPrecondition(format!(
+            "node {} does not run the instance (it may be starting or moving): {}",
+            node_id(node),
+            status.message()
+        ))
+        .into(),
+        _ => status,
+    }
+}
+
+async fn connect(t: &ConsoleTarget) -> Result<AgentClient<Channel>, ApiError> {
+    let unavailable = |e: String| {
+        ApiError::NodeUnavailable(format!(
+            "node {} does not answer at {}: {e}",
+            node_id(&t.node),
+            t.address
+        ))
+    };
+    let channel = Channel::from_shared(format!("http://{}", t.address))
+        .map_err(|e| unavailable(e.to_string()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect()
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
+    Ok(AgentClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// Relays a console: `first` (already read, naming the instance) and the
+/// rest of `inbound` go to the node; its output comes back.
+pub async fn relay(
+    t: ConsoleTarget,
+    first: pb::ConsoleRequest,
+    mut inbound: Streaming<pb::ConsoleRequest>,
+) -> Result<ConsoleStream, Status> {
+    let mut agent = connect(&t).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    // Cannot fail: the receiver is alive and the buffer empty.
+    let _ = tx.try_send(first);
+    tokio::spawn(async move {
+        // Ends when the caller ends its stream, fails, or the node hangs up.
+        while let Ok(Some(m)) = inbound.message().await {
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+    });
+    let outbound = agent
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| relay_error(&t.node, s))?
+        .into_inner();
+    let node = t.node;
+    Ok(Box::pin(
+        outbound.map(move |r| r.map_err(|s| relay_error(&node, s))),
+    ))
+}
+
+/// Reads the tail of the console log from the node.
+pub async fn log(
+    t: ConsoleTarget,
+    mut request: pb::GetConsoleLogRequest,
+) -> Result<pb::ConsoleLog, Status> {
+    if request.max_bytes == 0 {
+        request.max_bytes = DEFAULT_LOG_BYTES;
+    }
+    request.max_bytes = request.max_bytes.min(MAX_LOG_BYTES);
+    let mut agent = connect(&t).await?;
+    match tokio::time::timeout(LOG_TIMEOUT, agent.get_console_log(request)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(relay_error(&t.node, s)),
+        Err(_) => Err(relay_error(
+            &t.node,
+            Status::deadline_exceeded("no console log in time"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_failures_become_stable_reasons() {
+        let s = relay_error("nodes/n1", Status::unavailable("connection refused"));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().starts_with("node n1 does not answer"), "{s:?}");
+        let s = relay_error("nodes/n1", Status::not_found("no such vm"));
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        let s = relay_error("nodes/n1", Status::invalid_argument("bad"));
+        assert_eq!(s.code(), Code::InvalidArgument);
+    }
+}
