@@ -78,7 +78,8 @@ enum Message {
 /// What the migration thread asks of the run loop (for the boot it
 /// started on: a reboot in between makes every op fail or do nothing).
 enum MigrationOp {
-    Throttle(bool),
+    /// Pause (true) or resume; a pause answers once the vCPUs are parked.
+    Throttle(bool, Option<Sender<()>>),
     StopAndSave(Sender<Result<Stopped, String>>),
     Rollback,
     Finish,
@@ -143,10 +144,16 @@ struct RunLoopControl {
 
 impl VmControl for RunLoopControl {
     fn throttle(&self, pause: bool) {
-        let _ = self.tx.send(Message::Migration(
+        // A pause is waited for (the throttle times the run share from
+        // when the vCPUs are really parked); a resume is not.
+        let (tx, rx) = channel();
+        let sent = self.tx.send(Message::Migration(
             self.generation,
-            MigrationOp::Throttle(pause),
+            MigrationOp::Throttle(pause, pause.then_some(tx)),
         ));
+        if pause && sent.is_ok() {
+            let _ = rx.recv_timeout(REQUEST_TIMEOUT);
+        }
     }
     fn stop_and_save(&self) -> Result<Stopped, String> {
         let (tx, rx) = channel();
@@ -435,13 +442,16 @@ impl Vm {
             return false;
         };
         match op {
-            MigrationOp::Throttle(pause) => {
+            MigrationOp::Throttle(pause, done) => {
                 // An operator's pause wins over the throttle.
                 if !self.paused && pause != self.throttled {
                     if let Some(v) = &boot.vcpus {
                         if pause { v.pause() } else { v.resume() }
                     }
                     self.throttled = pause;
+                }
+                if let Some(done) = done {
+                    let _ = done.send(());
                 }
                 false
             }

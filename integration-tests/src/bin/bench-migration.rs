@@ -13,7 +13,7 @@
 //! sets our downtime budget (default: the VMM's, 50 ms; QEMU keeps its
 //! 300 ms default limit). A QEMU migration that
 //! has not converged after 30 s is cancelled and reported as such.
-//! `--only-ours` skips QEMU (for quick measurements while tuning; the BENCH
+//! `--load idle|64|max` runs one load only; `--only-ours` skips QEMU (for quick measurements while tuning; the BENCH
 //! line then has no peer values). Each of our runs prints its switchover
 //! step by step, source and target side (`migrate_status` of both).
 
@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         .transpose()
         .context("--max-downtime-ms takes a number")?;
     let only_ours = std::env::args().any(|a| a == "--only-ours");
+    let only_load: Option<String> = std::env::args().skip_while(|a| a != "--load").nth(1);
     let image = guest_image();
     println!(
         "migration: {runs} run(s) per configuration; guest {} (1 vCPU, {MEMORY_MIB} MiB), \
@@ -93,12 +94,18 @@ fn main() -> anyhow::Result<()> {
     );
     let dir = std::env::temp_dir().join(format!("neph-bench-migration-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = run_all(&dir, runs, budget, only_ours);
+    let result = run_all(&dir, runs, budget, only_ours, only_load.as_deref());
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_all(dir: &Path, runs: usize, budget: Option<u64>, only_ours: bool) -> anyhow::Result<()> {
+fn run_all(
+    dir: &Path,
+    runs: usize,
+    budget: Option<u64>,
+    only_ours: bool,
+    only_load: Option<&str>,
+) -> anyhow::Result<()> {
     match budget {
         Some(ms) => println!("neph-vmm downtime budget: {ms} ms"),
         None => println!("neph-vmm downtime budget: its default (50 ms)"),
@@ -109,6 +116,9 @@ fn run_all(dir: &Path, runs: usize, budget: Option<u64>, only_ours: bool) -> any
         "load", "vmm", "converged", "total ms", "guest gap ms", "reported ms", "sent MiB"
     );
     for load in LOADS {
+        if only_load.is_some_and(|k| k != load.key) {
+            continue;
+        }
         let mut ours = Vec::new();
         let mut uncapped = Vec::new();
         let mut capped = Vec::new();
