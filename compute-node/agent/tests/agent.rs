@@ -1,0 +1,620 @@
+//! `neph-node` as a real process against a real one-member
+//! `neph-controller`, booting the project's test guest under real
+//! `neph-vmm` processes: registration; an instance created through the API
+//! reaches RUNNING and its guest prints the ready marker (read through the
+//! agent's GetConsoleLog); a console round trip through the agent's Console
+//! stream; stop, start; kill -9 of the agent leaves the VM running and a
+//! restarted agent re-adopts it (same pid, still RUNNING); with the agent
+//! dead the VM fences itself when its lease runs out, and the next agent
+//! resumes it because its assignment still says RUNNING; delete removes the
+//! VM, its process and its directory.
+//!
+//! Needs `/dev/kvm`, the test guest (`NEPH_GUEST_IMAGE` or `cargo xtask
+//! guest`) and the `neph-controller` and `neph-vmm` binaries (built here
+//! when missing); without KVM or the guest it prints why and passes.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use nephele_integration_tests::guest::{READY_MARKER, guest_image, skip_without_kvm};
+use nephele_proto::compute::v1 as compute;
+use nephele_proto::iam::v1 as iam;
+use nephele_proto::infra::v1 as infra;
+use nephele_proto::node::v1 as node;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const WAIT: Duration = Duration::from_secs(30);
+/// The lease the controller gives (NEPHELE_FENCE_LEASE_MS); a controller
+/// without that setting gives its default, 10 s.
+const LEASE_MS: u64 = 3000;
+
+/// A workspace binary next to this test's `neph-node`, built when missing.
+fn binary(package: &str, name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_BIN_EXE_neph-node"))
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let path = dir.join(name);
+    if !path.is_file() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", package, "--bin", name])
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "cannot build {name}");
+    }
+    path
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Kills a VM process on drop, in case a test fails with it running (the
+/// agent starts VMs detached, so nothing else would).
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Starts `cmd` and returns it with the values of the stdout lines starting
+/// with each of `prefixes` (in any order).
+fn start_until(mut cmd: Command, prefixes: &[&str]) -> anyhow::Result<(Proc, Vec<String>)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let proc = Proc { child };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                // Keep draining so the process never blocks on stdout.
+                continue;
+            }
+        }
+    });
+    let mut values = vec![None; prefixes.len()];
+    let deadline = Instant::now() + WAIT;
+    while values.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .with_context(|| format!("{:?} did not print {prefixes:?}", cmd.get_program()))?;
+        for (i, p) in prefixes.iter().enumerate() {
+            if let Some(v) = line.strip_prefix(p) {
+                values[i] = Some(v.trim().to_owned());
+            }
+        }
+    }
+    Ok((proc, values.into_iter().flatten().collect()))
+}
+
+#[derive(Clone)]
+struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut r: Request<()>) -> Result<Request<()>, Status> {
+        r.metadata_mut().insert("authorization", self.0.clone());
+        Ok(r)
+    }
+}
+
+type Svc = InterceptedService<Channel, Auth>;
+
+struct Api {
+    iam: iam::iam_client::IamClient<Svc>,
+    flavors: compute::flavors_client::FlavorsClient<Svc>,
+    images: compute::images_client::ImagesClient<Svc>,
+    instances: compute::instances_client::InstancesClient<Svc>,
+    nodes: infra::nodes_client::NodesClient<Svc>,
+}
+
+async fn api(address: &str, token: &str) -> anyhow::Result<Api> {
+    let channel = Channel::from_shared(format!("http://{address}"))?
+        .connect()
+        .await?;
+    let auth = Auth(format!("Bearer {token}").parse()?);
+    Ok(Api {
+        iam: iam::iam_client::IamClient::with_interceptor(channel.clone(), auth.clone()),
+        flavors: compute::flavors_client::FlavorsClient::with_interceptor(
+            channel.clone(),
+            auth.clone(),
+        ),
+        images: compute::images_client::ImagesClient::with_interceptor(
+            channel.clone(),
+            auth.clone(),
+        ),
+        instances: compute::instances_client::InstancesClient::with_interceptor(
+            channel.clone(),
+            auth.clone(),
+        ),
+        nodes: infra::nodes_client::NodesClient::with_interceptor(channel, auth),
+    })
+}
+
+/// The fixture: a controller, the image directory, and how to start the
+/// agent (again).
+struct Cluster {
+    _controller: Proc,
+    controller: String,
+    token_file: PathBuf,
+    data_dir: PathBuf,
+    image_dir: PathBuf,
+    stderr_dir: PathBuf,
+    starts: u32,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut cmd = Command::new(binary("neph-controller", "neph-controller"));
+        cmd.args(["init", "--id", "1", "--cluster-id", "5"])
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("controller"))
+            .env("RUST_LOG", "warn")
+            // Short lease; no node timeout during the agent's absences.
+            .env("NEPHELE_FENCE_LEASE_MS", LEASE_MS.to_string())
+            .env("NEPHELE_NODE_TIMEOUT_MS", "120000")
+            .stderr(Stdio::null());
+        let (controller, v) = start_until(cmd, &["LISTENING ", "ADMIN_TOKEN_FILE "])?;
+        let image_dir = dir.path().join("images");
+        std::fs::create_dir_all(image_dir.join("guest"))?;
+        std::fs::copy(guest_image(), image_dir.join("guest").join("kernel"))
+            .context("copy the test guest into the image directory")?;
+        Ok(Self {
+            _controller: controller,
+            controller: v[0].clone(),
+            token_file: PathBuf::from(&v[1]),
+            data_dir: dir.path().join("node"),
+            image_dir,
+            stderr_dir: dir.path().to_path_buf(),
+            starts: 0,
+            _dir: dir,
+        })
+    }
+
+    fn token(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(&self.token_file)?.trim().to_owned())
+    }
+
+    /// Starts `neph-node` and returns it with its gRPC address.
+    fn agent(&mut self) -> anyhow::Result<(Proc, String)> {
+        self.starts += 1;
+        let log = std::fs::File::create(self.stderr_dir.join(format!("agent{}.log", self.starts)))?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_neph-node"));
+        cmd.args([
+            "run",
+            "--node-id",
+            "node-1",
+            "--controller",
+            &self.controller,
+        ])
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(&self.data_dir)
+        .arg("--image-dir")
+        .arg(&self.image_dir)
+        .arg("--token-file")
+        .arg(&self.token_file)
+        .arg("--vmm")
+        .arg(binary("neph-vmm", "neph-vmm"))
+        .args(["--capacity-vcpus", "4", "--capacity-memory-mib", "4096"])
+        .args(["--capacity-disk-gib", "20", "--label", "zone=test"])
+        .env("RUST_LOG", "info")
+        .stderr(log);
+        let (p, v) = start_until(cmd, &["LISTENING "])?;
+        Ok((p, v[0].clone()))
+    }
+
+    fn agent_logs(&self) -> String {
+        (1..=self.starts)
+            .map(|i| {
+                let p = self.stderr_dir.join(format!("agent{i}.log"));
+                format!(
+                    "--- agent run {i}:\n{}",
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    fn instance_dir(&self) -> PathBuf {
+        self.data_dir.join("instances").join("p1").join("vm-1")
+    }
+
+    /// The VMM pid from the instance's state record.
+    fn vm_pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.instance_dir().join("state")).ok()?;
+        let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+        v["pid"].as_u64().and_then(|p| u32::try_from(p).ok())
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            rest.chars().next()
+        })
+        .is_some_and(|state| state != 'Z')
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or fails with `what`.
+async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn instance_state(api: &Api, name: &str) -> Result<compute::Instance, Status> {
+    let mut c = api.instances.clone();
+    c.get_instance(compute::GetInstanceRequest { name: name.into() })
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn wait_state(
+    api: &Api,
+    name: &str,
+    want: compute::InstanceState,
+) -> anyhow::Result<compute::Instance> {
+    eventually(WAIT, &format!("{name} to be {want:?}"), || async {
+        instance_state(api, name)
+            .await
+            .ok()
+            .filter(|i| i.state == want as i32)
+    })
+    .await
+}
+
+async fn agent_client(address: &str) -> anyhow::Result<node::agent_client::AgentClient<Channel>> {
+    Ok(node::agent_client::AgentClient::connect(format!("http://{address}")).await?)
+}
+
+async fn console_log(address: &str, name: &str) -> anyhow::Result<String> {
+    let mut a = agent_client(address).await?;
+    let log = a
+        .get_console_log(compute::GetConsoleLogRequest {
+            name: name.into(),
+            max_bytes: 0,
+        })
+        .await?
+        .into_inner();
+    Ok(String::from_utf8_lossy(&log.data).into_owned())
+}
+
+/// Types `line` into the console through the agent and waits for `expect`.
+async fn console_round_trip(
+    address: &str,
+    name: &str,
+    line: &str,
+    expect: &str,
+) -> anyhow::Result<()> {
+    let mut a = agent_client(address).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(compute::ConsoleRequest {
+        name: name.into(),
+        input: Vec::new(),
+    })
+    .await?;
+    let mut out = a
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    tx.send(compute::ConsoleRequest {
+        name: String::new(),
+        input: format!("{line}\r").into_bytes(),
+    })
+    .await?;
+    let mut seen = String::new();
+    let deadline = Instant::now() + WAIT;
+    while !seen.contains(expect) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, out.message()).await {
+            Ok(Ok(Some(m))) => seen.push_str(&String::from_utf8_lossy(&m.output)),
+            Ok(Ok(None)) => bail!("console closed; seen {seen:?}"),
+            Ok(Err(s)) => bail!("console failed: {s}; seen {seen:?}"),
+            Err(_) => bail!("no {expect:?} on the console; seen {seen:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// The VMM's own view through its control socket.
+fn vmm_status(dir: &Path) -> Option<serde_json::Value> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(dir.join("api.sock")).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while s.read(&mut byte).ok()? == 1 && byte[0] != b'\n' {
+        buf.push(byte[0]);
+    }
+    serde_json::from_slice::<serde_json::Value>(&buf)
+        .ok()
+        .map(|v| v["status"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_instances_survives_restarts_and_fences() -> anyhow::Result<()> {
+    if skip_without_kvm() {
+        return Ok(());
+    }
+    if !guest_image().is_file() {
+        eprintln!(
+            "skipped: the test guest {} is missing; build it with `cargo xtask guest` or set NEPH_GUEST_IMAGE",
+            guest_image().display()
+        );
+        return Ok(());
+    }
+    let mut cluster = Cluster::start()?;
+    let result = scenario(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token).await?;
+    let (mut agent, address) = cluster.agent()?;
+
+    // Registered, UP, with the capacity and labels of its flags.
+    let mut nodes = api.nodes.clone();
+    let n = eventually(WAIT, "node-1 to register", || {
+        let mut nodes = nodes.clone();
+        async move {
+            nodes
+                .get_node(infra::GetNodeRequest {
+                    name: "nodes/node-1".into(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await?;
+    assert_eq!(n.address, address);
+    assert_eq!(n.capacity.map(|c| c.vcpus), Some(4));
+    assert_eq!(n.labels.get("zone").map(String::as_str), Some("test"));
+
+    // A flavor, an image in the agent's image directory, a project.
+    api.flavors
+        .clone()
+        .create_flavor(compute::CreateFlavorRequest {
+            flavor_id: "small".into(),
+            flavor: Some(compute::Flavor {
+                name: String::new(),
+                resources: Some(compute::Resources {
+                    vcpus: 1,
+                    memory_mib: 256,
+                    disk_gib: 1,
+                }),
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    api.images
+        .clone()
+        .create_image(compute::CreateImageRequest {
+            image_id: "guest".into(),
+            image: Some(compute::Image {
+                format: "pvh-elf".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    api.iam
+        .clone()
+        .create_project(iam::CreateProjectRequest {
+            project_id: "p1".into(),
+            project: Some(iam::Project::default()),
+            request_id: String::new(),
+        })
+        .await?;
+
+    // Create: RUNNING, the guest is up, its console answers.
+    let name = "projects/p1/instances/vm-1";
+    api.instances
+        .clone()
+        .create_instance(compute::CreateInstanceRequest {
+            parent: "projects/p1".into(),
+            instance_id: "vm-1".into(),
+            instance: Some(compute::Instance {
+                flavor: "flavors/small".into(),
+                image: "images/guest".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    let i = wait_state(&api, name, compute::InstanceState::Running).await?;
+    assert_eq!(i.node, "nodes/node-1");
+    eventually(WAIT, "the ready marker in the console log", || async {
+        console_log(&address, name)
+            .await
+            .ok()
+            .filter(|l| l.contains(READY_MARKER))
+    })
+    .await?;
+    let dir = cluster.instance_dir();
+    let disk = std::fs::metadata(dir.join("disk.raw"))?;
+    assert_eq!(disk.len(), 1 << 30, "the flavor's disk size");
+    console_round_trip(
+        &address,
+        name,
+        "echo hi-from-agent-test",
+        "ECHO hi-from-agent-test",
+    )
+    .await?;
+
+    // Bad input to the agent's service: clear errors.
+    let mut a = agent_client(&address).await?;
+    let e = a
+        .get_console_log(compute::GetConsoleLogRequest {
+            name: "projects/p1/instances/../../etc".into(),
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let e = a
+        .get_console_log(compute::GetConsoleLogRequest {
+            name: "projects/p1/instances/nope".into(),
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Stop: STOPPED and the VM process is gone; start: RUNNING again.
+    let pid = cluster.vm_pid().context("no state record")?;
+    let guard = KillPid(pid);
+    api.instances
+        .clone()
+        .stop_instance(compute::StopInstanceRequest {
+            name: name.into(),
+            timeout: Some(prost_types::Duration {
+                seconds: 5,
+                nanos: 0,
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    wait_state(&api, name, compute::InstanceState::Stopped).await?;
+    eventually(WAIT, "the stopped VM's process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    assert!(
+        console_log(&address, name).await?.contains("SHUTDOWN"),
+        "not a graceful stop"
+    );
+    drop(guard);
+    api.instances
+        .clone()
+        .start_instance(compute::StartInstanceRequest {
+            name: name.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    let pid = cluster.vm_pid().context("no state record after start")?;
+    let _guard = KillPid(pid);
+    assert!(alive(pid));
+
+    // kill -9 the agent: the VM runs on; a new agent re-adopts it.
+    agent.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alive(pid), "killing the agent killed its VM");
+    let (agent2, address) = cluster.agent()?;
+    let mut agent = agent2;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        cluster.vm_pid(),
+        Some(pid),
+        "the VM was replaced, not adopted"
+    );
+    assert!(alive(pid));
+    assert_eq!(
+        instance_state(&api, name).await?.state,
+        compute::InstanceState::Running as i32
+    );
+    console_round_trip(&address, name, "echo adopted", "ECHO adopted").await?;
+
+    // The lease: with the agent dead, the VM fences itself...
+    agent.kill();
+    let st = eventually(
+        Duration::from_millis(LEASE_MS.max(10_000) + 10_000),
+        "the VM to fence itself",
+        || async { vmm_status(&dir).filter(|s| s["fenced"] == true) },
+    )
+    .await?;
+    assert_eq!(st["state"], "paused", "{st}");
+    assert!(alive(pid));
+    // ...and the next agent resumes it: its assignment still says RUNNING.
+    let (_agent3, address) = cluster.agent()?;
+    eventually(WAIT, "the agent to resume the fenced VM", || async {
+        vmm_status(&dir).filter(|s| s["fenced"] == false && s["state"] == "running")
+    })
+    .await?;
+    assert_eq!(cluster.vm_pid(), Some(pid));
+    console_round_trip(&address, name, "echo resumed", "ECHO resumed").await?;
+
+    // Delete: gone from the API, the process ends, the directory goes.
+    api.instances
+        .clone()
+        .delete_instance(compute::DeleteInstanceRequest {
+            name: name.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    eventually(WAIT, "the instance to be deleted", || async {
+        match instance_state(&api, name).await {
+            Err(s) if s.code() == Code::NotFound => Some(()),
+            _ => None,
+        }
+    })
+    .await?;
+    eventually(WAIT, "the VM process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    eventually(WAIT, "the instance directory to go", || async {
+        (!dir.exists()).then_some(())
+    })
+    .await?;
+    nodes = api.nodes.clone();
+    let n = nodes
+        .get_node(infra::GetNodeRequest {
+            name: "nodes/node-1".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(n.instances.is_empty(), "{:?}", n.instances);
+    Ok(())
+}
