@@ -585,6 +585,51 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     assert_eq!(cluster.vm_pid(), Some(pid));
     console_round_trip(&address, name, "echo resumed", "ECHO resumed").await?;
 
+    // Reboot (a newer boot count): a fresh VM process, RUNNING again.
+    let boots = instance_state(&api, name).await?.boot_count;
+    api.instances
+        .clone()
+        .reboot_instance(compute::RebootInstanceRequest {
+            name: name.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    let new_pid = eventually(WAIT, "a new VM process after the reboot", || async {
+        cluster.vm_pid().filter(|p| *p != pid && alive(*p))
+    })
+    .await?;
+    let _guard2 = KillPid(new_pid);
+    let i = wait_state(&api, name, compute::InstanceState::Running).await?;
+    assert!(i.boot_count > boots, "{} !> {boots}", i.boot_count);
+    assert!(!alive(pid), "the old VM process still runs");
+    let pid = new_pid;
+
+    // The guest powers itself off: STOPPED, and not booted again.
+    console_round_trip(&address, name, "poweroff", "POWEROFF").await?;
+    wait_state(&api, name, compute::InstanceState::Stopped).await?;
+    eventually(WAIT, "the powered-off VM's process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        cluster.vm_pid(),
+        None,
+        "booted again after a guest poweroff"
+    );
+    api.instances
+        .clone()
+        .start_instance(compute::StartInstanceRequest {
+            name: name.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    let pid = cluster
+        .vm_pid()
+        .context("no state record after the last start")?;
+    let _guard3 = KillPid(pid);
+
     // Delete: gone from the API, the process ends, the directory goes.
     api.instances
         .clone()
