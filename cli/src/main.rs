@@ -7,18 +7,18 @@
 //! - `output.rs`: `-o table|json|yaml`.
 //! - `records.rs`: API messages as printable records.
 //! - `commands.rs`: every command.
+//! - `dev/`: `neph dev up|status|down`, a local cluster.
 
 mod client;
 mod commands;
+mod dev;
 mod output;
 mod profile;
 mod records;
 
-use clap::Parser as _;
-
 fn main() {
-    let cli = match commands::Cli::try_parse() {
-        Ok(cli) => cli,
+    let parsed = match dev::parse() {
+        Ok(parsed) => parsed,
         Err(e) => {
             // Help and version go to stdout with 0, usage errors exit 2.
             let _ = e.print();
@@ -39,7 +39,11 @@ fn main() {
             std::process::exit(client::EXIT_API);
         }
     };
-    if let Err(e) = runtime.block_on(commands::run(cli)) {
+    let result = match parsed {
+        dev::Parsed::Dev(args, format) => runtime.block_on(dev::run(args, format)),
+        dev::Parsed::Neph(cli) => runtime.block_on(commands::run(*cli)),
+    };
+    if let Err(e) = result {
         eprintln!("neph: {e}");
         std::process::exit(e.exit_code());
     }
