@@ -123,11 +123,6 @@ impl std::fmt::Debug for Boot {
 }
 
 impl Boot {
-    /// vCPU fds not started yet (a migration target loads state into them).
-    pub(crate) fn pending_vcpus(&self) -> &[VcpuFd] {
-        &self.pending_vcpus
-    }
-
     /// Starts the device thread and the vCPUs; events go to `sink`. With
     /// `paused` the vCPUs start parked and the device thread is paused
     /// before this returns (a migration target starts its threads before

@@ -263,12 +263,19 @@ impl Vm {
         Ok(())
     }
 
-    /// Migration target: starts the vCPU and device threads of the loaded
-    /// boot parked, so the commit only has to [`Self::resume_incoming`].
-    /// Call after [`Self::continue_from`] (the boot count is the events'
-    /// generation).
-    pub(crate) fn start_incoming_paused(&mut self) -> Result<(), StartVmError> {
+    /// Migration target: starts the vCPU and device threads parked, before
+    /// any state arrives (the state is loaded on the parked threads), so
+    /// the commit only has to [`Self::resume_incoming`]. `boots` is the
+    /// source's boot count, which this boot continues.
+    pub(crate) fn start_incoming_paused(&mut self, boots: u64) -> Result<(), StartVmError> {
+        self.generation = boots.saturating_sub(1);
         self.start_boot_with(true)
+    }
+
+    /// Migration target: drops a VM whose stream failed, stopping the
+    /// threads [`Self::start_incoming_paused`] started.
+    pub(crate) fn discard(mut self) {
+        self.stop_boot();
     }
 
     /// Migration target: lets the boot started by

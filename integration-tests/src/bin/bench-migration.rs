@@ -318,7 +318,11 @@ fn ours_once(dir: &Path, load: Load, budget: Option<u64>) -> anyhow::Result<Run>
     );
     // A migrated source answers `migrate_status` for a moment before it
     // exits, so the last status is normally the final one.
-    let reported = out.last["downtime_ms"].as_f64().unwrap_or(f64::NAN);
+    let reported = out.last["downtime_us"]
+        .as_f64()
+        .map(|us| us / 1000.0)
+        .or_else(|| out.last["downtime_ms"].as_f64())
+        .unwrap_or(f64::NAN);
     Ok(Run {
         converged: true,
         total_ms: out.elapsed.as_secs_f64() * 1000.0,

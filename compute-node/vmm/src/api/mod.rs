@@ -24,7 +24,7 @@
 //! | `stop` | stops the VM now; the process exits 0 | `ok` |
 //! | `metrics` | none | `metrics`: `vcpus` (`id`, `tid`, `user_ms`, `system_ms`), `rss_bytes`, `guest_memory_bytes`, `console_bytes`, `disks` and `nets` (device counters) |
 //! | `migrate` | starts a live migration to `to` (`HOST:PORT` of a `neph-vmm --incoming`); optional `max_downtime_ms` (default 50), `timeout_ms` (default 120000), `verify` (test mode: memory checksum compared by the target) | `ok` and `migration` at once; on success the process exits 0 after printing `migrated` on stderr |
-//! | `migrate_status` | none | `migration`: `state` (`setup`, `precopy`, `stop_and_copy`, `completed`, `failed`, `cancelled`), `to`, `round`, `bytes_sent`, `bytes_remaining`, `dirty_rate_bps`, `throughput_bps`, `expected_downtime_ms`, `throttle_percent`, `elapsed_ms`, `downtime_ms`, `error` |
+//! | `migrate_status` | none | `migration`: `state` (`setup`, `precopy`, `stop_and_copy`, `completed`, `failed`, `cancelled`), `to`, `round`, `bytes_sent`, `bytes_remaining`, `dirty_rate_bps`, `throughput_bps`, `expected_downtime_ms`, `throttle_percent`, `elapsed_ms`, `downtime_ms`, `downtime_us`, `error`, `side` (`source`; a target that received its VM answers with `target`), `switchover` (each stop-and-copy step, `{name, us}`, in order), `target_switchover` (the target's steps up to its acknowledgement), `streams` |
 //! | `migrate_cancel` | stops the running migration before its switchover; the VM runs on here | `ok` |
 //!
 //! Errors are `{"ok":false,"error":{"code":CODE,"message":TEXT}}` with

@@ -89,6 +89,9 @@ pub struct MigrationStatus {
     /// Measured downtime (VM paused on the source until the target
     /// acknowledged), once known, ms.
     pub downtime_ms: Option<u64>,
+    /// The same, microseconds (from the stop request to the commit sent).
+    #[serde(default)]
+    pub downtime_us: Option<u64>,
     /// Why it failed.
     pub error: Option<String>,
     /// Which end of the migration this status describes.

@@ -137,6 +137,7 @@ impl Shared {
                 throttle_percent: 0,
                 elapsed_ms: 0,
                 downtime_ms: None,
+                downtime_us: None,
                 error: None,
                 side: Side::Source,
                 switchover: Vec::new(),
@@ -233,34 +234,40 @@ impl std::fmt::Debug for SourceContext {
     }
 }
 
-/// Nice value of the migration thread: copying yields the CPU to the
-/// vCPUs, which a busy host would otherwise starve for milliseconds at a
-/// time (the guest sees that as downtime). At the switchover the vCPUs are
-/// paused, so the copy has the CPU anyway.
+/// Nice value of the migration thread during pre-copy: copying yields the
+/// CPU to the vCPUs, which a busy host would otherwise starve for
+/// milliseconds at a time (the guest sees that as downtime). The switchover
+/// runs at the thread's old priority: then the guest waits on it.
 const MIGRATION_NICE: i32 = 10;
 
-/// Lowers the calling thread's scheduling priority to `nice` (best effort:
-/// a host that refuses leaves it as it was).
-pub(crate) fn lower_thread_priority(nice: i32) {
+/// Sets the calling thread's nice value (best effort: a host that refuses,
+/// e.g. raising it back without `CAP_SYS_NICE`, leaves it as it was).
+/// Returns the value it had.
+pub(crate) fn set_thread_nice(nice: i32) -> i32 {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
     let Ok(who) = libc::id_t::try_from(tid) else {
-        return;
+        return nice;
     };
-    // SAFETY: setpriority only reads its integer arguments; PRIO_PROCESS
-    // with a thread id changes that one thread (Linux semantics).
+    // SAFETY: getpriority only reads its integer arguments; PRIO_PROCESS
+    // with a thread id names that one thread (Linux semantics). -1 is also
+    // a valid nice value, which is fine for a best-effort restore.
+    let old = unsafe { libc::getpriority(libc::PRIO_PROCESS, who) };
+    // SAFETY: as above; setpriority changes only that thread's nice value.
     let _ = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) };
+    old
 }
 
 /// Runs a migration to its end; the outcome is in `shared`'s status. On
 /// success the VM has been handed over ([`VmControl::finish`]).
 pub fn run(ctx: SourceContext, params: MigrateParams, shared: Arc<Shared>) {
-    lower_thread_priority(MIGRATION_NICE);
+    let nice = set_thread_nice(MIGRATION_NICE);
     let started = Instant::now();
     let mut m = Migration {
         ctx: &ctx,
         params: &params,
         shared: &shared,
+        nice,
         started,
         bytes_sent: 0,
         work_time: Duration::ZERO,
@@ -338,15 +345,14 @@ fn next_throttle(current: u8, want: f64) -> u8 {
 /// What a round found, for [`decide`].
 #[derive(Debug, Clone, Copy)]
 struct RoundFacts {
-    /// The round just finished (0: the full pass).
-    round: u32,
     /// Predicted downtime if the VM stopped now.
     expected: Duration,
     /// The migration's downtime budget.
     budget: Duration,
     /// Bytes still to send.
     remaining: u64,
-    /// Bytes still to send after the round before (none after round 0).
+    /// Bytes still to send after the round before (after round 0: what it
+    /// sent).
     previous: Option<u64>,
     /// Auto-converge throttle now, percent.
     throttle: u8,
@@ -394,7 +400,7 @@ fn decide(f: &RoundFacts) -> Next {
     if fits && (f.expected <= goal * 2 || f.throttle >= MAX_THROTTLE || f.late) {
         return Next::Switchover;
     }
-    if f.round >= 1 && f.throttle < MAX_THROTTLE {
+    if f.throttle < MAX_THROTTLE {
         // Aim at a dirty rate under half the throughput, and at halving
         // the remainder next round: with the guest running a share
         // (1 - t) of the time, the remainder scales with it, so from a
@@ -424,6 +430,8 @@ fn ms(d: Duration) -> u64 {
 
 struct Migration<'a> {
     ctx: &'a SourceContext,
+    /// The thread's nice value before pre-copy lowered it.
+    nice: i32,
     params: &'a MigrateParams,
     shared: &'a Shared,
     started: Instant,
@@ -785,11 +793,12 @@ impl Migration<'_> {
                 s.elapsed_ms = ms(self.started.elapsed());
             });
             let next = decide(&RoundFacts {
-                round,
                 expected,
                 budget: self.params.max_downtime,
                 remaining,
-                previous: previous_remaining,
+                // Round 0 compares with what it sent: a guest that dirtied
+                // most of it meanwhile will not converge unthrottled.
+                previous: previous_remaining.or(Some(sent)),
                 throttle: throttle_pct,
                 dirty_rate,
                 throughput,
@@ -812,6 +821,8 @@ impl Migration<'_> {
         // their sum plus the target's resume).
         self.shared
             .update(|s| s.state = MigrationState::StopAndCopy);
+        // From here the guest waits on this thread: full priority again.
+        set_thread_nice(self.nice);
         let mut clock = PhaseClock::new();
         let stopped = self.ctx.control.stop_and_save().map_err(MigrateError::Vm)?;
         let handoff = clock.total().saturating_sub(stopped.pause + stopped.save);
@@ -882,6 +893,7 @@ impl Migration<'_> {
         self.shared.update(|s| {
             s.state = MigrationState::Completed;
             s.downtime_ms = Some(ms(downtime));
+            s.downtime_us = Some(super::micros(downtime));
             s.elapsed_ms = ms(self.started.elapsed());
             s.bytes_sent = bytes_sent;
             s.bytes_remaining = 0;
@@ -943,7 +955,6 @@ mod tests {
 
     fn facts() -> RoundFacts {
         RoundFacts {
-            round: 1,
             expected: Duration::from_millis(20),
             budget: Duration::from_millis(50),
             remaining: 10 << 20,
@@ -1014,13 +1025,13 @@ mod tests {
             ..facts()
         };
         assert_eq!(decide(&f), Next::Switchover, "late and within budget");
-        // Round 0 never throttles (its dirty rate means nothing yet).
+        // Round 0 throttles when the guest dirtied most of what it sent.
         let f = RoundFacts {
-            round: 0,
             expected: Duration::from_millis(80),
+            previous: Some(40 << 20),
             ..stalled
         };
-        assert_eq!(decide(&f), Next::Round);
+        assert_eq!(decide(&f), Next::Throttle(75));
     }
 
     #[test]

@@ -34,6 +34,8 @@ use crate::vm::Vm;
 
 /// Longest wait for the next frame once a stream has started.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the parked vCPU threads to load their state.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Transit time larger than this is taken as a clock problem, not as time
 /// the guest was away (the guest's clock then jumps by at most this).
 const MAX_TRANSIT: Duration = Duration::from_secs(60);
@@ -387,6 +389,34 @@ impl<'a> Receiver<'a> {
             }
             None => build_incoming(config, self.console.clone())?,
         };
+        // The threads start now, parked, off the switchover's path; a
+        // failed stream stops them with the VM.
+        vm.start_incoming_paused(cfg.boots)?;
+        match self.stream(r, w, &mut vm, &cfg, &files, version, peer, started) {
+            Ok(status) => Ok((vm, status)),
+            Err(e) => {
+                vm.discard();
+                Err(e)
+            }
+        }
+    }
+
+    /// Memory, disks and state into the started, parked `vm`, up to the
+    /// commit (after which the VM runs).
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        r: &mut BufReader<TcpStream>,
+        w: &mut TcpStream,
+        vm: &mut Vm,
+        cfg: &MigrationConfig,
+        files: &[File],
+        version: u32,
+        peer: &str,
+        started: Instant,
+    ) -> Result<MigrationStatus, IncomingError> {
+        let capacities: Vec<u64> = cfg.disks.iter().map(|d| d.capacity).collect();
+        let mut buf = Vec::new();
         let (mem, virtio_count) = {
             let boot = vm
                 .boot()
@@ -433,7 +463,7 @@ impl<'a> Receiver<'a> {
                 Kind::Sync => {
                     // Disk data goes to stable storage round by round, so
                     // the switchover only waits for the last few chunks.
-                    self.sync_disks(&files, &mut unsynced)?;
+                    self.sync_disks(files, &mut unsynced)?;
                     protocol::write_frame(w, Kind::Synced, b"").map_err(ProtocolError::Io)?;
                     rounds = rounds.saturating_add(1);
                     // The switchover starts after the last Synced.
@@ -471,13 +501,10 @@ impl<'a> Receiver<'a> {
                         eprintln!("neph-vmm: guest memory verified (checksum {ours:#x})");
                         clock.lap("checksum");
                     }
-                    self.sync_disks(&files, &mut unsynced)?;
+                    self.sync_disks(files, &mut unsynced)?;
                     clock.lap("sync_disks");
-                    restore(&mut vm, &s, cfg.boots)?;
+                    restore(vm, s, cfg.boots)?;
                     clock.lap("restore");
-                    // The threads start parked: the commit only wakes them.
-                    vm.start_incoming_paused()?;
-                    clock.lap("start_paused");
                     let report = if version >= 2 {
                         postcard::to_stdvec(&LoadedReport {
                             phases: clock.phases().to_vec(),
@@ -491,6 +518,7 @@ impl<'a> Receiver<'a> {
                     clock.lap("wait_commit");
                     return match kind {
                         Kind::Commit => {
+                            // The threads are parked: this only wakes them.
                             vm.resume_incoming();
                             clock.lap("resume");
                             let status = MigrationStatus {
@@ -506,13 +534,14 @@ impl<'a> Receiver<'a> {
                                 elapsed_ms: u64::try_from(started.elapsed().as_millis())
                                     .unwrap_or(u64::MAX),
                                 downtime_ms: None,
+                                downtime_us: None,
                                 error: None,
                                 side: Side::Target,
                                 switchover: clock.phases().to_vec(),
                                 target_switchover: Vec::new(),
                                 streams: 1,
                             };
-                            Ok((vm, status))
+                            Ok(status)
                         }
                         Kind::Abort => Err(ProtocolError::Aborted(
                             String::from_utf8_lossy(&buf).into_owned(),
@@ -567,25 +596,43 @@ fn unexpected(got: Kind, expected: &'static str) -> IncomingError {
     ProtocolError::Unexpected { got, expected }.into()
 }
 
-/// Loads `s` into the not yet started boot of `vm`.
-fn restore(vm: &mut Vm, s: &MachineState, boots: u64) -> Result<(), IncomingError> {
+/// Loads `s` into the boot of `vm`, whose threads are started and parked
+/// ([`Vm::start_incoming_paused`]): the VM-wide state and the devices from
+/// here, each vCPU's on its own thread.
+fn restore(vm: &mut Vm, mut s: MachineState, boots: u64) -> Result<(), IncomingError> {
     let elapsed = state::unix_ns().saturating_sub(s.vm.saved_at_unix_ns);
     let elapsed = elapsed.min(u64::try_from(MAX_TRANSIT.as_nanos()).unwrap_or(u64::MAX));
     {
         let boot = vm
             .boot()
             .ok_or_else(|| IncomingError::Mismatch("no boot was built".into()))?;
+        let vcpus = boot
+            .vcpus
+            .as_ref()
+            .ok_or_else(|| IncomingError::Mismatch("the vCPUs were not started".into()))?;
         state::restore_vm(&boot.vm, &s.vm, elapsed)?;
-        let fds = boot.pending_vcpus();
-        if fds.len() != s.vcpus.len() {
+        let saved = Arc::new(std::mem::take(&mut s.vcpus));
+        let jobs = saved.clone();
+        let results = vcpus.on_each_paused(
+            move |id, fd| match jobs.get(usize::from(id)) {
+                Some(v) => state::restore_vcpu(fd, v, elapsed).map_err(IncomingError::from),
+                None => Err(IncomingError::Mismatch(format!(
+                    "no saved state for vCPU {id}"
+                ))),
+            },
+            RESTORE_TIMEOUT,
+        );
+        if results.len() != saved.len() {
             return Err(IncomingError::Mismatch(format!(
                 "{} vCPUs built, {} saved",
-                fds.len(),
-                s.vcpus.len()
+                results.len(),
+                saved.len()
             )));
         }
-        for (fd, v) in fds.iter().zip(&s.vcpus) {
-            state::restore_vcpu(fd, v, elapsed)?;
+        for (id, r) in results.into_iter().enumerate() {
+            r.ok_or_else(|| {
+                IncomingError::Mismatch(format!("vCPU {id} did not load its state in time"))
+            })??;
         }
         boot.devices
             .serial
