@@ -78,6 +78,36 @@ impl From<Status> for CliError {
     }
 }
 
+/// Whether a failed call may be tried again on another controller: it was
+/// not served (no leader, controller stopping or unreachable) or its
+/// outcome is unknown. Only calls that are idempotent (reads, or writes
+/// carrying a request id) are retried.
+pub fn retryable(s: &Status) -> bool {
+    matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded)
+        && s.get_details_error_info()
+            .is_none_or(|i| i.reason != "NODE_UNAVAILABLE")
+}
+
+/// A new request id for a mutating call the user gave none for, so that
+/// retrying it elsewhere cannot apply it twice.
+pub fn new_request_id() -> String {
+    use sha2::Digest as _;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = format!(
+        "{now}/{}/{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let digest = sha2::Sha256::digest(seed.as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("neph-{hex}")
+}
+
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Debug, Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);

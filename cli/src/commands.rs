@@ -11,7 +11,8 @@ use nephele_proto::iam::v1 as iam;
 use nephele_proto::infra::v1 as infra;
 use nephele_proto::ops::v1 as ops;
 
-use crate::client::{CliError, Conn};
+use crate::client::{self, CliError, Conn};
+use crate::console;
 use crate::output::{self, Format, Record};
 use crate::profile;
 use crate::records;
@@ -31,7 +32,8 @@ struct Global {
     /// Profile in $XDG_CONFIG_HOME/nephele/config.toml.
     #[arg(long, global = true, env = "NEPHELE_PROFILE")]
     profile: Option<String>,
-    /// Controller address (host:port or http://host:port).
+    /// Controller address (host:port or http://host:port); several,
+    /// comma-separated, are tried in turn when one is unavailable.
     #[arg(long, global = true, env = "NEPHELE_ENDPOINT")]
     endpoint: Option<String>,
     /// Bearer token.
@@ -234,7 +236,8 @@ enum ImageCmd {
 
 #[derive(Debug, Subcommand)]
 enum InstanceCmd {
-    /// Create an instance (or --count N of them, named ID-1 ... ID-N).
+    /// Create an instance (or --count N of them, named ID-1 ... ID-N, all or
+    /// none).
     Create {
         id: String,
         #[arg(long)]
@@ -249,9 +252,12 @@ enum InstanceCmd {
         labels: Vec<(String, String)>,
         #[arg(long, default_value_t = 1)]
         count: u32,
-        /// Makes a retry return the first result.
-        #[arg(long, default_value = "")]
-        request_id: String,
+        /// High availability: restarted on another node when its node dies
+        /// (once the dead node is fenced).
+        #[arg(long)]
+        ha: bool,
+        #[command(flatten)]
+        request: RequestId,
         #[command(flatten)]
         wait: Wait,
     },
@@ -272,16 +278,23 @@ enum InstanceCmd {
     Start {
         id: String,
         #[command(flatten)]
+        request: RequestId,
+        #[command(flatten)]
         wait: Wait,
     },
     /// Stop (the guest is asked to power off, forced after the node's timeout).
     Stop {
         id: String,
         #[command(flatten)]
+        request: RequestId,
+        #[command(flatten)]
         wait: Wait,
     },
+    /// Reboot a running instance (its node boots it again).
     Reboot {
         id: String,
+        #[command(flatten)]
+        request: RequestId,
         #[command(flatten)]
         wait: Wait,
     },
@@ -294,12 +307,47 @@ enum InstanceCmd {
     Delete {
         id: String,
         #[command(flatten)]
+        request: RequestId,
+        #[command(flatten)]
         wait: Wait,
     },
-    /// Print the serial console log.
+    /// Attach to the serial console: type into the guest, see its output.
+    /// On a terminal, Ctrl-] detaches; from a pipe, each input line is sent
+    /// and neph exits once stdin ends and the output settles.
+    Console {
+        id: String,
+        /// With piped input: how long the output must stay quiet after the
+        /// end of input before neph exits.
+        #[arg(long, default_value_t = 1000)]
+        settle_ms: u64,
+    },
+    /// Print the tail of the serial console log.
     ConsoleLog {
         id: String,
+        /// Most bytes from the end (the controller's default is 64 KiB).
+        #[arg(long, default_value_t = 0)]
+        max_bytes: u64,
     },
+}
+
+#[derive(Debug, Args)]
+struct RequestId {
+    /// Makes the call idempotent: a retry with the same id returns the first
+    /// result (neph picks one when not given, and reuses it when it retries
+    /// on another controller).
+    #[arg(long, default_value = "")]
+    request_id: String,
+}
+
+impl RequestId {
+    /// The given id, or a new one.
+    fn get(&self) -> String {
+        if self.request_id.is_empty() {
+            client::new_request_id()
+        } else {
+            self.request_id.clone()
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -388,12 +436,53 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 /// Everything a command needs: the connection, the output format and the
 /// project.
 struct Ctx {
-    conn: Conn,
+    /// The controller calls go to (another one after a failover).
+    current: std::cell::RefCell<Conn>,
+    /// Every controller of the profile, in order.
+    endpoints: Vec<String>,
+    token: Option<String>,
     format: Format,
     project: Option<String>,
 }
 
 impl Ctx {
+    /// The controller calls go to.
+    fn conn(&self) -> Conn {
+        self.current.borrow().clone()
+    }
+
+    /// Runs `call`, which must be idempotent (a read, or a write carrying a
+    /// request id); when the controller cannot serve it (UNAVAILABLE, or
+    /// the outcome is unknown), runs it again on each endpoint in turn and
+    /// keeps the first that serves it.
+    async fn failover<T, F, Fut>(&self, mut call: F) -> Result<T, CliError>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = match call(self.conn()).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if client::retryable(&s) => s,
+            Err(s) => return Err(s.into()),
+        };
+        for endpoint in &self.endpoints {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Ok(conn) = Conn::connect(endpoint, self.token.clone()).await else {
+                continue;
+            };
+            eprintln!("neph: {}; trying {endpoint}", last.message());
+            match call(conn.clone()).await {
+                Ok(r) => {
+                    *self.current.borrow_mut() = conn;
+                    return Ok(r.into_inner());
+                }
+                Err(s) if client::retryable(&s) => last = s,
+                Err(s) => return Err(s.into()),
+            }
+        }
+        Err(last.into())
+    }
+
     fn project(&self) -> Result<String, CliError> {
         let p = self.project.clone().ok_or_else(|| {
             CliError::Usage(
@@ -437,12 +526,13 @@ async fn ctx(g: Global) -> Result<Ctx, CliError> {
     let path = profile::config_path();
     let p =
         profile::load(&path, g.profile.as_deref()).map_err(|e| CliError::Usage(e.to_string()))?;
-    let endpoint = g.endpoint.or(p.endpoint).ok_or_else(|| {
-        CliError::Usage(format!(
+    let endpoints = endpoints(g.endpoint, p.endpoint, p.endpoints);
+    if endpoints.is_empty() {
+        return Err(CliError::Usage(format!(
             "no controller endpoint: pass --endpoint, set NEPHELE_ENDPOINT, or `endpoint` in a profile of {}",
             path.display()
-        ))
-    })?;
+        )));
+    }
     let token = match (g.token, g.token_file.or(p.token_file), p.token) {
         (Some(t), _, _) => Some(t),
         (None, Some(file), _) => Some(
@@ -467,11 +557,52 @@ async fn ctx(g: Global) -> Result<Ctx, CliError> {
         })?,
         (None, None) => Format::Table,
     };
+    // The first controller that answers; the error of the last otherwise.
+    let mut current = None;
+    let mut error = None;
+    for endpoint in &endpoints {
+        match Conn::connect(endpoint, token.clone()).await {
+            Ok(conn) => {
+                current = Some(conn);
+                break;
+            }
+            Err(e) => error = Some(e),
+        }
+    }
+    let Some(conn) = current else {
+        return Err(error.unwrap_or_else(|| CliError::Usage("no controller endpoint".into())));
+    };
     Ok(Ctx {
-        conn: Conn::connect(&endpoint, token).await?,
+        current: std::cell::RefCell::new(conn),
+        endpoints,
+        token,
         format,
         project: g.project.or(p.project).filter(|p| !p.is_empty()),
     })
+}
+
+/// Every controller to try, in order: `--endpoint` (comma-separated) wins;
+/// otherwise the profile's `endpoint`, then its `endpoints`.
+fn endpoints(
+    flag: Option<String>,
+    endpoint: Option<String>,
+    more: Option<Vec<String>>,
+) -> Vec<String> {
+    let listed: Vec<String> = match flag {
+        Some(f) => f.split(',').map(str::to_owned).collect(),
+        None => endpoint
+            .into_iter()
+            .chain(more.unwrap_or_default())
+            .collect(),
+    };
+    let mut out: Vec<String> = Vec::new();
+    for e in listed {
+        let e = e.trim().to_owned();
+        if !e.is_empty() && !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out
 }
 
 /// Runs the command.
@@ -497,7 +628,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Event(cmd) => event(&c, cmd).await,
         Cmd::Cluster(ClusterCmd::Status) => {
             let s = c
-                .conn
+                .conn()
                 .cluster()
                 .get_cluster_status(infra::GetClusterStatusRequest {})
                 .await?
@@ -536,7 +667,7 @@ fn quota(q: &QuotaArgs) -> iam::Quota {
 }
 
 async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
-    let mut iam_c = c.conn.iam();
+    let mut iam_c = c.conn().iam();
     match cmd {
         ProjectCmd::Create {
             id,
@@ -609,7 +740,7 @@ async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
 }
 
 async fn user(c: &Ctx, cmd: UserCmd) -> Result<(), CliError> {
-    let mut iam_c = c.conn.iam();
+    let mut iam_c = c.conn().iam();
     match cmd {
         UserCmd::Create {
             id,
@@ -682,7 +813,7 @@ async fn user(c: &Ctx, cmd: UserCmd) -> Result<(), CliError> {
 }
 
 async fn token(c: &Ctx, cmd: TokenCmd) -> Result<(), CliError> {
-    let mut iam_c = c.conn.iam();
+    let mut iam_c = c.conn().iam();
     match cmd {
         TokenCmd::Create { user, id } => {
             let r = iam_c
@@ -725,7 +856,7 @@ async fn token(c: &Ctx, cmd: TokenCmd) -> Result<(), CliError> {
 }
 
 async fn flavor(c: &Ctx, cmd: FlavorCmd) -> Result<(), CliError> {
-    let mut f = c.conn.flavors();
+    let mut f = c.conn().flavors();
     match cmd {
         FlavorCmd::Create {
             id,
@@ -802,7 +933,7 @@ fn sha256_hex(data: &[u8]) -> String {
 }
 
 async fn image(c: &Ctx, cmd: ImageCmd) -> Result<(), CliError> {
-    let mut im = c.conn.images();
+    let mut im = c.conn().images();
     match cmd {
         ImageCmd::Create { id, format, file } => {
             let (size_bytes, checksum) = match file {
@@ -867,8 +998,8 @@ async fn wait_for(
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let deadline = start + Duration::from_secs(timeout);
-    let mut opc = c.conn.operations();
-    let mut inst = c.conn.instances();
+    let mut opc = c.conn().operations();
+    let mut inst = c.conn().instances();
     let mut shown: HashMap<String, String> = HashMap::new();
     let mut done = Vec::new();
     let spinner = ['|', '/', '-', '\\'];
@@ -959,7 +1090,7 @@ async fn finish(c: &Ctx, operations: Vec<ops::Operation>, wait: &Wait) -> Result
     }
     let done = wait_for(c, &operations, wait.timeout).await?;
     let mut rows = Vec::new();
-    let mut inst = c.conn.instances();
+    let mut inst = c.conn().instances();
     for op in &done {
         match inst
             .get_instance(compute::GetInstanceRequest {
@@ -979,8 +1110,70 @@ async fn finish(c: &Ctx, operations: Vec<ops::Operation>, wait: &Wait) -> Result
     Ok(())
 }
 
+/// An instance lifecycle call, as `failover` retries it.
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Start,
+    Stop,
+    Reboot,
+    Delete,
+}
+
+async fn act(
+    conn: Conn,
+    action: Action,
+    name: String,
+    request_id: String,
+) -> Result<tonic::Response<ops::Operation>, tonic::Status> {
+    let mut ic = conn.instances();
+    match action {
+        Action::Start => {
+            ic.start_instance(compute::StartInstanceRequest { name, request_id })
+                .await
+        }
+        Action::Stop => {
+            ic.stop_instance(compute::StopInstanceRequest {
+                name,
+                timeout: None,
+                request_id,
+            })
+            .await
+        }
+        Action::Reboot => {
+            ic.reboot_instance(compute::RebootInstanceRequest { name, request_id })
+                .await
+        }
+        Action::Delete => {
+            ic.delete_instance(compute::DeleteInstanceRequest { name, request_id })
+                .await
+        }
+    }
+}
+
+/// Starts, stops, reboots or deletes `id`, retried on another controller
+/// with the same request id when one is unavailable.
+async fn lifecycle(
+    c: &Ctx,
+    action: Action,
+    id: &str,
+    request: &RequestId,
+    wait: &Wait,
+) -> Result<(), CliError> {
+    let name = c.scoped("instances", id)?;
+    let rid = request.get();
+    let op = c
+        .failover(|conn| act(conn, action, name.clone(), rid.clone()))
+        .await?;
+    if matches!(action, Action::Delete) && wait.wait {
+        wait_for(c, std::slice::from_ref(&op), wait.timeout).await?;
+        eprintln!("deleted {}", op.target);
+        return Ok(());
+    }
+    finish(c, vec![op], wait).await
+}
+
 async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
-    let mut ic = c.conn.instances();
+    let mut ic = c.conn().instances();
     match cmd {
         InstanceCmd::Create {
             id,
@@ -989,7 +1182,8 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
             group,
             labels,
             count,
-            request_id,
+            ha,
+            request,
             wait,
         } => {
             let parent = c.project()?;
@@ -1001,29 +1195,37 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
                     None => String::new(),
                 },
                 labels: labels.into_iter().collect(),
+                ha,
                 ..Default::default()
             };
+            let request_id = request.get();
             let operations = if count == 1 {
+                let r = compute::CreateInstanceRequest {
+                    parent,
+                    instance_id: id,
+                    instance: Some(template),
+                    request_id,
+                };
                 vec![
-                    ic.create_instance(compute::CreateInstanceRequest {
-                        parent,
-                        instance_id: id,
-                        instance: Some(template),
-                        request_id,
+                    c.failover(|conn| {
+                        let r = r.clone();
+                        async move { conn.instances().create_instance(r).await }
                     })
-                    .await?
-                    .into_inner(),
+                    .await?,
                 ]
             } else {
-                ic.batch_create_instances(compute::BatchCreateInstancesRequest {
+                let r = compute::BatchCreateInstancesRequest {
                     parent,
                     instance_id: id,
                     count,
                     instance: Some(template),
                     request_id,
+                };
+                c.failover(|conn| {
+                    let r = r.clone();
+                    async move { conn.instances().batch_create_instances(r).await }
                 })
                 .await?
-                .into_inner()
                 .operations
             };
             finish(c, operations, &wait).await
@@ -1078,36 +1280,17 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
             );
             Ok(())
         }
-        InstanceCmd::Start { id, wait } => {
-            let op = ic
-                .start_instance(compute::StartInstanceRequest {
-                    name: c.scoped("instances", &id)?,
-                    request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            finish(c, vec![op], &wait).await
+        InstanceCmd::Start { id, request, wait } => {
+            lifecycle(c, Action::Start, &id, &request, &wait).await
         }
-        InstanceCmd::Stop { id, wait } => {
-            let op = ic
-                .stop_instance(compute::StopInstanceRequest {
-                    name: c.scoped("instances", &id)?,
-                    timeout: None,
-                    request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            finish(c, vec![op], &wait).await
+        InstanceCmd::Stop { id, request, wait } => {
+            lifecycle(c, Action::Stop, &id, &request, &wait).await
         }
-        InstanceCmd::Reboot { id, wait } => {
-            let op = ic
-                .reboot_instance(compute::RebootInstanceRequest {
-                    name: c.scoped("instances", &id)?,
-                    request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            finish(c, vec![op], &wait).await
+        InstanceCmd::Reboot { id, request, wait } => {
+            lifecycle(c, Action::Reboot, &id, &request, &wait).await
+        }
+        InstanceCmd::Delete { id, request, wait } => {
+            lifecycle(c, Action::Delete, &id, &request, &wait).await
         }
         InstanceCmd::Resize { id, flavor } => {
             let i = ic
@@ -1121,39 +1304,29 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
             c.one(&records::instance(&i));
             Ok(())
         }
-        InstanceCmd::Delete { id, wait } => {
-            let op = ic
-                .delete_instance(compute::DeleteInstanceRequest {
-                    name: c.scoped("instances", &id)?,
-                    request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            if wait.wait {
-                wait_for(c, std::slice::from_ref(&op), wait.timeout).await?;
-                eprintln!("deleted {}", op.target);
-                Ok(())
-            } else {
-                finish(c, vec![op], &wait).await
-            }
+        InstanceCmd::Console { id, settle_ms } => {
+            let name = c.scoped("instances", &id)?;
+            console::attach(&c.conn(), name, Duration::from_millis(settle_ms)).await
         }
-        InstanceCmd::ConsoleLog { id } => {
+        InstanceCmd::ConsoleLog { id, max_bytes } => {
             let log = ic
                 .get_console_log(compute::GetConsoleLogRequest {
                     name: c.scoped("instances", &id)?,
-                    max_bytes: 0,
+                    max_bytes,
                 })
                 .await?
                 .into_inner();
             use std::io::Write as _;
-            let _ = std::io::stdout().write_all(&log.data);
+            let mut out = std::io::stdout();
+            let _ = out.write_all(&log.data);
+            let _ = out.flush();
             Ok(())
         }
     }
 }
 
 async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
-    let mut gc = c.conn.groups();
+    let mut gc = c.conn().groups();
     match cmd {
         GroupCmd::Create { id, policy } => {
             let policy = match policy.as_str() {
@@ -1212,7 +1385,7 @@ async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
 }
 
 async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
-    let mut nc = c.conn.nodes();
+    let mut nc = c.conn().nodes();
     let n = match cmd {
         NodeCmd::List(pg) => {
             let all = all_pages!(
@@ -1263,7 +1436,7 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
 }
 
 async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
-    let mut mc = c.conn.migrations();
+    let mut mc = c.conn().migrations();
     match cmd {
         MigrationCmd::List(pg) => {
             let all = all_pages!(
@@ -1304,7 +1477,7 @@ async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
 }
 
 async fn operation(c: &Ctx, cmd: OperationCmd) -> Result<(), CliError> {
-    let mut oc = c.conn.operations();
+    let mut oc = c.conn().operations();
     match cmd {
         OperationCmd::Get { name } => {
             let o = oc
@@ -1354,7 +1527,7 @@ async fn operation(c: &Ctx, cmd: OperationCmd) -> Result<(), CliError> {
 }
 
 async fn event(c: &Ctx, cmd: EventCmd) -> Result<(), CliError> {
-    let mut ec = c.conn.events();
+    let mut ec = c.conn().events();
     let project = c
         .project
         .clone()

@@ -7,10 +7,12 @@
 //! - `output.rs`: `-o table|json|yaml`.
 //! - `records.rs`: API messages as printable records.
 //! - `commands.rs`: every command.
+//! - `console.rs`: `neph instance console` (raw terminal or pipe).
 //! - `dev/`: `neph dev up|status|down`, a local cluster.
 
 mod client;
 mod commands;
+mod console;
 mod dev;
 mod output;
 mod profile;

@@ -7,6 +7,9 @@
 //!
 //! [profiles.dev]
 //! endpoint = "http://127.0.0.1:7001"
+//! # or several controllers: a call the first cannot serve (UNAVAILABLE)
+//! # is retried on the next, with the same request id
+//! endpoints = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
 //! token_file = "/var/lib/nephele/c1/admin.token"   # or token = "nph_..."
 //! project = "p1"
 //! output = "table"                               # table, json or yaml
@@ -24,6 +27,8 @@ use thiserror::Error;
 pub struct Profile {
     /// Controller address (`http://host:port` or `host:port`).
     pub endpoint: Option<String>,
+    /// Several controller addresses, tried in order (after `endpoint`).
+    pub endpoints: Option<Vec<String>>,
     /// Bearer token.
     pub token: Option<String>,
     /// File holding the bearer token (e.g. a controller's `admin.token`).
@@ -132,6 +137,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(load(&path, None).unwrap().endpoint.as_deref(), Some("x:1"));
+        std::fs::write(
+            &path,
+            "[profiles.default]\nendpoints = [\"a:1\", \"b:2\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            load(&path, None).unwrap().endpoints,
+            Some(vec!["a:1".to_owned(), "b:2".to_owned()])
+        );
+        std::fs::write(
+            &path,
+            "default_profile = \"a\"\n[profiles.a]\nendpoint = \"x:1\"\n[profiles.b]\nproject = \"p\"\n",
+        )
+        .unwrap();
         assert_eq!(
             load(&path, Some("b")).unwrap().project.as_deref(),
             Some("p")

@@ -55,6 +55,8 @@ pub fn instance(i: &compute::Instance) -> Record {
         ("memory_mib", mem.into()),
         ("disk_gib", disk.into()),
         ("group", short(&i.server_group)),
+        ("ha", i.ha.into()),
+        ("boot_count", i.boot_count.into()),
         ("labels", json!(i.labels)),
         ("reason", i.reason.clone().into()),
         ("resource", i.name.clone().into()),

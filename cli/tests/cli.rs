@@ -43,8 +43,8 @@ impl Drop for Controller {
 }
 
 fn start_controller(data: &Path) -> Controller {
-    let mut child = Command::new(controller_binary())
-        .args([
+    launch(
+        &[
             "init",
             "--id",
             "1",
@@ -52,8 +52,18 @@ fn start_controller(data: &Path) -> Controller {
             "9",
             "--listen",
             "127.0.0.1:0",
-            "--data-dir",
-        ])
+        ],
+        data,
+        true,
+    )
+}
+
+/// Starts `neph-controller ARGS --data-dir DATA` and waits for its
+/// `LISTENING` line (and with `token`, its `ADMIN_TOKEN_FILE` line).
+fn launch(args: &[&str], data: &Path, token: bool) -> Controller {
+    let mut child = Command::new(controller_binary())
+        .args(args)
+        .arg("--data-dir")
         .arg(data)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -63,7 +73,7 @@ fn start_controller(data: &Path) -> Controller {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let mut address = None;
-    let mut token_file = None;
+    let mut token_file = (!token).then(|| data.join("admin.token"));
     while address.is_none() || token_file.is_none() {
         let line = lines.next().expect("controller output").expect("line");
         if let Some(a) = line.strip_prefix("LISTENING ") {
@@ -309,4 +319,120 @@ fn formats_exit_codes_and_errors() {
     );
     let nodes = neph.json(&["node", "list"]);
     assert_eq!(nodes[0]["name"], "n1");
+}
+
+/// A controller that can never serve anything: its only peer does not
+/// exist, so it never has a quorum (every call ends UNAVAILABLE).
+fn start_quorumless_controller(data: &Path) -> Controller {
+    let args = [
+        "init",
+        "--id",
+        "1",
+        "--cluster-id",
+        "9",
+        "--listen",
+        "127.0.0.1:0",
+        "--peers",
+        "2=127.0.0.1:1",
+    ];
+    launch(&args, data, false)
+}
+
+/// Restarts a controller from its data directory.
+fn restart_controller(data: &Path) -> Controller {
+    launch(
+        &["run", "--id", "1", "--listen", "127.0.0.1:0"],
+        data,
+        false,
+    )
+}
+
+#[test]
+fn creates_are_idempotent_across_kill_9_and_fail_over_to_another_endpoint() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    neph.expect(
+        &[
+            "flavor",
+            "create",
+            "small",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "256",
+        ],
+        0,
+    );
+    neph.expect(&["image", "create", "guest"], 0);
+    neph.expect(&["project", "create", "p1"], 0);
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let node = fake_node(&c.address, &token);
+    let create = [
+        "instance",
+        "create",
+        "web",
+        "--flavor",
+        "small",
+        "--image",
+        "guest",
+        "--ha",
+        "--request-id",
+        "r-web",
+    ];
+    let first = neph.json(&create);
+    let web = neph.json(&["instance", "get", "web"]);
+    assert_eq!(web["ha"], true);
+    assert_eq!(web["boot_count"], 1);
+
+    // kill -9 after the commit, restart from the data directory: the retry
+    // gets the very same operation (the request id lives in the replicated
+    // state), and nothing is created twice.
+    let _ = c.child.kill();
+    let _ = c.child.wait();
+    let _ = node.join();
+    let c = restart_controller(data.path());
+    let quorumless_data = tempfile::tempdir().expect("tempdir");
+    let dead = start_quorumless_controller(quorumless_data.path());
+    // A profile whose first controller cannot serve: neph moves on to the
+    // next with the same request id.
+    let dir = neph.config_home.path().join("nephele");
+    std::fs::write(
+        dir.join("config.toml"),
+        format!(
+            "default_profile = \"t\"\n[profiles.t]\nendpoints = [\"{}\", \"{}\"]\ntoken_file = \"{}\"\nproject = \"p1\"\n",
+            dead.address,
+            c.address,
+            c.token_file.display()
+        ),
+    )
+    .expect("write config");
+    let mut args = create.to_vec();
+    args.extend(["-o", "json"]);
+    let (out, err) = neph.expect(&args, 0);
+    let again: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(again["name"], first["name"], "{out}");
+    assert!(err.contains("trying"), "{err}");
+    let list = neph.json(&["--endpoint", &c.address, "instance", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    // Bad input is not retried elsewhere: it fails at once.
+    let endpoints = format!("{},{}", c.address, dead.address);
+    let (_, err) = neph.expect(
+        &[
+            "--endpoint",
+            &endpoints,
+            "instance",
+            "create",
+            "Bad_Name",
+            "--flavor",
+            "small",
+            "--image",
+            "guest",
+        ],
+        1,
+    );
+    assert!(
+        err.contains("INVALID_ARGUMENT") && !err.contains("trying"),
+        "{err}"
+    );
 }
