@@ -470,7 +470,7 @@ fn address_san(address: &str) -> Result<SanType, IssueError> {
 }
 
 /// The raw subject public key of a certificate.
-fn spki_of(der: &CertificateDer<'_>) -> Option<Vec<u8>> {
+pub(crate) fn spki_of(der: &CertificateDer<'_>) -> Option<Vec<u8>> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
     Some(cert.public_key().subject_public_key.data.to_vec())
