@@ -218,15 +218,28 @@ impl Cloud {
     /// `neph ARGS` as given, with this cloud's endpoint and token; returns
     /// the exit status, stdout and stderr whatever the outcome.
     pub fn neph_raw(&self, args: &[&str], with_project: bool) -> (i32, String, String) {
+        self.neph_as(None, args, with_project)
+    }
+
+    /// `neph ARGS` with `token` (a secret) instead of the admin's, when
+    /// given.
+    pub fn neph_as(
+        &self,
+        token: Option<&str>,
+        args: &[&str],
+        with_project: bool,
+    ) -> (i32, String, String) {
         let mut last = (-1, String::new(), "no controller is alive".to_string());
         for c in self.controllers.members.iter() {
             let mut cmd = Command::new(workspace_binary("neph"));
             cmd.env_remove("NEPHELE_PROFILE")
                 .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
                 .args(["--endpoint", &c.address])
-                .arg("--token-file")
-                .arg(&self.token_file)
                 .args(["-o", "json"]);
+            match token {
+                Some(t) => cmd.env("NEPHELE_TOKEN", t),
+                None => cmd.arg("--token-file").arg(&self.token_file),
+            };
             if with_project {
                 cmd.args(["--project", &self.project]);
             }
@@ -241,7 +254,8 @@ impl Cloud {
                 stderr,
             );
             // Another controller may answer when this one is dead.
-            if !(code == 1 && last.2.to_lowercase().contains("unavailable")) {
+            let err = last.2.to_lowercase();
+            if !(code == 1 && (err.contains("unavailable") || err.contains("cannot reach"))) {
                 return last;
             }
         }
