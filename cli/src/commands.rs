@@ -417,8 +417,14 @@ enum EventCmd {
         #[command(flatten)]
         paging: Paging,
     },
-    /// Stream new events until interrupted.
-    Watch,
+    /// Stream events as they happen until interrupted (reconnecting, to
+    /// another endpoint if need be, without losing or repeating any).
+    Watch {
+        /// Start after this event sequence number (from `event list`)
+        /// instead of now.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1551,35 +1557,60 @@ async fn event(c: &Ctx, cmd: EventCmd) -> Result<(), CliError> {
                 "events",
             );
         }
-        EventCmd::Watch => {
-            let mut stream = ec
-                .watch_events(ops::WatchEventsRequest {
-                    project,
-                    after_seq: 0,
-                })
-                .await?
-                .into_inner();
-            while let Some(e) = stream.message().await? {
-                let r = records::event(&e);
-                match c.format {
-                    Format::Table => println!(
-                        "{} {} {} {} {}",
-                        e.seq,
-                        records::time(e.time.as_ref()).as_str().unwrap_or_default(),
-                        e.actor,
-                        e.kind,
-                        e.resource
-                    ),
-                    _ => {
-                        let obj: serde_json::Map<String, serde_json::Value> =
-                            r.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-                        println!("{}", serde_json::Value::Object(obj));
-                    }
+        EventCmd::Watch { after } => watch_events(c, project, after).await?,
+    }
+    Ok(())
+}
+
+/// Prints events from `after` on as they come; when the stream breaks
+/// because its controller went away, opens it again after the last one
+/// printed.
+async fn watch_events(c: &Ctx, project: String, mut after: u64) -> Result<(), CliError> {
+    loop {
+        let request = ops::WatchEventsRequest {
+            project: project.clone(),
+            after_seq: after,
+        };
+        let mut stream = c
+            .failover(|conn| {
+                let r = request.clone();
+                async move { conn.events().watch_events(r).await }
+            })
+            .await?;
+        loop {
+            let e = match stream.message().await {
+                Ok(Some(e)) => e,
+                Ok(None) => return Ok(()),
+                Err(s) if client::retryable(&s) => {
+                    eprintln!(
+                        "neph: the event stream broke ({}); reconnecting",
+                        s.message()
+                    );
+                    break;
+                }
+                Err(s) => return Err(s.into()),
+            };
+            after = e.seq;
+            match c.format {
+                Format::Table => println!(
+                    "{} {} {} {} {} {}",
+                    e.seq,
+                    records::time(e.time.as_ref()).as_str().unwrap_or_default(),
+                    e.actor,
+                    e.kind,
+                    e.resource,
+                    e.message
+                ),
+                _ => {
+                    let obj: serde_json::Map<String, serde_json::Value> = records::event(&e)
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v))
+                        .collect();
+                    println!("{}", serde_json::Value::Object(obj));
                 }
             }
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]

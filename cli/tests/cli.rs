@@ -6,7 +6,7 @@
 
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nephele_proto::compute::v1 as compute;
@@ -111,18 +111,24 @@ impl Neph {
         Neph { config_home }
     }
 
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_neph"))
-            .args(args)
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run neph")
+    }
+
+    /// `neph ARGS` with this profile, not started yet.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_neph"));
+        c.args(args)
             .env("XDG_CONFIG_HOME", self.config_home.path())
             .env_remove("NEPHELE_ENDPOINT")
             .env_remove("NEPHELE_TOKEN")
             .env_remove("NEPHELE_TOKEN_FILE")
             .env_remove("NEPHELE_PROJECT")
-            .env_remove("NEPHELE_PROFILE")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run neph")
+            .env_remove("NEPHELE_PROFILE");
+        c
     }
 
     /// Runs and checks the exit code; returns stdout.
@@ -148,6 +154,12 @@ impl Neph {
 
 /// Registers `nodes/n1` and heartbeats it in the background.
 fn fake_node(address: &str, token: &str) -> std::thread::JoinHandle<()> {
+    fake_node_with(address, token, false)
+}
+
+/// [`fake_node`]; with `serve`, it also serves `EchoAgent` at its
+/// registered address and reports what it is told to run as RUNNING.
+fn fake_node_with(address: &str, token: &str, serve: bool) -> std::thread::JoinHandle<()> {
     let (address, token) = (format!("http://{address}"), token.trim().to_owned());
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
@@ -170,10 +182,26 @@ fn fake_node(address: &str, token: &str) -> std::thread::JoinHandle<()> {
                     Ok(r)
                 },
             );
+            let agent_address = if serve {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let a = listener.local_addr().expect("address").to_string();
+                tokio::spawn(
+                    tonic::transport::Server::builder()
+                        .add_service(node::agent_server::AgentServer::new(EchoAgent))
+                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+                            listener,
+                        )),
+                );
+                a
+            } else {
+                "127.0.0.1:1".to_owned()
+            };
             agent
                 .register_node(node::RegisterNodeRequest {
                     node_id: "n1".into(),
-                    address: "127.0.0.1:1".into(),
+                    address: agent_address,
                     capacity: Some(compute::Resources {
                         vcpus: 4,
                         memory_mib: 4096,
@@ -195,7 +223,10 @@ fn fake_node(address: &str, token: &str) -> std::thread::JoinHandle<()> {
                 if beat.is_err() {
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                if serve {
+                    run_assignments(&mut agent).await;
+                }
+                tokio::time::sleep(Duration::from_millis(if serve { 100 } else { 500 })).await;
             }
         });
     });
@@ -203,6 +234,92 @@ fn fake_node(address: &str, token: &str) -> std::thread::JoinHandle<()> {
         .recv_timeout(Duration::from_secs(20))
         .expect("node registered");
     handle
+}
+
+/// Reports every instance assigned to run (and not running) as RUNNING.
+async fn run_assignments<T>(agent: &mut node::node_agent_client::NodeAgentClient<T>)
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let Ok(a) = agent
+        .get_assignments(node::WatchAssignmentsRequest {
+            node: "nodes/n1".into(),
+        })
+        .await
+    else {
+        return;
+    };
+    for a in a.into_inner().assignments {
+        let Some(i) = a.instance else { continue };
+        if a.desired == node::DesiredState::DesiredRunning as i32
+            && i.state != compute::InstanceState::Running as i32
+        {
+            let _ = agent
+                .report_instance_state(node::ReportInstanceStateRequest {
+                    node: "nodes/n1".into(),
+                    instance: i.name,
+                    state: node::ReportedState::ReportedRunning as i32,
+                    reason: String::new(),
+                    boot_count: i.boot_count,
+                })
+                .await;
+        }
+    }
+}
+
+/// A test double for a node agent's `Agent` service: answers every typed
+/// chunk with `echo: <chunk>`; its console log is [`LOG`].
+struct EchoAgent;
+
+const LOG: &[u8] = b"NEPH-GUEST BOOT\nready\n";
+
+type Output = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<compute::ConsoleResponse, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl node::agent_server::Agent for EchoAgent {
+    type ConsoleStream = Output;
+
+    async fn console(
+        &self,
+        req: tonic::Request<tonic::Streaming<compute::ConsoleRequest>>,
+    ) -> Result<tonic::Response<Output>, tonic::Status> {
+        let mut input = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Ok(Some(m)) = input.message().await {
+                if m.input.is_empty() {
+                    continue;
+                }
+                let mut output = b"echo: ".to_vec();
+                output.extend_from_slice(&m.input);
+                if tx
+                    .send(Ok(compute::ConsoleResponse { output }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn get_console_log(
+        &self,
+        req: tonic::Request<compute::GetConsoleLogRequest>,
+    ) -> Result<tonic::Response<compute::ConsoleLog>, tonic::Status> {
+        let max = usize::try_from(req.into_inner().max_bytes).unwrap_or(usize::MAX);
+        Ok(tonic::Response::new(compute::ConsoleLog {
+            data: LOG[LOG.len().saturating_sub(max)..].to_vec(),
+        }))
+    }
 }
 
 #[test]
@@ -434,5 +551,108 @@ fn creates_are_idempotent_across_kill_9_and_fail_over_to_another_endpoint() {
     assert!(
         err.contains("INVALID_ARGUMENT") && !err.contains("trying"),
         "{err}"
+    );
+}
+
+#[test]
+fn console_from_a_pipe_console_log_and_event_watch() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    neph.expect(
+        &[
+            "flavor",
+            "create",
+            "small",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "256",
+        ],
+        0,
+    );
+    neph.expect(&["image", "create", "guest"], 0);
+    neph.expect(&["project", "create", "p1"], 0);
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let _node = fake_node_with(&c.address, &token, true);
+    let web = neph.json(&[
+        "instance",
+        "create",
+        "web",
+        "--flavor",
+        "small",
+        "--image",
+        "guest",
+        "--wait",
+        "--timeout",
+        "20",
+    ]);
+    assert_eq!(web["state"], "RUNNING", "{web}");
+
+    // From a pipe: every line goes in, the echoes come out, and neph exits
+    // once the input ended and the output settled.
+    let mut child = neph
+        .command(&["instance", "console", "web", "--settle-ms", "500"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn neph");
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"uname\n").expect("write");
+        stdin.flush().expect("flush");
+        std::thread::sleep(Duration::from_millis(300));
+        stdin.write_all(b"ls\n").expect("write");
+    }
+    let out = child.wait_with_output().expect("neph console");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(stdout, "echo: uname\necho: ls\n");
+
+    let (log, _) = neph.expect(&["instance", "console-log", "web", "--max-bytes", "6"], 0);
+    assert_eq!(log, "ready\n");
+
+    // Watch from the newest event on: a reboot shows up with who did it.
+    let events = neph.json(&["event", "list"]);
+    let last = events
+        .as_array()
+        .and_then(|e| e.last())
+        .and_then(|e| e["seq"].as_u64())
+        .expect("an event");
+    let after = last.to_string();
+    let mut watch = neph
+        .command(&["event", "watch", "--after", &after, "-o", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn watch");
+    neph.expect(
+        &["instance", "reboot", "web", "--wait", "--timeout", "20"],
+        0,
+    );
+    let mut lines = BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    let mut seen = Vec::new();
+    while let Some(Ok(line)) = lines.next() {
+        let e: serde_json::Value = serde_json::from_str(&line).expect("json line");
+        assert!(e["seq"].as_u64() > Some(last), "{e}");
+        let done = e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("STARTING -> RUNNING"));
+        seen.push(e);
+        if done {
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    assert!(
+        seen.iter().any(|e| e["actor"] == "users/admin"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("reboot requested"))),
+        "{seen:?}"
     );
 }

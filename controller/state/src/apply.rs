@@ -137,7 +137,13 @@ pub fn apply(state: &mut State, env: &Envelope, term: u64) -> Result<Response, A
         None => None,
     };
 
-    let response = apply_command(state, env)?;
+    let response = match apply_command(state, env) {
+        Ok(r) => r,
+        Err(e) => {
+            record_refusal(state, env, &e);
+            return Err(e);
+        }
+    };
 
     if let (Some(id), Some(command)) = (&env.request_id, fingerprint) {
         state.requests.insert(
@@ -151,6 +157,28 @@ pub fn apply(state: &mut State, env: &Envelope, term: u64) -> Result<Response, A
         state.request_order.push_back((state.now, id.clone()));
     }
     Ok(response)
+}
+
+/// Records a person's refused request in the audit trail (`request.refused`
+/// on the resource it was about, with the reason). What the control loops
+/// and nodes are refused is routine (a stale placement, a late report) and
+/// is only logged by them.
+fn record_refusal(state: &mut State, env: &Envelope, error: &ApplyError) {
+    if !env.actor.starts_with("users/") || env.actor.len() > MAX_TEXT_LEN {
+        return;
+    }
+    let mut resource = env.command.target();
+    let mut message = error.to_string();
+    for text in [&mut resource, &mut message] {
+        if text.len() > MAX_TEXT_LEN {
+            let mut end = MAX_TEXT_LEN;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+    }
+    event(state, &env.actor, &resource, "request.refused", message);
 }
 
 fn expire_requests(state: &mut State) {
@@ -1109,6 +1137,13 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             };
             state.migrations.insert(name.clone(), m.clone());
             event(state, actor, &name, "migration.created", target.clone());
+            event(
+                state,
+                actor,
+                instance,
+                "instance.state_changed",
+                format!("RUNNING -> MIGRATING: {name} to {target}"),
+            );
             Ok(Response::Migration(m))
         }
         Command::SetMigrationState {
@@ -1149,15 +1184,31 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                     &m.target
                 };
                 release_node(state, &Some(released.clone()), resources);
+                let mut resumed = false;
                 if let Some(i) = state.instances.get_mut(&m.instance) {
                     if *to == MigrationState::Completed {
                         i.node = Some(m.target.clone());
                     }
                     if i.state == InstanceState::Migrating {
                         i.state = InstanceState::Running;
+                        resumed = true;
                     }
                     i.generation += 1;
                     i.update_time = now;
+                }
+                if resumed {
+                    let on = if *to == MigrationState::Completed {
+                        &m.target
+                    } else {
+                        &m.source
+                    };
+                    event(
+                        state,
+                        actor,
+                        &m.instance,
+                        "instance.state_changed",
+                        format!("MIGRATING -> RUNNING: {migration} {to:?}, on {on}"),
+                    );
                 }
             }
             let m = state
@@ -1899,6 +1950,36 @@ mod tests {
         ));
         set(&mut s, web, InstanceState::Running).unwrap();
         assert!(s.operations["operations/op-start"].done);
+    }
+
+    #[test]
+    fn a_persons_refused_request_is_audited() {
+        let mut s = setup();
+        create(&mut s, "a").unwrap();
+        let mut env = Envelope::new(
+            s.now + 1,
+            "users/alice",
+            Command::DeleteInstance {
+                instance: "projects/p1/instances/nope".into(),
+                operation_id: "d1".into(),
+            },
+        );
+        assert!(apply(&mut s, &env, 1).is_err());
+        let e = s.events.back().unwrap();
+        assert_eq!(
+            (e.actor.as_str(), e.resource.as_str(), e.kind.as_str()),
+            (
+                "users/alice",
+                "projects/p1/instances/nope",
+                "request.refused"
+            )
+        );
+        assert_eq!(e.message, "projects/p1/instances/nope does not exist");
+        // What loops are refused is not audited.
+        let seq = e.seq;
+        env.actor = "system".into();
+        assert!(apply(&mut s, &env, 1).is_err());
+        assert_eq!(s.events.back().unwrap().seq, seq);
     }
 
     #[test]

@@ -345,6 +345,54 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The resource a command is about (for the audit trail): its full
+    /// name, or the collection for a create that names a new one.
+    pub fn target(&self) -> String {
+        use Command as C;
+        match self {
+            C::Noop => String::new(),
+            C::CreateProject { project_id, .. } => format!("projects/{project_id}"),
+            C::CreateUser { user_id, .. } => format!("users/{user_id}"),
+            C::CreateToken { user, token_id, .. } => format!("{user}/tokens/{token_id}"),
+            C::CreateFlavor { flavor_id, .. } => format!("flavors/{flavor_id}"),
+            C::CreateImage { image_id, .. } => format!("images/{image_id}"),
+            C::CreateServerGroup {
+                project, group_id, ..
+            } => format!("{project}/serverGroups/{group_id}"),
+            C::CreateInstance {
+                project,
+                instance_id,
+                ..
+            } => format!("{project}/instances/{instance_id}"),
+            C::CreateInstances { project, .. } => format!("{project}/instances"),
+            C::RegisterNode { node_id, .. } => format!("nodes/{node_id}"),
+            C::CreateMigration { instance, .. } => instance.clone(),
+            C::SetProjectQuota { project, .. } | C::DeleteProject { project } => project.clone(),
+            C::DeleteUser { user } | C::SetRole { user, .. } => user.clone(),
+            C::DeleteToken { token } => token.clone(),
+            C::DeleteFlavor { flavor } => flavor.clone(),
+            C::SetImageState { image, .. } | C::DeleteImage { image } => image.clone(),
+            C::DeleteServerGroup { group } => group.clone(),
+            C::ScheduleInstance { instance, .. }
+            | C::SetInstanceState { instance, .. }
+            | C::DeleteInstance { instance, .. }
+            | C::PurgeInstance { instance }
+            | C::BeginInstanceAction { instance, .. }
+            | C::ResizeInstance { instance, .. }
+            | C::RestartInstanceElsewhere { instance, .. } => instance.clone(),
+            C::NodeHeartbeat { node }
+            | C::SetNodeState { node, .. }
+            | C::DeregisterNode { node } => node.clone(),
+            C::SetMigrationState { migration, .. } => migration.clone(),
+            C::FinishOperation { operation, .. } => operation.clone(),
+            C::KvPut { key, .. } | C::KvCas { key, .. } | C::KvDelete { key } => {
+                format!("kv/{key}")
+            }
+        }
+    }
+}
+
 /// What every instance of one create request is made of.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
