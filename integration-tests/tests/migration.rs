@@ -5,9 +5,13 @@
 //! continues, disk data written before and during the migration verifies on
 //! the target, every page matches at switchover (verify mode), a guest that
 //! dirties as fast as it can converges, A→B→C after a cancelled attempt
-//! loses no page, cancel and kill -9 of the target leave the VM running on
-//! the source, and hostile streams are refused while the target keeps
-//! listening.
+//! loses no page (the last move in protocol version 1, which targets still
+//! read), cancel and kill -9 of the target leave the VM running on the
+//! source, hostile streams (bad headers and frames, and bad memory after a
+//! valid configuration) are refused while the target keeps listening, and a
+//! hostile target leaves the source's VM running. Memory also goes over
+//! three streams in the max-rate test, where the guest reads back its own
+//! code after the move.
 //!
 //! Each test needs root and `/dev/kvm`; without them it prints why and
 //! returns. Processes go away on drop, also on failure.
@@ -17,7 +21,9 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nephele_integration_tests::guest::{GuestVm, READY_MARKER, number, skip_without_kvm as skip};
+use nephele_integration_tests::guest::{
+    GuestVm, READY_MARKER, field, number, skip_without_kvm as skip,
+};
 use nephele_integration_tests::migration::{control, migrate, start_target, wait_outcome};
 use nephele_integration_tests::procs::free_port;
 
@@ -143,31 +149,44 @@ fn every_page_matches_while_the_guest_dirties_as_fast_as_it_can() {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = dir.path().join("a.sock");
     let mut src = source(&a, &[]);
+    // What the guest itself reads back: its code (loaded at 1 MiB), before
+    // and after the move.
+    let code = "checksum 0x100000 65536";
+    let before = src.command(code, "CHECKSUM OK", CMD).expect("checksum");
     src.command("dirty 64 0", "DIRTY OK", CMD)
         .expect("unpaced dirtier");
     let port = free_port().expect("port");
     let mut dst = start_target(port, &[]).expect("start target");
+    // Three memory streams: pages of one round go over all of them.
     let out = migrate(
         &a,
         &format!("127.0.0.1:{port}"),
-        r#""verify":true"#,
+        r#""verify":true,"streams":3"#,
         MIGRATION,
     )
     .expect("migrate");
     // With verify the target refuses (and this fails) unless its memory
     // equals the source's at switchover.
     assert_eq!(out.state, "completed", "{}", out.last);
+    assert_eq!(out.last["streams"], 3, "{}", out.last);
     eprintln!(
-        "max-rate dirtying: total {} ms, rounds {}, throttle {}%",
+        "max-rate dirtying: total {} ms, rounds {}, throttle {}%, switchover {}",
         out.elapsed.as_millis(),
         out.last["round"],
-        out.last["throttle_percent"]
+        out.last["throttle_percent"],
+        out.last["switchover"]
     );
     assert_exits_migrated(&mut src);
     let st = dst
         .command("dirty status", "DIRTY OK", CMD)
         .expect("dirty status");
     assert!(st.contains("running=1"), "{st}");
+    let after = dst.command(code, "CHECKSUM OK", CMD).expect("checksum");
+    assert_eq!(
+        field(&before, "fnv"),
+        field(&after, "fnv"),
+        "the guest reads different code after the move: {before} / {after}"
+    );
 }
 
 #[test]
@@ -211,16 +230,24 @@ fn a_cancelled_attempt_then_two_moves_lose_no_page() {
     vm_b.command("echo on-b", "ECHO on-b", CMD)
         .expect("runs on B");
 
-    // B→C, verified.
+    // B→C, verified, in protocol version 1 (what an older target speaks):
+    // the target still reads it.
     let mut vm_c = start_target(pc, &[]).expect("target C");
     let out = migrate(
         &b,
         &format!("127.0.0.1:{pc}"),
-        r#""verify":true"#,
+        r#""verify":true,"protocol":1"#,
         MIGRATION,
     )
     .expect("B to C");
     assert_eq!(out.state, "completed", "{}", out.last);
+    assert!(
+        out.last["target_switchover"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "a version 1 Loaded carries no report: {}",
+        out.last
+    );
     assert_exits_migrated(&mut vm_b);
     vm_c.command("echo on-c", "ECHO on-c", CMD)
         .expect("runs on C");
@@ -279,6 +306,43 @@ fn hostile(port: u16, bytes: &[u8]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&reply[5..]).into_owned())
 }
 
+/// A `Config` frame for the target's default VM (1 vCPU, 256 MiB, no
+/// disk or network, rng), postcard-encoded by hand: vcpus, memory_mib
+/// (varint), disks, nets, rng, kernel, initrd, cmdline, boots.
+fn config_frame() -> Vec<u8> {
+    let payload = [1u8, 0x80, 0x02, 0, 0, 1, 1, b'k', 0, 0, 1];
+    let mut f = vec![1u8];
+    f.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
+    f.extend_from_slice(&payload);
+    f
+}
+
+/// A `Pages` frame with one page at `gpa`.
+fn pages_frame(gpa: u64) -> Vec<u8> {
+    let mut f = vec![2u8];
+    f.extend_from_slice(&(8u32 + 4096).to_le_bytes());
+    f.extend_from_slice(&gpa.to_le_bytes());
+    f.extend_from_slice(&[0x5a; 4096]);
+    f
+}
+
+/// Speaks version 1 up to `Ready`, then sends `frames` and returns the
+/// error frame the target answers with, if any.
+fn hostile_after_config(port: u16, frames: &[u8]) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(&[header(1), config_frame()].concat()).ok()?;
+    let mut ready = [0u8; 5];
+    s.read_exact(&mut ready).ok()?;
+    assert_eq!(ready, [0x81, 0, 0, 0, 0], "a version 1 Ready is empty");
+    s.write_all(frames).ok()?;
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    (reply.len() >= 5 && reply[0] == 0x83)
+        .then(|| String::from_utf8_lossy(&reply[5..]).into_owned())
+}
+
 fn header(version: u32) -> Vec<u8> {
     let mut h = b"NEPHMIG\0".to_vec();
     h.extend_from_slice(&version.to_le_bytes());
@@ -328,9 +392,48 @@ fn hostile_streams_are_refused_and_the_target_keeps_listening() {
             [header(1), vec![1, 100, 0, 0, 0, 1, 2, 3]].concat(),
             "connection",
         ),
+        (
+            "an extra stream without a migration",
+            [header(2), vec![11, 2, 0, 0, 0, 1, 1]].concat(),
+            "Config",
+        ),
     ];
     for (what, bytes, expect) in cases {
         let err = hostile(port, &bytes).unwrap_or_else(|| panic!("{what}: no error frame"));
+        eprintln!("{what}: refused with: {err}");
+        assert!(
+            err.contains(expect),
+            "{what}: error {err:?} should mention {expect:?}"
+        );
+    }
+    // Past the configuration, into the VM: a valid Config (the target's
+    // own shape), then bad memory frames or a stream cut mid-frame.
+    let after_config: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "a page outside guest memory",
+            [pages_frame(1 << 40)].concat(),
+            "not a guest page",
+        ),
+        ("an unaligned page", pages_frame(0x1001), "not a guest page"),
+        (
+            "a pages frame cut short",
+            pages_frame(0x1000)[..2000].to_vec(),
+            "connection",
+        ),
+        (
+            "state before any memory",
+            vec![5, 3, 0, 0, 0, 1, 2, 3],
+            "malformed",
+        ),
+        (
+            "an extra stream that was never announced",
+            vec![11, 2, 0, 0, 0, 1, 1],
+            "memory, disk or state",
+        ),
+    ];
+    for (what, frames, expect) in after_config {
+        let err =
+            hostile_after_config(port, &frames).unwrap_or_else(|| panic!("{what}: no error frame"));
         eprintln!("{what}: refused with: {err}");
         assert!(
             err.contains(expect),
@@ -353,4 +456,54 @@ fn hostile_streams_are_refused_and_the_target_keeps_listening() {
     assert_exits_migrated(&mut src);
     dst.command("echo survived", "ECHO survived", CMD)
         .expect("the target runs the VM");
+}
+
+#[test]
+fn a_hostile_target_cannot_hurt_the_source() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.sock");
+    let mut src = source(&a, &[]);
+    src.command("dirty 16 16", "DIRTY OK", CMD)
+        .expect("paced dirtier");
+    // Each fake target answers the header and Config with one reply.
+    let replies: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage", b"HTTP/1.1 200 OK\r\n\r\n".to_vec()),
+        ("an oversized frame", vec![0x81, 0xff, 0xff, 0xff, 0xff]),
+        ("a Ready cut short", vec![0x81, 9, 0, 0, 0, 1]),
+        (
+            "a Ready with a garbage payload",
+            vec![0x81, 2, 0, 0, 0, 0xff, 0xff],
+        ),
+        ("silence, then a close", Vec::new()),
+    ];
+    for (what, reply) in replies {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let fake = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut head = [0u8; 12];
+            let _ = s.read_exact(&mut head);
+            let _ = s.write_all(&reply);
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        // Two streams asked: the Ready payload is parsed.
+        let out = migrate(
+            &a,
+            &format!("127.0.0.1:{port}"),
+            r#""streams":2"#,
+            MIGRATION,
+        )
+        .expect("migrate");
+        fake.join().expect("fake target");
+        assert_eq!(out.state, "failed", "{what}: {}", out.last);
+        eprintln!("{what}: the source says: {}", out.last["error"]);
+        assert_still_runs(&mut src, &a);
+    }
+    let st = src
+        .command("dirty status", "DIRTY OK", CMD)
+        .expect("dirty status");
+    assert!(st.contains("running=1"), "{st}");
 }

@@ -646,13 +646,42 @@ impl Vm {
                 max_downtime_ms,
                 timeout_ms,
                 verify,
+                streams,
+                protocol,
             } => {
+                let version = protocol.unwrap_or(crate::migration::protocol::VERSION);
+                let versions = crate::migration::protocol::PREVIOUS_VERSION
+                    ..=crate::migration::protocol::VERSION;
+                if !versions.contains(&version) {
+                    return (
+                        Response::error(
+                            "BAD_REQUEST",
+                            format!("protocol version {version} is not spoken here"),
+                        ),
+                        None,
+                    );
+                }
+                let streams = streams.unwrap_or(source::DEFAULT_STREAMS);
+                if !(1..=crate::migration::protocol::MAX_STREAMS).contains(&streams) {
+                    return (
+                        Response::error(
+                            "BAD_REQUEST",
+                            format!(
+                                "streams must be 1 to {}",
+                                crate::migration::protocol::MAX_STREAMS
+                            ),
+                        ),
+                        None,
+                    );
+                }
                 let params = MigrateParams {
                     to,
                     max_downtime: max_downtime_ms
                         .map_or(source::DEFAULT_MAX_DOWNTIME, Duration::from_millis),
                     timeout: timeout_ms.map_or(source::DEFAULT_TIMEOUT, Duration::from_millis),
                     verify,
+                    streams,
+                    version,
                 };
                 return (self.start_migration(params), None);
             }

@@ -23,7 +23,7 @@
 //! | `shutdown` | asks the guest to power off (power button: I/O port 0x602 reads 1, see `devices::legacy`); stops it after `timeout_ms` (default 10000); refused while fenced | `ok` at once; the process exits 0 when the guest powers off or the timeout ends it |
 //! | `stop` | stops the VM now; the process exits 0 | `ok` |
 //! | `metrics` | none | `metrics`: `vcpus` (`id`, `tid`, `user_ms`, `system_ms`), `rss_bytes`, `guest_memory_bytes`, `console_bytes`, `disks` and `nets` (device counters) |
-//! | `migrate` | starts a live migration to `to` (`HOST:PORT` of a `neph-vmm --incoming`); optional `max_downtime_ms` (default 50), `timeout_ms` (default 120000), `verify` (test mode: memory checksum compared by the target) | `ok` and `migration` at once; on success the process exits 0 after printing `migrated` on stderr |
+//! | `migrate` | starts a live migration to `to` (`HOST:PORT` of a `neph-vmm --incoming`); optional `max_downtime_ms` (default 50), `timeout_ms` (default 120000), `verify` (test mode: memory checksum compared by the target), `streams` (memory TCP streams, 1 to 8, default 1), `protocol` (wire version, default the newest; 1 for an older target) | `ok` and `migration` at once; on success the process exits 0 after printing `migrated` on stderr |
 //! | `migrate_status` | none | `migration`: `state` (`setup`, `precopy`, `stop_and_copy`, `completed`, `failed`, `cancelled`), `to`, `round`, `bytes_sent`, `bytes_remaining`, `dirty_rate_bps`, `throughput_bps`, `expected_downtime_ms`, `throttle_percent`, `elapsed_ms`, `downtime_ms`, `downtime_us`, `error`, `side` (`source`; a target that received its VM answers with `target`), `switchover` (each stop-and-copy step, `{name, us}`, in order), `target_switchover` (the target's steps up to its acknowledgement), `streams` |
 //! | `migrate_cancel` | stops the running migration before its switchover; the VM runs on here | `ok` |
 //!
@@ -88,6 +88,13 @@ pub enum Request {
         /// at switchover (costs a pass over memory in the downtime).
         #[serde(default)]
         verify: bool,
+        /// Memory streams, 1 to 8 (default 1).
+        #[serde(default)]
+        streams: Option<u8>,
+        /// Wire protocol version to speak (default the newest; 1 for an
+        /// older target).
+        #[serde(default)]
+        protocol: Option<u32>,
     },
     /// Progress of the current or last migration.
     MigrateStatus,
@@ -252,7 +259,9 @@ mod tests {
                 to: "10.0.0.2:7000".into(),
                 max_downtime_ms: Some(20),
                 timeout_ms: None,
-                verify: false
+                verify: false,
+                streams: None,
+                protocol: None,
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"migrate"}"#).is_err());

@@ -1,27 +1,38 @@
-//! The migration wire protocol: one TCP connection, source to target, a
-//! fixed header, then length-prefixed frames.
+//! The migration wire protocol: a TCP connection from source to target
+//! (plus, from version 2, optional extra connections that carry memory
+//! only), each a fixed header, then length-prefixed frames.
 //!
 //! ```text
 //! source (neph-vmm, VM running)                 target (neph-vmm --incoming)
+//!                                                   pre-builds the VM it expects
 //!   connect ─────────────────────────────────────► accept (one connection)
 //!   Header "NEPHMIG\0" + version ────────────────► accepts CURRENT or PREVIOUS
 //!   Config {vcpus, memory, disks, nets, ...} ────► checks it against its own
-//!                                                   --disk/--net, builds the VM
-//!                                                   paused, zeroes its disks
-//!                                        ◄──────── Ready
+//!                                                   --disk/--net, takes the
+//!                                                   pre-built VM if it fits (or
+//!                                                   builds one), starts its
+//!                                                   threads parked, zeroes disks
+//!                                        ◄──────── Ready {session, max_streams} (v2)
+//!   [v2, streams > 1: Streams {count} ──────────►  accepts count - 1 more
+//!    connect, Header, Join {session, i} ═════════►  connections, one reader
+//!    on each extra stream]                           thread each]
 //!   turn on dirty logs (KVM + VMM bitmap + disks)
 //!   round 0: Pages/DiskChunks (zero pages skipped) ► writes into memory/disk
 //!   rounds 1..: dirty Pages/ZeroPages/DiskChunks ─►  (auto-converge throttles
-//!     until the remainder fits the downtime budget    the vCPUs if needed)
-//!   each round ends with Sync ───────────────────►
-//!                                        ◄──────── Synced (all applied)
+//!     (pages split across the streams)                the vCPUs if needed)
+//!   each round ends with Sync on every stream ───►
+//!                                        ◄──────── Synced (all streams applied)
 //!   pause vCPUs and devices
-//!   last Pages/ZeroPages/DiskChunks ─────────────►
-//!   State {vCPUs, VM, devices} ──────────────────► validates and loads it
-//!   Complete {memory checksum, if verifying} ────► compares the checksum
-//!                                        ◄──────── Loaded   (or Error)
+//!   last Pages/ZeroPages/DiskChunks (+ Sync on  ─►
+//!     each extra stream), then on the first:
+//!   State {vCPUs, VM, devices} ──────────────────► validates it
+//!   Complete {memory checksum, if verifying} ────► waits for the extra streams,
+//!                                                   compares the checksum, loads
+//!                                                   the state (vCPU threads stay
+//!                                                   parked)
+//!                                        ◄──────── Loaded {target steps} (or Error)
 //!   SwitchoverGate::allow_switchover()
-//!   Commit ──────────────────────────────────────► resumes the VM
+//!   Commit ──────────────────────────────────────► wakes the vCPUs
 //!   exit 0 ("migrated")
 //!
 //!   any failure or cancel before Commit: Abort ──► exits 1, the source's VM
@@ -38,7 +49,11 @@
 //!
 //! Versions: the target accepts [`VERSION`] and [`PREVIOUS_VERSION`]; a
 //! change to any frame bumps [`VERSION`] and keeps reading the old one for
-//! one release. Version 1 is the first, so both are 1 for now.
+//! one release. Version 2 added the payloads of `Ready` ([`ReadyInfo`]) and
+//! `Loaded` ([`LoadedReport`]) and the extra memory streams (`Streams`,
+//! `Join`); a version 1 stream (empty `Ready`/`Loaded`, one stream) is
+//! still received, and a source can be asked to speak it
+//! (`migrate` with `"protocol": 1`) to move a VM to an older target.
 
 use std::io::{self, Read, Write};
 
@@ -77,8 +92,13 @@ pub enum Kind {
     Abort = 8,
     /// Source → target: answer `Synced` once everything before is applied
     /// (ends each round, so the source measures the real end-to-end rate
-    /// and never pauses the VM with a backlog in flight).
+    /// and never pauses the VM with a backlog in flight). On an extra
+    /// memory stream it ends that stream's share of a round, unanswered.
     Sync = 9,
+    /// Source → target (v2): [`StreamsInfo`], extra memory streams follow.
+    Streams = 10,
+    /// Extra stream → target (v2): [`JoinInfo`], its first frame.
+    Join = 11,
     /// Target → source: the VM is built, send memory.
     Ready = 0x81,
     /// Target → source: the complete state is loaded (and verified).
@@ -101,6 +121,8 @@ impl Kind {
             7 => Self::Commit,
             8 => Self::Abort,
             9 => Self::Sync,
+            10 => Self::Streams,
+            11 => Self::Join,
             0x81 => Self::Ready,
             0x82 => Self::Loaded,
             0x83 => Self::Error,
@@ -196,6 +218,35 @@ pub struct Complete {
     /// Pages sent in total (for the target's report).
     pub pages_sent: u64,
 }
+
+/// The payload of a `Ready` frame (v2; empty in v1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadyInfo {
+    /// Names this migration: extra streams present it in their `Join`, so
+    /// a stray connection cannot join it.
+    pub session: u64,
+    /// The most memory streams the target takes.
+    pub max_streams: u8,
+}
+
+/// The payload of a `Streams` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamsInfo {
+    /// Memory streams in all, this one included (2 or more).
+    pub count: u8,
+}
+
+/// The payload of a `Join` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinInfo {
+    /// The session from `Ready`.
+    pub session: u64,
+    /// Which extra stream this is (1 to count - 1).
+    pub index: u8,
+}
+
+/// Most memory streams a migration uses.
+pub const MAX_STREAMS: u8 = 8;
 
 /// The payload of a `Loaded` frame: how long the target's steps took, for
 /// the source's report. An empty payload (what a target of protocol
@@ -400,6 +451,61 @@ mod tests {
             read_header(&mut &MAGIC[..4]),
             Err(ProtocolError::Io(_))
         ));
+    }
+
+    #[test]
+    fn the_previous_version_is_still_read() {
+        assert_eq!(PREVIOUS_VERSION, 1);
+        let mut b = Vec::new();
+        write_header(&mut b, PREVIOUS_VERSION).unwrap();
+        assert_eq!(read_header(&mut b.as_slice()).unwrap(), 1);
+        let mut b = Vec::new();
+        write_header(&mut b, 0).unwrap();
+        assert!(matches!(
+            read_header(&mut b.as_slice()),
+            Err(ProtocolError::Version(0))
+        ));
+        // Version 1's Loaded carries nothing: no report, no error.
+        assert!(decode_loaded(&[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn version_2_payloads_round_trip_and_garbage_is_refused() {
+        let mut b = Vec::new();
+        let ready = ReadyInfo {
+            session: 0xdead_beef_0bad_cafe,
+            max_streams: MAX_STREAMS,
+        };
+        write_value(&mut b, Kind::Ready, &ready).unwrap();
+        write_value(&mut b, Kind::Streams, &StreamsInfo { count: 3 }).unwrap();
+        write_value(
+            &mut b,
+            Kind::Join,
+            &JoinInfo {
+                session: 7,
+                index: 2,
+            },
+        )
+        .unwrap();
+        let report = LoadedReport {
+            phases: vec![super::super::Phase {
+                name: "restore".into(),
+                us: 90,
+            }],
+        };
+        write_value(&mut b, Kind::Loaded, &report).unwrap();
+        let mut r = b.as_slice();
+        let mut buf = Vec::new();
+        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Kind::Ready);
+        assert_eq!(decode::<ReadyInfo>(Kind::Ready, &buf).unwrap(), ready);
+        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Kind::Streams);
+        assert_eq!(decode::<StreamsInfo>(Kind::Streams, &buf).unwrap().count, 3);
+        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Kind::Join);
+        assert_eq!(decode::<JoinInfo>(Kind::Join, &buf).unwrap().index, 2);
+        assert_eq!(read_frame(&mut r, &mut buf).unwrap(), Kind::Loaded);
+        assert_eq!(decode_loaded(&buf).unwrap(), report.phases);
+        assert!(decode_loaded(&[0xff; 9]).is_err());
+        assert!(decode::<ReadyInfo>(Kind::Ready, &[]).is_err());
     }
 
     #[test]

@@ -31,7 +31,10 @@ use kvm_ioctls::VmFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::dirty::{DirtyLogError, DiskTracker, PAGE, PageTracker};
-use super::protocol::{self, Complete, DiskInfo, Kind, MigrationConfig, ProtocolError};
+use super::protocol::{
+    self, Complete, DiskInfo, JoinInfo, Kind, MigrationConfig, ProtocolError, ReadyInfo,
+    StreamsInfo,
+};
 use super::state::MachineState;
 use super::{
     MigrationState, MigrationStatus, Phase, PhaseClock, Side, SwitchoverGate, describe_phases,
@@ -108,7 +111,18 @@ pub struct MigrateParams {
     /// Send a checksum of all memory at switchover for the target to
     /// compare (a test mode: it costs a pass over memory in the downtime).
     pub verify: bool,
+    /// Memory streams (1 to [`protocol::MAX_STREAMS`]; more than the
+    /// target takes, or more than 1 to a version 1 target, is cut down).
+    pub streams: u8,
+    /// Protocol version to speak ([`protocol::PREVIOUS_VERSION`] to
+    /// [`protocol::VERSION`]).
+    pub version: u32,
 }
+
+/// Default memory streams: on this project's 2-core test host one stream
+/// carries as much as two (see the migration README section of the
+/// crate docs), so more are opt-in.
+pub const DEFAULT_STREAMS: u8 = 1;
 
 /// State shared between the migration thread and the run loop.
 #[derive(Debug)]
@@ -550,6 +564,60 @@ fn runs(pages: &[u64], max: usize) -> Vec<(u64, usize)> {
     out
 }
 
+/// Writes `pages` to `w` as `Pages` frames (and, unless `first`, the zero
+/// ones as `ZeroPages`); `progress(bytes so far)` runs after each full
+/// frame and may stop the copy. Returns (bytes written, pages sent).
+fn write_pages(
+    mem: &GuestMemoryMmap,
+    w: &mut BufWriter<TcpStream>,
+    pages: &[u64],
+    first: bool,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(u64) -> Result<(), MigrateError>,
+) -> Result<(u64, u64), MigrateError> {
+    let mut payload = Vec::with_capacity(PAGES_PER_FRAME * protocol::PAGE_RECORD);
+    let mut zeros = Vec::new();
+    let mut block = vec![0u8; PAGES_PER_FRAME * PAGE_BYTES];
+    let (mut bytes, mut sent) = (0u64, 0u64);
+    let mut frame = |w: &mut BufWriter<TcpStream>, kind, payload: &[u8]| {
+        protocol::write_frame(w, kind, payload).map_err(ProtocolError::Io)?;
+        bytes += 5 + payload.len() as u64;
+        Ok::<_, MigrateError>(bytes)
+    };
+    for (start, n) in runs(pages, PAGES_PER_FRAME) {
+        let data = &mut block[..n * PAGE_BYTES];
+        mem.read_slice(data, GuestAddress(start))
+            .map_err(|e| MigrateError::Read(format!("guest pages at {start:#x}: {e}")))?;
+        for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
+            let gpa = start + i as u64 * PAGE;
+            if is_zero(page) {
+                if !first {
+                    zeros.extend_from_slice(&gpa.to_le_bytes());
+                }
+                continue;
+            }
+            payload.extend_from_slice(&gpa.to_le_bytes());
+            payload.extend_from_slice(page);
+            sent += 1;
+            if payload.len() >= PAGES_PER_FRAME * protocol::PAGE_RECORD {
+                let so_far = frame(w, Kind::Pages, &payload)?;
+                payload.clear();
+                if cancel.load(Ordering::SeqCst) {
+                    return Err(MigrateError::Cancelled);
+                }
+                progress(so_far)?;
+            }
+        }
+    }
+    if !payload.is_empty() {
+        frame(w, Kind::Pages, &payload)?;
+    }
+    for z in zeros.chunks(64 * 1024) {
+        frame(w, Kind::ZeroPages, z)?;
+    }
+    Ok((bytes, sent))
+}
+
 impl Migration<'_> {
     fn check(&self) -> Result<(), MigrateError> {
         if self.shared.cancel.load(Ordering::SeqCst) {
@@ -588,6 +656,26 @@ impl Migration<'_> {
         }
     }
 
+    /// Opens extra memory stream `index` of session `session`.
+    fn join(
+        &self,
+        version: u32,
+        session: u64,
+        index: u8,
+    ) -> Result<BufWriter<TcpStream>, MigrateError> {
+        let stream = self.connect()?;
+        let _ = stream.set_nodelay(true);
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(ProtocolError::Io)?;
+        let mut w = BufWriter::with_capacity(4 << 20, stream);
+        protocol::write_header(&mut w, version).map_err(ProtocolError::Io)?;
+        protocol::write_value(&mut w, Kind::Join, &JoinInfo { session, index })
+            .map_err(ProtocolError::Io)?;
+        w.flush().map_err(ProtocolError::Io)?;
+        Ok(w)
+    }
+
     fn frame(
         &mut self,
         w: &mut BufWriter<TcpStream>,
@@ -613,52 +701,67 @@ impl Migration<'_> {
     }
 
     /// Sends `pages`; round 0 skips zero pages, later rounds send them as
-    /// `ZeroPages`.
+    /// `ZeroPages`. With extra streams, each takes an equal share of the
+    /// list (in address order) and ends it with a `Sync`; this stream
+    /// sends the first share.
     fn send_pages(
         &mut self,
         w: &mut BufWriter<TcpStream>,
+        extras: &mut [BufWriter<TcpStream>],
         pages: &[u64],
         first: bool,
         check: bool,
     ) -> Result<(), MigrateError> {
-        let mut payload = Vec::with_capacity(PAGES_PER_FRAME * protocol::PAGE_RECORD);
-        let mut zeros = Vec::new();
-        let mut block = vec![0u8; PAGES_PER_FRAME * PAGE_BYTES];
         let t = Instant::now();
-        for (start, n) in runs(pages, PAGES_PER_FRAME) {
-            let data = &mut block[..n * PAGE_BYTES];
-            self.ctx
-                .mem
-                .read_slice(data, GuestAddress(start))
-                .map_err(|e| MigrateError::Read(format!("guest pages at {start:#x}: {e}")))?;
-            for (i, page) in data.chunks_exact(PAGE_BYTES).enumerate() {
-                let gpa = start + i as u64 * PAGE;
-                if is_zero(page) {
-                    if !first {
-                        zeros.extend_from_slice(&gpa.to_le_bytes());
-                    }
-                    continue;
+        let share = pages.len().div_ceil(extras.len() + 1).max(1);
+        let mut parts = pages.chunks(share);
+        let mine = parts.next().unwrap_or(&[]);
+        let mem = &self.ctx.mem;
+        let cancel = &self.shared.cancel;
+        let (sent, pages_sent) = std::thread::scope(|scope| {
+            let others: Vec<_> = extras
+                .iter_mut()
+                .map(|ew| {
+                    let part = parts.next().unwrap_or(&[]);
+                    scope.spawn(move || -> Result<(u64, u64), MigrateError> {
+                        let r = write_pages(mem, ew, part, first, cancel, &mut |_| Ok(()))?;
+                        protocol::write_frame(ew, Kind::Sync, b"").map_err(ProtocolError::Io)?;
+                        ew.flush().map_err(ProtocolError::Io)?;
+                        Ok((r.0 + 5, r.1))
+                    })
+                })
+                .collect();
+            let base = self.bytes_sent;
+            let mine = write_pages(mem, w, mine, first, cancel, &mut |bytes| {
+                if check {
+                    self.check()?;
+                    self.shared.update(|s| s.bytes_sent = base + bytes);
                 }
-                payload.extend_from_slice(&gpa.to_le_bytes());
-                payload.extend_from_slice(page);
-                self.pages_sent += 1;
-                if payload.len() >= PAGES_PER_FRAME * protocol::PAGE_RECORD {
-                    self.frame(w, Kind::Pages, &payload)?;
-                    payload.clear();
-                    if check {
-                        self.check()?;
-                        self.shared.update(|s| s.bytes_sent = self.bytes_sent);
+                Ok(())
+            });
+            let mut total = (0u64, 0u64);
+            let mut err = None;
+            for h in others {
+                match h.join() {
+                    Ok(Ok((b, p))) => {
+                        total.0 += b;
+                        total.1 += p;
+                    }
+                    Ok(Err(e)) => err = Some(e),
+                    Err(_) => {
+                        err = Some(MigrateError::Read("a memory stream's thread failed".into()))
                     }
                 }
             }
-        }
+            let (b, p) = mine?;
+            if let Some(e) = err {
+                return Err(e);
+            }
+            Ok::<_, MigrateError>((total.0 + b, total.1 + p))
+        })?;
+        self.bytes_sent += sent;
+        self.pages_sent += pages_sent;
         self.work_time += t.elapsed();
-        if !payload.is_empty() {
-            self.frame(w, Kind::Pages, &payload)?;
-        }
-        for z in zeros.chunks(64 * 1024) {
-            self.frame(w, Kind::ZeroPages, z)?;
-        }
         Ok(())
     }
 
@@ -720,11 +823,31 @@ impl Migration<'_> {
         reader: &mut TcpStream,
     ) -> Result<Duration, MigrateError> {
         let mut buf = Vec::new();
-        protocol::write_header(w, protocol::VERSION).map_err(ProtocolError::Io)?;
+        let version = self.params.version;
+        protocol::write_header(w, version).map_err(ProtocolError::Io)?;
         protocol::write_value(w, Kind::Config, &self.ctx.config).map_err(ProtocolError::Io)?;
         w.flush().map_err(ProtocolError::Io)?;
         expect(reader, &mut buf, Kind::Ready, "Ready")?;
         self.check()?;
+        let mut extras = Vec::new();
+        if version >= 2 && self.params.streams > 1 {
+            let ready: ReadyInfo = protocol::decode(Kind::Ready, &buf)?;
+            let count = self
+                .params
+                .streams
+                .min(ready.max_streams)
+                .min(protocol::MAX_STREAMS);
+            if count > 1 {
+                protocol::write_value(w, Kind::Streams, &StreamsInfo { count })
+                    .map_err(ProtocolError::Io)?;
+                w.flush().map_err(ProtocolError::Io)?;
+                for index in 1..count {
+                    extras.push(self.join(version, ready.session, index)?);
+                }
+            }
+        }
+        let streams = u8::try_from(extras.len() + 1).unwrap_or(u8::MAX);
+        self.shared.update(|s| s.streams = streams);
 
         let files = self
             .ctx
@@ -756,7 +879,7 @@ impl Migration<'_> {
             let round_start = Instant::now();
             let sent_before = self.bytes_sent;
             let list = pages.take_pending();
-            self.send_pages(w, &list, round == 0, true)?;
+            self.send_pages(w, &mut extras, &list, round == 0, true)?;
             for (i, t) in disks.iter_mut().enumerate() {
                 let chunks = t.take_pending();
                 self.send_disk(w, &files, i, &chunks, round == 0, true)?;
@@ -848,7 +971,7 @@ impl Migration<'_> {
         clock.lap("harvest");
         let list = pages.take_pending();
         let last_pages = list.len();
-        self.send_pages(w, &list, false, false)?;
+        self.send_pages(w, &mut extras, &list, false, false)?;
         for (i, t) in disks.iter_mut().enumerate() {
             let chunks = t.take_pending();
             self.send_disk(w, &files, i, &chunks, false, false)?;

@@ -17,12 +17,15 @@ use std::io::BufReader;
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::protocol::{self, Complete, Kind, LoadedReport, MigrationConfig, ProtocolError};
+use super::protocol::{
+    self, Complete, JoinInfo, Kind, LoadedReport, MigrationConfig, ProtocolError, ReadyInfo,
+    StreamsInfo,
+};
 use super::source::{error_chain, memory_checksum};
 use super::state::{self, MachineState, MachineStateError};
 use super::{MigrationState, MigrationStatus, PhaseClock, Side, describe_phases};
@@ -31,6 +34,7 @@ use crate::config::{ConsoleConfig, DiskConfig, MacAddr, NetConfig, VmConfig};
 use crate::devices::serial::{Console, RestoreSerialError};
 use crate::devices::virtio::pci::RestoreVirtioError;
 use crate::vm::Vm;
+use crate::vstate::memory::GuestMemoryMmap;
 
 /// Longest wait for the next frame once a stream has started.
 const FRAME_TIMEOUT: Duration = Duration::from_secs(60);
@@ -70,6 +74,9 @@ pub enum IncomingError {
     /// A virtio device's state.
     #[error("cannot load the state of virtio device {0}")]
     Virtio(usize, #[source] RestoreVirtioError),
+    /// An extra memory stream failed or fell behind.
+    #[error("a memory stream failed: {0}")]
+    Stream(String),
     /// The memory checksum differs.
     #[error("guest memory differs from the source's: checksum {ours:#x}, source {theirs:#x}")]
     Checksum {
@@ -139,7 +146,7 @@ pub fn receive(
                 continue;
             }
         };
-        match receive_one(stream, local, console, &mut prebuilt) {
+        match receive_one(stream, Some(&listener), local, console, &mut prebuilt) {
             Ok((vm, status)) => {
                 eprintln!(
                     "neph-vmm: migration from {peer} complete; the VM runs here (switchover: {})",
@@ -232,6 +239,7 @@ fn fits(vm: &Vm, want: &VmConfig, capacities: &[u64]) -> bool {
 /// configuration has arrived (whether or not it fits).
 pub fn receive_one(
     stream: TcpStream,
+    listener: Option<&TcpListener>,
     local: &IncomingConfig,
     console: &Arc<Console>,
     prebuilt: &mut Option<Vm>,
@@ -245,7 +253,7 @@ pub fn receive_one(
         .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     let mut w = stream.try_clone().map_err(ProtocolError::Io)?;
     let mut r = BufReader::with_capacity(4 << 20, stream);
-    let result = Receiver::new(local, console).run(&mut r, &mut w, prebuilt, &peer);
+    let result = Receiver::new(local, console, listener).run(&mut r, &mut w, prebuilt, &peer);
     if let Err(e) = &result
         && !matches!(e, IncomingError::Protocol(ProtocolError::Aborted(_)))
     {
@@ -257,6 +265,8 @@ pub fn receive_one(
 struct Receiver<'a> {
     local: &'a IncomingConfig,
     console: &'a Arc<Console>,
+    /// Where extra memory streams connect (none: one stream only).
+    listener: Option<&'a TcpListener>,
 }
 
 /// The config for the target's VM: the source's machine with this node's
@@ -330,8 +340,16 @@ fn prepare_disk(path: &PathBuf, capacity: u64) -> Result<File, IncomingError> {
 }
 
 impl<'a> Receiver<'a> {
-    fn new(local: &'a IncomingConfig, console: &'a Arc<Console>) -> Self {
-        Self { local, console }
+    fn new(
+        local: &'a IncomingConfig,
+        console: &'a Arc<Console>,
+        listener: Option<&'a TcpListener>,
+    ) -> Self {
+        Self {
+            local,
+            console,
+            listener,
+        }
     }
 
     /// `fdatasync`s the disks written since the last call.
@@ -415,22 +433,63 @@ impl<'a> Receiver<'a> {
         peer: &str,
         started: Instant,
     ) -> Result<MigrationStatus, IncomingError> {
-        let capacities: Vec<u64> = cfg.disks.iter().map(|d| d.capacity).collect();
-        let mut buf = Vec::new();
         let (mem, virtio_count) = {
             let boot = vm
                 .boot()
                 .ok_or_else(|| IncomingError::Mismatch("no boot was built".into()))?;
             (boot.mem.clone(), boot.virtio.len())
         };
-        let valid = |gpa: u64| {
-            gpa.is_multiple_of(protocol::PAGE_SIZE as u64)
-                && mem.address_in_range(GuestAddress(gpa))
-                && gpa
-                    .checked_add(protocol::PAGE_SIZE as u64 - 1)
-                    .is_some_and(|end| mem.address_in_range(GuestAddress(end)))
+        let session = random_u64();
+        let ready = if version >= 2 {
+            postcard::to_stdvec(&ReadyInfo {
+                session,
+                max_streams: protocol::MAX_STREAMS,
+            })
+            .unwrap_or_default()
+        } else {
+            Vec::new()
         };
-        protocol::write_frame(w, Kind::Ready, b"").map_err(ProtocolError::Io)?;
+        protocol::write_frame(w, Kind::Ready, &ready).map_err(ProtocolError::Io)?;
+        let mut extras = Extras::default();
+        let result = self.frames(
+            r,
+            w,
+            vm,
+            cfg,
+            files,
+            version,
+            peer,
+            started,
+            &mem,
+            virtio_count,
+            session,
+            &mut extras,
+        );
+        // The extra streams' threads end with their connections.
+        extras.close();
+        result
+    }
+
+    /// The frames of the first stream, from `Ready` to the commit.
+    #[allow(clippy::too_many_arguments)]
+    fn frames(
+        &self,
+        r: &mut BufReader<TcpStream>,
+        w: &mut TcpStream,
+        vm: &mut Vm,
+        cfg: &MigrationConfig,
+        files: &[File],
+        version: u32,
+        peer: &str,
+        started: Instant,
+        mem: &GuestMemoryMmap,
+        virtio_count: usize,
+        session: u64,
+        extras: &mut Extras,
+    ) -> Result<MigrationStatus, IncomingError> {
+        let capacities: Vec<u64> = cfg.disks.iter().map(|d| d.capacity).collect();
+        let mut buf = Vec::new();
+        let valid = |gpa: u64| page_ok(mem, gpa);
 
         let mut machine: Option<MachineState> = None;
         let mut written = PageSet::new(mem.last_addr().0);
@@ -460,12 +519,33 @@ impl<'a> Receiver<'a> {
                         }
                     }
                 }
+                Kind::Streams if version >= 2 && rounds == 0 && extras.is_empty() => {
+                    let info: StreamsInfo = protocol::decode(kind, &buf)?;
+                    if !(2..=protocol::MAX_STREAMS).contains(&info.count) {
+                        return Err(ProtocolError::Malformed {
+                            kind,
+                            reason: format!(
+                                "{} streams is not 2 to {}",
+                                info.count,
+                                protocol::MAX_STREAMS
+                            ),
+                        }
+                        .into());
+                    }
+                    let listener = self.listener.ok_or_else(|| ProtocolError::Malformed {
+                        kind,
+                        reason: "this target takes one stream".into(),
+                    })?;
+                    extras.accept(listener, version, session, info.count, mem)?;
+                }
                 Kind::Sync => {
                     // Disk data goes to stable storage round by round, so
                     // the switchover only waits for the last few chunks.
                     self.sync_disks(files, &mut unsynced)?;
-                    protocol::write_frame(w, Kind::Synced, b"").map_err(ProtocolError::Io)?;
                     rounds = rounds.saturating_add(1);
+                    // Every stream has applied its share of the round.
+                    extras.wait(rounds)?;
+                    protocol::write_frame(w, Kind::Synced, b"").map_err(ProtocolError::Io)?;
                     // The switchover starts after the last Synced.
                     clock = PhaseClock::new();
                 }
@@ -485,6 +565,9 @@ impl<'a> Receiver<'a> {
                 }
                 Kind::Complete => {
                     clock.lap("wait_complete");
+                    // The extra streams' last pages.
+                    extras.wait(rounds.saturating_add(1))?;
+                    clock.lap("wait_streams");
                     let c: Complete = protocol::decode(kind, &buf)?;
                     let Some(s) = machine.take() else {
                         return Err(ProtocolError::Malformed {
@@ -494,7 +577,7 @@ impl<'a> Receiver<'a> {
                         .into());
                     };
                     if let Some(theirs) = c.memory_checksum {
-                        let ours = memory_checksum(&mem);
+                        let ours = memory_checksum(mem);
                         if ours != theirs {
                             return Err(IncomingError::Checksum { ours, theirs });
                         }
@@ -539,7 +622,7 @@ impl<'a> Receiver<'a> {
                                 side: Side::Target,
                                 switchover: clock.phases().to_vec(),
                                 target_switchover: Vec::new(),
-                                streams: 1,
+                                streams: u8::try_from(extras.count() + 1).unwrap_or(u8::MAX),
                             };
                             Ok(status)
                         }
@@ -558,6 +641,264 @@ impl<'a> Receiver<'a> {
                 other => return Err(unexpected(other, "memory, disk or state")),
             }
         }
+    }
+}
+
+/// Whether `gpa` starts a whole guest page.
+fn page_ok(mem: &GuestMemoryMmap, gpa: u64) -> bool {
+    gpa.is_multiple_of(protocol::PAGE_SIZE as u64)
+        && mem.address_in_range(GuestAddress(gpa))
+        && gpa
+            .checked_add(protocol::PAGE_SIZE as u64 - 1)
+            .is_some_and(|end| mem.address_in_range(GuestAddress(end)))
+}
+
+/// A random session id (std's hasher keys come from the OS's randomness).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(u64::from(std::process::id()));
+    h.finish()
+}
+
+/// How far each extra stream has got: `Sync`s applied, or why it failed.
+#[derive(Debug, Default)]
+struct Progress {
+    syncs: Vec<u32>,
+    failed: Option<String>,
+}
+
+/// The extra memory streams of a migration and their reader threads.
+#[derive(Debug, Default)]
+struct Extras {
+    progress: Arc<(Mutex<Progress>, Condvar)>,
+    /// Clones of the connections, to end the readers.
+    streams: Vec<TcpStream>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// Longest wait for the extra streams to connect or to catch up.
+const EXTRA_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Extras {
+    fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    fn count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Accepts the `count - 1` extra streams of `session` on `listener`;
+    /// other connections meanwhile are closed with an error.
+    fn accept(
+        &mut self,
+        listener: &TcpListener,
+        version: u32,
+        session: u64,
+        count: u8,
+        mem: &GuestMemoryMmap,
+    ) -> Result<(), IncomingError> {
+        let want = usize::from(count) - 1;
+        let mut joined: Vec<Option<TcpStream>> = (0..want).map(|_| None).collect();
+        let deadline = Instant::now() + EXTRA_TIMEOUT;
+        listener.set_nonblocking(true).map_err(ProtocolError::Io)?;
+        let result = loop {
+            if joined.iter().all(Option::is_some) {
+                break Ok(());
+            }
+            if Instant::now() > deadline {
+                break Err(IncomingError::Protocol(ProtocolError::Malformed {
+                    kind: Kind::Streams,
+                    reason: format!("{want} extra streams did not all join in time"),
+                }));
+            }
+            let (stream, peer) = match listener.accept() {
+                Ok(s) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                Err(e) => break Err(ProtocolError::Io(e).into()),
+            };
+            match join(stream, version, session, want) {
+                Ok((index, stream)) if joined[index].is_none() => joined[index] = Some(stream),
+                Ok((index, _)) => eprintln!(
+                    "neph-vmm: refused a second extra stream {} from {peer}",
+                    index + 1
+                ),
+                Err((e, mut stream)) => {
+                    eprintln!(
+                        "neph-vmm: refused a connection from {peer} during a migration: {}",
+                        error_chain(&e)
+                    );
+                    let _ =
+                        protocol::write_frame(&mut stream, Kind::Error, e.to_string().as_bytes());
+                }
+            }
+        };
+        let _ = listener.set_nonblocking(false);
+        result?;
+        {
+            let mut p = self.progress.0.lock().unwrap_or_else(|e| e.into_inner());
+            p.syncs = vec![0; want];
+        }
+        for (i, stream) in joined.into_iter().flatten().enumerate() {
+            let keep = stream.try_clone().map_err(ProtocolError::Io)?;
+            let progress = self.progress.clone();
+            let mem = mem.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("mig-stream{}", i + 1))
+                .spawn(move || read_extra(stream, i, &mem, &progress))
+                .map_err(ProtocolError::Io)?;
+            self.streams.push(keep);
+            self.threads.push(thread);
+        }
+        Ok(())
+    }
+
+    /// Waits until every extra stream has applied `syncs` rounds.
+    fn wait(&self, syncs: u32) -> Result<(), IncomingError> {
+        if self.streams.is_empty() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + EXTRA_TIMEOUT;
+        let (lock, changed) = &*self.progress;
+        let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(why) = &p.failed {
+                return Err(IncomingError::Stream(why.clone()));
+            }
+            if p.syncs.iter().all(|n| *n >= syncs) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(IncomingError::Stream(
+                    "an extra stream did not keep up with the round".into(),
+                ));
+            }
+            p = changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Closes the connections and joins the readers.
+    fn close(&mut self) {
+        for s in &self.streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.streams.clear();
+    }
+}
+
+/// Reads the header and `Join` of a would-be extra stream: its index (0
+/// for the first extra) and the stream, or why it was refused.
+fn join(
+    stream: TcpStream,
+    version: u32,
+    session: u64,
+    want: usize,
+) -> Result<(usize, TcpStream), (ProtocolError, TcpStream)> {
+    let mut stream = stream;
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = stream.set_read_timeout(Some(FRAME_TIMEOUT)) {
+        return Err((e.into(), stream));
+    }
+    let mut buf = Vec::new();
+    let info = (|| {
+        let v = protocol::read_header(&mut stream)?;
+        let kind = protocol::read_frame(&mut stream, &mut buf)?;
+        if kind != Kind::Join {
+            return Err(ProtocolError::Unexpected {
+                got: kind,
+                expected: "Join",
+            });
+        }
+        let info: JoinInfo = protocol::decode(kind, &buf)?;
+        let bad = |reason: String| ProtocolError::Malformed {
+            kind: Kind::Join,
+            reason,
+        };
+        if v != version {
+            return Err(bad(format!("version {v} on a version {version} migration")));
+        }
+        if info.session != session {
+            return Err(bad("the session does not match the migration's".into()));
+        }
+        let index = usize::from(info.index);
+        if index == 0 || index > want {
+            return Err(bad(format!("stream {} does not exist", info.index)));
+        }
+        Ok(index - 1)
+    })();
+    match info {
+        Ok(i) => Ok((i, stream)),
+        Err(e) => Err((e, stream)),
+    }
+}
+
+/// The reader of extra stream `i`: applies pages and counts `Sync`s until
+/// the connection ends; a bad frame fails the migration.
+fn read_extra(
+    stream: TcpStream,
+    i: usize,
+    mem: &GuestMemoryMmap,
+    progress: &(Mutex<Progress>, Condvar),
+) {
+    let mut r = BufReader::with_capacity(4 << 20, stream);
+    let mut buf = Vec::new();
+    let mut page = [0u8; protocol::PAGE_SIZE];
+    let zero = [0u8; protocol::PAGE_SIZE];
+    let valid = |gpa: u64| page_ok(mem, gpa);
+    let result = (|| -> Result<(), IncomingError> {
+        loop {
+            let kind = match protocol::read_frame(&mut r, &mut buf) {
+                Ok(k) => k,
+                // The end of the migration (or of the source) closes it.
+                Err(ProtocolError::Io(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            match kind {
+                Kind::Pages => {
+                    for (gpa, data) in protocol::pages(&buf, valid)? {
+                        mem.write_slice(data, GuestAddress(gpa))
+                            .map_err(|_| IncomingError::Memory(gpa))?;
+                    }
+                }
+                Kind::ZeroPages => {
+                    for gpa in protocol::zero_pages(&buf, valid)? {
+                        // Zero already (or never touched): leave it.
+                        mem.read_slice(&mut page, GuestAddress(gpa))
+                            .map_err(|_| IncomingError::Memory(gpa))?;
+                        if page != zero {
+                            mem.write_slice(&zero, GuestAddress(gpa))
+                                .map_err(|_| IncomingError::Memory(gpa))?;
+                        }
+                    }
+                }
+                Kind::Sync => {
+                    let mut p = progress.0.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(n) = p.syncs.get_mut(i) {
+                        *n = n.saturating_add(1);
+                    }
+                    progress.1.notify_all();
+                }
+                other => return Err(unexpected(other, "pages on an extra stream")),
+            }
+        }
+    })();
+    if let Err(e) = result {
+        let mut p = progress.0.lock().unwrap_or_else(|e| e.into_inner());
+        p.failed
+            .get_or_insert_with(|| format!("extra stream {}: {}", i + 1, error_chain(&e)));
+        progress.1.notify_all();
     }
 }
 
