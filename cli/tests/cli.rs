@@ -144,6 +144,22 @@ impl Neph {
         (stdout, stderr)
     }
 
+    /// Creates flavor `small`, image `guest` and project `p1`.
+    fn catalog(&self) {
+        let small = [
+            "flavor",
+            "create",
+            "small",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "256",
+        ];
+        self.expect(&small, 0);
+        self.expect(&["image", "create", "guest"], 0);
+        self.expect(&["project", "create", "p1"], 0);
+    }
+
     fn json(&self, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
         a.extend(["-o", "json"]);
@@ -469,20 +485,7 @@ fn creates_are_idempotent_across_kill_9_and_fail_over_to_another_endpoint() {
     let data = tempfile::tempdir().expect("tempdir");
     let mut c = start_controller(data.path());
     let neph = Neph::new(&c);
-    neph.expect(
-        &[
-            "flavor",
-            "create",
-            "small",
-            "--vcpus",
-            "1",
-            "--memory-mib",
-            "256",
-        ],
-        0,
-    );
-    neph.expect(&["image", "create", "guest"], 0);
-    neph.expect(&["project", "create", "p1"], 0);
+    neph.catalog();
     let token = std::fs::read_to_string(&c.token_file).expect("token file");
     let node = fake_node(&c.address, &token);
     let create = [
@@ -559,20 +562,7 @@ fn console_from_a_pipe_console_log_and_event_watch() {
     let data = tempfile::tempdir().expect("tempdir");
     let c = start_controller(data.path());
     let neph = Neph::new(&c);
-    neph.expect(
-        &[
-            "flavor",
-            "create",
-            "small",
-            "--vcpus",
-            "1",
-            "--memory-mib",
-            "256",
-        ],
-        0,
-    );
-    neph.expect(&["image", "create", "guest"], 0);
-    neph.expect(&["project", "create", "p1"], 0);
+    neph.catalog();
     let token = std::fs::read_to_string(&c.token_file).expect("token file");
     let _node = fake_node_with(&c.address, &token, true);
     let web = neph.json(&[

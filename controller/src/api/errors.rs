@@ -267,6 +267,7 @@ mod tests {
             ApiError::NotLeader(String::new()),
             ApiError::CommitUnknown(String::new()),
             ApiError::ControllerStopped(String::new()),
+            ApiError::NodeUnavailable(String::new()),
             ApiError::NotImplemented(String::new()),
             ApiError::Internal(String::new()),
         ];

@@ -696,6 +696,14 @@ mod tests {
         store.get(|s| s.instances[&format!("projects/p/instances/{id}")].clone())
     }
 
+    fn timings(node_timeout_s: u64, fence_lease_s: u64) -> ReconcileConfig {
+        ReconcileConfig {
+            node_timeout: Duration::from_secs(node_timeout_s),
+            fence_lease: Duration::from_secs(fence_lease_s),
+            max_requeue: Duration::from_secs(5),
+        }
+    }
+
     async fn pass(
         store: &MemStore,
         config: &ReconcileConfig,
@@ -712,11 +720,7 @@ mod tests {
     #[tokio::test]
     async fn ha_instances_restart_elsewhere_only_once_the_node_is_fenced() {
         let store = cluster();
-        let config = ReconcileConfig {
-            node_timeout: Duration::from_secs(10),
-            fence_lease: Duration::from_secs(5),
-            max_requeue: Duration::from_secs(5),
-        };
+        let config = timings(10, 5);
         let mut memory = HeartbeatMemory::default();
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
@@ -770,11 +774,7 @@ mod tests {
     #[tokio::test]
     async fn a_new_leader_waits_the_whole_window_from_its_own_start() {
         let store = cluster();
-        let config = ReconcileConfig {
-            node_timeout: Duration::from_secs(10),
-            fence_lease: Duration::from_secs(5),
-            max_requeue: Duration::from_secs(5),
-        };
+        let config = timings(10, 5);
         // n1 is already DOWN when this leader takes over: it has seen no
         // heartbeat, so it counts from its first pass.
         store.run(Command::SetNodeState {
@@ -783,55 +783,19 @@ mod tests {
         });
         let mut memory = HeartbeatMemory::default();
         let t0 = Instant::now();
-        liveness_pass(&store, 3, &mut memory, &config, t0)
-            .await
-            .unwrap();
-        liveness_pass(
-            &store,
-            3,
-            &mut memory,
-            &config,
-            t0 + Duration::from_secs(14),
-        )
-        .await
-        .unwrap();
+        pass(&store, &config, &mut memory, t0).await;
+        pass(&store, &config, &mut memory, t0 + Duration::from_secs(14)).await;
         assert_eq!(instance(&store, "ha").state, InstanceState::Running);
-        liveness_pass(
-            &store,
-            3,
-            &mut memory,
-            &config,
-            t0 + Duration::from_secs(16),
-        )
-        .await
-        .unwrap();
+        pass(&store, &config, &mut memory, t0 + Duration::from_secs(16)).await;
         assert_eq!(instance(&store, "ha").state, InstanceState::Pending);
         // A heartbeat in between would have brought n1 back and kept it.
         let store = cluster();
         let mut memory = HeartbeatMemory::default();
-        liveness_pass(&store, 3, &mut memory, &config, t0)
-            .await
-            .unwrap();
-        liveness_pass(
-            &store,
-            3,
-            &mut memory,
-            &config,
-            t0 + Duration::from_secs(11),
-        )
-        .await
-        .unwrap();
+        pass(&store, &config, &mut memory, t0).await;
+        pass(&store, &config, &mut memory, t0 + Duration::from_secs(11)).await;
         assert_eq!(store.get(|s| s.nodes["nodes/n1"].state), NodeState::Down);
         beat(&store, "nodes/n1");
-        liveness_pass(
-            &store,
-            3,
-            &mut memory,
-            &config,
-            t0 + Duration::from_secs(20),
-        )
-        .await
-        .unwrap();
+        pass(&store, &config, &mut memory, t0 + Duration::from_secs(20)).await;
         assert_eq!(store.get(|s| s.nodes["nodes/n1"].state), NodeState::Up);
         assert_eq!(instance(&store, "ha").state, InstanceState::Running);
     }
@@ -843,11 +807,7 @@ mod tests {
             node: "nodes/n1".into(),
             state: NodeState::Down,
         });
-        let config = ReconcileConfig {
-            node_timeout: Duration::from_secs(1),
-            fence_lease: Duration::from_secs(1),
-            max_requeue: Duration::from_secs(1),
-        };
+        let config = timings(1, 1);
         let mut memory = HeartbeatMemory::default();
         let t0 = Instant::now();
         for t in [0, 5] {

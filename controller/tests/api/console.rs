@@ -83,6 +83,20 @@ async fn serve_agent() -> anyhow::Result<String> {
     Ok(address)
 }
 
+/// Opens a console on `name` that must be refused; returns why.
+async fn refused(c: &mut Clients, name: &str) -> anyhow::Result<Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tx.send(typed(name, b"")).await?;
+    match c
+        .instances
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(_) => anyhow::bail!("a console on {name:?} was opened"),
+        Err(s) => Ok(s),
+    }
+}
+
 fn typed(name: &str, input: &[u8]) -> compute::ConsoleRequest {
     compute::ConsoleRequest {
         name: name.into(),
@@ -100,25 +114,11 @@ async fn console_and_log_are_relayed_from_the_node() -> anyhow::Result<()> {
     let mut n1 = FakeNode::register_at(&env.admin, "n1", 8, 8192, &address).await?;
     let _alive = n1.keep_alive();
     let web = "projects/p1/instances/web";
-    alice
-        .instances
-        .create_instance(compute::CreateInstanceRequest {
-            parent: "projects/p1".into(),
-            instance_id: "web".into(),
-            instance: Some(instance_template("small", "")),
-            request_id: String::new(),
-        })
-        .await?;
+    create(&mut alice, "web", instance_template("small", "")).await?;
     wait_state(&mut alice, web, compute::InstanceState::Scheduled).await?;
 
     // Not running yet: no live console, but the log is there.
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(typed(web, b"")).await?;
-    let err = alice
-        .instances
-        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect_err("not running");
+    let err = refused(&mut alice, web).await?;
     assert_eq!(err.code(), Code::FailedPrecondition);
     assert_eq!(reason(&err), "FAILED_PRECONDITION");
     assert!(err.message().contains("instance is not running"), "{err:?}");
@@ -136,13 +136,7 @@ async fn console_and_log_are_relayed_from_the_node() -> anyhow::Result<()> {
     wait_state(&mut alice, web, compute::InstanceState::Running).await?;
 
     // Another project's member may not attach.
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(typed(web, b"")).await?;
-    let err = carol
-        .instances
-        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect_err("foreign project");
+    let err = refused(&mut carol, web).await?;
     assert_eq!(err.code(), Code::PermissionDenied);
     assert_err(
         carol
@@ -186,13 +180,7 @@ async fn console_and_log_are_relayed_from_the_node() -> anyhow::Result<()> {
             labels: Default::default(),
         })
         .await?;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(typed(web, b"")).await?;
-    let err = alice
-        .instances
-        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect_err("node gone");
+    let err = refused(&mut alice, web).await?;
     assert_eq!(err.code(), Code::Unavailable);
     assert_eq!(reason(&err), "NODE_UNAVAILABLE");
     assert!(
@@ -211,13 +199,7 @@ async fn console_and_log_are_relayed_from_the_node() -> anyhow::Result<()> {
         "NODE_UNAVAILABLE",
     );
     // A first message that names nothing is refused.
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tx.send(typed("", b"x")).await?;
-    let err = alice
-        .instances
-        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect_err("no name");
+    let err = refused(&mut alice, "").await?;
     assert_eq!(err.code(), Code::InvalidArgument);
     env.member.stop().await?;
     Ok(())

@@ -44,15 +44,7 @@ async fn ha_flag_boot_count_and_a_real_reboot() -> anyhow::Result<()> {
     let mut n1 = FakeNode::register(&env.admin, "n1", 8, 8192).await?;
     let _alive = n1.keep_alive();
     let web = "projects/p1/instances/web";
-    alice
-        .instances
-        .create_instance(compute::CreateInstanceRequest {
-            parent: "projects/p1".into(),
-            instance_id: "web".into(),
-            instance: Some(ha_template()),
-            request_id: String::new(),
-        })
-        .await?;
+    create(&mut alice, "web", ha_template()).await?;
     wait_state(&mut alice, web, compute::InstanceState::Scheduled).await?;
     n1.converge().await?;
     let i = wait_state(&mut alice, web, compute::InstanceState::Running).await?;
@@ -240,15 +232,7 @@ async fn a_silent_node_is_fenced_then_its_ha_instances_restart_elsewhere() -> an
         ("ha", ha_template()),
         ("plain", instance_template("small", "")),
     ] {
-        alice
-            .instances
-            .create_instance(compute::CreateInstanceRequest {
-                parent: "projects/p1".into(),
-                instance_id: id.into(),
-                instance: Some(template),
-                request_id: String::new(),
-            })
-            .await?;
+        create(&mut alice, id, template).await?;
         wait_state(
             &mut alice,
             &format!("projects/p1/instances/{id}"),

@@ -131,18 +131,7 @@ pub async fn start_with(options: ControllerOptions) -> anyhow::Result<Env> {
     };
     let file = std::fs::read_to_string(dir.path().join(auth::BOOTSTRAP_TOKEN_FILE))?;
     assert_eq!(file.trim(), token);
-    let channel = Channel::from_shared(format!("http://{}", member.address))?
-        .connect()
-        .await?;
-    let admin = clients(&channel, Some(&token));
-    Ok(Env {
-        member,
-        _dir: dir,
-        channel,
-        admin,
-        token,
-        options,
-    })
+    Env::connect(member, dir, token, options).await
 }
 
 impl Env {
@@ -158,13 +147,23 @@ impl Env {
         } = self;
         member.stop().await?;
         let member = serve(_dir.path(), false, options.clone()).await?;
+        Env::connect(member, _dir, token, options).await
+    }
+
+    /// Clients of `member`, as admin.
+    async fn connect(
+        member: RunningController,
+        dir: tempfile::TempDir,
+        token: String,
+        options: ControllerOptions,
+    ) -> anyhow::Result<Env> {
         let channel = Channel::from_shared(format!("http://{}", member.address))?
             .connect()
             .await?;
         let admin = clients(&channel, Some(&token));
         Ok(Env {
             member,
-            _dir,
+            _dir: dir,
             channel,
             admin,
             token,
@@ -320,6 +319,23 @@ pub async fn wait_state(
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     anyhow::bail!("{name} never reached {want:?}")
+}
+
+/// Creates `projects/p1/instances/{id}` from `template`.
+pub async fn create(
+    c: &mut Clients,
+    id: &str,
+    template: compute::Instance,
+) -> anyhow::Result<ops::Operation> {
+    Ok(c.instances
+        .create_instance(compute::CreateInstanceRequest {
+            parent: "projects/p1".into(),
+            instance_id: id.into(),
+            instance: Some(template),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner())
 }
 
 pub fn instance_template(flavor: &str, group: &str) -> compute::Instance {
