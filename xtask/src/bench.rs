@@ -47,6 +47,15 @@ const BENCHES: &[Bench] = &[
         needs_guest: false,
     },
     Bench {
+        name: "provision",
+        package: "nephele-integration-tests",
+        binary: "bench-provision",
+        peer_commands: &[],
+        drives: &["neph", "neph-controller", "neph-node", "neph-vmm"],
+        examples: &[],
+        needs_guest: true,
+    },
+    Bench {
         name: "scheduler",
         package: "nephele-scheduler",
         binary: "bench-scheduler",
@@ -56,9 +65,6 @@ const BENCHES: &[Bench] = &[
         needs_guest: false,
     },
 ];
-
-/// Benchmarks the product brief names that are not written yet.
-const PLANNED: &[&str] = &["provision"];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let names = || {
@@ -72,11 +78,6 @@ pub fn run(args: &[String]) -> Result<(), String> {
         return Err(format!("which benchmark? one of: {}", names()));
     };
     let Some(bench) = BENCHES.iter().find(|b| b.name == name) else {
-        if PLANNED.contains(&name.as_str()) {
-            return Err(format!(
-                "benchmark `{name}` is not written yet (see the issues)"
-            ));
-        }
         return Err(format!("unknown benchmark `{name}`; one of: {}", names()));
     };
     deps::ensure_commands(bench.peer_commands)?;
