@@ -104,15 +104,7 @@ async fn ha_flag_boot_count_and_a_real_reboot() -> anyhow::Result<()> {
     wait_state(&mut alice, web, compute::InstanceState::Running).await?;
 
     // The event log holds each change, with who did it.
-    let events = alice
-        .events
-        .list_events(ops::ListEventsRequest {
-            resource: web.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .events;
+    let events = events_of(&mut alice, web).await?;
     assert!(
         events
             .iter()
@@ -259,15 +251,7 @@ async fn a_silent_node_is_fenced_then_its_ha_instances_restart_elsewhere() -> an
     );
     assert_eq!(moved.node, "nodes/n2");
     assert_eq!(moved.boot_count, 2);
-    let events = alice
-        .events
-        .list_events(ops::ListEventsRequest {
-            resource: ha.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .events;
+    let events = events_of(&mut alice, ha).await?;
     assert!(
         events.iter().any(|e| e.kind == "instance.restarted"
             && e.message.starts_with("restarted: node n1 fenced")),

@@ -411,15 +411,7 @@ async fn tenant_lifecycle_isolation_and_errors() -> anyhow::Result<()> {
     );
 
     // The audit trail names who did what.
-    let events = alice
-        .events
-        .list_events(ops::ListEventsRequest {
-            resource: web.into(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner()
-        .events;
+    let events = events_of(&mut alice, web).await?;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert!(
         kinds.contains(&"instance.created") && kinds.contains(&"instance.deleted"),

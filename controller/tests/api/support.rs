@@ -321,6 +321,18 @@ pub async fn wait_state(
     anyhow::bail!("{name} never reached {want:?}")
 }
 
+/// The events about `resource` that `c` may see.
+pub async fn events_of(c: &mut Clients, resource: &str) -> anyhow::Result<Vec<ops::Event>> {
+    Ok(c.events
+        .list_events(ops::ListEventsRequest {
+            resource: resource.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events)
+}
+
 /// Creates `projects/p1/instances/{id}` from `template`.
 pub async fn create(
     c: &mut Clients,
