@@ -119,6 +119,7 @@ impl RunningController {
     /// Stops serving and stops the raft member.
     pub async fn stop(self) -> Result<(), ServeError> {
         let _ = self.stop.send(());
+        self.store.close_streams();
         self.reconcilers.stop().await;
         let served = self.server.await;
         let store = self.store.clone();

@@ -222,6 +222,7 @@ impl From<ProposeError> for ApiError {
             )),
             ProposeError::TooLarge { .. } => ApiError::InvalidArgument(message),
             ProposeError::Stopped(_) => ApiError::ControllerStopped(message),
+            ProposeError::Overloaded { .. } => ApiError::NotLeader(format!("{message}; retry")),
         }
     }
 }

@@ -29,6 +29,7 @@ mod node;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, RwLock, mpsc};
 use std::time::Duration;
 
@@ -39,11 +40,17 @@ use thiserror::Error;
 use tokio::sync::{broadcast, oneshot};
 
 use crate::store::{Committed, Leadership, ProposeError, ReadError, StateStore, WatchEvent};
-use node::{LoopConfig, Msg, Node, Shared};
+use node::{LoopConfig, Msg, Node, ProposalPermit, Shared};
 use storage::{DiskStorage, OpenStorageError};
 
 /// Largest encoded command accepted.
 pub const MAX_COMMAND_BYTES: usize = 2 << 20;
+
+/// Most proposals a member holds at once (submitted through it and not yet
+/// answered). One more is refused at once with
+/// [`ProposeError::Overloaded`] rather than queued without bound: at this
+/// depth a proposal already waits for many batches ahead of it.
+pub const MAX_PROPOSALS_IN_FLIGHT: usize = 8192;
 
 /// How a member runs.
 #[derive(Debug, Clone)]
@@ -174,6 +181,10 @@ struct Inner {
     watch: broadcast::Sender<WatchEvent>,
     failure: Arc<RwLock<Option<String>>>,
     blocked: Arc<RwLock<BTreeSet<u64>>>,
+    proposals_in_flight: Arc<AtomicUsize>,
+    /// Set when the member begins to shut down: ends the raft streams peers
+    /// hold open into it, so its server can stop gracefully.
+    closing: tokio::sync::watch::Sender<bool>,
     proposal_timeout: Duration,
     read_timeout: Duration,
     thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -313,6 +324,8 @@ impl RaftStore {
                 watch,
                 failure,
                 blocked,
+                proposals_in_flight: Arc::new(AtomicUsize::new(0)),
+                closing: tokio::sync::watch::Sender::new(false),
                 proposal_timeout: config.proposal_timeout,
                 read_timeout: config.read_timeout,
                 thread: std::sync::Mutex::new(Some(thread)),
@@ -372,13 +385,18 @@ impl RaftStore {
             .unwrap_or(false)
     }
 
-    pub(crate) fn step(&self, m: raft::prelude::Message) -> Result<(), ProposeError> {
-        if self.is_blocked(m.from) {
+    /// Hands raft messages from peer `from` to the Ready loop, in order.
+    pub(crate) fn step(
+        &self,
+        from: u64,
+        ms: Vec<raft::prelude::Message>,
+    ) -> Result<(), ProposeError> {
+        if ms.is_empty() || self.is_blocked(from) {
             return Ok(());
         }
         self.inner
             .tx
-            .send(Msg::Raft(Box::new(m)))
+            .send(Msg::Raft(ms))
             .map_err(|_| ProposeError::Stopped(stopped_reason(&self.inner.failure)))
     }
 
@@ -522,9 +540,24 @@ impl RaftStore {
             .await
     }
 
+    /// Ends the raft streams peers hold open into this member (they
+    /// reconnect to whoever serves this address next). Call it before
+    /// stopping the gRPC server gracefully, which waits for open calls.
+    pub fn close_streams(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Resolves once [`RaftStore::close_streams`] or
+    /// [`RaftStore::shutdown`] was called.
+    pub(crate) async fn closing(&self) {
+        let mut rx = self.inner.closing.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
     /// Stops the Ready loop and waits for it. Pending calls fail with
     /// `Stopped`. The gRPC server is the caller's to stop.
     pub fn shutdown(&self) {
+        self.close_streams();
         let _ = self.inner.tx.send(Msg::Shutdown);
         let handle = self.inner.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(h) = handle {
@@ -551,12 +584,18 @@ impl StateStore for RaftStore {
         }
         let deadline = tokio::time::Instant::now() + self.inner.proposal_timeout;
         loop {
+            let permit =
+                ProposalPermit::acquire(&self.inner.proposals_in_flight, MAX_PROPOSALS_IN_FLIGHT)
+                    .ok_or(ProposeError::Overloaded {
+                    limit: MAX_PROPOSALS_IN_FLIGHT,
+                })?;
             let (reply, rx) = oneshot::channel();
             self.inner
                 .tx
                 .send(Msg::Propose {
                     data: data.clone(),
                     reply,
+                    permit,
                 })
                 .map_err(|_| ProposeError::Stopped(stopped_reason(&self.inner.failure)))?;
             match tokio::time::timeout_at(deadline, rx).await {
@@ -570,6 +609,13 @@ impl StateStore for RaftStore {
                         return Err(ProposeError::NoLeader);
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Ok(Err(ProposeError::Dropped))) => {
+                    // Lost in a leader change and known never to take
+                    // effect: safe to submit again, to the new leader.
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(ProposeError::Dropped);
+                    }
                 }
                 Ok(Ok(r)) => return r,
             }

@@ -9,13 +9,24 @@
 //! them, and compacts the log into a snapshot every `snapshot_interval`
 //! applied entries.
 //!
-//! Proposals carry `(member id, sequence)` in the entry context, so the
-//! member that proposed recognises its entry when applying it, even when raft
-//! forwarded it to the leader. Reads use ReadIndex (`ReadOnlyOption::Safe`):
+//! Proposals carry `(member id, sequence, term)` in the entry context, so
+//! the member that proposed recognises its entry when applying it, even when
+//! raft forwarded it to the leader. The term is the proposer's term when it
+//! proposed, and a leader appends only the forwarded entries stamped with
+//! its own term (a stale forward is dropped, never re-forwarded). So a
+//! proposal made in term `T` can only ever be appended by the leader of `T`,
+//! with term `T`: once the proposer applies an entry of a later term without
+//! having applied its proposal, the proposal is known lost and is answered
+//! `Dropped` (safe to retry) at once, instead of timing out. This is what
+//! makes a write sent to a follower while the leader dies fail over in an
+//! election timeout rather than a proposal timeout.
+//!
+//! Reads use ReadIndex (`ReadOnlyOption::Safe`):
 //! all reads waiting in a turn share one ReadIndex request; each is answered
 //! once this member has applied up to the index the leader confirmed.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -34,12 +45,14 @@ use crate::store::{Committed, ProposeError, ReadError, WatchEvent};
 
 /// Requests to the Ready loop.
 pub(crate) enum Msg {
-    /// A raft message from a peer.
-    Raft(Box<Message>),
-    /// A client proposal (an encoded envelope).
+    /// Raft messages from a peer, in the order sent.
+    Raft(Vec<Message>),
+    /// A client proposal (an encoded envelope). The permit counts it against
+    /// the member's bound on proposals in flight until it is answered.
     Propose {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<Committed, ProposeError>>,
+        permit: ProposalPermit,
     },
     /// A linearizable read barrier: answered with the index to wait for once
     /// it is applied here.
@@ -65,23 +78,52 @@ pub(crate) enum Msg {
 }
 
 type ReadReply = oneshot::Sender<Result<u64, ReadError>>;
+type ProposeReply = oneshot::Sender<Result<Committed, ProposeError>>;
+
+/// One proposal in flight, counted against
+/// [`MAX_PROPOSALS_IN_FLIGHT`](super::MAX_PROPOSALS_IN_FLIGHT) from when a
+/// handle submits it until it is answered (the count drops with the permit).
+pub(crate) struct ProposalPermit(Arc<AtomicUsize>);
+
+impl ProposalPermit {
+    /// Takes a slot, or `None` when `max` proposals are in flight already.
+    pub(crate) fn acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<ProposalPermit> {
+        let mut n = count.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match count.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(ProposalPermit(count.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+impl Drop for ProposalPermit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 enum Waiter {
-    Propose(oneshot::Sender<Result<Committed, ProposeError>>),
+    /// A client's proposal; the permit is held until it is answered.
+    Propose(ProposeReply, #[allow(dead_code)] ProposalPermit),
     Conf(oneshot::Sender<Result<u64, MemberChangeError>>),
 }
 
 impl Waiter {
     fn is_closed(&self) -> bool {
         match self {
-            Waiter::Propose(s) => s.is_closed(),
+            Waiter::Propose(s, _) => s.is_closed(),
             Waiter::Conf(s) => s.is_closed(),
         }
     }
 
     fn fail(self, e: ProposeError) {
         match self {
-            Waiter::Propose(s) => {
+            Waiter::Propose(s, _) => {
                 let _ = s.send(Err(e));
             }
             Waiter::Conf(s) => {
@@ -117,9 +159,11 @@ pub(crate) struct Node {
     seq: u64,
     /// Proposals and conf changes of this member by sequence number.
     waiters: HashMap<u64, Waiter>,
-    /// For proposals made while leading: the index they were appended at,
-    /// so a different entry applied there proves they were dropped.
-    expected_at: BTreeMap<u64, u64>,
+    /// Proposals collected this turn, proposed together as one batch.
+    new_proposals: Vec<(Vec<u8>, ProposeReply, ProposalPermit)>,
+    /// Sequence numbers of proposals and conf changes by the term they were
+    /// proposed in (see the module doc).
+    proposed_in: BTreeMap<u64, Vec<u64>>,
     /// Reads collected this turn.
     new_reads: Vec<(Instant, ReadReply)>,
     /// ReadIndex requests in flight by context.
@@ -137,20 +181,27 @@ pub(crate) struct Node {
     last_role: StateRole,
 }
 
-fn context(member: u64, seq: u64) -> Vec<u8> {
-    let mut c = Vec::with_capacity(16);
+fn context(member: u64, seq: u64, term: u64) -> Vec<u8> {
+    let mut c = Vec::with_capacity(24);
     c.extend_from_slice(&member.to_le_bytes());
     c.extend_from_slice(&seq.to_le_bytes());
+    c.extend_from_slice(&term.to_le_bytes());
     c
 }
 
-fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
-    if c.len() != 16 {
+/// `(member, sequence, term proposed in)`; entries written before the term
+/// was carried have 16 bytes and no term.
+fn parse_context(c: &[u8]) -> Option<(u64, u64, Option<u64>)> {
+    if c.len() != 16 && c.len() != 24 {
         return None;
     }
     let member = u64::from_le_bytes(c[..8].try_into().ok()?);
-    let seq = u64::from_le_bytes(c[8..].try_into().ok()?);
-    Some((member, seq))
+    let seq = u64::from_le_bytes(c[8..16].try_into().ok()?);
+    let term = match c.get(16..24) {
+        Some(t) => Some(u64::from_le_bytes(t.try_into().ok()?)),
+        None => None,
+    };
+    Some((member, seq, term))
 }
 
 /// How long a read may wait, in all, for the leader's confirmation.
@@ -185,7 +236,8 @@ impl Node {
             id,
             seq: 0,
             waiters: HashMap::new(),
-            expected_at: BTreeMap::new(),
+            new_proposals: Vec::new(),
+            proposed_in: BTreeMap::new(),
             new_reads: Vec::new(),
             reads_in_flight: HashMap::new(),
             reads_waiting_apply: Vec::new(),
@@ -219,6 +271,7 @@ impl Node {
             if stop {
                 break;
             }
+            self.flush_proposals();
             self.issue_reads();
             if Instant::now() >= next_tick {
                 self.raw.tick();
@@ -246,6 +299,9 @@ impl Node {
         for (_, w) in self.waiters.drain() {
             w.fail(ProposeError::Stopped(why.to_owned()));
         }
+        for (_, r, _) in self.new_proposals.drain(..) {
+            let _ = r.send(Err(ProposeError::Stopped(why.to_owned())));
+        }
         for (_, r) in self.new_reads.drain(..) {
             let _ = r.send(Err(ReadError::Stopped(why.to_owned())));
         }
@@ -264,27 +320,21 @@ impl Node {
     /// Returns true to stop.
     fn handle(&mut self, m: Msg) -> bool {
         match m {
-            Msg::Raft(m) => {
-                if let Err(e) = self.raw.step(*m) {
-                    tracing::debug!(error = %e, "raft refused a message");
-                }
-            }
-            Msg::Propose { data, reply } => {
-                self.seq += 1;
-                let seq = self.seq;
-                match self.raw.propose(context(self.id, seq), data) {
-                    Ok(()) => {
-                        if self.raw.raft.state == StateRole::Leader {
-                            let idx = self.raw.raft.raft_log.last_index();
-                            self.expected_at.insert(idx, seq);
-                        }
-                        self.waiters.insert(seq, Waiter::Propose(reply));
+            Msg::Raft(ms) => {
+                for mut m in ms {
+                    if m.get_msg_type() == MessageType::MsgPropose && !self.accept_forward(&mut m) {
+                        continue;
                     }
-                    Err(_) => {
-                        let _ = reply.send(Err(ProposeError::NoLeader));
+                    if let Err(e) = self.raw.step(m) {
+                        tracing::debug!(error = %e, "raft refused a message");
                     }
                 }
             }
+            Msg::Propose {
+                data,
+                reply,
+                permit,
+            } => self.new_proposals.push((data, reply, permit)),
             Msg::ReadIndex { reply } => self.new_reads.push((Instant::now(), reply)),
             Msg::ConfChange {
                 change,
@@ -305,10 +355,13 @@ impl Node {
                 cc.context = address.into_bytes().into();
                 self.seq += 1;
                 let seq = self.seq;
-                match self.raw.propose_conf_change(context(self.id, seq), cc) {
+                let term = self.raw.raft.term;
+                match self
+                    .raw
+                    .propose_conf_change(context(self.id, seq, term), cc)
+                {
                     Ok(()) => {
-                        let idx = self.raw.raft.raft_log.last_index();
-                        self.expected_at.insert(idx, seq);
+                        self.proposed_in.entry(term).or_default().push(seq);
                         self.waiters.insert(seq, Waiter::Conf(reply));
                     }
                     Err(e) => {
@@ -322,6 +375,107 @@ impl Node {
             Msg::Shutdown => return true,
         }
         false
+    }
+
+    /// Keeps, of a proposal forwarded by a peer, the entries proposed in this
+    /// leader's term; false to drop the message (not leading, or nothing
+    /// left). A follower never forwards a peer's proposal again.
+    fn accept_forward(&self, m: &mut Message) -> bool {
+        if self.raw.raft.state != StateRole::Leader {
+            return false;
+        }
+        let term = self.raw.raft.term;
+        let entries = m.mut_entries();
+        let before = entries.len();
+        entries.retain(|e| {
+            parse_context(&e.context)
+                .and_then(|(_, _, t)| t)
+                .is_none_or(|t| t == term)
+        });
+        if entries.len() < before {
+            tracing::debug!(
+                dropped = before - entries.len(),
+                "dropped forwarded proposals of an earlier term"
+            );
+        }
+        !entries.is_empty()
+    }
+
+    /// Answers `Dropped` to every proposal made in a term before `term`
+    /// that is still waiting: an entry of `term` is being applied, so they
+    /// are not in the log and never will be.
+    fn drop_proposals_before(
+        proposed_in: &mut BTreeMap<u64, Vec<u64>>,
+        waiters: &mut HashMap<u64, Waiter>,
+        term: u64,
+    ) {
+        if proposed_in
+            .first_key_value()
+            .is_none_or(|(t, _)| *t >= term)
+        {
+            return;
+        }
+        let newer = proposed_in.split_off(&term);
+        let older = std::mem::replace(proposed_in, newer);
+        for seq in older.into_values().flatten() {
+            if let Some(w) = waiters.remove(&seq) {
+                match w {
+                    Waiter::Conf(r) => {
+                        let _ = r.send(Err(MemberChangeError::Refused(
+                            "the membership change was lost in a leader change; retry".into(),
+                        )));
+                    }
+                    other => other.fail(ProposeError::Dropped),
+                }
+            }
+        }
+    }
+
+    /// Proposes every proposal collected this turn as one `MsgPropose`, so
+    /// the leader appends them together and replicates them in one message
+    /// per follower (a follower forwards the batch to the leader as one
+    /// message).
+    fn flush_proposals(&mut self) {
+        if self.new_proposals.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.new_proposals);
+        let term = self.raw.raft.term;
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut waiting = Vec::with_capacity(batch.len());
+        for (data, reply, permit) in batch {
+            if reply.is_closed() {
+                continue;
+            }
+            self.seq += 1;
+            entries.push(Entry {
+                data: data.into(),
+                context: context(self.id, self.seq, term).into(),
+                ..Default::default()
+            });
+            waiting.push((self.seq, reply, permit));
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.id;
+        m.set_entries(entries.into());
+        match self.raw.raft.step(m) {
+            Ok(()) => {
+                let seqs = self.proposed_in.entry(term).or_default();
+                for (seq, reply, permit) in waiting {
+                    seqs.push(seq);
+                    self.waiters.insert(seq, Waiter::Propose(reply, permit));
+                }
+            }
+            Err(_) => {
+                for (_, reply, _) in waiting {
+                    let _ = reply.send(Err(ProposeError::NoLeader));
+                }
+            }
+        }
     }
 
     fn issue_reads(&mut self) {
@@ -358,7 +512,10 @@ impl Node {
         });
         self.new_reads.extend(retry);
         let live = &self.waiters;
-        self.expected_at.retain(|_, seq| live.contains_key(seq));
+        self.proposed_in.retain(|_, seqs| {
+            seqs.retain(|s| live.contains_key(s));
+            !seqs.is_empty()
+        });
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
@@ -423,15 +580,17 @@ impl Node {
         }
         self.applied = index;
         self.conf_state = s.get_metadata().get_conf_state().clone();
-        // Proposals this member made at or below the snapshot index were
-        // either applied inside it or dropped: we cannot tell which.
-        let dropped: Vec<u64> = self.expected_at.range(..=index).map(|(_, s)| *s).collect();
-        for seq in dropped {
+        // Proposals made in a term up to the snapshot's may be inside it or
+        // lost: we cannot tell which. Later ones cannot be inside it.
+        let newer = self
+            .proposed_in
+            .split_off(&(s.get_metadata().term.saturating_add(1)));
+        let unknown = std::mem::replace(&mut self.proposed_in, newer);
+        for seq in unknown.into_values().flatten() {
             if let Some(w) = self.waiters.remove(&seq) {
                 w.fail(ProposeError::Timeout);
             }
         }
-        self.expected_at = self.expected_at.split_off(&(index + 1));
         Ok(())
     }
 
@@ -458,14 +617,10 @@ impl Node {
             if index <= self.applied {
                 continue;
             }
-            let mine = parse_context(&e.context).filter(|(m, _)| *m == self.id);
-            // A different entry landed where one of our proposals was.
-            if let Some(seq) = self.expected_at.remove(&index)
-                && mine.map(|(_, s)| s) != Some(seq)
-                && let Some(w) = self.waiters.remove(&seq)
-            {
-                w.fail(ProposeError::Dropped);
-            }
+            let mine = parse_context(&e.context)
+                .filter(|(m, _, _)| *m == self.id)
+                .map(|(m, s, _)| (m, s));
+            Self::drop_proposals_before(&mut self.proposed_in, &mut self.waiters, e.term);
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
                     if e.data.is_empty() {
@@ -502,7 +657,7 @@ impl Node {
                             });
                         }
                         if let Some((_, seq)) = mine
-                            && let Some(Waiter::Propose(r)) = self.waiters.remove(&seq)
+                            && let Some(Waiter::Propose(r, _)) = self.waiters.remove(&seq)
                         {
                             let _ = r.send(Ok(Committed { index, outcome }));
                         }

@@ -36,6 +36,48 @@ impl ClusterService {
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
+    /// Checks one batch of raft messages from a peer and hands it to the
+    /// Ready loop.
+    fn accept_batch(&self, req: pb::RaftRequest) -> Result<(), Status> {
+        self.check_cluster(req.cluster_id)?;
+        if self.store.is_removed(req.from) {
+            return Err(Status::permission_denied(format!(
+                "STALE_MEMBER: member {} was removed from the cluster",
+                req.from
+            )));
+        }
+        self.store.learn_address(req.from, &req.from_address);
+        let me = self.store.member_id();
+        let mut batch = Vec::with_capacity(req.messages.len());
+        for bytes in &req.messages {
+            let m = raft::prelude::Message::parse_from_bytes(bytes).map_err(|e| {
+                Status::invalid_argument(format!("a raft message does not decode: {e}"))
+            })?;
+            if m.to != me {
+                return Err(Status::invalid_argument(format!(
+                    "WRONG_MEMBER: message for member {} reached member {me}",
+                    m.to
+                )));
+            }
+            if m.from != req.from {
+                return Err(Status::invalid_argument(format!(
+                    "a message from member {} arrived in a batch from {}",
+                    m.from, req.from
+                )));
+            }
+            // raft-rs aborts on an empty proposal: refuse it here.
+            if m.get_msg_type() == raft::prelude::MessageType::MsgPropose
+                && m.get_entries().is_empty()
+            {
+                return Err(Status::invalid_argument(
+                    "a forwarded proposal has no entries",
+                ));
+            }
+            batch.push(m);
+        }
+        self.store.step(req.from, batch).map_err(propose_status)
+    }
+
     fn check_cluster(&self, cluster_id: u64) -> Result<(), Status> {
         if cluster_id != self.store.cluster_id() {
             return Err(Status::failed_precondition(format!(
@@ -54,6 +96,7 @@ fn propose_status(e: ProposeError) -> Status {
         ProposeError::Timeout => Status::deadline_exceeded(format!("OUTCOME_UNKNOWN: {e}")),
         ProposeError::TooLarge { .. } => Status::invalid_argument(format!("TOO_LARGE: {e}")),
         ProposeError::Stopped(_) => Status::unavailable(format!("STOPPED: {e}")),
+        ProposeError::Overloaded { .. } => Status::resource_exhausted(format!("OVERLOADED: {e}")),
     }
 }
 
@@ -107,35 +150,27 @@ impl Cluster for ClusterService {
         &self,
         request: Request<pb::RaftRequest>,
     ) -> Result<Response<pb::RaftResponse>, Status> {
-        let req = request.into_inner();
-        self.check_cluster(req.cluster_id)?;
-        if self.store.is_removed(req.from) {
-            return Err(Status::permission_denied(format!(
-                "STALE_MEMBER: member {} was removed from the cluster",
-                req.from
-            )));
-        }
-        self.store.learn_address(req.from, &req.from_address);
-        let me = self.store.member_id();
-        for bytes in &req.messages {
-            let m = raft::prelude::Message::parse_from_bytes(bytes).map_err(|e| {
-                Status::invalid_argument(format!("a raft message does not decode: {e}"))
-            })?;
-            if m.to != me {
-                return Err(Status::invalid_argument(format!(
-                    "WRONG_MEMBER: message for member {} reached member {me}",
-                    m.to
-                )));
-            }
-            if m.from != req.from {
-                return Err(Status::invalid_argument(format!(
-                    "a message from member {} arrived in a batch from {}",
-                    m.from, req.from
-                )));
-            }
-            self.store.step(m).map_err(propose_status)?;
-        }
+        self.accept_batch(request.into_inner())?;
         Ok(Response::new(pb::RaftResponse {}))
+    }
+
+    async fn raft_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::RaftRequest>>,
+    ) -> Result<Response<pb::RaftResponse>, Status> {
+        let mut stream = request.into_inner();
+        loop {
+            let req = tokio::select! {
+                m = stream.message() => m?,
+                () = self.store.closing() => {
+                    return Err(Status::unavailable("STOPPED: this member is shutting down"));
+                }
+            };
+            let Some(req) = req else {
+                return Ok(Response::new(pb::RaftResponse {}));
+            };
+            self.accept_batch(req)?;
+        }
     }
 
     async fn propose(

@@ -32,6 +32,10 @@ const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "raft.redb";
 
+/// How far the commit index may run ahead of the stored one before a write
+/// that changes nothing else stores it (see [`DiskStorage::persist`]).
+pub const COMMIT_WRITE_STRIDE: u64 = 1024;
+
 /// Why the storage could not be opened.
 #[derive(Debug, Error)]
 pub enum OpenStorageError {
@@ -121,6 +125,8 @@ pub struct DiskStorage {
     cluster_id: u64,
     member_id: u64,
     hard_state: HardState,
+    /// The hard state as last written to disk (its commit may lag).
+    stored_hard_state: HardState,
     snapshot: Snapshot,
     /// `entries[i].index == snapshot.index + 1 + i`.
     entries: Vec<Entry>,
@@ -290,6 +296,7 @@ impl DiskStorage {
             path,
             cluster_id,
             member_id,
+            stored_hard_state: hard_state.clone(),
             hard_state,
             snapshot,
             entries,
@@ -364,6 +371,12 @@ impl DiskStorage {
     /// Persists, in one durable transaction, a snapshot received from the
     /// leader (replacing the whole log), new log entries (replacing any
     /// conflicting tail) and the hard state. Only then updates the cache.
+    ///
+    /// A hard state that differs from the stored one only by a commit index
+    /// less than [`COMMIT_WRITE_STRIDE`] ahead is kept in memory, not
+    /// written: raft needs term and vote durable, while a lagging commit
+    /// index is only relearned from the leader after a restart. This keeps
+    /// the common write (new entries, commit moved) to one table.
     pub fn persist(
         &mut self,
         snapshot: Option<&Snapshot>,
@@ -380,6 +393,15 @@ impl DiskStorage {
             let m = s.get_metadata();
             new_hs.commit = new_hs.commit.max(m.index);
             new_hs.term = new_hs.term.max(m.term);
+        }
+        let write_hs = snapshot.is_some()
+            || new_hs.term != self.stored_hard_state.term
+            || new_hs.vote != self.stored_hard_state.vote
+            || new_hs.commit >= self.stored_hard_state.commit + COMMIT_WRITE_STRIDE
+            || new_hs.commit < self.stored_hard_state.commit;
+        if !write_hs && entries.is_empty() {
+            self.hard_state = new_hs;
+            return Ok(());
         }
         let txn = self.db.begin_write().map_err(persist_err)?;
         {
@@ -406,13 +428,18 @@ impl DiskStorage {
                         .map_err(persist_err)?;
                 }
             }
-            let hs = new_hs
-                .write_to_bytes()
-                .map_err(|e| persist_err(redb::StorageError::Io(std::io::Error::other(e))))?;
-            meta.insert("hard_state", hs.as_slice())
-                .map_err(persist_err)?;
+            if write_hs {
+                let hs = new_hs
+                    .write_to_bytes()
+                    .map_err(|e| persist_err(redb::StorageError::Io(std::io::Error::other(e))))?;
+                meta.insert("hard_state", hs.as_slice())
+                    .map_err(persist_err)?;
+            }
         }
         txn.commit().map_err(persist_err)?;
+        if write_hs {
+            self.stored_hard_state = new_hs.clone();
+        }
 
         if let Some(s) = snapshot {
             self.snapshot = s.clone();
@@ -476,6 +503,7 @@ impl DiskStorage {
                 .map_err(persist_err)?;
         }
         txn.commit().map_err(persist_err)?;
+        self.stored_hard_state = hs.clone();
         let drop_n = usize::try_from(index - self.snapshot_index()).unwrap_or(usize::MAX);
         self.entries.drain(..drop_n.min(self.entries.len()));
         self.snapshot = snap;
@@ -607,6 +635,43 @@ mod tests {
             s.entries(1, 3, None, GetEntriesContext::empty(false)),
             Err(raft::Error::Store(StorageError::Compacted))
         ));
+    }
+
+    #[test]
+    fn commit_only_changes_are_written_in_strides() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut s = DiskStorage::open(dir.path(), 1, Some(7)).unwrap();
+            s.bootstrap(vec![1], &state_bytes()).unwrap();
+            let hs = |term, vote, commit| HardState {
+                term,
+                vote,
+                commit,
+                ..Default::default()
+            };
+            s.persist(None, &[entry(2, 1), entry(3, 1)], Some(&hs(1, 1, 1)))
+                .unwrap();
+            // Only the commit index moves: kept in memory.
+            s.persist(None, &[], Some(&hs(1, 1, 3))).unwrap();
+            assert_eq!(s.initial_state().unwrap().hard_state.commit, 3);
+        }
+        let s = DiskStorage::open(dir.path(), 1, None).unwrap();
+        assert_eq!(s.initial_state().unwrap().hard_state.commit, 1);
+        drop(s);
+        {
+            let mut s = DiskStorage::open(dir.path(), 1, None).unwrap();
+            // A new term and vote are always written, with the commit.
+            let hs = HardState {
+                term: 2,
+                vote: 1,
+                commit: 3,
+                ..Default::default()
+            };
+            s.persist(None, &[], Some(&hs)).unwrap();
+        }
+        let s = DiskStorage::open(dir.path(), 1, None).unwrap();
+        let hs = s.initial_state().unwrap().hard_state;
+        assert_eq!((hs.term, hs.vote, hs.commit), (2, 1, 3));
     }
 
     #[test]

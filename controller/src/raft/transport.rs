@@ -1,10 +1,27 @@
-//! Sending raft messages to peers over gRPC (`nephele.cluster.v1.Cluster/Raft`).
+//! Sending raft messages to peers over gRPC (`nephele.cluster.v1.Cluster`).
 //!
-//! One task per peer drains that peer's queue into a single `RaftRequest`
-//! (every message waiting, in raft's protobuf encoding) and sends it; at most
-//! one request per peer is in flight, the next batch forms meanwhile. A
-//! failed send drops its batch (raft retransmits) and reports the peer
-//! unreachable, or the snapshot failed, to the Ready loop.
+//! One task per peer drains that peer's queue into `RaftRequest` batches
+//! (every message waiting, in raft's protobuf encoding) and pushes them on
+//! one long-lived `RaftStream` call: batches are pipelined (the next one
+//! leaves without waiting for the previous one to be handled) and arrive in
+//! the order sent, which is what raft's optimistic replication needs.
+//!
+//! ```text
+//!  Ready thread ──try_send──► peer queue (PEER_QUEUE messages)
+//!                               │ peer task: batch, encode
+//!                               ├──► RaftStream (STREAM_BUFFER batches in
+//!                               │    flight, HTTP/2 flow control behind)
+//!                               └──► Raft (unary) for snapshots, each in
+//!                                    its own task, reported when done
+//! ```
+//!
+//! Nothing here blocks the Ready thread and no queue grows without bound: a
+//! message that finds its peer's queue or stream full, or its stream
+//! broken, is dropped (raft retransmits what matters) and the peer is
+//! reported unreachable, which moves raft's progress for it back to
+//! probing. A broken stream is reopened after [`RECONNECT_PAUSE`]. Snapshots
+//! travel as unary calls so that the Ready loop learns when one was
+//! delivered (`report_snapshot`) and heartbeats do not queue behind them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock, mpsc};
@@ -16,32 +33,60 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc as tmpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use super::node::{Msg, is_snapshot};
 
 /// Largest gRPC message accepted or sent between controllers (snapshots).
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
-/// Most raft messages in one request.
+/// Most raft messages in one batch.
 const MAX_BATCH: usize = 4096;
+/// Messages queued for one peer before new ones are dropped.
+const PEER_QUEUE: usize = 16384;
+/// Batches buffered on one stream before new ones are dropped.
+const STREAM_BUFFER: usize = 256;
+/// Pause before a failed stream is opened again.
+pub const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// How long sending one snapshot may take.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Opens a lazily connected channel to a controller.
-pub fn connect(address: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
     let uri = if address.starts_with("http://") || address.starts_with("https://") {
         address.to_owned()
     } else {
         format!("http://{address}")
     };
-    let ch = Endpoint::from_shared(uri)?
+    Ok(Endpoint::from_shared(uri)?
         .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(10))
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    Ok(ClusterClient::new(ch)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true))
+}
+
+fn client(ch: Channel) -> ClusterClient<Channel> {
+    ClusterClient::new(ch)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Opens a lazily connected channel to a controller, with a 10 s deadline
+/// on every call (for clients and forwarded requests).
+pub fn connect(address: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+    Ok(client(
+        endpoint(address)?
+            .timeout(Duration::from_secs(10))
+            .connect_lazy(),
+    ))
+}
+
+/// Like [`connect`] without a call deadline: raft streams live as long as
+/// the connection does.
+fn connect_peer(address: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+    Ok(client(endpoint(address)?.connect_lazy()))
 }
 
 pub(crate) struct Transport {
@@ -52,7 +97,7 @@ pub(crate) struct Transport {
     addresses: Arc<RwLock<BTreeMap<u64, String>>>,
     blocked: Arc<RwLock<BTreeSet<u64>>>,
     report: mpsc::Sender<Msg>,
-    peers: HashMap<u64, tmpsc::UnboundedSender<Message>>,
+    peers: HashMap<u64, tmpsc::Sender<Message>>,
 }
 
 impl Transport {
@@ -77,18 +122,30 @@ impl Transport {
         }
     }
 
+    /// Queues `m` for its peer without blocking; drops it (and reports the
+    /// peer unreachable) when the peer's queue is full.
     pub(crate) fn send(&mut self, m: Message) {
         let to = m.to;
         if to == self.me || self.blocked.read().is_ok_and(|b| b.contains(&to)) {
             return;
         }
-        if let Some(q) = self.peers.get(&to)
-            && q.send(m.clone()).is_ok()
-        {
-            return;
-        }
-        let (tx, rx) = tmpsc::unbounded_channel();
-        let _ = tx.send(m);
+        let m = match self.peers.get(&to) {
+            None => m,
+            Some(q) => match q.try_send(m) {
+                Ok(()) => return,
+                Err(tmpsc::error::TrySendError::Full(m)) => {
+                    tracing::debug!(peer = to, "peer queue full; dropping a raft message");
+                    let _ = self.report.send(Msg::Unreachable(to));
+                    if is_snapshot(&m) {
+                        let _ = self.report.send(Msg::SnapshotFailed(to));
+                    }
+                    return;
+                }
+                Err(tmpsc::error::TrySendError::Closed(m)) => m,
+            },
+        };
+        let (tx, rx) = tmpsc::channel(PEER_QUEUE);
+        let _ = tx.try_send(m);
         self.peers.insert(to, tx);
         let peer = Peer {
             id: to,
@@ -111,9 +168,17 @@ struct Peer {
     report: mpsc::Sender<Msg>,
 }
 
+/// One open `RaftStream` call.
+struct Stream {
+    batches: tmpsc::Sender<RaftRequest>,
+    call: JoinHandle<()>,
+}
+
 impl Peer {
-    async fn run(self, mut rx: tmpsc::UnboundedReceiver<Message>) {
+    async fn run(self, mut rx: tmpsc::Receiver<Message>) {
         let mut client: Option<(String, ClusterClient<Channel>)> = None;
+        let mut stream: Option<Stream> = None;
+        let mut reopen_at = Instant::now();
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH {
@@ -122,7 +187,6 @@ impl Peer {
                     Err(_) => break,
                 }
             }
-            let has_snapshot = batch.iter().any(is_snapshot);
             let address = self
                 .addresses
                 .read()
@@ -130,47 +194,120 @@ impl Peer {
                 .and_then(|a| a.get(&self.id).cloned());
             let Some(address) = address else {
                 tracing::debug!(peer = self.id, "no address known for peer");
-                self.failed(has_snapshot);
+                self.failed(batch.iter().any(is_snapshot));
                 // Avoid spinning while the address is unknown.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(RECONNECT_PAUSE).await;
                 continue;
             };
             if client.as_ref().is_none_or(|(a, _)| *a != address) {
-                match connect(&address) {
+                stream = None;
+                match connect_peer(&address) {
                     Ok(c) => client = Some((address.clone(), c)),
                     Err(e) => {
                         tracing::warn!(peer = self.id, %address, error = %e, "bad peer address");
-                        self.failed(has_snapshot);
+                        self.failed(batch.iter().any(is_snapshot));
                         continue;
                     }
                 }
             }
-            let Some((_, c)) = client.as_mut() else {
+            let Some((_, c)) = client.as_ref() else {
                 continue;
             };
-            let messages = batch
-                .iter()
-                .filter_map(|m| m.write_to_bytes().ok())
-                .collect();
+            let (snapshots, messages): (Vec<Message>, Vec<Message>) =
+                batch.into_iter().partition(is_snapshot);
+            for s in snapshots {
+                self.send_snapshot(c.clone(), s);
+            }
+            if messages.is_empty() {
+                continue;
+            }
+            if stream.as_ref().is_some_and(|s| s.call.is_finished()) {
+                stream = None;
+                reopen_at = Instant::now() + RECONNECT_PAUSE;
+            }
+            let fresh = stream.is_none();
+            if fresh {
+                if Instant::now() < reopen_at {
+                    self.failed(false);
+                    continue;
+                }
+                stream = Some(self.open(c.clone()));
+            }
+            let Some(s) = stream.as_ref() else {
+                continue;
+            };
             let req = RaftRequest {
                 cluster_id: self.cluster_id,
                 from: self.me,
-                from_address: self.my_address.clone(),
-                messages,
+                // The receiver learns our address from a stream's first batch.
+                from_address: if fresh {
+                    self.my_address.clone()
+                } else {
+                    String::new()
+                },
+                messages: messages
+                    .iter()
+                    .filter_map(|m| m.write_to_bytes().ok())
+                    .collect(),
             };
-            let sent = c.raft(req).await;
-            if sent.is_ok() && has_snapshot {
-                let _ = self.report.send(Msg::SnapshotSent(self.id));
-            }
-            if let Err(status) = sent {
-                tracing::debug!(peer = self.id, error = %status.message(), "raft send failed");
-                self.failed(has_snapshot);
-                if status.code() == tonic::Code::Unavailable {
-                    // Do not hammer a dead peer; raft retries on its own.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+            match s.batches.try_send(req) {
+                Ok(()) => {}
+                Err(tmpsc::error::TrySendError::Full(_)) => {
+                    tracing::debug!(peer = self.id, "raft stream full; dropping a batch");
+                    self.failed(false);
+                }
+                Err(tmpsc::error::TrySendError::Closed(_)) => {
+                    stream = None;
+                    reopen_at = Instant::now() + RECONNECT_PAUSE;
+                    self.failed(false);
                 }
             }
         }
+        if let Some(s) = stream {
+            // Let the call finish once what was queued has gone.
+            drop(s.batches);
+        }
+    }
+
+    fn open(&self, mut c: ClusterClient<Channel>) -> Stream {
+        let (batches, rx) = tmpsc::channel(STREAM_BUFFER);
+        let report = self.report.clone();
+        let id = self.id;
+        let call = tokio::spawn(async move {
+            if let Err(status) = c.raft_stream(ReceiverStream::new(rx)).await {
+                tracing::debug!(peer = id, error = %status.message(), "raft stream ended");
+                let _ = report.send(Msg::Unreachable(id));
+            }
+        });
+        Stream { batches, call }
+    }
+
+    fn send_snapshot(&self, mut c: ClusterClient<Channel>, m: Message) {
+        let Ok(bytes) = m.write_to_bytes() else {
+            self.failed(true);
+            return;
+        };
+        let mut req = tonic::Request::new(RaftRequest {
+            cluster_id: self.cluster_id,
+            from: self.me,
+            from_address: self.my_address.clone(),
+            messages: vec![bytes],
+        });
+        req.set_timeout(SNAPSHOT_TIMEOUT);
+        let report = self.report.clone();
+        let id = self.id;
+        tokio::spawn(async move {
+            match c.raft(req).await {
+                Ok(_) => {
+                    let _ = report.send(Msg::SnapshotSent(id));
+                }
+                Err(status) => {
+                    tracing::info!(peer = id, error = %status.message(), "sending a snapshot failed");
+                    let _ = report.send(Msg::Unreachable(id));
+                    let _ = report.send(Msg::SnapshotFailed(id));
+                }
+            }
+        });
     }
 
     fn failed(&self, snapshot: bool) {

@@ -92,6 +92,13 @@ pub enum ProposeError {
     /// The store stopped (shut down, or failed to persist and fail-stopped).
     #[error("the store is not running: {0}")]
     Stopped(String),
+    /// Too many proposals are waiting on this controller already; the
+    /// command was not submitted and can be retried after a pause.
+    #[error("{limit} proposals are in flight on this controller; the command was not submitted")]
+    Overloaded {
+        /// The bound on proposals in flight.
+        limit: usize,
+    },
 }
 
 /// Why a linearizable read could not be served.
