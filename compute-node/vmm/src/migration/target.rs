@@ -489,12 +489,10 @@ impl<'a> Receiver<'a> {
     ) -> Result<MigrationStatus, IncomingError> {
         let capacities: Vec<u64> = cfg.disks.iter().map(|d| d.capacity).collect();
         let mut buf = Vec::new();
-        let valid = |gpa: u64| page_ok(mem, gpa);
 
         let mut machine: Option<MachineState> = None;
-        let mut written = PageSet::new(mem.last_addr().0);
         let mut unsynced = vec![false; files.len()];
-        let zero = [0u8; protocol::PAGE_SIZE];
+        let mut scratch = [0u8; protocol::PAGE_SIZE];
         let mut rounds: u32 = 0;
         let mut received: u64 = 0;
         let mut clock = PhaseClock::new();
@@ -502,23 +500,8 @@ impl<'a> Receiver<'a> {
             let kind = protocol::read_frame(r, &mut buf)?;
             received += 5 + buf.len() as u64;
             match kind {
-                Kind::Pages => {
-                    for (gpa, page) in protocol::pages(&buf, valid)? {
-                        mem.write_slice(page, GuestAddress(gpa))
-                            .map_err(|_| IncomingError::Memory(gpa))?;
-                        written.set(gpa);
-                    }
-                }
-                Kind::ZeroPages => {
-                    for gpa in protocol::zero_pages(&buf, valid)? {
-                        // A page never written here is zero already (and
-                        // stays unallocated).
-                        if written.get(gpa) {
-                            mem.write_slice(&zero, GuestAddress(gpa))
-                                .map_err(|_| IncomingError::Memory(gpa))?;
-                        }
-                    }
-                }
+                Kind::Pages => apply_pages(mem, &buf)?,
+                Kind::ZeroPages => apply_zero_pages(mem, &buf, &mut scratch)?,
                 Kind::Streams if version >= 2 && rounds == 0 && extras.is_empty() => {
                     let info: StreamsInfo = protocol::decode(kind, &buf)?;
                     if !(2..=protocol::MAX_STREAMS).contains(&info.count) {
@@ -855,8 +838,6 @@ fn read_extra(
     let mut r = BufReader::with_capacity(4 << 20, stream);
     let mut buf = Vec::new();
     let mut page = [0u8; protocol::PAGE_SIZE];
-    let zero = [0u8; protocol::PAGE_SIZE];
-    let valid = |gpa: u64| page_ok(mem, gpa);
     let result = (|| -> Result<(), IncomingError> {
         loop {
             let kind = match protocol::read_frame(&mut r, &mut buf) {
@@ -866,23 +847,8 @@ fn read_extra(
                 Err(e) => return Err(e.into()),
             };
             match kind {
-                Kind::Pages => {
-                    for (gpa, data) in protocol::pages(&buf, valid)? {
-                        mem.write_slice(data, GuestAddress(gpa))
-                            .map_err(|_| IncomingError::Memory(gpa))?;
-                    }
-                }
-                Kind::ZeroPages => {
-                    for gpa in protocol::zero_pages(&buf, valid)? {
-                        // Zero already (or never touched): leave it.
-                        mem.read_slice(&mut page, GuestAddress(gpa))
-                            .map_err(|_| IncomingError::Memory(gpa))?;
-                        if page != zero {
-                            mem.write_slice(&zero, GuestAddress(gpa))
-                                .map_err(|_| IncomingError::Memory(gpa))?;
-                        }
-                    }
-                }
+                Kind::Pages => apply_pages(mem, &buf)?,
+                Kind::ZeroPages => apply_zero_pages(mem, &buf, &mut page)?,
                 Kind::Sync => {
                     let mut p = progress.0.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some(n) = p.syncs.get_mut(i) {
@@ -902,35 +868,34 @@ fn read_extra(
     }
 }
 
-/// Guest pages written so far, by guest physical page number.
-struct PageSet(Vec<u64>);
-
-impl PageSet {
-    fn new(last_addr: u64) -> Self {
-        let pages = usize::try_from(last_addr / protocol::PAGE_SIZE as u64 + 1).unwrap_or(0);
-        Self(vec![0; pages.div_ceil(64)])
+/// Writes the pages of a `Pages` payload into guest memory.
+fn apply_pages(mem: &GuestMemoryMmap, payload: &[u8]) -> Result<(), IncomingError> {
+    for (gpa, data) in protocol::pages(payload, |gpa| page_ok(mem, gpa))? {
+        mem.write_slice(data, GuestAddress(gpa))
+            .map_err(|_| IncomingError::Memory(gpa))?;
     }
+    Ok(())
+}
 
-    fn index(gpa: u64) -> (usize, u32) {
-        let page = gpa / protocol::PAGE_SIZE as u64;
-        (
-            usize::try_from(page / 64).unwrap_or(usize::MAX),
-            u32::try_from(page % 64).unwrap_or(0),
-        )
-    }
-
-    fn set(&mut self, gpa: u64) {
-        let (w, b) = Self::index(gpa);
-        if let Some(word) = self.0.get_mut(w) {
-            *word |= 1 << b;
+/// Zeroes the pages of a `ZeroPages` payload that are not zero already
+/// (a page never written reads as zero and stays unallocated). Reading
+/// rather than remembering what was written keeps this right whichever
+/// stream carried a page before.
+fn apply_zero_pages(
+    mem: &GuestMemoryMmap,
+    payload: &[u8],
+    scratch: &mut [u8; protocol::PAGE_SIZE],
+) -> Result<(), IncomingError> {
+    const ZERO: [u8; protocol::PAGE_SIZE] = [0; protocol::PAGE_SIZE];
+    for gpa in protocol::zero_pages(payload, |gpa| page_ok(mem, gpa))? {
+        mem.read_slice(scratch, GuestAddress(gpa))
+            .map_err(|_| IncomingError::Memory(gpa))?;
+        if scratch[..] != ZERO[..] {
+            mem.write_slice(&ZERO, GuestAddress(gpa))
+                .map_err(|_| IncomingError::Memory(gpa))?;
         }
     }
-
-    fn get(&self, gpa: u64) -> bool {
-        let (w, b) = Self::index(gpa);
-        // Unknown pages count as written: zeroing them is always right.
-        self.0.get(w).is_none_or(|word| word & (1 << b) != 0)
-    }
+    Ok(())
 }
 
 fn unexpected(got: Kind, expected: &'static str) -> IncomingError {
@@ -1033,13 +998,31 @@ mod tests {
     }
 
     #[test]
-    fn page_set_remembers_written_pages() {
-        let mut s = PageSet::new((128 << 20) - 1);
-        assert!(!s.get(0x5000));
-        s.set(0x5000);
-        assert!(s.get(0x5000));
-        assert!(!s.get(0x6000));
-        assert!(s.get(u64::MAX), "out of range counts as written");
+    fn zero_pages_clear_only_what_is_not_zero() {
+        let mem = crate::vstate::memory::create(128 << 20).unwrap();
+        let mut page = [0u8; 4096];
+        apply_pages(
+            &mem,
+            &[0x2000u64.to_le_bytes().to_vec(), vec![7; 4096]].concat(),
+        )
+        .unwrap();
+        let mut b = [0u8; 1];
+        mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_eq!(b[0], 7);
+        // A page written before (by any stream) is cleared; an untouched
+        // one is left alone; a bad address is refused.
+        let zeros = [0x2000u64.to_le_bytes(), 0x9000u64.to_le_bytes()].concat();
+        apply_zero_pages(&mem, &zeros, &mut page).unwrap();
+        mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_eq!(b[0], 0);
+        assert!(apply_zero_pages(&mem, &0x2001u64.to_le_bytes(), &mut page).is_err());
+        assert!(
+            apply_pages(
+                &mem,
+                &[(1u64 << 40).to_le_bytes().to_vec(), vec![1; 4096]].concat()
+            )
+            .is_err()
+        );
     }
 
     #[test]
