@@ -518,6 +518,31 @@ impl Ctx {
     fn list(&self, rows: &[Record], what: &str) {
         output::list(self.format, rows, what);
     }
+
+    /// Prints every item as a row.
+    fn rows<T>(&self, items: &[T], record: fn(&T) -> Record, what: &str) {
+        self.list(&items.iter().map(record).collect::<Vec<_>>(), what);
+    }
+
+    /// Prints what `call` answers as one record.
+    async fn show<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        record: fn(&T) -> Record,
+    ) -> Result<(), CliError> {
+        self.one(&record(&call.await?.into_inner()));
+        Ok(())
+    }
+}
+
+/// Deletes `name` with `call` and says so.
+async fn deleted<T, F>(name: String, call: impl FnOnce(String) -> F) -> Result<(), CliError>
+where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    call(name.clone()).await?;
+    eprintln!("deleted {name}");
+    Ok(())
 }
 
 fn global_name(collection: &str, id: &str) -> String {
@@ -681,8 +706,8 @@ async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
             quota: q,
             request_id,
         } => {
-            let p = iam_c
-                .create_project(iam::CreateProjectRequest {
+            c.show(
+                iam_c.create_project(iam::CreateProjectRequest {
                     project_id: id,
                     project: Some(iam::Project {
                         display_name,
@@ -690,19 +715,19 @@ async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
                         ..Default::default()
                     }),
                     request_id,
-                })
-                .await?
-                .into_inner();
-            c.one(&records::project(&p));
+                }),
+                records::project,
+            )
+            .await?;
         }
         ProjectCmd::Get { id } => {
-            let p = iam_c
-                .get_project(iam::GetProjectRequest {
+            c.show(
+                iam_c.get_project(iam::GetProjectRequest {
                     name: global_name("projects", &id),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::project(&p));
+                }),
+                records::project,
+            )
+            .await?;
         }
         ProjectCmd::List(pg) => {
             let all = all_pages!(
@@ -713,14 +738,11 @@ async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
                 }),
                 projects
             );
-            c.list(
-                &all.iter().map(records::project).collect::<Vec<_>>(),
-                "projects",
-            );
+            c.rows(&all, records::project, "projects");
         }
         ProjectCmd::SetQuota { id, quota: q } => {
-            let p = iam_c
-                .update_project(iam::UpdateProjectRequest {
+            c.show(
+                iam_c.update_project(iam::UpdateProjectRequest {
                     project: Some(iam::Project {
                         name: global_name("projects", &id),
                         quota: Some(quota(&q)),
@@ -729,17 +751,16 @@ async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
                     update_mask: Some(prost_types::FieldMask {
                         paths: vec!["quota".into()],
                     }),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::project(&p));
+                }),
+                records::project,
+            )
+            .await?;
         }
         ProjectCmd::Delete { id } => {
-            let name = global_name("projects", &id);
-            iam_c
-                .delete_project(iam::DeleteProjectRequest { name: name.clone() })
-                .await?;
-            eprintln!("deleted {name}");
+            deleted(global_name("projects", &id), |name| {
+                iam_c.delete_project(iam::DeleteProjectRequest { name })
+            })
+            .await?;
         }
     }
     Ok(())
@@ -753,8 +774,8 @@ async fn user(c: &Ctx, cmd: UserCmd) -> Result<(), CliError> {
             admin,
             display_name,
         } => {
-            let u = iam_c
-                .create_user(iam::CreateUserRequest {
+            c.show(
+                iam_c.create_user(iam::CreateUserRequest {
                     user_id: id,
                     user: Some(iam::User {
                         display_name,
@@ -762,10 +783,10 @@ async fn user(c: &Ctx, cmd: UserCmd) -> Result<(), CliError> {
                         ..Default::default()
                     }),
                     request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::user(&u));
+                }),
+                records::user,
+            )
+            .await?;
         }
         UserCmd::Get { id } => {
             let u = if id == "me" {
@@ -789,14 +810,13 @@ async fn user(c: &Ctx, cmd: UserCmd) -> Result<(), CliError> {
                 }),
                 users
             );
-            c.list(&all.iter().map(records::user).collect::<Vec<_>>(), "users");
+            c.rows(&all, records::user, "users");
         }
         UserCmd::Delete { id } => {
-            let name = global_name("users", &id);
-            iam_c
-                .delete_user(iam::DeleteUserRequest { name: name.clone() })
-                .await?;
-            eprintln!("deleted {name}");
+            deleted(global_name("users", &id), |name| {
+                iam_c.delete_user(iam::DeleteUserRequest { name })
+            })
+            .await?;
         }
         UserCmd::Grant { id, role } => {
             let role = match role.as_str() {
@@ -804,15 +824,15 @@ async fn user(c: &Ctx, cmd: UserCmd) -> Result<(), CliError> {
                 "member" => iam::Role::Member,
                 _ => iam::Role::Unspecified,
             };
-            let u = iam_c
-                .set_role(iam::SetRoleRequest {
+            c.show(
+                iam_c.set_role(iam::SetRoleRequest {
                     user: global_name("users", &id),
                     project: c.project()?,
                     role: role as i32,
-                })
-                .await?
-                .into_inner();
-            c.one(&records::user(&u));
+                }),
+                records::user,
+            )
+            .await?;
         }
     }
     Ok(())
@@ -846,10 +866,7 @@ async fn token(c: &Ctx, cmd: TokenCmd) -> Result<(), CliError> {
                 }),
                 tokens
             );
-            c.list(
-                &all.iter().map(records::token).collect::<Vec<_>>(),
-                "tokens",
-            );
+            c.rows(&all, records::token, "tokens");
         }
         TokenCmd::Delete { name } => {
             iam_c
@@ -888,13 +905,13 @@ async fn flavor(c: &Ctx, cmd: FlavorCmd) -> Result<(), CliError> {
             c.one(&records::flavor(&r));
         }
         FlavorCmd::Get { id } => {
-            let r = f
-                .get_flavor(compute::GetFlavorRequest {
+            c.show(
+                f.get_flavor(compute::GetFlavorRequest {
                     name: global_name("flavors", &id),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::flavor(&r));
+                }),
+                records::flavor,
+            )
+            .await?;
         }
         FlavorCmd::List(pg) => {
             let all = all_pages!(
@@ -905,16 +922,13 @@ async fn flavor(c: &Ctx, cmd: FlavorCmd) -> Result<(), CliError> {
                 }),
                 flavors
             );
-            c.list(
-                &all.iter().map(records::flavor).collect::<Vec<_>>(),
-                "flavors",
-            );
+            c.rows(&all, records::flavor, "flavors");
         }
         FlavorCmd::Delete { id } => {
-            let name = global_name("flavors", &id);
-            f.delete_flavor(compute::DeleteFlavorRequest { name: name.clone() })
-                .await?;
-            eprintln!("deleted {name}");
+            deleted(global_name("flavors", &id), |name| {
+                f.delete_flavor(compute::DeleteFlavorRequest { name })
+            })
+            .await?;
         }
     }
     Ok(())
@@ -946,8 +960,8 @@ async fn image(c: &Ctx, cmd: ImageCmd) -> Result<(), CliError> {
                 Some(f) => file_digest(&f)?,
                 None => (0, String::new()),
             };
-            let r = im
-                .create_image(compute::CreateImageRequest {
+            c.show(
+                im.create_image(compute::CreateImageRequest {
                     image_id: id,
                     image: Some(compute::Image {
                         format,
@@ -956,19 +970,19 @@ async fn image(c: &Ctx, cmd: ImageCmd) -> Result<(), CliError> {
                         ..Default::default()
                     }),
                     request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::image(&r));
+                }),
+                records::image,
+            )
+            .await?;
         }
         ImageCmd::Get { id } => {
-            let r = im
-                .get_image(compute::GetImageRequest {
+            c.show(
+                im.get_image(compute::GetImageRequest {
                     name: global_name("images", &id),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::image(&r));
+                }),
+                records::image,
+            )
+            .await?;
         }
         ImageCmd::List(pg) => {
             let all = all_pages!(
@@ -979,16 +993,13 @@ async fn image(c: &Ctx, cmd: ImageCmd) -> Result<(), CliError> {
                 }),
                 images
             );
-            c.list(
-                &all.iter().map(records::image).collect::<Vec<_>>(),
-                "images",
-            );
+            c.rows(&all, records::image, "images");
         }
         ImageCmd::Delete { id } => {
-            let name = global_name("images", &id);
-            im.delete_image(compute::DeleteImageRequest { name: name.clone() })
-                .await?;
-            eprintln!("deleted {name}");
+            deleted(global_name("images", &id), |name| {
+                im.delete_image(compute::DeleteImageRequest { name })
+            })
+            .await?;
         }
     }
     Ok(())
@@ -1237,13 +1248,13 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
             finish(c, operations, &wait).await
         }
         InstanceCmd::Get { id } => {
-            let i = ic
-                .get_instance(compute::GetInstanceRequest {
+            c.show(
+                ic.get_instance(compute::GetInstanceRequest {
                     name: c.scoped("instances", &id)?,
-                })
-                .await?
-                .into_inner();
-            c.one(&records::instance(&i));
+                }),
+                records::instance,
+            )
+            .await?;
             Ok(())
         }
         InstanceCmd::List {
@@ -1280,10 +1291,7 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
                 }),
                 instances
             );
-            c.list(
-                &all.iter().map(records::instance).collect::<Vec<_>>(),
-                "instances",
-            );
+            c.rows(&all, records::instance, "instances");
             Ok(())
         }
         InstanceCmd::Start { id, request, wait } => {
@@ -1299,15 +1307,15 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
             lifecycle(c, Action::Delete, &id, &request, &wait).await
         }
         InstanceCmd::Resize { id, flavor } => {
-            let i = ic
-                .resize_instance(compute::ResizeInstanceRequest {
+            c.show(
+                ic.resize_instance(compute::ResizeInstanceRequest {
                     name: c.scoped("instances", &id)?,
                     flavor: global_name("flavors", &flavor),
                     request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::instance(&i));
+                }),
+                records::instance,
+            )
+            .await?;
             Ok(())
         }
         InstanceCmd::Console { id, settle_ms } => {
@@ -1341,8 +1349,8 @@ async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
                 "soft-affinity" => compute::GroupPolicy::SoftAffinity,
                 _ => compute::GroupPolicy::SoftAntiAffinity,
             };
-            let g = gc
-                .create_server_group(compute::CreateServerGroupRequest {
+            c.show(
+                gc.create_server_group(compute::CreateServerGroupRequest {
                     parent: c.project()?,
                     server_group_id: id,
                     server_group: Some(compute::ServerGroup {
@@ -1350,19 +1358,19 @@ async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
                         ..Default::default()
                     }),
                     request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::group(&g));
+                }),
+                records::group,
+            )
+            .await?;
         }
         GroupCmd::Get { id } => {
-            let g = gc
-                .get_server_group(compute::GetServerGroupRequest {
+            c.show(
+                gc.get_server_group(compute::GetServerGroupRequest {
                     name: c.scoped("serverGroups", &id)?,
-                })
-                .await?
-                .into_inner();
-            c.one(&records::group(&g));
+                }),
+                records::group,
+            )
+            .await?;
         }
         GroupCmd::List(pg) => {
             let parent = c.project()?;
@@ -1375,16 +1383,13 @@ async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
                 }),
                 server_groups
             );
-            c.list(
-                &all.iter().map(records::group).collect::<Vec<_>>(),
-                "server groups",
-            );
+            c.rows(&all, records::group, "server groups");
         }
         GroupCmd::Delete { id } => {
-            let name = c.scoped("serverGroups", &id)?;
-            gc.delete_server_group(compute::DeleteServerGroupRequest { name: name.clone() })
-                .await?;
-            eprintln!("deleted {name}");
+            deleted(c.scoped("serverGroups", &id)?, |name| {
+                gc.delete_server_group(compute::DeleteServerGroupRequest { name })
+            })
+            .await?;
         }
     }
     Ok(())
@@ -1403,7 +1408,7 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
                 }),
                 nodes
             );
-            c.list(&all.iter().map(records::node).collect::<Vec<_>>(), "nodes");
+            c.rows(&all, records::node, "nodes");
             return Ok(());
         }
         NodeCmd::Get { id } => {
@@ -1453,30 +1458,27 @@ async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
                 }),
                 migrations
             );
-            c.list(
-                &all.iter().map(records::migration).collect::<Vec<_>>(),
-                "migrations",
-            );
+            c.rows(&all, records::migration, "migrations");
         }
         MigrationCmd::Get { id } => {
-            let m = mc
-                .get_migration(infra::GetMigrationRequest {
+            c.show(
+                mc.get_migration(infra::GetMigrationRequest {
                     name: global_name("migrations", &id),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::migration(&m));
+                }),
+                records::migration,
+            )
+            .await?;
         }
         MigrationCmd::Create { instance, to } => {
-            let op = mc
-                .create_migration(infra::CreateMigrationRequest {
+            c.show(
+                mc.create_migration(infra::CreateMigrationRequest {
                     instance: c.scoped("instances", &instance)?,
                     target: global_name("nodes", &to),
                     request_id: String::new(),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::operation(&op));
+                }),
+                records::operation,
+            )
+            .await?;
         }
     }
     Ok(())
@@ -1486,13 +1488,13 @@ async fn operation(c: &Ctx, cmd: OperationCmd) -> Result<(), CliError> {
     let mut oc = c.conn().operations();
     match cmd {
         OperationCmd::Get { name } => {
-            let o = oc
-                .get_operation(ops::GetOperationRequest {
+            c.show(
+                oc.get_operation(ops::GetOperationRequest {
                     name: global_name("operations", &name),
-                })
-                .await?
-                .into_inner();
-            c.one(&records::operation(&o));
+                }),
+                records::operation,
+            )
+            .await?;
         }
         OperationCmd::List { pending, paging } => {
             let project = c
@@ -1510,10 +1512,7 @@ async fn operation(c: &Ctx, cmd: OperationCmd) -> Result<(), CliError> {
                 }),
                 operations
             );
-            c.list(
-                &all.iter().map(records::operation).collect::<Vec<_>>(),
-                "operations",
-            );
+            c.rows(&all, records::operation, "operations");
         }
         OperationCmd::Wait { name, timeout } => {
             let o = oc
@@ -1523,10 +1522,7 @@ async fn operation(c: &Ctx, cmd: OperationCmd) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             let done = wait_for(c, &[o], timeout).await?;
-            c.list(
-                &done.iter().map(records::operation).collect::<Vec<_>>(),
-                "operations",
-            );
+            c.rows(&done, records::operation, "operations");
         }
     }
     Ok(())
@@ -1552,10 +1548,7 @@ async fn event(c: &Ctx, cmd: EventCmd) -> Result<(), CliError> {
                 }),
                 events
             );
-            c.list(
-                &all.iter().map(records::event).collect::<Vec<_>>(),
-                "events",
-            );
+            c.rows(&all, records::event, "events");
         }
         EventCmd::Watch { after } => watch_events(c, project, after).await?,
     }
