@@ -311,12 +311,7 @@ impl<S: StateStore> Instances for Api<S> {
         self.instance_call(req.metadata(), &format!("{INSTANCES}GetInstance"), &name)
             .await?;
         let i = self
-            .read_try(move |s| {
-                s.instances
-                    .get(&name)
-                    .map(convert::instance)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
+            .get_one(name, |s| &s.instances, convert::instance)
             .await?;
         Ok(Reply::new(i))
     }
@@ -523,14 +518,7 @@ impl<S: StateStore> Flavors for Api<S> {
         )
         .await?;
         let name = req.into_inner().name;
-        let f = self
-            .read_try(move |s| {
-                s.flavors
-                    .get(&name)
-                    .map(convert::flavor)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
-            .await?;
+        let f = self.get_one(name, |s| &s.flavors, convert::flavor).await?;
         Ok(Reply::new(f))
     }
 
@@ -616,14 +604,7 @@ impl<S: StateStore> Images for Api<S> {
         )
         .await?;
         let name = req.into_inner().name;
-        let i = self
-            .read_try(move |s| {
-                s.images
-                    .get(&name)
-                    .map(convert::image)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
-            .await?;
+        let i = self.get_one(name, |s| &s.images, convert::image).await?;
         Ok(Reply::new(i))
     }
 
@@ -711,12 +692,7 @@ impl<S: StateStore> ServerGroups for Api<S> {
         )
         .await?;
         let g = self
-            .read_try(move |s| {
-                s.server_groups
-                    .get(&name)
-                    .map(convert::server_group)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
+            .get_one(name, |s| &s.server_groups, convert::server_group)
             .await?;
         Ok(Reply::new(g))
     }

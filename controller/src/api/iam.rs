@@ -34,14 +34,7 @@ impl<S: StateStore> Iam for Api<S> {
             .authorize(req.metadata(), &format!("{SVC}GetCaller"), Target::Cluster)
             .await?;
         let name = caller.user.clone();
-        let user = self
-            .read_try(move |s| {
-                s.users
-                    .get(&name)
-                    .map(convert::user)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
-            .await?;
+        let user = self.get_one(name, |s| &s.users, convert::user).await?;
         Ok(Reply::new(user))
     }
 
@@ -85,12 +78,7 @@ impl<S: StateStore> Iam for Api<S> {
         )
         .await?;
         let p = self
-            .read_try(move |s| {
-                s.projects
-                    .get(&name)
-                    .map(convert::project)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
+            .get_one(name, |s| &s.projects, convert::project)
             .await?;
         Ok(Reply::new(p))
     }
@@ -211,14 +199,7 @@ impl<S: StateStore> Iam for Api<S> {
             Target::User(&name),
         )
         .await?;
-        let u = self
-            .read_try(move |s| {
-                s.users
-                    .get(&name)
-                    .map(convert::user)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
-            .await?;
+        let u = self.get_one(name, |s| &s.users, convert::user).await?;
         Ok(Reply::new(u))
     }
 

@@ -225,12 +225,7 @@ impl<S: StateStore> Migrations for Api<S> {
         .await?;
         let name = req.into_inner().name;
         let m = self
-            .read_try(move |s| {
-                s.migrations
-                    .get(&name)
-                    .map(convert::migration)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
+            .get_one(name, |s| &s.migrations, convert::migration)
             .await?;
         Ok(Reply::new(m))
     }

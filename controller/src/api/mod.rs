@@ -263,6 +263,27 @@ impl<S: StateStore> Api<S> {
         self.store().read(f).await?
     }
 
+    /// Reads the resource `name` from the map `map` picks, converted;
+    /// NOT_FOUND when it is not there.
+    async fn get_one<T, U>(
+        &self,
+        name: String,
+        map: fn(&State) -> &BTreeMap<String, T>,
+        convert: fn(&T) -> U,
+    ) -> Result<U, ApiError>
+    where
+        T: 'static,
+        U: Send + 'static,
+    {
+        self.read_try(move |s| {
+            map(s)
+                .get(&name)
+                .map(convert)
+                .ok_or_else(|| ApiError::not_found(name))
+        })
+        .await
+    }
+
     /// Proposes `command` as `actor`.
     async fn propose(
         &self,

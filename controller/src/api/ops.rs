@@ -47,12 +47,7 @@ impl<S: StateStore> Api<S> {
         names::parse(&name, names::OPERATION)?;
         let caller = self.authenticate(metadata).await?;
         let op = self
-            .read_try(move |s| {
-                s.operations
-                    .get(&name)
-                    .map(convert::operation)
-                    .ok_or_else(|| ApiError::not_found(name))
-            })
+            .get_one(name, |s| &s.operations, convert::operation)
             .await?;
         super::authz::authorize(&caller, rpc, project_target(&op.target))?;
         Ok(op)
