@@ -9,7 +9,7 @@ use super::{Request, Response};
 use crate::vm::VmHandle;
 
 /// Longest request line.
-const MAX_LINE: u64 = 64 * 1024;
+pub const MAX_LINE: u64 = 64 * 1024;
 
 /// Binding the control socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -66,20 +66,38 @@ fn client(stream: UnixStream, handle: &VmHandle) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
-        let response = if line.len() as u64 > MAX_LINE {
-            let r = Response::error("BAD_REQUEST", "request line longer than 64 KiB");
-            let _ = write_line(&mut out, &r);
-            return;
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handle.request(req),
-                Err(e) => Response::error("BAD_REQUEST", format!("not a valid request: {e}")),
+        let response = match parse_request(&line) {
+            Ok(req) => handle.request(req),
+            Err(e @ ParseRequestError::TooLong) => {
+                let _ = write_line(&mut out, &Response::error("BAD_REQUEST", e.to_string()));
+                return;
             }
+            Err(e) => Response::error("BAD_REQUEST", e.to_string()),
         };
         if write_line(&mut out, &response).is_err() {
             return;
         }
     }
+}
+
+/// A request line that was refused (answered `BAD_REQUEST`).
+#[derive(Debug, thiserror::Error)]
+pub enum ParseRequestError {
+    /// Over [`MAX_LINE`] bytes (the connection is closed after the answer).
+    #[error("request line longer than 64 KiB")]
+    TooLong,
+    /// Not JSON, or not a known request.
+    #[error("not a valid request: {0}")]
+    Invalid(#[from] serde_json::Error),
+}
+
+/// Decodes one request line as read from a client (the newline included or
+/// not).
+pub fn parse_request(line: &[u8]) -> Result<Request, ParseRequestError> {
+    if line.len() as u64 > MAX_LINE {
+        return Err(ParseRequestError::TooLong);
+    }
+    Ok(serde_json::from_slice::<Request>(line)?)
 }
 
 fn write_line(out: &mut UnixStream, r: &Response) -> std::io::Result<()> {
