@@ -520,7 +520,7 @@ async fn simulated(nodes: usize, instances: usize) -> anyhow::Result<SimResult> 
     // Wait for every acknowledgement; say how it goes.
     let ack_deadline = Instant::now() + Duration::from_secs(600);
     let mut last_print = Instant::now();
-    let mut t_acked = t0.elapsed();
+    let t_acked;
     loop {
         let acked = stats.acked_running.load(Ordering::Relaxed);
         if acked >= created {
@@ -528,6 +528,7 @@ async fn simulated(nodes: usize, instances: usize) -> anyhow::Result<SimResult> 
             break;
         }
         if Instant::now() > ack_deadline {
+            t_acked = t0.elapsed();
             println!(
                 "  GAVE UP after 600 s: {acked} of {created} acknowledged; the controller used {:.1} s of CPU meanwhile",
                 cpu_seconds(controller_pid) - cpu0
