@@ -167,20 +167,45 @@ impl<S: StateStore> Api<S> {
         let spec = create_spec(parent, instance)?;
         let count = u32::try_from(ids.len()).unwrap_or(u32::MAX);
         let (project, check, answered) = (parent.to_owned(), spec.clone(), rid.clone());
-        self.read_try(move |s| {
-            if answered.is_some_and(|r| s.requests.contains_key(&r)) {
-                return Ok(());
+        let checked = self
+            .read_try(move |s| {
+                if answered.is_some_and(|r| s.requests.contains_key(&r)) {
+                    return Ok(());
+                }
+                precheck_create(
+                    s,
+                    &project,
+                    &check.flavor,
+                    &check.image,
+                    check.server_group.as_deref(),
+                    count,
+                )
+            })
+            .await;
+        if let Err(e) = checked {
+            if matches!(
+                e,
+                ApiError::QuotaExceeded { .. }
+                    | ApiError::NoValidHost(_)
+                    | ApiError::NotFound { .. }
+                    | ApiError::FailedPrecondition(_)
+            ) {
+                // Into the audit trail, best effort: the caller gets the
+                // refusal either way.
+                let resource = match ids.as_slice() {
+                    [one] => format!("{parent}/instances/{one}"),
+                    _ => format!("{parent}/instances"),
+                };
+                let record = Command::RecordRefusal {
+                    resource,
+                    reason: e.to_string(),
+                };
+                if let Err(not) = self.propose(&caller.user, None, record).await {
+                    tracing::debug!(error = %not, "refused create not recorded");
+                }
             }
-            precheck_create(
-                s,
-                &project,
-                &check.flavor,
-                &check.image,
-                check.server_group.as_deref(),
-                count,
-            )
-        })
-        .await?;
+            return Err(e);
+        }
         let mut instances = Vec::with_capacity(ids.len());
         for instance_id in ids {
             let salt = format!("create/{parent}/{instance_id}");

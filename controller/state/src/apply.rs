@@ -1389,6 +1389,12 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 operation: None,
             })
         }
+        Command::RecordRefusal { resource, reason } => {
+            text("resource", resource)?;
+            text("reason", reason)?;
+            event(state, actor, resource, "request.refused", reason.clone());
+            Ok(Response::Done)
+        }
         Command::FinishOperation { operation, error } => {
             names::parse(operation, names::OPERATION)?;
             if let Some(e) = error {

@@ -343,6 +343,16 @@ pub enum Command {
         /// `nodes/{node}` it was on.
         node: String,
     },
+    /// Records in the audit trail that a person's request was refused before
+    /// it became a command (e.g. by the API's placement check): event
+    /// `request.refused` on `resource` with `reason`, by the envelope's
+    /// actor. Changes nothing else.
+    RecordRefusal {
+        /// The resource the request was about.
+        resource: String,
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 impl Command {
@@ -385,6 +395,7 @@ impl Command {
             | C::SetNodeState { node, .. }
             | C::DeregisterNode { node } => node.clone(),
             C::SetMigrationState { migration, .. } => migration.clone(),
+            C::RecordRefusal { resource, .. } => resource.clone(),
             C::FinishOperation { operation, .. } => operation.clone(),
             C::KvPut { key, .. } | C::KvCas { key, .. } | C::KvDelete { key } => {
                 format!("kv/{key}")

@@ -134,7 +134,11 @@ fn command() -> impl Strategy<Value = Command> {
                 }
             ),
         (instance(), node())
-            .prop_map(|(instance, node)| { Command::RestartInstanceElsewhere { instance, node } }),
+            .prop_map(|(instance, node)| Command::RestartInstanceElsewhere { instance, node }),
+        instance().prop_map(|resource| Command::RecordRefusal {
+            resource,
+            reason: "refused".into(),
+        }),
         (instance(), node(), 0u64..6).prop_map(|(instance, node, g)| {
             Command::ScheduleInstance {
                 instance,

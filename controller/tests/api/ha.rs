@@ -177,6 +177,31 @@ async fn batch_creates_are_atomic_and_creates_idempotent_across_a_restart() -> a
         "NOT_FOUND",
     );
     assert_eq!(usage(&mut alice).await?, before);
+    // Refusals are in the audit trail: the state machine's (the name taken)
+    // and the API's own checks (no node can take a huge instance).
+    assert_err(
+        alice
+            .instances
+            .create_instance(compute::CreateInstanceRequest {
+                instance: Some(instance_template("huge", "")),
+                ..create("big", "")
+            })
+            .await,
+        Code::ResourceExhausted,
+        "NO_VALID_HOST",
+    );
+    for (resource, why) in [
+        ("projects/p1/instances", "already exists"),
+        ("projects/p1/instances/big", "no"),
+    ] {
+        let events = events_of(&mut alice, resource).await?;
+        assert!(
+            events.iter().any(|e| e.kind == "request.refused"
+                && e.actor == "users/alice"
+                && e.message.contains(why)),
+            "{resource}: {events:?}"
+        );
+    }
     assert_err(
         alice.instances.batch_create_instances(batch(0, "")).await,
         Code::InvalidArgument,
