@@ -115,14 +115,16 @@ pub fn setup() -> Vec<Command> {
         c.push(Command::ScheduleInstance {
             instance: format!("projects/a/instances/web-{i}"),
             node: "nodes/n1".into(),
-            expected_generation: 0,
+            expected_generation: 1,
         });
-        c.push(Command::SetInstanceState {
-            instance: format!("projects/a/instances/web-{i}"),
-            state: InstanceState::Running,
-            reason: String::new(),
-            expected_generation: None,
-        });
+        for state in [InstanceState::Starting, InstanceState::Running] {
+            c.push(Command::SetInstanceState {
+                instance: format!("projects/a/instances/web-{i}"),
+                state,
+                reason: String::new(),
+                expected_generation: None,
+            });
+        }
     }
     c.push(Command::CreateMigration {
         migration_id: "m1".into(),
