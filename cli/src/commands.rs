@@ -1015,8 +1015,6 @@ async fn wait_for(
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let deadline = start + Duration::from_secs(timeout);
-    let mut opc = c.conn().operations();
-    let mut inst = c.conn().instances();
     let mut shown: HashMap<String, String> = HashMap::new();
     let mut done = Vec::new();
     let spinner = ['|', '/', '-', '\\'];
@@ -1036,17 +1034,23 @@ async fn wait_for(
                     op.name, op.verb, op.target, op.name
                 )));
             }
-            op = opc
-                .wait_operation(ops::WaitOperationRequest {
-                    name: op.name.clone(),
-                    timeout: Some(prost_types::Duration {
-                        seconds: 1,
-                        nanos: 0,
-                    }),
+            // A controller going away mid-wait: carry on with another.
+            let request = ops::WaitOperationRequest {
+                name: op.name.clone(),
+                timeout: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+            };
+            op = c
+                .failover(|conn| {
+                    let r = request.clone();
+                    async move { conn.operations().wait_operation(r).await }
                 })
-                .await?
-                .into_inner();
-            let state = match inst
+                .await?;
+            let state = match c
+                .conn()
+                .instances()
                 .get_instance(compute::GetInstanceRequest {
                     name: op.target.clone(),
                 })
@@ -1248,13 +1252,16 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
             finish(c, operations, &wait).await
         }
         InstanceCmd::Get { id } => {
-            c.show(
-                ic.get_instance(compute::GetInstanceRequest {
-                    name: c.scoped("instances", &id)?,
-                }),
-                records::instance,
-            )
-            .await?;
+            let request = compute::GetInstanceRequest {
+                name: c.scoped("instances", &id)?,
+            };
+            let i = c
+                .failover(|conn| {
+                    let r = request.clone();
+                    async move { conn.instances().get_instance(r).await }
+                })
+                .await?;
+            c.one(&records::instance(&i));
             Ok(())
         }
         InstanceCmd::List {

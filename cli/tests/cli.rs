@@ -533,6 +533,9 @@ fn creates_are_idempotent_across_kill_9_and_fail_over_to_another_endpoint() {
     let again: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(again["name"], first["name"], "{out}");
     assert!(err.contains("trying"), "{err}");
+    // Reads of one instance move on too.
+    let web = neph.json(&["instance", "get", "web"]);
+    assert_eq!(web["ha"], true);
     let list = neph.json(&["--endpoint", &c.address, "instance", "list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
     // Bad input is not retried elsewhere: it fails at once.
