@@ -73,6 +73,9 @@ pub(crate) enum Msg {
     /// A snapshot reached a peer (it may still refuse it; raft then probes
     /// again and gets the newest snapshot).
     SnapshotSent(u64),
+    /// A peer refused our messages because this member was removed from
+    /// the cluster (while it was down, so it never applied its removal).
+    RemovedByPeer(u64),
     /// Stop the loop.
     Shutdown,
 }
@@ -179,6 +182,9 @@ pub(crate) struct Node {
     /// taken after its addition.
     conf_changed: bool,
     last_role: StateRole,
+    /// Set when a peer said this member was removed: the loop stops with a
+    /// failure.
+    removed_by: Option<u64>,
 }
 
 fn context(member: u64, seq: u64, term: u64) -> Vec<u8> {
@@ -245,6 +251,7 @@ impl Node {
             conf_state,
             conf_changed: false,
             last_role: StateRole::Follower,
+            removed_by: None,
         }
     }
 
@@ -267,6 +274,19 @@ impl Node {
                         Err(_) => break,
                     }
                 }
+            }
+            if let Some(peer) = self.removed_by {
+                let msg = format!(
+                    "member {peer} says this member ({}) was removed from the cluster; \
+                     start a new member with a new id and an empty data directory",
+                    self.id
+                );
+                tracing::error!(error = %msg, "raft member stopping");
+                if let Ok(mut f) = self.shared.failure.write() {
+                    *f = Some(msg.clone());
+                }
+                self.fail_all(&msg);
+                return;
             }
             if stop {
                 break;
@@ -372,6 +392,10 @@ impl Node {
             Msg::Unreachable(id) => self.raw.report_unreachable(id),
             Msg::SnapshotFailed(id) => self.raw.report_snapshot(id, SnapshotStatus::Failure),
             Msg::SnapshotSent(id) => self.raw.report_snapshot(id, SnapshotStatus::Finish),
+            Msg::RemovedByPeer(peer) => {
+                self.removed_by = Some(peer);
+                return true;
+            }
             Msg::Shutdown => return true,
         }
         false

@@ -159,6 +159,16 @@ impl Transport {
     }
 }
 
+/// Tells the Ready loop when a peer refused us for good: it knows this
+/// member was removed from the cluster.
+fn report_refusal(report: &mpsc::Sender<Msg>, peer: u64, status: &tonic::Status) {
+    if status.code() == tonic::Code::PermissionDenied
+        && status.message().starts_with("STALE_MEMBER")
+    {
+        let _ = report.send(Msg::RemovedByPeer(peer));
+    }
+}
+
 struct Peer {
     id: u64,
     me: u64,
@@ -276,6 +286,7 @@ impl Peer {
         let call = tokio::spawn(async move {
             if let Err(status) = c.raft_stream(ReceiverStream::new(rx)).await {
                 tracing::debug!(peer = id, error = %status.message(), "raft stream ended");
+                report_refusal(&report, id, &status);
                 let _ = report.send(Msg::Unreachable(id));
             }
         });
@@ -303,6 +314,7 @@ impl Peer {
                 }
                 Err(status) => {
                     tracing::info!(peer = id, error = %status.message(), "sending a snapshot failed");
+                    report_refusal(&report, id, &status);
                     let _ = report.send(Msg::Unreachable(id));
                     let _ = report.send(Msg::SnapshotFailed(id));
                 }
