@@ -604,6 +604,8 @@ fn console_from_a_pipe_console_log_and_event_watch() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(stdout, "echo: uname\necho: ls\n");
 
+    terminal_console(&neph, &c.address);
+
     let (log, _) = neph.expect(&["instance", "console-log", "web", "--max-bytes", "6"], 0);
     assert_eq!(log, "ready\n");
 
@@ -648,4 +650,66 @@ fn console_from_a_pipe_console_log_and_event_watch() {
                 .is_some_and(|m| m.contains("reboot requested"))),
         "{seen:?}"
     );
+}
+
+/// `neph instance console web` on a terminal (a pty from util-linux
+/// `script`): raw input reaches the guest, Ctrl-] detaches with exit 0.
+fn terminal_console(neph: &Neph, endpoint: &str) {
+    use std::io::Write as _;
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipping the terminal console check: no `script` (util-linux) here");
+        return;
+    }
+    let line = format!(
+        "{} --endpoint {endpoint} instance console web",
+        env!("CARGO_BIN_EXE_neph")
+    );
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .env("XDG_CONFIG_HOME", neph.config_home.path())
+        .env_remove("NEPHELE_ENDPOINT")
+        .env_remove("NEPHELE_PROFILE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start script");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        }
+    });
+    let wait_for = |what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !seen.lock().map(|s| s.contains(what)).unwrap_or(false) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {what:?} on the terminal: {:?}",
+                seen.lock().map(|s| s.clone())
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut stdin = child.stdin.take().expect("stdin");
+    wait_for("Escape character is '^]'");
+    // Let neph switch the terminal to raw mode after its banner.
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(b"uname\r").expect("type");
+    stdin.flush().expect("flush");
+    wait_for("echo: uname\r");
+    stdin.write_all(&[0x1d]).expect("detach key");
+    stdin.flush().expect("flush");
+    wait_for("detached");
+    let status = child.wait().expect("script");
+    assert!(status.success(), "{status:?}");
 }
