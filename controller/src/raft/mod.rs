@@ -46,10 +46,8 @@ use storage::{DiskStorage, OpenStorageError};
 /// Largest encoded command accepted.
 pub const MAX_COMMAND_BYTES: usize = 2 << 20;
 
-/// Most proposals a member holds at once (submitted through it and not yet
-/// answered). One more is refused at once with
-/// [`ProposeError::Overloaded`] rather than queued without bound: at this
-/// depth a proposal already waits for many batches ahead of it.
+/// Default bound on proposals a member holds at once (submitted through it
+/// and not yet answered, see [`RaftConfig::max_proposals_in_flight`]).
 pub const MAX_PROPOSALS_IN_FLIGHT: usize = 8192;
 
 /// How a member runs.
@@ -82,6 +80,10 @@ pub struct RaftConfig {
     pub proposal_timeout: Duration,
     /// How long a read may wait for a quorum before `Timeout`.
     pub read_timeout: Duration,
+    /// Most proposals held at once; one more is refused at once with
+    /// [`ProposeError::Overloaded`] rather than queued without bound (at
+    /// this depth a proposal already waits behind many batches).
+    pub max_proposals_in_flight: usize,
 }
 
 impl RaftConfig {
@@ -102,6 +104,7 @@ impl RaftConfig {
             snapshot_interval: 10_000,
             proposal_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
+            max_proposals_in_flight: MAX_PROPOSALS_IN_FLIGHT,
         }
     }
 }
@@ -182,6 +185,7 @@ struct Inner {
     failure: Arc<RwLock<Option<String>>>,
     blocked: Arc<RwLock<BTreeSet<u64>>>,
     proposals_in_flight: Arc<AtomicUsize>,
+    max_proposals_in_flight: usize,
     /// Set when the member begins to shut down: ends the raft streams peers
     /// hold open into it, so its server can stop gracefully.
     closing: tokio::sync::watch::Sender<bool>,
@@ -325,6 +329,7 @@ impl RaftStore {
                 failure,
                 blocked,
                 proposals_in_flight: Arc::new(AtomicUsize::new(0)),
+                max_proposals_in_flight: config.max_proposals_in_flight.max(1),
                 closing: tokio::sync::watch::Sender::new(false),
                 proposal_timeout: config.proposal_timeout,
                 read_timeout: config.read_timeout,
@@ -584,11 +589,9 @@ impl StateStore for RaftStore {
         }
         let deadline = tokio::time::Instant::now() + self.inner.proposal_timeout;
         loop {
-            let permit =
-                ProposalPermit::acquire(&self.inner.proposals_in_flight, MAX_PROPOSALS_IN_FLIGHT)
-                    .ok_or(ProposeError::Overloaded {
-                    limit: MAX_PROPOSALS_IN_FLIGHT,
-                })?;
+            let max = self.inner.max_proposals_in_flight;
+            let permit = ProposalPermit::acquire(&self.inner.proposals_in_flight, max)
+                .ok_or(ProposeError::Overloaded { limit: max })?;
             let (reply, rx) = oneshot::channel();
             self.inner
                 .tx
