@@ -7,12 +7,14 @@
 //!   command, and what `.ci/run` calls);
 //! - `guest`: build the project's test guest image;
 //! - `image linux`: build a Linux guest from Debian's packages;
-//! - `bench <name>`: run one benchmark, side by side with its peer.
+//! - `bench <name>`: run one benchmark, side by side with its peer;
+//! - `fuzz [--seconds N]`: run every fuzz target under AFL++ (see `fuzz.rs`).
 //!
 //! Only `std`: this crate is built before anything else on a fresh machine.
 
 mod bench;
 mod deps;
+mod fuzz;
 mod guest;
 mod image;
 mod up;
@@ -31,6 +33,9 @@ tasks:
   image linux        build a Linux guest from Debian's packages (for hosts
                      with hardware KVM)
   bench <name>       run a benchmark: boot | migration | store | scheduler | provision
+  fuzz [--seconds N] [TARGET...]
+                     coverage-guided fuzzing (AFL++) of every fuzz target,
+                     N seconds each (default 60); crashes in target/fuzz-crashes
 ";
 
 fn main() -> ExitCode {
@@ -40,6 +45,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("guest") => guest::build().map(|path| println!("{}", path.display())),
         Some("bench") => bench::run(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         Some("image") => image::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
