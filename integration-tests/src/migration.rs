@@ -45,7 +45,9 @@ pub fn control(socket: &Path, request: &str) -> Result<serde_json::Value, Migrat
 }
 
 /// Starts `neph-vmm --incoming 127.0.0.1:PORT` with `args`; its console
-/// is its stdio, like a [`GuestVm`] started normally.
+/// is its stdio, like a [`GuestVm`] started normally. The target pre-builds
+/// the VM of its `--cpus`/`--memory`/`--no-rng` (defaults 1 vCPU, 256 MiB,
+/// rng): give the source's, or it builds another when the source connects.
 pub fn start_target(port: u16, args: &[&str]) -> Result<GuestVm, MigrationDriveError> {
     let mut cmd = Command::new(workspace_binary("neph-vmm"));
     cmd.arg("--incoming")
