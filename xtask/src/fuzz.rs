@@ -5,7 +5,8 @@
 //!
 //! Steps: install `cargo-afl` from crates.io if missing and build its AFL++
 //! runtime (`cargo afl config --build`, once per toolchain); build the
-//! `fuzz/` crate instrumented into `target/fuzz/`; create the tap
+//! `fuzz/` crate instrumented into `target/fuzz/`, with the workspace's
+//! lock file; create the tap
 //! `nephfuzz0` for `virtio_net` (skipped, said so, when no tap can be made);
 //! for each target write its seeds plus its saved regression inputs into
 //! `target/fuzz/in/<target>/` and run `afl-fuzz -V N` into
@@ -94,11 +95,17 @@ fn binary() -> PathBuf {
     target_dir().join("release/nephele-fuzz")
 }
 
+/// Builds the harness with the workspace's dependency versions: its lock
+/// file starts as a copy of the workspace's (cargo then adds afl.rs's few
+/// own dependencies), so it never drifts from what the suite tests.
 fn build() -> Result<(), String> {
+    let lock = root().join("fuzz/Cargo.lock");
+    fs::copy(root().join("Cargo.lock"), &lock)
+        .map_err(|e| format!("cannot copy the lock file to {}: {e}", lock.display()))?;
     exec(
         cargo()
             .current_dir(root().join("fuzz"))
-            .args(["afl", "build", "--release", "--locked"])
+            .args(["afl", "build", "--release"])
             .env("CARGO_TARGET_DIR", target_dir()),
     )
 }
@@ -114,23 +121,31 @@ fn targets() -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// Creates the tap for `virtio_net`; false when this machine cannot.
-fn make_tap() -> bool {
-    if Path::new("/sys/class/net").join(TAP).exists() {
-        return true;
+/// The tap for `virtio_net`, removed when dropped.
+struct TempTap;
+
+impl TempTap {
+    /// `None` when this machine cannot make one.
+    fn create() -> Option<Self> {
+        if Path::new("/sys/class/net").join(TAP).exists() {
+            return Some(Self);
+        }
+        Command::new("ip")
+            .args(["tuntap", "add", "dev", TAP, "mode", "tap"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+            .then_some(Self)
     }
-    Command::new("ip")
-        .args(["tuntap", "add", "dev", TAP, "mode", "tap"])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
-fn remove_tap() {
-    let _ = Command::new("ip")
-        .args(["link", "del", TAP])
-        .stderr(Stdio::null())
-        .status();
+impl Drop for TempTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", TAP])
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// The seeds and saved regression inputs of `name`, in `dir`.
@@ -254,7 +269,12 @@ pub fn run(args: &[String]) -> Result<(), String> {
         .iter()
         .filter(|n| opts.only.is_empty() || opts.only.contains(n))
         .collect();
-    let tap = chosen.iter().any(|n| *n == "virtio_net") && make_tap();
+    let tap_guard = if chosen.iter().any(|n| *n == "virtio_net") {
+        TempTap::create()
+    } else {
+        None
+    };
+    let tap = tap_guard.is_some();
     let mut report = Vec::new();
     let mut failed = Vec::new();
     for name in chosen {
@@ -289,9 +309,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
         }
     }
-    if tap {
-        remove_tap();
-    }
+    drop(tap_guard);
     println!("fuzz: {} s per target", opts.seconds);
     for line in &report {
         println!("{line}");

@@ -141,6 +141,54 @@ fn seeds_decode_to_what_they_encode() {
 }
 
 #[test]
+fn hostile_migration_streams_are_refused() {
+    use fuzz_targets::migration::{receive, valid_stream};
+    use neph_vmm::migration::protocol::{self, Kind, ProtocolError};
+
+    let good = valid_stream(protocol::VERSION, false);
+    assert_eq!(receive(&good).unwrap(), good.len());
+    // Truncated anywhere.
+    for cut in 0..good.len() {
+        assert!(receive(&good[..cut]).is_err(), "taken when cut at {cut}");
+    }
+    // Wrong version.
+    let mut v = good.clone();
+    v[8..12].copy_from_slice(&(protocol::VERSION + 1).to_le_bytes());
+    assert!(matches!(receive(&v), Err(ProtocolError::Version(_))));
+    // Garbage.
+    assert!(matches!(
+        receive(b"GET / HTTP/1.1\r\n\r\n"),
+        Err(ProtocolError::Magic)
+    ));
+    // Oversized: a frame header claiming 4 GiB allocates nothing.
+    let mut big = good[..12].to_vec();
+    big.extend_from_slice(&[Kind::Config as u8, 0xff, 0xff, 0xff, 0xff]);
+    assert!(matches!(receive(&big), Err(ProtocolError::TooLarge(_))));
+    // Wrong order: memory before the configuration, and `Complete` before
+    // the machine state.
+    let mut early = good[..12].to_vec();
+    protocol::write_frame(&mut early, Kind::ZeroPages, &0u64.to_le_bytes()).unwrap();
+    assert!(matches!(
+        receive(&early),
+        Err(ProtocolError::Unexpected { .. })
+    ));
+    let mut no_state = Vec::new();
+    protocol::write_header(&mut no_state, protocol::VERSION).unwrap();
+    let config_frame_len = 5 + u32::from_le_bytes(good[13..17].try_into().unwrap()) as usize;
+    no_state.extend_from_slice(&good[12..12 + config_frame_len]);
+    let complete = protocol::Complete {
+        memory_checksum: None,
+        pages_sent: 0,
+    };
+    protocol::write_value(&mut no_state, Kind::Complete, &complete).unwrap();
+    protocol::write_frame(&mut no_state, Kind::Commit, b"").unwrap();
+    assert!(matches!(
+        receive(&no_state),
+        Err(ProtocolError::Malformed { .. })
+    ));
+}
+
+#[test]
 fn net_target_on_a_tap() {
     let Some(tap) = TempTap::create() else {
         eprintln!("SKIP net_target_on_a_tap: cannot create a tap here (needs root and ip)");
