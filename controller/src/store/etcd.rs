@@ -11,17 +11,22 @@
 //!   leader key's create revision to equal the fence term, so a deposed
 //!   leader's write never lands.
 //!
+//! - `{prefix}/snapshot/{revision:020}`: the encoded state after applying
+//!   every log key up to that revision. Every `snapshot_interval` applied
+//!   commands the leader writes one, deletes older snapshots and the log
+//!   keys it covers, and compacts etcd's history up to it.
+//!
 //! A proposal resolves once the local applier has applied its revision.
 //! A linearizable read asks etcd (a linearizable range read) for the newest
-//! log revision and waits until it is applied locally.
+//! log or snapshot revision and waits until it is applied locally.
 //!
-//! Not done yet: log compaction (snapshots in etcd and deletion of applied
-//! log keys), so a restarted controller replays the whole log; and the
-//! watch is not resumed after an etcd-side compaction of history it has not
-//! read (the applier stops and proposals time out).
+//! Loading (at start, and when a controller that fell behind finds its log
+//! watch cancelled by a compaction) reads the newest snapshot and the log
+//! keys after it in one etcd transaction, so both come from the same
+//! revision: a compaction running meanwhile cannot slip between them.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -48,6 +53,8 @@ pub struct EtcdConfig {
     pub lease_ttl_s: i64,
     /// How long a proposal may take.
     pub proposal_timeout: Duration,
+    /// Applied commands between snapshots (and log compactions).
+    pub snapshot_interval: u64,
 }
 
 impl EtcdConfig {
@@ -59,6 +66,7 @@ impl EtcdConfig {
             member_id,
             lease_ttl_s: 2,
             proposal_timeout: Duration::from_secs(5),
+            snapshot_interval: 10_000,
         }
     }
 }
@@ -87,6 +95,11 @@ struct Inner {
     leadership: RwLock<Leadership>,
     events: broadcast::Sender<WatchEvent>,
     seq: AtomicU64,
+    /// Commands applied since the last snapshot this controller wrote or
+    /// loaded.
+    since_snapshot: AtomicU64,
+    /// A compaction is running (one at a time).
+    compacting: AtomicBool,
     /// Start time of this process in nanoseconds, making log keys unique.
     incarnation: u128,
     failure: RwLock<Option<String>>,
@@ -114,6 +127,14 @@ fn rev(r: i64) -> u64 {
     u64::try_from(r).unwrap_or(0)
 }
 
+/// The revision a snapshot key names (0 if it names none).
+fn snapshot_revision(key: &[u8], prefix: &str) -> u64 {
+    key.strip_prefix(prefix.as_bytes())
+        .and_then(|r| std::str::from_utf8(r).ok())
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
+}
+
 impl EtcdStore {
     /// Connects, replays the log, and starts the applier and the leader
     /// election tasks. Must be called within a tokio runtime.
@@ -136,6 +157,8 @@ impl EtcdStore {
                 }),
                 events,
                 seq: AtomicU64::new(0),
+                since_snapshot: AtomicU64::new(0),
+                compacting: AtomicBool::new(false),
                 incarnation: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos()),
@@ -162,6 +185,10 @@ impl EtcdStore {
         format!("{}/log/", self.inner.cfg.prefix)
     }
 
+    fn snapshot_prefix(&self) -> String {
+        format!("{}/snapshot/", self.inner.cfg.prefix)
+    }
+
     fn leader_key(&self) -> String {
         format!("{}/leader", self.inner.cfg.prefix)
     }
@@ -170,24 +197,129 @@ impl EtcdStore {
         self.inner.failure.read().ok().and_then(|f| f.clone())
     }
 
-    /// Applies every log key present now; returns the revision to watch from.
+    /// Loads the newest snapshot (if newer than what is applied here) and
+    /// applies every log key after it, both read at one revision; returns
+    /// the revision to watch from.
     async fn replay(&self) -> Result<i64, etcd_client::Error> {
         let mut client = self.inner.client.clone();
-        let resp = client
-            .get(
+        let txn = Txn::new().and_then([
+            TxnOp::get(
+                self.snapshot_prefix(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Descend)
+                        .with_limit(1),
+                ),
+            ),
+            TxnOp::get(
                 self.log_prefix(),
                 Some(
                     GetOptions::new()
                         .with_prefix()
                         .with_sort(SortTarget::Mod, SortOrder::Ascend),
                 ),
-            )
-            .await?;
+            ),
+        ]);
+        let resp = client.txn(txn).await?;
         let header_rev = resp.header().map_or(0, |h| h.revision());
-        for kv in resp.kvs() {
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (Some(snap), Some(log)) = (gets.next(), gets.next()) else {
+            return Err(etcd_client::Error::InvalidArgs(
+                "etcd answered the load transaction without its two reads".into(),
+            ));
+        };
+        if let Some(kv) = snap.kvs().first() {
+            let at = snapshot_revision(kv.key(), &self.snapshot_prefix());
+            if at > *self.inner.applied.borrow() {
+                let state = codec::decode_snapshot(kv.value()).map_err(|e| {
+                    etcd_client::Error::InvalidArgs(format!(
+                        "the snapshot at revision {at} does not decode: {e}"
+                    ))
+                })?;
+                if let Ok(mut st) = self.inner.state.write() {
+                    *st = state;
+                }
+                self.inner.since_snapshot.store(0, Ordering::Relaxed);
+                self.inner.applied.send_replace(at);
+                tracing::info!(revision = at, "loaded the state snapshot from etcd");
+            }
+        }
+        for kv in log.kvs() {
             self.apply_one(rev(kv.mod_revision()), kv.value());
         }
         Ok(header_rev + 1)
+    }
+
+    /// Counts an applied command; every `snapshot_interval` of them the
+    /// leader snapshots the state at `index` (just applied) and, in the
+    /// background, drops what the snapshot covers.
+    fn maybe_compact(&self, index: u64) {
+        let n = self.inner.since_snapshot.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < self.inner.cfg.snapshot_interval.max(1)
+            || !self.leadership().is_leader()
+            || self.inner.compacting.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.inner.since_snapshot.store(0, Ordering::Relaxed);
+        let Ok(data) = self.inner.state.read().map(|s| codec::encode_snapshot(&s)) else {
+            self.inner.compacting.store(false, Ordering::Release);
+            return;
+        };
+        let s = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = s.compact(index, data).await {
+                tracing::warn!(error = %e, index, "etcd log compaction failed; will retry later");
+            }
+            s.inner.compacting.store(false, Ordering::Release);
+        });
+    }
+
+    /// Writes the snapshot at `index`, then deletes older snapshots, the
+    /// log keys up to `index`, and etcd's history up to `index`.
+    async fn compact(&self, index: u64, data: Vec<u8>) -> Result<(), etcd_client::Error> {
+        let mut client = self.inner.client.clone();
+        let key = format!("{}{index:020}", self.snapshot_prefix());
+        client.put(key.clone(), data, None).await?;
+        // Older snapshots: the snapshot keys sorting before this one.
+        client
+            .delete(
+                self.snapshot_prefix(),
+                Some(etcd_client::DeleteOptions::new().with_range(key)),
+            )
+            .await?;
+        let covered = client
+            .get(
+                self.log_prefix(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let stale: Vec<Vec<u8>> = covered
+            .kvs()
+            .iter()
+            .filter(|kv| rev(kv.mod_revision()) <= index)
+            .map(|kv| kv.key().to_vec())
+            .collect();
+        for chunk in stale.chunks(64) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| TxnOp::delete(k.clone(), None))
+                .collect();
+            client.txn(Txn::new().and_then(ops)).await?;
+        }
+        client
+            .compact(i64::try_from(index).unwrap_or(i64::MAX), None)
+            .await?;
+        tracing::info!(
+            index,
+            deleted = stale.len(),
+            "compacted the etcd command log"
+        );
+        Ok(())
     }
 
     fn apply_one(&self, index: u64, value: &[u8]) {
@@ -226,9 +358,33 @@ impl EtcdStore {
             }
         }
         self.inner.applied.send_replace(index);
+        self.maybe_compact(index);
     }
 
-    async fn follow_log(&self, from: i64) -> Result<(), etcd_client::Error> {
+    /// Applies the log as it grows; when a compaction overtook this
+    /// controller, loads the snapshot again and goes on from there.
+    async fn follow_log(&self, mut from: i64) -> Result<(), etcd_client::Error> {
+        loop {
+            match self.follow_log_from(from).await? {
+                Some(compacted) => {
+                    tracing::info!(
+                        compacted,
+                        "the etcd log was compacted past this controller; reloading"
+                    );
+                    from = self.replay().await?;
+                }
+                None => {
+                    return Err(etcd_client::Error::WatchError(
+                        "the log watch stream ended".into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Follows the log from `from`; `Some(revision)` when the watch was
+    /// cancelled because etcd compacted its history up to that revision.
+    async fn follow_log_from(&self, from: i64) -> Result<Option<i64>, etcd_client::Error> {
         let mut client = self.inner.client.clone();
         let mut stream = client
             .watch(
@@ -238,9 +394,11 @@ impl EtcdStore {
             .await?;
         while let Some(resp) = stream.message().await? {
             if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return Ok(Some(resp.compact_revision()));
+                }
                 return Err(etcd_client::Error::WatchError(format!(
-                    "the log watch was cancelled (compacted at {}): {}",
-                    resp.compact_revision(),
+                    "the log watch was cancelled: {}",
                     resp.cancel_reason()
                 )));
             }
@@ -252,9 +410,7 @@ impl EtcdStore {
                 }
             }
         }
-        Err(etcd_client::Error::WatchError(
-            "the log watch stream ended".into(),
-        ))
+        Ok(None)
     }
 
     /// Runs the leader election for as long as the process lives.
@@ -354,22 +510,43 @@ impl EtcdStore {
         }
     }
 
-    /// The newest log revision, read linearizably from etcd.
+    /// The newest log revision, read linearizably from etcd: the newest
+    /// log key's, or the newest snapshot's when compaction deleted the keys
+    /// it covers.
     async fn newest_log_revision(&self) -> Result<u64, etcd_client::Error> {
         let mut client = self.inner.client.clone();
-        let resp = client
-            .get(
-                self.log_prefix(),
+        let newest = |prefix: String, target| {
+            TxnOp::get(
+                prefix,
                 Some(
                     GetOptions::new()
                         .with_prefix()
                         .with_keys_only()
-                        .with_sort(SortTarget::Mod, SortOrder::Descend)
+                        .with_sort(target, SortOrder::Descend)
                         .with_limit(1),
                 ),
             )
+        };
+        let resp = client
+            .txn(Txn::new().and_then([
+                newest(self.log_prefix(), SortTarget::Mod),
+                newest(self.snapshot_prefix(), SortTarget::Key),
+            ]))
             .await?;
-        Ok(resp.kvs().first().map_or(0, |kv| rev(kv.mod_revision())))
+        let mut newest_rev = 0;
+        for (i, r) in resp.op_responses().into_iter().enumerate() {
+            if let TxnOpResponse::Get(g) = r
+                && let Some(kv) = g.kvs().first()
+            {
+                let at = if i == 0 {
+                    rev(kv.mod_revision())
+                } else {
+                    snapshot_revision(kv.key(), &self.snapshot_prefix())
+                };
+                newest_rev = newest_rev.max(at);
+            }
+        }
+        Ok(newest_rev)
     }
 
     async fn wait_applied(&self, index: u64, deadline: tokio::time::Instant) -> bool {
