@@ -376,7 +376,13 @@ struct RoundFacts {
     throughput: u64,
     /// Half the migration's timeout has passed.
     late: bool,
+    /// Rounds since the prediction first fitted the budget (0 before).
+    rounds_fitting: u32,
 }
+
+/// Rounds pre-copy may go on chasing [`DOWNTIME_GOAL`] once the budget
+/// fits (a loaded host's round trips can keep the goal out of reach).
+const MAX_ROUNDS_FITTING: u32 = 4;
 
 /// What to do after a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -410,8 +416,17 @@ fn decide(f: &RoundFacts) -> Next {
     if shrinking && !f.late {
         return Next::Round;
     }
-    // Stalled (or late). Near the goal, or out of levers: take it if it fits.
-    if fits && (f.expected <= goal * 2 || f.throttle >= MAX_THROTTLE || f.late) {
+    // Stalled (or late). Near the goal, out of levers, or chasing the goal
+    // for long enough: take it if it fits. A guest that does not outpace
+    // the link is not throttled just to shave a budget-sized downtime.
+    let outpaces = f.dirty_rate.saturating_mul(2) > f.throughput;
+    if fits
+        && (f.expected <= goal * 2
+            || f.throttle >= MAX_THROTTLE
+            || f.late
+            || !outpaces
+            || f.rounds_fitting >= MAX_ROUNDS_FITTING)
+    {
         return Next::Switchover;
     }
     if f.throttle < MAX_THROTTLE {
@@ -903,6 +918,7 @@ impl Migration<'_> {
         let mut throttle_pct: u8 = 0;
         let mut round: u32 = 0;
         let mut previous_remaining: Option<u64> = None;
+        let mut rounds_fitting: u32 = 0;
         loop {
             let round_start = Instant::now();
             let sent_before = self.bytes_sent;
@@ -954,7 +970,11 @@ impl Migration<'_> {
                 dirty_rate,
                 throughput,
                 late: self.started.elapsed() > self.params.timeout / 2,
+                rounds_fitting,
             });
+            if expected <= self.params.max_downtime || rounds_fitting > 0 {
+                rounds_fitting = rounds_fitting.saturating_add(1);
+            }
             previous_remaining = Some(remaining);
             match next {
                 Next::Switchover => break,
@@ -1111,9 +1131,10 @@ mod tests {
             remaining: 10 << 20,
             previous: Some(40 << 20),
             throttle: 0,
-            dirty_rate: 100 << 20,
+            dirty_rate: 600 << 20,
             throughput: 1 << 30,
             late: false,
+            rounds_fitting: 1,
         }
     }
 
@@ -1152,11 +1173,13 @@ mod tests {
         };
         // By rate: 100 - 50 * 1/2 = 75; by ratio (39/40): 100 - 100 / 3.9 = 74.
         assert_eq!(decide(&stalled), Next::Throttle(75));
-        // A remainder that does not shrink at all from 60%: 100 - 40 / 4 = 90.
+        // A remainder over budget that does not shrink at all from 60%:
+        // 100 - 40 / 4 = 90.
         let f = RoundFacts {
             throttle: 60,
             remaining: 40 << 20,
             dirty_rate: 1 << 20,
+            expected: Duration::from_millis(80),
             ..stalled
         };
         assert_eq!(decide(&f), Next::Throttle(90));
@@ -1176,6 +1199,25 @@ mod tests {
             ..facts()
         };
         assert_eq!(decide(&f), Next::Switchover, "late and within budget");
+        // Stalled within budget: a guest slower than the link is not
+        // throttled, and the goal is chased only for a few rounds.
+        let slow = RoundFacts {
+            remaining: 39 << 20,
+            dirty_rate: 100 << 20,
+            ..facts()
+        };
+        assert_eq!(decide(&slow), Next::Switchover);
+        let fast = RoundFacts {
+            remaining: 39 << 20,
+            expected: Duration::from_millis(20),
+            ..facts()
+        };
+        assert!(matches!(decide(&fast), Next::Throttle(_)));
+        let long = RoundFacts {
+            rounds_fitting: MAX_ROUNDS_FITTING,
+            ..fast
+        };
+        assert_eq!(decide(&long), Next::Switchover);
         // Round 0 throttles when the guest dirtied most of what it sent.
         let f = RoundFacts {
             expected: Duration::from_millis(80),
