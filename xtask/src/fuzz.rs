@@ -6,16 +6,16 @@
 //! Steps: install `cargo-afl` from crates.io if missing and build its AFL++
 //! runtime (`cargo afl config --build`, once per toolchain); build the
 //! `fuzz/` crate instrumented into `target/fuzz/`, with the workspace's
-//! lock file; create the tap
-//! `nephfuzz0` for `virtio_net` (skipped, said so, when no tap can be made);
-//! for each target write its seeds plus its saved regression inputs into
-//! `target/fuzz/in/<target>/` and run `afl-fuzz -V N` into
-//! `target/fuzz/out/<target>/`; print one line per target (execs, execs/s,
-//! corpus, edges, crashes, hangs); copy every crash and hang input to
-//! `target/fuzz-crashes/<target>/`. Exits non-zero if any target crashed
-//! or hung. Replay a saved input with
-//! `target/fuzz/release/nephele-fuzz run TARGET FILE`, then fix the code
-//! and add the file under the crate's `tests/fuzz-regressions/<target>/`.
+//! lock file; create the tap `nephfuzz0` for `virtio_net` (skipped, said
+//! so, when no tap can be made); for each target write its seeds plus its
+//! saved regression inputs into `target/fuzz/in/<target>/` and run
+//! `afl-fuzz -V N` into `target/fuzz/out/<target>/`; print one line per
+//! target (execs, execs/s, corpus, edges, crashes, hangs); copy every crash
+//! and hang input to `target/fuzz-crashes/<target>/` (as
+//! `crash-<unix time>-id-NNNNNN`). Exits non-zero if any target crashed or
+//! hung. Replay a saved input with `target/fuzz/release/nephele-fuzz run
+//! TARGET FILE`, then fix the code and add the file under the crate's
+//! `tests/fuzz-regressions/<target>/`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -231,6 +231,10 @@ fn fuzz_one(name: &str, seconds: u64, tap: bool) -> Result<Outcome, String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
     let saved = root().join("target/fuzz-crashes").join(name);
+    // Runs never overwrite each other's findings.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut findings = Vec::new();
     for (kind, dir) in [("crash", "crashes"), ("hang", "hangs")] {
         let Ok(entries) = fs::read_dir(output.join("default").join(dir)) else {
@@ -243,7 +247,7 @@ fn fuzz_one(name: &str, seconds: u64, tap: bool) -> Result<Outcome, String> {
             }
             fs::create_dir_all(&saved).map_err(|err| format!("cannot create {saved:?}: {err}"))?;
             let id = file.split(',').next().unwrap_or("id").replace(':', "-");
-            let to = saved.join(format!("{kind}-{id}"));
+            let to = saved.join(format!("{kind}-{run}-{id}"));
             fs::copy(e.path(), &to).map_err(|err| format!("cannot copy {to:?}: {err}"))?;
             findings.push(to);
         }
