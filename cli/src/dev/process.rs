@@ -119,7 +119,10 @@ pub fn spawn_detached(
         .stderr(err)
         .env_remove("NEPHELE_ENDPOINT")
         .env_remove("NEPHELE_TOKEN")
-        // Plain log files, without terminal colours.
+        // Plain log files, without terminal colours, and without backtraces
+        // (a startup error's own line must stay in the tail we show).
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
         .env("NO_COLOR", "1");
     for (k, v) in envs {
         cmd.env(k, v);
