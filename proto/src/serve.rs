@@ -1,8 +1,7 @@
 //! What every Nephele daemon serves besides its own services (feature
 //! `serve`): gRPC health, with each named service and the server as a whole
 //! (`""`) reported SERVING, and gRPC reflection over
-//! [`crate::FILE_DESCRIPTOR_SET`]. Used by `neph-node`; `neph-controller`
-//! does the same in `controller/src/api/mod.rs` and can move onto this.
+//! [`crate::FILE_DESCRIPTOR_SET`]. Used by `neph-node` and `neph-controller`.
 
 use tonic::transport::server::Router;
 

@@ -345,28 +345,6 @@ fn project_target(name: &str) -> Target<'_> {
 
 /// Adds every API service, gRPC health and gRPC reflection to `router`.
 pub async fn routes<S: StateStore>(api: Api<S>, router: Router) -> Router {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    for name in [
-        "nephele.iam.v1.Iam",
-        "nephele.compute.v1.Flavors",
-        "nephele.compute.v1.Images",
-        "nephele.compute.v1.Instances",
-        "nephele.compute.v1.ServerGroups",
-        "nephele.infra.v1.Nodes",
-        "nephele.infra.v1.Migrations",
-        "nephele.infra.v1.Cluster",
-        "nephele.ops.v1.Operations",
-        "nephele.ops.v1.Events",
-        "nephele.node.v1.NodeAgent",
-        "",
-    ] {
-        health
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(nephele_proto::FILE_DESCRIPTOR_SET)
-        .build_v1();
     macro_rules! limited {
         ($server:path) => {{
             use $server as server;
@@ -376,7 +354,6 @@ pub async fn routes<S: StateStore>(api: Api<S>, router: Router) -> Router {
         }};
     }
     let router = router
-        .add_service(health_service)
         .add_service(limited!(iam_pb::iam_server::IamServer))
         .add_service(limited!(compute_pb::flavors_server::FlavorsServer))
         .add_service(limited!(compute_pb::images_server::ImagesServer))
@@ -390,13 +367,23 @@ pub async fn routes<S: StateStore>(api: Api<S>, router: Router) -> Router {
         .add_service(limited!(ops_pb::operations_server::OperationsServer))
         .add_service(limited!(ops_pb::events_server::EventsServer))
         .add_service(limited!(node_pb::node_agent_server::NodeAgentServer));
-    match reflection {
-        Ok(r) => router.add_service(r),
-        Err(e) => {
-            tracing::warn!(error = %e, "gRPC reflection is off: the descriptor set did not load");
-            router
-        }
-    }
+    nephele_proto::serve::add_health_and_reflection(
+        router,
+        &[
+            "nephele.iam.v1.Iam",
+            "nephele.compute.v1.Flavors",
+            "nephele.compute.v1.Images",
+            "nephele.compute.v1.Instances",
+            "nephele.compute.v1.ServerGroups",
+            "nephele.infra.v1.Nodes",
+            "nephele.infra.v1.Migrations",
+            "nephele.infra.v1.Cluster",
+            "nephele.ops.v1.Operations",
+            "nephele.ops.v1.Events",
+            "nephele.node.v1.NodeAgent",
+        ],
+    )
+    .await
 }
 
 #[cfg(test)]
