@@ -6,40 +6,21 @@
 //! (AFL++, see the workspace's `fuzz/` crate).
 
 mod fuzz_targets;
+#[path = "../../../fuzz/replay.rs"]
+mod replay;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use fuzz_targets::{TARGETS, Target, apply, seeds};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
 fn target(name: &str) -> Target {
-    TARGETS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, f)| *f)
-        .expect("a registered target")
+    replay::target(TARGETS, name)
 }
 
-/// The saved inputs of `name`, with their paths.
 fn regressions(name: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fuzz-regressions")
-        .join(name);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(PathBuf, Vec<u8>)> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .map(|p| {
-            let bytes = std::fs::read(&p).expect("a readable regression input");
-            (p, bytes)
-        })
-        .collect();
-    out.sort();
-    out
+    replay::regressions(env!("CARGO_MANIFEST_DIR"), name)
 }
 
 /// Random bytes, or seeds spliced together with a few bytes overwritten
