@@ -344,16 +344,29 @@ impl TlsContext {
             check_name: false,
             pinned: None,
         });
-        let mut config = ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(PROTOCOL_VERSIONS)
-            .map_err(TlsConfigError::Rustls)?
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_client_cert_resolver(self.cert.clone());
-        config.alpn_protocols = vec![ALPN_H2.to_vec()];
-        config.resumption = Resumption::disabled();
-        Ok(Arc::new(config))
+        client_config(verifier, Some(self.cert.clone()))
     }
+}
+
+/// Every client config: h2, no session resumption (see
+/// [`no_server_resumption`]), the server checked by `verifier`, and this
+/// member's certificate presented when `cert` is given.
+fn client_config(
+    verifier: Arc<MemberServerVerifier>,
+    cert: Option<Arc<ReloadingCert>>,
+) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)
+        .map_err(TlsConfigError::Rustls)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match cert {
+        Some(cert) => builder.with_client_cert_resolver(cert),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
 }
 
 /// Session resumption would let a peer skip certificate verification, so
@@ -379,15 +392,7 @@ pub fn server_auth_client_config(ca_pem: &[u8]) -> Result<Arc<ClientConfig>, Tls
         check_name: true,
         pinned: None,
     });
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(PROTOCOL_VERSIONS)
-        .map_err(TlsConfigError::Rustls)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.resumption = Resumption::disabled();
-    Ok(Arc::new(config))
+    client_config(verifier, None)
 }
 
 /// A joining node's config, before it has the CA certificate: the server
@@ -410,15 +415,7 @@ pub fn join_client_config(ca_fingerprint: &str) -> Result<Arc<ClientConfig>, Tls
         check_name: false,
         pinned: Some(fp),
     });
-    let mut config = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(PROTOCOL_VERSIONS)
-        .map_err(TlsConfigError::Rustls)?
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    config.resumption = Resumption::disabled();
-    Ok(Arc::new(config))
+    client_config(verifier, None)
 }
 
 /// Server side: rustls' WebPKI chain check, then ours.
