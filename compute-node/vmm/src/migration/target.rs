@@ -177,34 +177,7 @@ fn prebuild(local: &IncomingConfig, console: &Arc<Console>) -> Option<Vm> {
     if e.macs.len() != local.taps.len() || e.readonly.len() != local.disks.len() {
         return None;
     }
-    let config = VmConfig {
-        kernel: PathBuf::new(),
-        initrd: None,
-        cmdline: String::new(),
-        vcpus: e.vcpus,
-        memory_mib: e.memory_mib,
-        disks: local
-            .disks
-            .iter()
-            .zip(&e.readonly)
-            .map(|(path, ro)| DiskConfig {
-                path: path.clone(),
-                readonly: *ro,
-            })
-            .collect(),
-        nets: local
-            .taps
-            .iter()
-            .zip(&e.macs)
-            .map(|(tap, mac)| NetConfig {
-                tap: tap.clone(),
-                mac: *mac,
-            })
-            .collect(),
-        console: local.console.clone(),
-        api_socket: local.api_socket.clone(),
-        rng: e.rng,
-    };
+    let config = local_config(local, e, PathBuf::new(), None, String::new());
     match build_incoming(config, console.clone()) {
         Ok(vm) => Some(vm),
         Err(e) => {
@@ -286,38 +259,63 @@ fn target_config(cfg: &MigrationConfig, local: &IncomingConfig) -> Result<VmConf
             local.taps.len()
         )));
     }
-    let config = VmConfig {
-        kernel: PathBuf::from(&cfg.kernel),
-        initrd: cfg.initrd.as_ref().map(PathBuf::from),
-        cmdline: cfg.cmdline.clone(),
+    let shape = Expected {
         vcpus: cfg.vcpus,
         memory_mib: cfg.memory_mib,
+        rng: cfg.rng,
+        macs: cfg.nets.iter().map(|m| Some(MacAddr(*m))).collect(),
+        readonly: cfg.disks.iter().map(|d| d.readonly).collect(),
+    };
+    let config = local_config(
+        local,
+        &shape,
+        PathBuf::from(&cfg.kernel),
+        cfg.initrd.as_ref().map(PathBuf::from),
+        cfg.cmdline.clone(),
+    );
+    config
+        .validate()
+        .map_err(|e| IncomingError::Mismatch(error_chain(&e)))?;
+    Ok(config)
+}
+
+/// A VM of `shape` on this target's backends (its disks, taps, console and
+/// control socket, paired in order with the shape's disks and MACs).
+fn local_config(
+    local: &IncomingConfig,
+    shape: &Expected,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    cmdline: String,
+) -> VmConfig {
+    VmConfig {
+        kernel,
+        initrd,
+        cmdline,
+        vcpus: shape.vcpus,
+        memory_mib: shape.memory_mib,
         disks: local
             .disks
             .iter()
-            .zip(&cfg.disks)
-            .map(|(path, d)| DiskConfig {
+            .zip(&shape.readonly)
+            .map(|(path, ro)| DiskConfig {
                 path: path.clone(),
-                readonly: d.readonly,
+                readonly: *ro,
             })
             .collect(),
         nets: local
             .taps
             .iter()
-            .zip(&cfg.nets)
+            .zip(&shape.macs)
             .map(|(tap, mac)| NetConfig {
                 tap: tap.clone(),
-                mac: Some(MacAddr(*mac)),
+                mac: *mac,
             })
             .collect(),
         console: local.console.clone(),
         api_socket: local.api_socket.clone(),
-        rng: cfg.rng,
-    };
-    config
-        .validate()
-        .map_err(|e| IncomingError::Mismatch(error_chain(&e)))?;
-    Ok(config)
+        rng: shape.rng,
+    }
 }
 
 fn prepare_disk(path: &PathBuf, capacity: u64) -> Result<File, IncomingError> {
