@@ -128,32 +128,30 @@ mod aml {
         out
     }
 
-    /// `Scope (path) { terms }`.
-    pub fn scope(path: &[u8], terms: &[Vec<u8>]) -> Vec<u8> {
-        let mut body = path.to_vec();
+    /// `opcode PkgLength name head terms`: the shape of Scope, Device and
+    /// Method.
+    fn block(opcode: &[u8], name: &[u8], head: &[u8], terms: &[Vec<u8>]) -> Vec<u8> {
+        let mut body = name.to_vec();
+        body.extend_from_slice(head);
         terms.iter().for_each(|t| body.extend_from_slice(t));
-        let mut out = vec![0x10];
+        let mut out = opcode.to_vec();
         out.extend(pkg(&body));
         out
+    }
+
+    /// `Scope (path) { terms }`.
+    pub fn scope(path: &[u8], terms: &[Vec<u8>]) -> Vec<u8> {
+        block(&[0x10], path, &[], terms)
     }
 
     /// `Device (seg) { terms }`.
     pub fn device(seg: &[u8; 4], terms: &[Vec<u8>]) -> Vec<u8> {
-        let mut body = seg.to_vec();
-        terms.iter().for_each(|t| body.extend_from_slice(t));
-        let mut out = vec![0x5b, 0x82];
-        out.extend(pkg(&body));
-        out
+        block(&[0x5b, 0x82], seg, &[], terms)
     }
 
     /// `Method (seg, args, NotSerialized) { terms }`.
     pub fn method(seg: &[u8; 4], args: u8, terms: &[Vec<u8>]) -> Vec<u8> {
-        let mut body = seg.to_vec();
-        body.push(args & 0x7);
-        terms.iter().for_each(|t| body.extend_from_slice(t));
-        let mut out = vec![0x14];
-        out.extend(pkg(&body));
-        out
+        block(&[0x14], seg, &[args & 0x7], terms)
     }
 
     /// `Notify (path, value)`.
