@@ -88,6 +88,8 @@ enum Cmd {
     /// The controllers.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// A local cluster on this machine (development).
+    Dev(crate::dev::DevArgs),
     /// Prints a shell completion script (`neph completion bash > /etc/bash_completion.d/neph`).
     Completion {
         /// The shell.
@@ -638,14 +640,19 @@ fn endpoints(
 
 /// Runs the command.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    if let Cmd::Completion { shell } = cli.command {
-        let mut cmd = Cli::command();
-        clap_complete::generate(shell, &mut cmd, "neph", &mut std::io::stdout());
-        return Ok(());
-    }
+    // The commands that need no controller.
+    let command = match cli.command {
+        Cmd::Completion { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "neph", &mut std::io::stdout());
+            return Ok(());
+        }
+        Cmd::Dev(args) => return crate::dev::run(args, cli.global.output).await,
+        other => other,
+    };
     let c = ctx(cli.global).await?;
-    match cli.command {
-        Cmd::Completion { .. } => Ok(()),
+    match command {
+        Cmd::Completion { .. } | Cmd::Dev(_) => Ok(()),
         Cmd::Project(cmd) => project(&c, cmd).await,
         Cmd::User(cmd) => user(&c, cmd).await,
         Cmd::Token(cmd) => token(&c, cmd).await,
@@ -1637,5 +1644,19 @@ mod tests {
     #[test]
     fn the_grammar_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dev_is_a_command_with_the_global_output_format() {
+        let cli = Cli::try_parse_from(["neph", "dev", "status", "-o", "json"]).unwrap();
+        assert!(matches!(cli.command, Cmd::Dev(_)));
+        assert_eq!(cli.global.output, Some(Format::Json));
+        let cli = Cli::try_parse_from(["neph", "-o", "yaml", "dev", "status"]).unwrap();
+        assert!(matches!(cli.command, Cmd::Dev(_)));
+        assert_eq!(cli.global.output, Some(Format::Yaml));
+        let cli = Cli::try_parse_from(["neph", "flavor", "list"]).unwrap();
+        assert!(matches!(cli.command, Cmd::Flavor(_)));
+        // Completions know `dev` now that it is part of the grammar.
+        assert!(Cli::command().find_subcommand("dev").is_some());
     }
 }

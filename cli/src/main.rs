@@ -18,9 +18,11 @@ mod output;
 mod profile;
 mod records;
 
+use clap::Parser as _;
+
 fn main() {
-    let parsed = match dev::parse() {
-        Ok(parsed) => parsed,
+    let cli = match commands::Cli::try_parse() {
+        Ok(cli) => cli,
         Err(e) => {
             // Help and version go to stdout with 0, usage errors exit 2.
             let _ = e.print();
@@ -41,11 +43,7 @@ fn main() {
             std::process::exit(client::EXIT_API);
         }
     };
-    let result = match parsed {
-        dev::Parsed::Dev(args, format) => runtime.block_on(dev::run(args, format)),
-        dev::Parsed::Neph(cli) => runtime.block_on(commands::run(*cli)),
-    };
-    if let Err(e) = result {
+    if let Err(e) = runtime.block_on(commands::run(cli)) {
         eprintln!("neph: {e}");
         std::process::exit(e.exit_code());
     }

@@ -31,10 +31,9 @@ mod up;
 
 use std::path::PathBuf;
 
-use clap::{ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Subcommand};
+use clap::{Args, Subcommand};
 
 use crate::client::CliError;
-use crate::commands::Cli;
 use crate::output::{self, Format};
 
 /// `neph dev ...`.
@@ -95,52 +94,6 @@ struct DownArgs {
     /// Also delete the directory: data, logs and images.
     #[arg(long)]
     purge: bool,
-}
-
-/// A parsed `neph` command line: `dev`, or any other command.
-#[derive(Debug)]
-pub enum Parsed {
-    /// `neph dev ...` with the output format asked for.
-    Dev(DevArgs, Option<Format>),
-    /// Every other command.
-    Neph(Box<Cli>),
-}
-
-/// `neph`'s grammar with `dev` added.
-fn command() -> clap::Command {
-    Cli::command().subcommand(DevArgs::augment_args(
-        clap::Command::new("dev").about("A local cluster on this machine (development)"),
-    ))
-}
-
-/// Parses the process's arguments.
-pub fn parse() -> Result<Parsed, clap::Error> {
-    parse_from(std::env::args_os())
-}
-
-fn parse_from<I, T>(args: I) -> Result<Parsed, clap::Error>
-where
-    I: IntoIterator<Item = T>,
-    T: Into<std::ffi::OsString> + Clone,
-{
-    let mut matches = command().try_get_matches_from(args)?;
-    if let Some(("dev", sub)) = matches.subcommand() {
-        let format = output_format(sub);
-        let dev = DevArgs::from_arg_matches(sub)?;
-        return Ok(Parsed::Dev(dev, format));
-    }
-    Ok(Parsed::Neph(Box::new(Cli::from_arg_matches_mut(
-        &mut matches,
-    )?)))
-}
-
-/// The global `-o` as given anywhere on the line.
-fn output_format(m: &ArgMatches) -> Option<Format> {
-    let here = m.try_get_one::<Format>("output").ok().flatten().copied();
-    here.or_else(|| {
-        m.subcommand()
-            .and_then(|(_, s)| s.try_get_one::<Format>("output").ok().flatten().copied())
-    })
 }
 
 /// Runs `neph dev ...`.
@@ -210,10 +163,27 @@ fn status(dir: &std::path::Path, format: Format) -> Result<(), CliError> {
 mod tests {
     use super::*;
 
+    /// `dev` as the top-level grammar holds it.
+    #[derive(Debug, clap::Parser)]
+    struct Top {
+        #[command(subcommand)]
+        cmd: TopCmd,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum TopCmd {
+        Dev(DevArgs),
+    }
+
+    fn parse_from(args: &[&str]) -> Result<DevArgs, clap::Error> {
+        use clap::Parser as _;
+        let TopCmd::Dev(d) = Top::try_parse_from(args)?.cmd;
+        Ok(d)
+    }
+
     #[test]
-    fn dev_parses_beside_the_other_commands() {
-        command().debug_assert();
-        let Ok(Parsed::Dev(d, f)) = parse_from([
+    fn dev_parses_its_arguments() {
+        let Ok(d) = parse_from(&[
             "neph",
             "dev",
             "up",
@@ -226,7 +196,6 @@ mod tests {
         ]) else {
             panic!("dev up did not parse as dev");
         };
-        assert_eq!(f, None);
         match d.cmd {
             DevCmd::Up(a) => {
                 assert_eq!((a.controllers, a.nodes), (3, 0));
@@ -234,19 +203,7 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
-        let Ok(Parsed::Dev(_, f)) = parse_from(["neph", "dev", "status", "-o", "json"]) else {
-            panic!("dev status did not parse as dev");
-        };
-        assert_eq!(f, Some(Format::Json));
-        let Ok(Parsed::Dev(_, f)) = parse_from(["neph", "-o", "yaml", "dev", "status"]) else {
-            panic!("dev status did not parse as dev");
-        };
-        assert_eq!(f, Some(Format::Yaml));
-        assert!(matches!(
-            parse_from(["neph", "flavor", "list"]),
-            Ok(Parsed::Neph(_))
-        ));
-        assert!(parse_from(["neph", "dev", "up", "--controllers", "0"]).is_err());
-        assert!(parse_from(["neph", "dev"]).is_err());
+        assert!(parse_from(&["neph", "dev", "up", "--controllers", "0"]).is_err());
+        assert!(parse_from(&["neph", "dev"]).is_err());
     }
 }
