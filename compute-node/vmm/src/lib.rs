@@ -12,6 +12,7 @@
 //! - [`devices`]: serial, legacy ports, PCI, virtio (`virtio/<device>/`);
 //! - [`api`]: the control socket protocol and the console socket;
 //! - [`probe`]: the KVM capability report (`neph-vmm --probe`);
+//! - [`sandbox`]: seccomp filters per thread, privilege drop, cgroup limits;
 //! - [`migration`]: pre-copy live migration (source, target, wire
 //!   protocol, dirty tracking, saved state).
 //!
@@ -38,6 +39,7 @@ pub mod config;
 pub mod devices;
 pub mod migration;
 pub mod probe;
+pub mod sandbox;
 pub mod terminal;
 pub mod vm;
 pub mod vstate;

@@ -13,6 +13,9 @@ use clap::Parser;
 use neph_vmm::config::{ConfigError, ConsoleConfig, DiskConfig, NetConfig};
 use neph_vmm::devices::serial::Console;
 use neph_vmm::migration::target::{Expected, IncomingConfig};
+use neph_vmm::sandbox::cgroup::{self, JoinCgroupError, Limits};
+use neph_vmm::sandbox::privilege::{self, Credentials};
+use neph_vmm::sandbox::seccomp::{self, SeccompMode, ThreadKind};
 use neph_vmm::{VmConfig, VmExit, api, migration};
 
 /// Run one KVM virtual machine.
@@ -69,6 +72,29 @@ struct Args {
     /// With --probe: print JSON.
     #[arg(long, requires = "probe")]
     json: bool,
+    /// Seccomp filters per thread: enforce (a forbidden call stops the
+    /// VMM), log (the kernel logs forbidden calls, nothing is stopped) or
+    /// off.
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "NEPH_VMM_SECCOMP",
+        default_value = "enforce"
+    )]
+    seccomp: SeccompMode,
+    /// Accept the control request `seccomp_probe` (tests of the filters).
+    #[arg(long, hide = true)]
+    seccomp_probe: bool,
+    /// Started as root: become this user (NAME, UID or UID:GID) once
+    /// /dev/kvm, the taps, the disks and the sockets are open, with no
+    /// capabilities left.
+    #[arg(long, value_name = "USER")]
+    user: Option<Credentials>,
+    /// Run in the cgroup nephele/NAME, limited to the guest's memory plus
+    /// an overhead and one CPU per vCPU (a warning if the host has no
+    /// memory and cpu controllers).
+    #[arg(long, value_name = "NAME")]
+    cgroup: Option<String>,
 }
 
 fn config_from(args: Args) -> anyhow::Result<VmConfig> {
@@ -160,6 +186,35 @@ fn run(args: Args) -> anyhow::Result<()> {
     if args.probe {
         return probe(args.json);
     }
+    seccomp::set_mode(args.seccomp).context("cannot install the seccomp violation reporter")?;
+    if args.seccomp_probe {
+        seccomp::enable_probe();
+    }
+    if let Some(name) = &args.cgroup {
+        let vcpus = u8::try_from(args.cpus).map_err(|_| ConfigError::Vcpus(args.cpus))?;
+        match cgroup::join(name, Limits::for_vm(vcpus, args.memory)) {
+            Ok(p) => eprintln!(
+                "neph-vmm: in cgroup {}",
+                p.dirs()
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+            Err(e @ JoinCgroupError::Unavailable(_)) => {
+                eprintln!("neph-vmm: warning: running without memory and CPU limits: {e}");
+            }
+            Err(e) => return Err(e).context("cannot put the VMM into its cgroup"),
+        }
+    }
+    let user = args.user;
+    let drop_privileges = move || -> anyhow::Result<()> {
+        if let Some(to) = user {
+            privilege::drop_to(to)?;
+            eprintln!("neph-vmm: running as uid {} gid {}", to.uid, to.gid);
+        }
+        Ok(())
+    };
     let incoming = match &args.incoming {
         Some(addr) => Some((addr.clone(), incoming_from(&args)?)),
         None => None,
@@ -200,12 +255,34 @@ fn run(args: Args) -> anyhow::Result<()> {
             .collect(),
     );
     let stdin_console = console_log.is_none();
-    let vm = match incoming {
-        Some((addr, local)) => migration::target::receive(&addr, &local, &console)?,
-        None => neph_vmm::build(config_from(args)?, console.clone())?,
+    // Bound now, while the socket's directory is writable (root).
+    let api_listener = match &api_socket {
+        Some(path) => Some(
+            api::server::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?,
+        ),
+        None => None,
     };
-    if let Some(path) = &api_socket {
-        api::server::serve(path, vm.handle())?;
+    let vm = match incoming {
+        Some((addr, local)) => {
+            // The hostile peer's stream is read under the run loop's
+            // filter; the privileges go once the VM is here (a target
+            // whose pre-built VM does not fit the source reopens
+            // /dev/kvm, its taps and disks).
+            seccomp::install_or_exit(ThreadKind::Vmm);
+            let vm = migration::target::receive(&addr, &local, &console)?;
+            drop_privileges()?;
+            vm
+        }
+        None => {
+            let vm = neph_vmm::build(config_from(args)?, console.clone())?;
+            drop_privileges()?;
+            seccomp::install_or_exit(ThreadKind::Vmm);
+            vm
+        }
+    };
+    if let Some(listener) = api_listener {
+        api::server::serve_listener(listener, vm.handle())?;
     }
     let _raw = if stdin_console {
         let raw = neph_vmm::terminal::RawTerminal::enable();
@@ -213,7 +290,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("stdin".into())
             .stack_size(128 * 1024)
-            .spawn(move || api::console::feed(std::io::stdin().lock(), &c))
+            .spawn(move || {
+                seccomp::install_or_exit(ThreadKind::Console);
+                api::console::feed(std::io::stdin().lock(), &c)
+            })
             .context("cannot start the stdin thread")?;
         raw
     } else {

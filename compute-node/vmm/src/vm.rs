@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::Kvm;
 
-use crate::api::{Metrics, NamedDeviceMetrics, Request, Response, RunState, Status, VcpuMetrics};
+use crate::api::{
+    Metrics, NamedDeviceMetrics, ProbeThread, Request, Response, RunState, Status, VcpuMetrics,
+};
 use crate::builder::{Backends, Boot, DeviceKind, StartVmError, create_boot};
 use crate::config::VmConfig;
 use crate::devices::serial::Console;
@@ -774,11 +776,51 @@ impl Vm {
                 r.metrics = Some(self.metrics(boot));
                 (r, None)
             }
+            Request::SeccompProbe { thread } => (self.seccomp_probe(boot, thread), None),
             Request::Migrate { .. }
             | Request::MigrateStatus
             | Request::MigrateCancel
             | Request::Lease { .. } => (Response::error("BAD_REQUEST", "not a VM request"), None),
         }
+    }
+
+    /// Makes a forbidden system call on `thread` (see
+    /// [`Request::SeccompProbe`]); answers only if it was not stopped.
+    fn seccomp_probe(&self, boot: &Boot, thread: ProbeThread) -> Response {
+        use crate::sandbox::seccomp;
+        if !seccomp::probe_enabled() {
+            return Response::error(
+                "FAILED_PRECONDITION",
+                "the seccomp probe is off: start neph-vmm with --seccomp-probe",
+            );
+        }
+        let errno = match thread {
+            ProbeThread::Vmm => Some(seccomp::forbidden_call()),
+            ProbeThread::Vcpu => {
+                let Some(vcpus) = &boot.vcpus else {
+                    return Response::error("UNAVAILABLE", "the vCPUs are not running");
+                };
+                if !self.paused {
+                    boot.pause();
+                }
+                let r = vcpus.on_each_paused(
+                    |id, _| (id == 0).then(seccomp::forbidden_call),
+                    REQUEST_TIMEOUT,
+                );
+                if !self.paused {
+                    boot.resume();
+                }
+                r.into_iter().flatten().flatten().next()
+            }
+        };
+        Response::error(
+            "FAILED",
+            format!(
+                "the forbidden call was allowed (errno {}): seccomp is {:?}",
+                errno.unwrap_or(0),
+                seccomp::mode()
+            ),
+        )
     }
 
     fn status(&self) -> Status {

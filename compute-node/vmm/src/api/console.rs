@@ -26,6 +26,8 @@ pub fn serve(path: &Path, console: Arc<Console>) -> Result<(), ServeConsoleError
         .name("console".into())
         .stack_size(256 * 1024)
         .spawn(move || {
+            // Its readers' threads inherit this filter.
+            crate::sandbox::seccomp::install_or_exit(crate::sandbox::seccomp::ThreadKind::Console);
             for stream in listener.incoming().flatten() {
                 let Ok(reader) = stream.try_clone() else {
                     continue;

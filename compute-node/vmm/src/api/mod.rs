@@ -100,6 +100,23 @@ pub enum Request {
     MigrateStatus,
     /// Cancel the running migration (before its switchover).
     MigrateCancel,
+    /// Test probe: make a system call the `thread`'s seccomp filter
+    /// forbids, so enforce mode kills the VMM. Refused unless the VMM was
+    /// started with `--seccomp-probe` (it can do nothing a `stop` cannot).
+    SeccompProbe {
+        /// Which thread makes the call.
+        thread: ProbeThread,
+    },
+}
+
+/// The thread a [`Request::SeccompProbe`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeThread {
+    /// The run loop (main thread).
+    Vmm,
+    /// vCPU 0 (the VM is paused for it).
+    Vcpu,
 }
 
 /// Run state.

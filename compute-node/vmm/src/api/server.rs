@@ -25,10 +25,18 @@ pub enum ServeApiError {
 /// Binds `path` (replacing a stale socket file) and serves it from a thread.
 pub fn serve(path: &Path, handle: VmHandle) -> Result<(), ServeApiError> {
     let listener = bind(path).map_err(|e| ServeApiError::Bind(path.to_owned(), e))?;
+    serve_listener(listener, handle)
+}
+
+/// Serves an already bound control socket from a thread (bound before the
+/// privilege drop, served once the VM exists).
+pub fn serve_listener(listener: UnixListener, handle: VmHandle) -> Result<(), ServeApiError> {
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(256 * 1024)
         .spawn(move || {
+            // Its clients' threads inherit this filter.
+            crate::sandbox::seccomp::install_or_exit(crate::sandbox::seccomp::ThreadKind::Api);
             for stream in listener.incoming().flatten() {
                 let h = handle.clone();
                 let _ = std::thread::Builder::new()

@@ -275,6 +275,8 @@ pub(crate) fn set_thread_nice(nice: i32) -> i32 {
 /// Runs a migration to its end; the outcome is in `shared`'s status. On
 /// success the VM has been handed over ([`VmControl::finish`]).
 pub fn run(ctx: SourceContext, params: MigrateParams, shared: Arc<Shared>) {
+    // The throttle and stream threads inherit this filter.
+    crate::sandbox::seccomp::install_or_exit(crate::sandbox::seccomp::ThreadKind::Migration);
     let nice = set_thread_nice(MIGRATION_NICE);
     let started = Instant::now();
     let mut m = Migration {

@@ -833,6 +833,7 @@ fn read_extra(
     mem: &GuestMemoryMmap,
     progress: &(Mutex<Progress>, Condvar),
 ) {
+    crate::sandbox::seccomp::install_or_exit(crate::sandbox::seccomp::ThreadKind::Migration);
     let mut r = BufReader::with_capacity(4 << 20, stream);
     let mut buf = Vec::new();
     let mut page = [0u8; protocol::PAGE_SIZE];

@@ -282,6 +282,7 @@ enum Step {
 
 impl VcpuThread {
     fn run(mut self) {
+        crate::sandbox::seccomp::install_or_exit(crate::sandbox::seccomp::ThreadKind::Vcpu);
         // SAFETY: gettid has no preconditions.
         self.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
         loop {

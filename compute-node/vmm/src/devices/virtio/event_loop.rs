@@ -163,6 +163,7 @@ fn control(wake: &EventFd, ctl: &Control, sources: &[Source]) -> bool {
 }
 
 fn run(epoll: Epoll, sources: Vec<Source>, wake: EventFd, ctl: Arc<Control>) {
+    crate::sandbox::seccomp::install_or_exit(crate::sandbox::seccomp::ThreadKind::Devices);
     let mut events = vec![EpollEvent::default(); 64];
     loop {
         let n = match epoll.wait(-1, &mut events) {
