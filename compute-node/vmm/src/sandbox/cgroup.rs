@@ -175,6 +175,20 @@ pub fn unavailable() -> Option<String> {
     hierarchy().err().map(|e| e.to_string())
 }
 
+/// Where `nephele/<name>` is on this host (whether or not it exists).
+pub fn placement(name: &str) -> Result<Placement, JoinCgroupError> {
+    if !valid(name) {
+        return Err(JoinCgroupError::Name(name.to_owned()));
+    }
+    Ok(match hierarchy()? {
+        Hierarchy::V2(root) => Placement::V2(root.join(PARENT).join(name)),
+        Hierarchy::V1 { memory, cpu } => Placement::V1 {
+            memory: memory.join(PARENT).join(name),
+            cpu: cpu.join(PARENT).join(name),
+        },
+    })
+}
+
 /// Puts this process into `nephele/<name>` with `limits`.
 pub fn join(name: &str, limits: Limits) -> Result<Placement, JoinCgroupError> {
     join_pid(name, limits, std::process::id())
@@ -227,18 +241,11 @@ pub fn join_pid(name: &str, limits: Limits, pid: u32) -> Result<Placement, JoinC
 /// Removes `nephele/<name>` once no process is left in it (a VMM's cgroup
 /// after it exited); missing is fine.
 pub fn remove(name: &str) -> std::io::Result<()> {
-    if !valid(name) {
+    let Ok(p) = placement(name) else {
         return Ok(());
-    }
-    let dirs = match hierarchy() {
-        Ok(Hierarchy::V2(root)) => vec![root.join(PARENT).join(name)],
-        Ok(Hierarchy::V1 { memory, cpu }) => {
-            vec![memory.join(PARENT).join(name), cpu.join(PARENT).join(name)]
-        }
-        Err(_) => return Ok(()),
     };
-    for d in dirs {
-        match std::fs::remove_dir(&d) {
+    for d in p.dirs() {
+        match std::fs::remove_dir(d) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }

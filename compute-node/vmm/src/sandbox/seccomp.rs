@@ -395,6 +395,9 @@ pub fn allowed(kind: ThreadKind) -> Allowed {
             // KVM_IRQ_LINE / KVM_SIGNAL_MSI when a device raises an
             // interrupt from an MMIO exit.
             any(&mut l, &[libc::SYS_ioctl]);
+            // Serial output to console socket clients (std writes to a
+            // Unix stream with send(MSG_NOSIGNAL)).
+            any(&mut l, &[libc::SYS_sendto]);
             // Virtio work done inline when ioeventfd is missing.
             device_io(&mut l);
         }
@@ -605,6 +608,64 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Runs `body` in a forked child under `kind`'s enforcing filter and
+    /// returns its exit status.
+    fn in_filtered_child(kind: ThreadKind, body: fn()) -> i32 {
+        // Compiled before the fork: the child only makes async-signal-safe
+        // calls (prctl, seccomp, sigaction, the body, _exit).
+        let program = compile(kind, SeccompAction::Trap).unwrap();
+        // SAFETY: fork has no preconditions; the child below allocates
+        // nothing and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            if install_sigsys_handler().is_err() || seccompiler::apply_filter(&program).is_err() {
+                // SAFETY: ends the child.
+                unsafe { libc::_exit(2) };
+            }
+            KIND.with(|k| k.set(kind.name()));
+            body();
+            // SAFETY: ends the child.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child; status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(r, pid);
+        assert!(libc::WIFEXITED(status), "child ended by a signal: {status}");
+        libc::WEXITSTATUS(status)
+    }
+
+    #[test]
+    fn a_forbidden_call_stops_every_kind_of_thread() {
+        for kind in ThreadKind::ALL {
+            let status = in_filtered_child(kind, || {
+                forbidden_call();
+            });
+            assert_eq!(status, EXIT_BAD_SYSCALL, "{}", kind.name());
+        }
+    }
+
+    #[test]
+    fn allowed_calls_go_through_and_socket_is_refused_to_vcpus() {
+        for kind in ThreadKind::ALL {
+            let status = in_filtered_child(kind, || {
+                // SAFETY: calls without memory arguments.
+                unsafe {
+                    libc::getpid();
+                    libc::sched_yield();
+                }
+            });
+            assert_eq!(status, 0, "{}", kind.name());
+        }
+        // A vCPU cannot open a network connection.
+        let status = in_filtered_child(ThreadKind::Vcpu, || {
+            // SAFETY: integer arguments only.
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        });
+        assert_eq!(status, EXIT_BAD_SYSCALL);
     }
 
     #[test]
