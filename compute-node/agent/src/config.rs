@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub token: String,
     /// `--vmm`.
     pub vmm: PathBuf,
+    /// `--vmm-user`: the user every `neph-vmm` drops to (`--user`).
+    pub vmm_user: Option<String>,
     /// `--bridge`.
     pub bridge: Option<String>,
     /// What the node offers.
@@ -59,6 +61,8 @@ pub struct RawFlags {
     pub token_file: PathBuf,
     /// `--vmm`.
     pub vmm: Option<PathBuf>,
+    /// `--vmm-user`.
+    pub vmm_user: Option<String>,
     /// `--bridge`.
     pub bridge: Option<String>,
     /// `--capacity-vcpus`.
@@ -177,6 +181,7 @@ impl AgentConfig {
             image_dir: flags.image_dir,
             token,
             vmm,
+            vmm_user: flags.vmm_user,
             bridge: flags.bridge,
             capacity,
             labels,

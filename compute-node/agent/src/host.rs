@@ -87,6 +87,12 @@ pub const fn memory_reserve_mib(total_mib: u64) -> u64 {
 /// Disk kept back from instances in the data directory's file system.
 pub const DISK_RESERVE_GIB: u64 = 2;
 
+/// Whether this process runs as root (owner of its `/proc` entry).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// The host's CPUs.
 pub fn host_cpus() -> u64 {
     std::thread::available_parallelism().map_or(1, |n| u64::try_from(n.get()).unwrap_or(1))

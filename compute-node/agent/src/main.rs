@@ -51,6 +51,12 @@ struct RunFlags {
     /// The hypervisor binary (default: neph-vmm next to this executable).
     #[arg(long, env = "NEPHELE_VMM")]
     vmm: Option<PathBuf>,
+    /// Each VMM switches to this user (NAME, UID or UID:GID) once its
+    /// devices are open, with no capabilities left (neph-vmm --user). The
+    /// user must be able to read the images (a reboot reads the kernel
+    /// again). Default: VMMs stay root, still under their seccomp filters.
+    #[arg(long, env = "NEPHELE_VMM_USER")]
+    vmm_user: Option<String>,
     /// Attach every VM's tap to this bridge (no network without it).
     #[arg(long, env = "NEPHELE_BRIDGE")]
     bridge: Option<String>,
@@ -107,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         image_dir: f.image_dir,
         token_file: f.token_file,
         vmm: f.vmm,
+        vmm_user: f.vmm_user,
         bridge: f.bridge,
         capacity_vcpus: f.capacity_vcpus,
         capacity_memory_mib: f.capacity_memory_mib,

@@ -769,7 +769,10 @@ fn failure_with_log(layout: &Layout, how: String) -> Exit {
 /// process killed from outside leaves no trace either).
 fn exit_from_log(layout: &Layout, generation: Option<u64>) -> Exit {
     let log = instance::tail_text(&layout.vmm_log(), REASON_BYTES);
-    let failed = log.lines().any(|l| l.contains("neph-vmm: error:"));
+    // An error, or its seccomp filter stopping it (a bug or an escape).
+    let failed = log
+        .lines()
+        .any(|l| l.contains("neph-vmm: error:") || l.contains("which its seccomp filter forbids"));
     Exit {
         failure: failed.then(|| format!("the VMM failed: {log}")),
         generation,
@@ -878,7 +881,13 @@ async fn start_vm(
     {
         tracing::debug!(error = %s.message(), "STARTING report failed; RUNNING follows");
     }
-    let (child, pid, start_ticks) = spawn_vmm(&cfg.vmm, &layout, &spec)?;
+    let (child, pid, start_ticks) = spawn_vmm(
+        &cfg.vmm,
+        &cfg.node_id,
+        cfg.vmm_user.as_deref(),
+        &layout,
+        &spec,
+    )?;
     let record = VmRecord {
         version: instance::RECORD_VERSION,
         name: name.to_string(),
@@ -950,8 +959,38 @@ async fn start_vm(
     ))
 }
 
+/// The VMM's cgroup under `nephele/`: `<node>/<project>/<instance>`, so
+/// two copies of one VM on a host (a local migration) get one each.
+fn cgroup_name(node: &str, layout: &Layout) -> String {
+    let clean = |c: &str| -> String {
+        let c: String = c
+            .chars()
+            .map(|ch| {
+                if ch.is_ascii_alphanumeric() || "_-".contains(ch) {
+                    ch
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if c.is_empty() { "_".into() } else { c }
+    };
+    let mut parts: Vec<String> = layout
+        .dir
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| clean(&c.as_os_str().to_string_lossy()))
+        .collect();
+    parts.push(clean(node));
+    parts.reverse();
+    parts.join("/")
+}
+
 fn spawn_vmm(
     vmm: &std::path::Path,
+    node: &str,
+    user: Option<&str>,
     layout: &Layout,
     spec: &VmSpec,
 ) -> Result<(tokio::process::Child, u32, u64), String> {
@@ -984,8 +1023,17 @@ fn spawn_vmm(
         .arg("--console-socket")
         .arg(layout.console_socket())
         .arg("--console-log")
-        .arg(layout.console_log())
-        .stdin(Stdio::null())
+        .arg(layout.console_log());
+    // The sandbox: seccomp is on by default; a cgroup needs root (the
+    // VMM warns and runs on where the host has no memory and cpu
+    // controllers).
+    if let Some(u) = user {
+        cmd.args(["--user", u]);
+    }
+    if host::is_root() {
+        cmd.arg("--cgroup").arg(cgroup_name(node, layout));
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
         // Its own process group: a signal to the agent's group (Ctrl-C,
