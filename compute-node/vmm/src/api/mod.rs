@@ -26,6 +26,7 @@
 //! | `migrate` | starts a live migration to `to` (`HOST:PORT` of a `neph-vmm --incoming`); optional `max_downtime_ms` (default 50), `timeout_ms` (default 120000), `verify` (test mode: memory checksum compared by the target), `streams` (memory TCP streams, 1 to 8, default 1), `protocol` (wire version, default the newest; 1 for an older target) | `ok` and `migration` at once; on success the process exits 0 after printing `migrated` on stderr |
 //! | `migrate_status` | none | `migration`: `state` (`setup`, `precopy`, `stop_and_copy`, `completed`, `failed`, `cancelled`), `to`, `round`, `bytes_sent`, `bytes_remaining`, `dirty_rate_bps`, `throughput_bps`, `expected_downtime_ms`, `throttle_percent`, `elapsed_ms`, `downtime_ms`, `downtime_us`, `error`, `side` (`source`; a target that received its VM answers with `target`), `switchover` (each stop-and-copy step, `{name, us}`, in order), `target_switchover` (the target's steps up to its acknowledgement), `streams` |
 //! | `migrate_cancel` | stops the running migration before its switchover; the VM runs on here | `ok` |
+//! | `seccomp_probe` | tests only, refused (`FAILED_PRECONDITION`) unless started with `--seccomp-probe`: `thread` (`vmm` or `vcpu`) makes a system call its filter forbids; under `--seccomp enforce` the process exits 159 | none under enforce; `FAILED` naming the mode otherwise |
 //!
 //! Errors are `{"ok":false,"error":{"code":CODE,"message":TEXT}}` with
 //! `CODE` one of `BAD_REQUEST` (not JSON, unknown `cmd`, line over 64 KiB),
