@@ -381,6 +381,7 @@ enum NodeCmd {
 #[derive(Debug, Subcommand)]
 enum MigrationCmd {
     List(Paging),
+    #[command(alias = "show")]
     Get {
         id: String,
     },
@@ -389,6 +390,14 @@ enum MigrationCmd {
         instance: String,
         #[arg(long)]
         to: String,
+        /// Downtime budget in milliseconds (default 50).
+        #[arg(
+            long,
+            value_name = "MS",
+            default_value_t = 0,
+            hide_default_value = true
+        )]
+        max_downtime: u64,
     },
 }
 
@@ -1483,12 +1492,17 @@ async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
             )
             .await?;
         }
-        MigrationCmd::Create { instance, to } => {
+        MigrationCmd::Create {
+            instance,
+            to,
+            max_downtime,
+        } => {
             c.show(
                 mc.create_migration(infra::CreateMigrationRequest {
                     instance: c.scoped("instances", &instance)?,
                     target: global_name("nodes", &to),
                     request_id: String::new(),
+                    max_downtime_ms: max_downtime,
                 }),
                 records::operation,
             )

@@ -219,6 +219,14 @@ pub fn migration(m: &infra::Migration) -> Record {
                 .into(),
         ),
         ("bytes_copied", m.bytes_copied.into()),
+        ("round", m.round.into()),
+        ("bytes_remaining", m.bytes_remaining.into()),
+        ("dirty_rate_bps", m.dirty_rate_bps.into()),
+        ("throughput_bps", m.throughput_bps.into()),
+        ("expected_downtime_ms", m.expected_downtime_ms.into()),
+        ("max_downtime_ms", m.max_downtime_ms.into()),
+        ("downtime_us", m.downtime_us.into()),
+        ("cause", m.cause.clone().into()),
         ("reason", m.reason.clone().into()),
     ]
 }

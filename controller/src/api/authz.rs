@@ -174,6 +174,8 @@ pub const RULES: &[(&str, Rule)] = &[
         "/nephele.node.v1.NodeAgent/ReportInstanceState",
         Rule::Admin,
     ),
+    ("/nephele.node.v1.NodeAgent/ReportMigration", Rule::Admin),
+    ("/nephele.node.v1.NodeAgent/RequestSwitchover", Rule::Admin),
 ];
 
 /// The rule of `rpc`, if it is in the table.

@@ -254,6 +254,16 @@ pub fn migration(m: &model::Migration) -> infra::Migration {
         reason: m.reason.clone(),
         create_time: ts(m.create_time),
         update_time: ts(m.update_time),
+        max_downtime_ms: m.max_downtime_ms,
+        target_address: m.target_address.clone(),
+        round: m.progress.round,
+        bytes_remaining: m.progress.bytes_remaining,
+        dirty_rate_bps: m.progress.dirty_rate_bps,
+        throughput_bps: m.progress.throughput_bps,
+        expected_downtime_ms: m.progress.expected_downtime_ms,
+        throttle_percent: m.progress.throttle_percent,
+        downtime_us: m.progress.downtime_us,
+        cause: m.cause.clone(),
     }
 }
 

@@ -196,6 +196,8 @@ impl<S: StateStore> Migrations for Api<S> {
             migration_id,
             instance: r.instance,
             target: r.target,
+            max_downtime_ms: r.max_downtime_ms,
+            cause: String::new(),
         };
         match self.propose(&c.user, rid, command).await? {
             // A migration is its own long-running record; the operation

@@ -26,6 +26,7 @@ mod compute;
 mod console;
 mod iam;
 mod infra;
+mod migration;
 mod node;
 mod ops;
 

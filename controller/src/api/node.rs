@@ -16,7 +16,7 @@ use tonic::{Request, Response as Reply, Status};
 
 use super::authz::Target;
 use super::errors::ApiError;
-use super::{Api, convert};
+use super::{Api, convert, migration};
 use crate::store::StateStore;
 
 const SVC: &str = "/nephele.node.v1.NodeAgent/";
@@ -34,10 +34,11 @@ fn assignments(s: &State, node: &str, stop_timeout: Duration) -> Result<pb::Assi
     if !s.nodes.contains_key(node) {
         return Err(ApiError::not_found(node));
     }
+    let incoming: std::collections::BTreeSet<&str> = migration::incoming(s, node).collect();
     let assignments = s
         .instances
         .values()
-        .filter(|i| i.node.as_deref() == Some(node))
+        .filter(|i| i.node.as_deref() == Some(node) || incoming.contains(i.name.as_str()))
         .map(|i| {
             let desired = match i.state {
                 InstanceState::Pending => pb::DesiredState::Unspecified,
@@ -55,6 +56,7 @@ fn assignments(s: &State, node: &str, stop_timeout: Duration) -> Result<pb::Assi
                 image: s.images.get(&i.image).map(convert::image),
                 desired: desired as i32,
                 stop_timeout: Some(duration(stop_timeout)),
+                migration: migration::assignment_of(s, node, &i.name),
             }
         })
         .collect();
@@ -312,5 +314,35 @@ impl<S: StateStore> NodeAgent for Api<S> {
             .read(move |s| s.instances.get(&name).map(convert::instance))
             .await?;
         Ok(Reply::new(pb::ReportInstanceStateResponse { instance }))
+    }
+
+    async fn report_migration(
+        &self,
+        req: Request<pb::ReportMigrationRequest>,
+    ) -> Result<Reply<pb::ReportMigrationResponse>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{SVC}ReportMigration"),
+            Target::Cluster,
+        )
+        .await?;
+        Ok(Reply::new(
+            self.report_migration_checked(req.into_inner()).await?,
+        ))
+    }
+
+    async fn request_switchover(
+        &self,
+        req: Request<pb::RequestSwitchoverRequest>,
+    ) -> Result<Reply<pb::RequestSwitchoverResponse>, Status> {
+        self.authorize(
+            req.metadata(),
+            &format!("{SVC}RequestSwitchover"),
+            Target::Cluster,
+        )
+        .await?;
+        Ok(Reply::new(
+            self.request_switchover_checked(req.into_inner()).await?,
+        ))
     }
 }

@@ -7,8 +7,9 @@ use thiserror::Error;
 use crate::codec;
 use crate::command::{Command, Envelope, InstanceSpec, NewInstance, Response};
 use crate::model::{
-    Event, Flavor, Image, Instance, InstanceState, KvEntry, Migration, MigrationState, Node,
-    NodeState, Operation, Project, RememberedRequest, Resources, ServerGroup, State, Token, User,
+    Event, Flavor, Image, Instance, InstanceState, KvEntry, Migration, MigrationProgress,
+    MigrationState, Node, NodeState, Operation, Project, RememberedRequest, Resources, ServerGroup,
+    State, Token, User,
 };
 use crate::names::{self, NameError};
 
@@ -304,6 +305,85 @@ fn release_node(state: &mut State, node: &Option<String>, resources: Resources) 
     {
         n.allocated = n.allocated.minus(resources);
     }
+}
+
+/// Default downtime budget of a migration, ms.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 50;
+
+/// Moves a migration to `to`; a final state ends it: `Completed` moves the
+/// instance to the target and releases the source, `Failed`/`Cancelled`
+/// release the target; either way the instance is `RUNNING` again.
+fn finish_migration(
+    state: &mut State,
+    actor: &str,
+    now: u64,
+    migration: &str,
+    to: MigrationState,
+    bytes_copied: u64,
+    reason: &str,
+) -> Result<Migration, ApplyError> {
+    let m = state
+        .migrations
+        .get(migration)
+        .ok_or_else(|| not_found(migration))?
+        .clone();
+    if to.is_final() {
+        let resources = state
+            .instances
+            .get(&m.instance)
+            .map(|i| i.resources)
+            .unwrap_or_default();
+        let released = if to == MigrationState::Completed {
+            &m.source
+        } else {
+            &m.target
+        };
+        release_node(state, &Some(released.clone()), resources);
+        let mut resumed = false;
+        if let Some(i) = state.instances.get_mut(&m.instance) {
+            if to == MigrationState::Completed {
+                i.node = Some(m.target.clone());
+            }
+            if i.state == InstanceState::Migrating {
+                i.state = InstanceState::Running;
+                resumed = true;
+            }
+            i.generation += 1;
+            i.update_time = now;
+        }
+        if resumed {
+            let on = if to == MigrationState::Completed {
+                &m.target
+            } else {
+                &m.source
+            };
+            event(
+                state,
+                actor,
+                &m.instance,
+                "instance.state_changed",
+                format!("MIGRATING -> RUNNING: {migration} {to:?}, on {on}"),
+            );
+        }
+    }
+    let m = state
+        .migrations
+        .get_mut(migration)
+        .ok_or_else(|| not_found(migration))?;
+    m.state = to;
+    m.bytes_copied = bytes_copied;
+    m.reason = reason.to_owned();
+    m.update_time = now;
+    let m = m.clone();
+    if to.is_final() {
+        let msg = if reason.is_empty() {
+            format!("{to:?}")
+        } else {
+            format!("{to:?}: {reason}")
+        };
+        event(state, actor, migration, "migration.finished", msg);
+    }
+    Ok(m)
 }
 
 fn check_key(key: &str) -> Result<(), ApplyError> {
@@ -1082,7 +1162,10 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             migration_id,
             instance,
             target,
+            max_downtime_ms,
+            cause,
         } => {
+            text("cause", cause)?;
             names::validate_id(migration_id)?;
             names::parse(instance, names::INSTANCE)?;
             names::parse(target, names::NODE)?;
@@ -1134,9 +1217,28 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 reason: String::new(),
                 create_time: now,
                 update_time: now,
+                max_downtime_ms: if *max_downtime_ms == 0 {
+                    DEFAULT_MAX_DOWNTIME_MS
+                } else {
+                    *max_downtime_ms
+                },
+                target_address: String::new(),
+                progress: MigrationProgress::default(),
+                cause: cause.clone(),
             };
             state.migrations.insert(name.clone(), m.clone());
-            event(state, actor, &name, "migration.created", target.clone());
+            let why = if cause.is_empty() {
+                String::new()
+            } else {
+                format!(": {cause}")
+            };
+            event(
+                state,
+                actor,
+                &name,
+                "migration.created",
+                format!("{instance} from {} to {target}{why}", m.source),
+            );
             event(
                 state,
                 actor,
@@ -1171,64 +1273,102 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                     to: format!("{to:?}"),
                 });
             }
-            let m = m.clone();
-            if to.is_final() {
-                let resources = state
-                    .instances
-                    .get(&m.instance)
-                    .map(|i| i.resources)
-                    .unwrap_or_default();
-                let released = if *to == MigrationState::Completed {
-                    &m.source
-                } else {
-                    &m.target
-                };
-                release_node(state, &Some(released.clone()), resources);
-                let mut resumed = false;
-                if let Some(i) = state.instances.get_mut(&m.instance) {
-                    if *to == MigrationState::Completed {
-                        i.node = Some(m.target.clone());
-                    }
-                    if i.state == InstanceState::Migrating {
-                        i.state = InstanceState::Running;
-                        resumed = true;
-                    }
-                    i.generation += 1;
-                    i.update_time = now;
-                }
-                if resumed {
-                    let on = if *to == MigrationState::Completed {
-                        &m.target
-                    } else {
-                        &m.source
-                    };
-                    event(
-                        state,
-                        actor,
-                        &m.instance,
-                        "instance.state_changed",
-                        format!("MIGRATING -> RUNNING: {migration} {to:?}, on {on}"),
-                    );
-                }
-            }
+            let m = finish_migration(state, actor, now, migration, *to, *bytes_copied, reason)?;
+            Ok(Response::Migration(m))
+        }
+        Command::UpdateMigration {
+            migration,
+            node,
+            target_address,
+            progress,
+        } => {
+            names::parse(migration, names::MIGRATION)?;
+            names::parse(node, names::NODE)?;
+            text("target_address", target_address)?;
             let m = state
                 .migrations
                 .get_mut(migration)
                 .ok_or_else(|| not_found(migration))?;
-            m.state = *to;
-            m.bytes_copied = *bytes_copied;
-            m.reason = reason.clone();
+            if m.state.is_final() {
+                return Err(precondition(
+                    migration,
+                    format!("the migration is {:?}; stop working on it", m.state),
+                ));
+            }
+            if *node != m.source && *node != m.target {
+                return Err(precondition(
+                    migration,
+                    format!("{node} takes no part in it"),
+                ));
+            }
+            let started = m.state == MigrationState::Queued && !target_address.is_empty();
+            if !target_address.is_empty() {
+                if *node != m.target {
+                    return Err(precondition(
+                        migration,
+                        "only the target names the address to migrate to",
+                    ));
+                }
+                m.target_address = target_address.clone();
+                m.state = MigrationState::Running;
+            }
+            if let Some(p) = progress {
+                m.progress = *p;
+                m.bytes_copied = p.bytes_sent;
+            }
             m.update_time = now;
             let m = m.clone();
-            if to.is_final() {
+            if started {
                 event(
                     state,
                     actor,
                     migration,
-                    "migration.finished",
-                    format!("{to:?} {reason}"),
+                    "migration.started",
+                    format!("the target listens on {target_address}"),
                 );
             }
+            Ok(Response::Migration(m))
+        }
+        Command::SwitchMigration {
+            migration,
+            node,
+            progress,
+        } => {
+            names::parse(migration, names::MIGRATION)?;
+            let m = state
+                .migrations
+                .get(migration)
+                .ok_or_else(|| not_found(migration))?;
+            if m.state != MigrationState::Running {
+                return Err(precondition(
+                    migration,
+                    format!(
+                        "the migration is {:?}, not running; the source keeps the VM",
+                        m.state
+                    ),
+                ));
+            }
+            if *node != m.source {
+                return Err(precondition(
+                    migration,
+                    format!("only its source {} can switch it over", m.source),
+                ));
+            }
+            let bytes = progress.map_or(m.bytes_copied, |p| p.bytes_sent);
+            if let Some(p) = progress
+                && let Some(m) = state.migrations.get_mut(migration)
+            {
+                m.progress = *p;
+            }
+            let m = finish_migration(
+                state,
+                actor,
+                now,
+                migration,
+                MigrationState::Completed,
+                bytes,
+                "",
+            )?;
             Ok(Response::Migration(m))
         }
         Command::BeginInstanceAction {
@@ -1792,6 +1932,111 @@ mod tests {
     }
 
     #[test]
+    fn switchover_only_from_the_source_of_a_running_migration() {
+        let mut s = setup();
+        let web = "projects/p1/instances/web-1";
+        create(&mut s, "web-1").unwrap();
+        run(
+            &mut s,
+            Command::ScheduleInstance {
+                instance: web.into(),
+                node: "nodes/n1".into(),
+                expected_generation: 1,
+            },
+        )
+        .unwrap();
+        set(&mut s, web, InstanceState::Starting).unwrap();
+        set(&mut s, web, InstanceState::Running).unwrap();
+        let create_m = |id: &str| Command::CreateMigration {
+            migration_id: id.into(),
+            instance: web.into(),
+            target: "nodes/n2".into(),
+            max_downtime_ms: 0,
+            cause: "test".into(),
+        };
+        let switch = |m: &str, node: &str| Command::SwitchMigration {
+            migration: m.into(),
+            node: node.into(),
+            progress: None,
+        };
+        run(&mut s, create_m("m1")).unwrap();
+        assert_eq!(s.migrations["migrations/m1"].max_downtime_ms, 50);
+        // Queued: the target has not said where it listens yet.
+        assert!(run(&mut s, switch("migrations/m1", "nodes/n1")).is_err());
+        let addr = |node: &str, a: &str| Command::UpdateMigration {
+            migration: "migrations/m1".into(),
+            node: node.into(),
+            target_address: a.into(),
+            progress: None,
+        };
+        // Only the target names the address.
+        assert!(run(&mut s, addr("nodes/n1", "10.0.0.1:1")).is_err());
+        run(&mut s, addr("nodes/n2", "10.0.0.2:7000")).unwrap();
+        assert_eq!(s.migrations["migrations/m1"].state, MigrationState::Running);
+        // Only the source switches over.
+        assert!(run(&mut s, switch("migrations/m1", "nodes/n2")).is_err());
+        run(
+            &mut s,
+            Command::UpdateMigration {
+                migration: "migrations/m1".into(),
+                node: "nodes/n1".into(),
+                target_address: String::new(),
+                progress: Some(MigrationProgress {
+                    round: 3,
+                    bytes_sent: 1000,
+                    ..MigrationProgress::default()
+                }),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.migrations["migrations/m1"].progress.round, 3);
+        run(&mut s, switch("migrations/m1", "nodes/n1")).unwrap();
+        assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n2"));
+        assert_eq!(s.instances[web].state, InstanceState::Running);
+        assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 0);
+        // Final: no second switchover, no more progress.
+        assert!(run(&mut s, switch("migrations/m1", "nodes/n1")).is_err());
+        assert!(run(&mut s, addr("nodes/n2", "10.0.0.2:7001")).is_err());
+
+        // Back to n1, cancelled: the switchover is refused afterwards.
+        run(
+            &mut s,
+            Command::CreateMigration {
+                migration_id: "m2".into(),
+                instance: web.into(),
+                target: "nodes/n1".into(),
+                max_downtime_ms: 5,
+                cause: String::new(),
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::UpdateMigration {
+                migration: "migrations/m2".into(),
+                node: "nodes/n1".into(),
+                target_address: "10.0.0.1:7000".into(),
+                progress: None,
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::SetMigrationState {
+                migration: "migrations/m2".into(),
+                state: MigrationState::Cancelled,
+                bytes_copied: 0,
+                reason: "asked".into(),
+            },
+        )
+        .unwrap();
+        assert!(run(&mut s, switch("migrations/m2", "nodes/n2")).is_err());
+        assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n2"));
+        assert_eq!(s.instances[web].state, InstanceState::Running);
+        assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 0);
+    }
+
+    #[test]
     fn instance_lifecycle_with_migration() {
         let mut s = setup();
         let web = "projects/p1/instances/web-1";
@@ -1825,6 +2070,8 @@ mod tests {
                 migration_id: "m1".into(),
                 instance: web.into(),
                 target: "nodes/n2".into(),
+                max_downtime_ms: 0,
+                cause: String::new(),
             },
         )
         .unwrap();

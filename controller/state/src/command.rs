@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{
     Flavor, GroupPolicy, Image, ImageState, Instance, InstanceState, Labels, Migration,
-    MigrationState, Node, NodeState, Operation, Project, Quota, Resources, Role, ServerGroup,
-    Token, UnixMs, User,
+    MigrationProgress, MigrationState, Node, NodeState, Operation, Project, Quota, Resources, Role,
+    ServerGroup, Token, UnixMs, User,
 };
 
 /// A command with what the leader adds before proposing it. Everything that
@@ -252,6 +252,10 @@ pub enum Command {
         instance: String,
         /// `nodes/{node}` to move to.
         target: String,
+        /// Downtime budget, ms (0: the default, 50).
+        max_downtime_ms: u64,
+        /// Who asked and why, for the events (empty: a person).
+        cause: String,
     },
     /// Reports migration progress or its end. `Completed` moves the instance
     /// to the target; `Failed` and `Cancelled` leave it on the source. Either
@@ -353,6 +357,34 @@ pub enum Command {
         /// Why it was refused.
         reason: String,
     },
+    /// What a node reports about a migration it takes part in: the target
+    /// its `neph-vmm --incoming` address (the migration goes `RUNNING`),
+    /// the source its progress. Refused once the migration is final, and
+    /// from a node that is neither its source nor its target.
+    UpdateMigration {
+        /// `migrations/{migration}`.
+        migration: String,
+        /// `nodes/{node}` reporting.
+        node: String,
+        /// The target's listening address (empty: unchanged).
+        target_address: String,
+        /// The source's progress.
+        progress: Option<MigrationProgress>,
+    },
+    /// The switchover, asked by the source node once the target holds the
+    /// complete VM: the instance now runs on the target (`RUNNING` there),
+    /// the migration is `COMPLETED` and the source's allocation released.
+    /// Refused unless the migration is `RUNNING` and `node` is its source:
+    /// this entry in the log is what lets a source give its VM up, so a
+    /// cancelled, timed-out or failed migration can never switch over.
+    SwitchMigration {
+        /// `migrations/{migration}`.
+        migration: String,
+        /// `nodes/{node}` asking (the source).
+        node: String,
+        /// Measured downtime so far, microseconds (for the record).
+        progress: Option<MigrationProgress>,
+    },
 }
 
 impl Command {
@@ -394,7 +426,9 @@ impl Command {
             C::NodeHeartbeat { node }
             | C::SetNodeState { node, .. }
             | C::DeregisterNode { node } => node.clone(),
-            C::SetMigrationState { migration, .. } => migration.clone(),
+            C::SetMigrationState { migration, .. }
+            | C::UpdateMigration { migration, .. }
+            | C::SwitchMigration { migration, .. } => migration.clone(),
             C::RecordRefusal { resource, .. } => resource.clone(),
             C::FinishOperation { operation, .. } => operation.clone(),
             C::KvPut { key, .. } | C::KvCas { key, .. } | C::KvDelete { key } => {

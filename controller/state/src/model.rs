@@ -382,6 +382,37 @@ pub struct Migration {
     pub create_time: UnixMs,
     /// When it last changed.
     pub update_time: UnixMs,
+    /// Downtime budget asked for, ms.
+    pub max_downtime_ms: u64,
+    /// `HOST:PORT` the target's `neph-vmm --incoming` listens on, once
+    /// the target node has started it (empty before).
+    pub target_address: String,
+    /// The newest progress the source node reported.
+    pub progress: MigrationProgress,
+    /// Who or what started it and why (`neph instance migrate`, a drain,
+    /// the rebalancer's reason).
+    pub cause: String,
+}
+
+/// Progress of a live migration as the source's hypervisor measures it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// Round: 0 is the full pass, then one per dirty round.
+    pub round: u32,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+    /// Estimated bytes still to send.
+    pub bytes_remaining: u64,
+    /// Guest dirty rate, bytes per second.
+    pub dirty_rate_bps: u64,
+    /// Link throughput, bytes per second.
+    pub throughput_bps: u64,
+    /// Predicted downtime if the VM stopped now, ms.
+    pub expected_downtime_ms: u64,
+    /// Auto-converge throttle, percent.
+    pub throttle_percent: u32,
+    /// Measured downtime once switched over, microseconds (0 before).
+    pub downtime_us: u64,
 }
 
 /// A long-running operation (AIP-151).

@@ -184,6 +184,8 @@ fn command() -> impl Strategy<Value = Command> {
                 migration_id,
                 instance,
                 target,
+                max_downtime_ms: 0,
+                cause: String::new(),
             }
         }),
         (

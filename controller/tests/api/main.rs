@@ -5,12 +5,14 @@
 //!
 //! - `main.rs`: tenants, lifecycle, isolation, errors, anti-affinity.
 //! - `ha.rs`: HA flag, boot counts, reboot, fencing and restart elsewhere.
+//! - `migration.rs`: migration assignments, progress, the switchover gate.
 //! - `console.rs`: the console relay through an in-test `Agent` double.
 
 #[path = "../common/mod.rs"]
 mod common;
 mod console;
 mod ha;
+mod migration;
 mod support;
 
 use std::time::Duration;

@@ -47,6 +47,7 @@ pub struct Clients {
     pub ops: ops::operations_client::OperationsClient<Svc>,
     pub events: ops::events_client::EventsClient<Svc>,
     pub agent: node::node_agent_client::NodeAgentClient<Svc>,
+    pub migrations: infra::migrations_client::MigrationsClient<Svc>,
 }
 
 pub fn clients(channel: &Channel, token: Option<&str>) -> Clients {
@@ -65,7 +66,8 @@ pub fn clients(channel: &Channel, token: Option<&str>) -> Clients {
         nodes: infra::nodes_client::NodesClient::with_interceptor(c.clone(), auth()),
         ops: ops::operations_client::OperationsClient::with_interceptor(c.clone(), auth()),
         events: ops::events_client::EventsClient::with_interceptor(c.clone(), auth()),
-        agent: node::node_agent_client::NodeAgentClient::with_interceptor(c, auth()),
+        agent: node::node_agent_client::NodeAgentClient::with_interceptor(c.clone(), auth()),
+        migrations: infra::migrations_client::MigrationsClient::with_interceptor(c, auth()),
     }
 }
 

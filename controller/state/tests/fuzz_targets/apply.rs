@@ -130,6 +130,8 @@ pub fn setup() -> Vec<Command> {
         migration_id: "m1".into(),
         instance: "projects/a/instances/web-2".into(),
         target: "nodes/n2".into(),
+        max_downtime_ms: 0,
+        cause: String::new(),
     });
     c.push(Command::SetMigrationState {
         migration: "migrations/m1".into(),

@@ -1,0 +1,150 @@
+//! The migration half of `nephele.node.v1.NodeAgent`: what a migration's
+//! source and target nodes are told in their assignments, their progress
+//! reports, and the switchover request, which answers yes only once the
+//! switchover is committed in the log (`Command::SwitchMigration`).
+
+use nephele_proto::node::v1 as pb;
+use nephele_state::model::{Migration, MigrationProgress, MigrationState, State};
+use nephele_state::names;
+use nephele_state::{Command, Response};
+
+use super::errors::ApiError;
+use super::{Api, convert};
+use crate::store::StateStore;
+
+/// The unfinished migration of `instance`, if any.
+pub fn active_migration<'a>(s: &'a State, instance: &str) -> Option<&'a Migration> {
+    s.migrations
+        .values()
+        .find(|m| m.instance == instance && !m.state.is_final())
+}
+
+/// What `node` is told about `instance`'s migration, if it takes part.
+pub fn assignment_of(s: &State, node: &str, instance: &str) -> Option<pb::MigrationAssignment> {
+    let m = active_migration(s, instance)?;
+    let (role, peer) = if m.source == node {
+        (pb::MigrationRole::MigrationSource, m.target_address.clone())
+    } else if m.target == node {
+        (pb::MigrationRole::MigrationTarget, String::new())
+    } else {
+        return None;
+    };
+    Some(pb::MigrationAssignment {
+        migration: m.name.clone(),
+        role: role as i32,
+        peer_address: peer,
+        max_downtime_ms: m.max_downtime_ms,
+    })
+}
+
+/// Instances migrating to `node` (placed elsewhere until the switchover).
+pub fn incoming<'a>(s: &'a State, node: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    s.migrations
+        .values()
+        .filter(move |m| !m.state.is_final() && m.target == node)
+        .map(|m| m.instance.as_str())
+}
+
+fn progress_in(p: Option<&pb::MigrationProgress>) -> Option<MigrationProgress> {
+    p.map(|p| MigrationProgress {
+        round: p.round,
+        bytes_sent: p.bytes_sent,
+        bytes_remaining: p.bytes_remaining,
+        dirty_rate_bps: p.dirty_rate_bps,
+        throughput_bps: p.throughput_bps,
+        expected_downtime_ms: p.expected_downtime_ms,
+        throttle_percent: p.throttle_percent,
+        downtime_us: p.downtime_us,
+    })
+}
+
+fn migration_of(r: Response) -> Result<Migration, ApiError> {
+    match r {
+        Response::Migration(m) => Ok(m),
+        other => Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+impl<S: StateStore> Api<S> {
+    /// `ReportMigration`, after authorization.
+    pub(super) async fn report_migration_checked(
+        &self,
+        r: pb::ReportMigrationRequest,
+    ) -> Result<pb::ReportMigrationResponse, ApiError> {
+        names::parse(&r.node, names::NODE)?;
+        names::parse(&r.migration, names::MIGRATION)?;
+        let progress = progress_in(r.progress.as_ref());
+        let m = if r.failed || r.cancelled {
+            // Only the source knows the VM resumed there.
+            let name = r.migration.clone();
+            let source = self
+                .read_try(move |s| {
+                    s.migrations
+                        .get(&name)
+                        .map(|m| m.source.clone())
+                        .ok_or_else(|| ApiError::not_found(name))
+                })
+                .await?;
+            if source != r.node {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "only the source {source} can end {}",
+                    r.migration
+                )));
+            }
+            let state = if r.cancelled {
+                MigrationState::Cancelled
+            } else {
+                MigrationState::Failed
+            };
+            let command = Command::SetMigrationState {
+                migration: r.migration,
+                state,
+                bytes_copied: progress.map_or(0, |p| p.bytes_sent),
+                reason: r.reason,
+            };
+            migration_of(self.propose(&r.node, None, command).await?)?
+        } else {
+            let command = Command::UpdateMigration {
+                migration: r.migration,
+                node: r.node.clone(),
+                target_address: r.target_address,
+                progress,
+            };
+            migration_of(self.propose(&r.node, None, command).await?)?
+        };
+        Ok(pb::ReportMigrationResponse {
+            migration: Some(convert::migration(&m)),
+        })
+    }
+
+    /// `RequestSwitchover`, after authorization: yes only once committed.
+    pub(super) async fn request_switchover_checked(
+        &self,
+        r: pb::RequestSwitchoverRequest,
+    ) -> Result<pb::RequestSwitchoverResponse, ApiError> {
+        names::parse(&r.node, names::NODE)?;
+        names::parse(&r.migration, names::MIGRATION)?;
+        let command = Command::SwitchMigration {
+            migration: r.migration.clone(),
+            node: r.node.clone(),
+            progress: progress_in(r.progress.as_ref()),
+        };
+        match self.propose(&r.node, None, command).await {
+            Ok(_) => {
+                tracing::info!(migration = %r.migration, "switchover committed");
+                Ok(pb::RequestSwitchoverResponse {
+                    allowed: true,
+                    reason: String::new(),
+                })
+            }
+            // Refused by the state machine: a definite no.
+            Err(ApiError::FailedPrecondition(why)) => Ok(pb::RequestSwitchoverResponse {
+                allowed: false,
+                reason: why,
+            }),
+            // Anything else (no leader, timeout) is an error: the source
+            // treats it as no as well.
+            Err(e) => Err(e),
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Live migration through the node protocol: both nodes' assignments, the
+//! target's address and the source's progress, and the switchover, which
+//! is answered yes only from the source of a running migration and never
+//! after a cancel.
+
+use nephele_proto::compute::v1 as compute;
+use nephele_proto::infra::v1 as infra;
+use nephele_proto::node::v1 as node;
+
+use super::support::*;
+
+async fn assignment(n: &mut FakeNode, instance: &str) -> anyhow::Result<Option<node::Assignment>> {
+    let a = n
+        .agent
+        .get_assignments(node::WatchAssignmentsRequest {
+            node: n.name.clone(),
+        })
+        .await?
+        .into_inner();
+    Ok(a.assignments
+        .into_iter()
+        .find(|a| a.instance.as_ref().is_some_and(|i| i.name == instance)))
+}
+
+async fn start_migration(
+    env: &mut Env,
+    instance: &str,
+    to: &str,
+    request_id: &str,
+) -> anyhow::Result<String> {
+    let op = env
+        .admin
+        .migrations
+        .create_migration(infra::CreateMigrationRequest {
+            instance: instance.into(),
+            target: to.into(),
+            request_id: request_id.into(),
+            max_downtime_ms: 20,
+        })
+        .await?
+        .into_inner();
+    Ok(op.name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignments_progress_and_the_switchover_gate() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let mut n1 = FakeNode::register(&env.admin, "n1", 8, 8192).await?;
+    let mut n2 = FakeNode::register(&env.admin, "n2", 8, 8192).await?;
+    let _a1 = n1.keep_alive();
+    let _a2 = n2.keep_alive();
+    // Only n1 is up for scheduling at first, so web lands there.
+    env.admin
+        .nodes
+        .disable_node(infra::DisableNodeRequest {
+            name: "nodes/n2".into(),
+        })
+        .await?;
+    let web = "projects/p1/instances/web";
+    create(&mut alice, "web", instance_template("small", "")).await?;
+    wait_state(&mut alice, web, compute::InstanceState::Scheduled).await?;
+    n1.converge().await?;
+    wait_state(&mut alice, web, compute::InstanceState::Running).await?;
+    env.admin
+        .nodes
+        .enable_node(infra::EnableNodeRequest {
+            name: "nodes/n2".into(),
+        })
+        .await?;
+
+    let m = start_migration(&mut env, web, "nodes/n2", "m-1").await?;
+    let i = wait_state(&mut alice, web, compute::InstanceState::Migrating).await?;
+    assert_eq!(i.node, "nodes/n1");
+    // The source is told its role, with no peer yet; the target gets the
+    // instance to receive.
+    let src = assignment(&mut n1, web).await?.expect("still on n1");
+    let sm = src.migration.expect("source role");
+    assert_eq!(sm.role, node::MigrationRole::MigrationSource as i32);
+    assert_eq!((sm.peer_address.as_str(), sm.max_downtime_ms), ("", 20));
+    let tgt = assignment(&mut n2, web).await?.expect("incoming on n2");
+    let tm = tgt.migration.expect("target role");
+    assert_eq!(tm.role, node::MigrationRole::MigrationTarget as i32);
+    assert_eq!(tgt.desired, node::DesiredState::DesiredRunning as i32);
+
+    // Switchover before the target listens: no.
+    let no = n1
+        .agent
+        .request_switchover(node::RequestSwitchoverRequest {
+            node: n1.name.clone(),
+            migration: m.clone(),
+            progress: None,
+        })
+        .await?
+        .into_inner();
+    assert!(!no.allowed, "{no:?}");
+
+    n2.agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n2.name.clone(),
+            migration: m.clone(),
+            target_address: "127.0.0.1:7000".into(),
+            ..Default::default()
+        })
+        .await?;
+    let src = assignment(&mut n1, web).await?.expect("still on n1");
+    assert_eq!(src.migration.expect("role").peer_address, "127.0.0.1:7000");
+    let got = n1
+        .agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n1.name.clone(),
+            migration: m.clone(),
+            progress: Some(node::MigrationProgress {
+                round: 2,
+                bytes_sent: 1 << 20,
+                bytes_remaining: 4096,
+                dirty_rate_bps: 100,
+                throughput_bps: 1 << 30,
+                expected_downtime_ms: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .migration
+        .expect("migration");
+    assert_eq!(got.state, infra::MigrationState::MigrationRunning as i32);
+    assert_eq!((got.round, got.bytes_copied), (2, 1 << 20));
+
+    // The target cannot switch it over; the source can, once.
+    let r = n2
+        .agent
+        .request_switchover(node::RequestSwitchoverRequest {
+            node: n2.name.clone(),
+            migration: m.clone(),
+            progress: None,
+        })
+        .await?
+        .into_inner();
+    assert!(!r.allowed);
+    let yes = n1
+        .agent
+        .request_switchover(node::RequestSwitchoverRequest {
+            node: n1.name.clone(),
+            migration: m.clone(),
+            progress: None,
+        })
+        .await?
+        .into_inner();
+    assert!(yes.allowed, "{yes:?}");
+    let i = wait_state(&mut alice, web, compute::InstanceState::Running).await?;
+    assert_eq!(i.node, "nodes/n2");
+    assert!(assignment(&mut n1, web).await?.is_none());
+    assert!(
+        assignment(&mut n2, web)
+            .await?
+            .expect("on n2")
+            .migration
+            .is_none()
+    );
+
+    // Back to n1, then the source reports it cancelled: no switchover.
+    let m2 = start_migration(&mut env, web, "nodes/n1", "m-2").await?;
+    n1.agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n1.name.clone(),
+            migration: m2.clone(),
+            target_address: "127.0.0.1:7001".into(),
+            ..Default::default()
+        })
+        .await?;
+    n2.agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n2.name.clone(),
+            migration: m2.clone(),
+            cancelled: true,
+            reason: "asked".into(),
+            ..Default::default()
+        })
+        .await?;
+    let late = n2
+        .agent
+        .request_switchover(node::RequestSwitchoverRequest {
+            node: n2.name.clone(),
+            migration: m2.clone(),
+            progress: None,
+        })
+        .await?
+        .into_inner();
+    assert!(!late.allowed);
+    let i = wait_state(&mut alice, web, compute::InstanceState::Running).await?;
+    assert_eq!(i.node, "nodes/n2");
+    let mm = env
+        .admin
+        .migrations
+        .get_migration(infra::GetMigrationRequest { name: m2 })
+        .await?
+        .into_inner();
+    assert_eq!(mm.state, infra::MigrationState::Cancelled as i32);
+    Ok(())
+}
