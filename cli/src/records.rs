@@ -246,6 +246,8 @@ pub fn event(e: &ops::Event) -> Record {
 /// Cluster status.
 pub fn cluster(s: &infra::ClusterStatus) -> Record {
     vec![
+        ("backend", s.backend.clone().into()),
+        ("backend_endpoints", json!(s.backend_endpoints)),
         ("leader_id", s.leader_id.into()),
         ("term", s.term.into()),
         ("answered_by", s.answered_by.into()),

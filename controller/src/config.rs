@@ -13,6 +13,13 @@
 //! election_ticks = 10
 //! node_timeout_ms = 10000
 //! fence_lease_ms = 10000
+//! # The state store: "raft" (the default, replicated among controllers)
+//! # or "etcd" (an existing etcd cluster keeps the state; peers, cluster_id
+//! # and the raft settings are then unused).
+//! store = "raft"
+//! etcd_endpoints = ["http://127.0.0.1:2379"]
+//! etcd_prefix = "/nephele"
+//! etcd_lease_ttl_s = 2
 //! ```
 //!
 //! | flag | environment | file key |
@@ -29,6 +36,16 @@
 //! | `--election-ticks` | `NEPHELE_ELECTION_TICKS` | `election_ticks` |
 //! | `--node-timeout-ms` | `NEPHELE_NODE_TIMEOUT_MS` | `node_timeout_ms` |
 //! | `--fence-lease-ms` | `NEPHELE_FENCE_LEASE_MS` | `fence_lease_ms` |
+//! | `--store` (`raft` or `etcd`) | `NEPHELE_STORE` | `store` |
+//! | `--etcd-endpoints` (comma-separated URLs) | `NEPHELE_ETCD_ENDPOINTS` | `etcd_endpoints` |
+//! | `--etcd-prefix` | `NEPHELE_ETCD_PREFIX` | `etcd_prefix` |
+//! | `--etcd-lease-ttl-s` | `NEPHELE_ETCD_LEASE_TTL_S` | `etcd_lease_ttl_s` |
+//!
+//! With `store = "etcd"` every controller of the site points at the same
+//! etcd endpoints and prefix; the one holding the etcd leadership lease
+//! runs the control loops, and a new one takes over within the lease TTL
+//! (default 2 s) when it dies. `init` then only creates the bootstrap admin
+//! token (once per prefix); `run` starts any further controller.
 //!
 //! A node silent for the node timeout (default 10 s) is marked DOWN; its
 //! HA instances restart elsewhere once the fencing lease (default 10 s,
@@ -87,6 +104,47 @@ pub struct Flags {
     /// The fencing lease given to agents, in milliseconds.
     #[arg(long, env = "NEPHELE_FENCE_LEASE_MS")]
     pub fence_lease_ms: Option<u64>,
+    /// Where the state lives: `raft` (replicated among the controllers, the
+    /// default) or `etcd` (an existing etcd cluster).
+    #[arg(long, env = "NEPHELE_STORE")]
+    pub store: Option<StoreKind>,
+    /// etcd client URLs, comma-separated (with `--store etcd`).
+    #[arg(long, env = "NEPHELE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// Key prefix of this cluster's state in etcd (default `/nephele`).
+    #[arg(long, env = "NEPHELE_ETCD_PREFIX")]
+    pub etcd_prefix: Option<String>,
+    /// TTL in seconds of the etcd leadership lease (default 2): how long a
+    /// dead leader's loops stay unowned.
+    #[arg(long, env = "NEPHELE_ETCD_LEASE_TTL_S")]
+    pub etcd_lease_ttl_s: Option<i64>,
+}
+
+/// Which backend keeps the control-plane state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Raft among the controllers (the default).
+    #[default]
+    Raft,
+    /// An existing etcd cluster (needs the `etcd` cargo feature).
+    Etcd,
+}
+
+/// The resolved store settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// Raft among the controllers.
+    Raft,
+    /// etcd.
+    Etcd {
+        /// Client URLs.
+        endpoints: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+        /// Leadership lease TTL in seconds.
+        lease_ttl_s: i64,
+    },
 }
 
 /// The configuration file.
@@ -115,6 +173,14 @@ pub struct FileConfig {
     pub node_timeout_ms: Option<u64>,
     /// See [`Flags::fence_lease_ms`].
     pub fence_lease_ms: Option<u64>,
+    /// See [`Flags::store`].
+    pub store: Option<StoreKind>,
+    /// See [`Flags::etcd_endpoints`].
+    pub etcd_endpoints: Option<Vec<String>>,
+    /// See [`Flags::etcd_prefix`].
+    pub etcd_prefix: Option<String>,
+    /// See [`Flags::etcd_lease_ttl_s`].
+    pub etcd_lease_ttl_s: Option<i64>,
 }
 
 /// The resolved configuration of one controller.
@@ -142,6 +208,8 @@ pub struct ControllerConfig {
     pub node_timeout: Duration,
     /// The fencing lease.
     pub fence_lease: Duration,
+    /// The state store.
+    pub store: StoreChoice,
 }
 
 /// Why the configuration is unusable.
@@ -261,7 +329,51 @@ impl ControllerConfig {
                 "node_timeout_ms and fence_lease_ms must be at least 100".into(),
             ));
         }
+        let store = match flags.store.or(file.store).unwrap_or_default() {
+            StoreKind::Raft => StoreChoice::Raft,
+            StoreKind::Etcd => {
+                let endpoints: Vec<String> = flags
+                    .etcd_endpoints
+                    .clone()
+                    .or(file.etcd_endpoints)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|e| e.trim().to_owned())
+                    .filter(|e| !e.is_empty())
+                    .collect();
+                if endpoints.is_empty() {
+                    return Err(LoadConfigError::Missing(
+                        "etcd_endpoints (with store = etcd)",
+                    ));
+                }
+                let prefix = flags
+                    .etcd_prefix
+                    .clone()
+                    .or(file.etcd_prefix)
+                    .unwrap_or_else(|| "/nephele".into());
+                if prefix.is_empty() || prefix.ends_with('/') {
+                    return Err(LoadConfigError::Invalid(format!(
+                        "etcd_prefix {prefix:?} must be non-empty and not end with '/'"
+                    )));
+                }
+                let lease_ttl_s = flags
+                    .etcd_lease_ttl_s
+                    .or(file.etcd_lease_ttl_s)
+                    .unwrap_or(2);
+                if lease_ttl_s < 1 {
+                    return Err(LoadConfigError::Invalid(
+                        "etcd_lease_ttl_s must be at least 1".into(),
+                    ));
+                }
+                StoreChoice::Etcd {
+                    endpoints,
+                    prefix,
+                    lease_ttl_s,
+                }
+            }
+        };
         Ok(ControllerConfig {
+            store,
             id,
             cluster_id: flags.cluster_id.or(file.cluster_id),
             listen: flags
@@ -363,5 +475,46 @@ mod tests {
             ..Default::default()
         };
         assert!(ControllerConfig::merge(&flags, FileConfig::default()).is_err());
+    }
+
+    #[test]
+    fn chooses_the_store() {
+        let base = "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\n";
+        let c = ControllerConfig::merge(&Flags::default(), toml::from_str(base).unwrap()).unwrap();
+        assert_eq!(c.store, StoreChoice::Raft);
+        let file: FileConfig = toml::from_str(&format!(
+            "{base}store = \"etcd\"\netcd_endpoints = [\"http://e:2379\"]"
+        ))
+        .unwrap();
+        let c = ControllerConfig::merge(&Flags::default(), file.clone()).unwrap();
+        assert_eq!(
+            c.store,
+            StoreChoice::Etcd {
+                endpoints: vec!["http://e:2379".into()],
+                prefix: "/nephele".into(),
+                lease_ttl_s: 2,
+            }
+        );
+        // Flags win; an etcd store without endpoints is refused.
+        let flags = Flags {
+            etcd_prefix: Some("/site-a".into()),
+            etcd_endpoints: Some(vec!["http://a:1".into(), "http://b:1".into()]),
+            ..Default::default()
+        };
+        let c = ControllerConfig::merge(&flags, file).unwrap();
+        assert!(matches!(
+            c.store,
+            StoreChoice::Etcd { ref endpoints, ref prefix, .. }
+                if endpoints.len() == 2 && prefix == "/site-a"
+        ));
+        let flags = Flags {
+            store: Some(StoreKind::Etcd),
+            ..Default::default()
+        };
+        assert!(matches!(
+            ControllerConfig::merge(&flags, toml::from_str(base).unwrap()),
+            Err(LoadConfigError::Missing(_))
+        ));
+        assert!(toml::from_str::<FileConfig>("store = \"zookeeper\"").is_err());
     }
 }

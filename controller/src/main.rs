@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use neph_controller::config::{ControllerConfig, Flags};
+use neph_controller::config::{ControllerConfig, Flags, StoreChoice};
 use neph_controller::raft::transport;
 use neph_controller::server;
+use neph_controller::store::StateStore;
 use nephele_proto::cluster::v1 as pb;
 
 #[derive(Debug, Parser)]
@@ -88,18 +89,94 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     let options = server::ControllerOptions::with_fencing(cfg.node_timeout, cfg.fence_lease);
-    let mut running =
-        server::start_with(cfg.raft_config(advertise.clone(), init), listener, options).await?;
-    tracing::info!(
-        id = cfg.id,
-        cluster_id = running.store.cluster_id(),
-        listen = %bound,
-        %advertise,
-        data_dir = %cfg.data_dir.display(),
-        "controller serving"
-    );
+    match &cfg.store {
+        StoreChoice::Raft => {
+            let running =
+                server::start_with(cfg.raft_config(advertise.clone(), init), listener, options)
+                    .await?;
+            tracing::info!(
+                id = cfg.id,
+                cluster_id = running.store.cluster_id(),
+                listen = %bound,
+                %advertise,
+                data_dir = %cfg.data_dir.display(),
+                "controller serving (raft store)"
+            );
+            serve_until_stopped(running, &cfg, init).await
+        }
+        #[cfg(feature = "etcd")]
+        StoreChoice::Etcd {
+            endpoints,
+            prefix,
+            lease_ttl_s,
+        } => {
+            // Only the admin token lives here with an etcd store.
+            std::fs::create_dir_all(&cfg.data_dir).with_context(|| {
+                format!(
+                    "cannot create the data directory {}",
+                    cfg.data_dir.display()
+                )
+            })?;
+            let mut etcd = neph_controller::store::etcd::EtcdConfig::new(endpoints.clone(), cfg.id);
+            etcd.prefix = prefix.clone();
+            etcd.lease_ttl_s = *lease_ttl_s;
+            etcd.snapshot_interval = cfg.snapshot_interval;
+            let running = server::start_etcd(etcd, listener, options)
+                .await
+                .with_context(|| {
+                    format!("cannot start the etcd store at {}", endpoints.join(","))
+                })?;
+            tracing::info!(
+                id = cfg.id,
+                listen = %bound,
+                etcd = %endpoints.join(","),
+                %prefix,
+                data_dir = %cfg.data_dir.display(),
+                "controller serving (etcd store)"
+            );
+            serve_until_stopped(running, &cfg, init).await
+        }
+        #[cfg(not(feature = "etcd"))]
+        StoreChoice::Etcd { .. } => anyhow::bail!(
+            "store = \"etcd\" needs a neph-controller built with the cargo feature `etcd` \
+             (cargo build -p neph-controller --features etcd); this one has only the raft store"
+        ),
+    }
+}
+
+/// Logs leadership changes: on an etcd-backed controller they say which
+/// controller runs the control loops.
+fn log_leadership<S: StateStore>(store: S) {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let l = store.leadership();
+            let now = (l.is_leader(), l.term);
+            if last != Some(now) {
+                if l.is_leader() {
+                    tracing::info!(term = l.term, "this controller leads: control loops run");
+                } else {
+                    tracing::info!(
+                        term = l.term,
+                        leader = ?l.leader_id,
+                        "this controller does not lead: control loops idle"
+                    );
+                }
+                last = Some(now);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+async fn serve_until_stopped<S: server::Backend>(
+    mut running: server::RunningController<S>,
+    cfg: &ControllerConfig,
+    init: bool,
+) -> anyhow::Result<()> {
     // The machine-readable line tests and `neph dev` rely on.
-    println!("LISTENING {bound}");
+    println!("LISTENING {}", running.address);
+    log_leadership(running.store.clone());
 
     if init {
         // The bootstrap admin token: created once the cluster has a leader,
@@ -141,7 +218,7 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
         _ = term.recv() => tracing::info!("terminated; stopping"),
         f = failed => {
-            anyhow::bail!("the replicated store failed: {f}");
+            anyhow::bail!("the state store failed: {f}");
         }
         r = running.wait() => {
             r?;

@@ -1,6 +1,7 @@
 //! Starting one controller: the raft member, its gRPC server (the cluster
 //! protocol, the public API, the node agent protocol, health and
-//! reflection on one port) and the leader's control loops.
+//! reflection on one port) and the leader's control loops. With the `etcd`
+//! feature, [`start_etcd`] does the same over an etcd-backed store.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::api::{Api, ApiConfig};
 use crate::raft::{RaftConfig, RaftStore, StartRaftError};
 use crate::reconcile::{self, ReconcileConfig, Reconcilers};
+use crate::store::StateStore;
 
 /// Settings of what a controller serves besides the store.
 #[derive(Debug, Clone, Default)]
@@ -56,11 +58,41 @@ pub enum ServeError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// What a controller needs from its store beyond [`StateStore`]: how to
+/// stop it.
+pub trait Backend: StateStore + Clone {
+    /// Why the store stopped working, if it did (the daemon exits on it).
+    fn failure(&self) -> Option<String>;
+    /// Ends the streams the store serves (before the server stops).
+    fn close_streams(&self) {}
+    /// Stops the store (may block).
+    fn shutdown(&self) {}
+}
+
+impl Backend for RaftStore {
+    fn failure(&self) -> Option<String> {
+        RaftStore::failure(self)
+    }
+    fn close_streams(&self) {
+        RaftStore::close_streams(self);
+    }
+    fn shutdown(&self) {
+        RaftStore::shutdown(self);
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl Backend for crate::store::etcd::EtcdStore {
+    fn failure(&self) -> Option<String> {
+        crate::store::etcd::EtcdStore::failure(self)
+    }
+}
+
 /// A controller serving on a socket.
 #[derive(Debug)]
-pub struct RunningController {
+pub struct RunningController<S = RaftStore> {
     /// The replicated store.
-    pub store: RaftStore,
+    pub store: S,
     /// Where it serves.
     pub address: SocketAddr,
     stop: oneshot::Sender<()>,
@@ -88,12 +120,72 @@ pub async fn start_with(
         config.advertise = address.to_string();
     }
     let store = RaftStore::start(config)?;
-    let (stop, stopped) = oneshot::channel::<()>();
     let service = store.service();
-    let shared = std::sync::Arc::new(store.clone());
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(service);
+    Ok(serve(store, router, listener, address, options).await)
+}
+
+/// Serves the API and runs the control loops over an etcd-backed store
+/// (`store = "etcd"`): no cluster protocol, the state lives in etcd and the
+/// loops run on whichever controller holds the etcd leadership lease.
+#[cfg(feature = "etcd")]
+pub async fn start_etcd(
+    config: crate::store::etcd::EtcdConfig,
+    listener: TcpListener,
+    options: ControllerOptions,
+) -> Result<RunningController<crate::store::etcd::EtcdStore>, StartEtcdControllerError> {
+    let address = listener
+        .local_addr()
+        .map_err(StartEtcdControllerError::Address)?;
+    // etcd may come up after the controllers (both started by one unit
+    // file, say): retry for a while before giving up.
+    let deadline = tokio::time::Instant::now() + ETCD_START_PATIENCE;
+    let store = loop {
+        match crate::store::etcd::EtcdStore::start(config.clone()).await {
+            Ok(s) => break s,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, endpoints = ?config.endpoints, "etcd not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    // The same builder as raft's, without the cluster protocol.
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_optional_service::<nephele_proto::cluster::v1::cluster_server::ClusterServer<
+        crate::raft::service::ClusterService,
+    >>(None);
+    Ok(serve(store, router, listener, address, options).await)
+}
+
+/// How long [`start_etcd`] retries reaching etcd.
+#[cfg(feature = "etcd")]
+const ETCD_START_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Why an etcd-backed controller could not start.
+#[cfg(feature = "etcd")]
+#[derive(Debug, Error)]
+pub enum StartEtcdControllerError {
+    /// The listener's address could not be read.
+    #[error("cannot read the listening address")]
+    Address(#[source] std::io::Error),
+    /// The etcd store did not start.
+    #[error(transparent)]
+    Start(#[from] crate::store::etcd::StartEtcdError),
+}
+
+async fn serve<S: Backend>(
+    store: S,
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    address: SocketAddr,
+    options: ControllerOptions,
+) -> RunningController<S> {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let shared = std::sync::Arc::new(store.clone());
     let router = crate::api::routes(Api::new(shared.clone(), options.api.clone()), router).await;
     // One lease for both: what agents are told is what the loops wait for.
     let mut loops = options.reconcile;
@@ -106,16 +198,16 @@ pub async fn start_with(
             })
             .await
     });
-    Ok(RunningController {
+    RunningController {
         store,
         address,
         stop,
         server,
         reconcilers,
-    })
+    }
 }
 
-impl RunningController {
+impl<S: Backend> RunningController<S> {
     /// Stops serving and stops the raft member.
     pub async fn stop(self) -> Result<(), ServeError> {
         let _ = self.stop.send(());

@@ -270,6 +270,7 @@ impl<S: StateStore> Cluster for Api<S> {
         )
         .await?;
         let l = self.store().leadership();
+        let backend = self.store().backend();
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let status = self
             .read(move |s| pb::ClusterStatus {
@@ -301,6 +302,8 @@ impl<S: StateStore> Cluster for Api<S> {
                         .filter(|i| i.state == InstanceState::Running)
                         .count(),
                 ),
+                backend: backend.kind.to_owned(),
+                backend_endpoints: backend.endpoints,
             })
             .await?;
         Ok(Reply::new(status))

@@ -651,4 +651,11 @@ impl StateStore for RaftStore {
             leader_id: (s.leader_id != 0).then_some(s.leader_id),
         }
     }
+
+    fn backend(&self) -> crate::store::BackendInfo {
+        crate::store::BackendInfo {
+            kind: "raft",
+            endpoints: Vec::new(),
+        }
+    }
 }

@@ -193,6 +193,12 @@ impl EtcdStore {
         format!("{}/leader", self.inner.cfg.prefix)
     }
 
+    /// Why the store stopped applying the log, if it did (the daemon exits
+    /// on it).
+    pub fn failure(&self) -> Option<String> {
+        self.stopped()
+    }
+
     fn stopped(&self) -> Option<String> {
         self.inner.failure.read().ok().and_then(|f| f.clone())
     }
@@ -673,5 +679,14 @@ impl StateStore for EtcdStore {
                 term: 0,
                 leader_id: None,
             })
+    }
+
+    fn backend(&self) -> super::BackendInfo {
+        let mut endpoints = self.inner.cfg.endpoints.clone();
+        endpoints.push(format!("prefix {}", self.inner.cfg.prefix));
+        super::BackendInfo {
+            kind: "etcd",
+            endpoints,
+        }
     }
 }

@@ -66,6 +66,16 @@ impl Leadership {
     }
 }
 
+/// Which backend keeps the state, for status displays.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// `raft` or `etcd` (empty for a test double).
+    pub kind: &'static str,
+    /// Where the backend is reached outside the controllers (the etcd
+    /// client URLs and key prefix); empty for raft.
+    pub endpoints: Vec<String>,
+}
+
 /// Why a proposal did not produce an outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ProposeError {
@@ -133,4 +143,9 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Who leads in which term.
     fn leadership(&self) -> Leadership;
+
+    /// Which backend this is, for status displays.
+    fn backend(&self) -> BackendInfo {
+        BackendInfo::default()
+    }
 }
