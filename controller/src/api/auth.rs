@@ -1,16 +1,30 @@
 //! Authentication: bearer tokens in the `authorization` metadata, checked
-//! against the tokens in the replicated state (only SHA-256 hashes of their
-//! secrets are stored), and the bootstrap admin token `neph-controller init`
-//! creates.
+//! against the tokens in the replicated state, and the bootstrap admin
+//! token `neph-controller init` creates.
 //!
 //! A token reads `nph_{user}_{token}_{secret}`: the user and token ids name
 //! `users/{user}/tokens/{token}` (ids never hold `_`), the secret is 64 hex
-//! digits of OS randomness. Lookup is by name, then the hash is compared in
-//! constant time.
+//! digits of OS randomness. The state keeps only an argon2id hash of the
+//! secret (a PHC string with its own salt), so a copy of the log or a
+//! snapshot yields no usable token. Lookup is by name, then the secret is
+//! verified against the hash. Tokens from before argon2 (a bare SHA-256
+//! hex digest) are still verified, in constant time.
+//!
+//! Argon2 is slow on purpose (tens of milliseconds), so each controller
+//! keeps a [`TokenCache`]: once a secret verified against a stored hash, a
+//! SHA-256 digest of the pair answers later calls. Revocation and expiry
+//! are read from the state on every call, never from the cache, and
+//! verifications run on the blocking pool, at most
+//! [`MAX_CONCURRENT_VERIFICATIONS`] at once, so a flood of forged tokens
+//! costs CPU but never stalls the API's async workers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 
 use nephele_state::model::Role as StateRole;
 use nephele_state::{Command, Envelope, Response, State};
@@ -63,9 +77,102 @@ pub fn api_role(r: StateRole) -> Role {
     }
 }
 
-/// SHA-256 of a token secret, hex.
-pub fn hash_secret(secret: &str) -> String {
-    hex(&Sha256::digest(secret.as_bytes()))
+/// Argon2id verifications running at once, per controller.
+pub const MAX_CONCURRENT_VERIFICATIONS: usize = 2;
+/// Verified (token, secret) pairs a [`TokenCache`] remembers.
+const CACHE_ENTRIES: usize = 10_000;
+
+/// The argon2id hash of a token secret: a PHC string
+/// (`$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`) with a fresh random
+/// salt, argon2's default (OWASP-recommended) parameters.
+pub fn hash_secret(secret: &str) -> Result<String, NewSecretError> {
+    let mut salt = [0u8; 16];
+    random(&mut salt)?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| NewSecretError::Hash(e.to_string()))?;
+    Argon2::default()
+        .hash_password(secret.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| NewSecretError::Hash(e.to_string()))
+}
+
+/// Whether `secret` matches `stored`: an argon2 PHC string, or a legacy
+/// SHA-256 hex digest. A malformed stored hash matches nothing.
+pub fn verify_secret(secret: &str, stored: &str) -> bool {
+    if stored.starts_with('$') {
+        return PasswordHash::new(stored).is_ok_and(|h| {
+            Argon2::default()
+                .verify_password(secret.as_bytes(), &h)
+                .is_ok()
+        });
+    }
+    constant_time_eq(
+        hex(&Sha256::digest(secret.as_bytes())).as_bytes(),
+        stored.as_bytes(),
+    )
+}
+
+/// Remembers which (token, stored hash, secret) triples verified, as
+/// SHA-256 digests, so argon2 runs once per token and controller, not per
+/// call. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct TokenCache {
+    verified: Arc<Mutex<HashMap<String, [u8; 32]>>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for TokenCache {
+    fn default() -> Self {
+        TokenCache {
+            verified: Arc::default(),
+            permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_VERIFICATIONS)),
+        }
+    }
+}
+
+impl TokenCache {
+    fn digest(stored: &str, secret: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(stored.as_bytes());
+        h.update([0u8]);
+        h.update(secret.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Whether `secret` matches the token `name`'s `stored` hash; runs
+    /// argon2 on the blocking pool unless this triple verified before.
+    pub async fn verify(&self, name: &str, stored: &str, secret: &str) -> bool {
+        let digest = Self::digest(stored, secret);
+        let known = self.lock().get(name).copied();
+        if let Some(known) = known {
+            // A different secret or a replaced hash falls through to a full
+            // verification, which is what decides.
+            if constant_time_eq(&known, &digest) {
+                return true;
+            }
+        }
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        let (s, h) = (secret.to_owned(), stored.to_owned());
+        let ok = tokio::task::spawn_blocking(move || verify_secret(&s, &h))
+            .await
+            .unwrap_or(false);
+        if ok {
+            let mut verified = self.lock();
+            if verified.len() >= CACHE_ENTRIES {
+                verified.clear();
+            }
+            verified.insert(name.to_owned(), digest);
+        }
+        ok
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, [u8; 32]>> {
+        // The map holds no invariant a panicking holder could break.
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -78,14 +185,21 @@ pub enum NewSecretError {
     /// The OS random source failed.
     #[error("cannot read /dev/urandom")]
     Random(#[source] std::io::Error),
+    /// Argon2 refused (never with its default parameters).
+    #[error("cannot hash the token secret: {0}")]
+    Hash(String),
+}
+
+fn random(buf: &mut [u8]) -> Result<(), NewSecretError> {
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(buf))
+        .map_err(NewSecretError::Random)
 }
 
 /// 32 random bytes from the OS, hex.
 pub fn new_secret() -> Result<String, NewSecretError> {
     let mut buf = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(NewSecretError::Random)?;
+    random(&mut buf)?;
     Ok(hex(&buf))
 }
 
@@ -134,31 +248,76 @@ pub fn bearer(metadata: &MetadataMap) -> Result<String, ApiError> {
     Ok(token.trim().to_owned())
 }
 
-/// Checks `bearer` against `state` at time `now_ms`.
-pub fn authenticate(state: &State, bearer: &str, now_ms: u64) -> Result<Caller, ApiError> {
-    let invalid =
-        || ApiError::Unauthenticated("the token is not valid; ask an admin for a new one".into());
+/// A token found for a bearer string, still to be verified: the secret
+/// against `stored` (see [`TokenCache::verify`]).
+#[derive(Debug, Clone)]
+pub struct Presented {
+    /// `users/{user}/tokens/{token}`.
+    pub name: String,
+    /// The secret the caller sent.
+    pub secret: String,
+    /// The hash in the state.
+    pub stored: String,
+    /// Who the token speaks for, once verified.
+    pub caller: Caller,
+    /// Whether the token has expired (said only to a caller who proved
+    /// the secret, see [`Presented::accept`]).
+    pub expired: bool,
+}
+
+impl Presented {
+    /// The caller, once the secret verified (`verified`), unless expired.
+    pub fn accept(self, verified: bool) -> Result<Caller, ApiError> {
+        if !verified {
+            return Err(invalid());
+        }
+        if self.expired {
+            return Err(ApiError::Unauthenticated(format!(
+                "token {} expired; create a new one",
+                self.name
+            )));
+        }
+        Ok(self.caller)
+    }
+}
+
+fn invalid() -> ApiError {
+    ApiError::Unauthenticated("the token is not valid; ask an admin for a new one".into())
+}
+
+/// Looks `bearer` up in `state` at time `now_ms`: the token must exist and
+/// belong to an existing user. The secret is not checked here (argon2 is
+/// too slow to run inside a read of the state), nor is expiry reported
+/// before it is (see [`Presented::accept`]).
+pub fn lookup(state: &State, bearer: &str, now_ms: u64) -> Result<Presented, ApiError> {
     let (name, secret) = parse_token(bearer).ok_or_else(invalid)?;
     let token = state.tokens.get(&name).ok_or_else(invalid)?;
-    if !constant_time_eq(hash_secret(secret).as_bytes(), token.secret_hash.as_bytes()) {
-        return Err(invalid());
-    }
-    if token.expire_time.is_some_and(|t| t <= now_ms) {
-        return Err(ApiError::Unauthenticated(format!(
-            "token {name} expired; create a new one"
-        )));
-    }
     let user_name = name.split("/tokens/").next().unwrap_or_default().to_owned();
     let user = state.users.get(&user_name).ok_or_else(invalid)?;
-    Ok(Caller {
-        user: user.name.clone(),
-        admin: user.operator,
-        roles: user
-            .roles
-            .iter()
-            .map(|(p, r)| (p.clone(), api_role(*r)))
-            .collect(),
+    Ok(Presented {
+        expired: token.expire_time.is_some_and(|t| t <= now_ms),
+        secret: secret.to_owned(),
+        stored: token.secret_hash.clone(),
+        caller: Caller {
+            user: user.name.clone(),
+            admin: user.operator,
+            roles: user
+                .roles
+                .iter()
+                .map(|(p, r)| (p.clone(), api_role(*r)))
+                .collect(),
+        },
+        name,
     })
+}
+
+/// Checks `bearer` against `state` at time `now_ms`, verifying the secret
+/// in this thread (tests and tools; the API uses [`lookup`] and a
+/// [`TokenCache`]).
+pub fn authenticate(state: &State, bearer: &str, now_ms: u64) -> Result<Caller, ApiError> {
+    let p = lookup(state, bearer, now_ms)?;
+    let verified = verify_secret(&p.secret, &p.stored);
+    p.accept(verified)
 }
 
 /// Why the bootstrap admin token could not be made.
@@ -218,7 +377,7 @@ pub async fn bootstrap_admin<S: StateStore>(
         Command::CreateToken {
             user: format!("users/{BOOTSTRAP_USER}"),
             token_id: token_id.clone(),
-            secret_hash: hash_secret(&secret),
+            secret_hash: hash_secret(&secret)?,
             expire_time: None,
         },
     );
@@ -287,7 +446,7 @@ mod tests {
             "users/alice/tokens/t1".into(),
             nephele_state::model::Token {
                 name: "users/alice/tokens/t1".into(),
-                secret_hash: hash_secret("s3cret"),
+                secret_hash: hash_secret("s3cret").unwrap(),
                 expire_time: Some(1000),
                 create_time: 0,
             },
@@ -312,5 +471,35 @@ mod tests {
         let secret = new_secret().unwrap();
         assert_eq!(secret.len(), 64);
         assert_ne!(secret, new_secret().unwrap());
+    }
+
+    #[test]
+    fn secrets_are_stored_as_salted_argon2id_and_legacy_hashes_still_verify() {
+        let a = hash_secret("s3cret").unwrap();
+        let b = hash_secret("s3cret").unwrap();
+        assert!(a.starts_with("$argon2id$"), "{a}");
+        assert_ne!(a, b, "each hash has its own salt");
+        assert!(!a.contains("s3cret"));
+        assert!(verify_secret("s3cret", &a) && verify_secret("s3cret", &b));
+        assert!(!verify_secret("s3creT", &a));
+        let legacy = hex(&Sha256::digest(b"old"));
+        assert!(verify_secret("old", &legacy));
+        assert!(!verify_secret("new", &legacy));
+        for garbage in ["", "$", "$argon2id$nonsense", "zz"] {
+            assert!(!verify_secret("", garbage), "{garbage:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_cache_never_accepts_a_wrong_secret_or_a_replaced_hash() {
+        let cache = TokenCache::default();
+        let h1 = hash_secret("one").unwrap();
+        assert!(cache.verify("users/a/tokens/t", &h1, "one").await);
+        assert!(cache.verify("users/a/tokens/t", &h1, "one").await);
+        assert!(!cache.verify("users/a/tokens/t", &h1, "two").await);
+        // The token was recreated with another secret: the old one fails.
+        let h2 = hash_secret("two").unwrap();
+        assert!(!cache.verify("users/a/tokens/t", &h2, "one").await);
+        assert!(cache.verify("users/a/tokens/t", &h2, "two").await);
     }
 }

@@ -276,7 +276,8 @@ impl<S: StateStore> Iam for Api<S> {
         let command = Command::CreateToken {
             user: parent,
             token_id: r.token_id.clone(),
-            secret_hash: auth::hash_secret(&secret),
+            secret_hash: auth::hash_secret(&secret)
+                .map_err(|e| ApiError::Internal(e.to_string()))?,
             expire_time,
         };
         match self.propose(&caller.user, None, command).await? {

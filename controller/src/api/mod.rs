@@ -90,6 +90,8 @@ struct Inner<S> {
     /// Measured load per node from the heartbeats this controller received
     /// (not replicated: load is fresh or useless).
     loads: Mutex<HashMap<String, infra_pb::Load>>,
+    /// Token secrets verified by this controller.
+    tokens: auth::TokenCache,
 }
 
 /// The API services over one store. Cheap to clone.
@@ -238,6 +240,7 @@ impl<S: StateStore> Api<S> {
                 store,
                 config,
                 loads: Mutex::new(HashMap::new()),
+                tokens: auth::TokenCache::default(),
             }),
         }
     }
@@ -306,8 +309,15 @@ impl<S: StateStore> Api<S> {
     async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
         let bearer = auth::bearer(metadata)?;
         let now = now_ms();
-        self.read_try(move |s| auth::authenticate(s, &bearer, now))
-            .await
+        let presented = self
+            .read_try(move |s| auth::lookup(s, &bearer, now))
+            .await?;
+        let verified = self
+            .inner
+            .tokens
+            .verify(&presented.name, &presented.stored, &presented.secret)
+            .await;
+        presented.accept(verified)
     }
 
     /// Authenticates and authorizes `rpc` on `target`.
