@@ -425,6 +425,10 @@ enum EventCmd {
         /// Only this resource (full name).
         #[arg(long)]
         resource: Option<String>,
+        /// The audit trail instead: every change a person made or tried,
+        /// and every refused call (who, what, when, from where, result).
+        #[arg(long)]
+        audit: bool,
         #[command(flatten)]
         paging: Paging,
     },
@@ -1564,7 +1568,11 @@ async fn event(c: &Ctx, cmd: EventCmd) -> Result<(), CliError> {
         .map(|p| global_name("projects", &p))
         .unwrap_or_default();
     match cmd {
-        EventCmd::List { resource, paging } => {
+        EventCmd::List {
+            resource,
+            audit,
+            paging,
+        } => {
             let resource = resource.unwrap_or_default();
             let all = all_pages!(
                 paging.page_size,
@@ -1573,10 +1581,15 @@ async fn event(c: &Ctx, cmd: EventCmd) -> Result<(), CliError> {
                     page_token: t.clone(),
                     project: project.clone(),
                     resource: resource.clone(),
+                    audit,
                 }),
                 events
             );
-            c.rows(&all, records::event, "events");
+            if audit {
+                c.rows(&all, records::audit, "audit records");
+            } else {
+                c.rows(&all, records::event, "events");
+            }
         }
         EventCmd::Watch { after } => watch_events(c, project, after).await?,
     }

@@ -243,6 +243,19 @@ pub fn event(e: &ops::Event) -> Record {
     ]
 }
 
+/// An audit record: who, what, when, from where, result.
+pub fn audit(e: &ops::Event) -> Record {
+    vec![
+        ("seq", e.seq.into()),
+        ("time", time(e.time.as_ref())),
+        ("actor", e.actor.clone().into()),
+        ("peer", e.peer.clone().into()),
+        ("rpc", e.rpc.clone().into()),
+        ("resource", e.resource.clone().into()),
+        ("result", e.result.clone().into()),
+    ]
+}
+
 /// Cluster status.
 pub fn cluster(s: &infra::ClusterStatus) -> Record {
     vec![

@@ -450,6 +450,29 @@ fn formats_exit_codes_and_errors() {
             .any(|e| e["kind"] == "instance.scheduled"),
         "{events}"
     );
+    // The refused duplicate is in the audit trail: who, what, from where,
+    // and the result.
+    let audit = neph.json(&["event", "list", "--audit"]);
+    let refused = audit
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|r| {
+            r["rpc"] == "/nephele.compute.v1.Instances/CreateInstance"
+                && r["result"].as_str().is_some_and(|t| t.contains("exists"))
+        })
+        .unwrap_or_else(|| panic!("no refused create in {audit}"));
+    assert!(
+        refused["actor"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("users/"))
+    );
+    assert!(
+        refused["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:"))
+    );
+    assert_eq!(refused["resource"], "projects/p1/instances/web-1");
     let nodes = neph.json(&["node", "list"]);
     assert_eq!(nodes[0]["name"], "n1");
 }

@@ -50,6 +50,9 @@ pub struct Caller {
     pub admin: bool,
     /// Role per project name.
     pub roles: BTreeMap<String, Role>,
+    /// The call being made, once authorized: what the audit trail records
+    /// about the commands it proposes.
+    pub origin: Option<nephele_state::Origin>,
 }
 
 impl Caller {
@@ -306,6 +309,7 @@ pub fn lookup(state: &State, bearer: &str, now_ms: u64) -> Result<Presented, Api
                 .iter()
                 .map(|(p, r)| (p.clone(), api_role(*r)))
                 .collect(),
+            origin: None,
         },
         name,
     })
@@ -364,6 +368,7 @@ pub async fn bootstrap_admin<S: StateStore>(
             display_name: "bootstrap administrator".into(),
             operator: true,
         },
+        origin: None,
     };
     match super::outcome(store.propose(user).await) {
         Ok(_) | Err(ApiError::AlreadyExists { .. }) => {}

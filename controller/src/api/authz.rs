@@ -234,6 +234,7 @@ mod tests {
                 .map(|r| ("projects/own".to_owned(), r))
                 .into_iter()
                 .collect(),
+            origin: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! `nephele.compute.v1`: flavors, images, instances and server groups.
 
+use super::auth::Caller;
 use nephele_proto::compute::v1 as pb;
 use nephele_proto::compute::v1::flavors_server::Flavors;
 use nephele_proto::compute::v1::images_server::Images;
@@ -146,7 +147,7 @@ impl<S: StateStore> Api<S> {
     /// gets the first answer even if the quota is now used up).
     async fn create_instances(
         &self,
-        metadata: &tonic::metadata::MetadataMap,
+        call: super::Call<'_>,
         rpc: &str,
         parent: &str,
         ids: Vec<String>,
@@ -155,11 +156,7 @@ impl<S: StateStore> Api<S> {
     ) -> Result<Vec<ops_pb::Operation>, ApiError> {
         names::parse(parent, names::PROJECT)?;
         let caller = self
-            .authorize(
-                metadata,
-                &format!("{INSTANCES}{rpc}"),
-                Target::Project(parent),
-            )
+            .authorize(call, &format!("{INSTANCES}{rpc}"), Target::Project(parent))
             .await?;
         for id in &ids {
             names::validate_id(id)?;
@@ -200,7 +197,7 @@ impl<S: StateStore> Api<S> {
                     resource,
                     reason: e.to_string(),
                 };
-                if let Err(not) = self.propose(&caller.user, None, record).await {
+                if let Err(not) = self.propose_as(&caller, None, record).await {
                     tracing::debug!(error = %not, "refused create not recorded");
                 }
             }
@@ -228,7 +225,7 @@ impl<S: StateStore> Api<S> {
                 instances,
             }
         };
-        match self.propose(&caller.user, rid, command).await? {
+        match self.propose_as(&caller, rid, command).await? {
             Response::Instance {
                 operation: Some(op),
                 ..
@@ -241,23 +238,20 @@ impl<S: StateStore> Api<S> {
         }
     }
 
-    /// Authorizes an instance-scoped call; returns the caller's user name.
-    async fn instance_call(
+    /// Authorizes an instance-scoped call; returns the caller.
+    async fn instance_call<'a>(
         &self,
-        req_md: &tonic::metadata::MetadataMap,
+        call: impl Into<super::Call<'a>>,
         rpc: &str,
         name: &str,
-    ) -> Result<String, ApiError> {
+    ) -> Result<Caller, ApiError> {
         names::parse(name, names::INSTANCE)?;
-        Ok(self
-            .authorize(req_md, rpc, project_target(name))
-            .await?
-            .user)
+        self.authorize(call, rpc, project_target(name)).await
     }
 
     async fn action(
         &self,
-        actor: &str,
+        actor: &Caller,
         name: String,
         to: InstanceState,
         verb: &str,
@@ -270,7 +264,7 @@ impl<S: StateStore> Api<S> {
             verb: verb.to_owned(),
             operation_id,
         };
-        operation_of(self.propose(actor, rid, command).await?)
+        operation_of(self.propose_as(actor, rid, command).await?)
     }
 }
 
@@ -282,10 +276,15 @@ impl<S: StateStore> Instances for Api<S> {
         &self,
         req: Request<pb::CreateInstanceRequest>,
     ) -> Result<Reply<ops_pb::Operation>, Status> {
+        let peer = req.remote_addr();
         let (metadata, _, r) = req.into_parts();
+        let call = super::Call {
+            metadata: &metadata,
+            peer,
+        };
         let mut ops = self
             .create_instances(
-                &metadata,
+                call,
                 "CreateInstance",
                 &r.parent,
                 vec![r.instance_id],
@@ -303,7 +302,12 @@ impl<S: StateStore> Instances for Api<S> {
         &self,
         req: Request<pb::BatchCreateInstancesRequest>,
     ) -> Result<Reply<pb::BatchCreateInstancesResponse>, Status> {
+        let peer = req.remote_addr();
         let (metadata, _, r) = req.into_parts();
+        let call = super::Call {
+            metadata: &metadata,
+            peer,
+        };
         let max = u32::try_from(MAX_BATCH_CREATE).unwrap_or(u32::MAX);
         if r.count == 0 || r.count > max {
             return Err(ApiError::InvalidArgument(format!(
@@ -317,7 +321,7 @@ impl<S: StateStore> Instances for Api<S> {
             .collect();
         let operations = self
             .create_instances(
-                &metadata,
+                call,
                 "BatchCreateInstances",
                 &r.parent,
                 ids,
@@ -333,7 +337,7 @@ impl<S: StateStore> Instances for Api<S> {
         req: Request<pb::GetInstanceRequest>,
     ) -> Result<Reply<pb::Instance>, Status> {
         let name = req.get_ref().name.clone();
-        self.instance_call(req.metadata(), &format!("{INSTANCES}GetInstance"), &name)
+        self.instance_call(&req, &format!("{INSTANCES}GetInstance"), &name)
             .await?;
         let i = self
             .get_one(name, |s| &s.instances, convert::instance)
@@ -355,7 +359,7 @@ impl<S: StateStore> Instances for Api<S> {
         } else {
             Target::Project(&r.parent)
         };
-        self.authorize(req.metadata(), &format!("{INSTANCES}ListInstances"), target)
+        self.authorize(&req, &format!("{INSTANCES}ListInstances"), target)
             .await?;
         let r = req.into_inner();
         let page = Page::parse(r.page_size, &r.page_token)?;
@@ -388,7 +392,7 @@ impl<S: StateStore> Instances for Api<S> {
     ) -> Result<Reply<ops_pb::Operation>, Status> {
         let name = req.get_ref().name.clone();
         let actor = self
-            .instance_call(req.metadata(), &format!("{INSTANCES}StartInstance"), &name)
+            .instance_call(&req, &format!("{INSTANCES}StartInstance"), &name)
             .await?;
         let rid = request_id(&req.get_ref().request_id);
         Ok(Reply::new(
@@ -403,7 +407,7 @@ impl<S: StateStore> Instances for Api<S> {
     ) -> Result<Reply<ops_pb::Operation>, Status> {
         let name = req.get_ref().name.clone();
         let actor = self
-            .instance_call(req.metadata(), &format!("{INSTANCES}StopInstance"), &name)
+            .instance_call(&req, &format!("{INSTANCES}StopInstance"), &name)
             .await?;
         let rid = request_id(&req.get_ref().request_id);
         Ok(Reply::new(
@@ -418,7 +422,7 @@ impl<S: StateStore> Instances for Api<S> {
     ) -> Result<Reply<ops_pb::Operation>, Status> {
         let name = req.get_ref().name.clone();
         let actor = self
-            .instance_call(req.metadata(), &format!("{INSTANCES}RebootInstance"), &name)
+            .instance_call(&req, &format!("{INSTANCES}RebootInstance"), &name)
             .await?;
         let rid = request_id(&req.get_ref().request_id);
         Ok(Reply::new(
@@ -433,7 +437,7 @@ impl<S: StateStore> Instances for Api<S> {
     ) -> Result<Reply<pb::Instance>, Status> {
         let name = req.get_ref().name.clone();
         let actor = self
-            .instance_call(req.metadata(), &format!("{INSTANCES}ResizeInstance"), &name)
+            .instance_call(&req, &format!("{INSTANCES}ResizeInstance"), &name)
             .await?;
         let r = req.into_inner();
         let command = Command::ResizeInstance {
@@ -441,7 +445,7 @@ impl<S: StateStore> Instances for Api<S> {
             flavor: r.flavor,
         };
         match self
-            .propose(&actor, request_id(&r.request_id), command)
+            .propose_as(&actor, request_id(&r.request_id), command)
             .await?
         {
             Response::Instance { instance, .. } => Ok(Reply::new(convert::instance(&instance))),
@@ -455,7 +459,7 @@ impl<S: StateStore> Instances for Api<S> {
     ) -> Result<Reply<ops_pb::Operation>, Status> {
         let name = req.get_ref().name.clone();
         let actor = self
-            .instance_call(req.metadata(), &format!("{INSTANCES}DeleteInstance"), &name)
+            .instance_call(&req, &format!("{INSTANCES}DeleteInstance"), &name)
             .await?;
         let rid = request_id(&req.get_ref().request_id);
         let operation_id = derived_id("op", rid.as_deref(), &format!("delete/{name}"))?;
@@ -464,7 +468,7 @@ impl<S: StateStore> Instances for Api<S> {
             operation_id,
         };
         Ok(Reply::new(operation_of(
-            self.propose(&actor, rid, command).await?,
+            self.propose_as(&actor, rid, command).await?,
         )?))
     }
 
@@ -474,6 +478,7 @@ impl<S: StateStore> Instances for Api<S> {
         &self,
         req: Request<Streaming<pb::ConsoleRequest>>,
     ) -> Result<Reply<Self::ConsoleStream>, Status> {
+        let peer = req.remote_addr();
         let (metadata, _, mut inbound) = req.into_parts();
         // Who calls, before anything about the instance is said.
         self.authenticate(&metadata).await?;
@@ -481,7 +486,11 @@ impl<S: StateStore> Instances for Api<S> {
             ApiError::InvalidArgument("the first console message must name the instance".into())
         })?;
         let name = first.name.clone();
-        self.instance_call(&metadata, &format!("{INSTANCES}Console"), &name)
+        let call = super::Call {
+            metadata: &metadata,
+            peer,
+        };
+        self.instance_call(call, &format!("{INSTANCES}Console"), &name)
             .await?;
         let target = self
             .read_try(move |s| console::target(s, &name, true))
@@ -494,7 +503,7 @@ impl<S: StateStore> Instances for Api<S> {
         req: Request<pb::GetConsoleLogRequest>,
     ) -> Result<Reply<pb::ConsoleLog>, Status> {
         let name = req.get_ref().name.clone();
-        self.instance_call(req.metadata(), &format!("{INSTANCES}GetConsoleLog"), &name)
+        self.instance_call(&req, &format!("{INSTANCES}GetConsoleLog"), &name)
             .await?;
         let target = self
             .read_try(move |s| console::target(s, &name, false))
@@ -512,11 +521,7 @@ impl<S: StateStore> Flavors for Api<S> {
         req: Request<pb::CreateFlavorRequest>,
     ) -> Result<Reply<pb::Flavor>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{FLAVORS}CreateFlavor"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{FLAVORS}CreateFlavor"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let command = Command::CreateFlavor {
@@ -524,7 +529,7 @@ impl<S: StateStore> Flavors for Api<S> {
             resources: convert::resources_in(r.flavor.as_ref().and_then(|f| f.resources.as_ref())),
         };
         match self
-            .propose(&caller.user, request_id(&r.request_id), command)
+            .propose_as(&caller, request_id(&r.request_id), command)
             .await?
         {
             Response::Flavor(f) => Ok(Reply::new(convert::flavor(&f))),
@@ -536,12 +541,8 @@ impl<S: StateStore> Flavors for Api<S> {
         &self,
         req: Request<pb::GetFlavorRequest>,
     ) -> Result<Reply<pb::Flavor>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{FLAVORS}GetFlavor"),
-            Target::Cluster,
-        )
-        .await?;
+        self.authorize(&req, &format!("{FLAVORS}GetFlavor"), Target::Cluster)
+            .await?;
         let name = req.into_inner().name;
         let f = self.get_one(name, |s| &s.flavors, convert::flavor).await?;
         Ok(Reply::new(f))
@@ -551,12 +552,8 @@ impl<S: StateStore> Flavors for Api<S> {
         &self,
         req: Request<pb::ListFlavorsRequest>,
     ) -> Result<Reply<pb::ListFlavorsResponse>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{FLAVORS}ListFlavors"),
-            Target::Cluster,
-        )
-        .await?;
+        self.authorize(&req, &format!("{FLAVORS}ListFlavors"), Target::Cluster)
+            .await?;
         let page = Page::parse(req.get_ref().page_size, &req.get_ref().page_token)?;
         let (flavors, next_page_token) = self
             .read(move |s| page.take(&s.flavors, "flavors/", |f| Some(convert::flavor(f))))
@@ -572,14 +569,10 @@ impl<S: StateStore> Flavors for Api<S> {
         req: Request<pb::DeleteFlavorRequest>,
     ) -> Result<Reply<pb::DeleteFlavorResponse>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{FLAVORS}DeleteFlavor"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{FLAVORS}DeleteFlavor"), Target::Cluster)
             .await?;
         let flavor = req.into_inner().name;
-        self.propose(&caller.user, None, Command::DeleteFlavor { flavor })
+        self.propose_as(&caller, None, Command::DeleteFlavor { flavor })
             .await?;
         Ok(Reply::new(pb::DeleteFlavorResponse {}))
     }
@@ -594,11 +587,7 @@ impl<S: StateStore> Images for Api<S> {
         req: Request<pb::CreateImageRequest>,
     ) -> Result<Reply<pb::Image>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{IMAGES}CreateImage"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{IMAGES}CreateImage"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let i = r.image.unwrap_or_default();
@@ -610,7 +599,7 @@ impl<S: StateStore> Images for Api<S> {
             state: ImageState::Active,
         };
         match self
-            .propose(&caller.user, request_id(&r.request_id), command)
+            .propose_as(&caller, request_id(&r.request_id), command)
             .await?
         {
             Response::Image(i) => Ok(Reply::new(convert::image(&i))),
@@ -622,12 +611,8 @@ impl<S: StateStore> Images for Api<S> {
         &self,
         req: Request<pb::GetImageRequest>,
     ) -> Result<Reply<pb::Image>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{IMAGES}GetImage"),
-            Target::Cluster,
-        )
-        .await?;
+        self.authorize(&req, &format!("{IMAGES}GetImage"), Target::Cluster)
+            .await?;
         let name = req.into_inner().name;
         let i = self.get_one(name, |s| &s.images, convert::image).await?;
         Ok(Reply::new(i))
@@ -637,12 +622,8 @@ impl<S: StateStore> Images for Api<S> {
         &self,
         req: Request<pb::ListImagesRequest>,
     ) -> Result<Reply<pb::ListImagesResponse>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{IMAGES}ListImages"),
-            Target::Cluster,
-        )
-        .await?;
+        self.authorize(&req, &format!("{IMAGES}ListImages"), Target::Cluster)
+            .await?;
         let page = Page::parse(req.get_ref().page_size, &req.get_ref().page_token)?;
         let (images, next_page_token) = self
             .read(move |s| page.take(&s.images, "images/", |i| Some(convert::image(i))))
@@ -658,14 +639,10 @@ impl<S: StateStore> Images for Api<S> {
         req: Request<pb::DeleteImageRequest>,
     ) -> Result<Reply<pb::DeleteImageResponse>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{IMAGES}DeleteImage"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{IMAGES}DeleteImage"), Target::Cluster)
             .await?;
         let image = req.into_inner().name;
-        self.propose(&caller.user, None, Command::DeleteImage { image })
+        self.propose_as(&caller, None, Command::DeleteImage { image })
             .await?;
         Ok(Reply::new(pb::DeleteImageResponse {}))
     }
@@ -683,7 +660,7 @@ impl<S: StateStore> ServerGroups for Api<S> {
         names::parse(&parent, names::PROJECT).map_err(ApiError::from)?;
         let caller = self
             .authorize(
-                req.metadata(),
+                &req,
                 &format!("{GROUPS}CreateServerGroup"),
                 Target::Project(&parent),
             )
@@ -696,7 +673,7 @@ impl<S: StateStore> ServerGroups for Api<S> {
             policy,
         };
         match self
-            .propose(&caller.user, request_id(&r.request_id), command)
+            .propose_as(&caller, request_id(&r.request_id), command)
             .await?
         {
             Response::ServerGroup(g) => Ok(Reply::new(convert::server_group(&g))),
@@ -711,7 +688,7 @@ impl<S: StateStore> ServerGroups for Api<S> {
         let name = req.get_ref().name.clone();
         names::parse(&name, names::SERVER_GROUP).map_err(ApiError::from)?;
         self.authorize(
-            req.metadata(),
+            &req,
             &format!("{GROUPS}GetServerGroup"),
             project_target(&name),
         )
@@ -729,7 +706,7 @@ impl<S: StateStore> ServerGroups for Api<S> {
         let parent = req.get_ref().parent.clone();
         names::parse(&parent, names::PROJECT).map_err(ApiError::from)?;
         self.authorize(
-            req.metadata(),
+            &req,
             &format!("{GROUPS}ListServerGroups"),
             Target::Project(&parent),
         )
@@ -757,17 +734,13 @@ impl<S: StateStore> ServerGroups for Api<S> {
         names::parse(&name, names::SERVER_GROUP).map_err(ApiError::from)?;
         let caller = self
             .authorize(
-                req.metadata(),
+                &req,
                 &format!("{GROUPS}DeleteServerGroup"),
                 project_target(&name),
             )
             .await?;
-        self.propose(
-            &caller.user,
-            None,
-            Command::DeleteServerGroup { group: name },
-        )
-        .await?;
+        self.propose_as(&caller, None, Command::DeleteServerGroup { group: name })
+            .await?;
         Ok(Reply::new(pb::DeleteServerGroupResponse {}))
     }
 }

@@ -289,6 +289,22 @@ pub fn event(e: &model::Event) -> ops::Event {
         resource: e.resource.clone(),
         kind: e.kind.clone(),
         message: e.message.clone(),
+        ..Default::default()
+    }
+}
+
+/// An audit record in the event message's shape (`kind` "audit").
+pub fn audit(a: &model::AuditRecord) -> ops::Event {
+    ops::Event {
+        seq: a.seq,
+        time: ts(a.time),
+        actor: a.actor.clone(),
+        resource: a.resource.clone(),
+        kind: "audit".into(),
+        message: String::new(),
+        peer: a.peer.clone(),
+        rpc: a.rpc.clone(),
+        result: a.result.clone(),
     }
 }
 

@@ -31,7 +31,7 @@ impl<S: StateStore> Iam for Api<S> {
         req: Request<pb::GetCallerRequest>,
     ) -> Result<Reply<pb::User>, Status> {
         let caller = self
-            .authorize(req.metadata(), &format!("{SVC}GetCaller"), Target::Cluster)
+            .authorize(&req, &format!("{SVC}GetCaller"), Target::Cluster)
             .await?;
         let name = caller.user.clone();
         let user = self.get_one(name, |s| &s.users, convert::user).await?;
@@ -43,11 +43,7 @@ impl<S: StateStore> Iam for Api<S> {
         req: Request<pb::CreateProjectRequest>,
     ) -> Result<Reply<pb::Project>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{SVC}CreateProject"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{SVC}CreateProject"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let p = r.project.unwrap_or_default();
@@ -57,7 +53,7 @@ impl<S: StateStore> Iam for Api<S> {
             quota: p.quota.as_ref().map(convert::quota_in),
         };
         match self
-            .propose(&caller.user, request_id(&r.request_id), command)
+            .propose_as(&caller, request_id(&r.request_id), command)
             .await?
         {
             Response::Project(p) => Ok(Reply::new(convert::project(&p))),
@@ -71,12 +67,8 @@ impl<S: StateStore> Iam for Api<S> {
     ) -> Result<Reply<pb::Project>, Status> {
         let name = req.get_ref().name.clone();
         names::parse(&name, names::PROJECT).map_err(ApiError::from)?;
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}GetProject"),
-            Target::Project(&name),
-        )
-        .await?;
+        self.authorize(&req, &format!("{SVC}GetProject"), Target::Project(&name))
+            .await?;
         let p = self
             .get_one(name, |s| &s.projects, convert::project)
             .await?;
@@ -88,11 +80,7 @@ impl<S: StateStore> Iam for Api<S> {
         req: Request<pb::ListProjectsRequest>,
     ) -> Result<Reply<pb::ListProjectsResponse>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{SVC}ListProjects"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{SVC}ListProjects"), Target::Cluster)
             .await?;
         let page = Page::parse(req.get_ref().page_size, &req.get_ref().page_token)?;
         let (projects, next_page_token) = self
@@ -113,11 +101,7 @@ impl<S: StateStore> Iam for Api<S> {
         req: Request<pb::UpdateProjectRequest>,
     ) -> Result<Reply<pb::Project>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{SVC}UpdateProject"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{SVC}UpdateProject"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let project = r
@@ -144,7 +128,7 @@ impl<S: StateStore> Iam for Api<S> {
             project: project.name,
             quota: convert::quota_in(quota),
         };
-        match self.propose(&caller.user, None, command).await? {
+        match self.propose_as(&caller, None, command).await? {
             Response::Project(p) => Ok(Reply::new(convert::project(&p))),
             other => Err(unexpected(other).into()),
         }
@@ -155,14 +139,10 @@ impl<S: StateStore> Iam for Api<S> {
         req: Request<pb::DeleteProjectRequest>,
     ) -> Result<Reply<pb::DeleteProjectResponse>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{SVC}DeleteProject"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{SVC}DeleteProject"), Target::Cluster)
             .await?;
         let project = req.into_inner().name;
-        self.propose(&caller.user, None, Command::DeleteProject { project })
+        self.propose_as(&caller, None, Command::DeleteProject { project })
             .await?;
         Ok(Reply::new(pb::DeleteProjectResponse {}))
     }
@@ -172,7 +152,7 @@ impl<S: StateStore> Iam for Api<S> {
         req: Request<pb::CreateUserRequest>,
     ) -> Result<Reply<pb::User>, Status> {
         let caller = self
-            .authorize(req.metadata(), &format!("{SVC}CreateUser"), Target::Cluster)
+            .authorize(&req, &format!("{SVC}CreateUser"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let u = r.user.unwrap_or_default();
@@ -182,7 +162,7 @@ impl<S: StateStore> Iam for Api<S> {
             operator: u.admin,
         };
         match self
-            .propose(&caller.user, request_id(&r.request_id), command)
+            .propose_as(&caller, request_id(&r.request_id), command)
             .await?
         {
             Response::User(u) => Ok(Reply::new(convert::user(&u))),
@@ -193,12 +173,8 @@ impl<S: StateStore> Iam for Api<S> {
     async fn get_user(&self, req: Request<pb::GetUserRequest>) -> Result<Reply<pb::User>, Status> {
         let name = req.get_ref().name.clone();
         names::parse(&name, names::USER).map_err(ApiError::from)?;
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}GetUser"),
-            Target::User(&name),
-        )
-        .await?;
+        self.authorize(&req, &format!("{SVC}GetUser"), Target::User(&name))
+            .await?;
         let u = self.get_one(name, |s| &s.users, convert::user).await?;
         Ok(Reply::new(u))
     }
@@ -207,7 +183,7 @@ impl<S: StateStore> Iam for Api<S> {
         &self,
         req: Request<pb::ListUsersRequest>,
     ) -> Result<Reply<pb::ListUsersResponse>, Status> {
-        self.authorize(req.metadata(), &format!("{SVC}ListUsers"), Target::Cluster)
+        self.authorize(&req, &format!("{SVC}ListUsers"), Target::Cluster)
             .await?;
         let page = Page::parse(req.get_ref().page_size, &req.get_ref().page_token)?;
         let (users, next_page_token) = self
@@ -224,17 +200,17 @@ impl<S: StateStore> Iam for Api<S> {
         req: Request<pb::DeleteUserRequest>,
     ) -> Result<Reply<pb::DeleteUserResponse>, Status> {
         let caller = self
-            .authorize(req.metadata(), &format!("{SVC}DeleteUser"), Target::Cluster)
+            .authorize(&req, &format!("{SVC}DeleteUser"), Target::Cluster)
             .await?;
         let user = req.into_inner().name;
-        self.propose(&caller.user, None, Command::DeleteUser { user })
+        self.propose_as(&caller, None, Command::DeleteUser { user })
             .await?;
         Ok(Reply::new(pb::DeleteUserResponse {}))
     }
 
     async fn set_role(&self, req: Request<pb::SetRoleRequest>) -> Result<Reply<pb::User>, Status> {
         let caller = self
-            .authorize(req.metadata(), &format!("{SVC}SetRole"), Target::Cluster)
+            .authorize(&req, &format!("{SVC}SetRole"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let role = match pb::Role::try_from(r.role) {
@@ -250,7 +226,7 @@ impl<S: StateStore> Iam for Api<S> {
             project: r.project,
             role,
         };
-        match self.propose(&caller.user, None, command).await? {
+        match self.propose_as(&caller, None, command).await? {
             Response::User(u) => Ok(Reply::new(convert::user(&u))),
             other => Err(unexpected(other).into()),
         }
@@ -264,11 +240,7 @@ impl<S: StateStore> Iam for Api<S> {
         let ids = names::parse(&parent, names::USER).map_err(ApiError::from)?;
         let user_id = ids[0].to_owned();
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{SVC}CreateToken"),
-                Target::User(&parent),
-            )
+            .authorize(&req, &format!("{SVC}CreateToken"), Target::User(&parent))
             .await?;
         let r = req.into_inner();
         let secret = auth::new_secret().map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -280,7 +252,7 @@ impl<S: StateStore> Iam for Api<S> {
                 .map_err(|e| ApiError::Internal(e.to_string()))?,
             expire_time,
         };
-        match self.propose(&caller.user, None, command).await? {
+        match self.propose_as(&caller, None, command).await? {
             Response::Token(t) => Ok(Reply::new(pb::CreateTokenResponse {
                 token: Some(convert::token(&t)),
                 secret: auth::format_token(&user_id, &r.token_id, &secret),
@@ -295,12 +267,8 @@ impl<S: StateStore> Iam for Api<S> {
     ) -> Result<Reply<pb::ListTokensResponse>, Status> {
         let parent = req.get_ref().parent.clone();
         names::parse(&parent, names::USER).map_err(ApiError::from)?;
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}ListTokens"),
-            Target::User(&parent),
-        )
-        .await?;
+        self.authorize(&req, &format!("{SVC}ListTokens"), Target::User(&parent))
+            .await?;
         let page = Page::parse(req.get_ref().page_size, &req.get_ref().page_token)?;
         let prefix = format!("{parent}/tokens/");
         let (tokens, next_page_token) = self
@@ -319,13 +287,9 @@ impl<S: StateStore> Iam for Api<S> {
         let token = req.get_ref().name.clone();
         let user = user_of_token(&token)?;
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{SVC}DeleteToken"),
-                Target::User(&user),
-            )
+            .authorize(&req, &format!("{SVC}DeleteToken"), Target::User(&user))
             .await?;
-        self.propose(&caller.user, None, Command::DeleteToken { token })
+        self.propose_as(&caller, None, Command::DeleteToken { token })
             .await?;
         Ok(Reply::new(pb::DeleteTokenResponse {}))
     }

@@ -59,7 +59,7 @@ impl<S: StateStore> Api<S> {
 #[tonic::async_trait]
 impl<S: StateStore> Nodes for Api<S> {
     async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Reply<pb::Node>, Status> {
-        self.authorize(req.metadata(), &format!("{NODES}GetNode"), Target::Cluster)
+        self.authorize(&req, &format!("{NODES}GetNode"), Target::Cluster)
             .await?;
         let name = req.into_inner().name;
         let (n, instances) = self
@@ -80,12 +80,8 @@ impl<S: StateStore> Nodes for Api<S> {
         &self,
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Reply<pb::ListNodesResponse>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{NODES}ListNodes"),
-            Target::Cluster,
-        )
-        .await?;
+        self.authorize(&req, &format!("{NODES}ListNodes"), Target::Cluster)
+            .await?;
         let r = req.into_inner();
         let page = Page::parse(r.page_size, &r.page_token)?;
         let want = r.state;
@@ -115,11 +111,7 @@ impl<S: StateStore> Nodes for Api<S> {
         req: Request<pb::DisableNodeRequest>,
     ) -> Result<Reply<pb::Node>, Status> {
         let c = self
-            .authorize(
-                req.metadata(),
-                &format!("{NODES}DisableNode"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{NODES}DisableNode"), Target::Cluster)
             .await?;
         let n = self
             .set_node_state(&c.user, req.into_inner().name, NodeState::Disabled)
@@ -132,11 +124,7 @@ impl<S: StateStore> Nodes for Api<S> {
         req: Request<pb::EnableNodeRequest>,
     ) -> Result<Reply<pb::Node>, Status> {
         let c = self
-            .authorize(
-                req.metadata(),
-                &format!("{NODES}EnableNode"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{NODES}EnableNode"), Target::Cluster)
             .await?;
         let name = req.into_inner().name;
         let down = {
@@ -159,11 +147,7 @@ impl<S: StateStore> Nodes for Api<S> {
         req: Request<pb::DrainNodeRequest>,
     ) -> Result<Reply<pb::Node>, Status> {
         let c = self
-            .authorize(
-                req.metadata(),
-                &format!("{NODES}DrainNode"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{NODES}DrainNode"), Target::Cluster)
             .await?;
         let n = self
             .set_node_state(&c.user, req.into_inner().name, NodeState::Draining)
@@ -180,7 +164,7 @@ impl<S: StateStore> Migrations for Api<S> {
     ) -> Result<Reply<ops_pb::Operation>, Status> {
         let c = self
             .authorize(
-                req.metadata(),
+                &req,
                 &format!("{MIGRATIONS}CreateMigration"),
                 Target::Cluster,
             )
@@ -199,7 +183,7 @@ impl<S: StateStore> Migrations for Api<S> {
             max_downtime_ms: r.max_downtime_ms,
             cause: String::new(),
         };
-        match self.propose(&c.user, rid, command).await? {
+        match self.propose_as(&c, rid, command).await? {
             // A migration is its own long-running record; the operation
             // view of it is done when the migration reaches a final state.
             Response::Migration(m) => Ok(Reply::new(ops_pb::Operation {
@@ -219,12 +203,8 @@ impl<S: StateStore> Migrations for Api<S> {
         &self,
         req: Request<pb::GetMigrationRequest>,
     ) -> Result<Reply<pb::Migration>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{MIGRATIONS}GetMigration"),
-            Target::Cluster,
-        )
-        .await?;
+        self.authorize(&req, &format!("{MIGRATIONS}GetMigration"), Target::Cluster)
+            .await?;
         let name = req.into_inner().name;
         let m = self
             .get_one(name, |s| &s.migrations, convert::migration)
@@ -237,7 +217,7 @@ impl<S: StateStore> Migrations for Api<S> {
         req: Request<pb::ListMigrationsRequest>,
     ) -> Result<Reply<pb::ListMigrationsResponse>, Status> {
         self.authorize(
-            req.metadata(),
+            &req,
             &format!("{MIGRATIONS}ListMigrations"),
             Target::Cluster,
         )
@@ -264,7 +244,7 @@ impl<S: StateStore> Cluster for Api<S> {
         req: Request<pb::GetClusterStatusRequest>,
     ) -> Result<Reply<pb::ClusterStatus>, Status> {
         self.authorize(
-            req.metadata(),
+            &req,
             "/nephele.infra.v1.Cluster/GetClusterStatus",
             Target::Cluster,
         )

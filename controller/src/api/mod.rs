@@ -92,6 +92,83 @@ struct Inner<S> {
     loads: Mutex<HashMap<String, infra_pb::Load>>,
     /// Token secrets verified by this controller.
     tokens: auth::TokenCache,
+    /// How many refused calls this controller may still write to the
+    /// audit trail (see [`DenialBudget`]).
+    denials: Mutex<DenialBudget>,
+}
+
+/// Refused calls cost a raft write each to audit, and an unauthenticated
+/// client can make them as fast as it likes. So each controller records at
+/// most [`DenialBudget::BURST`] at once and [`DenialBudget::PER_SECOND`]
+/// after that; the next record says how many were left out.
+#[derive(Debug)]
+struct DenialBudget {
+    tokens: f64,
+    last: std::time::Instant,
+    suppressed: u64,
+}
+
+impl DenialBudget {
+    const BURST: f64 = 50.0;
+    const PER_SECOND: f64 = 10.0;
+
+    fn new() -> Self {
+        DenialBudget {
+            tokens: Self::BURST,
+            last: std::time::Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when this refusal is to be recorded, `n` being how many
+    /// before it were not; `None` when it is to be left out.
+    fn take(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * Self::PER_SECOND;
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// A call as authentication and the audit trail see it: its metadata and,
+/// when the transport knows it, the client's address.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    metadata: &'a MetadataMap,
+    peer: Option<std::net::SocketAddr>,
+}
+
+/// What the audit trail records about where `call` to `rpc` came from.
+fn origin(call: Call<'_>, rpc: &str) -> nephele_state::Origin {
+    nephele_state::Origin {
+        peer: call.peer.map(|p| p.to_string()).unwrap_or_default(),
+        rpc: rpc.to_owned(),
+    }
+}
+
+impl<'a, T> From<&'a tonic::Request<T>> for Call<'a> {
+    fn from(req: &'a tonic::Request<T>) -> Self {
+        Call {
+            metadata: req.metadata(),
+            peer: req.remote_addr(),
+        }
+    }
+}
+
+impl<'a> From<&'a MetadataMap> for Call<'a> {
+    fn from(metadata: &'a MetadataMap) -> Self {
+        Call {
+            metadata,
+            peer: None,
+        }
+    }
 }
 
 /// The API services over one store. Cheap to clone.
@@ -241,6 +318,7 @@ impl<S: StateStore> Api<S> {
                 config,
                 loads: Mutex::new(HashMap::new()),
                 tokens: auth::TokenCache::default(),
+                denials: Mutex::new(DenialBudget::new()),
             }),
         }
     }
@@ -301,6 +379,26 @@ impl<S: StateStore> Api<S> {
             request_id,
             fence_term: None,
             command,
+            origin: None,
+        };
+        outcome(self.store().propose(envelope).await)
+    }
+
+    /// Proposes `command` on behalf of an authorized person: it goes into
+    /// the audit trail with the call's origin and its result.
+    async fn propose_as(
+        &self,
+        caller: &Caller,
+        request_id: Option<String>,
+        command: Command,
+    ) -> Result<Response, ApiError> {
+        let envelope = Envelope {
+            time: now_ms(),
+            actor: caller.user.clone(),
+            request_id,
+            fence_term: None,
+            command,
+            origin: caller.origin.clone(),
         };
         outcome(self.store().propose(envelope).await)
     }
@@ -320,16 +418,80 @@ impl<S: StateStore> Api<S> {
         presented.accept(verified)
     }
 
-    /// Authenticates and authorizes `rpc` on `target`.
-    async fn authorize(
+    /// Authenticates and authorizes `rpc` on `target`. A refusal goes into
+    /// the audit trail (within this controller's [`DenialBudget`]).
+    async fn authorize<'a>(
         &self,
-        metadata: &MetadataMap,
+        call: impl Into<Call<'a>>,
         rpc: &str,
         target: Target<'_>,
     ) -> Result<Caller, ApiError> {
-        let caller = self.authenticate(metadata).await?;
-        authz::authorize(&caller, rpc, target)?;
-        Ok(caller)
+        let call = call.into();
+        let origin = origin(call, rpc);
+        let (actor, checked) = match self.authenticate(call.metadata).await {
+            Ok(caller) => (
+                caller.user.clone(),
+                authz::authorize(&caller, rpc, target).map(|()| caller),
+            ),
+            Err(e) => ("anonymous".to_owned(), Err(e)),
+        };
+        match checked {
+            Ok(mut caller) => {
+                caller.origin = Some(origin);
+                Ok(caller)
+            }
+            Err(e) => {
+                self.record_denial(actor, origin, target, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes a refused call into the audit trail, best effort: the caller
+    /// gets its refusal whether or not the record could be written.
+    async fn record_denial(
+        &self,
+        actor: String,
+        origin: nephele_state::Origin,
+        target: Target<'_>,
+        error: &ApiError,
+    ) {
+        if !matches!(
+            error,
+            ApiError::PermissionDenied(_) | ApiError::Unauthenticated(_)
+        ) {
+            return;
+        }
+        let Some(left_out) = self
+            .inner
+            .denials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        else {
+            return;
+        };
+        let mut reason = format!("{}: {error}", error.reason());
+        if left_out > 0 {
+            reason.push_str(&format!(
+                " ({left_out} refusals before this one were not recorded: too many)"
+            ));
+        }
+        let resource = match target {
+            Target::Cluster => String::new(),
+            Target::Project(p) | Target::User(p) => p.to_owned(),
+        };
+        let envelope = Envelope {
+            time: now_ms(),
+            actor,
+            request_id: None,
+            fence_term: None,
+            command: Command::RecordDenial { resource, reason },
+            origin: Some(origin),
+        };
+        if let Err(e) = outcome(self.store().propose(envelope).await) {
+            tracing::debug!(error = %e, "refused call not audited");
+        }
     }
 
     /// Every controller's address and the leader's, for agents.

@@ -37,19 +37,52 @@ fn project_filter(project: &str) -> Result<Option<String>, ApiError> {
     Ok(Some(format!("{project}/")))
 }
 
+/// Up to `size` of `items` (sequence number, message) and, when there are
+/// more, the sequence number to continue after.
+fn first_page(
+    mut items: impl Iterator<Item = (u64, pb::Event)>,
+    size: usize,
+) -> (Vec<pb::Event>, Option<u64>) {
+    let mut out = Vec::new();
+    let mut last = None;
+    for (seq, event) in items.by_ref() {
+        if out.len() == size {
+            return (out, last);
+        }
+        out.push(event);
+        last = Some(seq);
+    }
+    (out, None)
+}
+
 impl<S: StateStore> Api<S> {
-    async fn operation_for(
+    /// The operation `name`, if the caller may read what it is about.
+    async fn operation_for<'a>(
         &self,
-        metadata: &tonic::metadata::MetadataMap,
+        call: impl Into<super::Call<'a>>,
         rpc: &str,
         name: String,
     ) -> Result<pb::Operation, ApiError> {
+        let call = call.into();
         names::parse(&name, names::OPERATION)?;
-        let caller = self.authenticate(metadata).await?;
+        let caller = match self.authenticate(call.metadata).await {
+            Ok(c) => c,
+            Err(e) => {
+                let origin = super::origin(call, rpc);
+                self.record_denial("anonymous".into(), origin, Target::Cluster, &e)
+                    .await;
+                return Err(e);
+            }
+        };
         let op = self
             .get_one(name, |s| &s.operations, convert::operation)
             .await?;
-        super::authz::authorize(&caller, rpc, project_target(&op.target))?;
+        let target = project_target(&op.target);
+        if let Err(e) = super::authz::authorize(&caller, rpc, target) {
+            let origin = super::origin(call, rpc);
+            self.record_denial(caller.user, origin, target, &e).await;
+            return Err(e);
+        }
         Ok(op)
     }
 }
@@ -62,7 +95,7 @@ impl<S: StateStore> Operations for Api<S> {
     ) -> Result<Reply<pb::Operation>, Status> {
         let name = req.get_ref().name.clone();
         let op = self
-            .operation_for(req.metadata(), &format!("{OPS}GetOperation"), name)
+            .operation_for(&req, &format!("{OPS}GetOperation"), name)
             .await?;
         Ok(Reply::new(op))
     }
@@ -72,11 +105,7 @@ impl<S: StateStore> Operations for Api<S> {
         req: Request<pb::ListOperationsRequest>,
     ) -> Result<Reply<pb::ListOperationsResponse>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{OPS}ListOperations"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{OPS}ListOperations"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let page = Page::parse(r.page_size, &r.page_token)?;
@@ -114,9 +143,7 @@ impl<S: StateStore> Operations for Api<S> {
             .min(self.inner.config.max_wait);
         let deadline = tokio::time::Instant::now() + wait;
         let mut changes = self.store().watch();
-        let mut op = self
-            .operation_for(req.metadata(), &rpc, r.name.clone())
-            .await?;
+        let mut op = self.operation_for(&req, &rpc, r.name.clone()).await?;
         while !op.done {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => break,
@@ -148,11 +175,7 @@ impl<S: StateStore> Events for Api<S> {
         req: Request<pb::ListEventsRequest>,
     ) -> Result<Reply<pb::ListEventsResponse>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{EVENTS}ListEvents"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{EVENTS}ListEvents"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let page = Page::parse(r.page_size, &r.page_token)?;
@@ -164,30 +187,34 @@ impl<S: StateStore> Events for Api<S> {
             })?,
         };
         let project = project_filter(&r.project)?;
-        let resource = r.resource;
+        let (resource, audit) = (r.resource, r.audit);
         let size = page.size;
         let (events, last) = self
             .read(move |s| {
-                let mut out = Vec::new();
-                let mut last = None;
-                let mut more = false;
-                for e in s.events.iter().filter(|e| e.seq > after) {
-                    let keep = visible(&caller, &e.resource)
-                        && project
-                            .as_ref()
-                            .is_none_or(|p| e.resource.starts_with(p.as_str()))
-                        && (resource.is_empty() || e.resource == resource);
-                    if !keep {
-                        continue;
-                    }
-                    if out.len() == size {
-                        more = true;
-                        break;
-                    }
-                    out.push(convert::event(e));
-                    last = Some(e.seq);
+                let wanted = |about: &str, by: &str| {
+                    (visible(&caller, about) || (audit && by == caller.user))
+                        && project.as_ref().is_none_or(|p| {
+                            about.starts_with(p.as_str()) || Some(about) == p.strip_suffix('/')
+                        })
+                        && (resource.is_empty() || about == resource)
+                };
+                if audit {
+                    first_page(
+                        s.audit
+                            .iter()
+                            .filter(|a| a.seq > after && wanted(&a.resource, &a.actor))
+                            .map(|a| (a.seq, convert::audit(a))),
+                        size,
+                    )
+                } else {
+                    first_page(
+                        s.events
+                            .iter()
+                            .filter(|e| e.seq > after && wanted(&e.resource, &e.actor))
+                            .map(|e| (e.seq, convert::event(e))),
+                        size,
+                    )
                 }
-                (out, if more { last } else { None })
             })
             .await?;
         Ok(Reply::new(pb::ListEventsResponse {
@@ -205,11 +232,7 @@ impl<S: StateStore> Events for Api<S> {
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Reply<EventStream>, Status> {
         let caller = self
-            .authorize(
-                req.metadata(),
-                &format!("{EVENTS}WatchEvents"),
-                Target::Cluster,
-            )
+            .authorize(&req, &format!("{EVENTS}WatchEvents"), Target::Cluster)
             .await?;
         let r = req.into_inner();
         let project = project_filter(&r.project)?;

@@ -181,6 +181,7 @@ fn fenced(term: u64, command: Command) -> Envelope {
         request_id: None,
         fence_term: Some(term),
         command,
+        origin: None,
     }
 }
 

@@ -7,14 +7,16 @@ use thiserror::Error;
 use crate::codec;
 use crate::command::{Command, Envelope, InstanceSpec, NewInstance, Response};
 use crate::model::{
-    Event, Flavor, Image, Instance, InstanceState, KvEntry, Migration, MigrationProgress,
-    MigrationState, Node, NodeState, Operation, Project, RememberedRequest, Resources, ServerGroup,
-    State, Token, User,
+    AuditRecord, Event, Flavor, Image, Instance, InstanceState, KvEntry, Migration,
+    MigrationProgress, MigrationState, Node, NodeState, Operation, Project, RememberedRequest,
+    Resources, ServerGroup, State, Token, User,
 };
 use crate::names::{self, NameError};
 
 /// Newest events kept in the state; older ones are dropped.
 pub const MAX_EVENTS: usize = 1000;
+/// Audit records kept in the state (the oldest are dropped first).
+pub const MAX_AUDIT_RECORDS: usize = 10_000;
 /// How long an answered `request_id` is remembered (24 hours).
 pub const REQUEST_ID_RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// Longest key in the key-value area.
@@ -106,8 +108,52 @@ impl From<NameError> for ApplyError {
     }
 }
 
-/// Applies one envelope, committed in raft term `term`, to `state`.
+/// Applies one envelope, committed in raft term `term`, to `state`. A
+/// person's call (an envelope with an [`crate::command::Origin`]) goes into
+/// the audit trail with its result, whether it changed anything or not.
 pub fn apply(state: &mut State, env: &Envelope, term: u64) -> Result<Response, ApplyError> {
+    let result = apply_envelope(state, env, term);
+    if let Some(origin) = &env.origin {
+        let outcome = match (&env.command, &result) {
+            (
+                Command::RecordDenial { reason, .. } | Command::RecordRefusal { reason, .. },
+                Ok(_),
+            ) => reason.clone(),
+            (_, Ok(_)) => "ok".to_owned(),
+            (_, Err(e)) => e.to_string(),
+        };
+        audit(state, env, origin, outcome);
+    }
+    result
+}
+
+/// Appends one record to the audit trail, every text cut to
+/// [`MAX_TEXT_LEN`] (an envelope is made by a controller, but its texts
+/// come partly from callers).
+fn audit(state: &mut State, env: &Envelope, origin: &crate::command::Origin, result: String) {
+    let cut = |t: &str| -> String {
+        let mut end = t.len().min(MAX_TEXT_LEN);
+        while !t.is_char_boundary(end) {
+            end -= 1;
+        }
+        t[..end].to_owned()
+    };
+    state.next_audit_seq += 1;
+    state.audit.push_back(AuditRecord {
+        seq: state.next_audit_seq,
+        time: state.now,
+        actor: cut(&env.actor),
+        peer: cut(&origin.peer),
+        rpc: cut(&origin.rpc),
+        resource: cut(&env.command.target()),
+        result: cut(&result),
+    });
+    while state.audit.len() > MAX_AUDIT_RECORDS {
+        state.audit.pop_front();
+    }
+}
+
+fn apply_envelope(state: &mut State, env: &Envelope, term: u64) -> Result<Response, ApplyError> {
     state.applied += 1;
     state.now = state.now.max(env.time);
     expire_requests(state);
@@ -1398,6 +1444,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                     reason: format!("{verb} requested"),
                     expected_generation: None,
                 },
+                origin: None,
             };
             apply_command(state, &transition)?;
             let op = new_operation(state, operation_id, instance, verb)?;
@@ -1533,6 +1580,12 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             text("resource", resource)?;
             text("reason", reason)?;
             event(state, actor, resource, "request.refused", reason.clone());
+            Ok(Response::Done)
+        }
+        Command::RecordDenial { resource, reason } => {
+            // The record itself is written by `apply` from the origin.
+            text("resource", resource)?;
+            text("reason", reason)?;
             Ok(Response::Done)
         }
         Command::FinishOperation { operation, error } => {

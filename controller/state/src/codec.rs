@@ -9,10 +9,15 @@ use thiserror::Error;
 
 use crate::{ApplyError, Command, Envelope, Response, State};
 
-/// Format byte of the current envelope and outcome encoding.
+/// Format byte of outcomes and commands, and of envelopes before they had
+/// an origin (still decoded: a log written by the previous release replays).
 pub const FORMAT_V1: u8 = 1;
-/// Leading bytes of a snapshot: magic and format version.
-pub const SNAPSHOT_MAGIC: &[u8; 4] = b"NSS\x01";
+/// Format byte of the current envelope encoding (with its origin).
+pub const FORMAT_V2: u8 = 2;
+/// Leading bytes of a snapshot: magic and format version. Version 2 added
+/// the audit trail; a version-1 snapshot is refused with
+/// [`DecodeError::UnknownFormat`] (pre-release: no conversion is kept).
+pub const SNAPSHOT_MAGIC: &[u8; 4] = b"NSS\x02";
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Error)]
@@ -54,12 +59,33 @@ fn decode<'a, T: Deserialize<'a>>(prefix: &[u8], bytes: &'a [u8]) -> Result<T, D
 
 /// Encodes an envelope for the log.
 pub fn encode_envelope(env: &Envelope) -> Vec<u8> {
-    encode(&[FORMAT_V1], env)
+    encode(&[FORMAT_V2], env)
 }
 
-/// Decodes an envelope from the log.
+/// An envelope as format 1 wrote it: no origin.
+#[derive(Deserialize)]
+struct EnvelopeV1 {
+    time: crate::model::UnixMs,
+    actor: String,
+    request_id: Option<String>,
+    fence_term: Option<u64>,
+    command: Command,
+}
+
+/// Decodes an envelope from the log (the current format or the previous).
 pub fn decode_envelope(bytes: &[u8]) -> Result<Envelope, DecodeError> {
-    decode(&[FORMAT_V1], bytes)
+    if bytes.first() == Some(&FORMAT_V1) {
+        let v1: EnvelopeV1 = decode(&[FORMAT_V1], bytes)?;
+        return Ok(Envelope {
+            time: v1.time,
+            actor: v1.actor,
+            request_id: v1.request_id,
+            fence_term: v1.fence_term,
+            command: v1.command,
+            origin: None,
+        });
+    }
+    decode(&[FORMAT_V2], bytes)
 }
 
 /// Encodes a command alone (used as the fingerprint of idempotent requests).
@@ -108,8 +134,50 @@ mod tests {
             },
         );
         let bytes = encode_envelope(&env);
-        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(bytes[0], FORMAT_V2);
         assert_eq!(decode_envelope(&bytes).unwrap(), env);
+        let with_origin = Envelope {
+            origin: Some(crate::Origin {
+                peer: "127.0.0.1:4000".into(),
+                rpc: "/nephele.iam.v1.Iam/CreateProject".into(),
+            }),
+            ..env.clone()
+        };
+        let bytes = encode_envelope(&with_origin);
+        assert_eq!(decode_envelope(&bytes).unwrap(), with_origin);
+    }
+
+    #[test]
+    fn a_format_1_envelope_still_decodes_without_an_origin() {
+        // The previous release's encoding: the same fields, no origin.
+        #[derive(Serialize)]
+        struct Old<'a> {
+            time: u64,
+            actor: &'a str,
+            request_id: Option<String>,
+            fence_term: Option<u64>,
+            command: Command,
+        }
+        let old = Old {
+            time: 9,
+            actor: "users/alice",
+            request_id: Some("r1".into()),
+            fence_term: Some(3),
+            command: Command::Noop,
+        };
+        let bytes = encode(&[FORMAT_V1], &old);
+        let env = decode_envelope(&bytes).unwrap();
+        assert_eq!(
+            env,
+            Envelope {
+                time: 9,
+                actor: "users/alice".into(),
+                request_id: Some("r1".into()),
+                fence_term: Some(3),
+                command: Command::Noop,
+                origin: None,
+            }
+        );
     }
 
     #[test]
@@ -119,9 +187,15 @@ mod tests {
             decode_envelope(&[9, 0, 0]),
             Err(DecodeError::UnknownFormat(9))
         ));
+        for format in [FORMAT_V1, FORMAT_V2] {
+            assert!(matches!(
+                decode_envelope(&[format, 0xff, 0xff, 0xff]),
+                Err(DecodeError::Malformed(_))
+            ));
+        }
         assert!(matches!(
-            decode_envelope(&[FORMAT_V1, 0xff, 0xff, 0xff]),
-            Err(DecodeError::Malformed(_))
+            decode_snapshot(b"NSS\x01rest"),
+            Err(DecodeError::UnknownFormat(1))
         ));
         assert!(decode_snapshot(b"NSS").is_err());
         assert!(decode_snapshot(b"XXXX").is_err());

@@ -27,6 +27,19 @@ pub struct Envelope {
     pub fence_term: Option<u64>,
     /// What to do.
     pub command: Command,
+    /// The API call this command carries out, when a person made one: the
+    /// command and its result then go into the audit trail.
+    pub origin: Option<Origin>,
+}
+
+/// Where a person's call came from, for the audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The client's address as the controller saw it (`10.0.0.7:50122`),
+    /// empty when the transport did not say.
+    pub peer: String,
+    /// The RPC (`/nephele.compute.v1.Instances/CreateInstance`).
+    pub rpc: String,
 }
 
 impl Envelope {
@@ -38,6 +51,7 @@ impl Envelope {
             request_id: None,
             fence_term: None,
             command,
+            origin: None,
         }
     }
 }
@@ -357,6 +371,18 @@ pub enum Command {
         /// Why it was refused.
         reason: String,
     },
+    /// Records in the audit trail that a call was refused by authentication
+    /// or authorization (it never became a command): by the envelope's
+    /// actor (`users/alice`, or `anonymous` without a valid token), from
+    /// the envelope's origin, about `resource`, with `reason` as the
+    /// result. Changes nothing else.
+    RecordDenial {
+        /// What the call was about (a project, a user, or empty for the
+        /// cluster).
+        resource: String,
+        /// The refusal as the caller got it.
+        reason: String,
+    },
     /// What a node reports about a migration it takes part in: the target
     /// its `neph-vmm --incoming` address (the migration goes `RUNNING`),
     /// the source its progress. Refused once the migration is final, and
@@ -429,7 +455,9 @@ impl Command {
             C::SetMigrationState { migration, .. }
             | C::UpdateMigration { migration, .. }
             | C::SwitchMigration { migration, .. } => migration.clone(),
-            C::RecordRefusal { resource, .. } => resource.clone(),
+            C::RecordRefusal { resource, .. } | C::RecordDenial { resource, .. } => {
+                resource.clone()
+            }
             C::FinishOperation { operation, .. } => operation.clone(),
             C::KvPut { key, .. } | C::KvCas { key, .. } | C::KvDelete { key } => {
                 format!("kv/{key}")

@@ -451,6 +451,27 @@ pub struct Event {
     pub message: String,
 }
 
+/// One entry of the audit trail: a person's call that changed (or tried to
+/// change) the state, or any call refused by authentication or
+/// authorization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Position in the audit trail, from 1, never reused.
+    pub seq: u64,
+    /// Leader time.
+    pub time: UnixMs,
+    /// Who (`users/alice`; `anonymous` without a valid token).
+    pub actor: String,
+    /// From where: the client's address as the controller saw it.
+    pub peer: String,
+    /// What: the RPC.
+    pub rpc: String,
+    /// About what: the resource (or collection) concerned.
+    pub resource: String,
+    /// The result: `ok`, or the error the caller got.
+    pub result: String,
+}
+
 /// A value in the generic key-value area.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEntry {
@@ -517,6 +538,11 @@ pub struct State {
     pub controllers: BTreeMap<u64, String>,
     /// Member ids that were removed; they may never rejoin under that id.
     pub removed_controllers: BTreeSet<u64>,
+    /// The newest audit records, oldest first (at most
+    /// [`crate::MAX_AUDIT_RECORDS`]).
+    pub audit: VecDeque<AuditRecord>,
+    /// Sequence number of the newest audit record.
+    pub next_audit_seq: u64,
 }
 
 impl State {

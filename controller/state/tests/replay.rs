@@ -257,6 +257,7 @@ fn log() -> impl Strategy<Value = Vec<(Envelope, u64)>> {
                         request_id,
                         fence_term,
                         command,
+                        origin: None,
                     },
                     term,
                 )

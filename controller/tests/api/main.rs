@@ -7,7 +7,9 @@
 //! - `ha.rs`: HA flag, boot counts, reboot, fencing and restart elsewhere.
 //! - `migration.rs`: migration assignments, progress, the switchover gate.
 //! - `console.rs`: the console relay through an in-test `Agent` double.
+//! - `audit.rs`: the audit trail, token revocation, the refusal budget.
 
+mod audit;
 #[path = "../common/mod.rs"]
 mod common;
 mod console;
