@@ -1,6 +1,9 @@
-//! Connecting to a controller with a bearer token, and turning failures
+//! Connecting to a controller over TLS (the controller verified against
+//! the cluster CA, [`Trust`]) with a bearer token, and turning failures
 //! into messages that say what to do, with the CLI's exit codes.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -124,6 +127,61 @@ impl tonic::service::Interceptor for Bearer {
 /// The channel every client uses.
 pub type Svc = InterceptedService<Channel, Bearer>;
 
+/// The cluster CA certificate the CLI verifies controllers against.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    config: Arc<rustls::ClientConfig>,
+    source: String,
+}
+
+/// Where a profile's CA certificate usually is, for error messages.
+const CA_HINT: &str = "pass --ca-file, set NEPHELE_CA_FILE, or set `ca_file` (or `ca_pem`) in the \
+     profile to the cluster's CA certificate (a controller's <data-dir>/tls/ca.pem; `neph dev up` \
+     sets it in the dev profile)";
+
+impl Trust {
+    /// The CA certificate in the PEM file at `path`.
+    pub fn from_file(path: &Path) -> Result<Trust, CliError> {
+        let pem = std::fs::read(path).map_err(|e| {
+            CliError::Usage(format!(
+                "cannot read the CA certificate {}: {e}; {CA_HINT}",
+                path.display()
+            ))
+        })?;
+        Trust::from_pem(&pem, &path.display().to_string())
+    }
+
+    /// The CA certificate in `pem`; `source` names it in messages.
+    pub fn from_pem(pem: &[u8], source: &str) -> Result<Trust, CliError> {
+        let config = nephele_tls::server_auth_client_config(pem).map_err(|e| {
+            CliError::Usage(format!("{source} holds no usable CA certificate: {e}"))
+        })?;
+        Ok(Trust {
+            config,
+            source: source.to_owned(),
+        })
+    }
+
+    /// The error when no CA certificate was given.
+    pub fn missing() -> CliError {
+        CliError::Usage(format!(
+            "no CA certificate to verify the controller with: {CA_HINT}"
+        ))
+    }
+}
+
+/// An error and its sources, joined by `": "`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// A connection to one controller.
 #[derive(Debug, Clone)]
 pub struct Conn {
@@ -145,13 +203,20 @@ macro_rules! client {
 }
 
 impl Conn {
-    /// Connects to `endpoint` (scheme optional) with `token`.
-    pub async fn connect(endpoint: &str, token: Option<String>) -> Result<Conn, CliError> {
-        let url = if endpoint.contains("://") {
-            endpoint.to_owned()
-        } else {
-            format!("http://{endpoint}")
-        };
+    /// Connects to `endpoint` (`host:port`, `http://` or `https://`
+    /// optional: it is TLS either way) with `token`, verifying the
+    /// controller's certificate against `trust` and the address dialled.
+    pub async fn connect(
+        endpoint: &str,
+        token: Option<String>,
+        trust: &Trust,
+    ) -> Result<Conn, CliError> {
+        let bare = endpoint
+            .strip_prefix("https://")
+            .or_else(|| endpoint.strip_prefix("http://"))
+            .unwrap_or(endpoint);
+        // The TLS connector dials; tonic is given a plain URI.
+        let url = format!("http://{bare}");
         let bearer = match token {
             None => Bearer(None),
             Some(t) => Bearer(Some(format!("Bearer {}", t.trim()).parse().map_err(
@@ -160,15 +225,27 @@ impl Conn {
                 },
             )?)),
         };
-        let channel = Channel::from_shared(url.clone())
-            .map_err(|_| CliError::Usage(format!("endpoint {endpoint:?} is not an address like 127.0.0.1:7001")))?
-            .connect_timeout(Duration::from_secs(5))
-            .connect()
+        let endpoint_cfg = Channel::from_shared(url.clone())
+            .map_err(|_| {
+                CliError::Usage(format!(
+                    "endpoint {endpoint:?} is not an address like 127.0.0.1:7001"
+                ))
+            })?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = nephele_tls::connect_channel(endpoint_cfg, trust.config.clone())
             .await
             .map_err(|e| {
-                CliError::Api(format!(
-                    "cannot reach the controller at {url}: {e}; is it running, and is `endpoint` right (--endpoint, NEPHELE_ENDPOINT, or the profile)?"
-                ))
+                let why = chain(&e);
+                if why.contains("certificate") || why.contains("Certificate") {
+                    CliError::Api(format!(
+                        "the controller at {bare} is not trusted: {why}; is {} the CA certificate of this cluster?",
+                        trust.source
+                    ))
+                } else {
+                    CliError::Api(format!(
+                        "cannot reach the controller at {bare}: {why}; is it running, and is `endpoint` right (--endpoint, NEPHELE_ENDPOINT, or the profile)?"
+                    ))
+                }
             })?;
         Ok(Conn { channel, bearer })
     }

@@ -42,6 +42,9 @@ struct Global {
     /// File holding the bearer token.
     #[arg(long, global = true, env = "NEPHELE_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// The cluster CA certificate (PEM) to verify controllers against.
+    #[arg(long, global = true, env = "NEPHELE_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Project (id or projects/ID).
     #[arg(long, short = 'p', global = true, env = "NEPHELE_PROJECT")]
     project: Option<String>,
@@ -462,6 +465,7 @@ struct Ctx {
     /// Every controller of the profile, in order.
     endpoints: Vec<String>,
     token: Option<String>,
+    trust: client::Trust,
     format: Format,
     project: Option<String>,
 }
@@ -488,7 +492,7 @@ impl Ctx {
         };
         for endpoint in &self.endpoints {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let Ok(conn) = Conn::connect(endpoint, self.token.clone()).await else {
+            let Ok(conn) = Conn::connect(endpoint, self.token.clone(), &self.trust).await else {
                 continue;
             };
             eprintln!("neph: {}; trying {endpoint}", last.message());
@@ -594,6 +598,11 @@ async fn ctx(g: Global) -> Result<Ctx, CliError> {
         ),
         (None, None, t) => t,
     };
+    let trust = match (g.ca_file.or(p.ca_file), p.ca_pem) {
+        (Some(file), _) => client::Trust::from_file(&file)?,
+        (None, Some(pem)) => client::Trust::from_pem(pem.as_bytes(), "the profile's ca_pem")?,
+        (None, None) => return Err(client::Trust::missing()),
+    };
     let format = match (g.output, p.output) {
         (Some(f), _) => f,
         (None, Some(s)) => Format::parse(&s).ok_or_else(|| {
@@ -607,7 +616,7 @@ async fn ctx(g: Global) -> Result<Ctx, CliError> {
     let mut current = None;
     let mut error = None;
     for endpoint in &endpoints {
-        match Conn::connect(endpoint, token.clone()).await {
+        match Conn::connect(endpoint, token.clone(), &trust).await {
             Ok(conn) => {
                 current = Some(conn);
                 break;
@@ -622,6 +631,7 @@ async fn ctx(g: Global) -> Result<Ctx, CliError> {
         current: std::cell::RefCell::new(conn),
         endpoints,
         token,
+        trust,
         format,
         project: g.project.or(p.project).filter(|p| !p.is_empty()),
     })

@@ -21,6 +21,7 @@ mod records;
 use clap::Parser as _;
 
 fn main() {
+    nephele_tls::install_default();
     let cli = match commands::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -11,6 +11,7 @@
 //! # is retried on the next, with the same request id
 //! endpoints = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
 //! token_file = "/var/lib/nephele/c1/admin.token"   # or token = "nph_..."
+//! ca_file = "/var/lib/nephele/c1/tls/ca.pem"       # or ca_pem = "-----BEGIN ..."
 //! project = "p1"
 //! output = "table"                               # table, json or yaml
 //! ```
@@ -33,6 +34,11 @@ pub struct Profile {
     pub token: Option<String>,
     /// File holding the bearer token (e.g. a controller's `admin.token`).
     pub token_file: Option<PathBuf>,
+    /// The cluster CA certificate controllers are verified against (a
+    /// controller's `<data-dir>/tls/ca.pem`).
+    pub ca_file: Option<PathBuf>,
+    /// The same certificate inline, PEM.
+    pub ca_pem: Option<String>,
     /// Project short id or `projects/{id}`.
     pub project: Option<String>,
     /// Output format.

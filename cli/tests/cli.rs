@@ -33,6 +33,8 @@ struct Controller {
     child: Child,
     address: String,
     token_file: PathBuf,
+    /// The cluster CA certificate `init` made (`<data>/tls/ca.pem`).
+    ca_file: PathBuf,
 }
 
 impl Drop for Controller {
@@ -61,8 +63,13 @@ fn start_controller(data: &Path) -> Controller {
 /// Starts `neph-controller ARGS --data-dir DATA` and waits for its
 /// `LISTENING` line (and with `token`, its `ADMIN_TOKEN_FILE` line).
 fn launch(args: &[&str], data: &Path, token: bool) -> Controller {
-    let mut child = Command::new(controller_binary())
-        .args(args)
+    let mut cmd = Command::new(controller_binary());
+    cmd.args(args);
+    if !args.contains(&"--operator-key-file") {
+        cmd.arg("--operator-key-file")
+            .arg(data.join("operator.key"));
+    }
+    let mut child = cmd
         .arg("--data-dir")
         .arg(data)
         .env("RUST_LOG", "warn")
@@ -86,6 +93,7 @@ fn launch(args: &[&str], data: &Path, token: bool) -> Controller {
         child,
         address: address.unwrap_or_default(),
         token_file: token_file.unwrap_or_default(),
+        ca_file: data.join("tls").join("ca.pem"),
     }
 }
 
@@ -101,10 +109,14 @@ impl Neph {
         std::fs::write(
             dir.join("config.toml"),
             format!(
-                "default_profile = \"t\"\n[profiles.t]\nendpoint = \"{}\"\ntoken_file = \"{}\"\nproject = \"p1\"\n\n[profiles.nobody]\nendpoint = \"{}\"\ntoken = \"nph_admin_bootstrap-1_0000\"\n",
+                "default_profile = \"t\"\n[profiles.t]\nendpoint = \"{}\"\ntoken_file = \"{}\"\nca_file = \"{}\"\nproject = \"p1\"\n\n[profiles.nobody]\nendpoint = \"{}\"\ntoken = \"nph_admin_bootstrap-1_0000\"\nca_file = \"{}\"\n\n[profiles.noca]\nendpoint = \"{}\"\ntoken_file = \"{}\"\n",
                 c.address,
                 c.token_file.display(),
-                c.address
+                c.ca_file.display(),
+                c.address,
+                c.ca_file.display(),
+                c.address,
+                c.token_file.display(),
             ),
         )
         .expect("write config");
@@ -127,7 +139,8 @@ impl Neph {
             .env_remove("NEPHELE_TOKEN")
             .env_remove("NEPHELE_TOKEN_FILE")
             .env_remove("NEPHELE_PROJECT")
-            .env_remove("NEPHELE_PROFILE");
+            .env_remove("NEPHELE_PROFILE")
+            .env_remove("NEPHELE_CA_FILE");
         c
     }
 
@@ -169,14 +182,17 @@ impl Neph {
 }
 
 /// Registers `nodes/n1` and heartbeats it in the background.
-fn fake_node(address: &str, token: &str) -> std::thread::JoinHandle<()> {
-    fake_node_with(address, token, false)
+fn fake_node(c: &Controller, token: &str) -> std::thread::JoinHandle<()> {
+    fake_node_with(c, token, false)
 }
 
 /// [`fake_node`]; with `serve`, it also serves `EchoAgent` at its
 /// registered address and reports what it is told to run as RUNNING.
-fn fake_node_with(address: &str, token: &str, serve: bool) -> std::thread::JoinHandle<()> {
-    let (address, token) = (format!("http://{address}"), token.trim().to_owned());
+fn fake_node_with(c: &Controller, token: &str, serve: bool) -> std::thread::JoinHandle<()> {
+    let (address, token) = (format!("http://{}", c.address), token.trim().to_owned());
+    nephele_tls::install_default();
+    let tls = nephele_tls::server_auth_client_config(&std::fs::read(&c.ca_file).expect("ca.pem"))
+        .expect("CA");
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -184,9 +200,8 @@ fn fake_node_with(address: &str, token: &str, serve: bool) -> std::thread::JoinH
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let channel = tonic::transport::Channel::from_shared(address)
-                .expect("url")
-                .connect()
+            let endpoint = tonic::transport::Channel::from_shared(address).expect("url");
+            let channel = nephele_tls::connect_channel(endpoint, tls)
                 .await
                 .expect("connect");
             let header: tonic::metadata::MetadataValue<_> =
@@ -404,7 +419,7 @@ fn formats_exit_codes_and_errors() {
     // With a (fake) node, creates succeed; nothing runs the instance, so
     // waiting for it times out with exit 3.
     let token = std::fs::read_to_string(&c.token_file).expect("token file");
-    let _node = fake_node(&c.address, &token);
+    let _node = fake_node(&c, &token);
     let op = neph.json(&[
         "instance", "create", "web-1", "--flavor", "small", "--image", "guest",
     ]);
@@ -479,7 +494,11 @@ fn formats_exit_codes_and_errors() {
 
 /// A controller that can never serve anything: its only peer does not
 /// exist, so it never has a quorum (every call ends UNAVAILABLE).
-fn start_quorumless_controller(data: &Path) -> Controller {
+/// Its certificate comes from the CA of the controller whose data
+/// directory is `ca_of`, so one profile trusts both.
+fn start_quorumless_controller(data: &Path, ca_of: &Path) -> Controller {
+    let key = ca_of.join("operator.key");
+    let sealed = ca_of.join("tls").join("ca.sealed");
     let args = [
         "init",
         "--id",
@@ -490,6 +509,10 @@ fn start_quorumless_controller(data: &Path) -> Controller {
         "127.0.0.1:0",
         "--peers",
         "2=127.0.0.1:1",
+        "--operator-key-file",
+        key.to_str().expect("utf-8"),
+        "--sealed-ca",
+        sealed.to_str().expect("utf-8"),
     ];
     launch(&args, data, false)
 }
@@ -510,7 +533,7 @@ fn creates_are_idempotent_across_kill_9_and_fail_over_to_another_endpoint() {
     let neph = Neph::new(&c);
     neph.catalog();
     let token = std::fs::read_to_string(&c.token_file).expect("token file");
-    let node = fake_node(&c.address, &token);
+    let node = fake_node(&c, &token);
     let create = [
         "instance",
         "create",
@@ -536,17 +559,18 @@ fn creates_are_idempotent_across_kill_9_and_fail_over_to_another_endpoint() {
     let _ = node.join();
     let c = restart_controller(data.path());
     let quorumless_data = tempfile::tempdir().expect("tempdir");
-    let dead = start_quorumless_controller(quorumless_data.path());
+    let dead = start_quorumless_controller(quorumless_data.path(), data.path());
     // A profile whose first controller cannot serve: neph moves on to the
     // next with the same request id.
     let dir = neph.config_home.path().join("nephele");
     std::fs::write(
         dir.join("config.toml"),
         format!(
-            "default_profile = \"t\"\n[profiles.t]\nendpoints = [\"{}\", \"{}\"]\ntoken_file = \"{}\"\nproject = \"p1\"\n",
+            "default_profile = \"t\"\n[profiles.t]\nendpoints = [\"{}\", \"{}\"]\ntoken_file = \"{}\"\nca_file = \"{}\"\nproject = \"p1\"\n",
             dead.address,
             c.address,
-            c.token_file.display()
+            c.token_file.display(),
+            c.ca_file.display()
         ),
     )
     .expect("write config");
@@ -590,7 +614,7 @@ fn console_from_a_pipe_console_log_and_event_watch() {
     let neph = Neph::new(&c);
     neph.catalog();
     let token = std::fs::read_to_string(&c.token_file).expect("token file");
-    let _node = fake_node_with(&c.address, &token, true);
+    let _node = fake_node_with(&c, &token, true);
     let web = neph.json(&[
         "instance",
         "create",
@@ -735,4 +759,67 @@ fn terminal_console(neph: &Neph, endpoint: &str) {
     wait_for("detached");
     let status = child.wait().expect("script");
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn the_controller_is_verified_against_the_profile_ca() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    // The profile's CA verifies the controller.
+    neph.expect(&["flavor", "list"], 0);
+
+    // A certificate from another cluster's CA is refused, and said so.
+    let other = tempfile::tempdir().expect("tempdir");
+    let pem = {
+        nephele_tls::install_default();
+        nephele_tls::Ca::create("other")
+            .expect("CA")
+            .cert_pem()
+            .to_owned()
+    };
+    let wrong = other.path().join("ca.pem");
+    std::fs::write(&wrong, pem).expect("write");
+    let wrong_flag = wrong.to_str().expect("utf-8");
+    let (_, err) = neph.expect(&["--ca-file", wrong_flag, "flavor", "list"], 1);
+    assert!(
+        err.contains("is not trusted") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+
+    // No CA at all: a usage error that says where to get one.
+    let (_, err) = neph.expect(&["--profile", "noca", "flavor", "list"], 2);
+    assert!(
+        err.contains("no CA certificate") && err.contains("--ca-file"),
+        "{err}"
+    );
+    // A file that is not a certificate.
+    let junk = other.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").expect("write");
+    let (_, err) = neph.expect(
+        &["--ca-file", junk.to_str().expect("utf-8"), "flavor", "list"],
+        2,
+    );
+    assert!(err.contains("no usable CA certificate"), "{err}");
+
+    // A plaintext client gets nothing from the port.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let plain = rt.block_on(async {
+        let channel = tonic::transport::Channel::from_shared(format!("http://{}", c.address))
+            .expect("url")
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(3))
+            .connect()
+            .await?;
+        compute::flavors_client::FlavorsClient::new(channel)
+            .list_flavors(compute::ListFlavorsRequest::default())
+            .await
+            .map(|_| ())
+            .map_err(|s| anyhow::anyhow!("{s}"))?;
+        anyhow::Ok(())
+    });
+    assert!(plain.is_err(), "a plaintext call was answered");
 }

@@ -5,7 +5,8 @@
 //! ```text
 //! # against running controllers
 //! cargo run --release -p neph-controller --example store_bench -- \
-//!     --endpoints 127.0.0.1:7001,127.0.0.1:7002 --cluster-id 42 --concurrency 16
+//!     --endpoints 127.0.0.1:7001,127.0.0.1:7002 --cluster-id 42 --concurrency 16 \
+//!     --tls-dir /tmp/c1/tls
 //! # or against an in-process cluster of N members it starts itself
 //! cargo run --release -p neph-controller --example store_bench -- --spawn 3 --concurrency 16
 //! ```
@@ -33,6 +34,11 @@ struct Args {
     /// Controllers to send to (clients are spread over them).
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// A controller's TLS directory (`<data-dir>/tls`): running controllers
+    /// speak the cluster protocol only over mutual TLS with a controller
+    /// certificate (not needed with `--spawn`).
+    #[arg(long)]
+    tls_dir: Option<std::path::PathBuf>,
     /// Cluster id of the endpoints.
     #[arg(long, default_value_t = 1)]
     cluster_id: u64,
@@ -128,6 +134,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    nephele_tls::install_default();
     if !args.etcd.is_empty() {
         let (lat, errors) = etcd_load(&args).await?;
         report(
@@ -175,9 +182,23 @@ async fn main() -> anyhow::Result<()> {
     let members = endpoints.len();
     let value = vec![0x5a; args.value_bytes];
     let until = Instant::now() + Duration::from_secs_f64(args.seconds);
+    let tls: transport::PeerTls = match &args.tls_dir {
+        Some(dir) => Some(
+            nephele_tls::TlsContext::load(
+                &nephele_tls::TlsFiles::in_dir(dir),
+                nephele_tls::Revocations::new(),
+            )
+            .with_context(|| format!("cannot load the certificate in {}", dir.display()))?
+            .client_config(nephele_tls::PeerPolicy::Kind(
+                nephele_tls::IdentityKind::Controller,
+            ))?,
+        ),
+        None => None,
+    };
     let mut tasks = Vec::new();
     for c in 0..args.concurrency {
-        let mut client = transport::connect(&endpoints[c % members]).context("connect")?;
+        let mut client =
+            transport::connect_with(&endpoints[c % members], &tls).context("connect")?;
         let value = value.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();

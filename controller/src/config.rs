@@ -40,6 +40,14 @@
 //! | `--etcd-endpoints` (comma-separated URLs) | `NEPHELE_ETCD_ENDPOINTS` | `etcd_endpoints` |
 //! | `--etcd-prefix` | `NEPHELE_ETCD_PREFIX` | `etcd_prefix` |
 //! | `--etcd-lease-ttl-s` | `NEPHELE_ETCD_LEASE_TTL_S` | `etcd_lease_ttl_s` |
+//! | `--operator-key-file` | `NEPHELE_OPERATOR_KEY_FILE` (or the key in `NEPHELE_OPERATOR_KEY`) | |
+//! | `--sealed-ca` | `NEPHELE_SEALED_CA` | |
+//!
+//! The port speaks only TLS (see `crate::tls`): `init` creates the
+//! cluster CA (its key sealed with the operator key) unless the sealed CA
+//! file exists, and every controller without a certificate in
+//! `<data-dir>/tls/` issues itself one from the sealed CA with the
+//! operator key; once it has one, neither is needed to start.
 //!
 //! With `store = "etcd"` every controller of the site points at the same
 //! etcd endpoints and prefix; the one holding the etcd leadership lease
@@ -118,6 +126,17 @@ pub struct Flags {
     /// dead leader's loops stay unowned.
     #[arg(long, env = "NEPHELE_ETCD_LEASE_TTL_S")]
     pub etcd_lease_ttl_s: Option<i64>,
+    /// The operator key file (mode 0600) that seals the cluster CA's key;
+    /// `init` creates it when missing. Needed only when this controller has
+    /// no certificate yet. `NEPHELE_OPERATOR_KEY` may hold the key itself
+    /// (64 hex digits) instead.
+    #[arg(long, env = "NEPHELE_OPERATOR_KEY_FILE")]
+    pub operator_key_file: Option<PathBuf>,
+    /// The sealed cluster CA (default `<data-dir>/tls/ca.sealed`): `init`
+    /// creates it unless it exists (initial members given the same file
+    /// share one CA); a controller joining later is given a copy.
+    #[arg(long, env = "NEPHELE_SEALED_CA")]
+    pub sealed_ca: Option<PathBuf>,
 }
 
 /// Which backend keeps the control-plane state.

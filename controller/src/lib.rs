@@ -9,6 +9,7 @@
 //! - [`server`]: starting a member and serving it over gRPC.
 //! - [`api`]: the public gRPC API and the node agent protocol, with
 //!   authentication, authorization and the stable error reasons.
+//! - [`tls`]: the cluster CA and this controller's certificate on disk.
 //! - [`reconcile`]: the leader's control loops (scheduling, node liveness,
 //!   operation completion).
 //!
@@ -20,3 +21,4 @@ pub mod raft;
 pub mod reconcile;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -35,6 +35,8 @@ enum Cmd {
         /// The cluster id.
         #[arg(long, env = "NEPHELE_CLUSTER_ID")]
         cluster_id: u64,
+        #[command(flatten)]
+        tls: AdminTls,
     },
     /// Add a member (ask any member; it forwards to the leader).
     AddMember {
@@ -44,6 +46,8 @@ enum Cmd {
         /// The cluster id.
         #[arg(long, env = "NEPHELE_CLUSTER_ID")]
         cluster_id: u64,
+        #[command(flatten)]
+        tls: AdminTls,
         /// New member's id.
         #[arg(long)]
         id: u64,
@@ -59,10 +63,42 @@ enum Cmd {
         /// The cluster id.
         #[arg(long, env = "NEPHELE_CLUSTER_ID")]
         cluster_id: u64,
+        #[command(flatten)]
+        tls: AdminTls,
         /// Member to remove.
         #[arg(long)]
         id: u64,
     },
+}
+
+/// The cluster protocol admits only controller certificates: the admin
+/// subcommands use a controller's own (run them where a controller runs).
+#[derive(Debug, clap::Args)]
+struct AdminTls {
+    /// A controller's TLS directory (`<data-dir>/tls`: `ca.pem`, `cert.pem`,
+    /// `key.pem`).
+    #[arg(long, env = "NEPHELE_TLS_DIR")]
+    tls_dir: std::path::PathBuf,
+}
+
+impl AdminTls {
+    fn client(
+        &self,
+        endpoint: &str,
+    ) -> anyhow::Result<pb::cluster_client::ClusterClient<tonic::transport::Channel>> {
+        let files = nephele_tls::TlsFiles::in_dir(&self.tls_dir);
+        let tls = nephele_tls::TlsContext::load(&files, nephele_tls::Revocations::new())
+            .with_context(|| {
+                format!(
+                    "cannot load the controller certificate in {}",
+                    self.tls_dir.display()
+                )
+            })?;
+        let config = tls.client_config(nephele_tls::PeerPolicy::Kind(
+            nephele_tls::IdentityKind::Controller,
+        ))?;
+        Ok(transport::connect_with(endpoint, &Some(config))?)
+    }
 }
 
 fn init_tracing() {
@@ -88,7 +124,29 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let bound = listener.local_addr()?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let options = server::ControllerOptions::with_fencing(cfg.node_timeout, cfg.fence_lease);
+    let mut options = server::ControllerOptions::with_fencing(cfg.node_timeout, cfg.fence_lease);
+    let listen = bound.to_string();
+    let prepare = neph_controller::tls::PrepareTls {
+        data_dir: cfg.data_dir.clone(),
+        id: cfg.id,
+        cluster_id: cfg.cluster_id.map(|c| c.to_string()),
+        sealed_ca: flags.sealed_ca.clone(),
+        operator_key: neph_controller::tls::OperatorKeySource {
+            file: flags.operator_key_file.clone(),
+            hex: std::env::var(neph_controller::tls::OPERATOR_KEY_ENV).ok(),
+        },
+        create: init,
+        addresses: neph_controller::tls::certificate_hosts([advertise.as_str(), listen.as_str()]),
+    };
+    let tls = neph_controller::tls::prepare(&prepare, nephele_tls::Revocations::new())
+        .context("cannot set up this controller's TLS")?;
+    println!(
+        "CA_FILE {}",
+        nephele_tls::TlsFiles::in_dir(&neph_controller::tls::tls_dir(&cfg.data_dir))
+            .ca
+            .display()
+    );
+    options.tls = Some(tls);
     match &cfg.store {
         StoreChoice::Raft => {
             let running =
@@ -233,14 +291,16 @@ async fn serve_until_stopped<S: server::Backend>(
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
+    nephele_tls::install_default();
     match cli.command {
         Cmd::Init(flags) => serve(flags, true).await,
         Cmd::Run(flags) => serve(flags, false).await,
         Cmd::Status {
             endpoint,
             cluster_id,
+            tls,
         } => {
-            let mut c = transport::connect(&endpoint)?;
+            let mut c = tls.client(&endpoint)?;
             let s = c
                 .status(pb::StatusRequest { cluster_id })
                 .await
@@ -266,8 +326,9 @@ async fn main() -> anyhow::Result<()> {
             cluster_id,
             id,
             address,
+            tls,
         } => {
-            let mut c = transport::connect(&endpoint)?;
+            let mut c = tls.client(&endpoint)?;
             let r = c
                 .add_member(pb::AddMemberRequest {
                     cluster_id,
@@ -284,8 +345,9 @@ async fn main() -> anyhow::Result<()> {
             endpoint,
             cluster_id,
             id,
+            tls,
         } => {
-            let mut c = transport::connect(&endpoint)?;
+            let mut c = tls.client(&endpoint)?;
             let r = c
                 .remove_member(pb::RemoveMemberRequest { cluster_id, id })
                 .await

@@ -12,6 +12,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use nephele_tls::{ClientAuth, IdentityKind, PeerPolicy, RequirePeer, TlsContext};
+use tonic::service::interceptor::InterceptedService;
+
 use crate::api::{Api, ApiConfig};
 use crate::raft::{RaftConfig, RaftStore, StartRaftError};
 use crate::reconcile::{self, ReconcileConfig, Reconcilers};
@@ -26,6 +29,13 @@ pub struct ControllerOptions {
     pub api: ApiConfig,
     /// The control loops.
     pub reconcile: ReconcileConfig,
+    /// This controller's TLS (see [`crate::tls`]): with it the port speaks
+    /// only TLS, the public API server-authenticated (bearer tokens as
+    /// before), the cluster protocol mutual TLS admitting only
+    /// `controller/*` certificates, and raft traffic to peers goes over
+    /// mutual TLS too. `None` serves plaintext: only in-process tests of
+    /// the library use that (the daemon always has TLS).
+    pub tls: Option<TlsContext>,
 }
 
 impl ControllerOptions {
@@ -56,6 +66,9 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("the gRPC server failed")]
     Serve(#[from] tonic::transport::Error),
+    /// The TLS configuration could not be built.
+    #[error("cannot build the TLS configuration")]
+    Tls(#[from] nephele_tls::TlsConfigError),
 }
 
 /// What a controller needs from its store beyond [`StateStore`]: how to
@@ -119,12 +132,26 @@ pub async fn start_with(
     if config.advertise.is_empty() {
         config.advertise = address.to_string();
     }
+    if let Some(tls) = &options.tls
+        && config.peer_tls.is_none()
+    {
+        config.peer_tls = Some(tls.client_config(PeerPolicy::Kind(IdentityKind::Controller))?);
+    }
     let store = RaftStore::start(config)?;
-    let service = store.service();
+    // Only controllers may speak the cluster protocol; without TLS (tests)
+    // the interceptor is left out.
+    let service = options.tls.as_ref().map(|tls| {
+        InterceptedService::new(
+            store.service(),
+            RequirePeer::kind(IdentityKind::Controller, tls.revocations().clone()),
+        )
+    });
+    let plain = options.tls.is_none().then(|| store.service());
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(service);
-    Ok(serve(store, router, listener, address, options).await)
+        .add_optional_service(service)
+        .add_optional_service(plain);
+    serve(store, router, listener, address, options).await
 }
 
 /// Serves the API and runs the control loops over an etcd-backed store
@@ -158,7 +185,9 @@ pub async fn start_etcd(
         .add_optional_service::<nephele_proto::cluster::v1::cluster_server::ClusterServer<
         crate::raft::service::ClusterService,
     >>(None);
-    Ok(serve(store, router, listener, address, options).await)
+    serve(store, router, listener, address, options)
+        .await
+        .map_err(StartEtcdControllerError::Tls)
 }
 
 /// How long [`start_etcd`] retries reaching etcd.
@@ -175,6 +204,9 @@ pub enum StartEtcdControllerError {
     /// The etcd store did not start.
     #[error(transparent)]
     Start(#[from] crate::store::etcd::StartEtcdError),
+    /// The TLS configuration could not be built.
+    #[error("cannot build the TLS configuration")]
+    Tls(#[source] ServeError),
 }
 
 async fn serve<S: Backend>(
@@ -183,7 +215,14 @@ async fn serve<S: Backend>(
     listener: TcpListener,
     address: SocketAddr,
     options: ControllerOptions,
-) -> RunningController<S> {
+) -> Result<RunningController<S>, ServeError> {
+    let incoming = match &options.tls {
+        Some(tls) => Incoming::Tls(nephele_tls::TlsIncoming::new(
+            listener,
+            tls.server_config(ClientAuth::Optional)?,
+        )),
+        None => Incoming::Plain(TcpListenerStream::new(listener)),
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let shared = std::sync::Arc::new(store.clone());
     let router = crate::api::routes(Api::new(shared.clone(), options.api.clone()), router).await;
@@ -192,19 +231,27 @@ async fn serve<S: Backend>(
     loops.fence_lease = options.api.fence_lease;
     let reconcilers = reconcile::spawn(shared, loops);
     let server = tokio::spawn(async move {
-        router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stopped.await;
-            })
-            .await
+        let stopped = async {
+            let _ = stopped.await;
+        };
+        match incoming {
+            Incoming::Tls(i) => router.serve_with_incoming_shutdown(i, stopped).await,
+            Incoming::Plain(i) => router.serve_with_incoming_shutdown(i, stopped).await,
+        }
     });
-    RunningController {
+    Ok(RunningController {
         store,
         address,
         stop,
         server,
         reconcilers,
-    }
+    })
+}
+
+/// What the server accepts connections from.
+enum Incoming {
+    Tls(nephele_tls::TlsIncoming),
+    Plain(TcpListenerStream),
 }
 
 impl<S: Backend> RunningController<S> {

@@ -44,10 +44,11 @@ fn authed<T>(token: &str, msg: T) -> Request<T> {
 }
 
 fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(3))
-        .connect_lazy())
+    Ok(procs::pki::lazy(
+        Channel::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(3)),
+    ))
 }
 
 async fn status(addr: &str, token: &str) -> anyhow::Result<infra::ClusterStatus> {

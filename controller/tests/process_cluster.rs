@@ -14,6 +14,9 @@ use nephele_proto::cluster::v1::cluster_client::ClusterClient;
 use nephele_state::{Envelope, codec};
 use tonic::transport::Channel;
 
+#[path = "procs/pki.rs"]
+mod pki;
+
 const CLUSTER: u64 = 77;
 
 struct Member {
@@ -35,6 +38,7 @@ fn spawn(m: &mut Member, peers: &str, init: bool) -> anyhow::Result<()> {
         .create(true)
         .append(true)
         .open(&m.log)?;
+    pki::issue_controller(&m.dir, m.id);
     let child = Command::new(env!("CARGO_BIN_EXE_neph-controller"))
         .arg(if init { "init" } else { "run" })
         .args(["--id", &m.id.to_string()])
@@ -68,12 +72,11 @@ impl Drop for Member {
 }
 
 async fn client(addr: &str) -> anyhow::Result<ClusterClient<Channel>> {
-    Ok(ClusterClient::new(
+    Ok(ClusterClient::new(pki::lazy(
         Channel::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(300))
-            .timeout(Duration::from_secs(3))
-            .connect_lazy(),
-    ))
+            .timeout(Duration::from_secs(3)),
+    )))
 }
 
 async fn status(addr: &str) -> Option<pb::StatusResponse> {

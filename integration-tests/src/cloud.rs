@@ -163,6 +163,8 @@ impl Cloud {
             .arg(&self.image_dir)
             .arg("--token-file")
             .arg(&self.token_file)
+            .arg("--ca-file")
+            .arg(self.controllers.ca_file())
             .args(["--capacity-vcpus", "8"])
             .args(["--capacity-memory-mib", "4096"])
             .args(["--capacity-disk-gib", "50"]);
@@ -235,6 +237,8 @@ impl Cloud {
             cmd.env_remove("NEPHELE_PROFILE")
                 .env("XDG_CONFIG_HOME", self.dir.path().join("config"))
                 .args(["--endpoint", &c.address])
+                .arg("--ca-file")
+                .arg(self.controllers.ca_file())
                 .args(["-o", "json"]);
             match token {
                 Some(t) => cmd.env("NEPHELE_TOKEN", t),

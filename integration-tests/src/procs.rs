@@ -93,8 +93,15 @@ impl ControllerCluster {
                 .filter(|(p, _)| *p != id)
                 .map(|(p, a)| format!("{p}={a}"))
                 .collect();
+            // One CA for the cluster: the first `init` creates it (key
+            // sealed with the operator key), the others issue their
+            // certificates from it.
             let mut cmd = Command::new(workspace_binary("neph-controller"));
             cmd.arg("init")
+                .arg("--operator-key-file")
+                .arg(dir.path().join("operator.key"))
+                .arg("--sealed-ca")
+                .arg(dir.path().join("ca.sealed"))
                 .args(["--id", &id.to_string()])
                 .args(["--cluster-id", &cluster_id.to_string()])
                 .args(["--listen", &address])
@@ -123,6 +130,16 @@ impl ControllerCluster {
         self._dir.path().join(format!("c{id}"))
     }
 
+    /// The cluster CA certificate clients verify the controllers with.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir(1).join("tls").join("ca.pem")
+    }
+
+    /// Member `id`'s TLS directory (its `controller/<id>` certificate).
+    pub fn tls_dir(&self, id: u64) -> PathBuf {
+        self.data_dir(id).join("tls")
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.address.clone()).collect()
     }
@@ -134,6 +151,8 @@ impl ControllerCluster {
             .arg("status")
             .args(["--endpoint", &member.address])
             .args(["--cluster-id", &self.cluster_id.to_string()])
+            .arg("--tls-dir")
+            .arg(self.tls_dir(member.id))
             .output();
         let Ok(out) = out else { return 0 };
         serde_json::from_slice::<serde_json::Value>(&out.stdout)

@@ -21,8 +21,12 @@
 //! # Status
 //!
 //! This crate is complete and tested on its own (`tests/mtls.rs` runs real
-//! TLS over loopback), but **no component uses it yet**: the controller,
-//! agent, CLI and VMM still talk plaintext. The wiring below is the plan.
+//! TLS over loopback). Wired so far: `neph-controller init` and the
+//! controller port (`controller/src/tls.rs`, `server.rs`, raft
+//! `transport.rs`), the CLI and the agent's controller client. Not yet:
+//! node certificates and join, the agent's own port, the migration stream.
+//! The wiring below is the plan for those (and what was followed for the
+//! rest; the sealed CA is a file rather than the replicated state for now).
 //!
 //! # Wiring, per component
 //!

@@ -21,6 +21,8 @@ pub struct DevProfile {
     pub endpoint: String,
     /// The admin token file.
     pub token_file: PathBuf,
+    /// The cluster CA certificate.
+    pub ca_file: PathBuf,
     /// The project.
     pub project: String,
 }
@@ -107,9 +109,10 @@ fn rewrite(text: &str, p: &DevProfile) -> (String, bool) {
         out.push('\n');
     }
     out.push_str(&format!(
-        "{MARK}\n[profiles.{PROFILE}]\nendpoint = {}\ntoken_file = {}\nproject = {}\n",
+        "{MARK}\n[profiles.{PROFILE}]\nendpoint = {}\ntoken_file = {}\nca_file = {}\nproject = {}\n",
         quoted(&p.endpoint),
         quoted(&p.token_file.to_string_lossy()),
+        quoted(&p.ca_file.to_string_lossy()),
         quoted(&p.project)
     ));
     (out, !has_default)
@@ -162,6 +165,7 @@ mod tests {
         DevProfile {
             endpoint: "127.0.0.1:4000".into(),
             token_file: "/s/dev/controller-1/admin.token".into(),
+            ca_file: "/s/dev/controller-1/tls/ca.pem".into(),
             project: "default".into(),
         }
     }
@@ -177,6 +181,10 @@ mod tests {
         assert_eq!(
             p.token_file.as_deref(),
             Some(Path::new("/s/dev/controller-1/admin.token"))
+        );
+        assert_eq!(
+            p.ca_file.as_deref(),
+            Some(Path::new("/s/dev/controller-1/tls/ca.pem"))
         );
     }
 

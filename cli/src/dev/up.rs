@@ -1,9 +1,14 @@
 //! `neph dev up`: start (or restart) the local cluster and make it usable.
 //!
-//! A fresh directory: the first controller runs `init` (it writes the
-//! bootstrap admin token into its data directory), the others start empty
-//! and are added with `neph-controller add-member`; then one `neph-node`
-//! per node, given every controller's address and the admin token. A
+//! A fresh directory: the first controller runs `init` (it creates the
+//! cluster CA, its key sealed with the operator key `<dir>/operator.key`,
+//! issues its own certificate, and writes the bootstrap admin token into its
+//! data directory), the others start empty, issue their certificates from
+//! the same sealed CA and operator key, and are added with
+//! `neph-controller add-member` (mutual TLS with controller 1's
+//! certificate); then one `neph-node` per node, given every controller's
+//! address, the admin token and the CA certificate. The `dev` profile
+//! points at the CA certificate, so `neph` verifies the controllers. A
 //! directory whose processes are all stopped: each is started again with the
 //! command line recorded in the state file, on its old data. Then, either
 //! way: wait until every node is registered UP, register the flavors
@@ -374,9 +379,16 @@ async fn fresh(o: &UpOptions) -> Result<ClusterState, DevUpError> {
         None
     };
 
-    // The first controller bootstraps the cluster.
+    // The first controller bootstraps the cluster and its CA; the others
+    // issue their certificates from that CA with the same operator key.
+    let operator_key = dir.join(OPERATOR_KEY_FILE);
+    let sealed_ca = c1_dir.join("tls").join("ca.sealed");
     let base = |member: u32, data: &Path| -> Vec<String> {
         vec![
+            "--operator-key-file".into(),
+            s(&operator_key),
+            "--sealed-ca".into(),
+            s(&sealed_ca),
             "--id".into(),
             member.to_string(),
             "--cluster-id".into(),
@@ -456,7 +468,7 @@ async fn fresh(o: &UpOptions) -> Result<ClusterState, DevUpError> {
             START_TIMEOUT,
         )
         .await?;
-        add_member(&controller, &c1, id, member, &addr).await?;
+        add_member(&controller, &c1, id, member, &addr, &c1_dir.join("tls")).await?;
         args.extend(["--listen".into(), addr.clone()]);
         let last = st.processes.len() - 1;
         st.processes[last].address = addr;
@@ -490,6 +502,8 @@ async fn fresh(o: &UpOptions) -> Result<ClusterState, DevUpError> {
                 s(&images),
                 "--token-file".into(),
                 s(&st.token_file),
+                "--ca-file".into(),
+                s(&ca_file(&st)),
                 "--vmm".into(),
                 s(&vmm),
             ]);
@@ -519,6 +533,17 @@ async fn fresh(o: &UpOptions) -> Result<ClusterState, DevUpError> {
     Ok(st)
 }
 
+/// The operator key of a dev cluster, in its directory. A dev cluster
+/// keeps it beside the state it seals (so `up` can restart and grow the
+/// cluster unattended); a real cluster keeps it elsewhere.
+pub const OPERATOR_KEY_FILE: &str = "operator.key";
+
+/// The cluster CA certificate: controller 1's `tls/ca.pem`, beside its
+/// admin token.
+pub fn ca_file(st: &ClusterState) -> PathBuf {
+    st.token_file.with_file_name("tls").join("ca.pem")
+}
+
 /// `neph-controller add-member`, retried while the cluster settles.
 async fn add_member(
     controller: &Path,
@@ -526,6 +551,7 @@ async fn add_member(
     cluster_id: u64,
     member: u32,
     address: &str,
+    tls_dir: &Path,
 ) -> Result<(), DevUpError> {
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
@@ -533,8 +559,11 @@ async fn add_member(
             .args(["add-member", "--endpoint", endpoint])
             .args(["--cluster-id", &cluster_id.to_string()])
             .args(["--id", &member.to_string(), "--address", address])
+            .arg("--tls-dir")
+            .arg(tls_dir)
             .env_remove("NEPHELE_ENDPOINT")
             .env_remove("NEPHELE_CLUSTER_ID")
+            .env_remove("NEPHELE_TLS_DIR")
             .output()
             .await
             .map_err(|e| DevUpError::Join {
@@ -622,7 +651,9 @@ async fn ready(o: &UpOptions, st: &ClusterState, announce: bool) -> Result<(), D
         path: st.token_file.clone(),
         source,
     })?;
-    let conn = Conn::connect(&endpoint, Some(token.trim().to_owned()))
+    let trust = crate::client::Trust::from_file(&ca_file(st))
+        .map_err(|e| DevUpError::Api(e.to_string()))?;
+    let conn = Conn::connect(&endpoint, Some(token.trim().to_owned()), &trust)
         .await
         .map_err(|e| DevUpError::Api(e.to_string()))?;
 
@@ -709,6 +740,7 @@ async fn ready(o: &UpOptions, st: &ClusterState, announce: bool) -> Result<(), D
         &DevProfile {
             endpoint: endpoint.clone(),
             token_file: st.token_file.clone(),
+            ca_file: ca_file(st),
             project: PROJECT.into(),
         },
     )?;

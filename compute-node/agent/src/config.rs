@@ -30,6 +30,10 @@ pub struct AgentConfig {
     pub image_dir: PathBuf,
     /// The bearer token read from `--token-file`.
     pub token: String,
+    /// How the controllers are verified: against the cluster CA of
+    /// `--ca-file` (server-authenticated TLS; the token authenticates the
+    /// agent).
+    pub controller_tls: std::sync::Arc<rustls::ClientConfig>,
     /// `--vmm`.
     pub vmm: PathBuf,
     /// `--vmm-user`: the user every `neph-vmm` drops to (`--user`).
@@ -59,6 +63,8 @@ pub struct RawFlags {
     pub image_dir: PathBuf,
     /// `--token-file`.
     pub token_file: PathBuf,
+    /// `--ca-file`.
+    pub ca_file: PathBuf,
     /// `--vmm`.
     pub vmm: Option<PathBuf>,
     /// `--vmm-user`.
@@ -90,6 +96,12 @@ pub enum LoadConfigError {
     /// Token file unreadable.
     #[error("cannot read the token file {0}")]
     TokenFile(PathBuf, #[source] std::io::Error),
+    /// CA file unreadable.
+    #[error("cannot read the CA certificate {0}")]
+    CaFile(PathBuf, #[source] std::io::Error),
+    /// CA file unusable.
+    #[error("the CA certificate {0} is not usable")]
+    BadCa(PathBuf, #[source] Box<nephele_tls::TlsConfigError>),
     /// Token file empty.
     #[error("the token file {0} is empty")]
     EmptyToken(PathBuf),
@@ -133,6 +145,10 @@ impl AgentConfig {
         if token.is_empty() {
             return Err(LoadConfigError::EmptyToken(flags.token_file));
         }
+        let ca = std::fs::read(&flags.ca_file)
+            .map_err(|e| LoadConfigError::CaFile(flags.ca_file.clone(), e))?;
+        let controller_tls = nephele_tls::server_auth_client_config(&ca)
+            .map_err(|e| LoadConfigError::BadCa(flags.ca_file.clone(), Box::new(e)))?;
         let instances = flags.data_dir.join("instances");
         std::fs::create_dir_all(&instances).map_err(|e| LoadConfigError::Dir(instances, e))?;
         let vmm = match flags.vmm {
@@ -180,6 +196,7 @@ impl AgentConfig {
             data_dir: flags.data_dir,
             image_dir: flags.image_dir,
             token,
+            controller_tls,
             vmm,
             vmm_user: flags.vmm_user,
             bridge: flags.bridge,
@@ -214,6 +231,10 @@ mod tests {
         std::fs::write(&token, "secret\n").unwrap();
         let vmm = d.join("vmm");
         std::fs::write(&vmm, "").unwrap();
+        let ca = d.join("ca.pem");
+        nephele_tls::install_default();
+        let cert = nephele_tls::Ca::create("c").unwrap().cert_pem().to_owned();
+        std::fs::write(&ca, cert).unwrap();
         RawFlags {
             node_id: "node-1".into(),
             controllers: vec!["127.0.0.1:7000".into()],
@@ -221,6 +242,7 @@ mod tests {
             data_dir: d.join("data"),
             image_dir: d.join("images"),
             token_file: token,
+            ca_file: ca,
             vmm: Some(vmm),
             labels: vec!["zone=a".into()],
             ..Default::default()

@@ -2,7 +2,8 @@
 //! forwarded to the raft leader), so the agent keeps the list of
 //! controllers every answer carries, tries the leader first, and moves on to
 //! the next controller when one does not answer. Every call carries the
-//! bearer token of `--token-file`.
+//! bearer token of `--token-file`, over TLS verified against the cluster
+//! CA (`--ca-file`).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,7 @@ struct Known {
 pub struct Controllers {
     known: Arc<Mutex<Known>>,
     bearer: Bearer,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Whether a call failed because of the controller rather than the
@@ -81,17 +83,24 @@ pub fn retry_elsewhere(s: &Status) -> bool {
     )
 }
 
+/// The URI tonic is given: always `http://` (TLS is the connector's).
 fn uri(address: &str) -> String {
-    if address.starts_with("http://") || address.starts_with("https://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    }
+    let bare = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address);
+    format!("http://{bare}")
 }
 
 impl Controllers {
-    /// A client of `addresses` (HOST:PORT each) with `token`.
-    pub fn new(addresses: &[String], token: &str) -> Result<Self, ControllerClientError> {
+    /// A client of `addresses` (HOST:PORT each) with `token`, over TLS
+    /// with `tls` (plaintext without: only in-process tests against a
+    /// plaintext controller).
+    pub fn new(
+        addresses: &[String],
+        token: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ControllerClientError> {
         if addresses.is_empty() {
             return Err(ControllerClientError::NoAddress);
         }
@@ -110,6 +119,7 @@ impl Controllers {
                 channels: Default::default(),
             })),
             bearer: Bearer(bearer),
+            tls,
         })
     }
 
@@ -158,7 +168,10 @@ impl Controllers {
                     .http2_keep_alive_interval(Duration::from_secs(2))
                     .keep_alive_timeout(Duration::from_secs(3))
                     .keep_alive_while_idle(true);
-                let c = ep.connect_lazy();
+                let c = match &self.tls {
+                    Some(tls) => nephele_tls::lazy_channel(ep, tls.clone()),
+                    None => ep.connect_lazy(),
+                };
                 k.channels.insert(address.to_owned(), c.clone());
                 c
             }
@@ -258,7 +271,7 @@ mod tests {
 
     #[test]
     fn order_prefers_the_leader_and_keeps_the_seeds() {
-        let c = Controllers::new(&["10.0.0.1:1".into()], "t").unwrap();
+        let c = Controllers::new(&["10.0.0.1:1".into()], "t", None).unwrap();
         assert_eq!(c.order(), vec!["10.0.0.1:1"]);
         c.learn(Some(&pb::ControllerInfo {
             controllers: vec!["10.0.0.2:1".into(), "10.0.0.3:1".into()],
@@ -275,11 +288,11 @@ mod tests {
     #[test]
     fn bad_input_is_refused() {
         assert!(matches!(
-            Controllers::new(&[], "t"),
+            Controllers::new(&[], "t", None),
             Err(ControllerClientError::NoAddress)
         ));
         assert!(matches!(
-            Controllers::new(&["a:1".into()], "bad\ntoken"),
+            Controllers::new(&["a:1".into()], "bad\ntoken", None),
             Err(ControllerClientError::Token)
         ));
     }
@@ -288,7 +301,7 @@ mod tests {
     async fn a_dead_controller_is_skipped() {
         // Nothing listens on port 1 of loopback: every call fails over and
         // ends with the last controller error, never a hang or a panic.
-        let c = Controllers::new(&["127.0.0.1:1".into(), "127.0.0.2:1".into()], "t").unwrap();
+        let c = Controllers::new(&["127.0.0.1:1".into(), "127.0.0.2:1".into()], "t", None).unwrap();
         let r = c
             .call(|mut cl| async move { cl.heartbeat(pb::HeartbeatRequest::default()).await })
             .await;

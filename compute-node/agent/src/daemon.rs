@@ -69,7 +69,11 @@ pub async fn run(
         .local_addr()
         .map_err(|e| RunAgentError::Listen(cfg.listen, e))?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let ctl = Controllers::new(&cfg.controllers, &cfg.token)?;
+    let ctl = Controllers::new(
+        &cfg.controllers,
+        &cfg.token,
+        Some(cfg.controller_tls.clone()),
+    )?;
     let shared = Arc::new(Shared::default());
     let supervisor = Supervisor::new(cfg.clone(), ctl.clone(), shared.clone()).await;
 

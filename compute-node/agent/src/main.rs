@@ -48,6 +48,10 @@ struct RunFlags {
     /// A file holding the bearer token for the controllers.
     #[arg(long, env = "NEPHELE_TOKEN_FILE")]
     token_file: PathBuf,
+    /// The cluster CA certificate (PEM) the controllers' certificates are
+    /// verified against (a controller's `<data-dir>/tls/ca.pem`).
+    #[arg(long, env = "NEPHELE_CA_FILE")]
+    ca_file: PathBuf,
     /// The hypervisor binary (default: neph-vmm next to this executable).
     #[arg(long, env = "NEPHELE_VMM")]
     vmm: Option<PathBuf>,
@@ -103,6 +107,7 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
+    nephele_tls::install_default();
     let Cmd::Run(f) = cli.command;
     let cfg = AgentConfig::load(RawFlags {
         node_id: f.node_id,
@@ -112,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: f.data_dir,
         image_dir: f.image_dir,
         token_file: f.token_file,
+        ca_file: f.ca_file,
         vmm: f.vmm,
         vmm_user: f.vmm_user,
         bridge: f.bridge,

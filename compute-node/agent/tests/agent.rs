@@ -137,10 +137,12 @@ struct Api {
     nodes: infra::nodes_client::NodesClient<Svc>,
 }
 
-async fn api(address: &str, token: &str) -> anyhow::Result<Api> {
-    let channel = Channel::from_shared(format!("http://{address}"))?
-        .connect()
-        .await?;
+async fn api(address: &str, token: &str, ca_file: &Path) -> anyhow::Result<Api> {
+    nephele_tls::install_default();
+    let tls = nephele_tls::server_auth_client_config(&std::fs::read(ca_file)?)?;
+    let channel =
+        nephele_tls::connect_channel(Channel::from_shared(format!("http://{address}"))?, tls)
+            .await?;
     let auth = Auth(format!("Bearer {token}").parse()?);
     Ok(Api {
         iam: iam::iam_client::IamClient::with_interceptor(channel.clone(), auth.clone()),
@@ -180,6 +182,8 @@ impl Cluster {
         cmd.args(["init", "--id", "1", "--cluster-id", "5"])
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("controller"))
+            .arg("--operator-key-file")
+            .arg(dir.path().join("operator.key"))
             .env("RUST_LOG", "warn")
             // Short lease; no node timeout during the agent's absences.
             .env("NEPHELE_FENCE_LEASE_MS", LEASE_MS.to_string())
@@ -200,6 +204,15 @@ impl Cluster {
             starts: 0,
             _dir: dir,
         })
+    }
+
+    /// The cluster CA certificate `init` made.
+    fn ca_file(&self) -> PathBuf {
+        self._dir
+            .path()
+            .join("controller")
+            .join("tls")
+            .join("ca.pem")
     }
 
     fn token(&self) -> anyhow::Result<String> {
@@ -225,6 +238,8 @@ impl Cluster {
         .arg(&self.image_dir)
         .arg("--token-file")
         .arg(&self.token_file)
+        .arg("--ca-file")
+        .arg(self.ca_file())
         .arg("--vmm")
         .arg(binary("neph-vmm", "neph-vmm"))
         .args(["--capacity-vcpus", "4", "--capacity-memory-mib", "4096"])
@@ -399,7 +414,7 @@ async fn agent_runs_instances_survives_restarts_and_fences() -> anyhow::Result<(
 
 async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     let token = cluster.token()?;
-    let api = api(&cluster.controller, &token).await?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
     let (mut agent, address) = cluster.agent()?;
 
     // Registered, UP, with the capacity and labels of its flags.

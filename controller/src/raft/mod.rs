@@ -84,6 +84,9 @@ pub struct RaftConfig {
     /// [`ProposeError::Overloaded`] rather than queued without bound (at
     /// this depth a proposal already waits behind many batches).
     pub max_proposals_in_flight: usize,
+    /// How this member reaches its peers: mutual TLS (the daemon, see
+    /// `crate::tls`) or plaintext when `None` (in-process tests).
+    pub peer_tls: transport::PeerTls,
 }
 
 impl RaftConfig {
@@ -105,6 +108,7 @@ impl RaftConfig {
             proposal_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
             max_proposals_in_flight: MAX_PROPOSALS_IN_FLIGHT,
+            peer_tls: None,
         }
     }
 }
@@ -186,6 +190,7 @@ struct Inner {
     blocked: Arc<RwLock<BTreeSet<u64>>>,
     proposals_in_flight: Arc<AtomicUsize>,
     max_proposals_in_flight: usize,
+    peer_tls: transport::PeerTls,
     /// Set when the member begins to shut down: ends the raft streams peers
     /// hold open into it, so its server can stop gracefully.
     closing: tokio::sync::watch::Sender<bool>,
@@ -294,7 +299,8 @@ impl RaftStore {
             addresses.clone(),
             blocked.clone(),
             tx.clone(),
-        );
+        )
+        .with_tls(config.peer_tls.clone());
         let shared = Shared {
             state: state.clone(),
             status: status.clone(),
@@ -330,6 +336,7 @@ impl RaftStore {
                 blocked,
                 proposals_in_flight: Arc::new(AtomicUsize::new(0)),
                 max_proposals_in_flight: config.max_proposals_in_flight.max(1),
+                peer_tls: config.peer_tls.clone(),
                 closing: tokio::sync::watch::Sender::new(false),
                 proposal_timeout: config.proposal_timeout,
                 read_timeout: config.read_timeout,
@@ -501,8 +508,8 @@ impl RaftStore {
             self.addresses().get(&leader).cloned().ok_or_else(|| {
                 MemberChangeError::Forward(format!("no address for leader {leader}"))
             })?;
-        let mut client =
-            transport::connect(&addr).map_err(|e| MemberChangeError::Forward(e.to_string()))?;
+        let mut client = transport::connect_with(&addr, &self.inner.peer_tls)
+            .map_err(|e| MemberChangeError::Forward(e.to_string()))?;
         let res = if change == ConfChangeType::RemoveNode {
             client
                 .remove_member(pb::RemoveMemberRequest {

@@ -73,20 +73,46 @@ fn client(ch: Channel) -> ClusterClient<Channel> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-/// Opens a lazily connected channel to a controller, with a 10 s deadline
-/// on every call (for clients and forwarded requests).
-pub fn connect(address: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
-    Ok(client(
-        endpoint(address)?
-            .timeout(Duration::from_secs(10))
-            .connect_lazy(),
-    ))
+/// How controllers reach each other: mutual TLS with this client config
+/// (presenting this member's certificate, accepting only `controller/*`),
+/// or plaintext when `None` (in-process tests of the raft layer only; the
+/// daemon always has TLS).
+pub type PeerTls = Option<Arc<rustls::ClientConfig>>;
+
+/// A lazy channel over TLS when `tls` is given.
+fn lazy(endpoint: Endpoint, tls: &PeerTls) -> Channel {
+    match tls {
+        Some(config) => nephele_tls::lazy_channel(endpoint, config.clone()),
+        None => endpoint.connect_lazy(),
+    }
 }
 
-/// Like [`connect`] without a call deadline: raft streams live as long as
-/// the connection does.
-fn connect_peer(address: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
-    Ok(client(endpoint(address)?.connect_lazy()))
+/// Opens a lazily connected plaintext channel to a controller, with a 10 s
+/// deadline on every call (in-process tests; see [`connect_with`]).
+pub fn connect(address: &str) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+    connect_with(address, &None)
+}
+
+/// Opens a lazily connected channel to a controller, over mutual TLS when
+/// `tls` is given, with a 10 s deadline on every call (for clients and
+/// forwarded requests).
+pub fn connect_with(
+    address: &str,
+    tls: &PeerTls,
+) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+    Ok(client(lazy(
+        endpoint(address)?.timeout(Duration::from_secs(10)),
+        tls,
+    )))
+}
+
+/// Like [`connect_with`] without a call deadline: raft streams live as
+/// long as the connection does.
+fn connect_peer(
+    address: &str,
+    tls: &PeerTls,
+) -> Result<ClusterClient<Channel>, tonic::transport::Error> {
+    Ok(client(lazy(endpoint(address)?, tls)))
 }
 
 pub(crate) struct Transport {
@@ -98,6 +124,7 @@ pub(crate) struct Transport {
     blocked: Arc<RwLock<BTreeSet<u64>>>,
     report: mpsc::Sender<Msg>,
     peers: HashMap<u64, tmpsc::Sender<Message>>,
+    tls: PeerTls,
 }
 
 impl Transport {
@@ -111,6 +138,7 @@ impl Transport {
         report: mpsc::Sender<Msg>,
     ) -> Transport {
         Transport {
+            tls: None,
             me,
             my_address,
             cluster_id,
@@ -120,6 +148,12 @@ impl Transport {
             report,
             peers: HashMap::new(),
         }
+    }
+
+    /// Reaches peers over mutual TLS with `tls` (see [`PeerTls`]).
+    pub(crate) fn with_tls(mut self, tls: PeerTls) -> Transport {
+        self.tls = tls;
+        self
     }
 
     /// Queues `m` for its peer without blocking; drops it (and reports the
@@ -154,6 +188,7 @@ impl Transport {
             cluster_id: self.cluster_id,
             addresses: self.addresses.clone(),
             report: self.report.clone(),
+            tls: self.tls.clone(),
         };
         self.rt.spawn(peer.run(rx));
     }
@@ -176,6 +211,7 @@ struct Peer {
     cluster_id: u64,
     addresses: Arc<RwLock<BTreeMap<u64, String>>>,
     report: mpsc::Sender<Msg>,
+    tls: PeerTls,
 }
 
 /// One open `RaftStream` call.
@@ -211,7 +247,7 @@ impl Peer {
             };
             if client.as_ref().is_none_or(|(a, _)| *a != address) {
                 stream = None;
-                match connect_peer(&address) {
+                match connect_peer(&address, &self.tls) {
                     Ok(c) => client = Some((address.clone(), c)),
                     Err(e) => {
                         tracing::warn!(peer = self.id, %address, error = %e, "bad peer address");

@@ -25,6 +25,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
+pub mod pki;
+
 /// A free loopback port (bound then released).
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -69,6 +71,7 @@ impl Member {
             .create(true)
             .append(true)
             .open(&self.log)?;
+        pki::issue_controller(&self.dir, self.id);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_neph-controller"));
         cmd.arg(if init { "init" } else { "run" })
             .args(["--id", &self.id.to_string()])
@@ -134,12 +137,11 @@ impl Drop for Member {
 
 /// A gRPC client of one member with short deadlines.
 pub fn client(addr: &str) -> anyhow::Result<ClusterClient<Channel>> {
-    Ok(ClusterClient::new(
+    Ok(ClusterClient::new(pki::lazy(
         Channel::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_millis(300))
-            .timeout(Duration::from_secs(3))
-            .connect_lazy(),
-    ))
+            .timeout(Duration::from_secs(3)),
+    )))
 }
 
 /// A member's status, `None` if it does not answer.

@@ -84,6 +84,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
+    nephele_tls::install_default();
     let o = options()?;
     let mut report = Report::new("provision");
 
@@ -322,7 +323,8 @@ async fn simulated(nodes: usize, instances: usize) -> anyhow::Result<SimResult> 
     // does not serialise a thousand watch streams.
     let mut channels = Vec::new();
     for _ in 0..16 {
-        channels.push(Channel::from_shared(url.clone())?.connect().await?);
+        let tls = nephele_tls::server_auth_client_config(&std::fs::read(cluster.ca_file())?)?;
+        channels.push(nephele_tls::connect_channel(Channel::from_shared(url.clone())?, tls).await?);
     }
     let auth = bearer(&token)?;
     let svc = |c: &Channel| -> Svc {

@@ -54,7 +54,12 @@ fn main() -> anyhow::Result<()> {
             EtcdCluster::start(members).with_context(|| format!("start {members} etcd"))?;
         for c in CONCURRENCY {
             let o = load(
-                &["--endpoints", &ours.endpoints().join(",")],
+                &[
+                    "--endpoints",
+                    &ours.endpoints().join(","),
+                    "--tls-dir",
+                    &ours.tls_dir(1).display().to_string(),
+                ],
                 ours.cluster_id,
                 c,
                 seconds,
@@ -130,7 +135,12 @@ fn failover_ms() -> anyhow::Result<f64> {
         .context("no leader")?;
     // Writes flow before the kill.
     load(
-        &["--endpoints", &cluster.endpoints().join(",")],
+        &[
+            "--endpoints",
+            &cluster.endpoints().join(","),
+            "--tls-dir",
+            &cluster.tls_dir(1).display().to_string(),
+        ],
         cluster.cluster_id,
         1,
         0.5,
@@ -153,7 +163,12 @@ fn failover_ms() -> anyhow::Result<f64> {
     let deadline = killed + Duration::from_secs(15);
     while Instant::now() < deadline {
         let r = load(
-            &["--endpoints", &survivors.join(",")],
+            &[
+                "--endpoints",
+                &survivors.join(","),
+                "--tls-dir",
+                &cluster.tls_dir(1).display().to_string(),
+            ],
             cluster.cluster_id,
             1,
             0.05,
