@@ -208,18 +208,21 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
         "ticks",
     );
     let started = Instant::now();
-    cloud
-        .admin(&[
-            "migration",
-            "create",
-            &format!("projects/{}/instances/mig-1", cloud.project),
+    let done = cloud
+        .neph(&[
+            "instance",
+            "migrate",
+            "mig-1",
             "--to",
             &dst,
             "--max-downtime",
             "100",
+            "--wait",
         ])
-        .expect("start the second migration");
-    let done = wait_migration(&cloud, "mig-1", &older, "COMPLETED");
+        .expect("neph instance migrate --wait");
+    assert_eq!(done["state"], "COMPLETED", "{done}");
+    let mut older = older;
+    older.push(done["name"].as_str().unwrap_or_default().to_string());
     eprintln!(
         "migration completed in about {} ms: {done}",
         started.elapsed().as_millis()
@@ -257,4 +260,58 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
     eprintln!("after migration: {after}; {t}");
     // The console keeps working on the target (echo round trip).
     assert!(console(&cloud, "mig-1", "echo still-here", "ECHO").contains("still-here"));
+
+    // 3. Cancelled mid-copy: the VM stays where it runs (now the first
+    // target), the same process, the same boot.
+    let here = cloud.vm_pids(di);
+    assert!(console(&cloud, "mig-1", "dirty 96 100000", "DIRTY").contains("OK"));
+    cloud
+        .admin(&[
+            "migration",
+            "create",
+            &format!("projects/{}/instances/mig-1", cloud.project),
+            "--to",
+            &src,
+        ])
+        .expect("start a migration back");
+    let back = cloud
+        .wait_for("the migration back copying", UP, |c| {
+            let ms = migrations(c, "mig-1");
+            let new = ms
+                .into_iter()
+                .find(|m| !older.iter().any(|o| m["name"] == o.as_str()));
+            Ok(match new {
+                Some(m) if m["state"] == "RUNNING" => Ok(m),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .expect("it copies");
+    let id = back["name"].as_str().unwrap_or_default().to_string();
+    let cancelled = cloud
+        .admin(&["migration", "cancel", &id])
+        .expect("neph migration cancel");
+    assert_eq!(cancelled["state"], "CANCELLED", "{cancelled}");
+    let i = cloud.wait_state("mig-1", "RUNNING", UP).expect("running");
+    assert_eq!(
+        i["node"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("nodes/"),
+        dst,
+        "a cancelled migration leaves the instance where it was"
+    );
+    cloud
+        .wait_for("no VM left on the cancelled target", UP, |c| {
+            let p = c.vm_pids(si);
+            Ok(if p.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{p:?}"))
+            })
+        })
+        .expect("the cancelled target cleans up");
+    assert_eq!(cloud.vm_pids(di), here, "the same VM process runs on");
+    let t = console(&cloud, "mig-1", "ticker report", "TICKER");
+    assert!(t.contains("running=1"), "same boot after the cancel: {t}");
+    assert!(console(&cloud, "mig-1", "dirty stop", "DIRTY").contains("OK"));
 }
