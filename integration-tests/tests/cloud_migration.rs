@@ -1,10 +1,11 @@
 //! Live migration through the control plane, driven by the compute-node
 //! agents: one `neph-controller`, two `neph-node` agents booting the
-//! project's test guest, `neph migration create` as an operator uses it.
-//! The guest's ticker and uptime show it is the same boot on the other
-//! node; a `neph-vmm --incoming` killed with SIGKILL mid-copy leaves the
-//! VM running on its source. Skips with its reason where /dev/kvm is
-//! missing.
+//! project's test guest, `neph migration create|cancel` and `neph instance
+//! migrate --wait` as an operator uses them. The guest's ticker and uptime
+//! show it is the same boot on the other node and the console answers
+//! there; a `neph-vmm --incoming` killed with SIGKILL mid-copy, and a
+//! migration cancelled mid-copy, leave the VM running where it was (the
+//! same process). Skips with its reason where /dev/kvm is missing.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
