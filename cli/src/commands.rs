@@ -303,6 +303,23 @@ enum InstanceCmd {
         #[command(flatten)]
         wait: Wait,
     },
+    /// Live-migrate a running instance to another node (admins).
+    Migrate {
+        id: String,
+        /// The target node (the scheduler does not pick one yet).
+        #[arg(long)]
+        to: String,
+        /// Downtime budget in milliseconds (default 50).
+        #[arg(
+            long,
+            value_name = "MS",
+            default_value_t = 0,
+            hide_default_value = true
+        )]
+        max_downtime: u64,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// Change the flavor of a stopped instance.
     Resize {
         id: String,
@@ -401,6 +418,11 @@ enum MigrationCmd {
             hide_default_value = true
         )]
         max_downtime: u64,
+    },
+    /// Cancel a migration before its switchover: the VM stays on its
+    /// source.
+    Cancel {
+        id: String,
     },
 }
 
@@ -1343,6 +1365,12 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
         InstanceCmd::Delete { id, request, wait } => {
             lifecycle(c, Action::Delete, &id, &request, &wait).await
         }
+        InstanceCmd::Migrate {
+            id,
+            to,
+            max_downtime,
+            wait,
+        } => start_migration(c, &id, &to, max_downtime, &wait).await,
         InstanceCmd::Resize { id, flavor } => {
             c.show(
                 ic.resize_instance(compute::ResizeInstanceRequest {
@@ -1506,6 +1534,15 @@ async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
             )
             .await?;
         }
+        MigrationCmd::Cancel { id } => {
+            c.show(
+                mc.cancel_migration(infra::CancelMigrationRequest {
+                    name: global_name("migrations", &id),
+                }),
+                records::migration,
+            )
+            .await?;
+        }
         MigrationCmd::Create {
             instance,
             to,
@@ -1524,6 +1561,64 @@ async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// `neph instance migrate`: creates the migration and, with `--wait`,
+/// follows it to its end (an error unless it completed).
+async fn start_migration(
+    c: &Ctx,
+    id: &str,
+    to: &str,
+    max_downtime: u64,
+    wait: &Wait,
+) -> Result<(), CliError> {
+    let mut mc = c.conn().migrations();
+    let op = mc
+        .create_migration(infra::CreateMigrationRequest {
+            instance: c.scoped("instances", id)?,
+            target: global_name("nodes", to),
+            request_id: String::new(),
+            max_downtime_ms: max_downtime,
+        })
+        .await?
+        .into_inner();
+    if !wait.wait {
+        c.one(&records::operation(&op));
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(wait.timeout);
+    loop {
+        let m = mc
+            .get_migration(infra::GetMigrationRequest {
+                name: op.name.clone(),
+            })
+            .await?
+            .into_inner();
+        let state = infra::MigrationState::try_from(m.state).unwrap_or_default();
+        match state {
+            infra::MigrationState::Completed => {
+                c.one(&records::migration(&m));
+                return Ok(());
+            }
+            infra::MigrationState::Failed | infra::MigrationState::Cancelled => {
+                c.one(&records::migration(&m));
+                return Err(CliError::Api(format!(
+                    "{} ended {}: {}",
+                    m.name,
+                    state.as_str_name(),
+                    m.reason
+                )));
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(CliError::WaitTimeout(format!(
+                "{} is not done after {} s; it goes on: `neph migration get {}`",
+                m.name, wait.timeout, m.name
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn operation(c: &Ctx, cmd: OperationCmd) -> Result<(), CliError> {

@@ -71,13 +71,16 @@ pub struct VmView {
 
 /// A VM the reconciler holds.
 #[derive(Debug, Clone)]
-struct Vm {
-    record: VmRecord,
-    layout: Layout,
-    fenced: bool,
+pub(crate) struct Vm {
+    pub(crate) record: VmRecord,
+    pub(crate) layout: Layout,
+    pub(crate) fenced: bool,
     /// Started by this agent process (a waiter reaps it and says how it
     /// ended); otherwise adopted and watched through `/proc`.
-    child: bool,
+    pub(crate) child: bool,
+    /// A `neph-vmm --incoming` still waiting for its migration (its control
+    /// socket answers only once the VM has arrived).
+    pub(crate) incoming: bool,
 }
 
 /// How a VM ended by itself.
@@ -104,6 +107,22 @@ pub struct Want {
     pub generation: u64,
     /// Graceful stop time.
     pub stop_timeout: Duration,
+    /// This node's part in the instance's unfinished migration.
+    pub role: Role,
+}
+
+/// This node's part in a migration, as [`decide`] reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// No migration.
+    None,
+    /// The VM runs here and goes; `ready`: the target's address is known.
+    Source {
+        /// The target listens.
+        ready: bool,
+    },
+    /// The VM comes here.
+    Target,
 }
 
 /// The facts [`decide`] reads about the VM.
@@ -113,6 +132,8 @@ pub struct Have {
     pub boot_count: u64,
     /// Paused by its lease.
     pub fenced: bool,
+    /// Still receiving its migration.
+    pub incoming: bool,
 }
 
 /// One step toward the desired state.
@@ -135,6 +156,13 @@ pub enum Action {
     },
     /// Tell the controllers.
     Report(ReportedState, String),
+    /// Start `neph-vmm --incoming` for the migration coming here and report
+    /// its address.
+    Incoming,
+    /// Send the VM to the migration's target.
+    Migrate,
+    /// Tell the controllers the migration failed (this side cannot go on).
+    MigrationFailed(String),
 }
 
 /// Decides the next step for one instance. `want`: its assignment here, if
@@ -161,6 +189,35 @@ pub fn decide(
         ),
         Some(why) => Action::Report(ReportedState::ReportedFailed, why.clone()),
     };
+    if w.desired == DesiredState::DesiredRunning {
+        match (w.role, have) {
+            // The target: receive, or say why it cannot.
+            (Role::Target, None) => {
+                return match exit {
+                    Some(e) => Action::MigrationFailed(
+                        e.failure
+                            .clone()
+                            .unwrap_or_else(|| "the incoming VMM ended".into()),
+                    ),
+                    None => Action::Incoming,
+                };
+            }
+            (Role::Target, Some(_)) => return Action::Nothing,
+            // The source: send once the target listens.
+            (Role::Source { ready: true }, Some(h)) if !h.fenced && !h.incoming => {
+                return Action::Migrate;
+            }
+            // An incoming VM whose migration ended: it runs here once its
+            // commit arrived (its control socket then answers), and is
+            // removed when the instance is not placed here.
+            (Role::None, Some(h)) if h.incoming => return Action::Nothing,
+            _ => {}
+        }
+        if w.state == InstanceState::Migrating && have.is_some() {
+            // Migrating and not ready yet: keep it as it runs.
+            return Action::Nothing;
+        }
+    }
     match w.desired {
         DesiredState::Unspecified => Action::Nothing,
         DesiredState::DesiredRunning => match have {
@@ -220,6 +277,8 @@ enum Event {
     Done { name: String, outcome: Outcome },
     /// A report did not reach the controllers: allow it again.
     ReportFailed { name: String },
+    /// A migration report did not reach the controllers.
+    MigrationReportFailed { migration: String },
 }
 
 enum Outcome {
@@ -229,6 +288,9 @@ enum Outcome {
     Deleted,
     Resumed,
     Unchanged,
+    /// The VM went to the migration's target (or stopped here after the
+    /// switchover was decided): forget it.
+    Migrated,
 }
 
 /// The reconciler.
@@ -241,6 +303,13 @@ pub struct Supervisor {
     busy: HashSet<String>,
     reported: HashMap<String, (ReportedState, u64)>,
     assignments: Option<pb::Assignments>,
+    /// Migrations this agent worked on (each is attempted once; a failed
+    /// one is final in the store).
+    migrations_seen: HashSet<String>,
+    /// Migration failures reported.
+    migration_reported: HashSet<String>,
+    /// Running outgoing migrations: instance -> (migration, cancel).
+    outgoing: HashMap<String, (String, watch::Sender<bool>)>,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
 }
@@ -267,6 +336,9 @@ impl Supervisor {
             busy: HashSet::new(),
             reported: HashMap::new(),
             assignments: None,
+            migrations_seen: HashSet::new(),
+            migration_reported: HashSet::new(),
+            outgoing: HashMap::new(),
             tx,
             rx,
         };
@@ -312,6 +384,7 @@ impl Supervisor {
                             layout,
                             fenced: st.fenced,
                             child: false,
+                            incoming: false,
                         },
                     );
                 }
@@ -396,16 +469,27 @@ impl Supervisor {
                     Outcome::Stopped | Outcome::Deleted => {
                         self.vms.remove(&name);
                     }
+                    Outcome::Migrated => {
+                        self.outgoing.remove(&name);
+                        if let Some(vm) = self.vms.remove(&name) {
+                            let _ = std::fs::remove_file(vm.layout.state());
+                        }
+                    }
                     Outcome::Resumed => {
                         if let Some(vm) = self.vms.get_mut(&name) {
                             vm.fenced = false;
                         }
                     }
-                    Outcome::Unchanged => {}
+                    Outcome::Unchanged => {
+                        self.outgoing.remove(&name);
+                    }
                 }
             }
             Event::ReportFailed { name } => {
                 self.reported.remove(&name);
+            }
+            Event::MigrationReportFailed { migration } => {
+                self.migration_reported.remove(&migration);
             }
         }
     }
@@ -467,6 +551,15 @@ impl Supervisor {
                 }
                 Some(Some(st)) => {
                     if let Some(v) = self.vms.get_mut(&name) {
+                        if v.incoming {
+                            tracing::info!(instance = %name, pid = v.record.pid, "the migrated VM runs here");
+                            v.incoming = false;
+                            let until = self.shared.lease_until_ms.load(Ordering::SeqCst);
+                            if until > 0 {
+                                let c = VmmClient::new(&v.layout.api_socket());
+                                let _ = c.lease(until).await;
+                            }
+                        }
                         if st.fenced && !v.fenced {
                             tracing::warn!(instance = %name, "VM is fenced: its lease ran out");
                         }
@@ -506,6 +599,16 @@ impl Supervisor {
             .collect();
         names.extend(dirs.keys().cloned());
         let lease_valid = self.shared.lease_valid();
+        for (name, (migration, cancel)) in &self.outgoing {
+            let still = assigned
+                .get(name)
+                .and_then(|a| a.migration.as_ref())
+                .is_some_and(|m| &m.migration == migration);
+            if !still && !*cancel.borrow() {
+                tracing::info!(instance = %name, %migration, "the migration ended in the store; cancelling it");
+                let _ = cancel.send(true);
+            }
+        }
         for name in names {
             if self.busy.contains(&name) {
                 continue;
@@ -520,6 +623,7 @@ impl Supervisor {
             let have = self.vms.get(&name).map(|v| Have {
                 boot_count: v.record.boot_count,
                 fenced: v.fenced,
+                incoming: v.incoming,
             });
             let action = decide(
                 w.as_ref(),
@@ -583,6 +687,75 @@ impl Supervisor {
                     match start_vm(&ctx, &parsed, &a).await {
                         Ok((vm, child)) => Outcome::Started(Box::new(vm), Some(child)),
                         Err(why) => Outcome::StartFailed(why),
+                    }
+                });
+            }
+            Action::Incoming => {
+                let Some(a) = a.cloned() else { return };
+                let Some(m) = a.migration.clone() else { return };
+                if !self.migrations_seen.insert(m.migration.clone()) {
+                    return;
+                }
+                let Ok(parsed) = InstanceName::parse(name) else {
+                    return;
+                };
+                self.exits.remove(name);
+                let ctx = self.ctx();
+                self.spawn_op(name, async move {
+                    match crate::migrate::receive(&ctx, &parsed, &a, &m).await {
+                        Ok((vm, child)) => Outcome::Started(Box::new(vm), Some(child)),
+                        Err(why) => Outcome::StartFailed(why),
+                    }
+                });
+            }
+            Action::Migrate => {
+                let Some(m) = a.and_then(|a| a.migration.clone()) else {
+                    return;
+                };
+                let Some(vm) = self.vms.get(name).cloned() else {
+                    return;
+                };
+                if !self.migrations_seen.insert(m.migration.clone()) {
+                    return;
+                }
+                let (cancel_tx, cancel) = watch::channel(false);
+                self.outgoing
+                    .insert(name.to_owned(), (m.migration.clone(), cancel_tx));
+                let ctx = self.ctx();
+                self.spawn_op(name, async move {
+                    if crate::migrate::send(&ctx, &vm, &m, cancel).await {
+                        Outcome::Migrated
+                    } else {
+                        Outcome::Unchanged
+                    }
+                });
+            }
+            Action::MigrationFailed(reason) => {
+                let Some(m) = a.and_then(|a| a.migration.clone()) else {
+                    return;
+                };
+                if !self.migration_reported.insert(m.migration.clone()) {
+                    return;
+                }
+                tracing::warn!(instance = %name, migration = %m.migration, %reason, "the migration cannot go on here");
+                let (ctl, node, tx) = (self.ctl.clone(), self.cfg.node_name(), self.tx.clone());
+                tokio::spawn(async move {
+                    let req = pb::ReportMigrationRequest {
+                        node,
+                        migration: m.migration.clone(),
+                        failed: true,
+                        reason,
+                        ..Default::default()
+                    };
+                    match crate::migrate::report(&ctl, req).await {
+                        Ok(()) => {}
+                        Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+                        Err(s) => {
+                            tracing::warn!(error = %s.message(), "migration report did not reach the controllers; will retry");
+                            let _ = tx.send(Event::MigrationReportFailed {
+                                migration: m.migration,
+                            });
+                        }
                     }
                 });
             }
@@ -682,13 +855,14 @@ impl Supervisor {
             .vms
             .iter()
             .map(|(n, v)| {
-                let state = if self.busy.contains(n) {
-                    InstanceState::Starting
-                } else if v.fenced {
-                    InstanceState::Stopped
-                } else {
-                    InstanceState::Running
-                };
+                let state =
+                    if v.incoming || (self.busy.contains(n) && !self.outgoing.contains_key(n)) {
+                        InstanceState::Starting
+                    } else if v.fenced {
+                        InstanceState::Stopped
+                    } else {
+                        InstanceState::Running
+                    };
                 (
                     n.clone(),
                     VmView {
@@ -720,6 +894,13 @@ fn want(a: &pb::Assignment) -> Want {
             })
             .unwrap_or(Duration::from_secs(30))
             .min(Duration::from_secs(3600)),
+        role: match &a.migration {
+            Some(m) if m.role == pb::MigrationRole::MigrationSource as i32 => Role::Source {
+                ready: !m.peer_address.is_empty(),
+            },
+            Some(m) if m.role == pb::MigrationRole::MigrationTarget as i32 => Role::Target,
+            _ => Role::None,
+        },
     }
 }
 
@@ -751,7 +932,7 @@ fn instance_dirs(cfg: &AgentConfig) -> Vec<(InstanceName, Layout)> {
     out
 }
 
-fn failure_with_log(layout: &Layout, how: String) -> Exit {
+pub(crate) fn failure_with_log(layout: &Layout, how: String) -> Exit {
     let log = instance::tail_text(&layout.vmm_log(), REASON_BYTES);
     let failure = if log.is_empty() {
         how
@@ -806,10 +987,10 @@ async fn report(
     })
 }
 
-struct StartContext {
-    cfg: Arc<AgentConfig>,
-    ctl: Controllers,
-    shared: Arc<Shared>,
+pub(crate) struct StartContext {
+    pub(crate) cfg: Arc<AgentConfig>,
+    pub(crate) ctl: Controllers,
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// Prepares the instance's directory, disk and tap and spawns `neph-vmm`
@@ -954,6 +1135,7 @@ async fn start_vm(
             layout,
             fenced: false,
             child: true,
+            incoming: false,
         },
         child,
     ))
@@ -961,7 +1143,7 @@ async fn start_vm(
 
 /// The VMM's cgroup under `nephele/`: `<node>/<project>/<instance>`, so
 /// two copies of one VM on a host (a local migration) get one each.
-fn cgroup_name(node: &str, layout: &Layout) -> String {
+pub(crate) fn cgroup_name(node: &str, layout: &Layout) -> String {
     let clean = |c: &str| -> String {
         let c: String = c
             .chars()
@@ -1067,6 +1249,12 @@ async fn stop_vm(vm: &Vm, graceful: Option<Duration>) {
         !host::alive(pid, start)
     };
     let mut done = !host::alive(pid, start);
+    if !done && vm.incoming {
+        // It serves no control socket until its VM arrives; it holds
+        // nothing yet.
+        host::kill(pid);
+        done = gone(STOP_GRACE).await;
+    }
     if !done && let Some(t) = graceful {
         match c.shutdown(t).await {
             Ok(()) => done = gone(t + Duration::from_secs(2)).await,
@@ -1128,16 +1316,88 @@ mod tests {
             boot_count: 1,
             generation: 5,
             stop_timeout: Duration::from_secs(3),
+            role: Role::None,
         }
     }
     const UP: Have = Have {
         boot_count: 1,
         fenced: false,
+        incoming: false,
     };
     const FENCED: Have = Have {
         boot_count: 1,
         fenced: true,
+        incoming: false,
     };
+    const INCOMING: Have = Have {
+        boot_count: 1,
+        fenced: false,
+        incoming: true,
+    };
+
+    #[test]
+    fn migrations_receive_send_and_fail() {
+        use DesiredState::DesiredRunning as R;
+        use InstanceState as S;
+        let role = |role| Want {
+            role,
+            ..w(R, S::Migrating)
+        };
+        // Target: start --incoming, then wait; its VMM's end fails it.
+        assert_eq!(
+            decide(Some(&role(Role::Target)), None, None, true, false),
+            Action::Incoming
+        );
+        assert_eq!(
+            decide(Some(&role(Role::Target)), Some(&INCOMING), None, true, true),
+            Action::Nothing
+        );
+        let killed = Exit {
+            failure: Some("killed".into()),
+            generation: Some(5),
+        };
+        assert_eq!(
+            decide(Some(&role(Role::Target)), None, Some(&killed), true, true),
+            Action::MigrationFailed("killed".into())
+        );
+        // Source: send once the target listens, never while fenced, and
+        // a migrating instance is not reported RUNNING meanwhile.
+        assert_eq!(
+            decide(
+                Some(&role(Role::Source { ready: true })),
+                Some(&UP),
+                None,
+                true,
+                true
+            ),
+            Action::Migrate
+        );
+        assert_eq!(
+            decide(
+                Some(&role(Role::Source { ready: false })),
+                Some(&UP),
+                None,
+                true,
+                true
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            decide(
+                Some(&role(Role::Source { ready: true })),
+                Some(&FENCED),
+                None,
+                false,
+                true
+            ),
+            Action::Nothing
+        );
+        // After the switchover the target's VM is waited for, not booted.
+        assert_eq!(
+            decide(Some(&w(R, S::Running)), Some(&INCOMING), None, true, true),
+            Action::Nothing
+        );
+    }
 
     #[test]
     fn running_assignments_start_keep_resume_and_reboot() {

@@ -56,6 +56,48 @@ pub struct VmmStatus {
     pub fenced: bool,
 }
 
+/// The `migrate_status` answer (the fields the agent uses).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct VmmMigration {
+    /// `setup`, `precopy`, `stop_and_copy`, `completed`, `failed` or
+    /// `cancelled`.
+    pub state: String,
+    /// Round: 0 is the full pass.
+    #[serde(default)]
+    pub round: u32,
+    /// Bytes sent so far.
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Bytes still to send.
+    #[serde(default)]
+    pub bytes_remaining: u64,
+    /// Guest dirty rate, bytes per second.
+    #[serde(default)]
+    pub dirty_rate_bps: u64,
+    /// Link throughput, bytes per second.
+    #[serde(default)]
+    pub throughput_bps: u64,
+    /// Predicted downtime, ms.
+    #[serde(default)]
+    pub expected_downtime_ms: u64,
+    /// Auto-converge throttle, percent.
+    #[serde(default)]
+    pub throttle_percent: u32,
+    /// Measured downtime, once known, microseconds.
+    #[serde(default)]
+    pub downtime_us: Option<u64>,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl VmmMigration {
+    /// Completed, failed or cancelled.
+    pub fn is_final(&self) -> bool {
+        matches!(self.state.as_str(), "completed" | "failed" | "cancelled")
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct ErrorBody {
     code: String,
@@ -67,6 +109,8 @@ struct Answer {
     ok: bool,
     #[serde(default)]
     status: Option<VmmStatus>,
+    #[serde(default)]
+    migration: Option<VmmMigration>,
     #[serde(default)]
     error: Option<ErrorBody>,
 }
@@ -154,6 +198,41 @@ impl VmmClient {
         )
         .await
         .map(drop)
+    }
+
+    /// `migrate` to the `neph-vmm --incoming` at `to`, the switchover
+    /// decided by the gate served at `gate`.
+    pub async fn migrate(
+        &self,
+        to: &str,
+        max_downtime_ms: u64,
+        gate: &Path,
+    ) -> Result<(), VmmCallError> {
+        let mut req = serde_json::json!({
+            "cmd": "migrate",
+            "to": to,
+            "gate": gate,
+        });
+        if max_downtime_ms > 0 {
+            req["max_downtime_ms"] = max_downtime_ms.into();
+        }
+        self.call(req.to_string(), "migrate").await.map(drop)
+    }
+
+    /// `migrate_status`.
+    pub async fn migrate_status(&self) -> Result<VmmMigration, VmmCallError> {
+        let a = self
+            .call(r#"{"cmd":"migrate_status"}"#.into(), "migrate_status")
+            .await?;
+        a.migration
+            .ok_or_else(|| VmmCallError::BadAnswer(self.path.clone(), "no migration".into()))
+    }
+
+    /// `migrate_cancel`.
+    pub async fn migrate_cancel(&self) -> Result<(), VmmCallError> {
+        self.call(r#"{"cmd":"migrate_cancel"}"#.into(), "migrate_cancel")
+            .await
+            .map(drop)
     }
 
     /// `stop`.

@@ -533,7 +533,11 @@ impl Vm {
             .is_some_and(|m| !m.done.load(std::sync::atomic::Ordering::SeqCst))
     }
 
-    fn start_migration(&mut self, params: MigrateParams) -> Response {
+    fn start_migration(
+        &mut self,
+        params: MigrateParams,
+        gate: Arc<dyn SwitchoverGate>,
+    ) -> Response {
         if self.migration_running() {
             return Response::error("INVALID_STATE", "a migration is already running");
         }
@@ -583,7 +587,7 @@ impl Vm {
                 tx: self.tx.clone(),
                 generation: self.generation,
             }),
-            gate: self.gate.clone(),
+            gate,
         };
         let shared = source::Shared::new(&params.to);
         let s = shared.clone();
@@ -650,6 +654,7 @@ impl Vm {
                 verify,
                 streams,
                 protocol,
+                gate,
             } => {
                 let version = protocol.unwrap_or(crate::migration::protocol::VERSION);
                 let versions = crate::migration::protocol::PREVIOUS_VERSION
@@ -685,7 +690,11 @@ impl Vm {
                     streams,
                     version,
                 };
-                return (self.start_migration(params), None);
+                let gate: Arc<dyn SwitchoverGate> = match gate {
+                    Some(path) => Arc::new(crate::migration::SocketGate::new(path)),
+                    None => self.gate.clone(),
+                };
+                return (self.start_migration(params, gate), None);
             }
             Request::MigrateStatus => {
                 return match &self.migration {

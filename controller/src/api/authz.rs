@@ -145,6 +145,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/nephele.infra.v1.Nodes/DrainNode", Rule::Admin),
     ("/nephele.infra.v1.Migrations/CreateMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/GetMigration", Rule::Admin),
+    ("/nephele.infra.v1.Migrations/CancelMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/ListMigrations", Rule::Admin),
     ("/nephele.infra.v1.Cluster/GetClusterStatus", Rule::Admin),
     // Operations and events are read with the role on the project of the

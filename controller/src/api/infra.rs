@@ -212,6 +212,40 @@ impl<S: StateStore> Migrations for Api<S> {
         Ok(Reply::new(m))
     }
 
+    async fn cancel_migration(
+        &self,
+        req: Request<pb::CancelMigrationRequest>,
+    ) -> Result<Reply<pb::Migration>, Status> {
+        let c = self
+            .authorize(
+                req.metadata(),
+                &format!("{MIGRATIONS}CancelMigration"),
+                Target::Cluster,
+            )
+            .await?;
+        let name = req.into_inner().name;
+        names::parse(&name, names::MIGRATION).map_err(ApiError::from)?;
+        let n = name.clone();
+        let bytes = self
+            .read_try(move |s| {
+                s.migrations
+                    .get(&n)
+                    .map(|m| m.bytes_copied)
+                    .ok_or_else(|| ApiError::not_found(n))
+            })
+            .await?;
+        let command = Command::SetMigrationState {
+            migration: name,
+            state: nephele_state::model::MigrationState::Cancelled,
+            bytes_copied: bytes,
+            reason: format!("cancelled by {}", c.user),
+        };
+        match self.propose(&c.user, None, command).await? {
+            Response::Migration(m) => Ok(Reply::new(convert::migration(&m))),
+            other => Err(ApiError::Internal(format!("unexpected answer {other:?}")).into()),
+        }
+    }
+
     async fn list_migrations(
         &self,
         req: Request<pb::ListMigrationsRequest>,

@@ -75,19 +75,22 @@ impl<S: StateStore> Api<S> {
         names::parse(&r.migration, names::MIGRATION)?;
         let progress = progress_in(r.progress.as_ref());
         let m = if r.failed || r.cancelled {
-            // Only the source knows the VM resumed there.
+            // The source ends it (the VM resumed there); the target may
+            // only fail it (its VMM is gone). Either way the log orders it
+            // against the switchover: once failed, no switchover commits.
             let name = r.migration.clone();
-            let source = self
+            let (source, target) = self
                 .read_try(move |s| {
                     s.migrations
                         .get(&name)
-                        .map(|m| m.source.clone())
+                        .map(|m| (m.source.clone(), m.target.clone()))
                         .ok_or_else(|| ApiError::not_found(name))
                 })
                 .await?;
-            if source != r.node {
+            let target_fails = r.node == target && r.failed && !r.cancelled;
+            if source != r.node && !target_fails {
                 return Err(ApiError::FailedPrecondition(format!(
-                    "only the source {source} can end {}",
+                    "only the source {source} can end {} (its target can fail it)",
                     r.migration
                 )));
             }
@@ -137,11 +140,23 @@ impl<S: StateStore> Api<S> {
                     reason: String::new(),
                 })
             }
-            // Refused by the state machine: a definite no.
-            Err(ApiError::FailedPrecondition(why)) => Ok(pb::RequestSwitchoverResponse {
-                allowed: false,
-                reason: why,
-            }),
+            // Refused by the state machine: a definite no, unless this
+            // source's switchover is already committed (an earlier request
+            // whose answer was lost): then the answer stays yes.
+            Err(ApiError::FailedPrecondition(why)) => {
+                let (name, node) = (r.migration.clone(), r.node.clone());
+                let done = self
+                    .read_try(move |s| {
+                        Ok::<_, ApiError>(s.migrations.get(&name).is_some_and(|m| {
+                            m.state == MigrationState::Completed && m.source == node
+                        }))
+                    })
+                    .await?;
+                Ok(pb::RequestSwitchoverResponse {
+                    allowed: done,
+                    reason: if done { String::new() } else { why },
+                })
+            }
             // Anything else (no leader, timeout) is an error: the source
             // treats it as no as well.
             Err(e) => Err(e),

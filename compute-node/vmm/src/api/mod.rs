@@ -96,6 +96,10 @@ pub enum Request {
         /// older target).
         #[serde(default)]
         protocol: Option<u32>,
+        /// A unix socket whose server decides the switchover
+        /// ([`crate::migration::SocketGate`]); default: the VMM's own gate.
+        #[serde(default)]
+        gate: Option<std::path::PathBuf>,
     },
     /// Progress of the current or last migration.
     MigrateStatus,
@@ -280,6 +284,7 @@ mod tests {
                 verify: false,
                 streams: None,
                 protocol: None,
+                gate: None,
             }
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"migrate"}"#).is_err());

@@ -10,9 +10,12 @@
 //!
 //! Exactly one running copy: the source keeps the VM until the target has
 //! loaded the complete state and acknowledged it, then asks its
-//! [`SwitchoverGate`] (the controllers' Raft log, once the node agent wires
-//! it; [`AlwaysSwitch`] by default) before it sends the final commit and
-//! stops. Until the gate says yes, any failure resumes the VM on the source.
+//! [`SwitchoverGate`] (the controllers' Raft log through the node agent:
+//! [`SocketGate`], named by the `migrate` request's `gate`; [`AlwaysSwitch`]
+//! without one) before it sends the final commit and stops. Until the gate
+//! says yes, any failure resumes the VM on the source; once it said yes the
+//! source never resumes (a commit frame that cannot be sent stops the VM
+//! here: the switchover is decided, the target is the one copy).
 //!
 //! # Where the downtime goes
 //!
@@ -54,7 +57,10 @@ pub mod source;
 pub mod state;
 pub mod target;
 
-use std::time::Instant;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +81,81 @@ pub struct AlwaysSwitch;
 impl SwitchoverGate for AlwaysSwitch {
     fn allow_switchover(&self, _target: &str) -> bool {
         true
+    }
+}
+
+/// A gate answered by another process on a unix socket (the node agent,
+/// which asks the controllers to commit the switchover in their log).
+///
+/// The exchange, one connection per question: the VMM sends one JSON line
+/// `{"target":"HOST:PORT"}`, the agent answers one line
+/// `{"allowed":true}` (or `false`, with a `reason`). No answer within
+/// [`SocketGate::TIMEOUT`], a closed socket or anything else is a no.
+#[derive(Debug, Clone)]
+pub struct SocketGate {
+    path: PathBuf,
+}
+
+/// A gate's answer on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateAnswer {
+    /// Yes: the switchover is committed.
+    pub allowed: bool,
+    /// Why not.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A gate's question on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateQuestion {
+    /// The target the VM would go to.
+    pub target: String,
+}
+
+impl SocketGate {
+    /// Longest wait for the answer (a Raft commit, with leader failover).
+    pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+    /// The gate served at `path`.
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    fn ask(&self, target: &str) -> Result<GateAnswer, String> {
+        let mut s = UnixStream::connect(&self.path)
+            .map_err(|e| format!("cannot reach the gate {}: {e}", self.path.display()))?;
+        s.set_read_timeout(Some(Self::TIMEOUT))
+            .and_then(|()| s.set_write_timeout(Some(Self::TIMEOUT)))
+            .map_err(|e| format!("gate socket: {e}"))?;
+        let mut q = serde_json::to_string(&GateQuestion {
+            target: target.to_owned(),
+        })
+        .map_err(|e| e.to_string())?;
+        q.push('\n');
+        s.write_all(q.as_bytes())
+            .map_err(|e| format!("cannot ask the gate: {e}"))?;
+        let mut line = String::new();
+        BufReader::new(std::io::Read::take(s, 4096))
+            .read_line(&mut line)
+            .map_err(|e| format!("no answer from the gate: {e}"))?;
+        serde_json::from_str(&line).map_err(|e| format!("bad answer from the gate: {e}"))
+    }
+}
+
+impl SwitchoverGate for SocketGate {
+    fn allow_switchover(&self, target: &str) -> bool {
+        match self.ask(target) {
+            Ok(a) if a.allowed => true,
+            Ok(a) => {
+                eprintln!("neph-vmm: the switchover gate said no: {}", a.reason);
+                false
+            }
+            Err(e) => {
+                eprintln!("neph-vmm: the switchover gate did not say yes: {e}");
+                false
+            }
+        }
     }
 }
 

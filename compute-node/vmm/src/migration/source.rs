@@ -16,7 +16,8 @@
 //! Auto-converge: when rounds stop shrinking (or the guest dirties faster
 //! than half the throughput), a throttle pauses the vCPUs for a growing
 //! share of every 3 ms. Cancel, a timeout, the gate saying no, or any error
-//! before the commit resume the VM here.
+//! before the gate's yes resume the VM here; after the yes nothing does (a
+//! commit frame that cannot be sent stops the VM: [`MigrateError::CommitLost`]).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -97,6 +98,11 @@ pub enum MigrateError {
     /// The switchover gate said no.
     #[error("the switchover was refused by the gate")]
     GateRefused,
+    /// The gate said yes (the switchover is decided) but the commit frame
+    /// could not be sent: the VM stops here and is not resumed, since the
+    /// target holds the complete state and may be the one copy.
+    #[error("the switchover was decided but its commit could not be sent to the target")]
+    CommitLost(#[source] std::io::Error),
 }
 
 /// What the `migrate` request asks.
@@ -307,6 +313,21 @@ pub fn run(ctx: SourceContext, params: MigrateParams, shared: Arc<Shared>) {
                 downtime.as_micros(),
                 m.bytes_sent
             );
+            shared.done.store(true, Ordering::SeqCst);
+            ctx.control.finish();
+        }
+        Err(e @ MigrateError::CommitLost(_)) => {
+            let msg = error_chain(&e);
+            eprintln!(
+                "neph-vmm: migration to {}: {msg}; the VM stops here",
+                params.to
+            );
+            shared.update(|s| {
+                s.state = MigrationState::Failed;
+                s.error = Some(msg);
+                s.throttle_percent = 0;
+                s.elapsed_ms = ms(started.elapsed());
+            });
             shared.done.store(true, Ordering::SeqCst);
             ctx.control.finish();
         }
@@ -1050,8 +1071,10 @@ impl Migration<'_> {
             return Err(MigrateError::GateRefused);
         }
         clock.lap("gate");
-        protocol::write_frame(w, Kind::Commit, b"").map_err(ProtocolError::Io)?;
-        w.flush().map_err(ProtocolError::Io)?;
+        // From here on the source never resumes: the switchover is decided.
+        protocol::write_frame(w, Kind::Commit, b"")
+            .and_then(|()| w.flush())
+            .map_err(MigrateError::CommitLost)?;
         clock.lap("commit");
         // Done: recorded before the log is switched off, which takes a
         // while under PVM while the guest already runs on the target.

@@ -1,0 +1,318 @@
+//! Live migration through the control plane, driven by the compute-node
+//! agents: one `neph-controller`, two `neph-node` agents booting the
+//! project's test guest, `neph migration create|cancel` and `neph instance
+//! migrate --wait` as an operator uses them. The guest's ticker and uptime
+//! show it is the same boot on the other node and the console answers
+//! there; a `neph-vmm --incoming` killed with SIGKILL mid-copy, and a
+//! migration cancelled mid-copy, leave the VM running where it was (the
+//! same process). Skips with its reason where /dev/kvm is missing.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nephele_integration_tests::cloud::{Cloud, items, kill9};
+use nephele_integration_tests::guest::{skip_without_kvm, workspace_binary};
+
+const UP: Duration = Duration::from_secs(60);
+
+/// Types `line` into the instance's console through `neph instance
+/// console` and returns the first console line starting with `tag`.
+fn console(cloud: &Cloud, instance: &str, line: &str, tag: &str) -> String {
+    let mut child = Command::new(workspace_binary("neph"))
+        .env_remove("NEPHELE_PROFILE")
+        .args(["--endpoint", &cloud.controllers.members[0].address])
+        .arg("--token-file")
+        .arg(&cloud.token_file)
+        .args(["--project", &cloud.project, "instance", "console", instance])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start neph instance console");
+    let mut stdin = child.stdin.take().expect("stdin");
+    std::thread::sleep(Duration::from_millis(500));
+    stdin
+        .write_all(format!("{line}\n").as_bytes())
+        .expect("type into the console");
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("console output");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .map(|l| l.trim_start_matches("neph> ").trim())
+        .find(|l| l.starts_with(tag))
+        .unwrap_or_else(|| {
+            panic!(
+                "the console did not answer {tag}: stdout {text:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .to_string()
+}
+
+/// `key=<n>` in a console line.
+fn field(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+}
+
+fn node_index(cloud: &Cloud, id: &str) -> usize {
+    cloud
+        .nodes
+        .iter()
+        .position(|n| n.id == id)
+        .expect("a known node")
+}
+
+/// The instance's migrations, newest last.
+fn migrations(cloud: &Cloud, instance: &str) -> Vec<serde_json::Value> {
+    let v = cloud
+        .admin(&["migration", "list"])
+        .expect("neph migration list");
+    let full = format!("projects/{}/instances/{instance}", cloud.project);
+    items(&v, "migrations")
+        .iter()
+        .filter(|m| m["instance"] == full.as_str())
+        .cloned()
+        .collect()
+}
+
+/// Waits until the instance's migration not named in `older` is in
+/// `state`.
+fn wait_migration(
+    cloud: &Cloud,
+    instance: &str,
+    older: &[String],
+    state: &str,
+) -> serde_json::Value {
+    cloud
+        .wait_for(
+            &format!("the new migration of {instance} {state}"),
+            UP,
+            |c| {
+                let ms = migrations(c, instance);
+                let new = ms
+                    .iter()
+                    .find(|m| !older.iter().any(|o| m["name"] == o.as_str()));
+                Ok(match new {
+                    Some(m) if m["state"] == state => Ok(m.clone()),
+                    Some(m) => Err(format!("{m}")),
+                    None => Err(format!("{} migrations", ms.len())),
+                })
+            },
+        )
+        .expect("the migration reaches its state")
+}
+
+#[test]
+fn migrate_through_the_control_plane_and_survive_a_dead_target() {
+    if skip_without_kvm() {
+        return;
+    }
+    let cloud = Cloud::start(1, 2).expect("start the cloud");
+    cloud
+        .neph(&[
+            "instance",
+            "create",
+            "mig-1",
+            "--flavor",
+            "small",
+            "--image",
+            "test-guest",
+        ])
+        .expect("create an instance");
+    cloud.wait_state("mig-1", "RUNNING", UP).expect("it runs");
+    let src = cloud.node_of("mig-1").expect("its node");
+    let dst = cloud
+        .nodes
+        .iter()
+        .map(|n| n.id.clone())
+        .find(|n| *n != src)
+        .expect("another node");
+    let (si, di) = (node_index(&cloud, &src), node_index(&cloud, &dst));
+    let src_pids = cloud.vm_pids(si);
+    assert_eq!(src_pids.len(), 1, "one VM on the source");
+    assert!(console(&cloud, "mig-1", "ticker start", "TICKER").contains("OK"));
+
+    // 1. The target's VMM killed with SIGKILL during the copy: the VM goes
+    // on on its source, the migration fails. The guest dirties memory as
+    // fast as it can so that the copy lasts long enough to be hit.
+    assert!(console(&cloud, "mig-1", "dirty 96 100000", "DIRTY").contains("OK"));
+    cloud
+        .admin(&[
+            "migration",
+            "create",
+            &format!("projects/{}/instances/mig-1", cloud.project),
+            "--to",
+            &dst,
+        ])
+        .expect("start a migration");
+    let victim = cloud
+        .wait_for("the incoming VMM on the target", UP, |c| {
+            let ms = migrations(c, "mig-1");
+            // Copying: the source has reported bytes sent.
+            let running = ms.first().is_some_and(|m| {
+                m["state"] == "RUNNING" && m["bytes_copied"].as_u64().unwrap_or(0) > 0
+            });
+            let pids = c.vm_pids(di);
+            Ok(match (running, pids.first()) {
+                (true, Some(p)) => Ok(*p),
+                _ => Err(format!("{ms:?} target pids {pids:?}")),
+            })
+        })
+        .expect("the target listens");
+    kill9(victim);
+    let failed = wait_migration(&cloud, "mig-1", &[], "FAILED");
+    let older = vec![failed["name"].as_str().unwrap_or_default().to_string()];
+    eprintln!("failed migration: {failed}");
+    let i = cloud.wait_state("mig-1", "RUNNING", UP).expect("running");
+    assert_eq!(
+        i["node"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("nodes/"),
+        src,
+        "the VM stays on its source"
+    );
+    assert_eq!(cloud.vm_pids(si), src_pids, "the same VM process runs on");
+    cloud
+        .wait_for("the target holds no VM", UP, |c| {
+            let p = c.vm_pids(di);
+            Ok(if p.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{p:?}"))
+            })
+        })
+        .expect("the target cleans up");
+    let t = console(&cloud, "mig-1", "ticker report", "TICKER");
+    assert!(
+        t.contains("running=1"),
+        "same boot: the ticker runs on: {t}"
+    );
+    assert!(console(&cloud, "mig-1", "dirty stop", "DIRTY").contains("OK"));
+
+    // 2. A migration that completes: the same boot runs on the other node.
+    let before = console(&cloud, "mig-1", "uptime", "UPTIME");
+    let ticks_before = field(
+        &console(&cloud, "mig-1", "ticker report", "TICKER"),
+        "ticks",
+    );
+    let started = Instant::now();
+    let done = cloud
+        .neph(&[
+            "instance",
+            "migrate",
+            "mig-1",
+            "--to",
+            &dst,
+            "--max-downtime",
+            "100",
+            "--wait",
+        ])
+        .expect("neph instance migrate --wait");
+    assert_eq!(done["state"], "COMPLETED", "{done}");
+    let mut older = older;
+    older.push(done["name"].as_str().unwrap_or_default().to_string());
+    eprintln!(
+        "migration completed in about {} ms: {done}",
+        started.elapsed().as_millis()
+    );
+    let i = cloud.wait_state("mig-1", "RUNNING", UP).expect("running");
+    assert_eq!(
+        i["node"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("nodes/"),
+        dst,
+        "the instance is placed on the target"
+    );
+    cloud
+        .wait_for("the source VM gone, one on the target", UP, |c| {
+            let (s, d) = (c.vm_pids(si), c.vm_pids(di));
+            Ok(if s.is_empty() && d.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!("source {s:?} target {d:?}"))
+            })
+        })
+        .expect("exactly one copy");
+    let after = console(&cloud, "mig-1", "uptime", "UPTIME");
+    assert!(
+        field(&after, "us") > field(&before, "us"),
+        "uptime continues (same boot): {before} then {after}"
+    );
+    let t = console(&cloud, "mig-1", "ticker report", "TICKER");
+    assert!(t.contains("running=1"), "the ticker runs on: {t}");
+    assert!(
+        field(&t, "ticks") > ticks_before,
+        "the ticker's count continues: {ticks_before} then {t}"
+    );
+    eprintln!("after migration: {after}; {t}");
+    // The console keeps working on the target (echo round trip).
+    assert!(console(&cloud, "mig-1", "echo still-here", "ECHO").contains("still-here"));
+
+    // 3. Cancelled mid-copy: the VM stays where it runs (now the first
+    // target), the same process, the same boot.
+    let here = cloud.vm_pids(di);
+    assert!(console(&cloud, "mig-1", "dirty 96 100000", "DIRTY").contains("OK"));
+    cloud
+        .admin(&[
+            "migration",
+            "create",
+            &format!("projects/{}/instances/mig-1", cloud.project),
+            "--to",
+            &src,
+        ])
+        .expect("start a migration back");
+    let back = cloud
+        .wait_for("the migration back copying", UP, |c| {
+            let ms = migrations(c, "mig-1");
+            let new = ms
+                .into_iter()
+                .find(|m| !older.iter().any(|o| m["name"] == o.as_str()));
+            Ok(match new {
+                Some(m) if m["state"] == "RUNNING" => Ok(m),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .expect("it copies");
+    let id = back["name"].as_str().unwrap_or_default().to_string();
+    let cancelled = cloud
+        .admin(&["migration", "cancel", &id])
+        .expect("neph migration cancel");
+    assert_eq!(cancelled["state"], "CANCELLED", "{cancelled}");
+    let i = cloud.wait_state("mig-1", "RUNNING", UP).expect("running");
+    assert_eq!(
+        i["node"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("nodes/"),
+        dst,
+        "a cancelled migration leaves the instance where it was"
+    );
+    cloud
+        .wait_for("no VM left on the cancelled target", UP, |c| {
+            let p = c.vm_pids(si);
+            Ok(if p.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{p:?}"))
+            })
+        })
+        .expect("the cancelled target cleans up");
+    assert_eq!(cloud.vm_pids(di), here, "the same VM process runs on");
+    let t = console(&cloud, "mig-1", "ticker report", "TICKER");
+    assert!(t.contains("running=1"), "same boot after the cancel: {t}");
+    assert!(console(&cloud, "mig-1", "dirty stop", "DIRTY").contains("OK"));
+}
