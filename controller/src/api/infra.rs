@@ -218,7 +218,7 @@ impl<S: StateStore> Migrations for Api<S> {
     ) -> Result<Reply<pb::Migration>, Status> {
         let c = self
             .authorize(
-                req.metadata(),
+                &req,
                 &format!("{MIGRATIONS}CancelMigration"),
                 Target::Cluster,
             )
@@ -240,7 +240,7 @@ impl<S: StateStore> Migrations for Api<S> {
             bytes_copied: bytes,
             reason: format!("cancelled by {}", c.user),
         };
-        match self.propose(&c.user, None, command).await? {
+        match self.propose_as(&c, None, command).await? {
             Response::Migration(m) => Ok(Reply::new(convert::migration(&m))),
             other => Err(ApiError::Internal(format!("unexpected answer {other:?}")).into()),
         }
