@@ -24,6 +24,8 @@ fn console(cloud: &Cloud, instance: &str, line: &str, tag: &str) -> String {
         .args(["--endpoint", &cloud.controllers.members[0].address])
         .arg("--token-file")
         .arg(&cloud.token_file)
+        .arg("--ca-file")
+        .arg(cloud.controllers.ca_file())
         .args(["--project", &cloud.project, "instance", "console", instance])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
