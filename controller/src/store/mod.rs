@@ -144,6 +144,17 @@ pub trait StateStore: Send + Sync + 'static {
     /// Who leads in which term.
     fn leadership(&self) -> Leadership;
 
+    /// Whether this controller still led in `term` at some instant after
+    /// the call began, as a quorum confirmed it. A leader answers an
+    /// agent's heartbeat from memory only after this (see
+    /// `api::node`, heartbeats), so a deposed leader can never renew an
+    /// agent's fencing lease. The default never confirms: such a store's
+    /// heartbeats are all committed.
+    fn confirm_leadership(&self, term: u64) -> impl Future<Output = bool> + Send {
+        let _ = term;
+        std::future::ready(false)
+    }
+
     /// Which backend this is, for status displays.
     fn backend(&self) -> BackendInfo {
         BackendInfo::default()
