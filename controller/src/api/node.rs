@@ -86,7 +86,7 @@ fn held(assignments: &[pb::Assignment]) -> HashSet<String> {
 /// holds; anything not recognised counts, so a new command errs on the side
 /// of a re-read.
 fn touches(e: &WatchEvent, node: &str, mine: &HashSet<String>) -> bool {
-    let Ok(answer) = &e.outcome else {
+    let Ok(answer) = &*e.outcome else {
         return false;
     };
     let this_node = |id: &str| node.strip_prefix("nodes/") == Some(id);
