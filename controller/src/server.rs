@@ -225,11 +225,13 @@ async fn serve<S: Backend>(
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let shared = std::sync::Arc::new(store.clone());
-    let router = crate::api::routes(Api::new(shared.clone(), options.api.clone()), router).await;
+    let beats = std::sync::Arc::new(reconcile::NodeBeats::default());
+    let api = Api::new(shared.clone(), options.api.clone(), beats.clone());
+    let router = crate::api::routes(api, router).await;
     // One lease for both: what agents are told is what the loops wait for.
     let mut loops = options.reconcile;
     loops.fence_lease = options.api.fence_lease;
-    let reconcilers = reconcile::spawn(shared, loops);
+    let reconcilers = reconcile::spawn(shared, loops, beats);
     let server = tokio::spawn(async move {
         let stopped = async {
             let _ = stopped.await;

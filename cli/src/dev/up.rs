@@ -673,41 +673,49 @@ async fn ready(o: &UpOptions, st: &ClusterState, announce: bool) -> Result<(), D
         }
     }
 
+    // A leader elected a moment ago can still lose its leadership (three
+    // controllers starting on a busy machine): retry what may succeed on
+    // the next leader. Every create here is idempotent (a request id, or
+    // ALREADY_EXISTS taken as done).
     for (id, vcpus, memory_mib, disk_gib) in FLAVORS {
-        let r = conn
-            .flavors()
-            .create_flavor(compute::CreateFlavorRequest {
-                flavor_id: (*id).to_owned(),
-                flavor: Some(compute::Flavor {
-                    name: String::new(),
-                    resources: Some(compute::Resources {
-                        vcpus: *vcpus,
-                        memory_mib: *memory_mib,
-                        disk_gib: *disk_gib,
-                    }),
+        let req = compute::CreateFlavorRequest {
+            flavor_id: (*id).to_owned(),
+            flavor: Some(compute::Flavor {
+                name: String::new(),
+                resources: Some(compute::Resources {
+                    vcpus: *vcpus,
+                    memory_mib: *memory_mib,
+                    disk_gib: *disk_gib,
                 }),
-                request_id: format!("neph-dev-flavor-{id}"),
-            })
-            .await;
-        ok_or_exists(r)?;
-    }
-    let r = conn
-        .iam()
-        .create_project(iam::CreateProjectRequest {
-            project_id: PROJECT.into(),
-            project: Some(iam::Project {
-                display_name: "Local development".into(),
-                quota: Some(iam::Quota {
-                    instances: 100,
-                    vcpus: 200,
-                    memory_mib: 200 * 1024,
-                    disk_gib: 2000,
-                }),
-                ..Default::default()
             }),
-            request_id: "neph-dev-project".into(),
+            request_id: format!("neph-dev-flavor-{id}"),
+        };
+        let r = retrying(deadline, || {
+            let (mut c, req) = (conn.flavors(), req.clone());
+            async move { c.create_flavor(req).await }
         })
         .await;
+        ok_or_exists(r)?;
+    }
+    let req = iam::CreateProjectRequest {
+        project_id: PROJECT.into(),
+        project: Some(iam::Project {
+            display_name: "Local development".into(),
+            quota: Some(iam::Quota {
+                instances: 100,
+                vcpus: 200,
+                memory_mib: 200 * 1024,
+                disk_gib: 2000,
+            }),
+            ..Default::default()
+        }),
+        request_id: "neph-dev-project".into(),
+    };
+    let r = retrying(deadline, || {
+        let (mut c, req) = (conn.iam(), req.clone());
+        async move { c.create_project(req).await }
+    })
+    .await;
     ok_or_exists(r)?;
     let kernel = o.dir.join("images").join(GUEST_IMAGE_ID).join("kernel");
     if kernel.is_file() {
@@ -716,19 +724,21 @@ async fn ready(o: &UpOptions, st: &ClusterState, announce: bool) -> Result<(), D
             path: kernel.clone(),
             source,
         })?;
-        let r = conn
-            .images()
-            .create_image(compute::CreateImageRequest {
-                image_id: GUEST_IMAGE_ID.into(),
-                image: Some(compute::Image {
-                    format: "pvh-elf".into(),
-                    size_bytes: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
-                    checksum: format!("sha256:{}", sha256_hex(&bytes)),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
-            })
-            .await;
+        let req = compute::CreateImageRequest {
+            image_id: GUEST_IMAGE_ID.into(),
+            image: Some(compute::Image {
+                format: "pvh-elf".into(),
+                size_bytes: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+                checksum: format!("sha256:{}", sha256_hex(&bytes)),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        };
+        let r = retrying(deadline, || {
+            let (mut c, req) = (conn.images(), req.clone());
+            async move { c.create_image(req).await }
+        })
+        .await;
         ok_or_exists(r)?;
     }
 
@@ -763,6 +773,22 @@ async fn ready(o: &UpOptions, st: &ClusterState, announce: bool) -> Result<(), D
         );
     }
     Ok(())
+}
+
+/// Runs `call` until it succeeds, fails for good, or `deadline` passes.
+async fn retrying<T, F, Fut>(deadline: Instant, mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    loop {
+        match call().await {
+            Err(e) if transient(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 fn ok_or_exists<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Result<(), DevUpError> {

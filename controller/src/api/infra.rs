@@ -5,7 +5,7 @@ use nephele_proto::infra::v1::cluster_server::Cluster;
 use nephele_proto::infra::v1::migrations_server::Migrations;
 use nephele_proto::infra::v1::nodes_server::Nodes;
 use nephele_proto::ops::v1 as ops_pb;
-use nephele_state::model::{InstanceState, NodeState, State};
+use nephele_state::model::{InstanceState, Node as NodeModel, NodeState, State};
 use nephele_state::names;
 use nephele_state::{Command, Response};
 use tonic::{Request, Response as Reply, Status};
@@ -35,6 +35,17 @@ impl<S: StateStore> Api<S> {
             .and_then(|l| l.get(node).cloned())
     }
 
+    /// `n` to the API, with the load and the newest heartbeat this
+    /// controller answered from memory (newer than the recorded one, which
+    /// is committed only every `heartbeat_commit_interval`).
+    fn node_out(&self, n: &NodeModel, instances: Vec<String>) -> pb::Node {
+        let mut n = n.clone();
+        if let Some(b) = self.inner.beats.latest(&n.name) {
+            n.last_heartbeat = n.last_heartbeat.max(b.wall_ms);
+        }
+        convert::node(&n, instances, self.load_of(&n.name))
+    }
+
     async fn set_node_state(
         &self,
         actor: &str,
@@ -49,7 +60,7 @@ impl<S: StateStore> Api<S> {
             Response::Node(n) => {
                 let name = n.name.clone();
                 let instances = self.read(move |s| node_instances(s, &name)).await?;
-                Ok(convert::node(&n, instances, self.load_of(&n.name)))
+                Ok(self.node_out(&n, instances))
             }
             other => Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
         }
@@ -72,8 +83,7 @@ impl<S: StateStore> Nodes for Api<S> {
                 Ok((n, node_instances(s, &name)))
             })
             .await?;
-        let load = self.load_of(&n.name);
-        Ok(Reply::new(convert::node(&n, instances, load)))
+        Ok(Reply::new(self.node_out(&n, instances)))
     }
 
     async fn list_nodes(
@@ -95,10 +105,7 @@ impl<S: StateStore> Nodes for Api<S> {
             .await?;
         let nodes = nodes
             .into_iter()
-            .map(|(n, inst)| {
-                let load = self.load_of(&n.name);
-                convert::node(&n, inst, load)
-            })
+            .map(|(n, inst)| self.node_out(&n, inst))
             .collect();
         Ok(Reply::new(pb::ListNodesResponse {
             nodes,

@@ -48,6 +48,7 @@ use tonic::transport::server::Router;
 use self::auth::Caller;
 use self::authz::Target;
 use self::errors::ApiError;
+use crate::reconcile::NodeBeats;
 use crate::store::{Committed, ProposeError, StateStore};
 
 /// Largest request message a server accepts.
@@ -71,6 +72,10 @@ pub struct ApiConfig {
     /// How long an agent's VMs may run after it sent its last acknowledged
     /// heartbeat (see `proto/nephele/node/v1/node.proto`, fencing).
     pub fence_lease: Duration,
+    /// The leader answers heartbeats from memory ([`NodeBeats`]) and
+    /// commits one (refreshing the node's recorded `last_heartbeat`) only
+    /// when the recorded one is older than this, or the node is DOWN.
+    pub heartbeat_commit_interval: Duration,
 }
 
 impl Default for ApiConfig {
@@ -80,6 +85,7 @@ impl Default for ApiConfig {
             default_stop_timeout: Duration::from_secs(30),
             max_wait: Duration::from_secs(60),
             fence_lease: Duration::from_secs(10),
+            heartbeat_commit_interval: Duration::from_secs(30),
         }
     }
 }
@@ -95,6 +101,9 @@ struct Inner<S> {
     /// How many refused calls this controller may still write to the
     /// audit trail (see [`DenialBudget`]).
     denials: Mutex<DenialBudget>,
+    /// Heartbeats answered from memory as the leader; the liveness loop
+    /// reads the same map.
+    beats: Arc<NodeBeats>,
 }
 
 /// Refused calls cost a raft write each to audit, and an unauthenticated
@@ -311,7 +320,10 @@ fn decode_token(token: &str) -> Option<String> {
 
 impl<S: StateStore> Api<S> {
     /// The API over `store`.
-    pub fn new(store: Arc<S>, config: ApiConfig) -> Self {
+    /// `beats` must be the map the liveness loop reads
+    /// ([`crate::reconcile::spawn`]), or nodes that heartbeat only into
+    /// memory would be judged silent.
+    pub fn new(store: Arc<S>, config: ApiConfig, beats: Arc<NodeBeats>) -> Self {
         Api {
             inner: Arc::new(Inner {
                 store,
@@ -319,6 +331,7 @@ impl<S: StateStore> Api<S> {
                 loads: Mutex::new(HashMap::new()),
                 tokens: auth::TokenCache::default(),
                 denials: Mutex::new(DenialBudget::new()),
+                beats,
             }),
         }
     }

@@ -2,13 +2,14 @@
 //! controller answers; responses carry every controller's address so an
 //! agent can move on when its controller goes away.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
 use nephele_proto::node::v1 as pb;
 use nephele_proto::node::v1::node_agent_server::NodeAgent;
-use nephele_state::model::{InstanceState, State};
+use nephele_state::model::{InstanceState, NodeState, State};
 use nephele_state::names;
 use nephele_state::{Command, Response};
 use tokio::sync::broadcast::error::RecvError;
@@ -17,7 +18,7 @@ use tonic::{Request, Response as Reply, Status};
 use super::authz::Target;
 use super::errors::ApiError;
 use super::{Api, convert, migration};
-use crate::store::StateStore;
+use crate::store::{StateStore, WatchEvent};
 
 const SVC: &str = "/nephele.node.v1.NodeAgent/";
 
@@ -68,12 +69,136 @@ fn assignments(s: &State, node: &str, stop_timeout: Duration) -> Result<pb::Assi
     })
 }
 
+/// The instances an assignment set names.
+fn held(assignments: &[pb::Assignment]) -> HashSet<String> {
+    assignments
+        .iter()
+        .filter_map(|a| a.instance.as_ref().map(|i| i.name.clone()))
+        .collect()
+}
+
+/// Whether the applied command `e` can change the assignments of `node`,
+/// which currently holds `mine`. A watch re-reads only then: with a
+/// thousand nodes, waking every watch on every commit (and each scanning
+/// every instance) was most of the controller's work. Commands that touch
+/// no instance, migration or this node are skipped; an instance or
+/// migration answer counts when it names this node or an instance it
+/// holds; anything not recognised counts, so a new command errs on the side
+/// of a re-read.
+fn touches(e: &WatchEvent, node: &str, mine: &HashSet<String>) -> bool {
+    let Ok(answer) = &*e.outcome else {
+        return false;
+    };
+    let this_node = |id: &str| node.strip_prefix("nodes/") == Some(id);
+    match &e.envelope.command {
+        Command::Noop
+        | Command::NodeHeartbeat { .. }
+        | Command::CreateProject { .. }
+        | Command::SetProjectQuota { .. }
+        | Command::DeleteProject { .. }
+        | Command::CreateUser { .. }
+        | Command::DeleteUser { .. }
+        | Command::SetRole { .. }
+        | Command::CreateToken { .. }
+        | Command::DeleteToken { .. }
+        | Command::CreateFlavor { .. }
+        | Command::DeleteFlavor { .. }
+        | Command::CreateServerGroup { .. }
+        | Command::DeleteServerGroup { .. }
+        | Command::FinishOperation { .. }
+        | Command::RecordRefusal { .. }
+        | Command::RecordDenial { .. }
+        | Command::KvPut { .. }
+        | Command::KvCas { .. }
+        | Command::KvDelete { .. }
+        // New instances are PENDING, on no node.
+        | Command::CreateInstance { .. }
+        | Command::CreateInstances { .. } => return false,
+        Command::RegisterNode { node_id, .. } => return this_node(node_id),
+        Command::SetNodeState { node: n, .. } | Command::DeregisterNode { node: n } => {
+            return n == node;
+        }
+        Command::RestartInstanceElsewhere { instance, node: n } => {
+            return n == node || mine.contains(instance);
+        }
+        _ => {}
+    }
+    match answer {
+        Response::Instance { instance, .. } => {
+            instance.node.as_deref() == Some(node) || mine.contains(&instance.name)
+        }
+        Response::Migration(m) => {
+            m.source == node || m.target == node || mine.contains(&m.instance)
+        }
+        Response::Deleted { name } => name == node || mine.contains(name),
+        _ => true,
+    }
+}
+
 impl<S: StateStore> Api<S> {
     async fn assignments_of(&self, node: String) -> Result<pb::Assignments, ApiError> {
         let stop = self.inner.config.default_stop_timeout;
         let mut a = self.read_try(move |s| assignments(s, &node, stop)).await?;
         a.controllers = Some(self.controller_info().await?);
         Ok(a)
+    }
+
+    /// Records a heartbeat of `node`; returns the controllers to tell it.
+    ///
+    /// Committing every heartbeat would make a thousand nodes a few hundred
+    /// commits a second. The leader instead answers from memory
+    /// ([`NodeBeats`](crate::reconcile::NodeBeats), which its liveness loop
+    /// reads) once a quorum confirmed it still leads in the term it read,
+    /// so a deposed leader never renews a lease: the agent's fencing
+    /// (VMs pause `fence_lease` after the last acknowledged heartbeat) and
+    /// a new leader's grace window (a whole timeout from its first pass)
+    /// hold as they did with a commit per heartbeat. A heartbeat is still
+    /// committed when the node is DOWN (it comes back UP), when its
+    /// recorded heartbeat is older than `heartbeat_commit_interval`, on a
+    /// follower, and on a store that cannot confirm leadership.
+    async fn beat(&self, node: &str) -> Result<pb::ControllerInfo, ApiError> {
+        let term = self.store().leadership();
+        let stale_after = u64::try_from(self.inner.config.heartbeat_commit_interval.as_millis())
+            .unwrap_or(u64::MAX);
+        let name = node.to_owned();
+        let (recorded, controllers) = self
+            .read_try(move |s| {
+                let n = s
+                    .nodes
+                    .get(&name)
+                    .ok_or_else(|| ApiError::not_found(&name))?;
+                let leader = term.leader_id;
+                let info = pb::ControllerInfo {
+                    controllers: s.controllers.values().cloned().collect(),
+                    leader_address: leader
+                        .and_then(|l| s.controllers.get(&l).cloned())
+                        .unwrap_or_default(),
+                };
+                Ok(((n.state, n.last_heartbeat), info))
+            })
+            .await?;
+        let now = super::now_ms();
+        let fresh = recorded.0 != NodeState::Down && now.saturating_sub(recorded.1) < stale_after;
+        if fresh && term.is_leader() && self.store().confirm_leadership(term.term).await {
+            self.inner.beats.record(
+                node,
+                crate::reconcile::LocalBeat {
+                    term: term.term,
+                    at: std::time::Instant::now(),
+                    wall_ms: now,
+                },
+            );
+            return Ok(controllers);
+        }
+        self.propose(
+            node,
+            None,
+            Command::NodeHeartbeat {
+                node: node.to_owned(),
+            },
+        )
+        .await?;
+        Ok(controllers)
     }
 
     async fn set_state(
@@ -136,19 +261,12 @@ impl<S: StateStore> NodeAgent for Api<S> {
             .await?;
         let r = req.into_inner();
         names::parse(&r.node, names::NODE).map_err(ApiError::from)?;
-        self.propose(
-            &r.node,
-            None,
-            Command::NodeHeartbeat {
-                node: r.node.clone(),
-            },
-        )
-        .await?;
+        let controllers = self.beat(&r.node).await?;
         if let (Some(load), Ok(mut loads)) = (r.load, self.inner.loads.lock()) {
             loads.insert(r.node, load);
         }
         Ok(Reply::new(pb::HeartbeatResponse {
-            controllers: Some(self.controller_info().await?),
+            controllers: Some(controllers),
             lease: Some(duration(self.inner.config.fence_lease)),
         }))
     }
@@ -173,6 +291,7 @@ impl<S: StateStore> NodeAgent for Api<S> {
         let api = self.clone();
         tokio::spawn(async move {
             let mut last = first.assignments.clone();
+            let mut mine = held(&last);
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -180,6 +299,7 @@ impl<S: StateStore> NodeAgent for Api<S> {
                 tokio::select! {
                     _ = tx.closed() => return,
                     got = changes.recv() => match got {
+                        Ok(e) if !touches(&e, &node, &mine) => continue,
                         Ok(_) | Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => {
                             let _ = tx.send(Err(Status::unavailable("the controller is stopping; watch another one"))).await;
@@ -193,6 +313,7 @@ impl<S: StateStore> NodeAgent for Api<S> {
                 match api.assignments_of(node.clone()).await {
                     Ok(a) if a.assignments != last => {
                         last = a.assignments.clone();
+                        mine = held(&last);
                         if tx.send(Ok(a)).await.is_err() {
                             return;
                         }

@@ -659,6 +659,21 @@ impl StateStore for RaftStore {
         }
     }
 
+    async fn confirm_leadership(&self, term: u64) -> bool {
+        let before = self.leadership();
+        if !before.is_leader() || before.term != term {
+            return false;
+        }
+        // ReadIndex on the leader (`ReadOnlyOption::Safe`) completes only
+        // once a quorum acknowledged it in its term; leading in `term`
+        // both before and after means it led throughout.
+        if self.read_index().await.is_err() {
+            return false;
+        }
+        let after = self.leadership();
+        after.is_leader() && after.term == term
+    }
+
     fn backend(&self) -> crate::store::BackendInfo {
         crate::store::BackendInfo {
             kind: "raft",

@@ -677,7 +677,7 @@ impl Node {
                             let _ = self.shared.watch.send(WatchEvent {
                                 index,
                                 envelope: Arc::new(env),
-                                outcome: outcome.clone(),
+                                outcome: Arc::new(outcome.clone()),
                             });
                         }
                         if let Some((_, seq)) = mine

@@ -10,7 +10,9 @@
 //!   scheduler's reasons (which fails the create operation).
 //! - [`liveness_pass`]: a node whose heartbeat has not changed for the
 //!   timeout, as this leader observed it on its monotonic clock
-//!   ([`HeartbeatMemory`]), is marked DOWN; its instances go to ERROR,
+//!   ([`HeartbeatMemory`]: the heartbeats recorded in the state, and
+//!   [`NodeBeats`]: those it answered from memory in its term), is marked
+//!   DOWN; its instances go to ERROR,
 //!   except HA ones, which restart elsewhere once the node is fenced (its
 //!   lease expired: `node_timeout + fence_lease` after the last heartbeat
 //!   this leader saw).
@@ -185,6 +187,10 @@ fn fenced(term: u64, command: Command) -> Envelope {
     }
 }
 
+/// Placements a scheduling pass proposes at once (below the store's bound
+/// on proposals in flight).
+const SCHEDULE_BATCH: usize = 256;
+
 /// One scheduling pass; returns when to look again.
 pub async fn schedule_pass<S: StateStore>(
     store: &S,
@@ -230,6 +236,7 @@ pub async fn schedule_pass<S: StateStore>(
     let newer = store.read(snapshot).await?;
     let mut recheck = sched::Scheduler::new(&newer)?;
     let mut retry_soon = false;
+    let mut commands = Vec::new();
     for (name, generation, plan) in plans {
         if let Err(e) = recheck.commit_placement(&plan) {
             tracing::info!(instance = %name, error = %e, "placement went stale; placing again");
@@ -244,10 +251,24 @@ pub async fn schedule_pass<S: StateStore>(
             node: p.node.clone(),
             expected_generation: generation,
         };
-        let c = store.propose(fenced(term, cmd)).await?;
-        if let Err(e) = c.outcome {
-            tracing::info!(instance = %name, error = %e, "scheduling refused");
-            retry_soon = true;
+        commands.push((name, cmd));
+    }
+    // The plans were checked together against one snapshot, and the state
+    // machine re-checks each against the state it applies to: propose them
+    // all at once (the store batches them into few log writes) rather than
+    // one commit round trip after another.
+    for chunk in commands.chunks(SCHEDULE_BATCH) {
+        let committed = futures::future::join_all(
+            chunk
+                .iter()
+                .map(|(_, cmd)| store.propose(fenced(term, cmd.clone()))),
+        )
+        .await;
+        for ((name, _), c) in chunk.iter().zip(committed) {
+            if let Err(e) = c?.outcome {
+                tracing::info!(instance = %name, error = %e, "scheduling refused");
+                retry_soon = true;
+            }
         }
     }
     for (name, generation, reason) in failed {
@@ -293,6 +314,55 @@ impl HeartbeatMemory {
     }
 }
 
+/// Heartbeats this controller answered as the leader without committing
+/// them (`api::node`): per node, the term it led in and when (on its
+/// monotonic clock, and on the wall clock for display) the heartbeat was
+/// confirmed. Only the current term's entries count, so a leader that lost
+/// and regained leadership never trusts what it saw before; a new leader
+/// starts with none and gives every node a whole timeout
+/// ([`HeartbeatMemory`]). Shared by the API and the liveness loop.
+#[derive(Debug, Default)]
+pub struct NodeBeats {
+    seen: std::sync::Mutex<std::collections::HashMap<String, LocalBeat>>,
+}
+
+/// One heartbeat answered from memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalBeat {
+    /// The term the leader confirmed it led in.
+    pub term: u64,
+    /// When, on this controller's monotonic clock.
+    pub at: Instant,
+    /// When, on its wall clock (milliseconds since the epoch).
+    pub wall_ms: u64,
+}
+
+impl NodeBeats {
+    /// Records a heartbeat from `node` answered in `term`.
+    pub fn record(&self, node: &str, beat: LocalBeat) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.insert(node.to_owned(), beat);
+        }
+    }
+
+    /// The last heartbeat from `node` answered in `term`, if any.
+    pub fn last(&self, node: &str, term: u64) -> Option<LocalBeat> {
+        let seen = self.seen.lock().ok()?;
+        seen.get(node).copied().filter(|b| b.term == term)
+    }
+
+    /// The last heartbeat from `node` answered in any term (for display).
+    pub fn latest(&self, node: &str) -> Option<LocalBeat> {
+        self.seen.lock().ok()?.get(node).copied()
+    }
+
+    fn retain(&self, keep: impl Fn(&str) -> bool) {
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.retain(|n, _| keep(n));
+        }
+    }
+}
+
 /// One instance placed on a node, as the liveness pass sees it.
 #[derive(Debug)]
 struct Placed {
@@ -307,7 +377,8 @@ struct Placed {
 /// `Instant::now()`; tests pass a fake clock):
 ///
 /// - a node whose recorded heartbeat has not changed for `node_timeout`
-///   (as this leader observed it) is marked DOWN;
+///   (as this leader observed it), and that this leader has not answered a
+///   heartbeat of from memory ([`NodeBeats`]) for as long, is marked DOWN;
 /// - on a DOWN node, instances that are not HA (and HA ones being stopped)
 ///   go to ERROR, "node X is down";
 /// - once `node_timeout + fence_lease` has passed since this leader last
@@ -325,6 +396,7 @@ pub async fn liveness_pass<S: StateStore>(
     store: &S,
     term: u64,
     memory: &mut HeartbeatMemory,
+    beats: &NodeBeats,
     config: &ReconcileConfig,
     now: Instant,
 ) -> Result<Duration, ReconcileError> {
@@ -357,8 +429,12 @@ pub async fn liveness_pass<S: StateStore>(
     memory
         .seen
         .retain(|name, _| nodes.iter().any(|(n, _, _)| n == name));
+    beats.retain(|name| nodes.iter().any(|(n, _, _)| n == name));
     for (node, beat, mut down) in nodes {
-        let silent = memory.observe(&node, beat, now);
+        let mut silent = memory.observe(&node, beat, now);
+        if let Some(local) = beats.last(&node, term) {
+            silent = silent.min(now.saturating_duration_since(local.at));
+        }
         if !down && silent > timeout {
             tracing::warn!(%node, "node missed its heartbeats; marking it down");
             let cmd = Command::SetNodeState {
@@ -475,7 +551,11 @@ enum Loop {
 }
 
 /// Starts the loops on this controller; they act only while it leads.
-pub fn spawn<S: StateStore>(store: Arc<S>, config: ReconcileConfig) -> Reconcilers {
+pub fn spawn<S: StateStore>(
+    store: Arc<S>,
+    config: ReconcileConfig,
+    beats: Arc<NodeBeats>,
+) -> Reconcilers {
     let (stop, stopped) = watch::channel(false);
     let tasks = [Loop::Schedule, Loop::Liveness, Loop::Operations]
         .into_iter()
@@ -483,7 +563,7 @@ pub fn spawn<S: StateStore>(store: Arc<S>, config: ReconcileConfig) -> Reconcile
             let store = store.clone();
             let config = config.clone();
             let stopped = stopped.clone();
-            tokio::spawn(run(kind, store, config, stopped))
+            tokio::spawn(run(kind, store, config, beats.clone(), stopped))
         })
         .collect();
     Reconcilers { stop, tasks }
@@ -493,6 +573,7 @@ async fn run<S: StateStore>(
     kind: Loop,
     store: Arc<S>,
     config: ReconcileConfig,
+    beats: Arc<NodeBeats>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut changes = store.watch();
@@ -508,7 +589,15 @@ async fn run<S: StateStore>(
             let pass = match kind {
                 Loop::Schedule => schedule_pass(&*store, l.term).await,
                 Loop::Liveness => {
-                    liveness_pass(&*store, l.term, &mut memory, &config, Instant::now()).await
+                    liveness_pass(
+                        &*store,
+                        l.term,
+                        &mut memory,
+                        &beats,
+                        &config,
+                        Instant::now(),
+                    )
+                    .await
                 }
                 Loop::Operations => operations_pass(&*store, l.term).await,
             };
@@ -711,7 +800,9 @@ mod tests {
         memory: &mut HeartbeatMemory,
         now: Instant,
     ) -> Duration {
-        liveness_pass(store, 3, memory, config, now).await.unwrap()
+        liveness_pass(store, 3, memory, &NodeBeats::default(), config, now)
+            .await
+            .unwrap()
     }
 
     fn beat(store: &MemStore, node: &str) {
@@ -802,6 +893,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn heartbeats_answered_from_memory_keep_a_node_up_in_their_term_only() {
+        let store = cluster();
+        let config = timings(10, 5);
+        let beats = NodeBeats::default();
+        let mut memory = HeartbeatMemory::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let local = |term: u64, s: u64| LocalBeat {
+            term,
+            at: at(s),
+            wall_ms: 0,
+        };
+        // n1 beats into this leader's memory (term 3); n2's beats were
+        // answered in an earlier term of this controller and do not count.
+        for t in [0, 4, 8, 12] {
+            beats.record("nodes/n1", local(3, t));
+            beats.record("nodes/n2", local(2, t));
+            liveness_pass(&store, 3, &mut memory, &beats, &config, at(t))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.get(|s| s.nodes["nodes/n1"].state), NodeState::Up);
+        assert_eq!(store.get(|s| s.nodes["nodes/n2"].state), NodeState::Down);
+        // n1 falls silent: down once the timeout passed since its last beat.
+        liveness_pass(&store, 3, &mut memory, &beats, &config, at(21))
+            .await
+            .unwrap();
+        assert_eq!(store.get(|s| s.nodes["nodes/n1"].state), NodeState::Up);
+        liveness_pass(&store, 3, &mut memory, &beats, &config, at(23))
+            .await
+            .unwrap();
+        assert_eq!(store.get(|s| s.nodes["nodes/n1"].state), NodeState::Down);
+    }
+
+    #[tokio::test]
     async fn a_deposed_leader_moves_nothing() {
         let store = cluster();
         store.run(Command::SetNodeState {
@@ -813,9 +939,16 @@ mod tests {
         let t0 = Instant::now();
         for t in [0, 5] {
             // Term 2 is over: the store commits in term 3.
-            liveness_pass(&store, 2, &mut memory, &config, t0 + Duration::from_secs(t))
-                .await
-                .unwrap();
+            liveness_pass(
+                &store,
+                2,
+                &mut memory,
+                &NodeBeats::default(),
+                &config,
+                t0 + Duration::from_secs(t),
+            )
+            .await
+            .unwrap();
         }
         assert_eq!(instance(&store, "ha").state, InstanceState::Running);
         assert_eq!(instance(&store, "plain").state, InstanceState::Running);

@@ -354,7 +354,7 @@ impl EtcdStore {
             let _ = self.inner.events.send(WatchEvent {
                 index,
                 envelope: Arc::new(env),
-                outcome: outcome.clone(),
+                outcome: Arc::new(outcome.clone()),
             });
         }
         if let Ok(mut r) = self.inner.recent.lock() {

@@ -44,8 +44,10 @@ pub struct WatchEvent {
     pub index: u64,
     /// The command.
     pub envelope: Arc<Envelope>,
-    /// What the state machine answered.
-    pub outcome: Result<Response, ApplyError>,
+    /// What the state machine answered (shared: every watcher receives a
+    /// clone of the event, and a thousand node watches copying an instance
+    /// each per commit was a fifth of the controller's time).
+    pub outcome: Arc<Result<Response, ApplyError>>,
 }
 
 /// Who leads, as this controller currently sees it.
@@ -143,6 +145,17 @@ pub trait StateStore: Send + Sync + 'static {
 
     /// Who leads in which term.
     fn leadership(&self) -> Leadership;
+
+    /// Whether this controller still led in `term` at some instant after
+    /// the call began, as a quorum confirmed it. A leader answers an
+    /// agent's heartbeat from memory only after this (see
+    /// `api::node`, heartbeats), so a deposed leader can never renew an
+    /// agent's fencing lease. The default never confirms: such a store's
+    /// heartbeats are all committed.
+    fn confirm_leadership(&self, term: u64) -> impl Future<Output = bool> + Send {
+        let _ = term;
+        std::future::ready(false)
+    }
 
     /// Which backend this is, for status displays.
     fn backend(&self) -> BackendInfo {

@@ -263,9 +263,12 @@ async fn a_silent_node_is_fenced_then_its_ha_instances_restart_elsewhere() -> an
     let n2 = FakeNode::register(&env.admin, "n2", 8, 8192).await?;
     let _n2_alive = n2.keep_alive();
 
-    // n1 falls silent.
+    // n1 falls silent after one last heartbeat: the window counts from
+    // when that was sent (the leader may answer it from memory, noting
+    // the time it did, so no polling slack pads the window).
     n1_alive.abort();
     let silent_since = std::time::Instant::now();
+    n1.heartbeat().await?;
     let failed = wait_state(&mut alice, plain, compute::InstanceState::Error).await?;
     assert_eq!(failed.reason, "node n1 is down");
     let moved = wait_state(&mut alice, ha, compute::InstanceState::Scheduled).await?;
