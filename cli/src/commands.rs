@@ -306,9 +306,10 @@ enum InstanceCmd {
     /// Live-migrate a running instance to another node (admins).
     Migrate {
         id: String,
-        /// The target node (the scheduler does not pick one yet).
+        /// The target node; without it the scheduler picks one (the node
+        /// a drain of the instance's node would move it to).
         #[arg(long)]
-        to: String,
+        to: Option<String>,
         /// Downtime budget in milliseconds (default 50).
         #[arg(
             long,
@@ -392,10 +393,27 @@ enum GroupCmd {
 #[derive(Debug, Subcommand)]
 enum NodeCmd {
     List(Paging),
-    Get { id: String },
-    Disable { id: String },
-    Enable { id: String },
-    Drain { id: String },
+    Get {
+        id: String,
+    },
+    /// Take no new instances (running ones stay).
+    Disable {
+        id: String,
+    },
+    /// Take instances again (after disable or drain).
+    Enable {
+        id: String,
+    },
+    /// Live-migrate every instance off the node, each to where the
+    /// scheduler's drain planner puts it; the node takes no new ones.
+    /// Instances that cannot move are listed in `neph event list`.
+    Drain {
+        id: String,
+    },
+    /// Take instances again after a drain (the same as enable).
+    Undrain {
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1370,7 +1388,7 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
             to,
             max_downtime,
             wait,
-        } => start_migration(c, &id, &to, max_downtime, &wait).await,
+        } => start_migration(c, &id, to.as_deref(), max_downtime, &wait).await,
         InstanceCmd::Resize { id, flavor } => {
             c.show(
                 ic.resize_instance(compute::ResizeInstanceRequest {
@@ -1494,7 +1512,7 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
             })
             .await?
             .into_inner(),
-        NodeCmd::Enable { id } => nc
+        NodeCmd::Enable { id } | NodeCmd::Undrain { id } => nc
             .enable_node(infra::EnableNodeRequest {
                 name: global_name("nodes", &id),
             })
@@ -1568,7 +1586,7 @@ async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
 async fn start_migration(
     c: &Ctx,
     id: &str,
-    to: &str,
+    to: Option<&str>,
     max_downtime: u64,
     wait: &Wait,
 ) -> Result<(), CliError> {
@@ -1576,7 +1594,7 @@ async fn start_migration(
     let op = mc
         .create_migration(infra::CreateMigrationRequest {
             instance: c.scoped("instances", id)?,
-            target: global_name("nodes", to),
+            target: to.map(|t| global_name("nodes", t)).unwrap_or_default(),
             request_id: String::new(),
             max_downtime_ms: max_downtime,
         })

@@ -15,6 +15,42 @@ use super::errors::ApiError;
 use super::{Api, Page, convert, derived_id, request_id};
 use crate::store::StateStore;
 
+/// Where the scheduler would move `instance` if its node were drained:
+/// the target of a migration the request left to the scheduler. The
+/// placement filters and weighers decide (capacity, groups, node state),
+/// with the instance's own node excluded.
+fn pick_target(s: &State, instance: &str) -> Result<String, ApiError> {
+    names::parse(instance, names::INSTANCE)?;
+    let i = s
+        .instances
+        .get(instance)
+        .ok_or_else(|| ApiError::not_found(instance))?;
+    let node = i.node.clone().ok_or_else(|| {
+        ApiError::FailedPrecondition(format!(
+            "{instance} is on no node ({:?}); only a placed instance can move",
+            i.state
+        ))
+    })?;
+    let snap = crate::reconcile::snapshot(s);
+    let mut scheduler =
+        nephele_scheduler::Scheduler::new(&snap).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let plan = scheduler
+        .plan_drain(&node, &nephele_scheduler::DrainParams::default())
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Some(m) = plan.moves.iter().find(|m| m.instance == instance) {
+        return Ok(m.to.clone());
+    }
+    if let Some(b) = plan.blocked.iter().find(|b| b.instance == instance) {
+        return Err(ApiError::NoValidHost(format!(
+            "no node can take {instance} from {node}: {}; add capacity, enable a node, or name one with --to",
+            b.reason
+        )));
+    }
+    Err(ApiError::FailedPrecondition(format!(
+        "{instance} is already migrating away from {node}"
+    )))
+}
+
 const NODES: &str = "/nephele.infra.v1.Nodes/";
 const MIGRATIONS: &str = "/nephele.infra.v1.Migrations/";
 
@@ -48,13 +84,13 @@ impl<S: StateStore> Api<S> {
 
     async fn set_node_state(
         &self,
-        actor: &str,
+        actor: &super::auth::Caller,
         node: String,
         state: NodeState,
     ) -> Result<pb::Node, ApiError> {
         names::parse(&node, names::NODE)?;
         match self
-            .propose(actor, None, Command::SetNodeState { node, state })
+            .propose_as(actor, None, Command::SetNodeState { node, state })
             .await?
         {
             Response::Node(n) => {
@@ -121,7 +157,7 @@ impl<S: StateStore> Nodes for Api<S> {
             .authorize(&req, &format!("{NODES}DisableNode"), Target::Cluster)
             .await?;
         let n = self
-            .set_node_state(&c.user, req.into_inner().name, NodeState::Disabled)
+            .set_node_state(&c, req.into_inner().name, NodeState::Disabled)
             .await?;
         Ok(Reply::new(n))
     }
@@ -145,7 +181,7 @@ impl<S: StateStore> Nodes for Api<S> {
             ))
             .into());
         }
-        let n = self.set_node_state(&c.user, name, NodeState::Up).await?;
+        let n = self.set_node_state(&c, name, NodeState::Up).await?;
         Ok(Reply::new(n))
     }
 
@@ -156,10 +192,59 @@ impl<S: StateStore> Nodes for Api<S> {
         let c = self
             .authorize(&req, &format!("{NODES}DrainNode"), Target::Cluster)
             .await?;
+        let name = req.into_inner().name;
         let n = self
-            .set_node_state(&c.user, req.into_inner().name, NodeState::Draining)
+            .set_node_state(&c, name.clone(), NodeState::Draining)
             .await?;
+        self.start_drain(&c, name).await?;
         Ok(Reply::new(n))
+    }
+}
+
+impl<S: StateStore> Api<S> {
+    /// Starts a migration for every instance the drain planner can move off
+    /// `node` (each with the planner's reason as its cause), and records
+    /// an event for each it cannot move, saying why. Instances already
+    /// migrating away are left to their migration. The node, now
+    /// `DRAINING`, takes no new instances meanwhile.
+    async fn start_drain(
+        &self,
+        caller: &super::auth::Caller,
+        node: String,
+    ) -> Result<(), ApiError> {
+        let n = node.clone();
+        let plan = self
+            .read_try(move |s| {
+                let snap = crate::reconcile::snapshot(s);
+                let mut scheduler = nephele_scheduler::Scheduler::new(&snap)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+                scheduler
+                    .plan_drain(&n, &nephele_scheduler::DrainParams::default())
+                    .map_err(|e| ApiError::Internal(e.to_string()))
+            })
+            .await?;
+        for m in plan.moves {
+            let command = Command::CreateMigration {
+                migration_id: derived_id("mig", None, &m.instance)?,
+                instance: m.instance.clone(),
+                target: m.to,
+                max_downtime_ms: 0,
+                cause: format!("drain of {node}: {}", m.reason),
+            };
+            // One refused move (the instance changed meanwhile) does not
+            // stop the others; the refusal is in the audit trail.
+            if let Err(e) = self.propose_as(caller, None, command).await {
+                tracing::warn!(instance = %m.instance, error = %e, "drain move refused");
+            }
+        }
+        for b in plan.blocked {
+            let command = Command::RecordRefusal {
+                resource: b.instance,
+                reason: format!("cannot drain {node}: {}", b.reason),
+            };
+            self.propose_as(caller, None, command).await?;
+        }
+        Ok(())
     }
 }
 
@@ -176,13 +261,30 @@ impl<S: StateStore> Migrations for Api<S> {
                 Target::Cluster,
             )
             .await?;
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         let rid = request_id(&r.request_id);
+        // The id derives from the request as asked (an empty target too),
+        // so a retry after the scheduler would now pick another node still
+        // finds the first answer.
         let migration_id = derived_id(
             "mig",
             rid.as_deref(),
             &format!("{}/{}", r.instance, r.target),
         )?;
+        if r.target.is_empty() {
+            let instance = r.instance.clone();
+            let first = rid.as_ref().map(|_| format!("migrations/{migration_id}"));
+            r.target = self
+                .read_try(move |s| {
+                    // A retry of an answered request must propose the very
+                    // same command to get its first answer back.
+                    if let Some(m) = first.and_then(|f| s.migrations.get(&f)) {
+                        return Ok(m.target.clone());
+                    }
+                    pick_target(s, &instance)
+                })
+                .await?;
+        }
         let command = Command::CreateMigration {
             migration_id,
             instance: r.instance,

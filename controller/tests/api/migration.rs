@@ -70,7 +70,8 @@ async fn assignments_progress_and_the_switchover_gate() -> anyhow::Result<()> {
         })
         .await?;
 
-    let m = start_migration(&mut env, web, "nodes/n2", "m-1").await?;
+    // Left to the scheduler, the target is the only other node.
+    let m = start_migration(&mut env, web, "", "m-1").await?;
     let i = wait_state(&mut alice, web, compute::InstanceState::Migrating).await?;
     assert_eq!(i.node, "nodes/n1");
     // The source is told its role, with no peer yet; the target gets the
@@ -161,6 +162,30 @@ async fn assignments_progress_and_the_switchover_gate() -> anyhow::Result<()> {
             .is_none()
     );
 
+    // With n1 disabled, the scheduler has nowhere to take it, and says so.
+    env.admin
+        .nodes
+        .disable_node(infra::DisableNodeRequest {
+            name: "nodes/n1".into(),
+        })
+        .await?;
+    assert_err(
+        start_migration(&mut env, web, "", "m-none")
+            .await
+            .map_err(|e| {
+                e.downcast::<tonic::Status>()
+                    .unwrap_or_else(|e| tonic::Status::unknown(e.to_string()))
+            }),
+        tonic::Code::ResourceExhausted,
+        "NO_VALID_HOST",
+    );
+    env.admin
+        .nodes
+        .enable_node(infra::EnableNodeRequest {
+            name: "nodes/n1".into(),
+        })
+        .await?;
+
     // Back to n1, then the source reports it cancelled: no switchover.
     let m2 = start_migration(&mut env, web, "nodes/n1", "m-2").await?;
     n1.agent
@@ -199,5 +224,78 @@ async fn assignments_progress_and_the_switchover_gate() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!(mm.state, infra::MigrationState::Cancelled as i32);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_starts_a_migration_for_every_instance_with_its_reason() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let mut n1 = FakeNode::register(&env.admin, "n1", 8, 8192).await?;
+    let n2 = FakeNode::register(&env.admin, "n2", 8, 8192).await?;
+    let _a1 = n1.keep_alive();
+    let _a2 = n2.keep_alive();
+    env.admin
+        .nodes
+        .disable_node(infra::DisableNodeRequest {
+            name: "nodes/n2".into(),
+        })
+        .await?;
+    for id in ["a", "b"] {
+        create(&mut alice, id, instance_template("small", "")).await?;
+        wait_state(
+            &mut alice,
+            &format!("projects/p1/instances/{id}"),
+            compute::InstanceState::Scheduled,
+        )
+        .await?;
+    }
+    n1.converge().await?;
+    env.admin
+        .nodes
+        .enable_node(infra::EnableNodeRequest {
+            name: "nodes/n2".into(),
+        })
+        .await?;
+
+    let drained = env
+        .admin
+        .nodes
+        .drain_node(infra::DrainNodeRequest {
+            name: "nodes/n1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(drained.state, infra::NodeState::Draining as i32);
+    let migrations = env
+        .admin
+        .migrations
+        .list_migrations(infra::ListMigrationsRequest::default())
+        .await?
+        .into_inner()
+        .migrations;
+    let mut moved: Vec<&str> = migrations.iter().map(|m| m.instance.as_str()).collect();
+    moved.sort_unstable();
+    assert_eq!(
+        moved,
+        ["projects/p1/instances/a", "projects/p1/instances/b"]
+    );
+    for m in &migrations {
+        assert_eq!(
+            (m.source.as_str(), m.target.as_str()),
+            ("nodes/n1", "nodes/n2")
+        );
+        assert!(m.cause.starts_with("drain of nodes/n1"), "{m:?}");
+    }
+    // A drained node takes no new instance.
+    create(&mut alice, "c", instance_template("small", "")).await?;
+    let c = wait_state(
+        &mut alice,
+        "projects/p1/instances/c",
+        compute::InstanceState::Scheduled,
+    )
+    .await?;
+    assert_eq!(c.node, "nodes/n2");
     Ok(())
 }
