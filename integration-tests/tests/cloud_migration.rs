@@ -5,7 +5,8 @@
 //! show it is the same boot on the other node and the console answers
 //! there; a `neph-vmm --incoming` killed with SIGKILL mid-copy, and a
 //! migration cancelled mid-copy, leave the VM running where it was (the
-//! same process). Skips with its reason where /dev/kvm is missing.
+//! same process); `neph node drain` moves it off its node to where the
+//! scheduler puts it. Skips with its reason where /dev/kvm is missing.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -317,4 +318,49 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
     let t = console(&cloud, "mig-1", "ticker report", "TICKER");
     assert!(t.contains("running=1"), "same boot after the cancel: {t}");
     assert!(console(&cloud, "mig-1", "dirty stop", "DIRTY").contains("OK"));
+
+    // 4. Draining the node moves the VM off it, to where the scheduler
+    // puts it (the only other node), the same boot; undrain reopens it.
+    let before = console(&cloud, "mig-1", "uptime", "UPTIME");
+    let drained = cloud
+        .admin(&["node", "drain", &dst])
+        .expect("neph node drain");
+    assert_eq!(drained["state"], "DRAINING", "{drained}");
+    cloud
+        .wait_for("the drained node empty, the VM on the other", UP, |c| {
+            let (s, d) = (c.vm_pids(si), c.vm_pids(di));
+            Ok(if s.len() == 1 && d.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("source {s:?} drained {d:?}"))
+            })
+        })
+        .expect("drain moves the VM");
+    let i = cloud.wait_state("mig-1", "RUNNING", UP).expect("running");
+    assert_eq!(
+        i["node"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("nodes/"),
+        src,
+        "drained onto the other node"
+    );
+    let drain_move = migrations(&cloud, "mig-1")
+        .into_iter()
+        .find(|m| {
+            m["cause"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("drain of"))
+        })
+        .expect("the drain's migration says why");
+    assert_eq!(drain_move["state"], "COMPLETED", "{drain_move}");
+    let after = console(&cloud, "mig-1", "uptime", "UPTIME");
+    assert!(
+        field(&after, "us") > field(&before, "us"),
+        "same boot after the drain: {before} then {after}"
+    );
+    let undrained = cloud
+        .admin(&["node", "undrain", &dst])
+        .expect("neph node undrain");
+    assert_eq!(undrained["state"], "UP", "{undrained}");
 }
