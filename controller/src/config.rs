@@ -13,6 +13,12 @@
 //! election_ticks = 10
 //! node_timeout_ms = 10000
 //! fence_lease_ms = 10000
+//! # Automatic load balancing: act when the imbalance (standard deviation
+//! # of node CPU utilisation, in percentage points; 0 turns it off) stays
+//! # above the threshold for the window; then wait the cooldown.
+//! rebalance_threshold_pct = 10
+//! rebalance_window_ms = 30000
+//! rebalance_cooldown_ms = 60000
 //! # The state store: "raft" (the default, replicated among controllers)
 //! # or "etcd" (an existing etcd cluster keeps the state; peers, cluster_id
 //! # and the raft settings are then unused).
@@ -36,6 +42,9 @@
 //! | `--election-ticks` | `NEPHELE_ELECTION_TICKS` | `election_ticks` |
 //! | `--node-timeout-ms` | `NEPHELE_NODE_TIMEOUT_MS` | `node_timeout_ms` |
 //! | `--fence-lease-ms` | `NEPHELE_FENCE_LEASE_MS` | `fence_lease_ms` |
+//! | `--rebalance-threshold-pct` | `NEPHELE_REBALANCE_THRESHOLD_PCT` | `rebalance_threshold_pct` |
+//! | `--rebalance-window-ms` | `NEPHELE_REBALANCE_WINDOW_MS` | `rebalance_window_ms` |
+//! | `--rebalance-cooldown-ms` | `NEPHELE_REBALANCE_COOLDOWN_MS` | `rebalance_cooldown_ms` |
 //! | `--store` (`raft` or `etcd`) | `NEPHELE_STORE` | `store` |
 //! | `--etcd-endpoints` (comma-separated URLs) | `NEPHELE_ETCD_ENDPOINTS` | `etcd_endpoints` |
 //! | `--etcd-prefix` | `NEPHELE_ETCD_PREFIX` | `etcd_prefix` |
@@ -112,6 +121,16 @@ pub struct Flags {
     /// The fencing lease given to agents, in milliseconds.
     #[arg(long, env = "NEPHELE_FENCE_LEASE_MS")]
     pub fence_lease_ms: Option<u64>,
+    /// Node CPU imbalance (standard deviation of utilisation, percentage
+    /// points) above which the leader rebalances; 0 turns it off.
+    #[arg(long, env = "NEPHELE_REBALANCE_THRESHOLD_PCT")]
+    pub rebalance_threshold_pct: Option<u32>,
+    /// How long the imbalance must last before moves start, milliseconds.
+    #[arg(long, env = "NEPHELE_REBALANCE_WINDOW_MS")]
+    pub rebalance_window_ms: Option<u64>,
+    /// Pause after starting moves before planning again, milliseconds.
+    #[arg(long, env = "NEPHELE_REBALANCE_COOLDOWN_MS")]
+    pub rebalance_cooldown_ms: Option<u64>,
     /// Where the state lives: `raft` (replicated among the controllers, the
     /// default) or `etcd` (an existing etcd cluster).
     #[arg(long, env = "NEPHELE_STORE")]
@@ -192,6 +211,12 @@ pub struct FileConfig {
     pub node_timeout_ms: Option<u64>,
     /// See [`Flags::fence_lease_ms`].
     pub fence_lease_ms: Option<u64>,
+    /// See [`Flags::rebalance_threshold_pct`].
+    pub rebalance_threshold_pct: Option<u32>,
+    /// See [`Flags::rebalance_window_ms`].
+    pub rebalance_window_ms: Option<u64>,
+    /// See [`Flags::rebalance_cooldown_ms`].
+    pub rebalance_cooldown_ms: Option<u64>,
     /// See [`Flags::store`].
     pub store: Option<StoreKind>,
     /// See [`Flags::etcd_endpoints`].
@@ -227,6 +252,12 @@ pub struct ControllerConfig {
     pub node_timeout: Duration,
     /// The fencing lease.
     pub fence_lease: Duration,
+    /// Rebalance threshold in percentage points (0: off).
+    pub rebalance_threshold_pct: u32,
+    /// How long an imbalance lasts before the balancer acts.
+    pub rebalance_window: Duration,
+    /// The balancer's pause after it started moves.
+    pub rebalance_cooldown: Duration,
     /// The state store.
     pub store: StoreChoice,
 }
@@ -348,6 +379,15 @@ impl ControllerConfig {
                 "node_timeout_ms and fence_lease_ms must be at least 100".into(),
             ));
         }
+        let rebalance_threshold_pct = flags
+            .rebalance_threshold_pct
+            .or(file.rebalance_threshold_pct)
+            .unwrap_or(10);
+        if rebalance_threshold_pct > 100 {
+            return Err(LoadConfigError::Invalid(
+                "rebalance_threshold_pct must be 0 (off) to 100".into(),
+            ));
+        }
         let store = match flags.store.or(file.store).unwrap_or_default() {
             StoreKind::Raft => StoreChoice::Raft,
             StoreKind::Etcd => {
@@ -415,6 +455,19 @@ impl ControllerConfig {
             election_ticks,
             node_timeout: Duration::from_millis(node_timeout_ms),
             fence_lease: Duration::from_millis(fence_lease_ms),
+            rebalance_threshold_pct,
+            rebalance_window: Duration::from_millis(
+                flags
+                    .rebalance_window_ms
+                    .or(file.rebalance_window_ms)
+                    .unwrap_or(30_000),
+            ),
+            rebalance_cooldown: Duration::from_millis(
+                flags
+                    .rebalance_cooldown_ms
+                    .or(file.rebalance_cooldown_ms)
+                    .unwrap_or(60_000),
+            ),
         })
     }
 

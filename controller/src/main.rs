@@ -125,6 +125,9 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
     let bound = listener.local_addr()?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     let mut options = server::ControllerOptions::with_fencing(cfg.node_timeout, cfg.fence_lease);
+    options.reconcile.rebalance.threshold = f64::from(cfg.rebalance_threshold_pct) / 100.0;
+    options.reconcile.rebalance.window = cfg.rebalance_window;
+    options.reconcile.rebalance.cooldown = cfg.rebalance_cooldown;
     let listen = bound.to_string();
     let prepare = neph_controller::tls::PrepareTls {
         data_dir: cfg.data_dir.clone(),

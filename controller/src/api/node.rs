@@ -262,6 +262,10 @@ impl<S: StateStore> NodeAgent for Api<S> {
         let r = req.into_inner();
         names::parse(&r.node, names::NODE).map_err(ApiError::from)?;
         let controllers = self.beat(&r.node).await?;
+        self.inner.beats.record_loads(
+            r.instances.iter().map(|i| (i.name.as_str(), i.cpu_busy)),
+            std::time::Instant::now(),
+        );
         if let (Some(load), Ok(mut loads)) = (r.load, self.inner.loads.lock()) {
             loads.insert(r.node, load);
         }

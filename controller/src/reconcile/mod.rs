@@ -20,6 +20,11 @@
 //!   node, is purged (which finishes its delete operation); an unfinished
 //!   operation whose target is gone is finished with an error.
 //!
+//! - [`rebalance_pass`]: when the measured CPU imbalance between nodes
+//!   stays above a threshold for a window, the rebalance planner's moves
+//!   become migrations (within limits, then a cooldown), each with its
+//!   reason as its cause (`rebalance.rs`).
+//!
 //! [`snapshot`] turns the state into the scheduler's input; the API uses it
 //! too, to refuse a create that no node could take.
 
@@ -34,7 +39,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api::now_ms;
+
+mod rebalance;
 use crate::store::{ProposeError, ReadError, StateStore};
+pub use rebalance::{RebalanceConfig, RebalanceMemory, rebalance_pass};
 
 /// Actor recorded in events for what the loops do.
 pub const ACTOR: &str = "system";
@@ -51,6 +59,8 @@ pub struct ReconcileConfig {
     pub fence_lease: Duration,
     /// Longest sleep of any loop between passes.
     pub max_requeue: Duration,
+    /// The automatic load balancer.
+    pub rebalance: RebalanceConfig,
 }
 
 impl Default for ReconcileConfig {
@@ -59,6 +69,7 @@ impl Default for ReconcileConfig {
             node_timeout: Duration::from_secs(10),
             fence_lease: Duration::from_secs(10),
             max_requeue: Duration::from_secs(5),
+            rebalance: RebalanceConfig::default(),
         }
     }
 }
@@ -324,6 +335,9 @@ impl HeartbeatMemory {
 #[derive(Debug, Default)]
 pub struct NodeBeats {
     seen: std::sync::Mutex<std::collections::HashMap<String, LocalBeat>>,
+    /// Busy vCPUs per instance, as its node last measured it, and when
+    /// this controller heard it (for the balancer).
+    loads: std::sync::Mutex<std::collections::HashMap<String, (f64, Instant)>>,
 }
 
 /// One heartbeat answered from memory.
@@ -354,6 +368,30 @@ impl NodeBeats {
     /// The last heartbeat from `node` answered in any term (for display).
     pub fn latest(&self, node: &str) -> Option<LocalBeat> {
         self.seen.lock().ok()?.get(node).copied()
+    }
+
+    /// Records the busy vCPUs a node measured in each of its instances.
+    pub fn record_loads<'a>(
+        &self,
+        measured: impl IntoIterator<Item = (&'a str, f64)>,
+        at: Instant,
+    ) {
+        if let Ok(mut loads) = self.loads.lock() {
+            for (instance, busy) in measured {
+                if busy.is_finite() && busy >= 0.0 {
+                    loads.insert(instance.to_owned(), (busy, at));
+                }
+            }
+        }
+    }
+
+    /// Every instance's measured busy vCPUs no older than `max_age`.
+    pub fn loads(&self, max_age: Duration, now: Instant) -> std::collections::HashMap<String, f64> {
+        let Ok(mut loads) = self.loads.lock() else {
+            return Default::default();
+        };
+        loads.retain(|_, (_, at)| now.saturating_duration_since(*at) <= max_age);
+        loads.iter().map(|(i, (b, _))| (i.clone(), *b)).collect()
     }
 
     fn retain(&self, keep: impl Fn(&str) -> bool) {
@@ -548,6 +586,7 @@ enum Loop {
     Schedule,
     Liveness,
     Operations,
+    Rebalance,
 }
 
 /// Starts the loops on this controller; they act only while it leads.
@@ -557,15 +596,20 @@ pub fn spawn<S: StateStore>(
     beats: Arc<NodeBeats>,
 ) -> Reconcilers {
     let (stop, stopped) = watch::channel(false);
-    let tasks = [Loop::Schedule, Loop::Liveness, Loop::Operations]
-        .into_iter()
-        .map(|kind| {
-            let store = store.clone();
-            let config = config.clone();
-            let stopped = stopped.clone();
-            tokio::spawn(run(kind, store, config, beats.clone(), stopped))
-        })
-        .collect();
+    let tasks = [
+        Loop::Schedule,
+        Loop::Liveness,
+        Loop::Operations,
+        Loop::Rebalance,
+    ]
+    .into_iter()
+    .map(|kind| {
+        let store = store.clone();
+        let config = config.clone();
+        let stopped = stopped.clone();
+        tokio::spawn(run(kind, store, config, beats.clone(), stopped))
+    })
+    .collect();
     Reconcilers { stop, tasks }
 }
 
@@ -579,12 +623,14 @@ async fn run<S: StateStore>(
     let mut changes = store.watch();
     let mut led_term = None;
     let mut memory = HeartbeatMemory::default();
+    let mut balance = RebalanceMemory::default();
     loop {
         let l = store.leadership();
         let requeue = if l.is_leader() {
             if led_term != Some(l.term) {
                 led_term = Some(l.term);
                 memory = HeartbeatMemory::default();
+                balance = RebalanceMemory::default();
             }
             let pass = match kind {
                 Loop::Schedule => schedule_pass(&*store, l.term).await,
@@ -600,6 +646,17 @@ async fn run<S: StateStore>(
                     .await
                 }
                 Loop::Operations => operations_pass(&*store, l.term).await,
+                Loop::Rebalance => {
+                    rebalance_pass(
+                        &*store,
+                        l.term,
+                        &config.rebalance,
+                        &beats,
+                        &mut balance,
+                        Instant::now(),
+                    )
+                    .await
+                }
             };
             match pass {
                 Ok(d) => d.min(config.max_requeue),
@@ -624,7 +681,7 @@ async fn run<S: StateStore>(
                         return;
                     }
                 }
-                r = changes.recv(), if !matches!(kind, Loop::Liveness) => {
+                r = changes.recv(), if !matches!(kind, Loop::Liveness | Loop::Rebalance) => {
                     match r {
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
                             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -791,6 +848,7 @@ mod tests {
             node_timeout: Duration::from_secs(node_timeout_s),
             fence_lease: Duration::from_secs(fence_lease_s),
             max_requeue: Duration::from_secs(5),
+            rebalance: RebalanceConfig::default(),
         }
     }
 
