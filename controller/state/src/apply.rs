@@ -2459,8 +2459,10 @@ mod tests {
 
     #[test]
     fn a_join_token_works_once_expires_and_keeps_to_its_node() {
-        let mut s = State::default();
-        s.now = 1_000;
+        let mut s = State {
+            now: 1_000,
+            ..State::default()
+        };
         let create = |id: &str, expire: u64, node: Option<&str>| Command::CreateJoinToken {
             token_id: id.into(),
             secret_hash: format!("hash-{id}"),
