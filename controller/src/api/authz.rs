@@ -143,6 +143,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/nephele.infra.v1.Nodes/DisableNode", Rule::Admin),
     ("/nephele.infra.v1.Nodes/EnableNode", Rule::Admin),
     ("/nephele.infra.v1.Nodes/DrainNode", Rule::Admin),
+    ("/nephele.infra.v1.Nodes/CreateJoinToken", Rule::Admin),
     ("/nephele.infra.v1.Migrations/CreateMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/GetMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/ListMigrations", Rule::Admin),
@@ -317,6 +318,10 @@ mod tests {
             for service in &file.service {
                 // Served by node agents for the controllers, not by us.
                 if package == "nephele.node.v1" && service.name() == "Agent" {
+                    continue;
+                }
+                // Authenticated by its join token, not by a bearer token.
+                if package == "nephele.node.v1" && service.name() == "NodeJoin" {
                     continue;
                 }
                 for method in &service.method {

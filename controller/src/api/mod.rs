@@ -26,6 +26,7 @@ mod compute;
 mod console;
 mod iam;
 mod infra;
+pub mod join;
 mod migration;
 mod node;
 mod ops;
@@ -71,6 +72,9 @@ pub struct ApiConfig {
     /// How long an agent's VMs may run after it sent its last acknowledged
     /// heartbeat (see `proto/nephele/node/v1/node.proto`, fencing).
     pub fence_lease: Duration,
+    /// The cluster CA, opened, when this controller signs node
+    /// certificates (`NodeJoin/Join`); `None` refuses joins.
+    pub node_ca: Option<join::NodeCa>,
 }
 
 impl Default for ApiConfig {
@@ -80,6 +84,7 @@ impl Default for ApiConfig {
             default_stop_timeout: Duration::from_secs(30),
             max_wait: Duration::from_secs(60),
             fence_lease: Duration::from_secs(10),
+            node_ca: None,
         }
     }
 }
@@ -539,7 +544,8 @@ pub async fn routes<S: StateStore>(api: Api<S>, router: Router) -> Router {
         .add_service(limited!(infra_pb::cluster_server::ClusterServer))
         .add_service(limited!(ops_pb::operations_server::OperationsServer))
         .add_service(limited!(ops_pb::events_server::EventsServer))
-        .add_service(limited!(node_pb::node_agent_server::NodeAgentServer));
+        .add_service(limited!(node_pb::node_agent_server::NodeAgentServer))
+        .add_service(limited!(node_pb::node_join_server::NodeJoinServer));
     nephele_proto::serve::add_health_and_reflection(
         router,
         &[
@@ -554,6 +560,7 @@ pub async fn routes<S: StateStore>(api: Api<S>, router: Router) -> Router {
             "nephele.ops.v1.Operations",
             "nephele.ops.v1.Events",
             "nephele.node.v1.NodeAgent",
+            "nephele.node.v1.NodeJoin",
         ],
     )
     .await

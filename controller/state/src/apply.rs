@@ -1423,7 +1423,16 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             expire_time,
             node,
         } => {
-            names::validate_id(token_id)?;
+            if token_id.is_empty()
+                || token_id.len() > 64
+                || !token_id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(ApplyError::InvalidName(format!(
+                    "a join token id is 1 to 64 lowercase hex digits, not {token_id:?}"
+                )));
+            }
             if secret_hash.is_empty() || secret_hash.len() > 256 {
                 return Err(ApplyError::InvalidArgument(
                     "a join token secret hash must be 1 to 256 bytes long".into(),
@@ -2475,8 +2484,12 @@ mod tests {
             node_id: node.into(),
         };
         assert!(matches!(
-            run(&mut s, create("past", 1_000, None)),
+            run(&mut s, create("0f", 1_000, None)),
             Err(ApplyError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            run(&mut s, create("not-hex", 10_000, None)),
+            Err(ApplyError::InvalidName(_))
         ));
         run(&mut s, create("a", 10_000, None)).unwrap();
         run(&mut s, create("b", 10_000, Some("n2"))).unwrap();
