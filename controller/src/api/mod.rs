@@ -75,6 +75,9 @@ pub struct ApiConfig {
     /// The cluster CA, opened, when this controller signs node
     /// certificates (`NodeJoin/Join`); `None` refuses joins.
     pub node_ca: Option<join::NodeCa>,
+    /// Refuse NodeAgent calls from clients without a node certificate
+    /// (otherwise an admin bearer token is still accepted there).
+    pub require_node_certificates: bool,
 }
 
 impl Default for ApiConfig {
@@ -85,6 +88,7 @@ impl Default for ApiConfig {
             max_wait: Duration::from_secs(60),
             fence_lease: Duration::from_secs(10),
             node_ca: None,
+            require_node_certificates: false,
         }
     }
 }

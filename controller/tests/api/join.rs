@@ -150,3 +150,149 @@ async fn a_controller_without_the_ca_key_refuses_joins() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Writes a member's files to `dir` and loads them.
+fn member_files(
+    dir: &std::path::Path,
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> anyhow::Result<TlsContext> {
+    let files = TlsFiles::in_dir(dir);
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&files.cert, cert_pem)?;
+    std::fs::write(&files.key, key_pem)?;
+    std::fs::write(&files.ca, ca_pem)?;
+    Ok(TlsContext::load(&files, Revocations::new())?)
+}
+
+fn tls_endpoint(addr: std::net::SocketAddr) -> tonic::transport::Endpoint {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_acts_only_as_its_node_and_no_certificate_is_refused()
+-> anyhow::Result<()> {
+    nephele_tls::install_default();
+    let dir = tempfile::tempdir()?;
+    let ca = Arc::new(Ca::create("7")?);
+    let (cert, key) = ca.issue(
+        &Identity::controller("1")?,
+        &nephele_tls::IssueOptions::for_addresses(["127.0.0.1"]),
+    )?;
+    let ctl_tls = member_files(
+        &dir.path().join("ctl-tls"),
+        &cert.chain_pem,
+        &key,
+        ca.cert_pem(),
+    )?;
+    let mut options = test_options();
+    options.tls = Some(ctl_tls);
+    options.api.node_ca = Some(NodeCa(ca.clone()));
+    options.api.require_node_certificates = true;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mut config = super::common::test_config(1, &dir.path().join("c1"), Default::default());
+    config.cluster_id = Some(7);
+    config.init = true;
+    let member = neph_controller::server::start_with(config, listener, options).await?;
+    let addr = member.address;
+    let token = loop {
+        match neph_controller::api::auth::bootstrap_admin(&member.store, 1, &dir.path().join("c1"))
+            .await
+        {
+            Ok(Some(t)) => break t,
+            Ok(None) => anyhow::bail!("a token file already existed"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // Clients without a certificate verify the controller against the CA.
+    let server_auth = nephele_tls::server_auth_client_config(ca.cert_pem().as_bytes())?;
+    let plain = nephele_tls::lazy_channel(tls_endpoint(addr), server_auth);
+    let mut admin = clients(&plain, Some(&token));
+    let t = admin
+        .nodes
+        .create_join_token(infra::CreateJoinTokenRequest::default())
+        .await?
+        .into_inner()
+        .token;
+    let req = CertRequest::generate(&Identity::node("n1")?, "7")?;
+    let joined = node::node_join_client::NodeJoinClient::new(plain.clone())
+        .join(node::JoinRequest {
+            token: t,
+            node_id: "n1".into(),
+            csr_pem: req.csr_pem,
+        })
+        .await?
+        .into_inner();
+    let node_tls = member_files(
+        &dir.path().join("n1-tls"),
+        &joined.cert_pem,
+        &req.key_pem,
+        &joined.ca_pem,
+    )?;
+    let mtls = node_tls.client_config(nephele_tls::PeerPolicy::Kind(
+        nephele_tls::IdentityKind::Controller,
+    ))?;
+    let mut n1 = node::node_agent_client::NodeAgentClient::new(nephele_tls::lazy_channel(
+        tls_endpoint(addr),
+        mtls,
+    ));
+    let register = |id: &str| node::RegisterNodeRequest {
+        node_id: id.into(),
+        address: "127.0.0.1:1".into(),
+        capacity: Some(nephele_proto::compute::v1::Resources {
+            vcpus: 4,
+            memory_mib: 4096,
+            disk_gib: 10,
+        }),
+        ..Default::default()
+    };
+    // node/n1 acts as n1...
+    n1.register_node(register("n1")).await?;
+    n1.heartbeat(node::HeartbeatRequest {
+        node: "nodes/n1".into(),
+        ..Default::default()
+    })
+    .await?;
+    // ... and never as another node.
+    refused(
+        n1.register_node(register("n2")).await,
+        Code::PermissionDenied,
+        "cannot act as",
+    );
+    refused(
+        n1.heartbeat(node::HeartbeatRequest {
+            node: "nodes/n2".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::PermissionDenied,
+        "cannot act as",
+    );
+    refused(
+        n1.get_assignments(node::WatchAssignmentsRequest {
+            node: "nodes/n2".into(),
+        })
+        .await,
+        Code::PermissionDenied,
+        "cannot act as",
+    );
+    // Without a certificate NodeAgent is refused, even with the admin
+    // token (this controller requires node certificates).
+    refused(
+        admin.agent.register_node(register("rogue")).await,
+        Code::Unauthenticated,
+        "certificate",
+    );
+    let mut rogue = clients(&plain, None);
+    refused(
+        rogue.agent.register_node(register("rogue")).await,
+        Code::Unauthenticated,
+        "certificate",
+    );
+    member.stop().await?;
+    Ok(())
+}
