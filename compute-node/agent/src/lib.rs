@@ -15,6 +15,8 @@
 //! - [`instance`]: instance names, directories, `state` records, disks,
 //!   taps, image files;
 //! - [`vmm`]: the `neph-vmm` control socket client;
+//! - [`join`]: the node's certificate: joining with `--join-token`, then
+//!   mutual TLS to the controllers;
 //! - [`controller`]: controller calls with failover and the bearer token;
 //! - [`service`]: the `Agent` gRPC service;
 //! - [`host`]: `CLOCK_MONOTONIC`, `/proc`, host capacity.
@@ -27,6 +29,7 @@ pub mod controller;
 pub mod daemon;
 pub mod host;
 pub mod instance;
+pub mod join;
 pub mod service;
 pub mod supervisor;
 pub mod vmm;
