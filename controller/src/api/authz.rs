@@ -165,8 +165,9 @@ pub const RULES: &[(&str, Rule)] = &[
     ),
     ("/nephele.ops.v1.Events/ListEvents", Rule::Authenticated),
     ("/nephele.ops.v1.Events/WatchEvents", Rule::Authenticated),
-    // Node agents act for the whole cluster. Until node join tokens (issue
-    // 8) they authenticate as an admin.
+    // Without a node certificate (the transition path, see
+    // `Api::authorize_node`), node agents authenticate as an admin; with
+    // one, this table is not consulted.
     ("/nephele.node.v1.NodeAgent/RegisterNode", Rule::Admin),
     ("/nephele.node.v1.NodeAgent/Heartbeat", Rule::Admin),
     ("/nephele.node.v1.NodeAgent/WatchAssignments", Rule::Admin),
