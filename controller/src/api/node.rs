@@ -97,7 +97,7 @@ impl<S: StateStore> Api<S> {
     /// Who may make a NodeAgent call about `node` (`nodes/{node}`, or the
     /// bare id in RegisterNode): a node certificate (from `NodeJoin/Join`)
     /// for exactly that node, so node/a acts only as node a; or, from a
-    /// client without a certificate, an admin bearer token, unless
+    /// client without a node certificate, an admin bearer token, unless
     /// [`super::ApiConfig::require_node_certificates`] (the transition path
     /// for agents that have not joined).
     async fn authorize_node<T>(
@@ -108,8 +108,12 @@ impl<S: StateStore> Api<S> {
     ) -> Result<(), Status> {
         let id = node.strip_prefix("nodes/").unwrap_or(node);
         match nephele_tls::peer_identity(req) {
-            Ok(_) => nephele_tls::require_node(req, id),
-            Err(nephele_tls::identity::PeerIdentityError::NoCertificate) => {
+            Ok(p) if p.identity.kind() == nephele_tls::IdentityKind::Node => {
+                nephele_tls::require_node(req, id)
+            }
+            // No certificate, or another member's (a controller's: it may
+            // act for nodes only with an admin token, like anyone).
+            Ok(_) | Err(nephele_tls::identity::PeerIdentityError::NoCertificate) => {
                 if self.inner.config.require_node_certificates {
                     return Err(Status::unauthenticated(format!(
                         "{rpc} needs the node's certificate (join with a join token first)"
