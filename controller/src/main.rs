@@ -147,6 +147,7 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
             .display()
     );
     options.tls = Some(tls);
+    options.api.require_node_certificates = flags.require_node_certificates;
     // Signing node certificates (NodeJoin/Join) needs the CA key in memory
     // for as long as the controller runs: only with the operator key.
     match neph_controller::tls::node_signer(&prepare)
