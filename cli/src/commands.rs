@@ -414,6 +414,22 @@ enum NodeCmd {
     Undrain {
         id: String,
     },
+    /// Node join tokens: one-time, expiring, shown once.
+    #[command(subcommand, name = "join-token")]
+    JoinToken(JoinTokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum JoinTokenCmd {
+    /// A token one new node joins with (`neph-node --join-token`).
+    Create {
+        /// How long it may be used, seconds (at most 7 days).
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Only a node of this name may use it.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -1524,6 +1540,27 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
             })
             .await?
             .into_inner(),
+        NodeCmd::JoinToken(JoinTokenCmd::Create { ttl, node }) => {
+            let t = nc
+                .create_join_token(infra::CreateJoinTokenRequest {
+                    ttl: Some(prost_types::Duration {
+                        seconds: i64::try_from(ttl).unwrap_or(i64::MAX),
+                        nanos: 0,
+                    }),
+                    node_id: node.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            let rec: crate::output::Record = vec![
+                ("name", t.name.clone().into()),
+                ("token", t.token.clone().into()),
+                ("node", t.node_id.clone().into()),
+                ("expire_time", records::time(t.expire_time.as_ref())),
+            ];
+            c.one(&rec);
+            eprintln!("the token is shown once and works once: give it to the new node now");
+            return Ok(());
+        }
     };
     c.one(&records::node(&n));
     Ok(())

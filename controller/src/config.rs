@@ -51,6 +51,7 @@
 //! | `--etcd-lease-ttl-s` | `NEPHELE_ETCD_LEASE_TTL_S` | `etcd_lease_ttl_s` |
 //! | `--operator-key-file` | `NEPHELE_OPERATOR_KEY_FILE` (or the key in `NEPHELE_OPERATOR_KEY`) | |
 //! | `--sealed-ca` | `NEPHELE_SEALED_CA` | |
+//! | `--require-node-certificates` | `NEPHELE_REQUIRE_NODE_CERTIFICATES` | |
 //!
 //! The port speaks only TLS (see `crate::tls`): `init` creates the
 //! cluster CA (its key sealed with the operator key) unless the sealed CA
@@ -146,8 +147,10 @@ pub struct Flags {
     #[arg(long, env = "NEPHELE_ETCD_LEASE_TTL_S")]
     pub etcd_lease_ttl_s: Option<i64>,
     /// The operator key file (mode 0600) that seals the cluster CA's key;
-    /// `init` creates it when missing. Needed only when this controller has
-    /// no certificate yet. `NEPHELE_OPERATOR_KEY` may hold the key itself
+    /// `init` creates it when missing. Needed when this controller has no
+    /// certificate yet, and to sign node certificates (`NodeJoin/Join`):
+    /// given it, the controller keeps the CA key open in memory; without
+    /// it, it refuses joins. `NEPHELE_OPERATOR_KEY` may hold the key itself
     /// (64 hex digits) instead.
     #[arg(long, env = "NEPHELE_OPERATOR_KEY_FILE")]
     pub operator_key_file: Option<PathBuf>,
@@ -156,6 +159,11 @@ pub struct Flags {
     /// share one CA); a controller joining later is given a copy.
     #[arg(long, env = "NEPHELE_SEALED_CA")]
     pub sealed_ca: Option<PathBuf>,
+    /// Refuse NodeAgent calls from agents without a node certificate (by
+    /// default an admin bearer token is still accepted there: the
+    /// transition path for agents that have not joined).
+    #[arg(long, env = "NEPHELE_REQUIRE_NODE_CERTIFICATES")]
+    pub require_node_certificates: bool,
 }
 
 /// Which backend keeps the control-plane state.

@@ -150,6 +150,19 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
             .display()
     );
     options.tls = Some(tls);
+    options.api.require_node_certificates = flags.require_node_certificates;
+    // Signing node certificates (NodeJoin/Join) needs the CA key in memory
+    // for as long as the controller runs: only with the operator key.
+    match neph_controller::tls::node_signer(&prepare)
+        .context("cannot open the cluster CA for signing node certificates")?
+    {
+        Some(ca) => {
+            options.api.node_ca = Some(neph_controller::api::join::NodeCa(std::sync::Arc::new(ca)))
+        }
+        None => tracing::warn!(
+            "no operator key given: this controller refuses node joins (NodeJoin/Join)"
+        ),
+    }
     match &cfg.store {
         StoreChoice::Raft => {
             let running =

@@ -360,6 +360,25 @@ fn issue_own(p: &PrepareTls, dir: &Path, files: &TlsFiles) -> Result<(), Control
     Ok(())
 }
 
+/// The cluster CA opened for signing node certificates at run time (the
+/// `NodeJoin/Join` RPC), from this controller's copy of the sealed CA and
+/// the operator key. `None` when no operator key was given: this controller
+/// then refuses joins, and its memory never holds the CA key.
+pub fn node_signer(p: &PrepareTls) -> Result<Option<Ca>, ControllerTlsError> {
+    let key = match p.operator_key.load(false) {
+        Ok(k) => k,
+        Err(ControllerTlsError::NoOperatorKey) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let own = tls_dir(&p.data_dir).join(SEALED_CA_FILE);
+    let path = if own.exists() {
+        own
+    } else {
+        p.sealed_ca.clone().unwrap_or(own)
+    };
+    Ok(Some(open_ca(&path, p.cluster_id.as_deref(), &key)?))
+}
+
 /// The hosts of `addresses` (`host:port`, `[v6]:port`, or a bare host)
 /// that belong in a certificate: unspecified addresses (`0.0.0.0`) are
 /// left out.

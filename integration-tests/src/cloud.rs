@@ -150,7 +150,26 @@ impl Cloud {
     }
 
     /// Starts (or restarts) the agent of node `i`.
+    /// A node without a certificate joins with a join token made for it
+    /// (`neph node join-token create --node`); later starts use the
+    /// certificate it keeps in its data directory.
     pub fn start_agent(&mut self, i: usize) -> Result<(), CloudError> {
+        let joined = self.nodes[i].data_dir.join("tls/cert.pem").is_file();
+        let join_token = if joined {
+            None
+        } else {
+            let id = self.nodes[i].id.clone();
+            let t = self.admin(&[
+                "node",
+                "join-token",
+                "create",
+                "--node",
+                &id,
+                "--ttl",
+                "600",
+            ])?;
+            Some(t["token"].as_str().unwrap_or_default().to_owned())
+        };
         let node = &self.nodes[i];
         std::fs::create_dir_all(&node.data_dir).map_err(files(&node.data_dir))?;
         let mut cmd = Command::new(workspace_binary("neph-node"));
@@ -161,13 +180,14 @@ impl Cloud {
             .arg(&node.data_dir)
             .arg("--image-dir")
             .arg(&self.image_dir)
-            .arg("--token-file")
-            .arg(&self.token_file)
             .arg("--ca-file")
             .arg(self.controllers.ca_file())
             .args(["--capacity-vcpus", "8"])
             .args(["--capacity-memory-mib", "4096"])
             .args(["--capacity-disk-gib", "50"]);
+        if let Some(t) = &join_token {
+            cmd.env("NEPHELE_JOIN_TOKEN", t);
+        }
         for c in self.controllers.endpoints() {
             cmd.args(["--controller", &c]);
         }

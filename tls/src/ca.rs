@@ -208,10 +208,7 @@ impl Ca {
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Nephele");
-        dn.push(
-            DnType::CommonName,
-            format!("Nephele cluster {cluster_id} CA"),
-        );
+        dn.push(DnType::CommonName, ca_common_name(cluster_id));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
@@ -469,6 +466,24 @@ fn address_san(address: &str) -> Result<SanType, IssueError> {
     Ok(SanType::DnsName(name))
 }
 
+fn ca_common_name(cluster_id: &str) -> String {
+    format!("Nephele cluster {cluster_id} CA")
+}
+
+/// The cluster id a cluster CA certificate (PEM, the first certificate)
+/// was made for, read from its common name (what [`Ca::create`] writes):
+/// how a joining node names its CSR's identity from `--ca-file` alone.
+pub fn cluster_of_ca_pem(pem: &[u8]) -> Option<String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    let id = cn.strip_prefix("Nephele cluster ")?.strip_suffix(" CA")?;
+    validate_name(id).ok()?;
+    Some(id.to_owned())
+}
+
 /// The raw subject public key of a certificate.
 pub(crate) fn spki_of(der: &CertificateDer<'_>) -> Option<Vec<u8>> {
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -642,5 +657,16 @@ mod tests {
             Ca::open(&swapped, &k),
             Err(OpenCaError::KeyMismatch)
         ));
+    }
+
+    #[test]
+    fn the_cluster_id_is_read_back_from_the_ca_certificate() {
+        crate::install_default();
+        let ca = Ca::create("c42").unwrap();
+        assert_eq!(
+            cluster_of_ca_pem(ca.cert_pem().as_bytes()).as_deref(),
+            Some("c42")
+        );
+        assert_eq!(cluster_of_ca_pem(b"not a pem"), None);
     }
 }

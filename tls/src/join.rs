@@ -157,6 +157,12 @@ impl JoinToken {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// SHA-256 of the secret, lowercase hex: what a record keeps and what
+    /// a presented token is compared by.
+    pub fn secret_sha256(&self) -> String {
+        sha256_hex(&self.secret)
+    }
 }
 
 impl FromStr for JoinToken {

@@ -7,7 +7,9 @@
 //! the same sealed CA and operator key, and are added with
 //! `neph-controller add-member` (mutual TLS with controller 1's
 //! certificate); then one `neph-node` per node, given every controller's
-//! address, the admin token and the CA certificate. The `dev` profile
+//! address, the CA certificate and a one-time join token made for it (it
+//! joins, keeps its certificate in its data directory and talks to the
+//! controllers over mutual TLS from then on). The `dev` profile
 //! points at the CA certificate, so `neph` verifies the controllers. A
 //! directory whose processes are all stopped: each is started again with the
 //! command line recorded in the state file, on its old data. Then, either
@@ -500,8 +502,6 @@ async fn fresh(o: &UpOptions) -> Result<ClusterState, DevUpError> {
                 s(&data),
                 "--image-dir".into(),
                 s(&images),
-                "--token-file".into(),
-                s(&st.token_file),
                 "--ca-file".into(),
                 s(&ca_file(&st)),
                 "--vmm".into(),
@@ -522,7 +522,17 @@ async fn fresh(o: &UpOptions) -> Result<ClusterState, DevUpError> {
             });
             eprintln!("starting {node_id}");
             let idx = st.processes.len() - 1;
-            let printed = start(dir, &mut st, idx).await?;
+            // The first start joins with a one-time token made for this
+            // node; later starts use the certificate it keeps (so the
+            // token is left out of the recorded command line).
+            let token = join_token(&st, &node_id).await?;
+            let recorded = st.processes[idx].restart_args.clone();
+            st.processes[idx]
+                .restart_args
+                .extend(["--join-token".into(), token]);
+            let printed = start(dir, &mut st, idx).await;
+            st.processes[idx].restart_args = recorded;
+            let printed = printed?;
             if !printed.is_empty() {
                 st.processes[idx].address = printed;
             }
@@ -542,6 +552,45 @@ pub const OPERATOR_KEY_FILE: &str = "operator.key";
 /// admin token.
 pub fn ca_file(st: &ClusterState) -> PathBuf {
     st.token_file.with_file_name("tls").join("ca.pem")
+}
+
+/// A join token for `node_id` (`neph node join-token create --node`),
+/// made as the bootstrap admin, retried while the cluster settles.
+async fn join_token(st: &ClusterState, node_id: &str) -> Result<String, DevUpError> {
+    let endpoint = st
+        .controller_addresses()
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let trust = crate::client::Trust::from_file(&ca_file(st))
+        .map_err(|e| DevUpError::Api(e.to_string()))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let token = std::fs::read_to_string(&st.token_file).unwrap_or_default();
+        let tried = async {
+            let conn = Conn::connect(&endpoint, Some(token.trim().to_owned()), &trust)
+                .await
+                .map_err(|e| DevUpError::Api(e.to_string()))?;
+            conn.nodes()
+                .create_join_token(infra::CreateJoinTokenRequest {
+                    ttl: Some(prost_types::Duration {
+                        seconds: 600,
+                        nanos: 0,
+                    }),
+                    node_id: node_id.to_owned(),
+                })
+                .await
+                .map(|r| r.into_inner().token)
+                .map_err(api)
+        };
+        match tried.await {
+            Ok(t) => return Ok(t),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// `neph-controller add-member`, retried while the cluster settles.

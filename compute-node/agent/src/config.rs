@@ -28,11 +28,16 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// `--image-dir`.
     pub image_dir: PathBuf,
-    /// The bearer token read from `--token-file`.
-    pub token: String,
-    /// How the controllers are verified: against the cluster CA of
-    /// `--ca-file` (server-authenticated TLS; the token authenticates the
-    /// agent).
+    /// The bearer token read from `--token-file`, if given (the
+    /// transition path for nodes without a certificate).
+    pub token: Option<String>,
+    /// `--join-token`: used on first start, when the node has no
+    /// certificate yet (see [`crate::join`]).
+    pub join_token: Option<String>,
+    /// The cluster CA certificate of `--ca-file`, PEM.
+    pub ca_pem: Vec<u8>,
+    /// Server-authenticated TLS verified against `--ca-file`, no client
+    /// certificate: for joining, and for the bearer-token fallback.
     pub controller_tls: std::sync::Arc<rustls::ClientConfig>,
     /// `--vmm`.
     pub vmm: PathBuf,
@@ -62,7 +67,9 @@ pub struct RawFlags {
     /// `--image-dir`.
     pub image_dir: PathBuf,
     /// `--token-file`.
-    pub token_file: PathBuf,
+    pub token_file: Option<PathBuf>,
+    /// `--join-token`.
+    pub join_token: Option<String>,
     /// `--ca-file`.
     pub ca_file: PathBuf,
     /// `--vmm`.
@@ -138,13 +145,23 @@ impl AgentConfig {
         if flags.controllers.is_empty() {
             return Err(LoadConfigError::NoController);
         }
-        let token = std::fs::read_to_string(&flags.token_file)
-            .map_err(|e| LoadConfigError::TokenFile(flags.token_file.clone(), e))?
-            .trim()
-            .to_owned();
-        if token.is_empty() {
-            return Err(LoadConfigError::EmptyToken(flags.token_file));
-        }
+        let token = match &flags.token_file {
+            Some(file) => {
+                let token = std::fs::read_to_string(file)
+                    .map_err(|e| LoadConfigError::TokenFile(file.clone(), e))?
+                    .trim()
+                    .to_owned();
+                if token.is_empty() {
+                    return Err(LoadConfigError::EmptyToken(file.clone()));
+                }
+                Some(token)
+            }
+            None => None,
+        };
+        let join_token = flags
+            .join_token
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty());
         let ca = std::fs::read(&flags.ca_file)
             .map_err(|e| LoadConfigError::CaFile(flags.ca_file.clone(), e))?;
         let controller_tls = nephele_tls::server_auth_client_config(&ca)
@@ -196,6 +213,8 @@ impl AgentConfig {
             data_dir: flags.data_dir,
             image_dir: flags.image_dir,
             token,
+            join_token,
+            ca_pem: ca,
             controller_tls,
             vmm,
             vmm_user: flags.vmm_user,
@@ -241,7 +260,7 @@ mod tests {
             listen: "127.0.0.1:0".into(),
             data_dir: d.join("data"),
             image_dir: d.join("images"),
-            token_file: token,
+            token_file: Some(token),
             ca_file: ca,
             vmm: Some(vmm),
             labels: vec!["zone=a".into()],
@@ -253,7 +272,7 @@ mod tests {
     fn flags_load_with_measured_defaults() {
         let d = tempfile::tempdir().unwrap();
         let c = AgentConfig::load(flags(d.path())).unwrap();
-        assert_eq!(c.token, "secret");
+        assert_eq!(c.token.as_deref(), Some("secret"));
         assert_eq!(c.node_name(), "nodes/node-1");
         assert!(c.instances_dir().is_dir());
         assert!(c.capacity.vcpus >= 1 && c.capacity.memory_mib > 0);
@@ -277,7 +296,10 @@ mod tests {
             (|f| f.node_id = "Node_1".into(), "--node-id"),
             (|f| f.listen = "localhost".into(), "--listen"),
             (|f| f.controllers.clear(), "--controller"),
-            (|f| f.token_file = "/nonexistent/token".into(), "token file"),
+            (
+                |f| f.token_file = Some("/nonexistent/token".into()),
+                "token file",
+            ),
             (|f| f.vmm = Some("/nonexistent/vmm".into()), "--vmm"),
             (|f| f.labels = vec!["novalue".into()], "--label"),
             (|f| f.bridge = Some("a/b".into()), "--bridge"),
@@ -289,7 +311,7 @@ mod tests {
             assert!(e.contains(want), "{e:?} should mention {want}");
         }
         let f = flags(d.path());
-        std::fs::write(&f.token_file, "  \n").unwrap();
+        std::fs::write(f.token_file.as_ref().unwrap(), "  \n").unwrap();
         assert!(matches!(
             AgentConfig::load(f),
             Err(LoadConfigError::EmptyToken(_))

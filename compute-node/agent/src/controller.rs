@@ -39,13 +39,16 @@ pub enum ControllerClientError {
     Address(String),
 }
 
-/// Adds `authorization: Bearer <token>` to every call.
+/// Adds `authorization: Bearer <token>` to every call, when there is a
+/// token (a joined node authenticates with its certificate instead).
 #[derive(Debug, Clone)]
-pub struct Bearer(MetadataValue<Ascii>);
+pub struct Bearer(Option<MetadataValue<Ascii>>);
 
 impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        r.metadata_mut().insert("authorization", self.0.clone());
+        if let Some(b) = &self.0 {
+            r.metadata_mut().insert("authorization", b.clone());
+        }
         Ok(r)
     }
 }
@@ -93,12 +96,13 @@ fn uri(address: &str) -> String {
 }
 
 impl Controllers {
-    /// A client of `addresses` (HOST:PORT each) with `token`, over TLS
-    /// with `tls` (plaintext without: only in-process tests against a
-    /// plaintext controller).
+    /// A client of `addresses` (HOST:PORT each) with `token` if any, over
+    /// TLS with `tls` (plaintext without: only in-process tests against a
+    /// plaintext controller). With the node's certificate in `tls` no token
+    /// is needed.
     pub fn new(
         addresses: &[String],
-        token: &str,
+        token: Option<&str>,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Self, ControllerClientError> {
         if addresses.is_empty() {
@@ -107,9 +111,14 @@ impl Controllers {
         for a in addresses {
             Endpoint::from_shared(uri(a)).map_err(|_| ControllerClientError::Address(a.clone()))?;
         }
-        let bearer = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| ControllerClientError::Token)?;
+        let bearer = match token {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| ControllerClientError::Token)?,
+            ),
+            None => None,
+        };
         Ok(Self {
             known: Arc::new(Mutex::new(Known {
                 seeds: addresses.to_vec(),
@@ -271,7 +280,7 @@ mod tests {
 
     #[test]
     fn order_prefers_the_leader_and_keeps_the_seeds() {
-        let c = Controllers::new(&["10.0.0.1:1".into()], "t", None).unwrap();
+        let c = Controllers::new(&["10.0.0.1:1".into()], Some("t"), None).unwrap();
         assert_eq!(c.order(), vec!["10.0.0.1:1"]);
         c.learn(Some(&pb::ControllerInfo {
             controllers: vec!["10.0.0.2:1".into(), "10.0.0.3:1".into()],
@@ -288,11 +297,11 @@ mod tests {
     #[test]
     fn bad_input_is_refused() {
         assert!(matches!(
-            Controllers::new(&[], "t", None),
+            Controllers::new(&[], Some("t"), None),
             Err(ControllerClientError::NoAddress)
         ));
         assert!(matches!(
-            Controllers::new(&["a:1".into()], "bad\ntoken", None),
+            Controllers::new(&["a:1".into()], Some("bad\ntoken"), None),
             Err(ControllerClientError::Token)
         ));
     }
@@ -301,7 +310,12 @@ mod tests {
     async fn a_dead_controller_is_skipped() {
         // Nothing listens on port 1 of loopback: every call fails over and
         // ends with the last controller error, never a hang or a panic.
-        let c = Controllers::new(&["127.0.0.1:1".into(), "127.0.0.2:1".into()], "t", None).unwrap();
+        let c = Controllers::new(
+            &["127.0.0.1:1".into(), "127.0.0.2:1".into()],
+            Some("t"),
+            None,
+        )
+        .unwrap();
         let r = c
             .call(|mut cl| async move { cl.heartbeat(pb::HeartbeatRequest::default()).await })
             .await;

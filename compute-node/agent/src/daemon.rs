@@ -41,6 +41,9 @@ pub enum RunAgentError {
     /// The gRPC server failed.
     #[error("the gRPC server failed")]
     Serve(#[from] tonic::transport::Error),
+    /// The node could not join or load its certificate.
+    #[error(transparent)]
+    Join(#[from] crate::join::JoinError),
 }
 
 fn duration(d: Option<prost_types::Duration>, default: Duration) -> Duration {
@@ -69,11 +72,10 @@ pub async fn run(
         .local_addr()
         .map_err(|e| RunAgentError::Listen(cfg.listen, e))?;
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
-    let ctl = Controllers::new(
-        &cfg.controllers,
-        &cfg.token,
-        Some(cfg.controller_tls.clone()),
-    )?;
+    // The node's certificate (joining first with --join-token), or the
+    // bearer-token fallback.
+    let (tls, _) = crate::join::controller_tls(&cfg).await?;
+    let ctl = Controllers::new(&cfg.controllers, cfg.token.as_deref(), Some(tls))?;
     let shared = Arc::new(Shared::default());
     let supervisor = Supervisor::new(cfg.clone(), ctl.clone(), shared.clone()).await;
 

@@ -17,6 +17,8 @@
 //! - [`vmm`]: the `neph-vmm` control socket client;
 //! - [`migrate`]: live migration, target (`--incoming`) and source (the
 //!   switchover gate answered through the controllers);
+//! - [`join`]: the node's certificate: joining with `--join-token`, then
+//!   mutual TLS to the controllers;
 //! - [`controller`]: controller calls with failover and the bearer token;
 //! - [`service`]: the `Agent` gRPC service;
 //! - [`host`]: `CLOCK_MONOTONIC`, `/proc`, host capacity.
@@ -29,6 +31,7 @@ pub mod controller;
 pub mod daemon;
 pub mod host;
 pub mod instance;
+pub mod join;
 pub mod migrate;
 pub mod service;
 pub mod supervisor;

@@ -45,9 +45,15 @@ struct RunFlags {
     /// Images: DIR/<image-id>/kernel, initrd, cmdline, disk.raw.
     #[arg(long, env = "NEPHELE_IMAGE_DIR")]
     image_dir: PathBuf,
-    /// A file holding the bearer token for the controllers.
+    /// A file holding an admin bearer token for the controllers: only for
+    /// a node that has not joined (no certificate in DATA_DIR/tls).
     #[arg(long, env = "NEPHELE_TOKEN_FILE")]
-    token_file: PathBuf,
+    token_file: Option<PathBuf>,
+    /// A join token (`neph node join-token create`): on first start the
+    /// node makes its key, joins, and keeps its certificate in
+    /// DATA_DIR/tls; later starts need neither this nor --token-file.
+    #[arg(long, env = "NEPHELE_JOIN_TOKEN")]
+    join_token: Option<String>,
     /// The cluster CA certificate (PEM) the controllers' certificates are
     /// verified against (a controller's `<data-dir>/tls/ca.pem`).
     #[arg(long, env = "NEPHELE_CA_FILE")]
@@ -117,6 +123,7 @@ async fn main() -> anyhow::Result<()> {
         data_dir: f.data_dir,
         image_dir: f.image_dir,
         token_file: f.token_file,
+        join_token: f.join_token,
         ca_file: f.ca_file,
         vmm: f.vmm,
         vmm_user: f.vmm_user,

@@ -143,6 +143,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/nephele.infra.v1.Nodes/DisableNode", Rule::Admin),
     ("/nephele.infra.v1.Nodes/EnableNode", Rule::Admin),
     ("/nephele.infra.v1.Nodes/DrainNode", Rule::Admin),
+    ("/nephele.infra.v1.Nodes/CreateJoinToken", Rule::Admin),
     ("/nephele.infra.v1.Migrations/CreateMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/GetMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/CancelMigration", Rule::Admin),
@@ -165,8 +166,9 @@ pub const RULES: &[(&str, Rule)] = &[
     ),
     ("/nephele.ops.v1.Events/ListEvents", Rule::Authenticated),
     ("/nephele.ops.v1.Events/WatchEvents", Rule::Authenticated),
-    // Node agents act for the whole cluster. Until node join tokens (issue
-    // 8) they authenticate as an admin.
+    // Without a node certificate (the transition path, see
+    // `Api::authorize_node`), node agents authenticate as an admin; with
+    // one, this table is not consulted.
     ("/nephele.node.v1.NodeAgent/RegisterNode", Rule::Admin),
     ("/nephele.node.v1.NodeAgent/Heartbeat", Rule::Admin),
     ("/nephele.node.v1.NodeAgent/WatchAssignments", Rule::Admin),
@@ -318,6 +320,10 @@ mod tests {
             for service in &file.service {
                 // Served by node agents for the controllers, not by us.
                 if package == "nephele.node.v1" && service.name() == "Agent" {
+                    continue;
+                }
+                // Authenticated by its join token, not by a bearer token.
+                if package == "nephele.node.v1" && service.name() == "NodeJoin" {
                     continue;
                 }
                 for method in &service.method {

@@ -199,6 +199,18 @@ impl<S: StateStore> Nodes for Api<S> {
         self.start_drain(&c, name).await?;
         Ok(Reply::new(n))
     }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Reply<pb::JoinToken>, Status> {
+        let c = self
+            .authorize(&req, &format!("{NODES}CreateJoinToken"), Target::Cluster)
+            .await?;
+        let r = req.into_inner();
+        let t = self.issue_join_token(&c, r.ttl, r.node_id).await?;
+        Ok(Reply::new(t))
+    }
 }
 
 impl<S: StateStore> Api<S> {

@@ -26,6 +26,7 @@ mod compute;
 mod console;
 mod iam;
 mod infra;
+pub mod join;
 mod migration;
 mod node;
 mod ops;
@@ -76,6 +77,12 @@ pub struct ApiConfig {
     /// commits one (refreshing the node's recorded `last_heartbeat`) only
     /// when the recorded one is older than this, or the node is DOWN.
     pub heartbeat_commit_interval: Duration,
+    /// The cluster CA, opened, when this controller signs node
+    /// certificates (`NodeJoin/Join`); `None` refuses joins.
+    pub node_ca: Option<join::NodeCa>,
+    /// Refuse NodeAgent calls from clients without a node certificate
+    /// (otherwise an admin bearer token is still accepted there).
+    pub require_node_certificates: bool,
 }
 
 impl Default for ApiConfig {
@@ -86,6 +93,8 @@ impl Default for ApiConfig {
             max_wait: Duration::from_secs(60),
             fence_lease: Duration::from_secs(10),
             heartbeat_commit_interval: Duration::from_secs(30),
+            node_ca: None,
+            require_node_certificates: false,
         }
     }
 }
@@ -552,7 +561,8 @@ pub async fn routes<S: StateStore>(api: Api<S>, router: Router) -> Router {
         .add_service(limited!(infra_pb::cluster_server::ClusterServer))
         .add_service(limited!(ops_pb::operations_server::OperationsServer))
         .add_service(limited!(ops_pb::events_server::EventsServer))
-        .add_service(limited!(node_pb::node_agent_server::NodeAgentServer));
+        .add_service(limited!(node_pb::node_agent_server::NodeAgentServer))
+        .add_service(limited!(node_pb::node_join_server::NodeJoinServer));
     nephele_proto::serve::add_health_and_reflection(
         router,
         &[
@@ -567,6 +577,7 @@ pub async fn routes<S: StateStore>(api: Api<S>, router: Router) -> Router {
             "nephele.ops.v1.Operations",
             "nephele.ops.v1.Events",
             "nephele.node.v1.NodeAgent",
+            "nephele.node.v1.NodeJoin",
         ],
     )
     .await

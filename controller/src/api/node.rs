@@ -218,6 +218,40 @@ impl<S: StateStore> Api<S> {
     }
 }
 
+impl<S: StateStore> Api<S> {
+    /// Who may make a NodeAgent call about `node` (`nodes/{node}`, or the
+    /// bare id in RegisterNode): a node certificate (from `NodeJoin/Join`)
+    /// for exactly that node, so node/a acts only as node a; or, from a
+    /// client without a node certificate, an admin bearer token, unless
+    /// [`super::ApiConfig::require_node_certificates`] (the transition path
+    /// for agents that have not joined).
+    async fn authorize_node<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &str,
+        node: &str,
+    ) -> Result<(), Status> {
+        let id = node.strip_prefix("nodes/").unwrap_or(node);
+        match nephele_tls::peer_identity(req) {
+            Ok(p) if p.identity.kind() == nephele_tls::IdentityKind::Node => {
+                nephele_tls::require_node(req, id)
+            }
+            // No certificate, or another member's (a controller's: it may
+            // act for nodes only with an admin token, like anyone).
+            Ok(_) | Err(nephele_tls::identity::PeerIdentityError::NoCertificate) => {
+                if self.inner.config.require_node_certificates {
+                    return Err(Status::unauthenticated(format!(
+                        "{rpc} needs the node's certificate (join with a join token first)"
+                    )));
+                }
+                self.authorize(req.metadata(), rpc, Target::Cluster).await?;
+                Ok(())
+            }
+            Err(e) => Err(Status::unauthenticated(e.to_string())),
+        }
+    }
+}
+
 type AssignmentStream =
     Pin<Box<dyn Stream<Item = Result<pb::Assignments, Status>> + Send + 'static>>;
 
@@ -227,12 +261,9 @@ impl<S: StateStore> NodeAgent for Api<S> {
         &self,
         req: Request<pb::RegisterNodeRequest>,
     ) -> Result<Reply<pb::RegisterNodeResponse>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}RegisterNode"),
-            Target::Cluster,
-        )
-        .await?;
+        let node = req.get_ref().node_id.clone();
+        self.authorize_node(&req, &format!("{SVC}RegisterNode"), &node)
+            .await?;
         let r = req.into_inner();
         let actor = format!("nodes/{}", r.node_id);
         let command = Command::RegisterNode {
@@ -257,7 +288,8 @@ impl<S: StateStore> NodeAgent for Api<S> {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Reply<pb::HeartbeatResponse>, Status> {
-        self.authorize(req.metadata(), &format!("{SVC}Heartbeat"), Target::Cluster)
+        let node = req.get_ref().node.clone();
+        self.authorize_node(&req, &format!("{SVC}Heartbeat"), &node)
             .await?;
         let r = req.into_inner();
         names::parse(&r.node, names::NODE).map_err(ApiError::from)?;
@@ -281,12 +313,9 @@ impl<S: StateStore> NodeAgent for Api<S> {
         &self,
         req: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Reply<AssignmentStream>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}WatchAssignments"),
-            Target::Cluster,
-        )
-        .await?;
+        let node = req.get_ref().node.clone();
+        self.authorize_node(&req, &format!("{SVC}WatchAssignments"), &node)
+            .await?;
         let node = req.into_inner().node;
         names::parse(&node, names::NODE).map_err(ApiError::from)?;
         let mut changes = self.store().watch();
@@ -339,12 +368,9 @@ impl<S: StateStore> NodeAgent for Api<S> {
         &self,
         req: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Reply<pb::Assignments>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}GetAssignments"),
-            Target::Cluster,
-        )
-        .await?;
+        let node = req.get_ref().node.clone();
+        self.authorize_node(&req, &format!("{SVC}GetAssignments"), &node)
+            .await?;
         let node = req.into_inner().node;
         names::parse(&node, names::NODE).map_err(ApiError::from)?;
         Ok(Reply::new(self.assignments_of(node).await?))
@@ -354,12 +380,9 @@ impl<S: StateStore> NodeAgent for Api<S> {
         &self,
         req: Request<pb::ReportInstanceStateRequest>,
     ) -> Result<Reply<pb::ReportInstanceStateResponse>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}ReportInstanceState"),
-            Target::Cluster,
-        )
-        .await?;
+        let node = req.get_ref().node.clone();
+        self.authorize_node(&req, &format!("{SVC}ReportInstanceState"), &node)
+            .await?;
         let r = req.into_inner();
         names::parse(&r.node, names::NODE).map_err(ApiError::from)?;
         names::parse(&r.instance, names::INSTANCE).map_err(ApiError::from)?;
@@ -445,12 +468,9 @@ impl<S: StateStore> NodeAgent for Api<S> {
         &self,
         req: Request<pb::ReportMigrationRequest>,
     ) -> Result<Reply<pb::ReportMigrationResponse>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}ReportMigration"),
-            Target::Cluster,
-        )
-        .await?;
+        let node = req.get_ref().node.clone();
+        self.authorize_node(&req, &format!("{SVC}ReportMigration"), &node)
+            .await?;
         Ok(Reply::new(
             self.report_migration_checked(req.into_inner()).await?,
         ))
@@ -460,12 +480,9 @@ impl<S: StateStore> NodeAgent for Api<S> {
         &self,
         req: Request<pb::RequestSwitchoverRequest>,
     ) -> Result<Reply<pb::RequestSwitchoverResponse>, Status> {
-        self.authorize(
-            req.metadata(),
-            &format!("{SVC}RequestSwitchover"),
-            Target::Cluster,
-        )
-        .await?;
+        let node = req.get_ref().node.clone();
+        self.authorize_node(&req, &format!("{SVC}RequestSwitchover"), &node)
+            .await?;
         Ok(Reply::new(
             self.request_switchover_checked(req.into_inner()).await?,
         ))

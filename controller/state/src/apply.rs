@@ -7,7 +7,7 @@ use thiserror::Error;
 use crate::codec;
 use crate::command::{Command, Envelope, InstanceSpec, NewInstance, Response};
 use crate::model::{
-    AuditRecord, Event, Flavor, Image, Instance, InstanceState, KvEntry, Migration,
+    AuditRecord, Event, Flavor, Image, Instance, InstanceState, JoinToken, KvEntry, Migration,
     MigrationProgress, MigrationState, Node, NodeState, Operation, Project, RememberedRequest,
     Resources, ServerGroup, State, Token, User,
 };
@@ -1417,6 +1417,92 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             )?;
             Ok(Response::Migration(m))
         }
+        Command::CreateJoinToken {
+            token_id,
+            secret_hash,
+            expire_time,
+            node,
+        } => {
+            if token_id.is_empty()
+                || token_id.len() > 64
+                || !token_id
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(ApplyError::InvalidName(format!(
+                    "a join token id is 1 to 64 lowercase hex digits, not {token_id:?}"
+                )));
+            }
+            if secret_hash.is_empty() || secret_hash.len() > 256 {
+                return Err(ApplyError::InvalidArgument(
+                    "a join token secret hash must be 1 to 256 bytes long".into(),
+                ));
+            }
+            if *expire_time <= now {
+                return Err(ApplyError::InvalidArgument(
+                    "a join token must expire in the future".into(),
+                ));
+            }
+            if let Some(n) = node {
+                names::validate_id(n)?;
+            }
+            // Spent tokens are of no use any more: keep the state small.
+            state
+                .join_tokens
+                .retain(|_, t| t.used.is_none() && t.expire_time > now);
+            let name = format!("joinTokens/{token_id}");
+            if state.join_tokens.contains_key(&name) {
+                return Err(ApplyError::AlreadyExists { name });
+            }
+            let token = JoinToken {
+                name: name.clone(),
+                secret_hash: secret_hash.clone(),
+                create_time: now,
+                expire_time: *expire_time,
+                node: node.clone(),
+                used: None,
+            };
+            state.join_tokens.insert(name.clone(), token.clone());
+            event(state, actor, &name, "join_token.created", String::new());
+            Ok(Response::JoinToken(token))
+        }
+        Command::RedeemJoinToken {
+            token_id,
+            secret_hash,
+            node_id,
+        } => {
+            names::validate_id(node_id)?;
+            let name = format!("joinTokens/{token_id}");
+            // Unknown and wrong-secret tokens get the same answer.
+            let t = state
+                .join_tokens
+                .get(&name)
+                .filter(|t| t.secret_hash == *secret_hash)
+                .ok_or_else(|| precondition(&name, "the join token is unknown or invalid"))?;
+            if let Some((_, by)) = &t.used {
+                return Err(precondition(
+                    &name,
+                    format!("the join token was already used by {by}"),
+                ));
+            }
+            if now >= t.expire_time {
+                return Err(precondition(&name, "the join token expired"));
+            }
+            if let Some(allowed) = &t.node
+                && allowed != node_id
+            {
+                return Err(precondition(
+                    &name,
+                    format!("the join token is for node {allowed}, not {node_id}"),
+                ));
+            }
+            let by = format!("nodes/{node_id}");
+            let mut t = t.clone();
+            t.used = Some((now, by.clone()));
+            state.join_tokens.insert(name.clone(), t.clone());
+            event(state, actor, &name, "join_token.used", by);
+            Ok(Response::JoinToken(t))
+        }
         Command::BeginInstanceAction {
             instance,
             state: to,
@@ -2378,5 +2464,61 @@ mod tests {
         ));
         put(&mut s, version, None).unwrap();
         assert!(s.kv.is_empty());
+    }
+
+    #[test]
+    fn a_join_token_works_once_expires_and_keeps_to_its_node() {
+        let mut s = State {
+            now: 1_000,
+            ..State::default()
+        };
+        let create = |id: &str, expire: u64, node: Option<&str>| Command::CreateJoinToken {
+            token_id: id.into(),
+            secret_hash: format!("hash-{id}"),
+            expire_time: expire,
+            node: node.map(Into::into),
+        };
+        let redeem = |id: &str, hash: &str, node: &str| Command::RedeemJoinToken {
+            token_id: id.into(),
+            secret_hash: hash.into(),
+            node_id: node.into(),
+        };
+        assert!(matches!(
+            run(&mut s, create("0f", 1_000, None)),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            run(&mut s, create("not-hex", 10_000, None)),
+            Err(ApplyError::InvalidName(_))
+        ));
+        run(&mut s, create("a", 10_000, None)).unwrap();
+        run(&mut s, create("b", 10_000, Some("n2"))).unwrap();
+        run(&mut s, create("c", 2_000, None)).unwrap();
+        let refused = |r: Result<Response, ApplyError>, want: &str| match r {
+            Err(ApplyError::FailedPrecondition { reason, .. }) => {
+                assert!(reason.contains(want), "{reason}")
+            }
+            other => panic!("expected a refusal ({want}), got {other:?}"),
+        };
+        refused(
+            run(&mut s, redeem("a", "wrong", "n1")),
+            "unknown or invalid",
+        );
+        refused(
+            run(&mut s, redeem("zz", "hash-zz", "n1")),
+            "unknown or invalid",
+        );
+        let Response::JoinToken(t) = run(&mut s, redeem("a", "hash-a", "n1")).unwrap() else {
+            panic!("not a join token");
+        };
+        assert_eq!(t.used.map(|u| u.1).as_deref(), Some("nodes/n1"));
+        refused(run(&mut s, redeem("a", "hash-a", "n1")), "already used");
+        refused(run(&mut s, redeem("b", "hash-b", "n1")), "for node n2");
+        run(&mut s, redeem("b", "hash-b", "n2")).unwrap();
+        s.now = 2_000;
+        refused(run(&mut s, redeem("c", "hash-c", "n3")), "expired");
+        // Creating another drops the spent ones.
+        run(&mut s, create("d", 10_000, None)).unwrap();
+        assert_eq!(s.join_tokens.keys().collect::<Vec<_>>(), ["joinTokens/d"]);
     }
 }

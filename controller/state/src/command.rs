@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    Flavor, GroupPolicy, Image, ImageState, Instance, InstanceState, Labels, Migration,
+    Flavor, GroupPolicy, Image, ImageState, Instance, InstanceState, JoinToken, Labels, Migration,
     MigrationProgress, MigrationState, Node, NodeState, Operation, Project, Quota, Resources, Role,
     ServerGroup, Token, UnixMs, User,
 };
@@ -411,6 +411,29 @@ pub enum Command {
         /// Measured downtime so far, microseconds (for the record).
         progress: Option<MigrationProgress>,
     },
+    /// Creates `joinTokens/{token_id}` (and drops spent join tokens).
+    CreateJoinToken {
+        /// The token's id part.
+        token_id: String,
+        /// SHA-256 hex of the secret; the secret never reaches the log.
+        secret_hash: String,
+        /// Expiry; must be after the envelope's time.
+        expire_time: UnixMs,
+        /// The node name it may be used for; `None` for any.
+        node: Option<String>,
+    },
+    /// Uses `joinTokens/{token_id}` up for node `node_id`: refused unless
+    /// the hash matches, it is unused, unexpired at the envelope's time and
+    /// (if it names one) for that node. Committed before the node gets its
+    /// certificate, so a token can be redeemed once in the whole cluster.
+    RedeemJoinToken {
+        /// The token's id part.
+        token_id: String,
+        /// SHA-256 hex of the presented secret.
+        secret_hash: String,
+        /// The joining node's name.
+        node_id: String,
+    },
 }
 
 impl Command {
@@ -461,6 +484,9 @@ impl Command {
             C::FinishOperation { operation, .. } => operation.clone(),
             C::KvPut { key, .. } | C::KvCas { key, .. } | C::KvDelete { key } => {
                 format!("kv/{key}")
+            }
+            C::CreateJoinToken { token_id, .. } | C::RedeemJoinToken { token_id, .. } => {
+                format!("joinTokens/{token_id}")
             }
         }
     }
@@ -536,4 +562,6 @@ pub enum Response {
     /// Instances created together, each with its create operation, in
     /// request order.
     Created(Vec<(Instance, Operation)>),
+    /// A node join token.
+    JoinToken(JoinToken),
 }

@@ -129,6 +129,25 @@ pub struct Token {
     pub create_time: UnixMs,
 }
 
+/// A one-time, expiring node join token (`neph node join-token create`):
+/// only the hash of its secret is kept. Redeeming it (a node's Join call)
+/// marks it used, in the log, so it works once across all controllers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// `joinTokens/{id}` (the token's id part).
+    pub name: String,
+    /// SHA-256 of the secret, lowercase hex (computed by the API layer).
+    pub secret_hash: String,
+    /// When it was created.
+    pub create_time: UnixMs,
+    /// From then on it is refused.
+    pub expire_time: UnixMs,
+    /// The node name it is for; `None` for any.
+    pub node: Option<String>,
+    /// When and by which node (`nodes/{node}`) it was redeemed.
+    pub used: Option<(UnixMs, String)>,
+}
+
 /// An instance size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flavor {
@@ -543,6 +562,9 @@ pub struct State {
     pub audit: VecDeque<AuditRecord>,
     /// Sequence number of the newest audit record.
     pub next_audit_seq: u64,
+    /// Node join tokens by name; spent ones are dropped when a new one is
+    /// created.
+    pub join_tokens: BTreeMap<String, JoinToken>,
 }
 
 impl State {

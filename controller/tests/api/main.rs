@@ -8,12 +8,14 @@
 //! - `migration.rs`: migration assignments, progress, the switchover gate.
 //! - `console.rs`: the console relay through an in-test `Agent` double.
 //! - `audit.rs`: the audit trail, token revocation, the refusal budget.
+//! - `join.rs`: node join tokens and the Join RPC signing node CSRs.
 
 mod audit;
 #[path = "../common/mod.rs"]
 mod common;
 mod console;
 mod ha;
+mod join;
 mod migration;
 mod support;
 

@@ -1,0 +1,139 @@
+//! The node's identity (issue 7, node join): its key and certificate in
+//! `<data-dir>/tls/` (`key.pem` 0600, `cert.pem`, `ca.pem`).
+//!
+//! On first start with `--join-token`, the agent generates its key pair,
+//! sends a CSR for `nephele://<cluster>/node/<node-id>` with the token to
+//! a controller's `NodeJoin/Join` (over TLS verified against `--ca-file`,
+//! no client certificate), and stores what comes back; the key never
+//! leaves the node. From then on [`controller_tls`] is mutual TLS with that
+//! certificate, and the controllers let it act only as this node. Without a
+//! certificate and without a join token the agent falls back to
+//! server-authenticated TLS and the admin bearer token of `--token-file`
+//! (the transition path).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nephele_proto::node::v1 as pb;
+use nephele_tls::{
+    CertRequest, Identity, IdentityKind, PeerPolicy, Revocations, TlsContext, TlsFiles,
+};
+use thiserror::Error;
+
+use crate::config::AgentConfig;
+
+/// Where the node's TLS files are.
+pub fn tls_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("tls")
+}
+
+/// Why the node could not get or load its certificate.
+#[derive(Debug, Error)]
+pub enum JoinError {
+    /// Neither a certificate, a join token nor a bearer token.
+    #[error(
+        "this node has no certificate in {0} yet: pass --join-token (from `neph node join-token create`)"
+    )]
+    NoCredential(PathBuf),
+    /// The CSR could not be made.
+    #[error("cannot make the node's key and CSR")]
+    Csr(#[source] nephele_tls::ca::IssueError),
+    /// The node id is not an identity name.
+    #[error("the node id is not a valid identity name")]
+    Identity(#[from] nephele_tls::identity::ParseIdentityError),
+    /// The CA file gives no cluster id.
+    #[error("cannot read the cluster id from the CA certificate (--ca-file)")]
+    Cluster,
+    /// Every controller refused or failed.
+    #[error("no controller let this node join: {0}")]
+    Refused(String),
+    /// The files could not be written.
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+    /// The files do not load.
+    #[error("the node's TLS files in {0} do not load")]
+    Load(PathBuf, #[source] Box<nephele_tls::TlsConfigError>),
+}
+
+/// The TLS client config for the controllers, and whether it carries the
+/// node's certificate: joins first when there is no certificate and a
+/// join token was given.
+pub async fn controller_tls(
+    cfg: &AgentConfig,
+) -> Result<(Arc<rustls::ClientConfig>, bool), JoinError> {
+    let dir = tls_dir(&cfg.data_dir);
+    let files = TlsFiles::in_dir(&dir);
+    let have = files.cert.exists() && files.key.exists() && files.ca.exists();
+    if !have {
+        match &cfg.join_token {
+            Some(token) => join(cfg, token, &dir, &files).await?,
+            None if cfg.token.is_some() => return Ok((cfg.controller_tls.clone(), false)),
+            None => return Err(JoinError::NoCredential(dir)),
+        }
+    }
+    let ctx = TlsContext::load(&files, Revocations::new())
+        .map_err(|e| JoinError::Load(dir.clone(), Box::new(e)))?;
+    let config = ctx
+        .client_config(PeerPolicy::Kind(IdentityKind::Controller))
+        .map_err(|e| JoinError::Load(dir, Box::new(e)))?;
+    tracing::info!(identity = %ctx.identity().identity, "using the node certificate");
+    Ok((config, true))
+}
+
+async fn join(
+    cfg: &AgentConfig,
+    token: &str,
+    dir: &Path,
+    files: &TlsFiles,
+) -> Result<(), JoinError> {
+    let identity = Identity::node(cfg.node_id.clone())?;
+    let cluster = nephele_tls::ca::cluster_of_ca_pem(&cfg.ca_pem).ok_or(JoinError::Cluster)?;
+    let req = CertRequest::generate(&identity, &cluster).map_err(JoinError::Csr)?;
+    let mut errors = Vec::new();
+    for address in &cfg.controllers {
+        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(15)),
+            Err(_) => {
+                errors.push(format!("{address}: not an address"));
+                continue;
+            }
+        };
+        let channel = nephele_tls::lazy_channel(endpoint, cfg.controller_tls.clone());
+        let answer = pb::node_join_client::NodeJoinClient::new(channel)
+            .join(pb::JoinRequest {
+                token: token.to_owned(),
+                node_id: cfg.node_id.clone(),
+                csr_pem: req.csr_pem.clone(),
+            })
+            .await;
+        match answer {
+            Ok(r) => {
+                let r = r.into_inner();
+                std::fs::create_dir_all(dir).map_err(|e| JoinError::Write(dir.to_owned(), e))?;
+                for (path, bytes) in [
+                    (&files.key, req.key_pem.as_bytes()),
+                    (&files.cert, r.cert_pem.as_bytes()),
+                    (&files.ca, r.ca_pem.as_bytes()),
+                ] {
+                    nephele_tls::write_private(path, bytes, true)
+                        .map_err(|e| JoinError::Write(path.clone(), e))?;
+                }
+                tracing::info!(controller = %address, serial = %r.serial, dir = %dir.display(), "joined the cluster");
+                return Ok(());
+            }
+            // A refused token is refused by every controller (it is in the
+            // replicated state): do not burn time on the others.
+            Err(s)
+                if s.code() == tonic::Code::Unauthenticated
+                    || s.code() == tonic::Code::InvalidArgument =>
+            {
+                return Err(JoinError::Refused(format!("{address}: {}", s.message())));
+            }
+            Err(s) => errors.push(format!("{address}: {}", s.message())),
+        }
+    }
+    Err(JoinError::Refused(errors.join("; ")))
+}

@@ -1,0 +1,156 @@
+//! Node join (issue 7): `nephele.infra.v1.Nodes/CreateJoinToken` (admins)
+//! makes a one-time, expiring token, kept hashed in the replicated state;
+//! `nephele.node.v1.NodeJoin/Join` (no client certificate, no bearer
+//! token: the join token is the credential) redeems it once, through the
+//! log, and signs the node's CSR for `node/<name>` with the cluster CA.
+//!
+//! Signing needs the CA's private key at run time, so a controller that is
+//! to answer Join opens the sealed CA with the operator key when it starts
+//! and keeps it in memory ([`NodeCa`]); one started without the operator
+//! key answers Join with FAILED_PRECONDITION (a node may ask another
+//! controller). See docs/threat-model.md for what that exposes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nephele_proto::node::v1 as pb;
+use nephele_proto::node::v1::node_join_server::NodeJoin;
+use nephele_state::{ApplyError, Command, Envelope, Origin, Response};
+use nephele_tls::join::JoinToken;
+use nephele_tls::{Ca, Identity, IssueOptions};
+use tonic::{Request, Response as Reply, Status};
+
+use super::errors::ApiError;
+use super::{Api, now_ms};
+use crate::store::StateStore;
+
+/// How long a join token lives unless the request says.
+pub const DEFAULT_JOIN_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// The longest a join token may live.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The cluster CA, opened, for signing node certificates.
+#[derive(Clone)]
+pub struct NodeCa(pub Arc<Ca>);
+
+impl std::fmt::Debug for NodeCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeCa({})", self.0.fingerprint())
+    }
+}
+
+impl<S: StateStore> Api<S> {
+    /// Makes and stores a join token (the caller has been authorized).
+    pub(crate) async fn issue_join_token(
+        &self,
+        caller: &super::auth::Caller,
+        ttl: Option<prost_types::Duration>,
+        node_id: String,
+    ) -> Result<nephele_proto::infra::v1::JoinToken, ApiError> {
+        let ttl = match ttl {
+            None => DEFAULT_JOIN_TOKEN_TTL,
+            Some(d) if d.seconds > 0 && d.nanos >= 0 => Duration::from_secs(d.seconds as u64),
+            Some(_) => {
+                return Err(ApiError::InvalidArgument(
+                    "a join token's ttl must be at least one second".into(),
+                ));
+            }
+        };
+        if ttl > MAX_JOIN_TOKEN_TTL {
+            return Err(ApiError::InvalidArgument(format!(
+                "a join token may live at most {} s",
+                MAX_JOIN_TOKEN_TTL.as_secs()
+            )));
+        }
+        let node = (!node_id.is_empty()).then_some(node_id);
+        if let Some(n) = &node {
+            Identity::node(n.clone()).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        }
+        let (token, record) = JoinToken::issue(ttl)
+            .map_err(|e| ApiError::Internal(format!("cannot make a join token: {e}")))?;
+        let now = now_ms();
+        let command = Command::CreateJoinToken {
+            token_id: record.id.clone(),
+            secret_hash: record.secret_sha256.clone(),
+            expire_time: now.saturating_add(ttl.as_secs().saturating_mul(1000)),
+            node,
+        };
+        match self.propose_as(caller, None, command).await? {
+            Response::JoinToken(t) => Ok(nephele_proto::infra::v1::JoinToken {
+                name: t.name,
+                token: token.to_string(),
+                expire_time: super::convert::ts(t.expire_time),
+                node_id: t.node.unwrap_or_default(),
+            }),
+            other => Err(ApiError::Internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+}
+
+const JOIN_RPC: &str = "/nephele.node.v1.NodeJoin/Join";
+
+#[tonic::async_trait]
+impl<S: StateStore> NodeJoin for Api<S> {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Reply<pb::JoinResponse>, Status> {
+        let peer = req.remote_addr();
+        let r = req.into_inner();
+        let token: JoinToken =
+            r.token
+                .parse()
+                .map_err(|e: nephele_tls::join::ParseJoinTokenError| {
+                    Status::invalid_argument(e.to_string())
+                })?;
+        let identity = Identity::node(r.node_id.clone())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let Some(NodeCa(ca)) = self.inner.config.node_ca.clone() else {
+            return Err(ApiError::FailedPrecondition(
+                "this controller cannot sign node certificates: it was started without the \
+                 operator key (ask another controller, or restart it with --operator-key-file)"
+                    .into(),
+            )
+            .into());
+        };
+        // Sign first: a bad CSR must not use the token up. The certificate
+        // is handed out only once the redemption is committed.
+        let cert = ca
+            .sign_csr(&r.csr_pem, &identity, &IssueOptions::default())
+            .map_err(|e| Status::invalid_argument(format!("the CSR is refused: {e}")))?;
+        let envelope = Envelope {
+            time: now_ms(),
+            actor: format!("nodes/{}", r.node_id),
+            request_id: None,
+            fence_term: None,
+            command: Command::RedeemJoinToken {
+                token_id: token.id().to_owned(),
+                secret_hash: token.secret_sha256(),
+                node_id: r.node_id.clone(),
+            },
+            origin: Some(Origin {
+                peer: peer.map(|p| p.to_string()).unwrap_or_default(),
+                rpc: JOIN_RPC.to_owned(),
+            }),
+        };
+        let committed = self
+            .store()
+            .propose(envelope)
+            .await
+            .map_err(|e| Status::from(ApiError::from(e)))?;
+        match committed.outcome {
+            Ok(Response::JoinToken(_)) => {}
+            Err(ApplyError::FailedPrecondition { reason, .. }) => {
+                tracing::warn!(node = %r.node_id, peer = ?peer, %reason, "join refused");
+                return Err(Status::unauthenticated(reason));
+            }
+            Err(e) => return Err(ApiError::from(e).into()),
+            Ok(other) => {
+                return Err(ApiError::Internal(format!("unexpected answer {other:?}")).into());
+            }
+        }
+        tracing::info!(node = %r.node_id, serial = %cert.serial, "node joined");
+        Ok(Reply::new(pb::JoinResponse {
+            cert_pem: cert.chain_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+            serial: cert.serial,
+        }))
+    }
+}

@@ -1,0 +1,298 @@
+//! Node join: `Nodes/CreateJoinToken` and `NodeJoin/Join` end to end, over
+//! real gRPC, with a real cluster CA signing real CSRs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use neph_controller::api::join::NodeCa;
+use nephele_proto::infra::v1 as infra;
+use nephele_proto::node::v1 as node;
+use nephele_tls::{Ca, CertRequest, Identity, Revocations, TlsContext, TlsFiles};
+use tonic::Code;
+
+use super::support::*;
+
+async fn token(env: &mut Env, ttl_s: i64, node_id: &str) -> anyhow::Result<String> {
+    let t = env
+        .admin
+        .nodes
+        .create_join_token(infra::CreateJoinTokenRequest {
+            ttl: Some(prost_types::Duration {
+                seconds: ttl_s,
+                nanos: 0,
+            }),
+            node_id: node_id.into(),
+        })
+        .await?
+        .into_inner();
+    assert!(t.name.starts_with("joinTokens/"), "{t:?}");
+    assert!(t.token.starts_with("nphj_"), "{t:?}");
+    Ok(t.token)
+}
+
+fn join_client(env: &Env) -> node::node_join_client::NodeJoinClient<tonic::transport::Channel> {
+    node::node_join_client::NodeJoinClient::new(env.channel.clone())
+}
+
+async fn join(
+    env: &Env,
+    token: &str,
+    node_id: &str,
+    csr_for: &str,
+) -> Result<(node::JoinResponse, String), tonic::Status> {
+    let req = CertRequest::generate(&Identity::node(csr_for).unwrap(), "7").unwrap();
+    let r = join_client(env)
+        .join(node::JoinRequest {
+            token: token.into(),
+            node_id: node_id.into(),
+            csr_pem: req.csr_pem,
+        })
+        .await?
+        .into_inner();
+    Ok((r, req.key_pem))
+}
+
+fn refused<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, want: &str) {
+    match r {
+        Ok(v) => panic!("expected a refusal ({want}), got {v:?}"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{s:?}");
+            assert!(s.message().contains(want), "{s:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_token_works_once_expires_and_signs_only_its_node() -> anyhow::Result<()> {
+    nephele_tls::install_default();
+    let ca = Ca::create("7")?;
+    let mut options = test_options();
+    options.api.node_ca = Some(NodeCa(Arc::new(ca)));
+    let mut env = start_with(options).await?;
+
+    // Only admins make tokens.
+    let mut nobody = clients(&env.channel, None);
+    let r = nobody
+        .nodes
+        .create_join_token(infra::CreateJoinTokenRequest::default())
+        .await;
+    assert_eq!(r.unwrap_err().code(), Code::Unauthenticated);
+
+    // A token joins once; the certificate is the node's, from this CA, and
+    // works with the key that never left the "node".
+    let t = token(&mut env, 60, "").await?;
+    let (resp, key_pem) = join(&env, &t, "n1", "n1").await?;
+    let dir = tempfile::tempdir()?;
+    let files = TlsFiles::in_dir(dir.path());
+    std::fs::write(&files.cert, &resp.cert_pem)?;
+    std::fs::write(&files.key, &key_pem)?;
+    std::fs::write(&files.ca, &resp.ca_pem)?;
+    let ctx = TlsContext::load(&files, Revocations::new())?;
+    assert_eq!(ctx.identity().identity, Identity::node("n1")?);
+    assert_eq!(ctx.cluster_id(), "7");
+    refused(
+        join(&env, &t, "n1", "n1").await,
+        Code::Unauthenticated,
+        "already used",
+    );
+    refused(
+        join(&env, &t, "n9", "n9").await,
+        Code::Unauthenticated,
+        "already used",
+    );
+
+    // A CSR for another node than the one asked for is refused, and does
+    // not use the token up; a token for n2 joins only n2.
+    let t2 = token(&mut env, 60, "n2").await?;
+    refused(
+        join(&env, &t2, "n2", "n3").await,
+        Code::InvalidArgument,
+        "CSR",
+    );
+    refused(
+        join(&env, &t2, "n3", "n3").await,
+        Code::Unauthenticated,
+        "for node n2",
+    );
+    join(&env, &t2, "n2", "n2").await?;
+
+    // A forged secret, and a token past its expiry.
+    let t3 = token(&mut env, 1, "").await?;
+    let forged = format!("{}{}", &t3[..t3.len() - 64], "0".repeat(64));
+    refused(
+        join(&env, &forged, "n4", "n4").await,
+        Code::Unauthenticated,
+        "unknown or invalid",
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    refused(
+        join(&env, &t3, "n4", "n4").await,
+        Code::Unauthenticated,
+        "expired",
+    );
+    refused(
+        join(&env, "nphj_nonsense", "n4", "n4").await,
+        Code::InvalidArgument,
+        "not a join token",
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_without_the_ca_key_refuses_joins() -> anyhow::Result<()> {
+    nephele_tls::install_default();
+    let mut env = start().await?;
+    let t = token(&mut env, 60, "").await?;
+    refused(
+        join(&env, &t, "n1", "n1").await,
+        Code::FailedPrecondition,
+        "operator key",
+    );
+    Ok(())
+}
+
+/// Writes a member's files to `dir` and loads them.
+fn member_files(
+    dir: &std::path::Path,
+    cert_pem: &str,
+    key_pem: &str,
+    ca_pem: &str,
+) -> anyhow::Result<TlsContext> {
+    let files = TlsFiles::in_dir(dir);
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&files.cert, cert_pem)?;
+    std::fs::write(&files.key, key_pem)?;
+    std::fs::write(&files.ca, ca_pem)?;
+    Ok(TlsContext::load(&files, Revocations::new())?)
+}
+
+fn tls_endpoint(addr: std::net::SocketAddr) -> tonic::transport::Endpoint {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_certificate_acts_only_as_its_node_and_no_certificate_is_refused()
+-> anyhow::Result<()> {
+    nephele_tls::install_default();
+    let dir = tempfile::tempdir()?;
+    let ca = Arc::new(Ca::create("7")?);
+    let (cert, key) = ca.issue(
+        &Identity::controller("1")?,
+        &nephele_tls::IssueOptions::for_addresses(["127.0.0.1"]),
+    )?;
+    let ctl_tls = member_files(
+        &dir.path().join("ctl-tls"),
+        &cert.chain_pem,
+        &key,
+        ca.cert_pem(),
+    )?;
+    let mut options = test_options();
+    options.tls = Some(ctl_tls);
+    options.api.node_ca = Some(NodeCa(ca.clone()));
+    options.api.require_node_certificates = true;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mut config = super::common::test_config(1, &dir.path().join("c1"), Default::default());
+    config.cluster_id = Some(7);
+    config.init = true;
+    let member = neph_controller::server::start_with(config, listener, options).await?;
+    let addr = member.address;
+    let token = loop {
+        match neph_controller::api::auth::bootstrap_admin(&member.store, 1, &dir.path().join("c1"))
+            .await
+        {
+            Ok(Some(t)) => break t,
+            Ok(None) => anyhow::bail!("a token file already existed"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // Clients without a certificate verify the controller against the CA.
+    let server_auth = nephele_tls::server_auth_client_config(ca.cert_pem().as_bytes())?;
+    let plain = nephele_tls::lazy_channel(tls_endpoint(addr), server_auth);
+    let mut admin = clients(&plain, Some(&token));
+    let t = admin
+        .nodes
+        .create_join_token(infra::CreateJoinTokenRequest::default())
+        .await?
+        .into_inner()
+        .token;
+    let req = CertRequest::generate(&Identity::node("n1")?, "7")?;
+    let joined = node::node_join_client::NodeJoinClient::new(plain.clone())
+        .join(node::JoinRequest {
+            token: t,
+            node_id: "n1".into(),
+            csr_pem: req.csr_pem,
+        })
+        .await?
+        .into_inner();
+    let node_tls = member_files(
+        &dir.path().join("n1-tls"),
+        &joined.cert_pem,
+        &req.key_pem,
+        &joined.ca_pem,
+    )?;
+    let mtls = node_tls.client_config(nephele_tls::PeerPolicy::Kind(
+        nephele_tls::IdentityKind::Controller,
+    ))?;
+    let mut n1 = node::node_agent_client::NodeAgentClient::new(nephele_tls::lazy_channel(
+        tls_endpoint(addr),
+        mtls,
+    ));
+    let register = |id: &str| node::RegisterNodeRequest {
+        node_id: id.into(),
+        address: "127.0.0.1:1".into(),
+        capacity: Some(nephele_proto::compute::v1::Resources {
+            vcpus: 4,
+            memory_mib: 4096,
+            disk_gib: 10,
+        }),
+        ..Default::default()
+    };
+    // node/n1 acts as n1...
+    n1.register_node(register("n1")).await?;
+    n1.heartbeat(node::HeartbeatRequest {
+        node: "nodes/n1".into(),
+        ..Default::default()
+    })
+    .await?;
+    // ... and never as another node.
+    refused(
+        n1.register_node(register("n2")).await,
+        Code::PermissionDenied,
+        "cannot act as",
+    );
+    refused(
+        n1.heartbeat(node::HeartbeatRequest {
+            node: "nodes/n2".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::PermissionDenied,
+        "cannot act as",
+    );
+    refused(
+        n1.get_assignments(node::WatchAssignmentsRequest {
+            node: "nodes/n2".into(),
+        })
+        .await,
+        Code::PermissionDenied,
+        "cannot act as",
+    );
+    // Without a certificate NodeAgent is refused, even with the admin
+    // token (this controller requires node certificates).
+    refused(
+        admin.agent.register_node(register("rogue")).await,
+        Code::Unauthenticated,
+        "certificate",
+    );
+    let mut rogue = clients(&plain, None);
+    refused(
+        rogue.agent.register_node(register("rogue")).await,
+        Code::Unauthenticated,
+        "certificate",
+    );
+    member.stop().await?;
+    Ok(())
+}
