@@ -80,7 +80,20 @@ impl Cloud {
     /// image `test-guest` (the project's test guest), and waits until every
     /// node is UP.
     pub fn start(controllers: u64, nodes: usize) -> Result<Self, CloudError> {
-        let cluster = ControllerCluster::start(controllers, 7000 + u64::from(std::process::id()))?;
+        Self::start_with_env(controllers, nodes, &[])
+    }
+
+    /// [`Cloud::start`] with extra `NEPHELE_*` settings for the controllers.
+    pub fn start_with_env(
+        controllers: u64,
+        nodes: usize,
+        env: &[(&str, &str)],
+    ) -> Result<Self, CloudError> {
+        let cluster = ControllerCluster::start_with_env(
+            controllers,
+            7000 + u64::from(std::process::id()),
+            env,
+        )?;
         let dir = tempfile::tempdir().map_err(StartError::TempDir)?;
         let token_file = cluster.data_dir(1).join("admin.token");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -228,6 +241,51 @@ impl Cloud {
 
     /// `neph ARGS -o json` as the bootstrap admin in the project, against
     /// the first controller that answers.
+    /// Types `line` into `instance`'s console through `neph instance
+    /// console` (stdin a pipe, closed after the line: the CLI exits once
+    /// the output settles, or is killed after 30 s) and returns its stdout
+    /// and stderr.
+    pub fn console(&self, instance: &str, line: &str) -> (String, String) {
+        use std::io::Write as _;
+        use std::process::Stdio;
+        let spawned = Command::new(workspace_binary("neph"))
+            .env_remove("NEPHELE_PROFILE")
+            .args(["--endpoint", &self.controllers.members[0].address])
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .arg("--ca-file")
+            .arg(self.controllers.ca_file())
+            .args(["--project", &self.project, "instance", "console", instance])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => return (String::new(), format!("cannot start neph: {e}")),
+        };
+        // Give the relay a moment to attach before typing.
+        std::thread::sleep(Duration::from_millis(500));
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(format!("{line}\n").as_bytes());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        match child.wait_with_output() {
+            Ok(out) => (
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ),
+            Err(e) => (String::new(), format!("no console output: {e}")),
+        }
+    }
+
     pub fn neph(&self, args: &[&str]) -> Result<serde_json::Value, CloudError> {
         self.run_neph(args, true)
     }

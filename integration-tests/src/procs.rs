@@ -81,6 +81,16 @@ impl ControllerCluster {
     /// Starts `n` members that form a new cluster, and waits until each
     /// listens.
     pub fn start(n: u64, cluster_id: u64) -> Result<Self, StartError> {
+        Self::start_with_env(n, cluster_id, &[])
+    }
+
+    /// [`ControllerCluster::start`] with extra `NEPHELE_*` settings in each
+    /// member's environment.
+    pub fn start_with_env(
+        n: u64,
+        cluster_id: u64,
+        env: &[(&str, &str)],
+    ) -> Result<Self, StartError> {
         let dir = tempfile::tempdir().map_err(StartError::TempDir)?;
         let members_addr: Vec<(u64, String)> = (1..=n)
             .map(|id| free_port().map(|p| (id, format!("127.0.0.1:{p}"))))
@@ -106,7 +116,8 @@ impl ControllerCluster {
                 .args(["--cluster-id", &cluster_id.to_string()])
                 .args(["--listen", &address])
                 .arg("--data-dir")
-                .arg(dir.path().join(format!("c{id}")));
+                .arg(dir.path().join(format!("c{id}")))
+                .envs(env.iter().copied());
             if !peers.is_empty() {
                 cmd.args(["--peers", &peers.join(",")]);
             }

@@ -4,12 +4,10 @@
 //! Each test skips with its reason where /dev/kvm is missing.
 
 use std::collections::BTreeSet;
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nephele_integration_tests::cloud::{Cloud, alive, items, kill9};
-use nephele_integration_tests::guest::{skip_without_kvm, workspace_binary};
+use nephele_integration_tests::guest::skip_without_kvm;
 
 const UP: Duration = Duration::from_secs(60);
 
@@ -19,47 +17,13 @@ fn running_vms(cloud: &Cloud) -> Vec<(usize, u32)> {
         .collect()
 }
 
-/// Types `line` into the instance's console through `neph instance
-/// console` (stdin a pipe) and returns what came back.
+/// Types `line` into the instance's console and returns what came back,
+/// which must contain `expect`.
 fn console_round_trip(cloud: &Cloud, instance: &str, line: &str, expect: &str) -> String {
-    let mut child = Command::new(workspace_binary("neph"))
-        .env_remove("NEPHELE_PROFILE")
-        .args(["--endpoint", &cloud.controllers.members[0].address])
-        .arg("--token-file")
-        .arg(&cloud.token_file)
-        .arg("--ca-file")
-        .arg(cloud.controllers.ca_file())
-        .args(["--project", &cloud.project, "instance", "console", instance])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start neph instance console");
-    let mut stdin = child.stdin.take().expect("stdin");
-    // Give the relay a moment to attach before typing, then close stdin:
-    // the CLI exits once the output settles after EOF.
-    std::thread::sleep(Duration::from_millis(500));
-    stdin
-        .write_all(format!("{line}\n").as_bytes())
-        .expect("type into the console");
-    drop(stdin);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("console output");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (text, err) = cloud.console(instance, line);
     assert!(
         text.contains(expect),
-        "console did not answer {expect:?}: stdout {text:?} stderr {:?}",
-        String::from_utf8_lossy(&out.stderr)
+        "console did not answer {expect:?}: stdout {text:?} stderr {err:?}"
     );
     text
 }

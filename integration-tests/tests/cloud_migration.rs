@@ -8,55 +8,22 @@
 //! same process); `neph node drain` moves it off its node to where the
 //! scheduler puts it. Skips with its reason where /dev/kvm is missing.
 
-use std::io::Write as _;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nephele_integration_tests::cloud::{Cloud, items, kill9};
-use nephele_integration_tests::guest::{skip_without_kvm, workspace_binary};
+use nephele_integration_tests::guest::skip_without_kvm;
 
 const UP: Duration = Duration::from_secs(60);
 
-/// Types `line` into the instance's console through `neph instance
-/// console` and returns the first console line starting with `tag`.
+/// Types `line` into the instance's console and returns the first console
+/// line starting with `tag`.
 fn console(cloud: &Cloud, instance: &str, line: &str, tag: &str) -> String {
-    let mut child = Command::new(workspace_binary("neph"))
-        .env_remove("NEPHELE_PROFILE")
-        .args(["--endpoint", &cloud.controllers.members[0].address])
-        .arg("--token-file")
-        .arg(&cloud.token_file)
-        .arg("--ca-file")
-        .arg(cloud.controllers.ca_file())
-        .args(["--project", &cloud.project, "instance", "console", instance])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start neph instance console");
-    let mut stdin = child.stdin.take().expect("stdin");
-    std::thread::sleep(Duration::from_millis(500));
-    stdin
-        .write_all(format!("{line}\n").as_bytes())
-        .expect("type into the console");
-    drop(stdin);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("console output");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (text, err) = cloud.console(instance, line);
     text.lines()
         .map(|l| l.trim_start_matches("neph> ").trim())
         .find(|l| l.starts_with(tag))
         .unwrap_or_else(|| {
-            panic!(
-                "the console did not answer {tag}: stdout {text:?} stderr {:?}",
-                String::from_utf8_lossy(&out.stderr)
-            )
+            panic!("the console did not answer {tag}: stdout {text:?} stderr {err:?}")
         })
         .to_string()
 }
