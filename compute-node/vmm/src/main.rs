@@ -263,6 +263,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    seccomp::prepare_process();
     let vm = match incoming {
         Some((addr, local)) => {
             // The hostile peer's stream is read under the run loop's

@@ -78,6 +78,26 @@ pub fn set_mode(mode: SeccompMode) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Most malloc arenas glibc creates. Set before any filter is installed:
+/// without a limit, glibc computes one the first time a process needs more
+/// than eight arenas (a ninth thread allocating at once, e.g. a migration's
+/// extra memory streams) by reading `/sys/devices/system/cpu/online`, an
+/// `openat` that no thread's filter allows, so the VMM died by SIGSYS
+/// depending on how its threads happened to overlap.
+const MALLOC_ARENA_MAX: libc::c_int = 8;
+
+/// Prepares the process for filters: fixes glibc's arena limit (see
+/// [`MALLOC_ARENA_MAX`]) so the allocator never reads a file later. Call
+/// once, before the first [`install`].
+pub fn prepare_process() {
+    // SAFETY: mallopt only sets an allocator parameter; it is called before
+    // the VMM starts its threads, and a refusal (0) leaves glibc's default.
+    let set = unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENA_MAX) };
+    if set == 0 {
+        eprintln!("neph-vmm: warning: cannot limit malloc arenas; a busy VMM may hit its filter");
+    }
+}
+
 /// The mode set by [`set_mode`].
 pub fn mode() -> SeccompMode {
     match MODE.load(Ordering::SeqCst) {
