@@ -442,8 +442,9 @@ enum MigrationCmd {
     /// Live-migrate an instance (projects/P/instances/I or ID in --project).
     Create {
         instance: String,
+        /// The target node; without it the scheduler picks one.
         #[arg(long)]
-        to: String,
+        to: Option<String>,
         /// Downtime budget in milliseconds (default 50).
         #[arg(
             long,
@@ -1603,16 +1604,11 @@ async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
             to,
             max_downtime,
         } => {
-            c.show(
-                mc.create_migration(infra::CreateMigrationRequest {
-                    instance: c.scoped("instances", &instance)?,
-                    target: global_name("nodes", &to),
-                    request_id: String::new(),
-                    max_downtime_ms: max_downtime,
-                }),
-                records::operation,
-            )
-            .await?;
+            let no_wait = Wait {
+                wait: false,
+                timeout: 0,
+            };
+            start_migration(c, &instance, to.as_deref(), max_downtime, &no_wait).await?;
         }
     }
     Ok(())

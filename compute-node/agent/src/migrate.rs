@@ -32,7 +32,9 @@ use tokio::sync::watch;
 use crate::controller::Controllers;
 use crate::host;
 use crate::instance::{self, InstanceName, Layout, PrepareError, VmRecord, VmSpec};
-use crate::supervisor::{StartContext, Vm, cgroup_name, error_chain, failure_with_log};
+use crate::supervisor::{
+    Prepared, StartContext, Vm, cgroup_name, error_chain, failure_with_log, prepare, vm_spec,
+};
 use crate::vmm::{VmmClient, VmmMigration};
 
 /// How long `neph-vmm --incoming` may take to listen.
@@ -99,22 +101,12 @@ pub(crate) async fn receive(
     m: &pb::MigrationAssignment,
 ) -> Result<(Vm, tokio::process::Child), String> {
     let cfg = &ctx.cfg;
-    let instance = a
-        .instance
-        .clone()
-        .ok_or_else(|| PrepareError::Assignment("no instance".into()).to_string())?;
-    let image = a
-        .image
-        .clone()
-        .ok_or_else(|| PrepareError::Assignment("no image record".into()).to_string())?;
-    let res = instance.resources.unwrap_or_default();
-    let layout = Layout::new(&cfg.data_dir, name);
-    layout.check_socket_paths().map_err(|e| e.to_string())?;
-    tokio::fs::create_dir_all(&layout.dir)
-        .await
-        .map_err(|e| PrepareError::Io(layout.dir.clone(), e).to_string())?;
-    let files = instance::image_files(&cfg.image_dir, &instance.image, &image.format)
-        .map_err(|e| e.to_string())?;
+    let Prepared {
+        instance,
+        res,
+        layout,
+        files,
+    } = prepare(ctx, name, a).await?;
     // The source has a disk exactly when the instance has one; the target
     // copies it into a sparse file of the flavor's size (the VMM sizes it
     // to the source's, and refuses an empty one for its pre-built VM).
@@ -128,27 +120,7 @@ pub(crate) async fn receive(
     } else {
         None
     };
-    let tap = match &cfg.bridge {
-        Some(bridge) => {
-            let tap = name.tap();
-            instance::create_tap(&tap, bridge)
-                .await
-                .map_err(|e| e.to_string())?;
-            Some(tap)
-        }
-        None => None,
-    };
-    let spec = VmSpec {
-        image: instance.image.clone(),
-        kernel: files.kernel,
-        initrd: files.initrd,
-        cmdline: files.cmdline,
-        vcpus: res.vcpus.max(1),
-        memory_mib: res.memory_mib,
-        disk,
-        tap,
-        mac: name.mac(),
-    };
+    let spec = vm_spec(cfg, name, &instance, files, disk).await?;
     let ip = node_ip(ctx)?;
     let port = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
         .and_then(|l| l.local_addr())

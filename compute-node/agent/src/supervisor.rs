@@ -993,15 +993,21 @@ pub(crate) struct StartContext {
     pub(crate) shared: Arc<Shared>,
 }
 
-/// Prepares the instance's directory, disk and tap and spawns `neph-vmm`
-/// detached (its own process group, output to `vmm.log`); reports
-/// STARTING, waits until the control socket answers, hands it the lease,
-/// reports RUNNING. Errors are failure reasons for the controllers.
-async fn start_vm(
+/// What an assignment gives a VM about to run here, started or received.
+pub(crate) struct Prepared {
+    pub(crate) instance: nephele_proto::compute::v1::Instance,
+    pub(crate) res: nephele_proto::compute::v1::Resources,
+    pub(crate) layout: Layout,
+    pub(crate) files: instance::ImageFiles,
+}
+
+/// Checks the assignment, makes the instance's directory and finds its
+/// image files. Errors are failure reasons for the controllers.
+pub(crate) async fn prepare(
     ctx: &StartContext,
     name: &InstanceName,
     a: &pb::Assignment,
-) -> Result<(Vm, tokio::process::Child), String> {
+) -> Result<Prepared, String> {
     let cfg = &ctx.cfg;
     let instance = a
         .instance
@@ -1019,15 +1025,24 @@ async fn start_vm(
         .map_err(|e| PrepareError::Io(layout.dir.clone(), e).to_string())?;
     let files = instance::image_files(&cfg.image_dir, &instance.image, &image.format)
         .map_err(|e| e.to_string())?;
-    let disk_path = layout.disk();
-    let seed = files.disk.clone();
-    let disk_gib = res.disk_gib;
-    let disk = tokio::task::spawn_blocking(move || {
-        instance::prepare_disk(&disk_path, disk_gib, seed.as_deref())
+    Ok(Prepared {
+        instance,
+        res,
+        layout,
+        files,
     })
-    .await
-    .map_err(|e| format!("disk preparation stopped: {e}"))?
-    .map_err(|e| error_chain(&e))?;
+}
+
+/// Creates the instance's tap (when the node has a bridge) and says what
+/// `neph-vmm` runs: `files` and `disk` from [`prepare`].
+pub(crate) async fn vm_spec(
+    cfg: &AgentConfig,
+    name: &InstanceName,
+    instance: &nephele_proto::compute::v1::Instance,
+    files: instance::ImageFiles,
+    disk: Option<PathBuf>,
+) -> Result<VmSpec, String> {
+    let res = instance.resources.unwrap_or_default();
     let tap = match &cfg.bridge {
         Some(bridge) => {
             let tap = name.tap();
@@ -1049,6 +1064,35 @@ async fn start_vm(
         tap,
         mac: name.mac(),
     };
+    Ok(spec)
+}
+
+/// Prepares the instance's directory, disk and tap and spawns `neph-vmm`
+/// detached (its own process group, output to `vmm.log`); reports
+/// STARTING, waits until the control socket answers, hands it the lease,
+/// reports RUNNING. Errors are failure reasons for the controllers.
+async fn start_vm(
+    ctx: &StartContext,
+    name: &InstanceName,
+    a: &pb::Assignment,
+) -> Result<(Vm, tokio::process::Child), String> {
+    let cfg = &ctx.cfg;
+    let Prepared {
+        instance,
+        res,
+        layout,
+        files,
+    } = prepare(ctx, name, a).await?;
+    let disk_path = layout.disk();
+    let seed = files.disk.clone();
+    let disk_gib = res.disk_gib;
+    let disk = tokio::task::spawn_blocking(move || {
+        instance::prepare_disk(&disk_path, disk_gib, seed.as_deref())
+    })
+    .await
+    .map_err(|e| format!("disk preparation stopped: {e}"))?
+    .map_err(|e| error_chain(&e))?;
+    let spec = vm_spec(cfg, name, &instance, files, disk).await?;
     if instance.state != InstanceState::Starting as i32
         && let Err(s) = report(
             &ctx.ctl,

@@ -31,12 +31,7 @@ fn pick_target(s: &State, instance: &str) -> Result<String, ApiError> {
             i.state
         ))
     })?;
-    let snap = crate::reconcile::snapshot(s);
-    let mut scheduler =
-        nephele_scheduler::Scheduler::new(&snap).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let plan = scheduler
-        .plan_drain(&node, &nephele_scheduler::DrainParams::default())
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let plan = drain_plan(s, &node)?;
     if let Some(m) = plan.moves.iter().find(|m| m.instance == instance) {
         return Ok(m.to.clone());
     }
@@ -49,6 +44,16 @@ fn pick_target(s: &State, instance: &str) -> Result<String, ApiError> {
     Err(ApiError::FailedPrecondition(format!(
         "{instance} is already migrating away from {node}"
     )))
+}
+
+/// The drain planner's plan for `node` over the whole cluster.
+fn drain_plan(s: &State, node: &str) -> Result<nephele_scheduler::DrainPlan, ApiError> {
+    let snap = crate::reconcile::snapshot(s);
+    let mut scheduler =
+        nephele_scheduler::Scheduler::new(&snap).map_err(|e| ApiError::Internal(e.to_string()))?;
+    scheduler
+        .plan_drain(node, &nephele_scheduler::DrainParams::default())
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 const NODES: &str = "/nephele.infra.v1.Nodes/";
@@ -225,16 +230,7 @@ impl<S: StateStore> Api<S> {
         node: String,
     ) -> Result<(), ApiError> {
         let n = node.clone();
-        let plan = self
-            .read_try(move |s| {
-                let snap = crate::reconcile::snapshot(s);
-                let mut scheduler = nephele_scheduler::Scheduler::new(&snap)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
-                scheduler
-                    .plan_drain(&n, &nephele_scheduler::DrainParams::default())
-                    .map_err(|e| ApiError::Internal(e.to_string()))
-            })
-            .await?;
+        let plan = self.read_try(move |s| drain_plan(s, &n)).await?;
         for m in plan.moves {
             let command = Command::CreateMigration {
                 migration_id: derived_id("mig", None, &m.instance)?,

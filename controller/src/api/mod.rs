@@ -395,15 +395,8 @@ impl<S: StateStore> Api<S> {
         request_id: Option<String>,
         command: Command,
     ) -> Result<Response, ApiError> {
-        let envelope = Envelope {
-            time: now_ms(),
-            actor: actor.to_owned(),
-            request_id,
-            fence_term: None,
-            command,
-            origin: None,
-        };
-        outcome(self.store().propose(envelope).await)
+        self.submit(actor.to_owned(), request_id, command, None)
+            .await
     }
 
     /// Proposes `command` on behalf of an authorized person: it goes into
@@ -414,13 +407,29 @@ impl<S: StateStore> Api<S> {
         request_id: Option<String>,
         command: Command,
     ) -> Result<Response, ApiError> {
+        self.submit(
+            caller.user.clone(),
+            request_id,
+            command,
+            caller.origin.clone(),
+        )
+        .await
+    }
+
+    async fn submit(
+        &self,
+        actor: String,
+        request_id: Option<String>,
+        command: Command,
+        origin: Option<nephele_state::Origin>,
+    ) -> Result<Response, ApiError> {
         let envelope = Envelope {
             time: now_ms(),
-            actor: caller.user.clone(),
+            actor,
             request_id,
             fence_term: None,
             command,
-            origin: caller.origin.clone(),
+            origin,
         };
         outcome(self.store().propose(envelope).await)
     }
@@ -503,15 +512,8 @@ impl<S: StateStore> Api<S> {
             Target::Cluster => String::new(),
             Target::Project(p) | Target::User(p) => p.to_owned(),
         };
-        let envelope = Envelope {
-            time: now_ms(),
-            actor,
-            request_id: None,
-            fence_term: None,
-            command: Command::RecordDenial { resource, reason },
-            origin: Some(origin),
-        };
-        if let Err(e) = outcome(self.store().propose(envelope).await) {
+        let command = Command::RecordDenial { resource, reason };
+        if let Err(e) = self.submit(actor, None, command, Some(origin)).await {
             tracing::debug!(error = %e, "refused call not audited");
         }
     }

@@ -96,13 +96,13 @@ pub async fn rebalance_pass<S: StateStore>(
         recently_moved: memory.moved.iter().map(|(i, _)| i.clone()).collect(),
         ..Default::default()
     };
-    let plan = store
+    let (revision, plan) = store
         .read(move |s| {
             let mut snap = snapshot(s);
             for i in &mut snap.instances {
                 i.measured_cpu = loads.get(&i.id).copied().unwrap_or(0.0);
             }
-            sched::Scheduler::new(&snap).map(|mut sch| sch.plan_rebalance(&params))
+            sched::Scheduler::new(&snap).map(|mut sch| (s.applied, sch.plan_rebalance(&params)))
         })
         .await??;
     let plan = match plan {
@@ -133,7 +133,8 @@ pub async fn rebalance_pass<S: StateStore>(
             plan.imbalance_after,
             m.reason
         );
-        let digest = Sha256::digest(format!("{term}/{}/{}", m.instance, now_key(now)));
+        // The revision planned on makes the id unique per pass.
+        let digest = Sha256::digest(format!("{term}/{revision}/{}", m.instance));
         let id: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
         let command = Command::CreateMigration {
             migration_id: format!("mig-rb-{id}"),
@@ -154,13 +155,4 @@ pub async fn rebalance_pass<S: StateStore>(
     memory.above_since = None;
     memory.last_moves = Some(now);
     Ok(config.cooldown)
-}
-
-/// A value that differs between passes (for migration ids).
-fn now_key(now: Instant) -> u128 {
-    // Instants are opaque; their distance from a fixed process-wide base
-    // is not.
-    static BASE: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    now.saturating_duration_since(*BASE.get_or_init(Instant::now))
-        .as_nanos()
 }

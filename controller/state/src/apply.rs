@@ -131,13 +131,6 @@ pub fn apply(state: &mut State, env: &Envelope, term: u64) -> Result<Response, A
 /// [`MAX_TEXT_LEN`] (an envelope is made by a controller, but its texts
 /// come partly from callers).
 fn audit(state: &mut State, env: &Envelope, origin: &crate::command::Origin, result: String) {
-    let cut = |t: &str| -> String {
-        let mut end = t.len().min(MAX_TEXT_LEN);
-        while !t.is_char_boundary(end) {
-            end -= 1;
-        }
-        t[..end].to_owned()
-    };
     state.next_audit_seq += 1;
     state.audit.push_back(AuditRecord {
         seq: state.next_audit_seq,
@@ -214,18 +207,18 @@ fn record_refusal(state: &mut State, env: &Envelope, error: &ApplyError) {
     if !env.actor.starts_with("users/") || env.actor.len() > MAX_TEXT_LEN {
         return;
     }
-    let mut resource = env.command.target();
-    let mut message = error.to_string();
-    for text in [&mut resource, &mut message] {
-        if text.len() > MAX_TEXT_LEN {
-            let mut end = MAX_TEXT_LEN;
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            text.truncate(end);
-        }
-    }
+    let resource = cut(&env.command.target());
+    let message = cut(&error.to_string());
     event(state, &env.actor, &resource, "request.refused", message);
+}
+
+/// `text`, cut to at most [`MAX_TEXT_LEN`] bytes on a character boundary.
+fn cut(text: &str) -> String {
+    let mut end = text.len().min(MAX_TEXT_LEN);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 fn expire_requests(state: &mut State) {
