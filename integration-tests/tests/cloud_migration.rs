@@ -36,6 +36,34 @@ fn field(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
+/// Waits (polling every 2 ms) for a VMM of node `i` to have read more than
+/// 4 MiB (the incoming stream), stops it with SIGSTOP and returns its pid.
+fn freeze_once_receiving(cloud: &Cloud, i: usize) -> u32 {
+    let deadline = Instant::now() + UP;
+    while Instant::now() < deadline {
+        for pid in cloud.vm_pids(i) {
+            let read = std::fs::read_to_string(format!("/proc/{pid}/io"))
+                .ok()
+                .and_then(|io| {
+                    io.lines()
+                        .find_map(|l| l.strip_prefix("rchar: "))
+                        .and_then(|n| n.trim().parse::<u64>().ok())
+                })
+                .unwrap_or(0);
+            if read > 4 << 20 {
+                let stopped = std::process::Command::new("kill")
+                    .args(["-STOP", &pid.to_string()])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(stopped, "cannot stop the target VMM {pid}");
+                return pid;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!("no VMM on node {i} received a migration stream within {UP:?}");
+}
+
 fn node_index(cloud: &Cloud, id: &str) -> usize {
     cloud
         .nodes
@@ -127,20 +155,25 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
             &dst,
         ])
         .expect("start a migration");
-    let victim = cloud
-        .wait_for("the incoming VMM on the target", UP, |c| {
+    // The copy is fast here (a 128 MiB guest, about 1 GB/s on loopback),
+    // so the target is frozen (SIGSTOP) as soon as it has read the first
+    // megabytes of the stream: the source then stalls mid-copy, and the
+    // kill below surely lands during the copy, not after a switchover.
+    let victim = freeze_once_receiving(&cloud, di);
+    let copying = cloud
+        .wait_for("the source reporting the copy", UP, |c| {
             let ms = migrations(c, "mig-1");
-            // Copying: the source has reported bytes sent.
-            let running = ms.first().is_some_and(|m| {
-                m["state"] == "RUNNING" && m["bytes_copied"].as_u64().unwrap_or(0) > 0
-            });
-            let pids = c.vm_pids(di);
-            Ok(match (running, pids.first()) {
-                (true, Some(p)) => Ok(*p),
-                _ => Err(format!("{ms:?} target pids {pids:?}")),
+            Ok(match ms.first() {
+                Some(m)
+                    if m["state"] == "RUNNING" && m["bytes_copied"].as_u64().unwrap_or(0) > 0 =>
+                {
+                    Ok(m.clone())
+                }
+                other => Err(format!("{other:?}")),
             })
         })
-        .expect("the target listens");
+        .expect("the migration is copying");
+    eprintln!("killing the target VMM mid-copy: {copying}");
     kill9(victim);
     let failed = wait_migration(&cloud, "mig-1", &[], "FAILED");
     let older = vec![failed["name"].as_str().unwrap_or_default().to_string()];
@@ -174,6 +207,9 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
 
     // 2. A migration that completes: the same boot runs on the other node.
     let before = console(&cloud, "mig-1", "uptime", "UPTIME");
+    // A fresh ticker: its largest gap from here on is the downtime the
+    // guest sees across this migration.
+    assert!(console(&cloud, "mig-1", "ticker start", "TICKER").contains("started"));
     let ticks_before = field(
         &console(&cloud, "mig-1", "ticker report", "TICKER"),
         "ticks",
@@ -228,7 +264,28 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
         field(&t, "ticks") > ticks_before,
         "the ticker's count continues: {ticks_before} then {t}"
     );
-    eprintln!("after migration: {after}; {t}");
+    eprintln!(
+        "after migration: {after}; {t}; downtime seen by the guest (ticker gap) {} us",
+        field(&t, "max_gap_us")
+    );
+    // The source's VMM measured its downtime after the switchover, and the
+    // migration resource carries it.
+    let name = done["name"].as_str().unwrap_or_default().to_string();
+    let reported = cloud
+        .wait_for("the migration's downtime reported", UP, |c| {
+            let m = migrations(c, "mig-1")
+                .into_iter()
+                .find(|m| m["name"] == name.as_str());
+            Ok(match m {
+                Some(m) if m["downtime_us"].as_u64().unwrap_or(0) > 0 => Ok(m),
+                other => Err(format!("{other:?}")),
+            })
+        })
+        .expect("downtime reported");
+    eprintln!(
+        "source-side downtime {} us, {} bytes",
+        reported["downtime_us"], reported["bytes_copied"]
+    );
     // The console keeps working on the target (echo round trip).
     assert!(console(&cloud, "mig-1", "echo still-here", "ECHO").contains("still-here"));
 

@@ -463,6 +463,9 @@ pub(crate) async fn send(
     match outcome {
         Some(st) if st.state == "completed" => {
             tracing::info!(%migration, downtime_us = st.downtime_us.unwrap_or(0), bytes = st.bytes_sent, "migrated");
+            // The downtime is known only now: the migration resource gets
+            // the VMM's last figures (best effort, off the VM's path).
+            tokio::spawn(end(false, false, String::new(), Some(progress(&st))));
             true
         }
         // The switchover is decided: the VM stops here whatever the VMM

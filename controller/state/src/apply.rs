@@ -1328,6 +1328,19 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 .migrations
                 .get_mut(migration)
                 .ok_or_else(|| not_found(migration))?;
+            // The source's last word after the switchover: the figures the
+            // VMM measured once the VM ran on the target (the downtime is
+            // only known then). Nothing else of a finished migration moves.
+            if m.state == MigrationState::Completed
+                && *node == m.source
+                && target_address.is_empty()
+                && let Some(p) = progress
+            {
+                m.progress = *p;
+                m.bytes_copied = m.bytes_copied.max(p.bytes_sent);
+                m.update_time = now;
+                return Ok(Response::Migration(m.clone()));
+            }
             if m.state.is_final() {
                 return Err(precondition(
                     migration,
@@ -2129,6 +2142,24 @@ mod tests {
         // Final: no second switchover, no more progress.
         assert!(run(&mut s, switch("migrations/m1", "nodes/n1")).is_err());
         assert!(run(&mut s, addr("nodes/n2", "10.0.0.2:7001")).is_err());
+        // ...except the source's figures measured after the switchover.
+        let last = |node: &str| Command::UpdateMigration {
+            migration: "migrations/m1".into(),
+            node: node.into(),
+            target_address: String::new(),
+            progress: Some(MigrationProgress {
+                round: 4,
+                bytes_sent: 1200,
+                downtime_us: 4200,
+                ..MigrationProgress::default()
+            }),
+        };
+        assert!(run(&mut s, last("nodes/n2")).is_err(), "only the source");
+        run(&mut s, last("nodes/n1")).unwrap();
+        let m = &s.migrations["migrations/m1"];
+        assert_eq!(m.state, MigrationState::Completed);
+        assert_eq!((m.progress.downtime_us, m.bytes_copied), (4200, 1200));
+        assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n2"));
 
         // Back to n1, cancelled: the switchover is refused afterwards.
         run(
