@@ -5,19 +5,21 @@
 //! continues, disk data written before and during the migration verifies on
 //! the target, every page matches at switchover (verify mode), a guest that
 //! dirties as fast as it can converges, A→B→C after a cancelled attempt
-//! loses no page (the last move in protocol version 1, which targets still
+//! loses no page (the last move in protocol version 2, which targets still
 //! read), cancel and kill -9 of the target leave the VM running on the
 //! source, hostile streams (bad headers and frames, and bad memory after a
 //! valid configuration) are refused while the target keeps listening, and a
-//! hostile target leaves the source's VM running. Memory also goes over
+//! hostile target leaves the source's VM running, and a target lost right
+//! after the commit leaves the source in doubt, its VM paused, until
+//! `migrate_resolve` says where the VM runs. Memory also goes over
 //! three streams in the max-rate test, where the guest reads back its own
 //! code after the move.
 //!
 //! Each test needs root and `/dev/kvm`; without them it prints why and
 //! returns. Processes go away on drop, also on failure.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::{BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -58,6 +60,18 @@ fn source(sock: &Path, args: &[&str]) -> GuestVm {
     vm.command("ticker start", "TICKER OK", CMD)
         .expect("ticker start");
     vm
+}
+
+/// The target's switchover steps a source reports, by name.
+fn steps(m: &serde_json::Value) -> Vec<String> {
+    m["target_switchover"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn assert_exits_migrated(vm: &mut GuestVm) {
@@ -223,29 +237,35 @@ fn a_cancelled_attempt_then_two_moves_lose_no_page() {
     assert_eq!(out.state, "cancelled", "{}", out.last);
     assert_still_runs(&mut src, &a);
 
-    // B dropped the abandoned stream and still listens: A→B, verified.
+    // B dropped the abandoned stream and still listens: A→B, verified, in
+    // version 3: the target ran the VM before it acknowledged.
     let out = migrate(&a, &to_b, r#""verify":true"#, MIGRATION).expect("A to B");
     assert_eq!(out.state, "completed", "{}", out.last);
+    assert!(
+        steps(&out.last).contains(&"resume".to_owned()),
+        "a version 3 target resumes before its Loaded: {}",
+        out.last
+    );
     assert_exits_migrated(&mut src);
     vm_b.command("echo on-b", "ECHO on-b", CMD)
         .expect("runs on B");
 
-    // B→C, verified, in protocol version 1 (what an older target speaks):
+    // B→C, verified, in protocol version 2 (what an older target speaks):
     // the target still reads it.
     let mut vm_c = start_target(pc, &[]).expect("target C");
     let out = migrate(
         &b,
         &format!("127.0.0.1:{pc}"),
-        r#""verify":true,"protocol":1"#,
+        r#""verify":true,"protocol":2"#,
         MIGRATION,
     )
     .expect("B to C");
     assert_eq!(out.state, "completed", "{}", out.last);
+    // Version 2's target reports its steps before the commit: its resume
+    // comes after, so it is not among them (version 3's is).
     assert!(
-        out.last["target_switchover"]
-            .as_array()
-            .is_some_and(Vec::is_empty),
-        "a version 1 Loaded carries no report: {}",
+        !steps(&out.last).is_empty() && !steps(&out.last).contains(&"resume".to_owned()),
+        "a version 2 target reports its steps up to the commit: {}",
         out.last
     );
     assert_exits_migrated(&mut vm_b);
@@ -326,15 +346,19 @@ fn pages_frame(gpa: u64) -> Vec<u8> {
     f
 }
 
-/// Speaks version 1 up to `Ready`, then sends `frames` and returns the
-/// error frame the target answers with, if any.
+/// Speaks the current version up to `Ready`, then sends `frames` and
+/// returns the error frame the target answers with, if any.
 fn hostile_after_config(port: u16, frames: &[u8]) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    s.write_all(&[header(1), config_frame()].concat()).ok()?;
+    s.write_all(&[header(3), config_frame()].concat()).ok()?;
     let mut ready = [0u8; 5];
     s.read_exact(&mut ready).ok()?;
-    assert_eq!(ready, [0x81, 0, 0, 0, 0], "a version 1 Ready is empty");
+    assert_eq!(ready[0], 0x81, "the target answers Ready");
+    let len = u32::from_le_bytes([ready[1], ready[2], ready[3], ready[4]]);
+    assert!(len < 64, "a Ready payload is small: {len}");
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).ok()?;
     s.write_all(frames).ok()?;
     let _ = s.shutdown(std::net::Shutdown::Write);
     let mut reply = Vec::new();
@@ -367,29 +391,30 @@ fn hostile_streams_are_refused_and_the_target_keeps_listening() {
             "magic",
         ),
         ("unknown version", header(99), "version 99"),
+        ("a version two releases back", header(1), "version 1"),
         (
             "unknown frame kind",
-            [header(1), vec![0x42, 0, 0, 0, 0]].concat(),
+            [header(3), vec![0x42, 0, 0, 0, 0]].concat(),
             "kind",
         ),
         (
             "oversized frame",
-            [header(1), vec![1, 0xff, 0xff, 0xff, 0x7f]].concat(),
+            [header(3), vec![1, 0xff, 0xff, 0xff, 0x7f]].concat(),
             "limit",
         ),
         (
             "garbage configuration",
-            [header(1), vec![1, 4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]].concat(),
+            [header(3), vec![1, 4, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]].concat(),
             "malformed",
         ),
         (
             "memory before configuration",
-            [header(1), vec![2, 0, 0, 0, 0]].concat(),
+            [header(3), vec![2, 0, 0, 0, 0]].concat(),
             "Config",
         ),
         (
             "truncated frame",
-            [header(1), vec![1, 100, 0, 0, 0, 1, 2, 3]].concat(),
+            [header(3), vec![1, 100, 0, 0, 0, 1, 2, 3]].concat(),
             "connection",
         ),
         (
@@ -506,4 +531,120 @@ fn a_hostile_target_cannot_hurt_the_source() {
         .command("dirty status", "DIRTY OK", CMD)
         .expect("dirty status");
     assert!(st.contains("running=1"), "{st}");
+}
+
+/// A fake target that takes a whole migration and drops the connection on
+/// `Complete`, without `Loaded`: as if it died right after the commit.
+fn target_lost_at_commit() -> (u16, std::thread::JoinHandle<()>) {
+    use neph_vmm::migration::protocol::{self, Kind, ReadyInfo};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let fake = std::thread::spawn(move || {
+        let (s, _) = listener.accept().expect("accept");
+        let mut r = BufReader::new(s.try_clone().expect("clone"));
+        let mut w = s;
+        protocol::read_header(&mut r).expect("header");
+        let mut buf = Vec::new();
+        let first = protocol::read_frame(&mut r, &mut buf).expect("config");
+        assert_eq!(first, Kind::Config);
+        let ready = ReadyInfo {
+            session: 1,
+            max_streams: 1,
+        };
+        protocol::write_value(&mut w, Kind::Ready, &ready).expect("ready");
+        loop {
+            match protocol::read_frame(&mut r, &mut buf) {
+                Ok(Kind::Sync) => protocol::write_frame(&mut w, Kind::Synced, b"").expect("synced"),
+                Ok(Kind::Complete) => return,
+                Ok(_) => {}
+                Err(e) => panic!("the stream failed before Complete: {e}"),
+            }
+        }
+    });
+    (port, fake)
+}
+
+/// Polls `migrate_status` until its state is `want`; panics on an end.
+fn wait_state(sock: &Path, want: &str) -> serde_json::Value {
+    let deadline = Instant::now() + MIGRATION;
+    loop {
+        let v = control(sock, r#"{"cmd":"migrate_status"}"#).expect("migrate_status");
+        let m = v["migration"].clone();
+        let state = m["state"].as_str().unwrap_or_default().to_owned();
+        if state == want {
+            return m;
+        }
+        assert!(
+            !matches!(state.as_str(), "completed" | "failed" | "cancelled"),
+            "wanted {want}, the migration ended: {m}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no {want} within {MIGRATION:?}: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_target_lost_after_the_commit_leaves_the_source_in_doubt_until_told() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.sock");
+    let mut src = source(&a, &[]);
+
+    // 1. Told that the target never ran it: the VM resumes here.
+    let (port, fake) = target_lost_at_commit();
+    let r = control(
+        &a,
+        &format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}"}}"#),
+    )
+    .expect("migrate");
+    assert_eq!(r["ok"], true, "{r}");
+    let m = wait_state(&a, "in_doubt");
+    fake.join().expect("fake target");
+    assert_eq!(m["decided"], true, "{m}");
+    // Held: paused, not cancellable, the guest does not answer.
+    let st = control(&a, r#"{"cmd":"status"}"#).expect("status");
+    assert_eq!(st["status"]["state"], "paused", "{st}");
+    let c = control(&a, r#"{"cmd":"migrate_cancel"}"#).expect("cancel");
+    assert_eq!(c["error"]["code"], "INVALID_STATE", "{c}");
+    assert!(
+        src.command("echo held", "ECHO held", Duration::from_secs(1))
+            .is_err(),
+        "the guest ran while its migration was in doubt"
+    );
+    let r = control(&a, r#"{"cmd":"migrate_resolve","moved":false}"#).expect("resolve");
+    assert_eq!(r["ok"], true, "{r}");
+    let out = wait_outcome(&a, MIGRATION).expect("outcome");
+    assert_eq!(out.state, "failed", "{}", out.last);
+    assert!(
+        out.last["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("resolved"),
+        "{}",
+        out.last
+    );
+    assert_still_runs(&mut src, &a);
+    // Nothing is in doubt now: a resolve is refused and changes nothing.
+    let r = control(&a, r#"{"cmd":"migrate_resolve","moved":true}"#).expect("resolve");
+    assert_eq!(r["error"]["code"], "INVALID_STATE", "{r}");
+    assert_still_runs(&mut src, &a);
+
+    // 2. Told that the target runs it: this copy stops for good.
+    let (port, fake) = target_lost_at_commit();
+    let r = control(
+        &a,
+        &format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}"}}"#),
+    )
+    .expect("migrate");
+    assert_eq!(r["ok"], true, "{r}");
+    wait_state(&a, "in_doubt");
+    fake.join().expect("fake target");
+    let r = control(&a, r#"{"cmd":"migrate_resolve","moved":true}"#).expect("resolve");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_exits_migrated(&mut src);
 }

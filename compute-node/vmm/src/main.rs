@@ -66,6 +66,12 @@ struct Args {
     /// if the source's differs), so give the source's values.
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["kernel", "initrd", "probe"])]
     incoming: Option<String>,
+    /// With --incoming: write this file just before the migrated VM first
+    /// runs here. Whoever stops this process (SIGSTOP) and finds no such
+    /// file knows the VM never ran here (how a node agent settles a
+    /// migration whose source is in doubt).
+    #[arg(long, value_name = "PATH", requires = "incoming")]
+    arrival_file: Option<PathBuf>,
     /// Print what this host's KVM supports and exit.
     #[arg(long)]
     probe: bool,
@@ -168,6 +174,9 @@ fn incoming_from(args: &Args) -> anyhow::Result<IncomingConfig> {
             socket: args.console_socket.clone(),
         },
         api_socket: args.api_socket.clone(),
+        arrival_file: args.arrival_file.clone(),
+        stall_at_commit: std::env::var_os("NEPH_VMM_TEST_STALL_AT_COMMIT")
+            .is_some_and(|v| v == "1"),
     })
 }
 

@@ -711,12 +711,36 @@ impl Vm {
             }
             Request::MigrateCancel => {
                 return match &self.migration {
+                    Some(m)
+                        if self.migration_running()
+                            && m.decided.load(std::sync::atomic::Ordering::SeqCst) =>
+                    {
+                        (
+                            Response::error(
+                                "INVALID_STATE",
+                                "the switchover is decided; the migration can no longer be cancelled",
+                            ),
+                            None,
+                        )
+                    }
                     Some(m) if self.migration_running() => {
                         m.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
                         (Response::ok(), None)
                     }
                     _ => (
                         Response::error("INVALID_STATE", "no migration is running"),
+                        None,
+                    ),
+                };
+            }
+            Request::MigrateResolve { moved } => {
+                return match &self.migration {
+                    Some(m) => match m.resolve(moved) {
+                        Ok(()) => (Response::ok(), None),
+                        Err(e) => (Response::error("INVALID_STATE", e.to_string()), None),
+                    },
+                    None => (
+                        Response::error("INVALID_STATE", "no migration has been started"),
                         None,
                     ),
                 };
@@ -789,6 +813,7 @@ impl Vm {
             Request::Migrate { .. }
             | Request::MigrateStatus
             | Request::MigrateCancel
+            | Request::MigrateResolve { .. }
             | Request::Lease { .. } => (Response::error("BAD_REQUEST", "not a VM request"), None),
         }
     }
@@ -836,7 +861,7 @@ impl Vm {
         Status {
             state: if self.shutdown_deadline.is_some() {
                 RunState::ShuttingDown
-            } else if self.paused {
+            } else if self.paused || self.paused_for_switchover() {
                 RunState::Paused
             } else {
                 RunState::Running
@@ -849,6 +874,16 @@ impl Vm {
             fenced: self.fenced,
             lease_until_ms: self.lease.map(|l| l.until_ms),
         }
+    }
+
+    /// Paused by a migration's stop-and-copy (or held there in doubt).
+    fn paused_for_switchover(&self) -> bool {
+        use crate::migration::MigrationState as M;
+        self.migration_running()
+            && self
+                .migration
+                .as_ref()
+                .is_some_and(|m| matches!(m.snapshot().state, M::StopAndCopy | M::InDoubt))
     }
 
     fn lease_valid(&self) -> bool {

@@ -23,9 +23,10 @@
 //! | `shutdown` | asks the guest to power off (power button: I/O port 0x602 reads 1, see `devices::legacy`); stops it after `timeout_ms` (default 10000); refused while fenced | `ok` at once; the process exits 0 when the guest powers off or the timeout ends it |
 //! | `stop` | stops the VM now; the process exits 0 | `ok` |
 //! | `metrics` | none | `metrics`: `vcpus` (`id`, `tid`, `user_ms`, `system_ms`), `rss_bytes`, `guest_memory_bytes`, `console_bytes`, `disks` and `nets` (device counters) |
-//! | `migrate` | starts a live migration to `to` (`HOST:PORT` of a `neph-vmm --incoming`); optional `max_downtime_ms` (default 50), `timeout_ms` (default 120000), `verify` (test mode: memory checksum compared by the target), `streams` (memory TCP streams, 1 to 8, default 1), `protocol` (wire version, default the newest; 1 for an older target) | `ok` and `migration` at once; on success the process exits 0 after printing `migrated` on stderr |
-//! | `migrate_status` | none | `migration`: `state` (`setup`, `precopy`, `stop_and_copy`, `completed`, `failed`, `cancelled`), `to`, `round`, `bytes_sent`, `bytes_remaining`, `dirty_rate_bps`, `throughput_bps`, `expected_downtime_ms`, `throttle_percent`, `elapsed_ms`, `downtime_ms`, `downtime_us`, `error`, `side` (`source`; a target that received its VM answers with `target`), `switchover` (each stop-and-copy step, `{name, us}`, in order), `target_switchover` (the target's steps up to its acknowledgement), `streams` |
-//! | `migrate_cancel` | stops the running migration before its switchover; the VM runs on here | `ok` |
+//! | `migrate` | starts a live migration to `to` (`HOST:PORT` of a `neph-vmm --incoming`); optional `max_downtime_ms` (default 50), `timeout_ms` (default 120000), `verify` (test mode: memory checksum compared by the target), `streams` (memory TCP streams, 1 to 8, default 1), `protocol` (wire version, default the newest; 2 for an older target), `gate` (a unix socket asked before the switchover, see `migration::SocketGate`) | `ok` and `migration` at once; on success the process exits 0 after printing `migrated` on stderr |
+//! | `migrate_status` | none | `migration`: `state` (`setup`, `precopy`, `stop_and_copy`, `in_doubt`, `completed`, `failed`, `cancelled`), `to`, `round`, `bytes_sent`, `bytes_remaining`, `dirty_rate_bps`, `throughput_bps`, `expected_downtime_ms`, `throttle_percent`, `elapsed_ms`, `downtime_ms`, `downtime_us`, `error`, `side` (`source`; a target that received its VM answers with `target`), `switchover` (each stop-and-copy step, `{name, us}`, in order), `target_switchover` (the target's steps up to its acknowledgement), `streams`, `decided` (the gate said yes) |
+//! | `migrate_cancel` | stops the running migration before the gate's yes; the VM runs on here; refused (`INVALID_STATE`) once the switchover is decided | `ok` |
+//! | `migrate_resolve` | only `in_doubt` (the commit went out, no acknowledgement came back): `moved` true, the target runs the VM and this process exits as migrated; false, the target never will and the VM resumes here. The caller must know (the node agent asks the controllers) | `ok` |
 //! | `seccomp_probe` | tests only, refused (`FAILED_PRECONDITION`) unless started with `--seccomp-probe`: `thread` (`vmm` or `vcpu`) makes a system call its filter forbids; under `--seccomp enforce` the process exits 159 | none under enforce; `FAILED` naming the mode otherwise |
 //!
 //! Errors are `{"ok":false,"error":{"code":CODE,"message":TEXT}}` with
@@ -92,7 +93,7 @@ pub enum Request {
         /// Memory streams, 1 to 8 (default 1).
         #[serde(default)]
         streams: Option<u8>,
-        /// Wire protocol version to speak (default the newest; 1 for an
+        /// Wire protocol version to speak (default the newest; 2 for an
         /// older target).
         #[serde(default)]
         protocol: Option<u32>,
@@ -103,8 +104,13 @@ pub enum Request {
     },
     /// Progress of the current or last migration.
     MigrateStatus,
-    /// Cancel the running migration (before its switchover).
+    /// Cancel the running migration (before its switchover is decided).
     MigrateCancel,
+    /// Settle an in-doubt migration: where the VM runs.
+    MigrateResolve {
+        /// True: the target runs it; false: it never will.
+        moved: bool,
+    },
     /// Test probe: make a system call the `thread`'s seccomp filter
     /// forbids, so enforce mode kills the VMM. Refused unless the VMM was
     /// started with `--seccomp-probe` (it can do nothing a `stop` cannot).

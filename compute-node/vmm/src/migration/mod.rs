@@ -8,14 +8,17 @@
 //! - [`dirty`]: which pages and disk chunks are still to send;
 //! - [`state`]: vCPU, VM and device state as plain serde data.
 //!
-//! Exactly one running copy: the source keeps the VM until the target has
-//! loaded the complete state and acknowledged it, then asks its
-//! [`SwitchoverGate`] (the controllers' Raft log through the node agent:
-//! [`SocketGate`], named by the `migrate` request's `gate`; [`AlwaysSwitch`]
-//! without one) before it sends the final commit and stops. Until the gate
-//! says yes, any failure resumes the VM on the source; once it said yes the
-//! source never resumes (a commit frame that cannot be sent stops the VM
-//! here: the switchover is decided, the target is the one copy).
+//! Exactly one running copy: the source asks its [`SwitchoverGate`] (the
+//! controllers' Raft log through the node agent: [`SocketGate`], named by
+//! the `migrate` request's `gate`; [`AlwaysSwitch`] without one) once
+//! pre-copy has nearly converged, while the guest still runs; only after
+//! its yes does it pause the VM and send the last pages, the state and
+//! `Complete`, on which the target runs the VM. Any failure before
+//! `Complete` went out resumes the VM on the source (the target never runs
+//! it without `Complete`); a failure after it leaves the source in doubt,
+//! the VM paused, until `migrate_resolve` tells it where the VM runs (the
+//! target writes its `--arrival-file` before it wakes the vCPUs, so its
+//! agent can tell, see `compute-node/agent/src/migrate.rs`).
 //!
 //! # Where the downtime goes
 //!
@@ -169,6 +172,9 @@ pub enum MigrationState {
     Precopy,
     /// The VM is paused, the last pages and the state are going.
     StopAndCopy,
+    /// The commit went out but the target's acknowledgement did not come
+    /// back: the VM stays paused here until `migrate_resolve`.
+    InDoubt,
     /// The target runs the VM; this process exits.
     Completed,
     /// Failed (or timed out); the VM runs here again.
@@ -224,6 +230,10 @@ pub struct MigrationStatus {
     /// Memory streams in use.
     #[serde(default)]
     pub streams: u8,
+    /// The gate said yes: the switchover is decided and can no longer be
+    /// cancelled.
+    #[serde(default)]
+    pub decided: bool,
 }
 
 /// Which end a [`MigrationStatus`] describes.

@@ -12,8 +12,8 @@
 //!                                                   pre-built VM if it fits (or
 //!                                                   builds one), starts its
 //!                                                   threads parked, zeroes disks
-//!                                        ◄──────── Ready {session, max_streams} (v2)
-//!   [v2, streams > 1: Streams {count} ──────────►  accepts count - 1 more
+//!                                        ◄──────── Ready {session, max_streams}
+//!   [streams > 1: Streams {count} ──────────────►  accepts count - 1 more
 //!    connect, Header, Join {session, i} ═════════►  connections, one reader
 //!    on each extra stream]                           thread each]
 //!   turn on dirty logs (KVM + VMM bitmap + disks)
@@ -22,21 +22,30 @@
 //!     (pages split across the streams)                the vCPUs if needed)
 //!   each round ends with Sync on every stream ───►
 //!                                        ◄──────── Synced (all streams applied)
+//!   v3: once a round predicts a short enough
+//!   stop-and-copy: SwitchoverGate (VM still
+//!   running; yes = the switchover is decided,
+//!   no cancel from here), more rounds until the
+//!   prediction fits again
 //!   pause vCPUs and devices
 //!   last Pages/ZeroPages/DiskChunks (+ Sync on  ─►
 //!     each extra stream), then on the first:
 //!   State {vCPUs, VM, devices} ──────────────────► validates it
 //!   Complete {memory checksum, if verifying} ────► waits for the extra streams,
-//!                                                   compares the checksum, loads
-//!                                                   the state (vCPU threads stay
-//!                                                   parked)
+//!     (v3: this is the commit)                      compares the checksum, loads
+//!                                                   the state; v3: writes its
+//!                                                   arrival file, wakes the vCPUs
 //!                                        ◄──────── Loaded {target steps} (or Error)
-//!   SwitchoverGate::allow_switchover()
-//!   Commit ──────────────────────────────────────► wakes the vCPUs
-//!   exit 0 ("migrated")
+//!   v3: exit 0 ("migrated")
+//!   v2 only: SwitchoverGate, then Commit ────────► wakes the vCPUs
 //!
-//!   any failure or cancel before Commit: Abort ──► exits 1, the source's VM
-//!   resumes; a target that fails sends Error {message} and exits 1.
+//!   any failure or cancel before the gate's yes: Abort ► the target discards
+//!   the stream and listens again, the source's VM runs on; after the yes
+//!   and before Complete went out, the source resumes too (the target cannot
+//!   run the VM without Complete); once Complete went out and no Loaded
+//!   came back, the source is in doubt: its VM stays paused until
+//!   `migrate_resolve` says where the VM runs (the node agent asks the
+//!   controllers, which ask the target's agent, see `docs/migration.md`).
 //! ```
 //!
 //! Frames: `kind: u8`, `len: u32` little-endian, `len` bytes of payload,
@@ -51,9 +60,12 @@
 //! change to any frame bumps [`VERSION`] and keeps reading the old one for
 //! one release. Version 2 added the payloads of `Ready` ([`ReadyInfo`]) and
 //! `Loaded` ([`LoadedReport`]) and the extra memory streams (`Streams`,
-//! `Join`); a version 1 stream (empty `Ready`/`Loaded`, one stream) is
-//! still received, and a source can be asked to speak it
-//! (`migrate` with `"protocol": 1`) to move a VM to an older target.
+//! `Join`). Version 3 moved the switchover decision before the pause:
+//! `Complete` is the commit and the target resumes on it, so the guest's
+//! downtime no longer includes the gate (a round trip through the
+//! controllers' Raft log); the `Commit` frame is version 2's only. A source
+//! can be asked to speak version 2 (`migrate` with `"protocol": 2`) to move
+//! a VM to an older target.
 
 use std::io::{self, Read, Write};
 
@@ -62,9 +74,9 @@ use serde::{Deserialize, Serialize};
 /// Magic at the start of a stream.
 pub const MAGIC: [u8; 8] = *b"NEPHMIG\0";
 /// Protocol version this build speaks.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest version this build still accepts.
-pub const PREVIOUS_VERSION: u32 = 1;
+pub const PREVIOUS_VERSION: u32 = 2;
 /// Largest frame payload.
 pub const MAX_FRAME: u32 = 16 << 20;
 /// Size of a page in `Pages` frames.
@@ -84,9 +96,12 @@ pub enum Kind {
     DiskChunk = 4,
     /// Source → target: [`super::state::MachineState`] (postcard).
     State = 5,
-    /// Source → target: [`Complete`] (postcard).
+    /// Source → target: [`Complete`] (postcard). From version 3 it is
+    /// the commit: the source sends it only after its gate said yes, and
+    /// the target runs the VM once it has loaded the state.
     Complete = 6,
-    /// Source → target: the switchover is committed, run the VM.
+    /// Source → target (version 2 only): the switchover is committed, run
+    /// the VM.
     Commit = 7,
     /// Source → target: the migration is abandoned (UTF-8 reason).
     Abort = 8,
@@ -101,7 +116,8 @@ pub enum Kind {
     Join = 11,
     /// Target → source: the VM is built, send memory.
     Ready = 0x81,
-    /// Target → source: the complete state is loaded (and verified).
+    /// Target → source: the complete state is loaded (and verified); from
+    /// version 3, the VM runs on the target.
     Loaded = 0x82,
     /// Target → source: the target failed (UTF-8 message).
     Error = 0x83,
@@ -455,17 +471,20 @@ mod tests {
 
     #[test]
     fn the_previous_version_is_still_read() {
-        assert_eq!(PREVIOUS_VERSION, 1);
+        assert_eq!((PREVIOUS_VERSION, VERSION), (2, 3));
         let mut b = Vec::new();
         write_header(&mut b, PREVIOUS_VERSION).unwrap();
-        assert_eq!(read_header(&mut b.as_slice()).unwrap(), 1);
-        let mut b = Vec::new();
-        write_header(&mut b, 0).unwrap();
-        assert!(matches!(
-            read_header(&mut b.as_slice()),
-            Err(ProtocolError::Version(0))
-        ));
-        // Version 1's Loaded carries nothing: no report, no error.
+        assert_eq!(read_header(&mut b.as_slice()).unwrap(), 2);
+        // Two versions back is refused, as is version 0.
+        for old in [0, 1] {
+            let mut b = Vec::new();
+            write_header(&mut b, old).unwrap();
+            assert!(matches!(
+                read_header(&mut b.as_slice()),
+                Err(ProtocolError::Version(v)) if v == old
+            ));
+        }
+        // An empty Loaded carries no report and is no error.
         assert!(decode_loaded(&[]).unwrap().is_empty());
     }
 

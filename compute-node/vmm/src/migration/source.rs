@@ -7,17 +7,29 @@
 //! goes on while rounds shrink what is left and stops once the predicted
 //! downtime (what is left over the measured throughput, plus the fixed
 //! switchover cost) is within a few milliseconds, or within the budget when
-//! it no longer shrinks (see [`decide`]). Then the VM is paused (vCPUs, then
-//! the device thread, which leaves no request in flight), the rest goes with
-//! the machine state in the same burst (no round trip in between), and
-//! after the target's `Loaded` and the [`SwitchoverGate`] the source commits
-//! and its process exits. Every switchover step is timed and reported in
+//! it no longer shrinks (see [`decide`]). Then (protocol version 3) the
+//! [`SwitchoverGate`] is asked while the guest still runs: its yes decides
+//! the switchover, and the rounds go on until the prediction fits again
+//! (the gate's round trip through the controllers is not downtime). Then
+//! the VM is paused (vCPUs, then the device thread, which leaves no request
+//! in flight), the rest goes with the machine state and `Complete` in the
+//! same burst, the target runs the VM on `Complete` and answers `Loaded`,
+//! and this process exits. Every switchover step is timed and reported in
 //! `migrate_status` (`switchover`, and the target's `target_switchover`).
 //! Auto-converge: when rounds stop shrinking (or the guest dirties faster
 //! than half the throughput), a throttle pauses the vCPUs for a growing
-//! share of every 3 ms. Cancel, a timeout, the gate saying no, or any error
-//! before the gate's yes resume the VM here; after the yes nothing does (a
-//! commit frame that cannot be sent stops the VM: [`MigrateError::CommitLost`]).
+//! share of every 3 ms.
+//!
+//! Exactly one running copy: cancel, a timeout, the gate saying no, or any
+//! error before `Complete` went out resume the VM here (the target runs
+//! nothing without `Complete`); after the gate's yes, cancel is refused and
+//! a timeout no longer gives up (it goes to the switchover). Once
+//! `Complete` went out, only the target knows whether it runs the VM: if
+//! its `Loaded` does not come back, the source is in doubt
+//! ([`MigrationState::InDoubt`]) and keeps the VM paused until
+//! `migrate_resolve` says where it runs (see [`Shared::resolve`]). Version
+//! 2 asks the gate after `Loaded` and commits with `Commit` (a commit frame
+//! that cannot be sent stops the VM: [`MigrateError::CommitLost`]).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -25,7 +37,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
@@ -59,6 +71,11 @@ const DOWNTIME_GOAL: Duration = Duration::from_millis(3);
 const MAX_THROTTLE: u8 = 99;
 /// The lowest throughput predictions assume, bytes per second.
 const MIN_THROUGHPUT: u64 = 32 << 20;
+/// How long the source waits for the target's `Loaded` after `Complete`
+/// (protocol version 3) before it is in doubt. The target answers in about
+/// a millisecond; a target slower than this is not wrong, only settled
+/// through the controllers instead (it reports that the VM arrived).
+const LOADED_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a refused connection is retried.
 const CONNECT_RETRY: Duration = Duration::from_secs(5);
 /// Page size, as a length.
@@ -103,6 +120,11 @@ pub enum MigrateError {
     /// target holds the complete state and may be the one copy.
     #[error("the switchover was decided but its commit could not be sent to the target")]
     CommitLost(#[source] std::io::Error),
+    /// `Complete` (the commit) went out, but the target's `Loaded` did not
+    /// come back: the target may run the VM, so it stays paused here until
+    /// `migrate_resolve`.
+    #[error("the commit went out but the target did not acknowledge it")]
+    InDoubt(#[source] ProtocolError),
 }
 
 /// What the `migrate` request asks.
@@ -139,7 +161,18 @@ pub struct Shared {
     pub cancel: AtomicBool,
     /// Set when the thread is done (whatever the outcome).
     pub done: AtomicBool,
+    /// Set once the gate said yes: from then on cancel is refused.
+    pub decided: AtomicBool,
+    /// An in-doubt migration's outcome, once told (true: the VM runs on
+    /// the target).
+    resolution: Mutex<Option<bool>>,
+    resolved: Condvar,
 }
+
+/// Why `migrate_resolve` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the migration is not in doubt (it is {0:?}); there is nothing to resolve")]
+pub struct NotInDoubt(pub MigrationState);
 
 impl Shared {
     /// A fresh migration to `to`.
@@ -163,9 +196,13 @@ impl Shared {
                 switchover: Vec::new(),
                 target_switchover: Vec::new(),
                 streams: 1,
+                decided: false,
             }),
             cancel: AtomicBool::new(false),
             done: AtomicBool::new(false),
+            decided: AtomicBool::new(false),
+            resolution: Mutex::new(None),
+            resolved: Condvar::new(),
         })
     }
 
@@ -176,7 +213,36 @@ impl Shared {
             status: Mutex::new(status),
             cancel: AtomicBool::new(false),
             done: AtomicBool::new(true),
+            decided: AtomicBool::new(true),
+            resolution: Mutex::new(None),
+            resolved: Condvar::new(),
         })
+    }
+
+    /// Tells an in-doubt migration where its VM runs: `moved` true when the
+    /// target runs it (this copy then stops for good), false when the
+    /// target never will (this copy resumes). Whoever calls this must know:
+    /// the node agent asks the controllers, which decide from the target's
+    /// word (see `compute-node/agent/src/migrate.rs`).
+    pub fn resolve(&self, moved: bool) -> Result<(), NotInDoubt> {
+        let state = self.snapshot().state;
+        if state != MigrationState::InDoubt {
+            return Err(NotInDoubt(state));
+        }
+        *self.resolution.lock().unwrap_or_else(|e| e.into_inner()) = Some(moved);
+        self.resolved.notify_all();
+        Ok(())
+    }
+
+    /// Blocks until [`Shared::resolve`]; returns its `moved`.
+    fn wait_resolution(&self) -> bool {
+        let mut r = self.resolution.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(moved) = *r {
+                return moved;
+            }
+            r = self.resolved.wait(r).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
@@ -315,6 +381,39 @@ pub fn run(ctx: SourceContext, params: MigrateParams, shared: Arc<Shared>) {
             );
             shared.done.store(true, Ordering::SeqCst);
             ctx.control.finish();
+        }
+        Err(e @ MigrateError::InDoubt(_)) => {
+            let msg = error_chain(&e);
+            eprintln!(
+                "neph-vmm: migration to {}: {msg}; the VM stays paused here until migrate_resolve says where it runs",
+                params.to
+            );
+            shared.update(|s| {
+                s.state = MigrationState::InDoubt;
+                s.error = Some(msg.clone());
+                s.throttle_percent = 0;
+                s.elapsed_ms = ms(started.elapsed());
+            });
+            let moved = shared.wait_resolution();
+            eprintln!(
+                "neph-vmm: the in-doubt migration was resolved: the VM runs {}",
+                if moved { "on the target" } else { "here" }
+            );
+            shared.update(|s| {
+                if moved {
+                    s.state = MigrationState::Completed;
+                    s.error = None;
+                } else {
+                    s.state = MigrationState::Failed;
+                    s.error = Some(format!("{msg}; resolved: the target does not run the VM"));
+                }
+            });
+            shared.done.store(true, Ordering::SeqCst);
+            if moved {
+                ctx.control.finish();
+            } else {
+                ctx.control.rollback();
+            }
         }
         Err(e @ MigrateError::CommitLost(_)) => {
             let msg = error_chain(&e);
@@ -685,7 +784,15 @@ fn write_pages(
 }
 
 impl Migration<'_> {
+    /// Whether the gate said yes: cancel and the timeout no longer apply.
+    fn decided(&self) -> bool {
+        self.shared.decided.load(Ordering::SeqCst)
+    }
+
     fn check(&self) -> Result<(), MigrateError> {
+        if self.decided() {
+            return Ok(());
+        }
         if self.shared.cancel.load(Ordering::SeqCst) {
             return Err(MigrateError::Cancelled);
         }
@@ -875,7 +982,10 @@ impl Migration<'_> {
         let mut reader = stream.try_clone().map_err(ProtocolError::Io)?;
         let mut w = BufWriter::with_capacity(4 << 20, stream);
         let result = self.migrate_on(&mut w, &mut reader);
-        if result.is_err() {
+        if result
+            .as_ref()
+            .is_err_and(|e| !matches!(e, MigrateError::InDoubt(_)))
+        {
             // Best effort: the target may be gone already.
             let _ = protocol::write_frame(&mut w, Kind::Abort, b"the source gave up");
             let _ = w.flush();
@@ -942,6 +1052,8 @@ impl Migration<'_> {
         let mut round: u32 = 0;
         let mut previous_remaining: Option<u64> = None;
         let mut rounds_fitting: u32 = 0;
+        // How long the version 3 gate took (the guest ran meanwhile).
+        let mut gate_us: u64 = 0;
         loop {
             let round_start = Instant::now();
             let sent_before = self.bytes_sent;
@@ -982,6 +1094,9 @@ impl Migration<'_> {
                 s.throttle_percent = throttle_pct;
                 s.elapsed_ms = ms(self.started.elapsed());
             });
+            // Decided and out of time: stop and copy whatever is left (a
+            // longer pause rather than a switchover that never comes).
+            let overdue = self.decided() && self.started.elapsed() > self.params.timeout;
             let next = decide(&RoundFacts {
                 expected,
                 budget: self.params.max_downtime,
@@ -1000,7 +1115,20 @@ impl Migration<'_> {
             }
             previous_remaining = Some(remaining);
             match next {
+                // Version 3: decide now, while the guest runs; what it
+                // dirtied during the gate's round trip goes in the next
+                // round(s), until the prediction fits again.
+                Next::Switchover if version >= 3 && !self.decided() => {
+                    let t = Instant::now();
+                    if !self.ctx.gate.allow_switchover(&self.params.to) {
+                        return Err(MigrateError::GateRefused);
+                    }
+                    self.shared.decided.store(true, Ordering::SeqCst);
+                    self.shared.update(|s| s.decided = true);
+                    gate_us = super::micros(t.elapsed());
+                }
                 Next::Switchover => break,
+                _ if overdue => break,
                 Next::Round => {}
                 Next::Throttle(pct) => {
                     throttle_pct = pct;
@@ -1061,29 +1189,62 @@ impl Migration<'_> {
         };
         let bytes = postcard::to_stdvec(&complete)
             .map_err(|e| MigrateError::Vm(format!("cannot encode the last frame: {e}")))?;
-        self.frame(w, Kind::Complete, &bytes)?;
-        w.flush().map_err(ProtocolError::Io)?;
-        clock.lap("send_state");
-        expect(reader, &mut buf, Kind::Loaded, "Loaded")?;
-        clock.lap("target_load");
-        let target_phases = protocol::decode_loaded(&buf)?;
-        if !self.ctx.gate.allow_switchover(&self.params.to) {
-            return Err(MigrateError::GateRefused);
-        }
-        clock.lap("gate");
-        // From here on the source never resumes: the switchover is decided.
-        protocol::write_frame(w, Kind::Commit, b"")
-            .and_then(|()| w.flush())
-            .map_err(MigrateError::CommitLost)?;
-        clock.lap("commit");
+        let target_phases = if version >= 3 {
+            // `Complete` is the commit: from its first byte on, the target
+            // may run the VM, so a failure leaves this side in doubt. An
+            // `Error` answer is definite: the target did not run it.
+            let sent = self
+                .frame(w, Kind::Complete, &bytes)
+                .and_then(|()| w.flush().map_err(|e| ProtocolError::Io(e).into()));
+            if let Err(e) = sent {
+                return Err(match e {
+                    MigrateError::Protocol(p) => MigrateError::InDoubt(p),
+                    other => other,
+                });
+            }
+            clock.lap("send_state");
+            let _ = reader.set_read_timeout(Some(LOADED_TIMEOUT));
+            match expect(reader, &mut buf, Kind::Loaded, "Loaded") {
+                Ok(()) => {}
+                Err(e @ MigrateError::Protocol(ProtocolError::Peer(_))) => return Err(e),
+                Err(MigrateError::Protocol(p)) => return Err(MigrateError::InDoubt(p)),
+                Err(e) => return Err(e),
+            }
+            clock.lap("target_resume");
+            // The VM runs there: a garbled report is only a missing figure.
+            protocol::decode_loaded(&buf).unwrap_or_default()
+        } else {
+            self.frame(w, Kind::Complete, &bytes)?;
+            w.flush().map_err(ProtocolError::Io)?;
+            clock.lap("send_state");
+            expect(reader, &mut buf, Kind::Loaded, "Loaded")?;
+            clock.lap("target_load");
+            let target_phases = protocol::decode_loaded(&buf)?;
+            if !self.ctx.gate.allow_switchover(&self.params.to) {
+                return Err(MigrateError::GateRefused);
+            }
+            self.shared.decided.store(true, Ordering::SeqCst);
+            clock.lap("gate");
+            // From here on the source never resumes: the switchover is decided.
+            protocol::write_frame(w, Kind::Commit, b"")
+                .and_then(|()| w.flush())
+                .map_err(MigrateError::CommitLost)?;
+            clock.lap("commit");
+            target_phases
+        };
         // Done: recorded before the log is switched off, which takes a
         // while under PVM while the guest already runs on the target.
         let downtime = clock.total();
         phases.extend(clock.phases().iter().skip(1).cloned());
         eprintln!(
-            "neph-vmm: switchover: {last_pages} last pages; source {}; target {}",
+            "neph-vmm: switchover: {last_pages} last pages; source {}; target {}{}",
             describe_phases(&phases),
-            describe_phases(&target_phases)
+            describe_phases(&target_phases),
+            if version >= 3 {
+                format!("; the gate took {gate_us}us before the pause")
+            } else {
+                String::new()
+            }
         );
         let bytes_sent = self.bytes_sent;
         self.shared.update(|s| {

@@ -77,6 +77,9 @@ pub enum IncomingError {
     /// An extra memory stream failed or fell behind.
     #[error("a memory stream failed: {0}")]
     Stream(String),
+    /// The arrival file could not be written (the VM is not run).
+    #[error("cannot write the arrival file {0}")]
+    Arrival(PathBuf, #[source] std::io::Error),
     /// The memory checksum differs.
     #[error("guest memory differs from the source's: checksum {ours:#x}, source {theirs:#x}")]
     Checksum {
@@ -98,6 +101,14 @@ pub struct IncomingConfig {
     pub console: ConsoleConfig,
     /// Control socket.
     pub api_socket: Option<PathBuf>,
+    /// Written just before the vCPUs first run here (protocol version 3):
+    /// whoever freezes this process (SIGSTOP) and finds no such file knows
+    /// the VM never ran here and never will if the process is killed.
+    pub arrival_file: Option<PathBuf>,
+    /// Tests only (`NEPH_VMM_TEST_STALL_AT_COMMIT=1`): on `Complete`, hang
+    /// without running the VM, as a target that stalls at the commit, so
+    /// tests can see a source in doubt settled through the controllers.
+    pub stall_at_commit: bool,
     /// The VM this target expects (vCPUs, memory, rng, and the MACs of
     /// `taps` if given): built before the source connects, so the build is
     /// not part of the migration. A source whose VM differs gets one built
@@ -569,6 +580,43 @@ impl<'a> Receiver<'a> {
                     clock.lap("sync_disks");
                     restore(vm, s, cfg.boots)?;
                     clock.lap("restore");
+                    if version >= 3 {
+                        if self.local.stall_at_commit {
+                            eprintln!(
+                                "neph-vmm: test mode: stalling at the commit, the VM does not run"
+                            );
+                            loop {
+                                std::thread::sleep(Duration::from_secs(3600));
+                            }
+                        }
+                        // `Complete` is the commit: run the VM, then say so.
+                        if let Some(path) = &self.local.arrival_file {
+                            std::fs::write(path, b"arrived\n")
+                                .map_err(|e| IncomingError::Arrival(path.clone(), e))?;
+                        }
+                        vm.resume_incoming();
+                        clock.lap("resume");
+                        let report = postcard::to_stdvec(&LoadedReport {
+                            phases: clock.phases().to_vec(),
+                        })
+                        .unwrap_or_default();
+                        if let Err(e) = protocol::write_frame(w, Kind::Loaded, &report) {
+                            // The VM runs here whatever the source heard;
+                            // a source that missed this is in doubt until
+                            // told.
+                            eprintln!(
+                                "neph-vmm: the VM runs here but its acknowledgement did not reach the source: {e}"
+                            );
+                        }
+                        return Ok(incoming_status(
+                            peer,
+                            rounds,
+                            received,
+                            started,
+                            clock.phases(),
+                            extras.count(),
+                        ));
+                    }
                     let report = if version >= 2 {
                         postcard::to_stdvec(&LoadedReport {
                             phases: clock.phases().to_vec(),
@@ -585,27 +633,14 @@ impl<'a> Receiver<'a> {
                             // The threads are parked: this only wakes them.
                             vm.resume_incoming();
                             clock.lap("resume");
-                            let status = MigrationStatus {
-                                state: MigrationState::Completed,
-                                to: peer.to_owned(),
-                                round: rounds,
-                                bytes_sent: received,
-                                bytes_remaining: 0,
-                                dirty_rate_bps: 0,
-                                throughput_bps: 0,
-                                expected_downtime_ms: 0,
-                                throttle_percent: 0,
-                                elapsed_ms: u64::try_from(started.elapsed().as_millis())
-                                    .unwrap_or(u64::MAX),
-                                downtime_ms: None,
-                                downtime_us: None,
-                                error: None,
-                                side: Side::Target,
-                                switchover: clock.phases().to_vec(),
-                                target_switchover: Vec::new(),
-                                streams: u8::try_from(extras.count() + 1).unwrap_or(u8::MAX),
-                            };
-                            Ok(status)
+                            Ok(incoming_status(
+                                peer,
+                                rounds,
+                                received,
+                                started,
+                                clock.phases(),
+                                extras.count(),
+                            ))
                         }
                         Kind::Abort => Err(ProtocolError::Aborted(
                             String::from_utf8_lossy(&buf).into_owned(),
@@ -622,6 +657,37 @@ impl<'a> Receiver<'a> {
                 other => return Err(unexpected(other, "memory, disk or state")),
             }
         }
+    }
+}
+
+/// What `migrate_status` reports on a target whose VM arrived.
+fn incoming_status(
+    peer: &str,
+    rounds: u32,
+    received: u64,
+    started: Instant,
+    phases: &[super::Phase],
+    extra_streams: usize,
+) -> MigrationStatus {
+    MigrationStatus {
+        state: MigrationState::Completed,
+        to: peer.to_owned(),
+        round: rounds,
+        bytes_sent: received,
+        bytes_remaining: 0,
+        dirty_rate_bps: 0,
+        throughput_bps: 0,
+        expected_downtime_ms: 0,
+        throttle_percent: 0,
+        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        downtime_ms: None,
+        downtime_us: None,
+        error: None,
+        side: Side::Target,
+        switchover: phases.to_vec(),
+        target_switchover: Vec::new(),
+        streams: u8::try_from(extra_streams + 1).unwrap_or(u8::MAX),
+        decided: true,
     }
 }
 

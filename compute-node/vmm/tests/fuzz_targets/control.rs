@@ -31,7 +31,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         r#"{"cmd":"shutdown","timeout_ms":5000}"#,
         r#"{"cmd":"stop"}"#,
         r#"{"cmd":"metrics"}"#,
-        r#"{"cmd":"migrate","to":"10.0.0.2:7000","max_downtime_ms":50,"timeout_ms":1000,"verify":true,"streams":4,"protocol":1}"#,
+        r#"{"cmd":"migrate","to":"10.0.0.2:7000","max_downtime_ms":50,"timeout_ms":1000,"verify":true,"streams":4,"protocol":2}"#,
         r#"{"cmd":"migrate_status"}"#,
         "{\"cmd\":\"migrate_cancel\"}\n",
     ]

@@ -1,6 +1,6 @@
 //! A hostile migration stream, read the way a target reads one: the header,
 //! then `Config`, then memory, disk, `Streams`, `Sync`, `State` and
-//! `Complete` frames in any order, then `Commit`; or, on an extra memory
+//! `Complete` frames in any order, then (version 2) `Commit`; or, on an extra memory
 //! stream, `Join` and then pages. Every frame goes through the decoders the
 //! target uses (`protocol::read_header`, `read_frame`, `decode`, `pages`,
 //! `zero_pages`, `parse_disk_chunk`, `MachineState::validate`, and the
@@ -10,7 +10,8 @@
 //! files and are left to the hostile-stream test in
 //! `integration-tests/tests/migration.rs`. The properties: no panic, no
 //! allocation beyond one frame's limit, and a stream is taken only when it
-//! ran to a `Commit`; anything truncated, oversized, out of order or
+//! ran to its commit (`Complete` from version 3, `Commit` in version 2);
+//! anything truncated, oversized, out of order or
 //! malformed is refused with an error.
 
 use std::path::PathBuf;
@@ -82,8 +83,8 @@ fn vm_config(cfg: &MigrationConfig) -> VmConfig {
 }
 
 /// Reads a whole stream; `Ok` with the bytes it read (up to and including
-/// the `Commit` frame; the rest of the input is never looked at) when it
-/// ran to a `Commit`.
+/// the commit: `Complete` from version 3, `Commit` in version 2; the rest
+/// of the input is never looked at) when it ran to its commit.
 pub fn receive(stream: &[u8]) -> Result<usize, ProtocolError> {
     let mut r = stream;
     let version = protocol::read_header(&mut r)?;
@@ -144,6 +145,9 @@ pub fn receive(stream: &[u8]) -> Result<usize, ProtocolError> {
                 let _: Complete = protocol::decode(kind, &buf)?;
                 if machine.is_none() {
                     return Err(malformed(kind, "the machine state has not been sent"));
+                }
+                if version >= 3 {
+                    return Ok(stream.len() - r.len());
                 }
                 let kind = protocol::read_frame(&mut r, &mut buf)?;
                 return match kind {
@@ -265,7 +269,8 @@ pub fn machine_state() -> MachineState {
 }
 
 /// A stream of 1 vCPU and 128 MiB: a page, a zero page, a round, the
-/// state, `Complete`, `Commit` (a whole stream a target takes); with
+/// state, `Complete` and in version 2 `Commit` (a whole stream a target
+/// takes); with
 /// `disk`, a disk too and a chunk of it, and it stops after the round
 /// (a saved state would need the disk's virtio state).
 pub fn valid_stream(version: u32, disk: bool) -> Vec<u8> {
@@ -310,7 +315,9 @@ pub fn valid_stream(version: u32, disk: bool) -> Vec<u8> {
         pages_sent: 2,
     };
     protocol::write_value(w, Kind::Complete, &complete).expect("to a vector");
-    protocol::write_frame(w, Kind::Commit, b"").expect("to a vector");
+    if version < 3 {
+        protocol::write_frame(w, Kind::Commit, b"").expect("to a vector");
+    }
     s
 }
 
