@@ -224,6 +224,7 @@ pub fn migration(m: &infra::Migration) -> Record {
         ("dirty_rate_bps", m.dirty_rate_bps.into()),
         ("throughput_bps", m.throughput_bps.into()),
         ("expected_downtime_ms", m.expected_downtime_ms.into()),
+        ("throttle_percent", m.throttle_percent.into()),
         ("max_downtime_ms", m.max_downtime_ms.into()),
         ("downtime_us", m.downtime_us.into()),
         ("cause", m.cause.clone().into()),

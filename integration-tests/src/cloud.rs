@@ -167,6 +167,16 @@ impl Cloud {
     /// (`neph node join-token create --node`); later starts use the
     /// certificate it keeps in its data directory.
     pub fn start_agent(&mut self, i: usize) -> Result<(), CloudError> {
+        self.start_agent_with_env(i, &[])
+    }
+
+    /// [`Cloud::start_agent`] with extra environment for the agent (and
+    /// the VMMs it starts, which inherit it).
+    pub fn start_agent_with_env(
+        &mut self,
+        i: usize,
+        env: &[(&str, &str)],
+    ) -> Result<(), CloudError> {
         let joined = self.nodes[i].data_dir.join("tls/cert.pem").is_file();
         let join_token = if joined {
             None
@@ -201,6 +211,7 @@ impl Cloud {
         if let Some(t) = &join_token {
             cmd.env("NEPHELE_JOIN_TOKEN", t);
         }
+        cmd.envs(env.iter().copied());
         for c in self.controllers.endpoints() {
             cmd.args(["--controller", &c]);
         }

@@ -6,7 +6,12 @@
 //! there; a `neph-vmm --incoming` killed with SIGKILL mid-copy, and a
 //! migration cancelled mid-copy, leave the VM running where it was (the
 //! same process); `neph node drain` moves it off its node to where the
-//! scheduler puts it. Skips with its reason where /dev/kvm is missing.
+//! scheduler puts it; the source's agent killed with SIGKILL mid-copy and
+//! restarted attaches to the migration, which completes, one VM; and a
+//! target that stalls at the commit leaves the source in doubt until the
+//! target's agent settles it (the VM never ran there: it resumes on its
+//! source, the same process). Skips with its reason where /dev/kvm is
+//! missing.
 
 use std::time::{Duration, Instant};
 
@@ -36,32 +41,37 @@ fn field(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
-/// Waits (polling every 2 ms) for a VMM of node `i` to have read more than
-/// 4 MiB (the incoming stream), stops it with SIGSTOP and returns its pid.
+/// Resident memory of `pid`, bytes.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+/// Waits (polling every 2 ms) for a VMM of node `i` to have taken in more
+/// than 8 MiB of guest memory since it was first seen (the incoming stream
+/// fills its guest memory, so its resident size grows; socket reads are
+/// not in `/proc/<pid>/io`), stops it with SIGSTOP and returns its pid.
 fn freeze_once_receiving(cloud: &Cloud, i: usize) -> u32 {
     let deadline = Instant::now() + UP;
+    let mut first: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
     while Instant::now() < deadline {
         for pid in cloud.vm_pids(i) {
-            let read = std::fs::read_to_string(format!("/proc/{pid}/io"))
-                .ok()
-                .and_then(|io| {
-                    io.lines()
-                        .find_map(|l| l.strip_prefix("rchar: "))
-                        .and_then(|n| n.trim().parse::<u64>().ok())
-                })
-                .unwrap_or(0);
-            if read > 4 << 20 {
-                let stopped = std::process::Command::new("kill")
-                    .args(["-STOP", &pid.to_string()])
-                    .status()
-                    .is_ok_and(|s| s.success());
-                assert!(stopped, "cannot stop the target VMM {pid}");
+            let now = rss(pid);
+            let base = *first.entry(pid).or_insert(now);
+            if now > base + (8 << 20) {
+                signal(pid, "-STOP");
                 return pid;
             }
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    panic!("no VMM on node {i} received a migration stream within {UP:?}");
+    panic!(
+        "no VMM on node {i} received a migration stream within {UP:?}: VMMs {first:?}, migrations {:?}",
+        migrations(cloud, "mig-1")
+    );
 }
 
 fn node_index(cloud: &Cloud, id: &str) -> usize {
@@ -216,16 +226,7 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
     );
     let started = Instant::now();
     let done = cloud
-        .neph(&[
-            "instance",
-            "migrate",
-            "mig-1",
-            "--to",
-            &dst,
-            "--max-downtime",
-            "100",
-            "--wait",
-        ])
+        .neph(&["instance", "migrate", "mig-1", "--to", &dst, "--wait"])
         .expect("neph instance migrate --wait");
     assert_eq!(done["state"], "COMPLETED", "{done}");
     let mut older = older;
@@ -387,4 +388,122 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
         .admin(&["node", "undrain", &dst])
         .expect("neph node undrain");
     assert_eq!(undrained["state"], "UP", "{undrained}");
+
+    // 5. The source's agent killed with SIGKILL mid-copy (the target
+    // frozen so that the copy is surely under way), then restarted: the
+    // new agent attaches to the migration its VMM still runs, answers its
+    // gate, and the VM ends on the target, one copy, the same boot.
+    let mut cloud = cloud;
+    let older: Vec<String> = migrations(&cloud, "mig-1")
+        .iter()
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect();
+    let before = console(&cloud, "mig-1", "uptime", "UPTIME");
+    assert!(console(&cloud, "mig-1", "dirty 96 100000", "DIRTY").contains("OK"));
+    cloud
+        .admin(&[
+            "migration",
+            "create",
+            &format!("projects/{}/instances/mig-1", cloud.project),
+            "--to",
+            &dst,
+        ])
+        .expect("start a migration");
+    let frozen = freeze_once_receiving(&cloud, di);
+    cloud.kill_agent(si);
+    eprintln!("killed the source's agent mid-copy; restarting it");
+    cloud.start_agent(si).expect("restart the source's agent");
+    signal(frozen, "-CONT");
+    let moved = wait_migration(&cloud, "mig-1", &older, "COMPLETED");
+    eprintln!("completed after the source agent's restart: {moved}");
+    assert!(console(&cloud, "mig-1", "dirty stop", "DIRTY").contains("OK"));
+    cloud
+        .wait_for("one VM, on the target", UP, |c| {
+            let (s, d) = (c.vm_pids(si), c.vm_pids(di));
+            Ok(if s.is_empty() && d == vec![frozen] {
+                Ok(())
+            } else {
+                Err(format!("source {s:?} target {d:?} (incoming was {frozen})"))
+            })
+        })
+        .expect("exactly one copy");
+    let after = console(&cloud, "mig-1", "uptime", "UPTIME");
+    assert!(
+        field(&after, "us") > field(&before, "us"),
+        "same boot after the agent's restart: {before} then {after}"
+    );
+
+    // 6. In doubt: the target (node `si` now) stalls at the commit; the
+    // source gets no acknowledgement, keeps the VM paused and says so; the
+    // target's agent finds that its VMM never ran the VM, stops it and
+    // says so; the source resumes the VM: the same process, the same boot.
+    cloud.kill_agent(si);
+    cloud
+        .start_agent_with_env(si, &[("NEPH_VMM_TEST_STALL_AT_COMMIT", "1")])
+        .expect("restart the target's agent in test mode");
+    let older: Vec<String> = migrations(&cloud, "mig-1")
+        .iter()
+        .filter_map(|m| m["name"].as_str().map(str::to_owned))
+        .collect();
+    let here = cloud.vm_pids(di);
+    let before = console(&cloud, "mig-1", "uptime", "UPTIME");
+    cloud
+        .admin(&[
+            "migration",
+            "create",
+            &format!("projects/{}/instances/mig-1", cloud.project),
+            "--to",
+            &src,
+        ])
+        .expect("start a migration");
+    let settled = wait_migration(&cloud, "mig-1", &older, "FAILED");
+    eprintln!("settled in doubt: {settled}");
+    assert!(
+        settled["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("settled")),
+        "the target settled it: {settled}"
+    );
+    let events = cloud
+        .admin(&["event", "list", "--page-size", "1000"])
+        .expect("neph event list")
+        .to_string();
+    assert!(
+        events.contains("migration.in_doubt"),
+        "the doubt is an event"
+    );
+    let i = cloud.wait_state("mig-1", "RUNNING", UP).expect("running");
+    assert_eq!(
+        i["node"]
+            .as_str()
+            .unwrap_or_default()
+            .trim_start_matches("nodes/"),
+        dst,
+        "the VM stays on its source"
+    );
+    cloud
+        .wait_for("no VM on the target that stalled", UP, |c| {
+            let p = c.vm_pids(si);
+            Ok(if p.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{p:?}"))
+            })
+        })
+        .expect("the stalled target is stopped");
+    assert_eq!(cloud.vm_pids(di), here, "the same VM process runs on");
+    let after = console(&cloud, "mig-1", "uptime", "UPTIME");
+    assert!(
+        field(&after, "us") > field(&before, "us"),
+        "same boot after the doubt: {before} then {after}"
+    );
+}
+
+/// Sends a signal (`-CONT`, ...) to `pid`.
+fn signal(pid: u32, sig: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(sent, "cannot send {sig} to {pid}");
 }

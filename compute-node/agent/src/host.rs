@@ -73,9 +73,48 @@ pub fn ticks_per_second() -> u64 {
 
 /// Sends SIGKILL to `pid` (errors ignored: it may be gone already).
 pub fn kill(pid: u32) {
-    if let Some(p) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
-        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+    let _ = signal(pid, rustix::process::Signal::KILL);
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) -> bool {
+    i32::try_from(pid)
+        .ok()
+        .and_then(Pid::from_raw)
+        .is_some_and(|p| rustix::process::kill_process(p, sig).is_ok())
+}
+
+/// Stops every thread of `pid` (SIGSTOP) and waits until each one is
+/// stopped (`T` in `/proc/<pid>/task/*/stat`), at most `within`: once this
+/// returns true, the process runs no instruction until [`thaw`]. False if
+/// it is gone or did not stop in time.
+pub fn freeze(pid: u32, within: std::time::Duration) -> bool {
+    if !signal(pid, rustix::process::Signal::STOP) {
+        return false;
     }
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return false;
+        };
+        let stopped = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|s| parse_stat(&s))
+                .is_none_or(|s| matches!(s.state, 'T' | 't' | 'Z' | 'X'))
+        });
+        if stopped {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Lets a [`freeze`]d process run again (SIGCONT).
+pub fn thaw(pid: u32) {
+    let _ = signal(pid, rustix::process::Signal::CONT);
 }
 
 /// Memory kept back from instances: 10% of the host, at least 1 GiB.

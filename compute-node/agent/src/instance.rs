@@ -148,6 +148,11 @@ impl Layout {
     pub fn vmm_log(&self) -> PathBuf {
         self.dir.join("vmm.log")
     }
+    /// `arrived`: written by a `neph-vmm --incoming` just before the
+    /// migrated VM first runs here.
+    pub fn arrival(&self) -> PathBuf {
+        self.dir.join("arrived")
+    }
 
     /// Checks that the sockets' paths fit a unix socket address.
     pub fn check_socket_paths(&self) -> Result<(), PrepareError> {
@@ -200,6 +205,10 @@ pub struct VmRecord {
     pub boot_count: u64,
     /// How it was started.
     pub spec: VmSpec,
+    /// A `neph-vmm --incoming` (its control socket answers only once the
+    /// VM has arrived).
+    #[serde(default)]
+    pub incoming: bool,
 }
 
 /// Reading or writing a `state` file failed.
@@ -524,6 +533,7 @@ mod tests {
                 tap: None,
                 mac: "02:00:00:00:00:01".into(),
             },
+            incoming: false,
         };
         r.save(&p).unwrap();
         assert_eq!(VmRecord::load(&p).unwrap(), r);

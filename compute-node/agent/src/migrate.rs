@@ -9,19 +9,27 @@
 //!   VM runs here and it is an ordinary instance;
 //! - the source ([`send`]) sends `migrate` to the VM's control socket with
 //!   the target's address, the downtime budget and a gate socket
-//!   (`<instance dir>/gate.sock`): when the target holds the complete VM the
-//!   VMM asks the gate, and the agent answers with `RequestSwitchover`, yes
-//!   only once the controllers committed the switchover. Meanwhile it polls
+//!   (`<instance dir>/gate.sock`), or attaches to the migration the VMM is
+//!   already running (an agent restarted mid-way). When pre-copy has
+//!   nearly converged the VMM asks the gate, while the guest still runs,
+//!   and the agent answers with `RequestSwitchover`: yes only once the
+//!   controllers decided the switchover (SWITCHING). Meanwhile it polls
 //!   `migrate_status` and reports progress; a migration the store no longer
-//!   lists (cancelled, or failed at the target) is cancelled in the VMM. A
-//!   migration that ends without the switchover leaves the VM running here
-//!   and is reported failed (or cancelled).
+//!   lists (cancelled, or failed at the target) is cancelled in the VMM
+//!   (refused once decided). The end is reported: `completed` (the target
+//!   acknowledged: the VM runs there), `failed`/`cancelled` (the VM runs
+//!   here), or `in_doubt` (the commit went out, no acknowledgement came
+//!   back: the VM waits paused until the store settles the migration, and
+//!   the agent then tells the VMM with `migrate_resolve`);
+//! - the target settles an in-doubt migration ([`settle`]): it freezes its
+//!   `neph-vmm --incoming` (SIGSTOP), then looks for the arrival file the
+//!   VMM writes just before the VM first runs: found, it lets the VMM go on
+//!   and reports `completed`; not found, the VM never ran here, so it kills
+//!   the VMM and reports `failed` (the source then resumes the VM).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nephele_proto::node::v1 as pb;
@@ -128,6 +136,12 @@ pub(crate) async fn receive(
         .port();
     let addr = SocketAddr::new(ip, port).to_string();
     let log_start = std::fs::metadata(layout.vmm_log()).map_or(0, |m| m.len());
+    // Left by an earlier attempt, it would say a VM arrived that did not.
+    match std::fs::remove_file(layout.arrival()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(PrepareError::Io(layout.arrival(), e).to_string()),
+    }
     let (mut child, pid, start_ticks) = spawn_incoming(ctx, &layout, &spec, &addr)?;
     let record = VmRecord {
         version: instance::RECORD_VERSION,
@@ -136,6 +150,7 @@ pub(crate) async fn receive(
         start_ticks,
         boot_count: instance.boot_count,
         spec,
+        incoming: true,
     };
     let fail = |why: String| failure_with_log(&layout, why).failure.unwrap_or_default();
     if let Err(e) = record.save(&layout.state()) {
@@ -228,6 +243,8 @@ fn spawn_incoming(
     let mut cmd = tokio::process::Command::new(&ctx.cfg.vmm);
     cmd.arg("--incoming")
         .arg(addr)
+        .arg("--arrival-file")
+        .arg(layout.arrival())
         .args(["--cpus", &spec.vcpus.to_string()])
         .args(["--memory", &spec.memory_mib.to_string()]);
     if let Some(d) = &spec.disk {
@@ -277,10 +294,10 @@ fn progress(s: &VmmMigration) -> pb::MigrationProgress {
     }
 }
 
-/// Asks the controllers to commit the switchover; true only once they did.
+/// Asks the controllers to decide the switchover; true only once they did.
 /// An error that leaves the outcome unknown (no leader, a timeout) is
 /// asked again: the controllers answer yes to a switchover already
-/// committed for this source.
+/// decided for this source.
 async fn ask_switchover(
     ctl: &Controllers,
     node: &str,
@@ -338,85 +355,128 @@ async fn answer_gate(
     answer.push('\n');
     let mut s = r.into_inner();
     if let Err(e) = s.write_all(answer.as_bytes()).await {
-        // The VMM did not hear the yes: it treats that as a no... unless
-        // it did read it. Either way the store has the truth.
+        // The VMM did not hear the yes: it treats that as a no and, since
+        // it never paused, the VM runs on here; it reports the failure and
+        // the store ends the decided migration (the target never got the
+        // commit).
         tracing::warn!(%migration, error = %e, "cannot answer the switchover gate");
     }
     allowed
 }
 
-/// Sends `vm` to the migration's target. True when the VM is gone from
-/// here (the switchover was committed); false when it runs on here.
+/// What the store says of an outgoing migration, as the reconciler sees
+/// it in this node's assignments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum StoreView {
+    /// Unfinished: this node's assignment for it.
+    Active(pb::MigrationAssignment),
+    /// Finished; `here`: the instance is still placed on this node (the
+    /// migration failed or was cancelled) or not (it completed).
+    Ended {
+        /// Whether the instance stays on this node.
+        here: bool,
+    },
+}
+
+impl StoreView {
+    fn ended(&self) -> bool {
+        matches!(self, StoreView::Ended { .. })
+    }
+}
+
+/// How an outgoing migration ended, for the reconciler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// The VM runs on the target; this node's copy is gone.
+    Moved,
+    /// The VM runs here (the migration failed or was cancelled).
+    Stayed,
+    /// The source VMM ended during the migration.
+    Lost,
+}
+
+/// Sends `vm` to the migration's target, or attaches to the migration its
+/// VMM already runs. `store` follows the migration in the store.
 pub(crate) async fn send(
     ctx: &StartContext,
     vm: &Vm,
     m: &pb::MigrationAssignment,
-    mut cancel: watch::Receiver<bool>,
-) -> bool {
+    mut store: watch::Receiver<StoreView>,
+) -> Sent {
     let node = ctx.cfg.node_name();
     let migration = m.migration.clone();
     let client = VmmClient::new(&vm.layout.api_socket());
-    let end = |failed: bool, cancelled: bool, reason: String, p: Option<pb::MigrationProgress>| {
-        let ctl = ctx.ctl.clone();
-        let req = pb::ReportMigrationRequest {
-            node: node.clone(),
-            migration: migration.clone(),
-            progress: p,
-            failed,
-            cancelled,
-            reason,
-            ..Default::default()
+    let report_end =
+        |failed: bool, cancelled: bool, reason: String, p: Option<pb::MigrationProgress>| {
+            let req = pb::ReportMigrationRequest {
+                node: node.clone(),
+                migration: migration.clone(),
+                progress: p,
+                failed,
+                cancelled,
+                reason,
+                ..Default::default()
+            };
+            report_retrying(&ctx.ctl, req)
         };
-        async move { report_retrying(&ctl, req).await }
-    };
     let gate_path = vm.layout.dir.join("gate.sock");
     let _ = std::fs::remove_file(&gate_path);
     let gate = match UnixListener::bind(&gate_path) {
         Ok(l) => l,
         Err(e) => {
-            end(
+            report_end(
                 true,
                 false,
                 format!("cannot serve the switchover gate: {e}"),
                 None,
             )
             .await;
-            return false;
+            return Sent::Stayed;
         }
     };
     allow_vmm_user(&gate_path, ctx);
-    tracing::info!(%migration, to = %m.peer_address, "migrating");
-    if let Err(e) = client
-        .migrate(&m.peer_address, m.max_downtime_ms, &gate_path)
+    // A VMM already running this migration (this agent restarted) keeps
+    // it: attach; it asks the gate at the same path.
+    let running = client
+        .migrate_status()
         .await
-    {
-        let _ = std::fs::remove_file(&gate_path);
-        end(true, false, error_chain(&e), None).await;
-        return false;
+        .ok()
+        .filter(|st| !st.is_final() && st.to == m.peer_address);
+    if let Some(st) = &running {
+        tracing::info!(%migration, state = %st.state, "attached to the migration the VMM runs");
+    } else {
+        tracing::info!(%migration, to = %m.peer_address, "migrating");
+        if let Err(e) = client
+            .migrate(&m.peer_address, m.max_downtime_ms, &gate_path)
+            .await
+        {
+            let _ = std::fs::remove_file(&gate_path);
+            report_end(true, false, error_chain(&e), None).await;
+            return Sent::Stayed;
+        }
     }
-    let committed = Arc::new(AtomicBool::new(false));
-    let gone_in_store = Arc::new(AtomicBool::new(false));
+    let mut decided = m.decided || running.as_ref().is_some_and(|st| st.decided);
     let mut last = VmmMigration::default();
     let mut tick = tokio::time::interval(POLL);
     let mut last_report = Instant::now();
     let mut cancel_sent = false;
+    let mut doubt_reported = false;
+    let mut resolved = false;
     let outcome = loop {
         tokio::select! {
             conn = gate.accept() => {
                 if let Ok((s, _)) = conn {
                     let p = progress(&last);
                     if answer_gate(s, &ctx.ctl, &node, &migration, p).await {
-                        committed.store(true, Ordering::SeqCst);
+                        decided = true;
                     }
                 }
             }
-            changed = cancel.changed(), if !cancel_sent => {
-                if changed.is_err() || *cancel.borrow() {
-                    cancel_sent = true;
-                    gone_in_store.store(true, Ordering::SeqCst);
-                    if let Err(e) = client.migrate_cancel().await {
-                        tracing::warn!(%migration, error = %error_chain(&e), "cannot cancel the migration in the VMM");
-                    }
+            changed = store.changed() => {
+                if changed.is_err() {
+                    // The reconciler is gone (the agent stops): the VMM
+                    // goes on by itself; the next agent attaches.
+                    break None;
                 }
             }
             _ = tick.tick() => {
@@ -425,8 +485,21 @@ pub(crate) async fn send(
                         if st.is_final() {
                             break Some(st);
                         }
+                        decided |= st.decided;
+                        if st.in_doubt() && !doubt_reported {
+                            let req = pb::ReportMigrationRequest {
+                                node: node.clone(),
+                                migration: migration.clone(),
+                                progress: Some(progress(&st)),
+                                in_doubt: true,
+                                reason: st.error.clone().unwrap_or_default(),
+                                ..Default::default()
+                            };
+                            tracing::warn!(%migration, "the commit went out unacknowledged; the VM waits paused until the store settles the migration");
+                            doubt_reported = report(&ctx.ctl, req).await.is_ok();
+                        }
                         last = st;
-                        if last_report.elapsed() >= REPORT_EVERY {
+                        if last_report.elapsed() >= REPORT_EVERY && !last.in_doubt() {
                             last_report = Instant::now();
                             let req = pb::ReportMigrationRequest {
                                 node: node.clone(),
@@ -434,17 +507,9 @@ pub(crate) async fn send(
                                 progress: Some(progress(&last)),
                                 ..Default::default()
                             };
-                            let (ctl, gone) = (ctx.ctl.clone(), gone_in_store.clone());
-                            let client = client.clone();
+                            let ctl = ctx.ctl.clone();
                             tokio::spawn(async move {
-                                if let Err(s) = report(&ctl, req).await
-                                    && s.code() == tonic::Code::FailedPrecondition
-                                    && !gone.swap(true, Ordering::SeqCst)
-                                {
-                                    // Ended in the store (cancelled, or
-                                    // failed at the target): stop sending.
-                                    let _ = client.migrate_cancel().await;
-                                }
+                                let _ = report(&ctl, req).await;
                             });
                         }
                     }
@@ -457,45 +522,141 @@ pub(crate) async fn send(
                 }
             }
         }
+        let view = store.borrow().clone();
+        // In doubt, and the store has settled it: tell the VMM.
+        if last.in_doubt()
+            && !resolved
+            && let StoreView::Ended { here } = view
+        {
+            match client.migrate_resolve(!here).await {
+                Ok(()) => {
+                    resolved = true;
+                    tracing::info!(%migration, moved = !here, "told the VMM where its in-doubt VM runs");
+                }
+                Err(e) => {
+                    tracing::warn!(%migration, error = %error_chain(&e), "cannot settle the in-doubt migration in the VMM")
+                }
+            }
+        }
+        // Ended in the store before the switchover was decided (cancelled,
+        // or failed at the target): stop sending.
+        if view.ended() && !decided && !cancel_sent {
+            cancel_sent = true;
+            tracing::info!(%migration, "the migration ended in the store; cancelling it in the VMM");
+            if let Err(e) = client.migrate_cancel().await {
+                tracing::warn!(%migration, error = %error_chain(&e), "cannot cancel the migration in the VMM");
+            }
+        }
     };
     let _ = std::fs::remove_file(&gate_path);
-    let committed = committed.load(Ordering::SeqCst);
     match outcome {
         Some(st) if st.state == "completed" => {
             tracing::info!(%migration, downtime_us = st.downtime_us.unwrap_or(0), bytes = st.bytes_sent, "migrated");
-            // The downtime is known only now: the migration resource gets
-            // the VMM's last figures (best effort, off the VM's path).
-            tokio::spawn(end(false, false, String::new(), Some(progress(&st))));
-            true
-        }
-        // The switchover is decided: the VM stops here whatever the VMM
-        // saw after the yes.
-        _ if committed => {
-            tracing::warn!(%migration, status = ?outcome, "the switchover was committed; the VM is the target's");
-            true
+            // The target acknowledged: the VM runs there. The report also
+            // carries the downtime, known only now.
+            let req = pb::ReportMigrationRequest {
+                node: node.clone(),
+                migration: migration.clone(),
+                progress: Some(progress(&st)),
+                completed: true,
+                ..Default::default()
+            };
+            report_retrying(&ctx.ctl, req).await;
+            Sent::Moved
         }
         Some(st) => {
             let cancelled = st.state == "cancelled";
             let why = st.error.clone().unwrap_or_else(|| st.state.clone());
             tracing::info!(%migration, %why, "the migration ended without a switchover; the VM runs here");
-            end(!cancelled, cancelled, why, Some(progress(&st))).await;
-            false
+            report_end(!cancelled, cancelled, why, Some(progress(&st))).await;
+            Sent::Stayed
+        }
+        None if host::alive(vm.record.pid, vm.record.start_ticks) => {
+            // Only when the agent itself stops: nothing to report.
+            Sent::Stayed
         }
         None => {
-            end(
-                true,
-                false,
-                failure_with_log(
-                    &vm.layout,
-                    "the source VMM ended during the migration".into(),
-                )
-                .failure
-                .unwrap_or_default(),
-                Some(progress(&last)),
+            let why = failure_with_log(
+                &vm.layout,
+                "the source VMM ended during the migration".into(),
             )
-            .await;
-            false
+            .failure
+            .unwrap_or_default();
+            if decided {
+                // It may have sent the commit before it died: only the
+                // target knows whether it runs the VM.
+                let req = pb::ReportMigrationRequest {
+                    node: node.clone(),
+                    migration: migration.clone(),
+                    progress: Some(progress(&last)),
+                    in_doubt: true,
+                    reason: why,
+                    ..Default::default()
+                };
+                report_retrying(&ctx.ctl, req).await;
+            } else {
+                report_end(true, false, why, Some(progress(&last))).await;
+            }
+            Sent::Lost
         }
+    }
+}
+
+/// How long a VMM may take to stop for [`settle`].
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settles an in-doubt migration on its target: freezes the incoming VMM
+/// (`pid`), then reports `completed` if it wrote its arrival file (and lets
+/// it go on), else kills it, since the VM never ran here, and reports
+/// `failed`. Returns whether the VM runs here. An error (the VMM would
+/// not stop, a report that did not get through) leaves it for the next
+/// turn.
+pub(crate) async fn settle(
+    ctl: &Controllers,
+    node: &str,
+    migration: &str,
+    layout: &Layout,
+    pid: u32,
+) -> Result<bool, String> {
+    let frozen = tokio::task::spawn_blocking(move || host::freeze(pid, FREEZE_TIMEOUT))
+        .await
+        .unwrap_or(false);
+    if !frozen {
+        host::thaw(pid);
+        return Err(format!(
+            "the incoming VMM {pid} did not stop within {FREEZE_TIMEOUT:?}"
+        ));
+    }
+    // Frozen: it cannot write the file, nor wake the vCPUs, from here on.
+    let arrived = layout.arrival().exists();
+    let req = if arrived {
+        host::thaw(pid);
+        tracing::info!(%migration, pid, "settled in doubt: the VM runs here");
+        pb::ReportMigrationRequest {
+            node: node.to_owned(),
+            migration: migration.to_owned(),
+            completed: true,
+            ..Default::default()
+        }
+    } else {
+        host::kill(pid);
+        tracing::info!(%migration, pid, "settled in doubt: the VM never ran here; its VMM is stopped");
+        pb::ReportMigrationRequest {
+            node: node.to_owned(),
+            migration: migration.to_owned(),
+            failed: true,
+            reason: "the commit never reached the target (settled: its VMM had not run the VM and was stopped)".into(),
+            ..Default::default()
+        }
+    };
+    match report(ctl, req).await {
+        Ok(()) => Ok(arrived),
+        // Settled already (the other side was heard first).
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => Ok(arrived),
+        Err(s) => Err(format!(
+            "cannot report the settled migration: {}",
+            s.message()
+        )),
     }
 }
 

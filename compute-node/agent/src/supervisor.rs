@@ -122,7 +122,13 @@ pub enum Role {
         ready: bool,
     },
     /// The VM comes here.
-    Target,
+    Target {
+        /// The switchover is decided: the VM runs here once it arrives.
+        decided: bool,
+        /// The source sent the commit and heard nothing back: settle where
+        /// the VM runs.
+        in_doubt: bool,
+    },
 }
 
 /// The facts [`decide`] reads about the VM.
@@ -163,6 +169,11 @@ pub enum Action {
     Migrate,
     /// Tell the controllers the migration failed (this side cannot go on).
     MigrationFailed(String),
+    /// Target: the migrated VM runs here; tell the controllers.
+    MigrationArrived,
+    /// Target of an in-doubt migration: freeze the incoming VMM and settle
+    /// where the VM runs (see `migrate::settle`).
+    SettleIncoming,
 }
 
 /// Decides the next step for one instance. `want`: its assignment here, if
@@ -192,7 +203,7 @@ pub fn decide(
     if w.desired == DesiredState::DesiredRunning {
         match (w.role, have) {
             // The target: receive, or say why it cannot.
-            (Role::Target, None) => {
+            (Role::Target { .. }, None) => {
                 return match exit {
                     Some(e) => Action::MigrationFailed(
                         e.failure
@@ -202,7 +213,16 @@ pub fn decide(
                     None => Action::Incoming,
                 };
             }
-            (Role::Target, Some(_)) => return Action::Nothing,
+            // In doubt and not arrived (as far as its control socket
+            // tells): settle it.
+            (Role::Target { in_doubt: true, .. }, Some(h)) if h.incoming => {
+                return Action::SettleIncoming;
+            }
+            // Arrived, and the store does not know yet.
+            (Role::Target { decided: true, .. }, Some(h)) if !h.incoming => {
+                return Action::MigrationArrived;
+            }
+            (Role::Target { .. }, Some(_)) => return Action::Nothing,
             // The source: send once the target listens.
             (Role::Source { ready: true }, Some(h)) if !h.fenced && !h.incoming => {
                 return Action::Migrate;
@@ -308,8 +328,9 @@ pub struct Supervisor {
     migrations_seen: HashSet<String>,
     /// Migration failures reported.
     migration_reported: HashSet<String>,
-    /// Running outgoing migrations: instance -> (migration, cancel).
-    outgoing: HashMap<String, (String, watch::Sender<bool>)>,
+    /// Running outgoing migrations: instance -> (migration, what the
+    /// store says of it).
+    outgoing: HashMap<String, (String, watch::Sender<crate::migrate::StoreView>)>,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
 }
@@ -375,6 +396,21 @@ impl Supervisor {
                 None
             };
             match status {
+                // A `neph-vmm --incoming` still waiting for its VM answers
+                // nothing yet: adopt it as such (it can still be settled).
+                None if record.incoming && host::alive(record.pid, record.start_ticks) => {
+                    tracing::info!(instance = %key, pid = record.pid, "re-adopted an incoming VMM");
+                    self.vms.insert(
+                        key,
+                        Vm {
+                            record,
+                            layout,
+                            fenced: false,
+                            child: false,
+                            incoming: true,
+                        },
+                    );
+                }
                 Some(st) if st.pid == record.pid => {
                     tracing::info!(instance = %key, pid = record.pid, fenced = st.fenced, "re-adopted a running VM");
                     self.vms.insert(
@@ -599,15 +635,25 @@ impl Supervisor {
             .collect();
         names.extend(dirs.keys().cloned());
         let lease_valid = self.shared.lease_valid();
-        for (name, (migration, cancel)) in &self.outgoing {
-            let still = assigned
-                .get(name)
-                .and_then(|a| a.migration.as_ref())
-                .is_some_and(|m| &m.migration == migration);
-            if !still && !*cancel.borrow() {
-                tracing::info!(instance = %name, %migration, "the migration ended in the store; cancelling it");
-                let _ = cancel.send(true);
-            }
+        for (name, (migration, view)) in &self.outgoing {
+            use crate::migrate::StoreView;
+            let now = match assigned.get(name) {
+                Some(a) => match a.migration.as_ref() {
+                    Some(m) if &m.migration == migration => StoreView::Active(m.clone()),
+                    _ => StoreView::Ended { here: true },
+                },
+                None => StoreView::Ended { here: false },
+            };
+            view.send_if_modified(|v| {
+                if *v == now {
+                    return false;
+                }
+                if matches!(now, StoreView::Ended { .. }) {
+                    tracing::info!(instance = %name, %migration, store = ?now, "the migration ended in the store");
+                }
+                *v = now;
+                true
+            });
         }
         for name in names {
             if self.busy.contains(&name) {
@@ -718,15 +764,75 @@ impl Supervisor {
                 if !self.migrations_seen.insert(m.migration.clone()) {
                     return;
                 }
-                let (cancel_tx, cancel) = watch::channel(false);
+                let (view_tx, view) = watch::channel(crate::migrate::StoreView::Active(m.clone()));
                 self.outgoing
-                    .insert(name.to_owned(), (m.migration.clone(), cancel_tx));
+                    .insert(name.to_owned(), (m.migration.clone(), view_tx));
                 let ctx = self.ctx();
                 self.spawn_op(name, async move {
-                    if crate::migrate::send(&ctx, &vm, &m, cancel).await {
-                        Outcome::Migrated
-                    } else {
-                        Outcome::Unchanged
+                    match crate::migrate::send(&ctx, &vm, &m, view).await {
+                        crate::migrate::Sent::Moved => Outcome::Migrated,
+                        crate::migrate::Sent::Stayed | crate::migrate::Sent::Lost => {
+                            Outcome::Unchanged
+                        }
+                    }
+                });
+            }
+            Action::MigrationArrived => {
+                let Some(m) = a.and_then(|a| a.migration.clone()) else {
+                    return;
+                };
+                if !self.migration_reported.insert(m.migration.clone()) {
+                    return;
+                }
+                tracing::info!(instance = %name, migration = %m.migration, "the migrated VM runs here; telling the controllers");
+                let (ctl, node, tx) = (self.ctl.clone(), self.cfg.node_name(), self.tx.clone());
+                tokio::spawn(async move {
+                    let req = pb::ReportMigrationRequest {
+                        node,
+                        migration: m.migration.clone(),
+                        completed: true,
+                        ..Default::default()
+                    };
+                    match crate::migrate::report(&ctl, req).await {
+                        Ok(()) => {}
+                        Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+                        Err(s) => {
+                            tracing::warn!(error = %s.message(), "migration report did not reach the controllers; will retry");
+                            let _ = tx.send(Event::MigrationReportFailed {
+                                migration: m.migration,
+                            });
+                        }
+                    }
+                });
+            }
+            Action::SettleIncoming => {
+                let Some(m) = a.and_then(|a| a.migration.clone()) else {
+                    return;
+                };
+                let Some(vm) = self.vms.get(name).cloned() else {
+                    return;
+                };
+                let (ctl, node) = (self.ctl.clone(), self.cfg.node_name());
+                self.spawn_op(name, async move {
+                    match crate::migrate::settle(
+                        &ctl,
+                        &node,
+                        &m.migration,
+                        &vm.layout,
+                        vm.record.pid,
+                    )
+                    .await
+                    {
+                        Ok(true) => Outcome::Unchanged,
+                        Ok(false) => {
+                            let _ = std::fs::remove_file(vm.layout.state());
+                            Outcome::Stopped
+                        }
+                        Err(why) => {
+                            tracing::warn!(migration = %m.migration, %why, "cannot settle the in-doubt migration yet");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            Outcome::Unchanged
+                        }
                     }
                 });
             }
@@ -737,13 +843,22 @@ impl Supervisor {
                 if !self.migration_reported.insert(m.migration.clone()) {
                     return;
                 }
-                tracing::warn!(instance = %name, migration = %m.migration, %reason, "the migration cannot go on here");
+                // The incoming VMM ended: if it wrote its arrival file, the
+                // VM ran here (and died after): the switchover happened.
+                let arrived = InstanceName::parse(name)
+                    .is_ok_and(|n| Layout::new(&self.cfg.data_dir, &n).arrival().exists());
+                if arrived {
+                    tracing::warn!(instance = %name, migration = %m.migration, %reason, "the migrated VM ran here, then its VMM ended");
+                } else {
+                    tracing::warn!(instance = %name, migration = %m.migration, %reason, "the migration cannot go on here");
+                }
                 let (ctl, node, tx) = (self.ctl.clone(), self.cfg.node_name(), self.tx.clone());
                 tokio::spawn(async move {
                     let req = pb::ReportMigrationRequest {
                         node,
                         migration: m.migration.clone(),
-                        failed: true,
+                        failed: !arrived,
+                        completed: arrived,
                         reason,
                         ..Default::default()
                     };
@@ -898,7 +1013,10 @@ fn want(a: &pb::Assignment) -> Want {
             Some(m) if m.role == pb::MigrationRole::MigrationSource as i32 => Role::Source {
                 ready: !m.peer_address.is_empty(),
             },
-            Some(m) if m.role == pb::MigrationRole::MigrationTarget as i32 => Role::Target,
+            Some(m) if m.role == pb::MigrationRole::MigrationTarget as i32 => Role::Target {
+                decided: m.decided,
+                in_doubt: m.in_doubt,
+            },
             _ => Role::None,
         },
     }
@@ -1120,6 +1238,7 @@ async fn start_vm(
         start_ticks,
         boot_count: instance.boot_count,
         spec,
+        incoming: false,
     };
     let mut child = child;
     if let Err(e) = record.save(&layout.state()) {
@@ -1387,22 +1506,73 @@ mod tests {
             role,
             ..w(R, S::Migrating)
         };
+        let target = |decided, in_doubt| Role::Target { decided, in_doubt };
         // Target: start --incoming, then wait; its VMM's end fails it.
         assert_eq!(
-            decide(Some(&role(Role::Target)), None, None, true, false),
+            decide(Some(&role(target(false, false))), None, None, true, false),
             Action::Incoming
         );
-        assert_eq!(
-            decide(Some(&role(Role::Target)), Some(&INCOMING), None, true, true),
-            Action::Nothing
-        );
+        for decided in [false, true] {
+            assert_eq!(
+                decide(
+                    Some(&role(target(decided, false))),
+                    Some(&INCOMING),
+                    None,
+                    true,
+                    true
+                ),
+                Action::Nothing
+            );
+        }
         let killed = Exit {
             failure: Some("killed".into()),
             generation: Some(5),
         };
         assert_eq!(
-            decide(Some(&role(Role::Target)), None, Some(&killed), true, true),
+            decide(
+                Some(&role(target(true, false))),
+                None,
+                Some(&killed),
+                true,
+                true
+            ),
             Action::MigrationFailed("killed".into())
+        );
+        // Decided and arrived (its control socket answers): say so. In
+        // doubt and not arrived: settle it; arrived: say so.
+        assert_eq!(
+            decide(
+                Some(&role(target(true, false))),
+                Some(&UP),
+                None,
+                true,
+                true
+            ),
+            Action::MigrationArrived
+        );
+        assert_eq!(
+            decide(
+                Some(&role(target(false, false))),
+                Some(&UP),
+                None,
+                true,
+                true
+            ),
+            Action::Nothing
+        );
+        assert_eq!(
+            decide(
+                Some(&role(target(true, true))),
+                Some(&INCOMING),
+                None,
+                true,
+                true
+            ),
+            Action::SettleIncoming
+        );
+        assert_eq!(
+            decide(Some(&role(target(true, true))), Some(&UP), None, true, true),
+            Action::MigrationArrived
         );
         // Source: send once the target listens, never while fenced, and
         // a migrating instance is not reported RUNNING meanwhile.

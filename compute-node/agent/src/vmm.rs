@@ -59,9 +59,15 @@ pub struct VmmStatus {
 /// The `migrate_status` answer (the fields the agent uses).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 pub struct VmmMigration {
-    /// `setup`, `precopy`, `stop_and_copy`, `completed`, `failed` or
-    /// `cancelled`.
+    /// `setup`, `precopy`, `stop_and_copy`, `in_doubt`, `completed`,
+    /// `failed` or `cancelled`.
     pub state: String,
+    /// `HOST:PORT` of the target.
+    #[serde(default)]
+    pub to: String,
+    /// The gate said yes: no cancel any more.
+    #[serde(default)]
+    pub decided: bool,
     /// Round: 0 is the full pass.
     #[serde(default)]
     pub round: u32,
@@ -95,6 +101,12 @@ impl VmmMigration {
     /// Completed, failed or cancelled.
     pub fn is_final(&self) -> bool {
         matches!(self.state.as_str(), "completed" | "failed" | "cancelled")
+    }
+
+    /// The commit went out and no acknowledgement came back: the VM waits
+    /// paused for [`VmmClient::migrate_resolve`].
+    pub fn in_doubt(&self) -> bool {
+        self.state == "in_doubt"
     }
 }
 
@@ -233,6 +245,17 @@ impl VmmClient {
         self.call(r#"{"cmd":"migrate_cancel"}"#.into(), "migrate_cancel")
             .await
             .map(drop)
+    }
+
+    /// `migrate_resolve`: settles an in-doubt migration (`moved`: the
+    /// target runs the VM).
+    pub async fn migrate_resolve(&self, moved: bool) -> Result<(), VmmCallError> {
+        self.call(
+            format!(r#"{{"cmd":"migrate_resolve","moved":{moved}}}"#),
+            "migrate_resolve",
+        )
+        .await
+        .map(drop)
     }
 
     /// `stop`.

@@ -249,6 +249,8 @@ pub fn migration(m: &model::Migration) -> infra::Migration {
             MigrationState::Completed => infra::MigrationState::Completed,
             MigrationState::Failed => infra::MigrationState::Failed,
             MigrationState::Cancelled => infra::MigrationState::Cancelled,
+            MigrationState::Switching => infra::MigrationState::Switching,
+            MigrationState::InDoubt => infra::MigrationState::InDoubt,
         } as i32,
         bytes_copied: m.bytes_copied,
         reason: m.reason.clone(),

@@ -1,7 +1,20 @@
 //! The migration half of `nephele.node.v1.NodeAgent`: what a migration's
 //! source and target nodes are told in their assignments, their progress
 //! reports, and the switchover request, which answers yes only once the
-//! switchover is committed in the log (`Command::SwitchMigration`).
+//! switchover is decided in the log (`Command::SwitchMigration`: the
+//! migration goes SWITCHING).
+//!
+//! How a decided switchover ends (see `docs/migration.md`): the source's
+//! VMM pauses the VM, sends the rest and `Complete`, and the target's runs
+//! it. Then either side reports `completed` (the source on the target's
+//! acknowledgement, the target once its VMM runs the VM) and the instance
+//! moves. If the source fails before `Complete` went out, it reports
+//! `failed` and keeps the VM. If `Complete` went out and no acknowledgement
+//! came back, the source reports `in_doubt` (IN_DOUBT) and keeps the VM
+//! paused; the target's agent, told `in_doubt`, freezes its VMM and looks
+//! for the arrival file the VMM writes before the VM first runs: found, it
+//! reports `completed`; not found, it kills the VMM and reports `failed`,
+//! and the source resumes the VM.
 
 use nephele_proto::node::v1 as pb;
 use nephele_state::model::{Migration, MigrationProgress, MigrationState, State};
@@ -34,6 +47,8 @@ pub fn assignment_of(s: &State, node: &str, instance: &str) -> Option<pb::Migrat
         role: role as i32,
         peer_address: peer,
         max_downtime_ms: m.max_downtime_ms,
+        decided: m.state.is_switching(),
+        in_doubt: m.state == MigrationState::InDoubt,
     })
 }
 
@@ -74,7 +89,33 @@ impl<S: StateStore> Api<S> {
         names::parse(&r.node, names::NODE)?;
         names::parse(&r.migration, names::MIGRATION)?;
         let progress = progress_in(r.progress.as_ref());
-        let m = if r.failed || r.cancelled {
+        let m = if r.completed {
+            self.complete_migration(&r.node, &r.migration, progress)
+                .await?
+        } else if r.in_doubt {
+            let name = r.migration.clone();
+            let source = self
+                .read_try(move |s| {
+                    s.migrations
+                        .get(&name)
+                        .map(|m| m.source.clone())
+                        .ok_or_else(|| ApiError::not_found(name))
+                })
+                .await?;
+            if source != r.node {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "only the source {source} can be in doubt about {}",
+                    r.migration
+                )));
+            }
+            let command = Command::SetMigrationState {
+                migration: r.migration,
+                state: MigrationState::InDoubt,
+                bytes_copied: progress.map_or(0, |p| p.bytes_sent),
+                reason: r.reason,
+            };
+            migration_of(self.propose(&r.node, None, command).await?)?
+        } else if r.failed || r.cancelled {
             // The source ends it (the VM resumed there); the target may
             // only fail it (its VMM is gone). Either way the log orders it
             // against the switchover: once failed, no switchover commits.
@@ -120,6 +161,67 @@ impl<S: StateStore> Api<S> {
         })
     }
 
+    /// A `completed` report from the migration's source or target: the
+    /// instance moves (once; a repeated report finds it done), and the
+    /// source's figures (its measured downtime) are kept.
+    async fn complete_migration(
+        &self,
+        node: &str,
+        migration: &str,
+        progress: Option<MigrationProgress>,
+    ) -> Result<Migration, ApiError> {
+        let name = migration.to_owned();
+        let (source, target) = self
+            .read_try(move |s| {
+                s.migrations
+                    .get(&name)
+                    .map(|m| (m.source.clone(), m.target.clone()))
+                    .ok_or_else(|| ApiError::not_found(name))
+            })
+            .await?;
+        if node != source && node != target {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{node} takes no part in {migration}"
+            )));
+        }
+        let command = Command::SetMigrationState {
+            migration: migration.to_owned(),
+            state: MigrationState::Completed,
+            bytes_copied: progress.map_or(0, |p| p.bytes_sent),
+            reason: String::new(),
+        };
+        let done = match self.propose(node, None, command).await {
+            Ok(r) => Some(migration_of(r)?),
+            // Completed already (the other side said so first): fine.
+            Err(ApiError::FailedPrecondition(why)) => {
+                let name = migration.to_owned();
+                let m = self
+                    .read_try(move |s| {
+                        s.migrations
+                            .get(&name)
+                            .cloned()
+                            .ok_or_else(|| ApiError::not_found(name))
+                    })
+                    .await?;
+                if m.state != MigrationState::Completed {
+                    return Err(ApiError::FailedPrecondition(why));
+                }
+                Some(m)
+            }
+            Err(e) => return Err(e),
+        };
+        if node == source && progress.is_some() {
+            let command = Command::UpdateMigration {
+                migration: migration.to_owned(),
+                node: node.to_owned(),
+                target_address: String::new(),
+                progress,
+            };
+            return migration_of(self.propose(node, None, command).await?);
+        }
+        done.ok_or_else(|| ApiError::Internal("no migration".into()))
+    }
+
     /// `RequestSwitchover`, after authorization: yes only once committed.
     pub(super) async fn request_switchover_checked(
         &self,
@@ -133,30 +235,20 @@ impl<S: StateStore> Api<S> {
             progress: progress_in(r.progress.as_ref()),
         };
         match self.propose(&r.node, None, command).await {
+            // Decided (now, or by an earlier request whose answer was
+            // lost: the state machine answers that one yes again).
             Ok(_) => {
-                tracing::info!(migration = %r.migration, "switchover committed");
+                tracing::info!(migration = %r.migration, "switchover decided");
                 Ok(pb::RequestSwitchoverResponse {
                     allowed: true,
                     reason: String::new(),
                 })
             }
-            // Refused by the state machine: a definite no, unless this
-            // source's switchover is already committed (an earlier request
-            // whose answer was lost): then the answer stays yes.
-            Err(ApiError::FailedPrecondition(why)) => {
-                let (name, node) = (r.migration.clone(), r.node.clone());
-                let done = self
-                    .read_try(move |s| {
-                        Ok::<_, ApiError>(s.migrations.get(&name).is_some_and(|m| {
-                            m.state == MigrationState::Completed && m.source == node
-                        }))
-                    })
-                    .await?;
-                Ok(pb::RequestSwitchoverResponse {
-                    allowed: done,
-                    reason: if done { String::new() } else { why },
-                })
-            }
+            // Refused by the state machine: a definite no.
+            Err(ApiError::FailedPrecondition(why)) => Ok(pb::RequestSwitchoverResponse {
+                allowed: false,
+                reason: why,
+            }),
             // Anything else (no leader, timeout) is an error: the source
             // treats it as no as well.
             Err(e) => Err(e),

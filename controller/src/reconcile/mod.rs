@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nephele_scheduler::{self as sched, ClusterSnapshot, Explain, PlaceError, PlacementRequest};
-use nephele_state::model::{InstanceState, NodeState, State};
+use nephele_state::model::{InstanceState, MigrationState, NodeState, State};
 use nephele_state::{Command, Envelope};
 use thiserror::Error;
 use tokio::sync::watch;
@@ -423,7 +423,13 @@ struct Placed {
 ///   saw the node's heartbeat change, the node is fenced: its agent paused
 ///   its VMs at (heartbeat sent + lease) at the latest, and sent <= seen
 ///   here, so HA instances that should run are restarted elsewhere
-///   ([`Command::RestartInstanceElsewhere`]).
+///   ([`Command::RestartInstanceElsewhere`]);
+/// - a migration with a DOWN node fails if its switchover was not decided
+///   (the source keeps or gets back the VM; the target runs nothing without
+///   the commit); a decided one whose source is DOWN goes IN_DOUBT, so the
+///   target's agent settles where the VM runs. One whose target is DOWN
+///   waits for the source's word (it fails it if the commit never went out)
+///   or for the target's agent.
 ///
 /// Clock assumption: the agent's and this leader's monotonic clocks run at
 /// about the same rate (the `node_timeout` is the margin for drift and for
@@ -441,7 +447,7 @@ pub async fn liveness_pass<S: StateStore>(
     let timeout = config.node_timeout;
     let fenced_after = timeout.saturating_add(config.fence_lease);
     let mut requeue = (timeout / 4).max(Duration::from_millis(50));
-    let (nodes, placed) = store
+    let (nodes, placed, migrations) = store
         .read(|s| {
             let nodes: Vec<(String, u64, bool)> = s
                 .nodes
@@ -461,9 +467,24 @@ pub async fn liveness_pass<S: StateStore>(
                     })
                 })
                 .collect();
-            (nodes, placed)
+            let migrations: Vec<(String, String, String, MigrationState, u64)> = s
+                .migrations
+                .values()
+                .filter(|m| !m.state.is_final())
+                .map(|m| {
+                    (
+                        m.name.clone(),
+                        m.source.clone(),
+                        m.target.clone(),
+                        m.state,
+                        m.bytes_copied,
+                    )
+                })
+                .collect();
+            (nodes, placed, migrations)
         })
         .await?;
+    let mut down_nodes = std::collections::HashSet::new();
     memory
         .seen
         .retain(|name, _| nodes.iter().any(|(n, _, _)| n == name));
@@ -484,6 +505,7 @@ pub async fn liveness_pass<S: StateStore>(
         if !down {
             continue;
         }
+        down_nodes.insert(node.clone());
         let node_id = node.strip_prefix("nodes/").unwrap_or(&node);
         let fenced_now = silent > fenced_after;
         for i in placed.iter().filter(|i| i.node == node) {
@@ -512,6 +534,37 @@ pub async fn liveness_pass<S: StateStore>(
             if let Err(e) = store.propose(fenced(term, cmd)).await?.outcome {
                 tracing::info!(instance = %i.name, error = %e, "instance on a down node not moved");
             }
+        }
+    }
+    for (name, source, target, state, bytes_copied) in migrations {
+        let (to, reason) = match state {
+            MigrationState::Queued | MigrationState::Running => {
+                let Some(down) = [&source, &target]
+                    .into_iter()
+                    .find(|n| down_nodes.contains(*n))
+                else {
+                    continue;
+                };
+                (
+                    MigrationState::Failed,
+                    format!("{down} is down before the switchover was decided"),
+                )
+            }
+            MigrationState::Switching if down_nodes.contains(&source) => (
+                MigrationState::InDoubt,
+                format!("{source} is down during the switchover"),
+            ),
+            _ => continue,
+        };
+        tracing::warn!(migration = %name, %reason, to = ?to, "a node of a migration is down");
+        let cmd = Command::SetMigrationState {
+            migration: name.clone(),
+            state: to,
+            bytes_copied,
+            reason,
+        };
+        if let Err(e) = store.propose(fenced(term, cmd)).await?.outcome {
+            tracing::info!(migration = %name, error = %e, "migration of a down node not changed");
         }
     }
     Ok(requeue)
@@ -865,6 +918,59 @@ mod tests {
 
     fn beat(store: &MemStore, node: &str) {
         store.run(Command::NodeHeartbeat { node: node.into() });
+    }
+
+    #[tokio::test]
+    async fn migrations_of_a_down_node_fail_or_go_in_doubt() {
+        let store = cluster();
+        // `ha` migrating n1 -> n2, copying; `plain` too, decided.
+        for (id, decided) in [("ha", false), ("plain", true)] {
+            let m = format!("migrations/m-{id}");
+            store.run(Command::CreateMigration {
+                migration_id: format!("m-{id}"),
+                instance: format!("projects/p/instances/{id}"),
+                target: "nodes/n2".into(),
+                max_downtime_ms: 0,
+                cause: String::new(),
+            });
+            store.run(Command::UpdateMigration {
+                migration: m.clone(),
+                node: "nodes/n2".into(),
+                target_address: "127.0.0.1:7000".into(),
+                progress: None,
+            });
+            if decided {
+                store.run(Command::SwitchMigration {
+                    migration: m,
+                    node: "nodes/n1".into(),
+                    progress: None,
+                });
+            }
+        }
+        let config = timings(10, 5);
+        let mut memory = HeartbeatMemory::default();
+        let t0 = Instant::now();
+        pass(&store, &config, &mut memory, t0).await;
+        beat(&store, "nodes/n2");
+        pass(&store, &config, &mut memory, t0 + Duration::from_secs(12)).await;
+        assert_eq!(store.get(|s| s.nodes["nodes/n1"].state), NodeState::Down);
+        let (ha, plain) = store.get(|s| {
+            (
+                s.migrations["migrations/m-ha"].clone(),
+                s.migrations["migrations/m-plain"].clone(),
+            )
+        });
+        // Not decided: failed, the target runs nothing without the commit.
+        assert_eq!(ha.state, MigrationState::Failed);
+        assert!(ha.reason.contains("nodes/n1 is down"), "{}", ha.reason);
+        // Decided: the target's agent settles where the VM runs.
+        assert_eq!(plain.state, MigrationState::InDoubt);
+        // Nothing more changes on the next pass.
+        pass(&store, &config, &mut memory, t0 + Duration::from_secs(13)).await;
+        assert_eq!(
+            store.get(|s| s.migrations["migrations/m-plain"].state),
+            MigrationState::InDoubt
+        );
     }
 
     #[tokio::test]

@@ -410,7 +410,9 @@ fn finish_migration(
         .get_mut(migration)
         .ok_or_else(|| not_found(migration))?;
     m.state = to;
-    m.bytes_copied = bytes_copied;
+    // A report that did not count (a target's, a reconciler's) keeps what
+    // the source counted.
+    m.bytes_copied = m.bytes_copied.max(bytes_copied);
     m.reason = reason.to_owned();
     m.update_time = now;
     let m = m.clone();
@@ -1299,10 +1301,25 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 .migrations
                 .get(migration)
                 .ok_or_else(|| not_found(migration))?;
-            let allowed = match (m.state, to) {
-                (MigrationState::Queued, MigrationState::Queued) => false,
+            use MigrationState as M;
+            if m.state.is_switching() && *to == M::Cancelled {
+                return Err(precondition(
+                    migration,
+                    "the switchover is decided; the migration can no longer be cancelled",
+                ));
+            }
+            // A repeated in-doubt report changes nothing.
+            if (m.state, *to) == (M::InDoubt, M::InDoubt) {
+                return Ok(Response::Migration(m.clone()));
+            }
+            let allowed = match (m.state, *to) {
                 (from, _) if from.is_final() => false,
-                (MigrationState::Running, MigrationState::Queued) => false,
+                // Only `SwitchMigration` decides a switchover, and only a
+                // decided one can complete or be in doubt.
+                (_, M::Switching) => false,
+                (from, M::Completed | M::InDoubt) => from.is_switching(),
+                (M::Queued | M::Running, M::Queued) => false,
+                (M::Switching | M::InDoubt, M::Queued | M::Running) => false,
                 _ => true,
             };
             if !allowed {
@@ -1313,6 +1330,18 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 });
             }
             let m = finish_migration(state, actor, now, migration, *to, *bytes_copied, reason)?;
+            if *to == M::InDoubt {
+                event(
+                    state,
+                    actor,
+                    migration,
+                    "migration.in_doubt",
+                    format!(
+                        "the source sent the commit and heard nothing back; {} settles where the VM runs",
+                        m.target
+                    ),
+                );
+            }
             Ok(Response::Migration(m))
         }
         Command::UpdateMigration {
@@ -1389,8 +1418,18 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             names::parse(migration, names::MIGRATION)?;
             let m = state
                 .migrations
-                .get(migration)
+                .get_mut(migration)
                 .ok_or_else(|| not_found(migration))?;
+            if *node != m.source {
+                return Err(precondition(
+                    migration,
+                    format!("only its source {} can switch it over", m.source),
+                ));
+            }
+            // Asked again (an answer lost on the way): still yes.
+            if m.state.is_switching() || m.state == MigrationState::Completed {
+                return Ok(Response::Migration(m.clone()));
+            }
             if m.state != MigrationState::Running {
                 return Err(precondition(
                     migration,
@@ -1400,27 +1439,23 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                     ),
                 ));
             }
-            if *node != m.source {
-                return Err(precondition(
-                    migration,
-                    format!("only its source {} can switch it over", m.source),
-                ));
-            }
-            let bytes = progress.map_or(m.bytes_copied, |p| p.bytes_sent);
-            if let Some(p) = progress
-                && let Some(m) = state.migrations.get_mut(migration)
-            {
+            // Decided: from here the target may run the VM once it has the
+            // complete state; the source runs it only until it pauses for
+            // the last copy, and never again unless this migration fails.
+            if let Some(p) = progress {
                 m.progress = *p;
+                m.bytes_copied = p.bytes_sent;
             }
-            let m = finish_migration(
+            m.state = MigrationState::Switching;
+            m.update_time = now;
+            let m = m.clone();
+            event(
                 state,
                 actor,
-                now,
                 migration,
-                MigrationState::Completed,
-                bytes,
-                "",
-            )?;
+                "migration.switching",
+                format!("the switchover to {} is decided", m.target),
+            );
             Ok(Response::Migration(m))
         }
         Command::CreateJoinToken {
@@ -2135,13 +2170,47 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.migrations["migrations/m1"].progress.round, 3);
+        let to = |state: MigrationState| Command::SetMigrationState {
+            migration: "migrations/m1".into(),
+            state,
+            bytes_copied: 0,
+            reason: String::new(),
+        };
+        // Nothing completes or is in doubt before the switchover is decided.
+        assert!(run(&mut s, to(MigrationState::Completed)).is_err());
+        assert!(run(&mut s, to(MigrationState::InDoubt)).is_err());
+        assert!(run(&mut s, to(MigrationState::Switching)).is_err());
         run(&mut s, switch("migrations/m1", "nodes/n1")).unwrap();
+        // Decided, not moved: the instance is still the source's, and the
+        // decision cannot be taken back by a cancel.
+        assert_eq!(
+            s.migrations["migrations/m1"].state,
+            MigrationState::Switching
+        );
+        assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n1"));
+        assert_eq!(s.instances[web].state, InstanceState::Migrating);
+        assert!(matches!(
+            run(&mut s, to(MigrationState::Cancelled)),
+            Err(ApplyError::FailedPrecondition { .. })
+        ));
+        // Asked again (a lost answer): still yes, nothing changes.
+        let before = s.migrations["migrations/m1"].clone();
+        run(&mut s, switch("migrations/m1", "nodes/n1")).unwrap();
+        assert_eq!(s.migrations["migrations/m1"], before);
+        // In doubt (repeatable), then settled: the VM runs on the target.
+        run(&mut s, to(MigrationState::InDoubt)).unwrap();
+        run(&mut s, to(MigrationState::InDoubt)).unwrap();
+        assert!(run(&mut s, to(MigrationState::Running)).is_err());
+        run(&mut s, to(MigrationState::Completed)).unwrap();
         assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n2"));
         assert_eq!(s.instances[web].state, InstanceState::Running);
         assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 0);
-        // Final: no second switchover, no more progress.
-        assert!(run(&mut s, switch("migrations/m1", "nodes/n1")).is_err());
+        // Final: the switchover answer stays yes for its source, but
+        // nothing moves any more.
+        run(&mut s, switch("migrations/m1", "nodes/n1")).unwrap();
+        assert!(run(&mut s, switch("migrations/m1", "nodes/n2")).is_err());
         assert!(run(&mut s, addr("nodes/n2", "10.0.0.2:7001")).is_err());
+        assert!(run(&mut s, to(MigrationState::Failed)).is_err());
         // ...except the source's figures measured after the switchover.
         let last = |node: &str| Command::UpdateMigration {
             migration: "migrations/m1".into(),
@@ -2197,6 +2266,50 @@ mod tests {
         assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n2"));
         assert_eq!(s.instances[web].state, InstanceState::Running);
         assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 0);
+
+        // Back to n1 again, decided, then failed (the commit never went
+        // out, or the target's node says its VMM never ran the VM): the
+        // instance stays on n2 and n1 gives back what it held.
+        run(
+            &mut s,
+            Command::CreateMigration {
+                migration_id: "m3".into(),
+                instance: web.into(),
+                target: "nodes/n1".into(),
+                max_downtime_ms: 0,
+                cause: String::new(),
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::UpdateMigration {
+                migration: "migrations/m3".into(),
+                node: "nodes/n1".into(),
+                target_address: "10.0.0.1:7001".into(),
+                progress: None,
+            },
+        )
+        .unwrap();
+        run(&mut s, switch("migrations/m3", "nodes/n2")).unwrap();
+        assert_eq!(
+            s.migrations["migrations/m3"].state,
+            MigrationState::Switching
+        );
+        run(
+            &mut s,
+            Command::SetMigrationState {
+                migration: "migrations/m3".into(),
+                state: MigrationState::Failed,
+                bytes_copied: 0,
+                reason: "the target never ran it".into(),
+            },
+        )
+        .unwrap();
+        assert!(run(&mut s, switch("migrations/m3", "nodes/n2")).is_err());
+        assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n2"));
+        assert_eq!(s.instances[web].state, InstanceState::Running);
+        assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 0);
     }
 
     #[test]
@@ -2240,6 +2353,25 @@ mod tests {
         .unwrap();
         assert_eq!(s.instances[web].state, InstanceState::Migrating);
         assert_eq!(s.nodes["nodes/n2"].allocated.vcpus, 2);
+        run(
+            &mut s,
+            Command::UpdateMigration {
+                migration: "migrations/m1".into(),
+                node: "nodes/n2".into(),
+                target_address: "10.0.0.2:7000".into(),
+                progress: None,
+            },
+        )
+        .unwrap();
+        run(
+            &mut s,
+            Command::SwitchMigration {
+                migration: "migrations/m1".into(),
+                node: "nodes/n1".into(),
+                progress: None,
+            },
+        )
+        .unwrap();
         run(
             &mut s,
             Command::SetMigrationState {

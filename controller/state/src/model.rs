@@ -368,9 +368,22 @@ pub enum MigrationState {
     Failed,
     /// Cancelled by a user; the instance runs on the source.
     Cancelled,
+    /// The switchover is decided (the source's gate said yes, committed
+    /// here): no cancel; the target runs the VM once the complete state
+    /// arrives, and either side reports the outcome. (Appended after the
+    /// older variants so logs and snapshots written before it still decode.)
+    Switching,
+    /// The source sent the commit and heard nothing back: its VM stays
+    /// paused; the target's node settles where the VM runs.
+    InDoubt,
 }
 
 impl MigrationState {
+    /// Whether the switchover is decided and not yet settled.
+    pub fn is_switching(self) -> bool {
+        matches!(self, MigrationState::Switching | MigrationState::InDoubt)
+    }
+
     /// Whether no further change is possible.
     pub fn is_final(self) -> bool {
         matches!(

@@ -194,7 +194,9 @@ fn command() -> impl Strategy<Value = Command> {
                 Just(MigrationState::Running),
                 Just(MigrationState::Completed),
                 Just(MigrationState::Failed),
-                Just(MigrationState::Cancelled)
+                Just(MigrationState::Cancelled),
+                Just(MigrationState::Switching),
+                Just(MigrationState::InDoubt)
             ]
         )
             .prop_map(|(m, state)| Command::SetMigrationState {
@@ -203,6 +205,11 @@ fn command() -> impl Strategy<Value = Command> {
                 bytes_copied: 0,
                 reason: String::new(),
             }),
+        (id(), node()).prop_map(|(m, node)| Command::SwitchMigration {
+            migration: format!("migrations/{m}"),
+            node,
+            progress: None,
+        }),
         (id(), any::<u8>()).prop_map(|(key, v)| Command::KvPut {
             key,
             value: vec![v]

@@ -151,8 +151,101 @@ async fn assignments_progress_and_the_switchover_gate() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert!(yes.allowed, "{yes:?}");
+    // Decided, not moved: both nodes are told so, the instance is still
+    // n1's, and the decision cannot be cancelled.
+    let got = env
+        .admin
+        .migrations
+        .get_migration(infra::GetMigrationRequest { name: m.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(got.state, infra::MigrationState::Switching as i32);
+    for n in [&mut n1, &mut n2] {
+        let a = assignment(n, web).await?.expect("assigned");
+        let mig = a.migration.expect("still migrating");
+        assert!(mig.decided && !mig.in_doubt, "{mig:?}");
+    }
+    assert_err(
+        env.admin
+            .migrations
+            .cancel_migration(infra::CancelMigrationRequest { name: m.clone() })
+            .await
+            .map(drop),
+        tonic::Code::FailedPrecondition,
+        "FAILED_PRECONDITION",
+    );
+    // Asked again (an answer lost on the way): yes again.
+    let again = n1
+        .agent
+        .request_switchover(node::RequestSwitchoverRequest {
+            node: n1.name.clone(),
+            migration: m.clone(),
+            progress: None,
+        })
+        .await?
+        .into_inner();
+    assert!(again.allowed, "{again:?}");
+    // The source heard nothing back: in doubt, and the target is told.
+    // Only the source can be in doubt.
+    assert!(
+        n2.agent
+            .report_migration(node::ReportMigrationRequest {
+                node: n2.name.clone(),
+                migration: m.clone(),
+                in_doubt: true,
+                ..Default::default()
+            })
+            .await
+            .is_err()
+    );
+    n1.agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n1.name.clone(),
+            migration: m.clone(),
+            in_doubt: true,
+            reason: "no acknowledgement".into(),
+            ..Default::default()
+        })
+        .await?;
+    let a = assignment(&mut n2, web).await?.expect("assigned");
+    assert!(a.migration.expect("migrating").in_doubt);
+    // The target's agent found the VM there: completed, and it moves.
+    n2.agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n2.name.clone(),
+            migration: m.clone(),
+            completed: true,
+            ..Default::default()
+        })
+        .await?;
     let i = wait_state(&mut alice, web, compute::InstanceState::Running).await?;
     assert_eq!(i.node, "nodes/n2");
+    // The source's figures still land on the finished migration.
+    n1.agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n1.name.clone(),
+            migration: m.clone(),
+            completed: true,
+            progress: Some(node::MigrationProgress {
+                bytes_sent: 2 << 20,
+                downtime_us: 1234,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?;
+    let got = env
+        .admin
+        .migrations
+        .get_migration(infra::GetMigrationRequest { name: m.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(got.state, infra::MigrationState::Completed as i32);
+    assert_eq!(
+        (got.downtime_us, got.bytes_copied),
+        (1234, 2 << 20),
+        "{got:?}"
+    );
     assert!(assignment(&mut n1, web).await?.is_none());
     assert!(
         assignment(&mut n2, web)

@@ -276,6 +276,17 @@ pub fn seeds() -> Vec<Vec<u8>> {
         instance: "projects/a/instances/web-1".into(),
         node: "nodes/n2".into(),
     })));
+    out.push(one(system(Command::SwitchMigration {
+        migration: "migrations/m1".into(),
+        node: "nodes/n1".into(),
+        progress: None,
+    })));
+    out.push(one(system(Command::SetMigrationState {
+        migration: "migrations/m1".into(),
+        state: MigrationState::InDoubt,
+        bytes_copied: 1 << 20,
+        reason: String::new(),
+    })));
     out.push(one(system(Command::SetMigrationState {
         migration: "migrations/m1".into(),
         state: MigrationState::Completed,
