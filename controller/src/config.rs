@@ -19,6 +19,10 @@
 //! rebalance_threshold_pct = 10
 //! rebalance_window_ms = 30000
 //! rebalance_cooldown_ms = 60000
+//! # Automatic moves (drains, rebalancing) at once: per node (as source or
+//! # target) and in the whole cluster, counting those already running.
+//! max_migrations_per_node = 2
+//! max_migrations = 4
 //! # The state store: "raft" (the default, replicated among controllers)
 //! # or "etcd" (an existing etcd cluster keeps the state; peers, cluster_id
 //! # and the raft settings are then unused).
@@ -45,6 +49,8 @@
 //! | `--rebalance-threshold-pct` | `NEPHELE_REBALANCE_THRESHOLD_PCT` | `rebalance_threshold_pct` |
 //! | `--rebalance-window-ms` | `NEPHELE_REBALANCE_WINDOW_MS` | `rebalance_window_ms` |
 //! | `--rebalance-cooldown-ms` | `NEPHELE_REBALANCE_COOLDOWN_MS` | `rebalance_cooldown_ms` |
+//! | `--max-migrations-per-node` | `NEPHELE_MAX_MIGRATIONS_PER_NODE` | `max_migrations_per_node` |
+//! | `--max-migrations` | `NEPHELE_MAX_MIGRATIONS` | `max_migrations` |
 //! | `--store` (`raft` or `etcd`) | `NEPHELE_STORE` | `store` |
 //! | `--etcd-endpoints` (comma-separated URLs) | `NEPHELE_ETCD_ENDPOINTS` | `etcd_endpoints` |
 //! | `--etcd-prefix` | `NEPHELE_ETCD_PREFIX` | `etcd_prefix` |
@@ -132,6 +138,13 @@ pub struct Flags {
     /// Pause after starting moves before planning again, milliseconds.
     #[arg(long, env = "NEPHELE_REBALANCE_COOLDOWN_MS")]
     pub rebalance_cooldown_ms: Option<u64>,
+    /// Automatic migrations (drains, rebalancing) a node takes part in at
+    /// once, as source or target (default 2).
+    #[arg(long, env = "NEPHELE_MAX_MIGRATIONS_PER_NODE")]
+    pub max_migrations_per_node: Option<u32>,
+    /// Automatic migrations the cluster runs at once (default 4).
+    #[arg(long, env = "NEPHELE_MAX_MIGRATIONS")]
+    pub max_migrations: Option<u32>,
     /// Where the state lives: `raft` (replicated among the controllers, the
     /// default) or `etcd` (an existing etcd cluster).
     #[arg(long, env = "NEPHELE_STORE")]
@@ -225,6 +238,10 @@ pub struct FileConfig {
     pub rebalance_window_ms: Option<u64>,
     /// See [`Flags::rebalance_cooldown_ms`].
     pub rebalance_cooldown_ms: Option<u64>,
+    /// See [`Flags::max_migrations_per_node`].
+    pub max_migrations_per_node: Option<u32>,
+    /// See [`Flags::max_migrations`].
+    pub max_migrations: Option<u32>,
     /// See [`Flags::store`].
     pub store: Option<StoreKind>,
     /// See [`Flags::etcd_endpoints`].
@@ -266,6 +283,10 @@ pub struct ControllerConfig {
     pub rebalance_window: Duration,
     /// The balancer's pause after it started moves.
     pub rebalance_cooldown: Duration,
+    /// Automatic migrations per node at once.
+    pub max_migrations_per_node: u32,
+    /// Automatic migrations in the cluster at once.
+    pub max_migrations: u32,
     /// The state store.
     pub store: StoreChoice,
 }
@@ -396,6 +417,16 @@ impl ControllerConfig {
                 "rebalance_threshold_pct must be 0 (off) to 100".into(),
             ));
         }
+        let max_migrations_per_node = flags
+            .max_migrations_per_node
+            .or(file.max_migrations_per_node)
+            .unwrap_or(2);
+        let max_migrations = flags.max_migrations.or(file.max_migrations).unwrap_or(4);
+        if max_migrations_per_node == 0 || max_migrations == 0 {
+            return Err(LoadConfigError::Invalid(
+                "max_migrations_per_node and max_migrations must be at least 1".into(),
+            ));
+        }
         let store = match flags.store.or(file.store).unwrap_or_default() {
             StoreKind::Raft => StoreChoice::Raft,
             StoreKind::Etcd => {
@@ -476,6 +507,8 @@ impl ControllerConfig {
                     .or(file.rebalance_cooldown_ms)
                     .unwrap_or(60_000),
             ),
+            max_migrations_per_node,
+            max_migrations,
         })
     }
 

@@ -128,6 +128,10 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
     options.reconcile.rebalance.threshold = f64::from(cfg.rebalance_threshold_pct) / 100.0;
     options.reconcile.rebalance.window = cfg.rebalance_window;
     options.reconcile.rebalance.cooldown = cfg.rebalance_cooldown;
+    options.reconcile.rebalance.max_per_node = cfg.max_migrations_per_node;
+    options.reconcile.rebalance.max_migrations = cfg.max_migrations;
+    options.reconcile.drain.max_per_node = cfg.max_migrations_per_node;
+    options.reconcile.drain.max_migrations = cfg.max_migrations;
     let listen = bound.to_string();
     let prepare = neph_controller::tls::PrepareTls {
         data_dir: cfg.data_dir.clone(),

@@ -198,10 +198,9 @@ impl<S: StateStore> Nodes for Api<S> {
             .authorize(&req, &format!("{NODES}DrainNode"), Target::Cluster)
             .await?;
         let name = req.into_inner().name;
-        let n = self
-            .set_node_state(&c, name.clone(), NodeState::Draining)
-            .await?;
-        self.start_drain(&c, name).await?;
+        // The leader's drain loop moves the instances off, a few at a
+        // time (`crate::reconcile::drain_pass`).
+        let n = self.set_node_state(&c, name, NodeState::Draining).await?;
         Ok(Reply::new(n))
     }
 
@@ -215,44 +214,6 @@ impl<S: StateStore> Nodes for Api<S> {
         let r = req.into_inner();
         let t = self.issue_join_token(&c, r.ttl, r.node_id).await?;
         Ok(Reply::new(t))
-    }
-}
-
-impl<S: StateStore> Api<S> {
-    /// Starts a migration for every instance the drain planner can move off
-    /// `node` (each with the planner's reason as its cause), and records
-    /// an event for each it cannot move, saying why. Instances already
-    /// migrating away are left to their migration. The node, now
-    /// `DRAINING`, takes no new instances meanwhile.
-    async fn start_drain(
-        &self,
-        caller: &super::auth::Caller,
-        node: String,
-    ) -> Result<(), ApiError> {
-        let n = node.clone();
-        let plan = self.read_try(move |s| drain_plan(s, &n)).await?;
-        for m in plan.moves {
-            let command = Command::CreateMigration {
-                migration_id: derived_id("mig", None, &m.instance)?,
-                instance: m.instance.clone(),
-                target: m.to,
-                max_downtime_ms: 0,
-                cause: format!("drain of {node}: {}", m.reason),
-            };
-            // One refused move (the instance changed meanwhile) does not
-            // stop the others; the refusal is in the audit trail.
-            if let Err(e) = self.propose_as(caller, None, command).await {
-                tracing::warn!(instance = %m.instance, error = %e, "drain move refused");
-            }
-        }
-        for b in plan.blocked {
-            let command = Command::RecordRefusal {
-                resource: b.instance,
-                reason: format!("cannot drain {node}: {}", b.reason),
-            };
-            self.propose_as(caller, None, command).await?;
-        }
-        Ok(())
     }
 }
 

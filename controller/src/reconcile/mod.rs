@@ -24,6 +24,9 @@
 //!   stays above a threshold for a window, the rebalance planner's moves
 //!   become migrations (within limits, then a cooldown), each with its
 //!   reason as its cause (`rebalance.rs`).
+//! - [`drain_pass`]: a DRAINING node's instances leave by the drain
+//!   planner's moves, a few at a time within the same kind of limits,
+//!   failed moves tried again after a pause (`drain.rs`).
 //!
 //! [`snapshot`] turns the state into the scheduler's input; the API uses it
 //! too, to refuse a create that no node could take.
@@ -40,8 +43,10 @@ use tokio::task::JoinHandle;
 
 use crate::api::now_ms;
 
+mod drain;
 mod rebalance;
 use crate::store::{ProposeError, ReadError, StateStore};
+pub use drain::{DrainConfig, DrainMemory, drain_pass};
 pub use rebalance::{RebalanceConfig, RebalanceMemory, rebalance_pass};
 
 /// Actor recorded in events for what the loops do.
@@ -61,6 +66,8 @@ pub struct ReconcileConfig {
     pub max_requeue: Duration,
     /// The automatic load balancer.
     pub rebalance: RebalanceConfig,
+    /// Node drains.
+    pub drain: DrainConfig,
 }
 
 impl Default for ReconcileConfig {
@@ -70,6 +77,7 @@ impl Default for ReconcileConfig {
             fence_lease: Duration::from_secs(10),
             max_requeue: Duration::from_secs(5),
             rebalance: RebalanceConfig::default(),
+            drain: DrainConfig::default(),
         }
     }
 }
@@ -640,6 +648,7 @@ enum Loop {
     Liveness,
     Operations,
     Rebalance,
+    Drain,
 }
 
 /// Starts the loops on this controller; they act only while it leads.
@@ -654,6 +663,7 @@ pub fn spawn<S: StateStore>(
         Loop::Liveness,
         Loop::Operations,
         Loop::Rebalance,
+        Loop::Drain,
     ]
     .into_iter()
     .map(|kind| {
@@ -677,6 +687,7 @@ async fn run<S: StateStore>(
     let mut led_term = None;
     let mut memory = HeartbeatMemory::default();
     let mut balance = RebalanceMemory::default();
+    let mut draining = DrainMemory::default();
     loop {
         let l = store.leadership();
         let requeue = if l.is_leader() {
@@ -684,6 +695,7 @@ async fn run<S: StateStore>(
                 led_term = Some(l.term);
                 memory = HeartbeatMemory::default();
                 balance = RebalanceMemory::default();
+                draining = DrainMemory::default();
             }
             let pass = match kind {
                 Loop::Schedule => schedule_pass(&*store, l.term).await,
@@ -699,6 +711,16 @@ async fn run<S: StateStore>(
                     .await
                 }
                 Loop::Operations => operations_pass(&*store, l.term).await,
+                Loop::Drain => {
+                    drain_pass(
+                        &*store,
+                        l.term,
+                        &config.drain,
+                        &mut draining,
+                        Instant::now(),
+                    )
+                    .await
+                }
                 Loop::Rebalance => {
                     rebalance_pass(
                         &*store,
@@ -902,6 +924,7 @@ mod tests {
             fence_lease: Duration::from_secs(fence_lease_s),
             max_requeue: Duration::from_secs(5),
             rebalance: RebalanceConfig::default(),
+            drain: DrainConfig::default(),
         }
     }
 

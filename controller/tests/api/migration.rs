@@ -321,12 +321,12 @@ async fn assignments_progress_and_the_switchover_gate() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drain_starts_a_migration_for_every_instance_with_its_reason() -> anyhow::Result<()> {
+async fn drain_moves_instances_a_few_at_a_time_with_their_reason() -> anyhow::Result<()> {
     let mut env = start().await?;
-    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    let (alice_t, _, carol_t) = populate(&mut env.admin).await?;
     let mut alice = clients(&env.channel, Some(&alice_t));
     let mut n1 = FakeNode::register(&env.admin, "n1", 8, 8192).await?;
-    let n2 = FakeNode::register(&env.admin, "n2", 8, 8192).await?;
+    let mut n2 = FakeNode::register(&env.admin, "n2", 8, 8192).await?;
     let _a1 = n1.keep_alive();
     let _a2 = n2.keep_alive();
     env.admin
@@ -335,7 +335,7 @@ async fn drain_starts_a_migration_for_every_instance_with_its_reason() -> anyhow
             name: "nodes/n2".into(),
         })
         .await?;
-    for id in ["a", "b"] {
+    for id in ["a", "b", "c"] {
         create(&mut alice, id, instance_template("small", "")).await?;
         wait_state(
             &mut alice,
@@ -361,34 +361,98 @@ async fn drain_starts_a_migration_for_every_instance_with_its_reason() -> anyhow
         .await?
         .into_inner();
     assert_eq!(drained.state, infra::NodeState::Draining as i32);
-    let migrations = env
-        .admin
-        .migrations
-        .list_migrations(infra::ListMigrationsRequest::default())
-        .await?
-        .into_inner()
-        .migrations;
-    let mut moved: Vec<&str> = migrations.iter().map(|m| m.instance.as_str()).collect();
-    moved.sort_unstable();
-    assert_eq!(
-        moved,
-        ["projects/p1/instances/a", "projects/p1/instances/b"]
-    );
-    for m in &migrations {
+    let list = env.admin.migrations.clone();
+    let migrations = move || {
+        let mut c = list.clone();
+        async move {
+            Ok::<_, anyhow::Error>(
+                c.list_migrations(infra::ListMigrationsRequest::default())
+                    .await?
+                    .into_inner()
+                    .migrations,
+            )
+        }
+    };
+    // Two at a time (a node takes part in at most two moves at once):
+    // the leader's drain loop starts two, then waits.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while migrations().await?.len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no drain moves");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let first = migrations().await?;
+    assert_eq!(first.len(), 2, "{first:?}");
+    for m in &first {
         assert_eq!(
             (m.source.as_str(), m.target.as_str()),
             ("nodes/n1", "nodes/n2")
         );
         assert!(m.cause.starts_with("drain of nodes/n1"), "{m:?}");
     }
-    // A drained node takes no new instance.
-    create(&mut alice, "c", instance_template("small", "")).await?;
-    let c = wait_state(
-        &mut alice,
-        "projects/p1/instances/c",
+    // One completes: the third instance's move starts.
+    let m = first[0].name.clone();
+    n2.agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n2.name.clone(),
+            migration: m.clone(),
+            target_address: "127.0.0.1:7000".into(),
+            ..Default::default()
+        })
+        .await?;
+    let yes = n1
+        .agent
+        .request_switchover(node::RequestSwitchoverRequest {
+            node: n1.name.clone(),
+            migration: m.clone(),
+            progress: None,
+        })
+        .await?
+        .into_inner();
+    assert!(yes.allowed, "{yes:?}");
+    n2.agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n2.name.clone(),
+            migration: m.clone(),
+            completed: true,
+            ..Default::default()
+        })
+        .await?;
+    while migrations().await?.len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "no third drain move");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut moved: Vec<String> = migrations()
+        .await?
+        .into_iter()
+        .map(|m| m.instance)
+        .collect();
+    moved.sort_unstable();
+    assert_eq!(
+        moved,
+        [
+            "projects/p1/instances/a",
+            "projects/p1/instances/b",
+            "projects/p1/instances/c"
+        ]
+    );
+    // A drained node takes no new instance (carol's project has room).
+    let mut carol = clients(&env.channel, Some(&carol_t));
+    carol
+        .instances
+        .create_instance(compute::CreateInstanceRequest {
+            parent: "projects/p2".into(),
+            instance_id: "d".into(),
+            instance: Some(instance_template("small", "")),
+            request_id: String::new(),
+        })
+        .await?;
+    let d = wait_state(
+        &mut carol,
+        "projects/p2/instances/d",
         compute::InstanceState::Scheduled,
     )
     .await?;
-    assert_eq!(c.node, "nodes/n2");
+    assert_eq!(d.node, "nodes/n2");
     Ok(())
 }
