@@ -9,7 +9,10 @@
 //! read), cancel and kill -9 of the target leave the VM running on the
 //! source, hostile streams (bad headers and frames, and bad memory after a
 //! valid configuration) are refused while the target keeps listening, and a
-//! hostile target leaves the source's VM running, and a target lost right
+//! hostile target leaves the source's VM running, the guest keeps its MAC
+//! and the host reaches it at once on the target's tap (the target
+//! announces it), pages the disk device writes during the copy move too,
+//! and a target lost right
 //! after the commit leaves the source in doubt, its VM paused, until
 //! `migrate_resolve` says where the VM runs. Memory also goes over
 //! three streams in the max-rate test, where the guest reads back its own
@@ -647,4 +650,153 @@ fn a_target_lost_after_the_commit_leaves_the_source_in_doubt_until_told() {
     let r = control(&a, r#"{"cmd":"migrate_resolve","moved":true}"#).expect("resolve");
     assert_eq!(r["ok"], true, "{r}");
     assert_exits_migrated(&mut src);
+}
+
+#[test]
+fn the_guest_keeps_its_mac_and_is_reachable_at_once_after_a_move() {
+    use nephele_integration_tests::guest::workspace_binary;
+    use nephele_integration_tests::netdev::NetNs;
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let ns = NetNs::new().expect("namespace");
+    let bridge = ns.bridge(Some("10.99.3.1/24")).expect("bridge");
+    let (tap_a, tap_b) = (ns.tap(None).expect("tap"), ns.tap(None).expect("tap"));
+    ns.attach(&tap_a, &bridge).expect("attach");
+    ns.attach(&tap_b, &bridge).expect("attach");
+    let mac = "52:54:00:00:03:01";
+    let (a_arg, b_arg) = (arg(&a), arg(&b));
+    let net_a = format!("tap={tap_a},mac={mac}");
+    let mut src = GuestVm::start_in(
+        &ns,
+        &[
+            "--memory",
+            "256",
+            "--api-socket",
+            &a_arg,
+            "--net",
+            &net_a,
+            "--cmdline",
+            "ip=10.99.3.2/24",
+        ],
+    )
+    .expect("start source");
+    src.wait_ready(BOOT).expect("source ready");
+    // The bridge learns the guest behind the source's tap.
+    let ping = src
+        .command("ping 10.99.3.1 2", "PING OK", CMD)
+        .expect("the guest pings the host");
+    assert_eq!(number(&ping, "received"), 2, "{ping}");
+    let host_ping = |what: &str| {
+        let out = ns
+            .command("ping")
+            .args(["-c", "2", "-W", "2", "10.99.3.2"])
+            .output()
+            .expect("ping");
+        assert!(
+            out.status.success(),
+            "{what}: the host cannot reach the guest: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    };
+    host_ping("before the move");
+
+    let port = free_port().expect("port");
+    let mut cmd = ns.command(workspace_binary("neph-vmm"));
+    cmd.arg("--incoming")
+        .arg(format!("127.0.0.1:{port}"))
+        .args([
+            "--api-socket",
+            &b_arg,
+            "--net",
+            &format!("tap={tap_b},mac={mac}"),
+        ]);
+    let mut dst = GuestVm::spawn(cmd).expect("start target");
+    let out = migrate(&a, &format!("127.0.0.1:{port}"), "", MIGRATION).expect("migrate");
+    assert_eq!(out.state, "completed", "{}", out.last);
+    assert_exits_migrated(&mut src);
+    // Before the guest sends anything: the host's frames reach it on the
+    // target's tap, because the target announced the guest's MAC there.
+    host_ping("right after the move");
+    let net = dst
+        .command("net", "NET OK", CMD)
+        .expect("net on the target");
+    assert!(net.contains(&format!("mac={mac}")), "{net}");
+}
+
+#[test]
+fn pages_the_disk_device_writes_during_the_copy_move_too() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.sock");
+    let (da, db) = (disk(dir.path(), "a.raw"), disk(dir.path(), "b.raw"));
+    let mut src = source(&a, &["--disk", &da]);
+    for (lba, seed) in [(0, 1), (64, 2)] {
+        src.command(&format!("diskwrite {lba} 8 {seed}"), "DISKWRITE OK", CMD)
+            .expect("diskwrite");
+    }
+    // Memory full of data makes the first round long enough for reads to
+    // land in it.
+    src.command("dirty 192 0", "DIRTY OK", CMD).expect("dirty");
+    std::thread::sleep(Duration::from_millis(500));
+    src.command("dirty stop", "DIRTY OK", CMD)
+        .expect("dirty stop");
+    let port = free_port().expect("port");
+    let mut dst = start_target(port, &["--disk", &db]).expect("target");
+    let req = format!(r#"{{"cmd":"migrate","to":"127.0.0.1:{port}","verify":true}}"#);
+    let started = control(&a, &req).expect("migrate");
+    assert_eq!(started["ok"], true, "{started}");
+    // While the copy runs, the guest reads the two ranges in turn: the
+    // virtio-blk device writes them into the same guest buffer, so that
+    // buffer's pages change under the copy by the device, not the vCPUs.
+    let mut reads = 0;
+    'copy: loop {
+        for (lba, seed) in [(0, 1), (64, 2)] {
+            let st = control(&a, r#"{"cmd":"migrate_status"}"#);
+            let state = st
+                .as_ref()
+                .map(|v| {
+                    v["migration"]["state"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned()
+                })
+                .unwrap_or_default();
+            if state != "setup" && state != "precopy" {
+                break 'copy;
+            }
+            match src.command(
+                &format!("diskverify {lba} 8 {seed}"),
+                "DISKVERIFY",
+                Duration::from_secs(2),
+            ) {
+                Ok(line) => {
+                    assert!(line.contains("DISKVERIFY OK"), "{line}");
+                    reads += 1;
+                }
+                Err(_) => break 'copy,
+            }
+        }
+    }
+    // `verify`: the target compared a checksum of all guest memory with the
+    // source's at the switchover; a page the device wrote and the copy
+    // missed fails the migration, and the source then runs on. It exits
+    // (0) only once migrated; it may have by now, its socket gone.
+    if let Ok(out) = wait_outcome(&a, MIGRATION) {
+        assert_eq!(out.state, "completed", "{}", out.last);
+    }
+    assert_exits_migrated(&mut src);
+    assert!(
+        reads >= 2,
+        "the device wrote during the copy only {reads} times"
+    );
+    eprintln!("{reads} disk reads into guest memory during the copy");
+    for (lba, seed) in [(0, 1), (64, 2)] {
+        dst.command(&format!("diskverify {lba} 8 {seed}"), "DISKVERIFY OK", CMD)
+            .expect("the disk moved with its data");
+    }
 }

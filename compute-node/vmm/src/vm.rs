@@ -291,6 +291,19 @@ impl Vm {
         }
     }
 
+    /// Migration target, once the VM runs here: tells the network where
+    /// the guest is now, one announce frame per interface
+    /// ([`crate::devices::virtio::net::announce_frame`]). Best effort: a
+    /// failed write only delays what the guest's next frame teaches.
+    pub(crate) fn announce(&mut self) {
+        for (tap, mac) in &mut self.backends.nets {
+            let frame = crate::devices::virtio::net::announce_frame(*mac);
+            if let Err(e) = tap.write_frame(&frame) {
+                eprintln!("neph-vmm: cannot announce {mac} after the migration: {e}");
+            }
+        }
+    }
+
     /// Migration target: the kernel, initrd and command line the source
     /// booted (used by reboots), and its configuration otherwise.
     pub(crate) fn adopt_boot_files(&mut self, from: &VmConfig) {

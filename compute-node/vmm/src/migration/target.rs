@@ -608,6 +608,7 @@ impl<'a> Receiver<'a> {
                                 "neph-vmm: the VM runs here but its acknowledgement did not reach the source: {e}"
                             );
                         }
+                        vm.announce();
                         return Ok(incoming_status(
                             peer,
                             rounds,
@@ -633,6 +634,7 @@ impl<'a> Receiver<'a> {
                             // The threads are parked: this only wakes them.
                             vm.resume_incoming();
                             clock.lap("resume");
+                            vm.announce();
                             Ok(incoming_status(
                                 peer,
                                 rounds,

@@ -36,6 +36,25 @@ pub struct Net {
     metrics: DeviceMetrics,
 }
 
+/// The frame a migration target writes to a tap once the VM runs there:
+/// a broadcast RARP request from the guest's `mac` (what QEMU's
+/// self-announce sends), so bridges and switches learn at once that the
+/// guest is behind this tap rather than when it next transmits. With the
+/// tap's virtio-net header in front, padded to the 60-byte minimum frame.
+pub fn announce_frame(mac: MacAddr) -> Vec<u8> {
+    let mut f = vec![0u8; HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac.0);
+    // RARP: Ethernet, IPv4, 6-byte and 4-byte addresses, reverse request.
+    f.extend_from_slice(&[0x80, 0x35, 0, 1, 0x08, 0, 6, 4, 0, 3]);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac.0);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(HDR_LEN + 60, 0);
+    f
+}
+
 impl Net {
     /// A device on `tap` with address `mac`.
     pub fn new(tap: Tap, mac: MacAddr) -> Self {
@@ -247,6 +266,21 @@ mod tests {
     }
 
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+    #[test]
+    fn the_announce_is_a_broadcast_rarp_from_the_guest() {
+        let f = announce_frame(MacAddr(MAC));
+        let e = &f[HDR_LEN..];
+        assert_eq!(e.len(), 60);
+        assert_eq!(&e[..6], &[0xff; 6]);
+        assert_eq!(&e[6..12], &MAC);
+        assert_eq!(&e[12..14], &[0x80, 0x35]);
+        // Operation 3 (reverse request); sender and target hardware
+        // addresses are the guest's.
+        assert_eq!(&e[20..22], &[0, 3]);
+        assert_eq!(&e[22..28], &MAC);
+        assert_eq!(&e[32..38], &MAC);
+    }
 
     fn arp_request(target: [u8; 4], sender: [u8; 4]) -> Vec<u8> {
         let mut f = vec![0u8; HDR_LEN];
