@@ -5,11 +5,14 @@
 //! sends a CSR for `nephele://<cluster>/node/<node-id>` with the token to
 //! a controller's `NodeJoin/Join` (over TLS verified against `--ca-file`,
 //! no client certificate), and stores what comes back; the key never
-//! leaves the node. From then on [`controller_tls`] is mutual TLS with that
-//! certificate, and the controllers let it act only as this node. Without a
-//! certificate and without a join token the agent falls back to
-//! server-authenticated TLS and the admin bearer token of `--token-file`
-//! (the transition path).
+//! leaves the node. From then on [`node_tls`] gives mutual TLS with that
+//! certificate, both ways: to the controllers (which let it act only as
+//! this node) and on the agent's own port (which admits only
+//! `controller/*` certificates). Without a certificate and without a join
+//! token the agent falls back to server-authenticated TLS and the admin
+//! bearer token of `--token-file` (the transition path, which controllers
+//! refuse unless started with `--allow-node-tokens`); such an agent serves
+//! no console.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,19 +59,32 @@ pub enum JoinError {
     Load(PathBuf, #[source] Box<nephele_tls::TlsConfigError>),
 }
 
-/// The TLS client config for the controllers, and whether it carries the
-/// node's certificate: joins first when there is no certificate and a
-/// join token was given.
-pub async fn controller_tls(
-    cfg: &AgentConfig,
-) -> Result<(Arc<rustls::ClientConfig>, bool), JoinError> {
+/// The node's TLS: the client config for the controllers and, once the
+/// node has joined, its own certificate (what its port serves with).
+#[derive(Debug, Clone)]
+pub struct NodeTls {
+    /// Mutual TLS with the node's certificate, or (the transition path)
+    /// server-authenticated TLS without one.
+    pub controllers: Arc<rustls::ClientConfig>,
+    /// The node's certificate; `None` on the transition path.
+    pub context: Option<TlsContext>,
+}
+
+/// The node's TLS: joins first when there is no certificate and a join
+/// token was given.
+pub async fn node_tls(cfg: &AgentConfig) -> Result<NodeTls, JoinError> {
     let dir = tls_dir(&cfg.data_dir);
     let files = TlsFiles::in_dir(&dir);
     let have = files.cert.exists() && files.key.exists() && files.ca.exists();
     if !have {
         match &cfg.join_token {
             Some(token) => join(cfg, token, &dir, &files).await?,
-            None if cfg.token.is_some() => return Ok((cfg.controller_tls.clone(), false)),
+            None if cfg.token.is_some() => {
+                return Ok(NodeTls {
+                    controllers: cfg.controller_tls.clone(),
+                    context: None,
+                });
+            }
             None => return Err(JoinError::NoCredential(dir)),
         }
     }
@@ -78,7 +94,10 @@ pub async fn controller_tls(
         .client_config(PeerPolicy::Kind(IdentityKind::Controller))
         .map_err(|e| JoinError::Load(dir, Box::new(e)))?;
     tracing::info!(identity = %ctx.identity().identity, "using the node certificate");
-    Ok((config, true))
+    Ok(NodeTls {
+        controllers: config,
+        context: Some(ctx),
+    })
 }
 
 async fn join(

@@ -495,7 +495,10 @@ impl<S: StateStore> Instances for Api<S> {
         let target = self
             .read_try(move |s| console::target(s, &name, true))
             .await?;
-        Ok(Reply::new(console::relay(target, first, inbound).await?))
+        let tls = self.inner.tls.as_ref();
+        Ok(Reply::new(
+            console::relay(tls, target, first, inbound).await?,
+        ))
     }
 
     async fn get_console_log(
@@ -508,7 +511,10 @@ impl<S: StateStore> Instances for Api<S> {
         let target = self
             .read_try(move |s| console::target(s, &name, false))
             .await?;
-        Ok(Reply::new(console::log(target, req.into_inner()).await?))
+        let tls = self.inner.tls.as_ref();
+        Ok(Reply::new(
+            console::log(tls, target, req.into_inner()).await?,
+        ))
     }
 }
 

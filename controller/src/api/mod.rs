@@ -113,6 +113,9 @@ struct Inner<S> {
     /// Heartbeats answered from memory as the leader; the liveness loop
     /// reads the same map.
     beats: Arc<NodeBeats>,
+    /// This controller's TLS (its certificate dials the agents' ports);
+    /// `None` on a plaintext server (in-process tests).
+    tls: Option<nephele_tls::TlsContext>,
 }
 
 /// Refused calls cost a raft write each to audit, and an unauthenticated
@@ -331,8 +334,14 @@ impl<S: StateStore> Api<S> {
     /// The API over `store`.
     /// `beats` must be the map the liveness loop reads
     /// ([`crate::reconcile::spawn`]), or nodes that heartbeat only into
-    /// memory would be judged silent.
-    pub fn new(store: Arc<S>, config: ApiConfig, beats: Arc<NodeBeats>) -> Self {
+    /// memory would be judged silent. `tls` is this controller's (see
+    /// [`crate::server::ControllerOptions::tls`]).
+    pub fn new(
+        store: Arc<S>,
+        config: ApiConfig,
+        beats: Arc<NodeBeats>,
+        tls: Option<nephele_tls::TlsContext>,
+    ) -> Self {
         Api {
             inner: Arc::new(Inner {
                 store,
@@ -341,6 +350,7 @@ impl<S: StateStore> Api<S> {
                 tokens: auth::TokenCache::default(),
                 denials: Mutex::new(DenialBudget::new()),
                 beats,
+                tls,
             }),
         }
     }
