@@ -424,8 +424,12 @@ pub enum Command {
     },
     /// Uses `joinTokens/{token_id}` up for node `node_id`: refused unless
     /// the hash matches, it is unused, unexpired at the envelope's time and
-    /// (if it names one) for that node. Committed before the node gets its
-    /// certificate, so a token can be redeemed once in the whole cluster.
+    /// (if it names one) for that node; refused for a removed node; and a
+    /// token that names no node is refused for a name that is registered
+    /// or joined before (no takeover of a known name: that needs a token
+    /// made for it). Records the node as joined. Committed before the node
+    /// gets its certificate, so a token can be redeemed once in the whole
+    /// cluster.
     RedeemJoinToken {
         /// The token's id part.
         token_id: String,
@@ -433,6 +437,15 @@ pub enum Command {
         secret_hash: String,
         /// The joining node's name.
         node_id: String,
+    },
+    /// Removes a node for good (`neph node remove`): deregisters it
+    /// (refused while instances are placed on it or migrate to it: drain
+    /// it first), drops the unused join tokens made for it, and records it
+    /// as revoked: its certificates are refused, it cannot register or
+    /// join again. Refused for a name the cluster never knew.
+    RemoveNode {
+        /// `nodes/{node}`.
+        node: String,
     },
 }
 
@@ -474,7 +487,8 @@ impl Command {
             | C::RestartInstanceElsewhere { instance, .. } => instance.clone(),
             C::NodeHeartbeat { node }
             | C::SetNodeState { node, .. }
-            | C::DeregisterNode { node } => node.clone(),
+            | C::DeregisterNode { node }
+            | C::RemoveNode { node } => node.clone(),
             C::SetMigrationState { migration, .. }
             | C::UpdateMigration { migration, .. }
             | C::SwitchMigration { migration, .. } => migration.clone(),

@@ -101,6 +101,18 @@ async fn a_join_token_works_once_expires_and_signs_only_its_node() -> anyhow::Re
         "already used",
     );
 
+    // n1 is a member now: a token for any node cannot take its name over
+    // (and is not used up by trying); one made for n1 joins it again.
+    let any = token(&mut env, 60, "").await?;
+    refused(
+        join(&env, &any, "n1", "n1").await,
+        Code::Unauthenticated,
+        "already a member",
+    );
+    let for_n1 = token(&mut env, 60, "n1").await?;
+    join(&env, &for_n1, "n1", "n1").await?;
+    join(&env, &any, "n5", "n5").await?;
+
     // A CSR for another node than the one asked for is refused, and does
     // not use the token up; a token for n2 joins only n2.
     let t2 = token(&mut env, 60, "n2").await?;

@@ -285,6 +285,9 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.push(one(system(Command::DeregisterNode {
         node: "nodes/n1".into(),
     })));
+    out.push(one(user(Command::RemoveNode {
+        node: "nodes/n2".into(),
+    })));
     out.push(one(user(Command::DeleteProject {
         project: "projects/a".into(),
     })));
