@@ -232,6 +232,10 @@ async fn serve<S: Backend>(
         beats.clone(),
         options.tls.clone(),
     );
+    // Removed nodes and controllers are refused by every handshake and
+    // call, as the replicated state says (ends when the store closes its
+    // streams).
+    crate::api::revocation::keep_current(shared.clone(), api.revocations().clone());
     let router = crate::api::routes(api, router).await;
     // One lease for both: what agents are told is what the loops wait for.
     let mut loops = options.reconcile;

@@ -144,6 +144,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/nephele.infra.v1.Nodes/EnableNode", Rule::Admin),
     ("/nephele.infra.v1.Nodes/DrainNode", Rule::Admin),
     ("/nephele.infra.v1.Nodes/CreateJoinToken", Rule::Admin),
+    ("/nephele.infra.v1.Nodes/RemoveNode", Rule::Admin),
     ("/nephele.infra.v1.Migrations/CreateMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/GetMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/CancelMigration", Rule::Admin),

@@ -30,6 +30,7 @@ pub mod join;
 mod migration;
 mod node;
 mod ops;
+pub mod revocation;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -116,6 +117,9 @@ struct Inner<S> {
     /// This controller's TLS (its certificate dials the agents' ports);
     /// `None` on a plaintext server (in-process tests).
     tls: Option<nephele_tls::TlsContext>,
+    /// The revoked identities (the TLS context's set, kept current from
+    /// the state by [`revocation::keep_current`]).
+    revocations: nephele_tls::Revocations,
 }
 
 /// Refused calls cost a raft write each to audit, and an unauthenticated
@@ -350,6 +354,10 @@ impl<S: StateStore> Api<S> {
                 tokens: auth::TokenCache::default(),
                 denials: Mutex::new(DenialBudget::new()),
                 beats,
+                revocations: tls
+                    .as_ref()
+                    .map(|t| t.revocations().clone())
+                    .unwrap_or_default(),
                 tls,
             }),
         }
@@ -357,6 +365,12 @@ impl<S: StateStore> Api<S> {
 
     fn store(&self) -> &S {
         &self.inner.store
+    }
+
+    /// The revocation set this API checks (and the TLS handshakes, when
+    /// the server has TLS).
+    pub fn revocations(&self) -> &nephele_tls::Revocations {
+        &self.inner.revocations
     }
 
     /// Reads linearizably.
@@ -497,6 +511,21 @@ impl<S: StateStore> Api<S> {
         target: Target<'_>,
         error: &ApiError,
     ) {
+        let resource = match target {
+            Target::Cluster => String::new(),
+            Target::Project(p) | Target::User(p) => p.to_owned(),
+        };
+        self.record_denial_of(actor, origin, resource, error).await;
+    }
+
+    /// [`Self::record_denial`] about a named resource.
+    async fn record_denial_of(
+        &self,
+        actor: String,
+        origin: nephele_state::Origin,
+        resource: String,
+        error: &ApiError,
+    ) {
         if !matches!(
             error,
             ApiError::PermissionDenied(_) | ApiError::Unauthenticated(_)
@@ -518,10 +547,6 @@ impl<S: StateStore> Api<S> {
                 " ({left_out} refusals before this one were not recorded: too many)"
             ));
         }
-        let resource = match target {
-            Target::Cluster => String::new(),
-            Target::Project(p) | Target::User(p) => p.to_owned(),
-        };
         let command = Command::RecordDenial { resource, reason };
         if let Err(e) = self.submit(actor, None, command, Some(origin)).await {
             tracing::debug!(error = %e, "refused call not audited");
