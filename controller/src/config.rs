@@ -51,7 +51,7 @@
 //! | `--etcd-lease-ttl-s` | `NEPHELE_ETCD_LEASE_TTL_S` | `etcd_lease_ttl_s` |
 //! | `--operator-key-file` | `NEPHELE_OPERATOR_KEY_FILE` (or the key in `NEPHELE_OPERATOR_KEY`) | |
 //! | `--sealed-ca` | `NEPHELE_SEALED_CA` | |
-//! | `--require-node-certificates` | `NEPHELE_REQUIRE_NODE_CERTIFICATES` | |
+//! | `--allow-node-tokens` | `NEPHELE_ALLOW_NODE_TOKENS` | |
 //!
 //! The port speaks only TLS (see `crate::tls`): `init` creates the
 //! cluster CA (its key sealed with the operator key) unless the sealed CA
@@ -159,11 +159,12 @@ pub struct Flags {
     /// share one CA); a controller joining later is given a copy.
     #[arg(long, env = "NEPHELE_SEALED_CA")]
     pub sealed_ca: Option<PathBuf>,
-    /// Refuse NodeAgent calls from agents without a node certificate (by
-    /// default an admin bearer token is still accepted there: the
-    /// transition path for agents that have not joined).
-    #[arg(long, env = "NEPHELE_REQUIRE_NODE_CERTIFICATES")]
-    pub require_node_certificates: bool,
+    /// Also accept NodeAgent calls from agents without a node certificate
+    /// that carry an admin bearer token (the transition path for agents
+    /// that have not joined; any holder of an admin token can then act as
+    /// any node). By default only node certificates are accepted there.
+    #[arg(long, env = "NEPHELE_ALLOW_NODE_TOKENS")]
+    pub allow_node_tokens: bool,
 }
 
 /// Which backend keeps the control-plane state.

@@ -150,7 +150,12 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
             .display()
     );
     options.tls = Some(tls);
-    options.api.require_node_certificates = flags.require_node_certificates;
+    options.api.allow_node_tokens = flags.allow_node_tokens;
+    if flags.allow_node_tokens {
+        tracing::warn!(
+            "--allow-node-tokens: agents without a certificate may act as any node with an admin token"
+        );
+    }
     // Signing node certificates (NodeJoin/Join) needs the CA key in memory
     // for as long as the controller runs: only with the operator key.
     match neph_controller::tls::node_signer(&prepare)

@@ -81,9 +81,12 @@ pub struct ApiConfig {
     /// The cluster CA, opened, when this controller signs node
     /// certificates (`NodeJoin/Join`); `None` refuses joins.
     pub node_ca: Option<join::NodeCa>,
-    /// Refuse NodeAgent calls from clients without a node certificate
-    /// (otherwise an admin bearer token is still accepted there).
-    pub require_node_certificates: bool,
+    /// Also accept NodeAgent calls from clients without a node
+    /// certificate that carry an admin bearer token (the transition path,
+    /// `--allow-node-tokens`). Off by default: only node certificates.
+    /// A plaintext server (in-process tests of the library) has no
+    /// certificates to require and always accepts the token.
+    pub allow_node_tokens: bool,
 }
 
 impl Default for ApiConfig {
@@ -95,7 +98,7 @@ impl Default for ApiConfig {
             fence_lease: Duration::from_secs(10),
             heartbeat_commit_interval: Duration::from_secs(30),
             node_ca: None,
-            require_node_certificates: false,
+            allow_node_tokens: false,
         }
     }
 }

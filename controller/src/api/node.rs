@@ -235,9 +235,9 @@ impl<S: StateStore> Api<S> {
     /// for exactly that node and not revoked (checked on every call, so a
     /// removed node's open connection is refused too), so node/a acts only
     /// as node a; or, from a client without a node certificate, an admin
-    /// bearer token, unless
-    /// [`super::ApiConfig::require_node_certificates`] (the transition
-    /// path for agents that have not joined). Refusals go
+    /// bearer token, only with [`super::ApiConfig::allow_node_tokens`] (the
+    /// transition path for agents that have not joined) or on a plaintext
+    /// server (in-process tests). Refusals go
     /// into the audit trail like every other refused call. Returns the
     /// node certificate's identity when there was one.
     async fn authorize_node<T>(
@@ -265,7 +265,7 @@ impl<S: StateStore> Api<S> {
             // No certificate, or another member's (a controller's: it may
             // act for nodes only with an admin token, like anyone).
             Ok(_) | Err(nephele_tls::identity::PeerIdentityError::NoCertificate) => {
-                if self.inner.config.require_node_certificates {
+                if self.inner.tls.is_some() && !self.inner.config.allow_node_tokens {
                     (
                         "anonymous".to_owned(),
                         ApiError::Unauthenticated(format!(

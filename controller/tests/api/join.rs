@@ -214,7 +214,6 @@ impl TlsEnv {
         let mut options = test_options();
         options.tls = Some(ctl_tls);
         options.api.node_ca = Some(NodeCa(ca.clone()));
-        options.api.require_node_certificates = true;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let mut config = super::common::test_config(1, &dir.path().join("c1"), Default::default());
         config.cluster_id = Some(7);
@@ -340,7 +339,7 @@ async fn a_node_certificate_acts_only_as_its_node_and_no_certificate_is_refused(
         "cannot act as",
     );
     // Without a certificate NodeAgent is refused, even with the admin
-    // token (this controller requires node certificates).
+    // token (the default with TLS: node certificates only).
     refused(
         env.admin.agent.register_node(register("rogue")).await,
         Code::Unauthenticated,
