@@ -4,11 +4,12 @@
 //! token: the join token is the credential) redeems it once, through the
 //! log, and signs the node's CSR for `node/<name>` with the cluster CA.
 //!
-//! Signing needs the CA's private key at run time, so a controller that is
-//! to answer Join opens the sealed CA with the operator key when it starts
-//! and keeps it in memory ([`NodeCa`]); one started without the operator
-//! key answers Join with FAILED_PRECONDITION (a node may ask another
-//! controller). See docs/threat-model.md for what that exposes.
+//! Signing needs the CA's private key at run time: a controller started
+//! with the operator key opens the sealed CA the replicated state holds
+//! (`neph-controller init` put it there) at the first join and keeps it
+//! open in memory; one started without the operator key answers Join with
+//! FAILED_PRECONDITION (a node may ask another controller). See
+//! docs/threat-model.md for what that exposes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,6 +88,49 @@ impl<S: StateStore> Api<S> {
     }
 }
 
+impl<S: StateStore> Api<S> {
+    /// The cluster CA, open for signing: the one given open, else the
+    /// replicated state's opened with the operator key (once, then kept).
+    async fn signing_ca(&self) -> Result<Arc<Ca>, ApiError> {
+        if let Some(NodeCa(ca)) = &self.inner.config.node_ca {
+            return Ok(ca.clone());
+        }
+        let Some(key) = self.inner.config.operator_key.clone() else {
+            return Err(ApiError::FailedPrecondition(
+                "this controller cannot sign node certificates: it was started without the \
+                 operator key (ask another controller, or restart it with --operator-key-file)"
+                    .into(),
+            ));
+        };
+        let record = self.read(|s| s.cluster_ca.clone()).await?.ok_or_else(|| {
+            ApiError::FailedPrecondition(
+                "the replicated state holds no cluster CA yet (`neph-controller init` puts it \
+                 there); try again shortly"
+                    .into(),
+            )
+        })?;
+        let mut opened = self
+            .inner
+            .opened_ca
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((r, ca)) = &*opened
+            && *r == record
+        {
+            return Ok(ca.clone());
+        }
+        let ca = Ca::open(&crate::tls::sealed_of(&record), &key).map_err(|e| {
+            ApiError::FailedPrecondition(format!(
+                "cannot open the cluster CA of the replicated state with this controller's \
+                 operator key: {e}"
+            ))
+        })?;
+        let ca = Arc::new(ca);
+        *opened = Some((record, ca.clone()));
+        Ok(ca)
+    }
+}
+
 const JOIN_RPC: &str = "/nephele.node.v1.NodeJoin/Join";
 
 #[tonic::async_trait]
@@ -102,14 +146,7 @@ impl<S: StateStore> NodeJoin for Api<S> {
                 })?;
         let identity = Identity::node(r.node_id.clone())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let Some(NodeCa(ca)) = self.inner.config.node_ca.clone() else {
-            return Err(ApiError::FailedPrecondition(
-                "this controller cannot sign node certificates: it was started without the \
-                 operator key (ask another controller, or restart it with --operator-key-file)"
-                    .into(),
-            )
-            .into());
-        };
+        let ca = self.signing_ca().await?;
         // Sign first: a bad CSR must not use the token up. The certificate
         // is handed out only once the redemption is committed.
         let cert = ca

@@ -78,8 +78,13 @@ pub struct ApiConfig {
     /// commits one (refreshing the node's recorded `last_heartbeat`) only
     /// when the recorded one is older than this, or the node is DOWN.
     pub heartbeat_commit_interval: Duration,
-    /// The cluster CA, opened, when this controller signs node
-    /// certificates (`NodeJoin/Join`); `None` refuses joins.
+    /// The operator key: with it this controller opens the sealed cluster
+    /// CA of the replicated state to sign node certificates
+    /// (`NodeJoin/Join`); without it (and without `node_ca`) it refuses
+    /// joins.
+    pub operator_key: Option<Arc<nephele_tls::OperatorKey>>,
+    /// A cluster CA given open (in-process tests); otherwise the state's
+    /// is opened with `operator_key`.
     pub node_ca: Option<join::NodeCa>,
     /// Also accept NodeAgent calls from clients without a node
     /// certificate that carry an admin bearer token (the transition path,
@@ -97,6 +102,7 @@ impl Default for ApiConfig {
             max_wait: Duration::from_secs(60),
             fence_lease: Duration::from_secs(10),
             heartbeat_commit_interval: Duration::from_secs(30),
+            operator_key: None,
             node_ca: None,
             allow_node_tokens: false,
         }
@@ -123,6 +129,9 @@ struct Inner<S> {
     /// The revoked identities (the TLS context's set, kept current from
     /// the state by [`revocation::keep_current`]).
     revocations: nephele_tls::Revocations,
+    /// The state's cluster CA opened with the operator key, and the record
+    /// it was opened from (opened at the first join).
+    opened_ca: Mutex<Option<(nephele_state::model::SealedCaRecord, Arc<nephele_tls::Ca>)>>,
 }
 
 /// Refused calls cost a raft write each to audit, and an unauthenticated
@@ -362,6 +371,7 @@ impl<S: StateStore> Api<S> {
                     .map(|t| t.revocations().clone())
                     .unwrap_or_default(),
                 tls,
+                opened_ca: Mutex::new(None),
             }),
         }
     }

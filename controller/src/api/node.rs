@@ -120,6 +120,7 @@ fn touches(e: &WatchEvent, node: &str, mine: &HashSet<String>) -> bool {
         | Command::KvPut { .. }
         | Command::KvCas { .. }
         | Command::KvDelete { .. }
+        | Command::SetClusterCa { .. }
         // New instances are PENDING, on no node.
         | Command::CreateInstance { .. }
         | Command::CreateInstances { .. } => return false,

@@ -25,6 +25,10 @@ pub const MAX_KV_KEY_LEN: usize = 1024;
 pub const MAX_KV_VALUE_LEN: usize = 1 << 20;
 /// Longest free-text field (display names, reasons, messages).
 pub const MAX_TEXT_LEN: usize = 4096;
+/// Largest CA certificate [`Command::SetClusterCa`] takes, PEM bytes.
+pub const MAX_CA_CERT_LEN: usize = 16 << 10;
+/// Largest sealed CA key [`Command::SetClusterCa`] takes.
+pub const MAX_SEALED_KEY_LEN: usize = 4 << 10;
 /// Most instances one [`Command::CreateInstances`] makes.
 pub const MAX_BATCH_CREATE: usize = 100;
 
@@ -1600,6 +1604,37 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             event(state, actor, &name, "join_token.used", by);
             Ok(Response::JoinToken(t))
         }
+        Command::SetClusterCa { ca } => {
+            if ca.cluster_id.is_empty() || ca.cluster_id.len() > 64 {
+                return Err(ApplyError::InvalidArgument(
+                    "a cluster id is 1 to 64 bytes long".into(),
+                ));
+            }
+            if !ca.cert_pem.starts_with("-----BEGIN CERTIFICATE-----")
+                || ca.cert_pem.len() > MAX_CA_CERT_LEN
+            {
+                return Err(ApplyError::InvalidArgument(format!(
+                    "the CA certificate must be one PEM certificate of at most {MAX_CA_CERT_LEN} bytes"
+                )));
+            }
+            if ca.sealed_key.is_empty() || ca.sealed_key.len() > MAX_SEALED_KEY_LEN {
+                return Err(ApplyError::InvalidArgument(format!(
+                    "the sealed CA key must be 1 to {MAX_SEALED_KEY_LEN} bytes"
+                )));
+            }
+            match &state.cluster_ca {
+                Some(have) if have == ca => Ok(Response::Done),
+                Some(_) => Err(precondition(
+                    "cluster/ca",
+                    "the cluster already has another CA; it is set once, at init",
+                )),
+                None => {
+                    state.cluster_ca = Some(ca.clone());
+                    event(state, actor, "cluster/ca", "cluster.ca_set", String::new());
+                    Ok(Response::Done)
+                }
+            }
+        }
         Command::BeginInstanceAction {
             instance,
             state: to,
@@ -2783,5 +2818,34 @@ mod tests {
         // The snapshot keeps all of it.
         let back = codec::decode_snapshot(&codec::encode_snapshot(&s)).unwrap();
         assert_eq!(back.node_members, s.node_members);
+    }
+
+    #[test]
+    fn the_cluster_ca_is_set_once() {
+        let mut s = State::default();
+        let ca = |key: &[u8]| crate::model::SealedCaRecord {
+            cluster_id: "7".into(),
+            cert_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            sealed_key: key.to_vec(),
+        };
+        let set = |c| Command::SetClusterCa { ca: c };
+        assert!(matches!(
+            run(&mut s, set(ca(b""))),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        let mut bad = ca(b"k");
+        bad.cert_pem = "not pem".into();
+        assert!(matches!(
+            run(&mut s, set(bad)),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        assert!(s.cluster_ca.is_none());
+        run(&mut s, set(ca(b"k1"))).unwrap();
+        // Every initial member proposes the same one: fine.
+        run(&mut s, set(ca(b"k1"))).unwrap();
+        refused_because(run(&mut s, set(ca(b"k2"))), "another CA");
+        assert_eq!(s.cluster_ca, Some(ca(b"k1")));
+        let back = codec::decode_snapshot(&codec::encode_snapshot(&s)).unwrap();
+        assert_eq!(back.cluster_ca, s.cluster_ca);
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{
     Flavor, GroupPolicy, Image, ImageState, Instance, InstanceState, JoinToken, Labels, Migration,
     MigrationProgress, MigrationState, Node, NodeState, Operation, Project, Quota, Resources, Role,
-    ServerGroup, Token, UnixMs, User,
+    SealedCaRecord, ServerGroup, Token, UnixMs, User,
 };
 
 /// A command with what the leader adds before proposing it. Everything that
@@ -447,6 +447,13 @@ pub enum Command {
         /// `nodes/{node}`.
         node: String,
     },
+    /// Records the cluster CA (`neph-controller init`): set once; setting
+    /// the same one again is a no-op (every initial member proposes it),
+    /// another one is refused.
+    SetClusterCa {
+        /// The CA, its key sealed with the operator key.
+        ca: SealedCaRecord,
+    },
 }
 
 impl Command {
@@ -502,6 +509,7 @@ impl Command {
             C::CreateJoinToken { token_id, .. } | C::RedeemJoinToken { token_id, .. } => {
                 format!("joinTokens/{token_id}")
             }
+            C::SetClusterCa { .. } => "cluster/ca".to_owned(),
         }
     }
 }

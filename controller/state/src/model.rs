@@ -164,6 +164,21 @@ pub struct NodeMember {
     pub revoked: Option<UnixMs>,
 }
 
+/// The cluster CA as the replicated state keeps it (`neph-controller
+/// init` puts it here): the certificate in the clear, the private key
+/// sealed with the operator key (AES-256-GCM, bound to the cluster id; see
+/// `tls/src/seal.rs`). Every controller can read it; only one given the
+/// operator key can open it to sign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedCaRecord {
+    /// The cluster the CA belongs to.
+    pub cluster_id: String,
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    /// The sealed PKCS#8 private key.
+    pub sealed_key: Vec<u8>,
+}
+
 /// An instance size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flavor {
@@ -583,6 +598,8 @@ pub struct State {
     pub join_tokens: BTreeMap<String, JoinToken>,
     /// Nodes that joined or were removed, by name (`nodes/{node}`).
     pub node_members: BTreeMap<String, NodeMember>,
+    /// The cluster CA, its key sealed; set once.
+    pub cluster_ca: Option<SealedCaRecord>,
 }
 
 impl State {

@@ -500,3 +500,69 @@ async fn a_removed_node_is_refused_everywhere_and_cannot_rejoin() -> anyhow::Res
     env.member.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_are_signed_with_the_sealed_ca_of_the_replicated_state() -> anyhow::Result<()> {
+    use neph_controller::store::StateStore as _;
+    nephele_tls::install_default();
+    let key = nephele_tls::OperatorKey::generate()?;
+    let ca = Ca::create("7")?;
+    let sealed = ca.seal(&key)?;
+    let mut options = test_options();
+    options.api.operator_key = Some(Arc::new(key.clone()));
+    let mut env = start_with(options).await?;
+
+    // Before init put the CA into the state, there is nothing to sign with
+    // (and the token is not used up).
+    let t = token(&mut env, 60, "").await?;
+    refused(
+        join(&env, &t, "n1", "n1").await,
+        Code::FailedPrecondition,
+        "no cluster CA yet",
+    );
+    neph_controller::tls::publish_ca(env.member.store.clone(), sealed.clone()).await;
+    // The state keeps it sealed: the certificate in the clear, the key not.
+    let record = env
+        .member
+        .store
+        .read(|s| s.cluster_ca.clone())
+        .await?
+        .expect("the CA in the state");
+    assert_eq!(record.cert_pem, ca.cert_pem());
+    assert_eq!(record.sealed_key, sealed.sealed_key);
+    assert!(
+        !String::from_utf8_lossy(&record.sealed_key).contains("PRIVATE KEY"),
+        "the CA key is in the clear"
+    );
+    let (resp, _) = join(&env, &t, "n1", "n1").await?;
+    assert_eq!(resp.ca_pem, ca.cert_pem());
+    // Publishing again is a no-op; another CA is refused by the state.
+    neph_controller::tls::publish_ca(env.member.store.clone(), sealed).await;
+    let other = Ca::create("7")?.seal(&key)?;
+    let r = env
+        .member
+        .store
+        .propose(nephele_state::Envelope::new(
+            1,
+            "system",
+            nephele_state::Command::SetClusterCa {
+                ca: neph_controller::tls::record_of(&other),
+            },
+        ))
+        .await?;
+    assert!(r.outcome.is_err(), "a second CA was accepted: {r:?}");
+
+    // A controller whose operator key does not open the state's CA
+    // refuses joins, saying why.
+    let mut options = test_options();
+    options.api.operator_key = Some(Arc::new(nephele_tls::OperatorKey::generate()?));
+    let mut env2 = start_with(options).await?;
+    neph_controller::tls::publish_ca(env2.member.store.clone(), ca.seal(&key)?).await;
+    let t = token(&mut env2, 60, "").await?;
+    refused(
+        join(&env2, &t, "n1", "n1").await,
+        Code::FailedPrecondition,
+        "cannot open the cluster CA",
+    );
+    Ok(())
+}
