@@ -2,7 +2,9 @@
 //! what. Every handler calls [`authorize`] with its own RPC path before it
 //! touches state; a test walks the whole table (every role x every RPC x own
 //! and foreign project) and checks that every RPC of every public service is
-//! in it.
+//! in it, and `controller/tests/api/authz_walk.rs` walks it again through
+//! the real gRPC server, so each handler is seen to apply its rule to what
+//! the request names.
 //!
 //! Roles, weakest first: a **reader** reads a project's resources; a
 //! **member** also creates, changes and deletes them; an **admin** (a user

@@ -308,6 +308,13 @@ impl<S: StateStore> Instances for Api<S> {
             metadata: &metadata,
             peer,
         };
+        // Authorized before anything about the request is said.
+        self.authorize(
+            call,
+            &format!("{INSTANCES}BatchCreateInstances"),
+            Target::Project(&r.parent),
+        )
+        .await?;
         let max = u32::try_from(MAX_BATCH_CREATE).unwrap_or(u32::MAX);
         if r.count == 0 || r.count > max {
             return Err(ApiError::InvalidArgument(format!(

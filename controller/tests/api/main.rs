@@ -8,9 +8,12 @@
 //! - `migration.rs`: migration assignments, progress, the switchover gate.
 //! - `console.rs`: the console relay through an in-test `Agent` double.
 //! - `audit.rs`: the audit trail, token revocation, the refusal budget.
+//! - `authz_walk.rs`: every RPC of the authorization table through the
+//!   real server, as admin, member and reader, on two projects.
 //! - `join.rs`: node join tokens and the Join RPC signing node CSRs.
 
 mod audit;
+mod authz_walk;
 #[path = "../common/mod.rs"]
 mod common;
 mod console;
