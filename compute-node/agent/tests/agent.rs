@@ -856,6 +856,42 @@ async fn port_scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     ))?;
     assert_eq!(probe(&address, Some(pinned)).await, Code::NotFound);
 
+    // An oversized request is refused before the service sees it, and the
+    // port keeps serving.
+    let mut a = agent_client(&ctl, &address).await?;
+    let e = a
+        .get_console_log(compute::GetConsoleLogRequest {
+            name: "x".repeat(neph_node::service::MAX_DECODING_MESSAGE_SIZE + 1),
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(compute::ConsoleRequest {
+        name: "projects/p1/instances/nope".into(),
+        input: vec![b'x'; neph_node::service::MAX_DECODING_MESSAGE_SIZE + 1],
+    })
+    .await?;
+    let e = match a
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_eq!(
+        probe(
+            &address,
+            Some(ctl.client_config(nephele_tls::PeerPolicy::Exactly(
+                nephele_tls::Identity::node("node-1")?,
+            ))?)
+        )
+        .await,
+        Code::NotFound
+    );
+
     // A controller expecting another node refuses this one (a machine that
     // took over a node's address is not that node).
     let other = ctl.client_config(nephele_tls::PeerPolicy::Exactly(

@@ -10,7 +10,9 @@
 //! - `audit.rs`: the audit trail, token revocation, the refusal budget.
 //! - `authz_walk.rs`: every RPC of the authorization table through the
 //!   real server, as admin, member and reader, on two projects.
-//! - `join.rs`: node join tokens and the Join RPC signing node CSRs.
+//! - `join.rs`: node join tokens and the Join RPC signing node CSRs, node
+//!   removal and revocation, the sealed CA in the replicated state.
+//! - `limits.rs`: oversized requests.
 
 mod audit;
 mod authz_walk;
@@ -19,6 +21,7 @@ mod common;
 mod console;
 mod ha;
 mod join;
+mod limits;
 mod migration;
 mod support;
 
