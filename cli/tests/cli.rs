@@ -878,3 +878,25 @@ fn the_controller_is_verified_against_the_profile_ca() {
     });
     assert!(plain.is_err(), "a plaintext call was answered");
 }
+
+#[test]
+fn node_remove_takes_a_node_out_for_good() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let node = fake_node(&c, &token);
+    let list = neph.json(&["node", "list"]);
+    assert_eq!(list[0]["name"], "n1", "{list}");
+    let (_, err) = neph.expect(&["node", "remove", "n1"], 0);
+    assert!(err.contains("removed nodes/n1"), "{err}");
+    let list = neph.json(&["node", "list"]);
+    assert_eq!(list, serde_json::json!([]), "{list}");
+    // The node's own calls are refused from then on: its loop ends.
+    node.join().expect("the fake node's thread");
+    // No join token for it any more, and no second removal.
+    let (_, err) = neph.expect(&["node", "join-token", "create", "--node", "n1"], 1);
+    assert!(err.contains("removed"), "{err}");
+    let (_, err) = neph.expect(&["node", "remove", "n1"], 1);
+    assert!(err.contains("removed"), "{err}");
+}
