@@ -151,6 +151,7 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
     );
     options.tls = Some(tls);
     options.api.allow_node_tokens = flags.allow_node_tokens;
+    options.api.node_cert_validity = cfg.node_cert_validity;
     if flags.allow_node_tokens {
         tracing::warn!(
             "--allow-node-tokens: agents without a certificate may act as any node with an admin token"

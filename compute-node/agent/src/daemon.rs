@@ -133,11 +133,18 @@ pub async fn run(
         shared.clone(),
         advertise,
     ));
+    let renewal = tls
+        .context
+        .clone()
+        .map(|ctx| tokio::spawn(crate::join::renew_forever(cfg.clone(), ctx, ctl.clone())));
     let watch_loop = tokio::spawn(watch_loop(cfg.node_name(), ctl, tx));
     let reconciler = tokio::spawn(supervisor.run(rx));
     let served = server.await;
     node_loop.abort();
     watch_loop.abort();
+    if let Some(r) = renewal {
+        r.abort();
+    }
     reconciler.abort();
     match served {
         Ok(r) => r.map_err(RunAgentError::Serve),

@@ -141,6 +141,7 @@ struct Api {
     images: compute::images_client::ImagesClient<Svc>,
     instances: compute::instances_client::InstancesClient<Svc>,
     nodes: infra::nodes_client::NodesClient<Svc>,
+    events: nephele_proto::ops::v1::events_client::EventsClient<Svc>,
 }
 
 async fn api(address: &str, token: &str, ca_file: &Path) -> anyhow::Result<Api> {
@@ -164,7 +165,10 @@ async fn api(address: &str, token: &str, ca_file: &Path) -> anyhow::Result<Api> 
             channel.clone(),
             auth.clone(),
         ),
-        nodes: infra::nodes_client::NodesClient::with_interceptor(channel, auth),
+        nodes: infra::nodes_client::NodesClient::with_interceptor(channel.clone(), auth.clone()),
+        events: nephele_proto::ops::v1::events_client::EventsClient::with_interceptor(
+            channel, auth,
+        ),
     })
 }
 
@@ -183,6 +187,12 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> anyhow::Result<Self> {
+        Self::start_with_env(&[])
+    }
+
+    /// [`Cluster::start`] with more settings in the controller's
+    /// environment.
+    fn start_with_env(env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut cmd = Command::new(binary("neph-controller", "neph-controller"));
         cmd.args(["init", "--id", "1", "--cluster-id", "5"])
@@ -194,6 +204,7 @@ impl Cluster {
             // Short lease; no node timeout during the agent's absences.
             .env("NEPHELE_FENCE_LEASE_MS", LEASE_MS.to_string())
             .env("NEPHELE_NODE_TIMEOUT_MS", "120000")
+            .envs(env.iter().copied())
             .stderr(Stdio::null());
         let (controller, v) = start_until(cmd, &["LISTENING ", "ADMIN_TOKEN_FILE "])?;
         let image_dir = dir.path().join("images");
@@ -944,5 +955,96 @@ async fn port_scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     )
     .await;
     assert_eq!(code, Code::PermissionDenied, "a node certificate");
+    Ok(())
+}
+
+/// The serial of the node's certificate on disk.
+fn node_serial(cluster: &Cluster) -> anyhow::Result<String> {
+    let files = nephele_tls::TlsFiles::in_dir(&cluster.data_dir.join("tls"));
+    Ok(
+        nephele_tls::TlsContext::load(&files, nephele_tls::Revocations::new())?
+            .identity()
+            .serial,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_its_certificate_before_it_expires() -> anyhow::Result<()> {
+    // Node certificates live 15 s: the agent renews at about 10 s.
+    let mut cluster = Cluster::start_with_env(&[("NEPHELE_NODE_CERT_VALIDITY_S", "15")])?;
+    let result = renewal_scenario(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn renewal_scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let (_agent, address) = cluster.agent(Some(&join_token(&api, "node-1").await?))?;
+    let first = node_serial(cluster)?;
+    let joined = Instant::now();
+    let renewed = eventually(Duration::from_secs(30), "a renewed certificate", || async {
+        node_serial(cluster).ok().filter(|s| *s != first)
+    })
+    .await?;
+    let after = joined.elapsed();
+    assert!(
+        after >= Duration::from_secs(7),
+        "renewed after {after:?}, long before two thirds of 15 s"
+    );
+    assert!(
+        !cluster.data_dir.join("tls/cert.pem.next").exists()
+            && !cluster.data_dir.join("tls/key.pem.next").exists(),
+        "a renewal left its files behind"
+    );
+    // Past the first certificate's expiry the node works on the new one:
+    // the controller reaches its port, and it keeps heartbeating.
+    tokio::time::sleep(Duration::from_secs(16).saturating_sub(joined.elapsed())).await;
+    let ctl = cluster.controller_tls()?;
+    let pinned = ctl.client_config(nephele_tls::PeerPolicy::Exactly(
+        nephele_tls::Identity::node("node-1")?,
+    ))?;
+    assert_eq!(probe(&address, Some(pinned)).await, Code::NotFound);
+    let mut nodes = api.nodes.clone();
+    let before = nodes
+        .get_node(infra::GetNodeRequest {
+            name: "nodes/node-1".into(),
+        })
+        .await?
+        .into_inner()
+        .last_heartbeat;
+    eventually(WAIT, "a heartbeat with the renewed certificate", || {
+        let mut nodes = nodes.clone();
+        async move {
+            let n = nodes
+                .get_node(infra::GetNodeRequest {
+                    name: "nodes/node-1".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (n.state == infra::NodeState::Up as i32 && n.last_heartbeat != before).then_some(())
+        }
+    })
+    .await?;
+    // The renewal is in the node's events.
+    let events = api
+        .events
+        .clone()
+        .list_events(nephele_proto::ops::v1::ListEventsRequest {
+            resource: "nodes/node-1".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "node.certificate_renewed" && e.message == renewed),
+        "{events:#?}"
+    );
     Ok(())
 }

@@ -325,7 +325,8 @@ mod tests {
                 if package == "nephele.node.v1" && service.name() == "Agent" {
                     continue;
                 }
-                // Authenticated by its join token, not by a bearer token.
+                // Authenticated by its join token (Join) or the node's
+                // certificate (Renew), not by a bearer token.
                 if package == "nephele.node.v1" && service.name() == "NodeJoin" {
                     continue;
                 }

@@ -3,6 +3,9 @@
 //! `nephele.node.v1.NodeJoin/Join` (no client certificate, no bearer
 //! token: the join token is the credential) redeems it once, through the
 //! log, and signs the node's CSR for `node/<name>` with the cluster CA.
+//! `NodeJoin/Renew` signs a fresh CSR for a joined node's own identity,
+//! asked over mutual TLS with its current certificate (agents renew at two
+//! thirds of its life, `compute-node/agent/src/join.rs`).
 //!
 //! Signing needs the CA's private key at run time: a controller started
 //! with the operator key opens the sealed CA the replicated state holds
@@ -89,6 +92,54 @@ impl<S: StateStore> Api<S> {
 }
 
 impl<S: StateStore> Api<S> {
+    /// What node certificates are issued with.
+    fn node_cert_options(&self) -> IssueOptions {
+        IssueOptions {
+            validity: self.inner.config.node_cert_validity,
+            ..IssueOptions::default()
+        }
+    }
+
+    /// The node identity a Renew call comes from, or why not (audited).
+    async fn renewing_node<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<nephele_tls::PeerIdentity, ApiError> {
+        let refused = match nephele_tls::peer_identity(req) {
+            Ok(p) if p.identity.kind() == nephele_tls::IdentityKind::Node => {
+                match self.revocations().check(&p) {
+                    Ok(()) => return Ok(p),
+                    Err(e) => (
+                        format!("nodes/{}", p.identity.name()),
+                        ApiError::Unauthenticated(e.to_string()),
+                    ),
+                }
+            }
+            Ok(p) => (
+                p.identity.to_string(),
+                ApiError::PermissionDenied(format!(
+                    "{} is not a node: only nodes renew their certificates here",
+                    p.identity
+                )),
+            ),
+            Err(e) => (
+                "anonymous".to_owned(),
+                ApiError::Unauthenticated(format!(
+                    "renewing needs the node's current certificate: {e}"
+                )),
+            ),
+        };
+        let (actor, error) = refused;
+        self.record_denial_of(
+            actor,
+            super::origin(req.into(), RENEW_RPC),
+            String::new(),
+            &error,
+        )
+        .await;
+        Err(error)
+    }
+
     /// The cluster CA, open for signing: the one given open, else the
     /// replicated state's opened with the operator key (once, then kept).
     async fn signing_ca(&self) -> Result<Arc<Ca>, ApiError> {
@@ -132,9 +183,61 @@ impl<S: StateStore> Api<S> {
 }
 
 const JOIN_RPC: &str = "/nephele.node.v1.NodeJoin/Join";
+const RENEW_RPC: &str = "/nephele.node.v1.NodeJoin/Renew";
 
 #[tonic::async_trait]
 impl<S: StateStore> NodeJoin for Api<S> {
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Reply<pb::JoinResponse>, Status> {
+        let peer = self.renewing_node(&req).await?;
+        let remote = req.remote_addr();
+        let node_id = peer.identity.name().to_owned();
+        let ca = self.signing_ca().await?;
+        let cert = ca
+            .sign_csr(
+                &req.into_inner().csr_pem,
+                &peer.identity,
+                &self.node_cert_options(),
+            )
+            .map_err(|e| Status::invalid_argument(format!("the CSR is refused: {e}")))?;
+        // Handed out only once the renewal is committed (a node removed
+        // meanwhile gets nothing).
+        let envelope = Envelope {
+            time: now_ms(),
+            actor: format!("nodes/{node_id}"),
+            request_id: None,
+            fence_term: None,
+            command: Command::RenewNodeCertificate {
+                node_id: node_id.clone(),
+                serial: cert.serial.clone(),
+            },
+            origin: Some(Origin {
+                peer: remote.map(|p| p.to_string()).unwrap_or_default(),
+                rpc: RENEW_RPC.to_owned(),
+            }),
+        };
+        let committed = self
+            .store()
+            .propose(envelope)
+            .await
+            .map_err(|e| Status::from(ApiError::from(e)))?;
+        match committed.outcome {
+            Ok(_) => {}
+            Err(ApplyError::FailedPrecondition { reason, .. }) => {
+                return Err(Status::unauthenticated(reason));
+            }
+            Err(e) => return Err(ApiError::from(e).into()),
+        }
+        tracing::info!(node = %node_id, serial = %cert.serial, "node certificate renewed");
+        Ok(Reply::new(pb::JoinResponse {
+            cert_pem: cert.chain_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+            serial: cert.serial,
+        }))
+    }
+
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Reply<pb::JoinResponse>, Status> {
         let peer = req.remote_addr();
         let r = req.into_inner();
@@ -150,7 +253,7 @@ impl<S: StateStore> NodeJoin for Api<S> {
         // Sign first: a bad CSR must not use the token up. The certificate
         // is handed out only once the redemption is committed.
         let cert = ca
-            .sign_csr(&r.csr_pem, &identity, &IssueOptions::default())
+            .sign_csr(&r.csr_pem, &identity, &self.node_cert_options())
             .map_err(|e| Status::invalid_argument(format!("the CSR is refused: {e}")))?;
         let envelope = Envelope {
             time: now_ms(),

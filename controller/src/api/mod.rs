@@ -86,6 +86,9 @@ pub struct ApiConfig {
     /// A cluster CA given open (in-process tests); otherwise the state's
     /// is opened with `operator_key`.
     pub node_ca: Option<join::NodeCa>,
+    /// How long the node certificates this controller signs (join and
+    /// renewal) are valid; agents renew at two thirds of it.
+    pub node_cert_validity: Duration,
     /// Also accept NodeAgent calls from clients without a node
     /// certificate that carry an admin bearer token (the transition path,
     /// `--allow-node-tokens`). Off by default: only node certificates.
@@ -104,6 +107,7 @@ impl Default for ApiConfig {
             heartbeat_commit_interval: Duration::from_secs(30),
             operator_key: None,
             node_ca: None,
+            node_cert_validity: nephele_tls::ca::DEFAULT_VALIDITY,
             allow_node_tokens: false,
         }
     }

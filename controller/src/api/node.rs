@@ -121,6 +121,7 @@ fn touches(e: &WatchEvent, node: &str, mine: &HashSet<String>) -> bool {
         | Command::KvCas { .. }
         | Command::KvDelete { .. }
         | Command::SetClusterCa { .. }
+        | Command::RenewNodeCertificate { .. }
         // New instances are PENDING, on no node.
         | Command::CreateInstance { .. }
         | Command::CreateInstances { .. } => return false,

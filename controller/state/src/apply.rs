@@ -1604,6 +1604,36 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             event(state, actor, &name, "join_token.used", by);
             Ok(Response::JoinToken(t))
         }
+        Command::RenewNodeCertificate { node_id, serial } => {
+            names::validate_id(node_id)?;
+            if serial.is_empty()
+                || serial.len() > 64
+                || !serial.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(ApplyError::InvalidArgument(
+                    "a certificate serial is 1 to 64 hex digits".into(),
+                ));
+            }
+            let name = format!("nodes/{node_id}");
+            match state.node_members.get(&name) {
+                Some(m) if m.revoked.is_some() => return Err(removed(&name)),
+                Some(m) if m.joined.is_some() => {}
+                _ => {
+                    return Err(precondition(
+                        &name,
+                        "the node never joined; it joins with a join token first",
+                    ));
+                }
+            }
+            event(
+                state,
+                actor,
+                &name,
+                "node.certificate_renewed",
+                serial.to_ascii_lowercase(),
+            );
+            Ok(Response::Done)
+        }
         Command::SetClusterCa { ca } => {
             if ca.cluster_id.is_empty() || ca.cluster_id.len() > 64 {
                 return Err(ApplyError::InvalidArgument(
@@ -2847,5 +2877,34 @@ mod tests {
         assert_eq!(s.cluster_ca, Some(ca(b"k1")));
         let back = codec::decode_snapshot(&codec::encode_snapshot(&s)).unwrap();
         assert_eq!(back.cluster_ca, s.cluster_ca);
+    }
+
+    #[test]
+    fn only_a_joined_node_that_was_not_removed_renews() {
+        let mut s = setup();
+        let renew = |id: &str, serial: &str| Command::RenewNodeCertificate {
+            node_id: id.into(),
+            serial: serial.into(),
+        };
+        // n1 is registered but never joined.
+        refused_because(run(&mut s, renew("n1", "0a")), "never joined");
+        join(&mut s, "c1", Some("n1"), "n1").unwrap();
+        assert!(matches!(
+            run(&mut s, renew("n1", "not hex")),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        run(&mut s, renew("n1", "0A")).unwrap();
+        assert_eq!(
+            s.events.back().map(|e| e.kind.as_str()),
+            Some("node.certificate_renewed")
+        );
+        run(
+            &mut s,
+            Command::RemoveNode {
+                node: "nodes/n1".into(),
+            },
+        )
+        .unwrap();
+        refused_because(run(&mut s, renew("n1", "0b")), "removed");
     }
 }

@@ -454,6 +454,15 @@ pub enum Command {
         /// The CA, its key sealed with the operator key.
         ca: SealedCaRecord,
     },
+    /// Records that a joined node renewed its certificate (`NodeJoin/
+    /// Renew`): refused for a node that never joined or was removed.
+    /// Committed before the new certificate is handed out, like a join.
+    RenewNodeCertificate {
+        /// The node's name (`node_id`, as in a join).
+        node_id: String,
+        /// The new certificate's serial, hex.
+        serial: String,
+    },
 }
 
 impl Command {
@@ -510,6 +519,7 @@ impl Command {
                 format!("joinTokens/{token_id}")
             }
             C::SetClusterCa { .. } => "cluster/ca".to_owned(),
+            C::RenewNodeCertificate { node_id, .. } => format!("nodes/{node_id}"),
         }
     }
 }

@@ -566,3 +566,91 @@ async fn joins_are_signed_with_the_sealed_ca_of_the_replicated_state() -> anyhow
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_renews_its_own_certificate_only() -> anyhow::Result<()> {
+    let mut env = TlsEnv::start().await?;
+    let n1_tls = env.join("n1").await?;
+    let old_serial = n1_tls.identity().serial;
+    let mtls = n1_tls.client_config(nephele_tls::PeerPolicy::Kind(
+        nephele_tls::IdentityKind::Controller,
+    ))?;
+    let mut n1 = node::node_join_client::NodeJoinClient::new(nephele_tls::lazy_channel(
+        tls_endpoint(env.addr),
+        mtls,
+    ));
+    let csr = |id: &str| CertRequest::generate(&Identity::node(id).unwrap(), "7").unwrap();
+
+    // Its own identity, a new key: a new certificate from the same CA.
+    let req = csr("n1");
+    let r = n1
+        .renew(node::RenewRequest {
+            csr_pem: req.csr_pem.clone(),
+        })
+        .await?
+        .into_inner();
+    assert_ne!(r.serial, old_serial);
+    let renewed = member_files(
+        &env.dir.path().join("n1-renewed"),
+        &r.cert_pem,
+        &req.key_pem,
+        &r.ca_pem,
+    )?;
+    assert_eq!(renewed.identity().identity, Identity::node("n1")?);
+    assert_eq!(renewed.identity().serial, r.serial);
+    // ... and it works: the node acts with it.
+    env.agent(&renewed)?.register_node(register("n1")).await?;
+    let events = env
+        .admin
+        .events
+        .list_events(nephele_proto::ops::v1::ListEventsRequest {
+            resource: "nodes/n1".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "node.certificate_renewed" && e.message == r.serial),
+        "{events:#?}"
+    );
+
+    // Anyone else's identity: refused.
+    refused(
+        n1.renew(node::RenewRequest {
+            csr_pem: csr("n2").csr_pem,
+        })
+        .await,
+        Code::InvalidArgument,
+        "CSR",
+    );
+    // Without a certificate: refused.
+    refused(
+        node::node_join_client::NodeJoinClient::new(env.plain.clone())
+            .renew(node::RenewRequest {
+                csr_pem: csr("n1").csr_pem,
+            })
+            .await,
+        Code::Unauthenticated,
+        "certificate",
+    );
+    // A removed node renews nothing.
+    env.admin
+        .nodes
+        .remove_node(infra::RemoveNodeRequest {
+            name: "nodes/n1".into(),
+        })
+        .await?;
+    refused(
+        n1.renew(node::RenewRequest {
+            csr_pem: csr("n1").csr_pem,
+        })
+        .await,
+        Code::Unauthenticated,
+        "revoked",
+    );
+    env.member.stop().await?;
+    Ok(())
+}

@@ -288,6 +288,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.push(one(user(Command::RemoveNode {
         node: "nodes/n2".into(),
     })));
+    out.push(one(system(Command::RenewNodeCertificate {
+        node_id: "n1".into(),
+        serial: "0a".into(),
+    })));
     out.push(one(system(Command::SetClusterCa {
         ca: nephele_state::model::SealedCaRecord {
             cluster_id: "7".into(),
