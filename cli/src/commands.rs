@@ -414,6 +414,11 @@ enum NodeCmd {
     Undrain {
         id: String,
     },
+    /// Remove the node for good: deregister it and revoke its certificate
+    /// (it cannot join again under this name). Drain it first.
+    Remove {
+        id: String,
+    },
     /// Node join tokens: one-time, expiring, shown once.
     #[command(subcommand, name = "join-token")]
     JoinToken(JoinTokenCmd),
@@ -1541,6 +1546,13 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
             })
             .await?
             .into_inner(),
+        NodeCmd::Remove { id } => {
+            let name = global_name("nodes", &id);
+            nc.remove_node(infra::RemoveNodeRequest { name: name.clone() })
+                .await?;
+            eprintln!("removed {name}; its certificate is revoked");
+            return Ok(());
+        }
         NodeCmd::JoinToken(JoinTokenCmd::Create { ttl, node }) => {
             let t = nc
                 .create_join_token(infra::CreateJoinTokenRequest {

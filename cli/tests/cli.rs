@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nephele_proto::compute::v1 as compute;
+use nephele_proto::infra::v1 as infra;
 use nephele_proto::node::v1 as node;
 
 /// The controller binary next to `neph`: `cargo xtask test` builds every
@@ -187,12 +188,16 @@ fn fake_node(c: &Controller, token: &str) -> std::thread::JoinHandle<()> {
 }
 
 /// [`fake_node`]; with `serve`, it also serves `EchoAgent` at its
-/// registered address and reports what it is told to run as RUNNING.
+/// registered address and reports what it is told to run as RUNNING. It
+/// joins like a real node (a join token made for `n1`, its CSR signed by
+/// the controller) and uses its certificate both ways: mutual TLS to the
+/// controller, and on its `Agent` port, which the controller's console
+/// relay dials with its own certificate.
 fn fake_node_with(c: &Controller, token: &str, serve: bool) -> std::thread::JoinHandle<()> {
     let (address, token) = (format!("http://{}", c.address), token.trim().to_owned());
     nephele_tls::install_default();
-    let tls = nephele_tls::server_auth_client_config(&std::fs::read(&c.ca_file).expect("ca.pem"))
-        .expect("CA");
+    let ca_pem = std::fs::read(&c.ca_file).expect("ca.pem");
+    let tls = nephele_tls::server_auth_client_config(&ca_pem).expect("CA");
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -201,29 +206,77 @@ fn fake_node_with(c: &Controller, token: &str, serve: bool) -> std::thread::Join
             .expect("runtime");
         rt.block_on(async move {
             let endpoint = tonic::transport::Channel::from_shared(address).expect("url");
-            let channel = nephele_tls::connect_channel(endpoint, tls)
+            let anonymous = nephele_tls::connect_channel(endpoint.clone(), tls)
                 .await
                 .expect("connect");
             let header: tonic::metadata::MetadataValue<_> =
                 format!("Bearer {token}").parse().expect("ascii");
-            let mut agent = node::node_agent_client::NodeAgentClient::with_interceptor(
-                channel,
+            let join_token = infra::nodes_client::NodesClient::with_interceptor(
+                anonymous.clone(),
                 move |mut r: tonic::Request<()>| {
                     r.metadata_mut().insert("authorization", header.clone());
                     Ok(r)
                 },
-            );
+            )
+            .create_join_token(infra::CreateJoinTokenRequest {
+                ttl: None,
+                node_id: "n1".into(),
+            })
+            .await
+            .expect("join token")
+            .into_inner()
+            .token;
+            let cluster = nephele_tls::ca::cluster_of_ca_pem(&ca_pem).expect("cluster id");
+            let csr = nephele_tls::CertRequest::generate(
+                &nephele_tls::Identity::node("n1").expect("id"),
+                &cluster,
+            )
+            .expect("csr");
+            let joined = node::node_join_client::NodeJoinClient::new(anonymous)
+                .join(node::JoinRequest {
+                    token: join_token,
+                    node_id: "n1".into(),
+                    csr_pem: csr.csr_pem,
+                })
+                .await
+                .expect("join")
+                .into_inner();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let files = nephele_tls::TlsFiles::in_dir(dir.path());
+            std::fs::write(&files.cert, &joined.cert_pem).expect("cert");
+            std::fs::write(&files.key, &csr.key_pem).expect("key");
+            std::fs::write(&files.ca, &joined.ca_pem).expect("ca");
+            let ctx = nephele_tls::TlsContext::load(&files, nephele_tls::Revocations::new())
+                .expect("node TLS");
+            let mtls = ctx
+                .client_config(nephele_tls::PeerPolicy::Kind(
+                    nephele_tls::IdentityKind::Controller,
+                ))
+                .expect("client config");
+            let channel = nephele_tls::connect_channel(endpoint, mtls)
+                .await
+                .expect("connect with the node certificate");
+            let mut agent = node::node_agent_client::NodeAgentClient::new(channel);
             let agent_address = if serve {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .expect("bind");
                 let a = listener.local_addr().expect("address").to_string();
+                let incoming = nephele_tls::TlsIncoming::new(
+                    listener,
+                    ctx.server_config(nephele_tls::ClientAuth::Required)
+                        .expect("server config"),
+                );
                 tokio::spawn(
                     tonic::transport::Server::builder()
-                        .add_service(node::agent_server::AgentServer::new(EchoAgent))
-                        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                            listener,
-                        )),
+                        .add_service(node::agent_server::AgentServer::with_interceptor(
+                            EchoAgent,
+                            nephele_tls::RequirePeer::kind(
+                                nephele_tls::IdentityKind::Controller,
+                                nephele_tls::Revocations::new(),
+                            ),
+                        ))
+                        .serve_with_incoming(incoming),
                 );
                 a
             } else {
@@ -243,6 +296,8 @@ fn fake_node_with(c: &Controller, token: &str, serve: bool) -> std::thread::Join
                 .await
                 .expect("register");
             let _ = ready_tx.send(());
+            // The node's files live as long as it does.
+            let _dir = dir;
             loop {
                 let beat = agent
                     .heartbeat(node::HeartbeatRequest {
@@ -822,4 +877,26 @@ fn the_controller_is_verified_against_the_profile_ca() {
         anyhow::Ok(())
     });
     assert!(plain.is_err(), "a plaintext call was answered");
+}
+
+#[test]
+fn node_remove_takes_a_node_out_for_good() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let node = fake_node(&c, &token);
+    let list = neph.json(&["node", "list"]);
+    assert_eq!(list[0]["name"], "n1", "{list}");
+    let (_, err) = neph.expect(&["node", "remove", "n1"], 0);
+    assert!(err.contains("removed nodes/n1"), "{err}");
+    let list = neph.json(&["node", "list"]);
+    assert_eq!(list, serde_json::json!([]), "{list}");
+    // The node's own calls are refused from then on: its loop ends.
+    node.join().expect("the fake node's thread");
+    // No join token for it any more, and no second removal.
+    let (_, err) = neph.expect(&["node", "join-token", "create", "--node", "n1"], 1);
+    assert!(err.contains("removed"), "{err}");
+    let (_, err) = neph.expect(&["node", "remove", "n1"], 1);
+    assert!(err.contains("removed"), "{err}");
 }

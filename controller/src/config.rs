@@ -46,6 +46,7 @@
 //! | `--election-ticks` | `NEPHELE_ELECTION_TICKS` | `election_ticks` |
 //! | `--node-timeout-ms` | `NEPHELE_NODE_TIMEOUT_MS` | `node_timeout_ms` |
 //! | `--fence-lease-ms` | `NEPHELE_FENCE_LEASE_MS` | `fence_lease_ms` |
+//! | `--node-cert-validity-s` | `NEPHELE_NODE_CERT_VALIDITY_S` | `node_cert_validity_s` |
 //! | `--rebalance-threshold-pct` | `NEPHELE_REBALANCE_THRESHOLD_PCT` | `rebalance_threshold_pct` |
 //! | `--rebalance-window-ms` | `NEPHELE_REBALANCE_WINDOW_MS` | `rebalance_window_ms` |
 //! | `--rebalance-cooldown-ms` | `NEPHELE_REBALANCE_COOLDOWN_MS` | `rebalance_cooldown_ms` |
@@ -57,7 +58,7 @@
 //! | `--etcd-lease-ttl-s` | `NEPHELE_ETCD_LEASE_TTL_S` | `etcd_lease_ttl_s` |
 //! | `--operator-key-file` | `NEPHELE_OPERATOR_KEY_FILE` (or the key in `NEPHELE_OPERATOR_KEY`) | |
 //! | `--sealed-ca` | `NEPHELE_SEALED_CA` | |
-//! | `--require-node-certificates` | `NEPHELE_REQUIRE_NODE_CERTIFICATES` | |
+//! | `--allow-node-tokens` | `NEPHELE_ALLOW_NODE_TOKENS` | |
 //!
 //! The port speaks only TLS (see `crate::tls`): `init` creates the
 //! cluster CA (its key sealed with the operator key) unless the sealed CA
@@ -128,6 +129,10 @@ pub struct Flags {
     /// The fencing lease given to agents, in milliseconds.
     #[arg(long, env = "NEPHELE_FENCE_LEASE_MS")]
     pub fence_lease_ms: Option<u64>,
+    /// How long the node certificates this controller signs are valid, in
+    /// seconds (default one year; agents renew at two thirds of it).
+    #[arg(long, env = "NEPHELE_NODE_CERT_VALIDITY_S")]
+    pub node_cert_validity_s: Option<u64>,
     /// Node CPU imbalance (standard deviation of utilisation, percentage
     /// points) above which the leader rebalances; 0 turns it off.
     #[arg(long, env = "NEPHELE_REBALANCE_THRESHOLD_PCT")]
@@ -172,11 +177,12 @@ pub struct Flags {
     /// share one CA); a controller joining later is given a copy.
     #[arg(long, env = "NEPHELE_SEALED_CA")]
     pub sealed_ca: Option<PathBuf>,
-    /// Refuse NodeAgent calls from agents without a node certificate (by
-    /// default an admin bearer token is still accepted there: the
-    /// transition path for agents that have not joined).
-    #[arg(long, env = "NEPHELE_REQUIRE_NODE_CERTIFICATES")]
-    pub require_node_certificates: bool,
+    /// Also accept NodeAgent calls from agents without a node certificate
+    /// that carry an admin bearer token (the transition path for agents
+    /// that have not joined; any holder of an admin token can then act as
+    /// any node). By default only node certificates are accepted there.
+    #[arg(long, env = "NEPHELE_ALLOW_NODE_TOKENS")]
+    pub allow_node_tokens: bool,
 }
 
 /// Which backend keeps the control-plane state.
@@ -232,6 +238,8 @@ pub struct FileConfig {
     pub node_timeout_ms: Option<u64>,
     /// See [`Flags::fence_lease_ms`].
     pub fence_lease_ms: Option<u64>,
+    /// See [`Flags::node_cert_validity_s`].
+    pub node_cert_validity_s: Option<u64>,
     /// See [`Flags::rebalance_threshold_pct`].
     pub rebalance_threshold_pct: Option<u32>,
     /// See [`Flags::rebalance_window_ms`].
@@ -277,6 +285,8 @@ pub struct ControllerConfig {
     pub node_timeout: Duration,
     /// The fencing lease.
     pub fence_lease: Duration,
+    /// Validity of the node certificates this controller signs.
+    pub node_cert_validity: Duration,
     /// Rebalance threshold in percentage points (0: off).
     pub rebalance_threshold_pct: u32,
     /// How long an imbalance lasts before the balancer acts.
@@ -408,6 +418,15 @@ impl ControllerConfig {
                 "node_timeout_ms and fence_lease_ms must be at least 100".into(),
             ));
         }
+        let node_cert_validity_s = flags
+            .node_cert_validity_s
+            .or(file.node_cert_validity_s)
+            .unwrap_or(nephele_tls::ca::DEFAULT_VALIDITY.as_secs());
+        if node_cert_validity_s < 10 {
+            return Err(LoadConfigError::Invalid(
+                "node_cert_validity_s must be at least 10".into(),
+            ));
+        }
         let rebalance_threshold_pct = flags
             .rebalance_threshold_pct
             .or(file.rebalance_threshold_pct)
@@ -494,6 +513,7 @@ impl ControllerConfig {
             election_ticks,
             node_timeout: Duration::from_millis(node_timeout_ms),
             fence_lease: Duration::from_millis(fence_lease_ms),
+            node_cert_validity: Duration::from_secs(node_cert_validity_s),
             rebalance_threshold_pct,
             rebalance_window: Duration::from_millis(
                 flags

@@ -154,19 +154,24 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
             .display()
     );
     options.tls = Some(tls);
-    options.api.require_node_certificates = flags.require_node_certificates;
-    // Signing node certificates (NodeJoin/Join) needs the CA key in memory
-    // for as long as the controller runs: only with the operator key.
-    match neph_controller::tls::node_signer(&prepare)
-        .context("cannot open the cluster CA for signing node certificates")?
-    {
-        Some(ca) => {
-            options.api.node_ca = Some(neph_controller::api::join::NodeCa(std::sync::Arc::new(ca)))
-        }
-        None => tracing::warn!(
+    options.api.allow_node_tokens = flags.allow_node_tokens;
+    options.api.node_cert_validity = cfg.node_cert_validity;
+    if flags.allow_node_tokens {
+        tracing::warn!(
+            "--allow-node-tokens: agents without a certificate may act as any node with an admin token"
+        );
+    }
+    // Signing node certificates (NodeJoin/Join) opens the replicated
+    // state's sealed CA with the operator key: only with the key.
+    match prepare.operator_key.load(false) {
+        Ok(key) => options.api.operator_key = Some(std::sync::Arc::new(key)),
+        Err(neph_controller::tls::ControllerTlsError::NoOperatorKey) => tracing::warn!(
             "no operator key given: this controller refuses node joins (NodeJoin/Join)"
         ),
+        Err(e) => return Err(e).context("cannot read the operator key"),
     }
+    let sealed = neph_controller::tls::local_sealed(&prepare)
+        .context("cannot read this controller's sealed CA file")?;
     match &cfg.store {
         StoreChoice::Raft => {
             let running =
@@ -180,7 +185,7 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
                 data_dir = %cfg.data_dir.display(),
                 "controller serving (raft store)"
             );
-            serve_until_stopped(running, &cfg, init).await
+            serve_until_stopped(running, &cfg, init, sealed).await
         }
         #[cfg(feature = "etcd")]
         StoreChoice::Etcd {
@@ -204,6 +209,7 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
                 .with_context(|| {
                     format!("cannot start the etcd store at {}", endpoints.join(","))
                 })?;
+
             tracing::info!(
                 id = cfg.id,
                 listen = %bound,
@@ -212,7 +218,7 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
                 data_dir = %cfg.data_dir.display(),
                 "controller serving (etcd store)"
             );
-            serve_until_stopped(running, &cfg, init).await
+            serve_until_stopped(running, &cfg, init, sealed).await
         }
         #[cfg(not(feature = "etcd"))]
         StoreChoice::Etcd { .. } => anyhow::bail!(
@@ -251,11 +257,16 @@ async fn serve_until_stopped<S: server::Backend>(
     mut running: server::RunningController<S>,
     cfg: &ControllerConfig,
     init: bool,
+    sealed: Option<nephele_tls::SealedCa>,
 ) -> anyhow::Result<()> {
     // The machine-readable line tests and `neph dev` rely on.
     println!("LISTENING {}", running.address);
     log_leadership(running.store.clone());
 
+    // The sealed cluster CA into the replicated state (a no-op once it is
+    // there). At init this comes before the bootstrap admin token, so
+    // whoever holds the token can have nodes join at once.
+    let publish = sealed.map(|s| neph_controller::tls::publish_ca(running.store.clone(), s));
     if init {
         // The bootstrap admin token: created once the cluster has a leader,
         // written to the data directory (0600), never printed.
@@ -263,6 +274,9 @@ async fn serve_until_stopped<S: server::Backend>(
         let data_dir = cfg.data_dir.clone();
         let id = cfg.id;
         tokio::spawn(async move {
+            if let Some(publish) = publish {
+                publish.await;
+            }
             loop {
                 match neph_controller::api::auth::bootstrap_admin(&store, id, &data_dir).await {
                     Ok(created) => {
@@ -280,6 +294,8 @@ async fn serve_until_stopped<S: server::Backend>(
                 }
             }
         });
+    } else if let Some(publish) = publish {
+        tokio::spawn(publish);
     }
 
     let store = running.store.clone();

@@ -226,7 +226,16 @@ async fn serve<S: Backend>(
     let (stop, stopped) = oneshot::channel::<()>();
     let shared = std::sync::Arc::new(store.clone());
     let beats = std::sync::Arc::new(reconcile::NodeBeats::default());
-    let api = Api::new(shared.clone(), options.api.clone(), beats.clone());
+    let api = Api::new(
+        shared.clone(),
+        options.api.clone(),
+        beats.clone(),
+        options.tls.clone(),
+    );
+    // Removed nodes and controllers are refused by every handshake and
+    // call, as the replicated state says (ends when the store closes its
+    // streams).
+    crate::api::revocation::keep_current(shared.clone(), api.revocations().clone());
     let router = crate::api::routes(api, router).await;
     // One lease for both: what agents are told is what the loops wait for.
     let mut loops = options.reconcile;

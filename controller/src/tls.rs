@@ -4,12 +4,17 @@
 //! `<data-dir>/tls/` as [`TlsFiles`] (`ca.pem`, `cert.pem`, `key.pem`) plus
 //! the sealed CA (`ca.sealed`).
 //!
-//! The sealed CA is a file, not yet part of the replicated state: every
-//! initial member given the same `--sealed-ca` path agrees on one CA (the
-//! first to create it wins, atomically), and a controller joining later is
-//! given a copy of it and the operator key, and issues its own certificate.
-//! The sealed file is safe to copy: without the operator key it gives away
-//! nothing but the CA certificate.
+//! The sealed CA lives in the replicated state
+//! ([`nephele_state::Command::SetClusterCa`], put there by `init` through
+//! [`publish_ca`]), still sealed: every controller can read it, and a
+//! controller given the operator key opens it from there to sign node
+//! certificates (`NodeJoin/Join`, `api/join.rs`). Before a controller can
+//! read the state it needs its own certificate, so the sealed CA is also a
+//! file: every initial member given the same `--sealed-ca` path agrees on
+//! one CA (the first to create it wins, atomically), and a controller
+//! joining later is given a copy of it and the operator key, and issues its
+//! own certificate. The sealed file is safe to copy: without the operator
+//! key it gives away nothing but the CA certificate.
 //!
 //! What the server does with it is [`crate::server::ControllerOptions::tls`]:
 //! the public API is server-authenticated TLS (clients verify the
@@ -19,6 +24,7 @@
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use nephele_state::model::SealedCaRecord;
 use nephele_tls::ca::{OpenCaError, SealedCa};
 use nephele_tls::seal::OperatorKeyError;
 use nephele_tls::{Ca, Identity, IssueOptions, OperatorKey, Revocations, TlsContext, TlsFiles};
@@ -360,23 +366,78 @@ fn issue_own(p: &PrepareTls, dir: &Path, files: &TlsFiles) -> Result<(), Control
     Ok(())
 }
 
-/// The cluster CA opened for signing node certificates at run time (the
-/// `NodeJoin/Join` RPC), from this controller's copy of the sealed CA and
-/// the operator key. `None` when no operator key was given: this controller
-/// then refuses joins, and its memory never holds the CA key.
-pub fn node_signer(p: &PrepareTls) -> Result<Option<Ca>, ControllerTlsError> {
-    let key = match p.operator_key.load(false) {
-        Ok(k) => k,
-        Err(ControllerTlsError::NoOperatorKey) => return Ok(None),
-        Err(e) => return Err(e),
-    };
+/// The sealed CA as the replicated state keeps it.
+pub fn record_of(s: &SealedCa) -> SealedCaRecord {
+    SealedCaRecord {
+        cluster_id: s.cluster_id.clone(),
+        cert_pem: s.cert_pem.clone(),
+        sealed_key: s.sealed_key.clone(),
+    }
+}
+
+/// The state's record as a [`SealedCa`] to open.
+pub fn sealed_of(r: &SealedCaRecord) -> SealedCa {
+    SealedCa {
+        cluster_id: r.cluster_id.clone(),
+        cert_pem: r.cert_pem.clone(),
+        sealed_key: r.sealed_key.clone(),
+    }
+}
+
+/// This controller's sealed CA file, if it has one: `--sealed-ca`, else
+/// `<data-dir>/tls/ca.sealed`.
+pub fn local_sealed(p: &PrepareTls) -> Result<Option<SealedCa>, ControllerTlsError> {
     let own = tls_dir(&p.data_dir).join(SEALED_CA_FILE);
     let path = if own.exists() {
         own
     } else {
-        p.sealed_ca.clone().unwrap_or(own)
+        match &p.sealed_ca {
+            Some(path) => path.clone(),
+            None => return Ok(None),
+        }
     };
-    Ok(Some(open_ca(&path, p.cluster_id.as_deref(), &key)?))
+    match read_sealed(&path) {
+        Ok(s) => Ok(Some(s)),
+        Err(ControllerTlsError::NoCa(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes sure the replicated state holds the cluster CA `sealed` (still
+/// sealed): what `init` does once the cluster has a leader, and any
+/// controller that keeps a sealed CA file does at start, for a state from
+/// before the CA was kept there. Retries until the cluster answers; gives
+/// up (saying why) if the state holds another CA.
+pub async fn publish_ca<S: crate::store::StateStore>(store: S, sealed: SealedCa) {
+    let record = record_of(&sealed);
+    loop {
+        match store.read(|s| s.cluster_ca.clone()).await {
+            Ok(Some(have)) if have == record => return,
+            Ok(Some(_)) => {
+                tracing::error!(
+                    "the replicated state holds another cluster CA than this controller's \
+                     sealed CA file; the state's is used"
+                );
+                return;
+            }
+            Ok(None) => {
+                let envelope = nephele_state::Envelope::new(
+                    crate::api::now_ms(),
+                    "system",
+                    nephele_state::Command::SetClusterCa { ca: record.clone() },
+                );
+                match crate::api::outcome(store.propose(envelope).await) {
+                    Ok(_) => {
+                        tracing::info!("the sealed cluster CA is in the replicated state");
+                        return;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "sealed CA not recorded yet; retrying"),
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the state yet; retrying"),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 }
 
 /// The hosts of `addresses` (`host:port`, `[v6]:port`, or a bare host)

@@ -28,6 +28,8 @@ fn etcd_member(id: u64, root: &std::path::Path, url: &str) -> anyhow::Result<Mem
         ("NEPHELE_ETCD_LEASE_TTL_S", "2"),
         ("NEPHELE_NODE_TIMEOUT_MS", "500"),
         ("NEPHELE_FENCE_LEASE_MS", "500"),
+        // The test's node registers with the admin token (no certificate).
+        ("NEPHELE_ALLOW_NODE_TOKENS", "true"),
     ] {
         m.env.push((k.into(), v.into()));
     }

@@ -367,10 +367,12 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.use_authority_key_identifier_extension = true;
-        let not_before = options
-            .not_before
-            .unwrap_or_else(|| SystemTime::now() - CLOCK_SKEW);
-        let not_after = not_before
+        // Valid for `validity` from now (or from the given start), backdated
+        // by the clock skew so a peer whose clock is behind accepts it.
+        let now = SystemTime::now();
+        let start = options.not_before.unwrap_or(now);
+        let not_before = options.not_before.unwrap_or(now - CLOCK_SKEW);
+        let not_after = start
             .checked_add(options.validity)
             .ok_or(IssueError::Validity)?;
         params.not_before = not_before.into();
@@ -482,6 +484,34 @@ pub fn cluster_of_ca_pem(pem: &[u8]) -> Option<String> {
     let id = cn.strip_prefix("Nephele cluster ")?.strip_suffix(" CA")?;
     validate_name(id).ok()?;
     Some(id.to_owned())
+}
+
+/// When a member should renew the certificate `der`: two thirds into the
+/// life the CA gave it, counted from when it was issued (its `notBefore`
+/// plus the [`CLOCK_SKEW`] the CA backdates it by) to its `notAfter`.
+/// `None` if it does not parse.
+pub fn renewal_due(der: &CertificateDer<'_>) -> Option<SystemTime> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let at = |t: i64| {
+        u64::try_from(t)
+            .ok()
+            .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s))
+    };
+    let not_before = at(cert.validity().not_before.timestamp())?;
+    let not_after = at(cert.validity().not_after.timestamp())?;
+    let issued = (not_before + CLOCK_SKEW).min(not_after);
+    let life = not_after.duration_since(issued).unwrap_or_default();
+    Some(issued + life * 2 / 3)
+}
+
+/// The end of validity of the certificate `der`; `None` if it does not
+/// parse.
+pub fn not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let s = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(s))
 }
 
 /// The raw subject public key of a certificate.
@@ -668,5 +698,28 @@ mod tests {
             Some("c42")
         );
         assert_eq!(cluster_of_ca_pem(b"not a pem"), None);
+    }
+
+    #[test]
+    fn renewal_is_due_two_thirds_into_the_life_given() {
+        crate::install_default();
+        let ca = Ca::create("c").unwrap();
+        let options = IssueOptions {
+            validity: Duration::from_secs(3000),
+            ..IssueOptions::default()
+        };
+        let before = SystemTime::now();
+        let (cert, _) = ca.issue(&Identity::node("n").unwrap(), &options).unwrap();
+        let der = CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let due = renewal_due(&der).unwrap();
+        // Issued now (to the second), due 2000 s later.
+        let expected = before + Duration::from_secs(2000);
+        let off = due
+            .duration_since(expected)
+            .unwrap_or_else(|e| e.duration());
+        assert!(off <= Duration::from_secs(2), "{due:?} vs {expected:?}");
     }
 }

@@ -21,12 +21,15 @@
 //! # Status
 //!
 //! This crate is complete and tested on its own (`tests/mtls.rs` runs real
-//! TLS over loopback). Wired so far: `neph-controller init` and the
-//! controller port (`controller/src/tls.rs`, `server.rs`, raft
-//! `transport.rs`), the CLI and the agent's controller client. Not yet:
-//! node certificates and join, the agent's own port, the migration stream.
-//! The wiring below is the plan for those (and what was followed for the
-//! rest; the sealed CA is a file rather than the replicated state for now).
+//! TLS over loopback). Wired so far: `neph-controller init` (the sealed CA
+//! committed to the replicated state) and the controller port
+//! (`controller/src/tls.rs`, `server.rs`, raft `transport.rs`), the CLI,
+//! node join and node certificates both ways (the agent's controller
+//! client and its own port), and revocation of removed nodes and
+//! controllers (`controller/src/api/revocation.rs`), and node certificate
+//! renewal ([`renewal_due`], `compute-node/agent/src/join.rs`). Not yet:
+//! the migration stream and renewal of controllers' own certificates. The wiring below is the plan for those
+//! and what was followed for the rest.
 //!
 //! # Wiring, per component
 //!
@@ -110,7 +113,7 @@ pub mod reload;
 pub mod revocation;
 pub mod seal;
 
-pub use ca::{Ca, CertRequest, IssueOptions, IssuedCert, SealedCa};
+pub use ca::{Ca, CertRequest, IssueOptions, IssuedCert, SealedCa, renewal_due};
 pub use config::{
     ClientAuth, PeerPolicy, TlsConfigError, TlsContext, TlsFiles, join_client_config,
     server_auth_client_config,

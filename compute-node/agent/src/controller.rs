@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use nephele_proto::node::v1 as pb;
 use nephele_proto::node::v1::node_agent_client::NodeAgentClient;
+use nephele_proto::node::v1::node_join_client::NodeJoinClient;
 use tonic::Code;
 use tonic::Status;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -165,7 +166,7 @@ impl Controllers {
         out
     }
 
-    fn client(&self, address: &str) -> Option<Client> {
+    fn channel(&self, address: &str) -> Option<Channel> {
         let mut k = self.lock();
         let channel = match k.channels.get(address) {
             Some(c) => c.clone(),
@@ -185,8 +186,12 @@ impl Controllers {
                 c
             }
         };
+        Some(channel)
+    }
+
+    fn client(&self, address: &str) -> Option<Client> {
         Some(
-            NodeAgentClient::with_interceptor(channel, self.bearer.clone())
+            NodeAgentClient::with_interceptor(self.channel(address)?, self.bearer.clone())
                 .max_decoding_message_size(MAX_DECODING_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_ENCODING_MESSAGE_SIZE),
         )
@@ -199,14 +204,47 @@ impl Controllers {
     /// Runs `call` against the controllers in [`Self::order`] until one
     /// answers (an answer may be an error about the request); the last
     /// controller error when none does.
-    pub async fn call<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>
     where
         F: FnMut(Client) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
+        self.call_with(|a| self.client(a), retry_elsewhere, call)
+            .await
+    }
+
+    /// Asks the controllers to sign `csr_pem` for this node's own identity
+    /// (`NodeJoin/Renew`, over the node's current certificate); a
+    /// controller that cannot sign (no operator key) passes to the next.
+    pub async fn renew(&self, csr_pem: &str) -> Result<pb::JoinResponse, Status> {
+        self.call_with(
+            |a| self.channel(a).map(NodeJoinClient::new),
+            |s| retry_elsewhere(s) || s.code() == Code::FailedPrecondition,
+            |mut c| {
+                let req = pb::RenewRequest {
+                    csr_pem: csr_pem.to_owned(),
+                };
+                async move { c.renew(req).await.map(tonic::Response::into_inner) }
+            },
+        )
+        .await
+    }
+
+    /// [`Self::call`] with the client `make` gives for an address, moving
+    /// on to the next controller on the errors `retry` names.
+    async fn call_with<C, T, F, Fut>(
+        &self,
+        make: impl Fn(&str) -> Option<C>,
+        retry: impl Fn(&Status) -> bool,
+        mut call: F,
+    ) -> Result<T, Status>
+    where
+        F: FnMut(C) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let mut last = Status::unavailable("no controller address is known");
         for address in self.order() {
-            let Some(client) = self.client(&address) else {
+            let Some(client) = make(&address) else {
                 continue;
             };
             match tokio::time::timeout(CALL_TIMEOUT, call(client)).await {
@@ -214,7 +252,7 @@ impl Controllers {
                     self.answered(&address);
                     return Ok(v);
                 }
-                Ok(Err(s)) if retry_elsewhere(&s) => {
+                Ok(Err(s)) if retry(&s) => {
                     tracing::debug!(controller = %address, error = %s.message(), "controller did not answer; trying the next one");
                     last = s;
                 }

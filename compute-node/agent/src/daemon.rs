@@ -1,7 +1,8 @@
 //! Running the agent: the gRPC server (the `Agent` service, health,
-//! reflection), registration and heartbeats with lease renewal, the
-//! assignment watch, and the reconciler, until a shutdown signal. Stopping
-//! the agent never stops a VM.
+//! reflection; mutual TLS admitting only `controller/*` certificates),
+//! registration and heartbeats with lease renewal, the assignment watch,
+//! and the reconciler, until a shutdown signal. Stopping the agent never
+//! stops a VM.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,9 +14,11 @@ use std::time::{Duration, Instant};
 use nephele_proto::infra::v1 as infra;
 use nephele_proto::node::v1 as pb;
 use nephele_proto::node::v1::agent_server::AgentServer;
+use nephele_tls::{ClientAuth, IdentityKind, RequirePeer, TlsIncoming};
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
 
 use crate::config::AgentConfig;
 use crate::controller::{ControllerClientError, Controllers};
@@ -44,6 +47,9 @@ pub enum RunAgentError {
     /// The node could not join or load its certificate.
     #[error(transparent)]
     Join(#[from] crate::join::JoinError),
+    /// The port's TLS configuration could not be built.
+    #[error("cannot build the TLS configuration of the agent's port")]
+    Tls(#[from] nephele_tls::TlsConfigError),
 }
 
 fn duration(d: Option<prost_types::Duration>, default: Duration) -> Duration {
@@ -74,22 +80,50 @@ pub async fn run(
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     // The node's certificate (joining first with --join-token), or the
     // bearer-token fallback.
-    let (tls, _) = crate::join::controller_tls(&cfg).await?;
-    let ctl = Controllers::new(&cfg.controllers, cfg.token.as_deref(), Some(tls))?;
+    let tls = crate::join::node_tls(&cfg).await?;
+    let ctl = Controllers::new(
+        &cfg.controllers,
+        cfg.token.as_deref(),
+        Some(tls.controllers.clone()),
+    )?;
     let shared = Arc::new(Shared::default());
     let supervisor = Supervisor::new(cfg.clone(), ctl.clone(), shared.clone()).await;
 
-    let agent = AgentServer::new(AgentService::new(cfg.data_dir.clone(), shared.clone()))
-        .max_decoding_message_size(service::MAX_DECODING_MESSAGE_SIZE)
-        .max_encoding_message_size(service::MAX_ENCODING_MESSAGE_SIZE);
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .add_service(agent);
-    let router =
-        nephele_proto::serve::add_health_and_reflection(router, &["nephele.node.v1.Agent"]).await;
-    let server = tokio::spawn(
-        router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
-    );
+    let server = match &tls.context {
+        // The console is the guests' keyboard: only controllers of this
+        // cluster may reach it, over mutual TLS, checked again per call
+        // (revocation).
+        Some(ctx) => {
+            let agent = InterceptedService::new(
+                AgentServer::new(AgentService::new(cfg.data_dir.clone(), shared.clone()))
+                    .max_decoding_message_size(service::MAX_DECODING_MESSAGE_SIZE)
+                    .max_encoding_message_size(service::MAX_ENCODING_MESSAGE_SIZE),
+                RequirePeer::kind(IdentityKind::Controller, ctx.revocations().clone()),
+            );
+            let router = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(agent);
+            let router =
+                nephele_proto::serve::add_health_and_reflection(router, &["nephele.node.v1.Agent"])
+                    .await;
+            let incoming = TlsIncoming::new(listener, ctx.server_config(ClientAuth::Required)?);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+        // Without a certificate there is nothing to authenticate the port
+        // with: it serves health only, and no console.
+        None => {
+            tracing::warn!(
+                "this node has no certificate: its port serves no console (join with --join-token)"
+            );
+            let router = tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_optional_service::<AgentServer<AgentService>>(None);
+            let router = nephele_proto::serve::add_health_and_reflection(router, &[]).await;
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+            )
+        }
+    };
     on_listening(bound);
 
     let (tx, rx) = watch::channel(None);
@@ -99,11 +133,18 @@ pub async fn run(
         shared.clone(),
         advertise,
     ));
+    let renewal = tls
+        .context
+        .clone()
+        .map(|ctx| tokio::spawn(crate::join::renew_forever(cfg.clone(), ctx, ctl.clone())));
     let watch_loop = tokio::spawn(watch_loop(cfg.node_name(), ctl, tx));
     let reconciler = tokio::spawn(supervisor.run(rx));
     let served = server.await;
     node_loop.abort();
     watch_loop.abort();
+    if let Some(r) = renewal {
+        r.abort();
+    }
     reconciler.abort();
     match served {
         Ok(r) => r.map_err(RunAgentError::Serve),

@@ -2,8 +2,10 @@
 //! instance's live serial console (relayed both ways to the VM's console
 //! socket) and the tail of its console log.
 //!
-//! Not authenticated yet: node join tokens and mTLS come with issue 7, so
-//! the agent should listen where only the controllers reach it.
+//! Served only over mutual TLS with the node's certificate, to
+//! `controller/*` certificates of this cluster (see `daemon.rs`): a
+//! controller relays a console only after authorizing its caller on the
+//! instance.
 
 use std::path::PathBuf;
 use std::pin::Pin;

@@ -7,11 +7,17 @@
 //! restarted agent re-adopts it (same pid, still RUNNING); with the agent
 //! dead the VM fences itself when its lease runs out, and the next agent
 //! resumes it because its assignment still says RUNNING; delete removes the
-//! VM, its process and its directory.
+//! VM, its process and its directory. The agent joins with a join token
+//! and the test reaches its port as a controller does, over mutual TLS
+//! with the controller's certificate.
 //!
 //! Needs `/dev/kvm`, the test guest (`NEPH_GUEST_IMAGE` or `cargo xtask
 //! guest`) and the `neph-controller` and `neph-vmm` binaries (built here
 //! when missing); without KVM or the guest it prints why and passes.
+//!
+//! `the_agent_port_admits_only_controllers` needs no KVM: what the agent's
+//! port refuses (plaintext, no certificate, another CA's certificate, a
+//! node's certificate) and that a controller pins the node it dials.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -135,6 +141,7 @@ struct Api {
     images: compute::images_client::ImagesClient<Svc>,
     instances: compute::instances_client::InstancesClient<Svc>,
     nodes: infra::nodes_client::NodesClient<Svc>,
+    events: nephele_proto::ops::v1::events_client::EventsClient<Svc>,
 }
 
 async fn api(address: &str, token: &str, ca_file: &Path) -> anyhow::Result<Api> {
@@ -158,7 +165,10 @@ async fn api(address: &str, token: &str, ca_file: &Path) -> anyhow::Result<Api> 
             channel.clone(),
             auth.clone(),
         ),
-        nodes: infra::nodes_client::NodesClient::with_interceptor(channel, auth),
+        nodes: infra::nodes_client::NodesClient::with_interceptor(channel.clone(), auth.clone()),
+        events: nephele_proto::ops::v1::events_client::EventsClient::with_interceptor(
+            channel, auth,
+        ),
     })
 }
 
@@ -177,6 +187,12 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> anyhow::Result<Self> {
+        Self::start_with_env(&[])
+    }
+
+    /// [`Cluster::start`] with more settings in the controller's
+    /// environment.
+    fn start_with_env(env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut cmd = Command::new(binary("neph-controller", "neph-controller"));
         cmd.args(["init", "--id", "1", "--cluster-id", "5"])
@@ -188,6 +204,7 @@ impl Cluster {
             // Short lease; no node timeout during the agent's absences.
             .env("NEPHELE_FENCE_LEASE_MS", LEASE_MS.to_string())
             .env("NEPHELE_NODE_TIMEOUT_MS", "120000")
+            .envs(env.iter().copied())
             .stderr(Stdio::null());
         let (controller, v) = start_until(cmd, &["LISTENING ", "ADMIN_TOKEN_FILE "])?;
         let image_dir = dir.path().join("images");
@@ -219,8 +236,18 @@ impl Cluster {
         Ok(std::fs::read_to_string(&self.token_file)?.trim().to_owned())
     }
 
-    /// Starts `neph-node` and returns it with its gRPC address.
-    fn agent(&mut self) -> anyhow::Result<(Proc, String)> {
+    /// The controller's own TLS files (what it dials agents with).
+    fn controller_tls(&self) -> anyhow::Result<nephele_tls::TlsContext> {
+        let dir = self._dir.path().join("controller").join("tls");
+        Ok(nephele_tls::TlsContext::load(
+            &nephele_tls::TlsFiles::in_dir(&dir),
+            nephele_tls::Revocations::new(),
+        )?)
+    }
+
+    /// Starts `neph-node` and returns it with its gRPC address; the first
+    /// start joins with `join_token`, later ones use the certificate.
+    fn agent(&mut self, join_token: Option<&str>) -> anyhow::Result<(Proc, String)> {
         self.starts += 1;
         let log = std::fs::File::create(self.stderr_dir.join(format!("agent{}.log", self.starts)))?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_neph-node"));
@@ -236,8 +263,6 @@ impl Cluster {
         .arg(&self.data_dir)
         .arg("--image-dir")
         .arg(&self.image_dir)
-        .arg("--token-file")
-        .arg(&self.token_file)
         .arg("--ca-file")
         .arg(self.ca_file())
         .arg("--vmm")
@@ -246,6 +271,9 @@ impl Cluster {
         .args(["--capacity-disk-gib", "20", "--label", "zone=test"])
         .env("RUST_LOG", "info")
         .stderr(log);
+        if let Some(t) = join_token {
+            cmd.env("NEPHELE_JOIN_TOKEN", t);
+        }
         let (p, v) = start_until(cmd, &["LISTENING "])?;
         Ok((p, v[0].clone()))
     }
@@ -323,12 +351,41 @@ async fn wait_state(
     .await
 }
 
-async fn agent_client(address: &str) -> anyhow::Result<node::agent_client::AgentClient<Channel>> {
-    Ok(node::agent_client::AgentClient::connect(format!("http://{address}")).await?)
+/// A join token for `node_id`.
+async fn join_token(api: &Api, node_id: &str) -> anyhow::Result<String> {
+    Ok(api
+        .nodes
+        .clone()
+        .create_join_token(infra::CreateJoinTokenRequest {
+            ttl: None,
+            node_id: node_id.into(),
+        })
+        .await?
+        .into_inner()
+        .token)
 }
 
-async fn console_log(address: &str, name: &str) -> anyhow::Result<String> {
-    let mut a = agent_client(address).await?;
+/// The agent's `Agent` service as a controller reaches it: mutual TLS with
+/// the controller's certificate, the server pinned to `node/node-1`.
+async fn agent_client(
+    tls: &nephele_tls::TlsContext,
+    address: &str,
+) -> anyhow::Result<node::agent_client::AgentClient<Channel>> {
+    let config = tls.client_config(nephele_tls::PeerPolicy::Exactly(
+        nephele_tls::Identity::node("node-1")?,
+    ))?;
+    let channel =
+        nephele_tls::connect_channel(Channel::from_shared(format!("http://{address}"))?, config)
+            .await?;
+    Ok(node::agent_client::AgentClient::new(channel))
+}
+
+async fn console_log(
+    tls: &nephele_tls::TlsContext,
+    address: &str,
+    name: &str,
+) -> anyhow::Result<String> {
+    let mut a = agent_client(tls, address).await?;
     let log = a
         .get_console_log(compute::GetConsoleLogRequest {
             name: name.into(),
@@ -341,12 +398,13 @@ async fn console_log(address: &str, name: &str) -> anyhow::Result<String> {
 
 /// Types `line` into the console through the agent and waits for `expect`.
 async fn console_round_trip(
+    tls: &nephele_tls::TlsContext,
     address: &str,
     name: &str,
     line: &str,
     expect: &str,
 ) -> anyhow::Result<()> {
-    let mut a = agent_client(address).await?;
+    let mut a = agent_client(tls, address).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(compute::ConsoleRequest {
         name: name.into(),
@@ -415,7 +473,8 @@ async fn agent_runs_instances_survives_restarts_and_fences() -> anyhow::Result<(
 async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     let token = cluster.token()?;
     let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
-    let (mut agent, address) = cluster.agent()?;
+    let tls = cluster.controller_tls()?;
+    let (mut agent, address) = cluster.agent(Some(&join_token(&api, "node-1").await?))?;
 
     // Registered, UP, with the capacity and labels of its flags.
     let mut nodes = api.nodes.clone();
@@ -490,7 +549,7 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     let i = wait_state(&api, name, compute::InstanceState::Running).await?;
     assert_eq!(i.node, "nodes/node-1");
     eventually(WAIT, "the ready marker in the console log", || async {
-        console_log(&address, name)
+        console_log(&tls, &address, name)
             .await
             .ok()
             .filter(|l| l.contains(READY_MARKER))
@@ -500,6 +559,7 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     let disk = std::fs::metadata(dir.join("disk.raw"))?;
     assert_eq!(disk.len(), 1 << 30, "the flavor's disk size");
     console_round_trip(
+        &tls,
         &address,
         name,
         "echo hi-from-agent-test",
@@ -508,7 +568,7 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     .await?;
 
     // Bad input to the agent's service: clear errors.
-    let mut a = agent_client(&address).await?;
+    let mut a = agent_client(&tls, &address).await?;
     let e = a
         .get_console_log(compute::GetConsoleLogRequest {
             name: "projects/p1/instances/../../etc".into(),
@@ -546,7 +606,9 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     })
     .await?;
     assert!(
-        console_log(&address, name).await?.contains("SHUTDOWN"),
+        console_log(&tls, &address, name)
+            .await?
+            .contains("SHUTDOWN"),
         "not a graceful stop"
     );
     drop(guard);
@@ -566,7 +628,7 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     agent.kill();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(alive(pid), "killing the agent killed its VM");
-    let (agent2, address) = cluster.agent()?;
+    let (agent2, address) = cluster.agent(None)?;
     let mut agent = agent2;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
@@ -579,7 +641,7 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
         instance_state(&api, name).await?.state,
         compute::InstanceState::Running as i32
     );
-    console_round_trip(&address, name, "echo adopted", "ECHO adopted").await?;
+    console_round_trip(&tls, &address, name, "echo adopted", "ECHO adopted").await?;
 
     // The lease: with the agent dead, the VM fences itself...
     agent.kill();
@@ -592,13 +654,13 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     assert_eq!(st["state"], "paused", "{st}");
     assert!(alive(pid));
     // ...and the next agent resumes it: its assignment still says RUNNING.
-    let (_agent3, address) = cluster.agent()?;
+    let (_agent3, address) = cluster.agent(None)?;
     eventually(WAIT, "the agent to resume the fenced VM", || async {
         vmm_status(&dir).filter(|s| s["fenced"] == false && s["state"] == "running")
     })
     .await?;
     assert_eq!(cluster.vm_pid(), Some(pid));
-    console_round_trip(&address, name, "echo resumed", "ECHO resumed").await?;
+    console_round_trip(&tls, &address, name, "echo resumed", "ECHO resumed").await?;
 
     // Reboot (a newer boot count): a fresh VM process, RUNNING again.
     let boots = instance_state(&api, name).await?.boot_count;
@@ -620,7 +682,7 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     let pid = new_pid;
 
     // The guest powers itself off: STOPPED, and not booted again.
-    console_round_trip(&address, name, "poweroff", "POWEROFF").await?;
+    console_round_trip(&tls, &address, name, "poweroff", "POWEROFF").await?;
     wait_state(&api, name, compute::InstanceState::Stopped).await?;
     eventually(WAIT, "the powered-off VM's process to end", || async {
         (!alive(pid)).then_some(())
@@ -676,5 +738,313 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert!(n.instances.is_empty(), "{:?}", n.instances);
+    Ok(())
+}
+
+/// A server verifier that accepts any certificate: a rogue client that does
+/// not care whom it talks to, so that only the agent's side decides.
+#[derive(Debug)]
+struct AnyServer;
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &nephele_tls::provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &nephele_tls::provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        nephele_tls::provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A rogue client config: trusts any server, presents `cert` (chain PEM
+/// and key PEM) if given.
+fn rogue_config(
+    cert: Option<(&str, &str)>,
+) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls::pki_types::pem::PemObject as _;
+    let builder = rustls::ClientConfig::builder_with_provider(nephele_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyServer));
+    let mut config = match cert {
+        Some((chain, key)) => builder.with_client_auth_cert(
+            rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+                .collect::<Result<Vec<_>, _>>()?,
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+/// GetConsoleLog of an instance the node does not have, over `config`
+/// (plaintext without): NOT_FOUND means the call reached the service.
+async fn probe(address: &str, config: Option<std::sync::Arc<rustls::ClientConfig>>) -> Code {
+    let endpoint = Channel::from_shared(format!("http://{address}"))
+        .expect("url")
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5));
+    let channel = match config {
+        Some(c) => nephele_tls::lazy_channel(endpoint, c),
+        None => endpoint.connect_lazy(),
+    };
+    match node::agent_client::AgentClient::new(channel)
+        .get_console_log(compute::GetConsoleLogRequest {
+            name: "projects/p1/instances/nope".into(),
+            max_bytes: 0,
+        })
+        .await
+    {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+/// A refused handshake surfaces as a transport failure (in TLS 1.3 the
+/// client may finish first and see the refusal only on its first read).
+fn transport_refused(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::Cancelled | Code::Unknown)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_port_admits_only_controllers() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start()?;
+    let result = port_scenario(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn port_scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let (_agent, address) = cluster.agent(Some(&join_token(&api, "node-1").await?))?;
+    let ctl = cluster.controller_tls()?;
+
+    // The controller's certificate, pinned to this node: the call reaches
+    // the service.
+    let pinned = ctl.client_config(nephele_tls::PeerPolicy::Exactly(
+        nephele_tls::Identity::node("node-1")?,
+    ))?;
+    assert_eq!(probe(&address, Some(pinned)).await, Code::NotFound);
+
+    // An oversized request is refused before the service sees it, and the
+    // port keeps serving.
+    let mut a = agent_client(&ctl, &address).await?;
+    let e = a
+        .get_console_log(compute::GetConsoleLogRequest {
+            name: "x".repeat(neph_node::service::MAX_DECODING_MESSAGE_SIZE + 1),
+            max_bytes: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(compute::ConsoleRequest {
+        name: "projects/p1/instances/nope".into(),
+        input: vec![b'x'; neph_node::service::MAX_DECODING_MESSAGE_SIZE + 1],
+    })
+    .await?;
+    let e = match a
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+    {
+        Ok(r) => r.into_inner().message().await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_eq!(
+        probe(
+            &address,
+            Some(ctl.client_config(nephele_tls::PeerPolicy::Exactly(
+                nephele_tls::Identity::node("node-1")?,
+            ))?)
+        )
+        .await,
+        Code::NotFound
+    );
+
+    // A controller expecting another node refuses this one (a machine that
+    // took over a node's address is not that node).
+    let other = ctl.client_config(nephele_tls::PeerPolicy::Exactly(
+        nephele_tls::Identity::node("node-2")?,
+    ))?;
+    let code = probe(&address, Some(other)).await;
+    assert!(transport_refused(code), "pinned to node-2: {code:?}");
+
+    // Plaintext gets nothing.
+    let code = probe(&address, None).await;
+    assert!(
+        code != Code::Ok && code != Code::NotFound,
+        "plaintext: {code:?}"
+    );
+
+    // No client certificate: the handshake is refused.
+    let code = probe(&address, Some(rogue_config(None)?)).await;
+    assert!(transport_refused(code), "no certificate: {code:?}");
+
+    // A controller certificate from another CA (same cluster id even).
+    let foreign = nephele_tls::Ca::create("5")?;
+    let (cert, key) = foreign.issue(
+        &nephele_tls::Identity::controller("1")?,
+        &nephele_tls::IssueOptions::for_addresses(["127.0.0.1"]),
+    )?;
+    let code = probe(&address, Some(rogue_config(Some((&cert.chain_pem, &key)))?)).await;
+    assert!(transport_refused(code), "another CA: {code:?}");
+
+    // A node certificate of this cluster (another node joined for it): the
+    // handshake passes, the service refuses it.
+    let t = join_token(&api, "node-2").await?;
+    let req = nephele_tls::CertRequest::generate(&nephele_tls::Identity::node("node-2")?, "5")?;
+    let server_auth = nephele_tls::server_auth_client_config(&std::fs::read(cluster.ca_file())?)?;
+    let channel = nephele_tls::connect_channel(
+        Channel::from_shared(format!("http://{}", cluster.controller))?,
+        server_auth,
+    )
+    .await?;
+    let joined = node::node_join_client::NodeJoinClient::new(channel)
+        .join(node::JoinRequest {
+            token: t,
+            node_id: "node-2".into(),
+            csr_pem: req.csr_pem,
+        })
+        .await?
+        .into_inner();
+    let code = probe(
+        &address,
+        Some(rogue_config(Some((&joined.cert_pem, &req.key_pem)))?),
+    )
+    .await;
+    assert_eq!(code, Code::PermissionDenied, "a node certificate");
+    Ok(())
+}
+
+/// The serial of the node's certificate on disk.
+fn node_serial(cluster: &Cluster) -> anyhow::Result<String> {
+    let files = nephele_tls::TlsFiles::in_dir(&cluster.data_dir.join("tls"));
+    Ok(
+        nephele_tls::TlsContext::load(&files, nephele_tls::Revocations::new())?
+            .identity()
+            .serial,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_renews_its_certificate_before_it_expires() -> anyhow::Result<()> {
+    // Node certificates live 15 s: the agent renews at about 10 s.
+    let mut cluster = Cluster::start_with_env(&[("NEPHELE_NODE_CERT_VALIDITY_S", "15")])?;
+    let result = renewal_scenario(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn renewal_scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let (_agent, address) = cluster.agent(Some(&join_token(&api, "node-1").await?))?;
+    let first = node_serial(cluster)?;
+    let joined = Instant::now();
+    let renewed = eventually(Duration::from_secs(30), "a renewed certificate", || async {
+        node_serial(cluster).ok().filter(|s| *s != first)
+    })
+    .await?;
+    let after = joined.elapsed();
+    assert!(
+        after >= Duration::from_secs(7),
+        "renewed after {after:?}, long before two thirds of 15 s"
+    );
+    assert!(
+        !cluster.data_dir.join("tls/cert.pem.next").exists()
+            && !cluster.data_dir.join("tls/key.pem.next").exists(),
+        "a renewal left its files behind"
+    );
+    // Past the first certificate's expiry the node works on the new one:
+    // the controller reaches its port, and it keeps heartbeating.
+    tokio::time::sleep(Duration::from_secs(16).saturating_sub(joined.elapsed())).await;
+    let ctl = cluster.controller_tls()?;
+    let pinned = ctl.client_config(nephele_tls::PeerPolicy::Exactly(
+        nephele_tls::Identity::node("node-1")?,
+    ))?;
+    assert_eq!(probe(&address, Some(pinned)).await, Code::NotFound);
+    let mut nodes = api.nodes.clone();
+    let before = nodes
+        .get_node(infra::GetNodeRequest {
+            name: "nodes/node-1".into(),
+        })
+        .await?
+        .into_inner()
+        .last_heartbeat;
+    eventually(WAIT, "a heartbeat with the renewed certificate", || {
+        let mut nodes = nodes.clone();
+        async move {
+            let n = nodes
+                .get_node(infra::GetNodeRequest {
+                    name: "nodes/node-1".into(),
+                })
+                .await
+                .ok()?
+                .into_inner();
+            (n.state == infra::NodeState::Up as i32 && n.last_heartbeat != before).then_some(())
+        }
+    })
+    .await?;
+    // The renewal is in the node's events.
+    let events = api
+        .events
+        .clone()
+        .list_events(nephele_proto::ops::v1::ListEventsRequest {
+            resource: "nodes/node-1".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "node.certificate_renewed" && e.message == renewed),
+        "{events:#?}"
+    );
     Ok(())
 }

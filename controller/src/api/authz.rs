@@ -2,7 +2,9 @@
 //! what. Every handler calls [`authorize`] with its own RPC path before it
 //! touches state; a test walks the whole table (every role x every RPC x own
 //! and foreign project) and checks that every RPC of every public service is
-//! in it.
+//! in it, and `controller/tests/api/authz_walk.rs` walks it again through
+//! the real gRPC server, so each handler is seen to apply its rule to what
+//! the request names.
 //!
 //! Roles, weakest first: a **reader** reads a project's resources; a
 //! **member** also creates, changes and deletes them; an **admin** (a user
@@ -144,6 +146,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/nephele.infra.v1.Nodes/EnableNode", Rule::Admin),
     ("/nephele.infra.v1.Nodes/DrainNode", Rule::Admin),
     ("/nephele.infra.v1.Nodes/CreateJoinToken", Rule::Admin),
+    ("/nephele.infra.v1.Nodes/RemoveNode", Rule::Admin),
     ("/nephele.infra.v1.Migrations/CreateMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/GetMigration", Rule::Admin),
     ("/nephele.infra.v1.Migrations/CancelMigration", Rule::Admin),
@@ -322,7 +325,8 @@ mod tests {
                 if package == "nephele.node.v1" && service.name() == "Agent" {
                     continue;
                 }
-                // Authenticated by its join token, not by a bearer token.
+                // Authenticated by its join token (Join) or the node's
+                // certificate (Renew), not by a bearer token.
                 if package == "nephele.node.v1" && service.name() == "NodeJoin" {
                     continue;
                 }

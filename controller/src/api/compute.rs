@@ -308,6 +308,13 @@ impl<S: StateStore> Instances for Api<S> {
             metadata: &metadata,
             peer,
         };
+        // Authorized before anything about the request is said.
+        self.authorize(
+            call,
+            &format!("{INSTANCES}BatchCreateInstances"),
+            Target::Project(&r.parent),
+        )
+        .await?;
         let max = u32::try_from(MAX_BATCH_CREATE).unwrap_or(u32::MAX);
         if r.count == 0 || r.count > max {
             return Err(ApiError::InvalidArgument(format!(
@@ -495,7 +502,10 @@ impl<S: StateStore> Instances for Api<S> {
         let target = self
             .read_try(move |s| console::target(s, &name, true))
             .await?;
-        Ok(Reply::new(console::relay(target, first, inbound).await?))
+        let tls = self.inner.tls.as_ref();
+        Ok(Reply::new(
+            console::relay(tls, target, first, inbound).await?,
+        ))
     }
 
     async fn get_console_log(
@@ -508,7 +518,10 @@ impl<S: StateStore> Instances for Api<S> {
         let target = self
             .read_try(move |s| console::target(s, &name, false))
             .await?;
-        Ok(Reply::new(console::log(target, req.into_inner()).await?))
+        let tls = self.inner.tls.as_ref();
+        Ok(Reply::new(
+            console::log(tls, target, req.into_inner()).await?,
+        ))
     }
 }
 

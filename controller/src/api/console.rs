@@ -2,8 +2,12 @@
 //! answered by the compute node that holds the instance, through the
 //! `nephele.node.v1.Agent` service its agent serves at the address it
 //! registered. The caller is authorized on the instance first; the node is
-//! then called without credentials (controller-to-node authentication comes
-//! with mTLS).
+//! then called over mutual TLS: the controller presents its own
+//! `controller/<id>` certificate (the only kind an agent's port admits) and
+//! accepts only the certificate of exactly `node/<name>`, the node the
+//! instance is placed on, so a machine that took over a node's address
+//! gets nothing. A controller without TLS (in-process tests of the
+//! library) dials plaintext.
 //!
 //! ```text
 //!  neph ──Console(stream)──► controller ──Agent.Console(stream)──► neph-node
@@ -21,6 +25,7 @@ use futures::{Stream, StreamExt as _};
 use nephele_proto::compute::v1 as pb;
 use nephele_proto::node::v1::agent_client::AgentClient;
 use nephele_state::model::{InstanceState, State};
+use nephele_tls::{Identity, PeerPolicy, TlsContext};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
@@ -102,7 +107,10 @@ fn relay_error(node: &str, status: Status) -> Status {
     }
 }
 
-async fn connect(t: &ConsoleTarget) -> Result<AgentClient<Channel>, ApiError> {
+async fn connect(
+    tls: Option<&TlsContext>,
+    t: &ConsoleTarget,
+) -> Result<AgentClient<Channel>, ApiError> {
     let unavailable = |e: String| {
         ApiError::NodeUnavailable(format!(
             "node {} does not answer at {}: {e}",
@@ -110,25 +118,52 @@ async fn connect(t: &ConsoleTarget) -> Result<AgentClient<Channel>, ApiError> {
             t.address
         ))
     };
-    let channel = Channel::from_shared(format!("http://{}", t.address))
+    let endpoint = Channel::from_shared(format!("http://{}", t.address))
         .map_err(|e| unavailable(e.to_string()))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .connect()
-        .await
-        .map_err(|e| unavailable(e.to_string()))?;
+        .connect_timeout(CONNECT_TIMEOUT);
+    let channel = match tls {
+        Some(tls) => {
+            let node = Identity::node(node_id(&t.node))
+                .map_err(|e| ApiError::Internal(format!("{} names no node: {e}", t.node)))?;
+            let config = tls
+                .client_config(PeerPolicy::Exactly(node))
+                .map_err(|e| ApiError::Internal(format!("no TLS configuration: {e}")))?;
+            tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                nephele_tls::connect_channel(endpoint, config),
+            )
+            .await
+            .map_err(|_| unavailable("no TLS connection in time".into()))?
+        }
+        None => endpoint.connect().await,
+    }
+    .map_err(|e| unavailable(error_chain(&e)))?;
     Ok(AgentClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
 }
 
+/// An error with its sources (a refused handshake says why only there).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Relays a console: `first` (already read, naming the instance) and the
 /// rest of `inbound` go to the node; its output comes back.
 pub async fn relay(
+    tls: Option<&TlsContext>,
     t: ConsoleTarget,
     first: pb::ConsoleRequest,
     mut inbound: Streaming<pb::ConsoleRequest>,
 ) -> Result<ConsoleStream, Status> {
-    let mut agent = connect(&t).await?;
+    let mut agent = connect(tls, &t).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     // Cannot fail: the receiver is alive and the buffer empty.
     let _ = tx.try_send(first);
@@ -153,6 +188,7 @@ pub async fn relay(
 
 /// Reads the tail of the console log from the node.
 pub async fn log(
+    tls: Option<&TlsContext>,
     t: ConsoleTarget,
     mut request: pb::GetConsoleLogRequest,
 ) -> Result<pb::ConsoleLog, Status> {
@@ -160,7 +196,7 @@ pub async fn log(
         request.max_bytes = DEFAULT_LOG_BYTES;
     }
     request.max_bytes = request.max_bytes.min(MAX_LOG_BYTES);
-    let mut agent = connect(&t).await?;
+    let mut agent = connect(tls, &t).await?;
     match tokio::time::timeout(LOG_TIMEOUT, agent.get_console_log(request)).await {
         Ok(Ok(r)) => Ok(r.into_inner()),
         Ok(Err(s)) => Err(relay_error(&t.node, s)),

@@ -215,6 +215,29 @@ impl<S: StateStore> Nodes for Api<S> {
         let t = self.issue_join_token(&c, r.ttl, r.node_id).await?;
         Ok(Reply::new(t))
     }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Reply<pb::RemoveNodeResponse>, Status> {
+        let c = self
+            .authorize(&req, &format!("{NODES}RemoveNode"), Target::Cluster)
+            .await?;
+        let node = req.into_inner().name;
+        names::parse(&node, names::NODE).map_err(ApiError::from)?;
+        self.propose_as(&c, None, Command::RemoveNode { node: node.clone() })
+            .await?;
+        // This controller refuses the node from now on; the others as
+        // soon as they apply the removal (`revocation::keep_current`).
+        if !super::revocation::refresh(self.store(), self.revocations()).await {
+            tracing::warn!(%node, "removed, but the revocation set is not refreshed yet");
+        }
+        if let Ok(mut loads) = self.inner.loads.lock() {
+            loads.remove(&node);
+        }
+        tracing::info!(%node, "node removed and its identity revoked");
+        Ok(Reply::new(pb::RemoveNodeResponse {}))
+    }
 }
 
 #[tonic::async_trait]

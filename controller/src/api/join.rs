@@ -3,12 +3,16 @@
 //! `nephele.node.v1.NodeJoin/Join` (no client certificate, no bearer
 //! token: the join token is the credential) redeems it once, through the
 //! log, and signs the node's CSR for `node/<name>` with the cluster CA.
+//! `NodeJoin/Renew` signs a fresh CSR for a joined node's own identity,
+//! asked over mutual TLS with its current certificate (agents renew at two
+//! thirds of its life, `compute-node/agent/src/join.rs`).
 //!
-//! Signing needs the CA's private key at run time, so a controller that is
-//! to answer Join opens the sealed CA with the operator key when it starts
-//! and keeps it in memory ([`NodeCa`]); one started without the operator
-//! key answers Join with FAILED_PRECONDITION (a node may ask another
-//! controller). See docs/threat-model.md for what that exposes.
+//! Signing needs the CA's private key at run time: a controller started
+//! with the operator key opens the sealed CA the replicated state holds
+//! (`neph-controller init` put it there) at the first join and keeps it
+//! open in memory; one started without the operator key answers Join with
+//! FAILED_PRECONDITION (a node may ask another controller). See
+//! docs/threat-model.md for what that exposes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -87,10 +91,153 @@ impl<S: StateStore> Api<S> {
     }
 }
 
+impl<S: StateStore> Api<S> {
+    /// What node certificates are issued with.
+    fn node_cert_options(&self) -> IssueOptions {
+        IssueOptions {
+            validity: self.inner.config.node_cert_validity,
+            ..IssueOptions::default()
+        }
+    }
+
+    /// The node identity a Renew call comes from, or why not (audited).
+    async fn renewing_node<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<nephele_tls::PeerIdentity, ApiError> {
+        let refused = match nephele_tls::peer_identity(req) {
+            Ok(p) if p.identity.kind() == nephele_tls::IdentityKind::Node => {
+                match self.revocations().check(&p) {
+                    Ok(()) => return Ok(p),
+                    Err(e) => (
+                        format!("nodes/{}", p.identity.name()),
+                        ApiError::Unauthenticated(e.to_string()),
+                    ),
+                }
+            }
+            Ok(p) => (
+                p.identity.to_string(),
+                ApiError::PermissionDenied(format!(
+                    "{} is not a node: only nodes renew their certificates here",
+                    p.identity
+                )),
+            ),
+            Err(e) => (
+                "anonymous".to_owned(),
+                ApiError::Unauthenticated(format!(
+                    "renewing needs the node's current certificate: {e}"
+                )),
+            ),
+        };
+        let (actor, error) = refused;
+        self.record_denial_of(
+            actor,
+            super::origin(req.into(), RENEW_RPC),
+            String::new(),
+            &error,
+        )
+        .await;
+        Err(error)
+    }
+
+    /// The cluster CA, open for signing: the one given open, else the
+    /// replicated state's opened with the operator key (once, then kept).
+    async fn signing_ca(&self) -> Result<Arc<Ca>, ApiError> {
+        if let Some(NodeCa(ca)) = &self.inner.config.node_ca {
+            return Ok(ca.clone());
+        }
+        let Some(key) = self.inner.config.operator_key.clone() else {
+            return Err(ApiError::FailedPrecondition(
+                "this controller cannot sign node certificates: it was started without the \
+                 operator key (ask another controller, or restart it with --operator-key-file)"
+                    .into(),
+            ));
+        };
+        let record = self.read(|s| s.cluster_ca.clone()).await?.ok_or_else(|| {
+            ApiError::FailedPrecondition(
+                "the replicated state holds no cluster CA yet (`neph-controller init` puts it \
+                 there); try again shortly"
+                    .into(),
+            )
+        })?;
+        let mut opened = self
+            .inner
+            .opened_ca
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((r, ca)) = &*opened
+            && *r == record
+        {
+            return Ok(ca.clone());
+        }
+        let ca = Ca::open(&crate::tls::sealed_of(&record), &key).map_err(|e| {
+            ApiError::FailedPrecondition(format!(
+                "cannot open the cluster CA of the replicated state with this controller's \
+                 operator key: {e}"
+            ))
+        })?;
+        let ca = Arc::new(ca);
+        *opened = Some((record, ca.clone()));
+        Ok(ca)
+    }
+}
+
 const JOIN_RPC: &str = "/nephele.node.v1.NodeJoin/Join";
+const RENEW_RPC: &str = "/nephele.node.v1.NodeJoin/Renew";
 
 #[tonic::async_trait]
 impl<S: StateStore> NodeJoin for Api<S> {
+    async fn renew(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Reply<pb::JoinResponse>, Status> {
+        let peer = self.renewing_node(&req).await?;
+        let remote = req.remote_addr();
+        let node_id = peer.identity.name().to_owned();
+        let ca = self.signing_ca().await?;
+        let cert = ca
+            .sign_csr(
+                &req.into_inner().csr_pem,
+                &peer.identity,
+                &self.node_cert_options(),
+            )
+            .map_err(|e| Status::invalid_argument(format!("the CSR is refused: {e}")))?;
+        // Handed out only once the renewal is committed (a node removed
+        // meanwhile gets nothing).
+        let envelope = Envelope {
+            time: now_ms(),
+            actor: format!("nodes/{node_id}"),
+            request_id: None,
+            fence_term: None,
+            command: Command::RenewNodeCertificate {
+                node_id: node_id.clone(),
+                serial: cert.serial.clone(),
+            },
+            origin: Some(Origin {
+                peer: remote.map(|p| p.to_string()).unwrap_or_default(),
+                rpc: RENEW_RPC.to_owned(),
+            }),
+        };
+        let committed = self
+            .store()
+            .propose(envelope)
+            .await
+            .map_err(|e| Status::from(ApiError::from(e)))?;
+        match committed.outcome {
+            Ok(_) => {}
+            Err(ApplyError::FailedPrecondition { reason, .. }) => {
+                return Err(Status::unauthenticated(reason));
+            }
+            Err(e) => return Err(ApiError::from(e).into()),
+        }
+        tracing::info!(node = %node_id, serial = %cert.serial, "node certificate renewed");
+        Ok(Reply::new(pb::JoinResponse {
+            cert_pem: cert.chain_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+            serial: cert.serial,
+        }))
+    }
+
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Reply<pb::JoinResponse>, Status> {
         let peer = req.remote_addr();
         let r = req.into_inner();
@@ -102,18 +249,11 @@ impl<S: StateStore> NodeJoin for Api<S> {
                 })?;
         let identity = Identity::node(r.node_id.clone())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let Some(NodeCa(ca)) = self.inner.config.node_ca.clone() else {
-            return Err(ApiError::FailedPrecondition(
-                "this controller cannot sign node certificates: it was started without the \
-                 operator key (ask another controller, or restart it with --operator-key-file)"
-                    .into(),
-            )
-            .into());
-        };
+        let ca = self.signing_ca().await?;
         // Sign first: a bad CSR must not use the token up. The certificate
         // is handed out only once the redemption is committed.
         let cert = ca
-            .sign_csr(&r.csr_pem, &identity, &IssueOptions::default())
+            .sign_csr(&r.csr_pem, &identity, &self.node_cert_options())
             .map_err(|e| Status::invalid_argument(format!("the CSR is refused: {e}")))?;
         let envelope = Envelope {
             time: now_ms(),

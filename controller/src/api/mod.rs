@@ -30,6 +30,7 @@ pub mod join;
 mod migration;
 mod node;
 mod ops;
+pub mod revocation;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
@@ -77,12 +78,23 @@ pub struct ApiConfig {
     /// commits one (refreshing the node's recorded `last_heartbeat`) only
     /// when the recorded one is older than this, or the node is DOWN.
     pub heartbeat_commit_interval: Duration,
-    /// The cluster CA, opened, when this controller signs node
-    /// certificates (`NodeJoin/Join`); `None` refuses joins.
+    /// The operator key: with it this controller opens the sealed cluster
+    /// CA of the replicated state to sign node certificates
+    /// (`NodeJoin/Join`); without it (and without `node_ca`) it refuses
+    /// joins.
+    pub operator_key: Option<Arc<nephele_tls::OperatorKey>>,
+    /// A cluster CA given open (in-process tests); otherwise the state's
+    /// is opened with `operator_key`.
     pub node_ca: Option<join::NodeCa>,
-    /// Refuse NodeAgent calls from clients without a node certificate
-    /// (otherwise an admin bearer token is still accepted there).
-    pub require_node_certificates: bool,
+    /// How long the node certificates this controller signs (join and
+    /// renewal) are valid; agents renew at two thirds of it.
+    pub node_cert_validity: Duration,
+    /// Also accept NodeAgent calls from clients without a node
+    /// certificate that carry an admin bearer token (the transition path,
+    /// `--allow-node-tokens`). Off by default: only node certificates.
+    /// A plaintext server (in-process tests of the library) has no
+    /// certificates to require and always accepts the token.
+    pub allow_node_tokens: bool,
 }
 
 impl Default for ApiConfig {
@@ -93,8 +105,10 @@ impl Default for ApiConfig {
             max_wait: Duration::from_secs(60),
             fence_lease: Duration::from_secs(10),
             heartbeat_commit_interval: Duration::from_secs(30),
+            operator_key: None,
             node_ca: None,
-            require_node_certificates: false,
+            node_cert_validity: nephele_tls::ca::DEFAULT_VALIDITY,
+            allow_node_tokens: false,
         }
     }
 }
@@ -113,6 +127,15 @@ struct Inner<S> {
     /// Heartbeats answered from memory as the leader; the liveness loop
     /// reads the same map.
     beats: Arc<NodeBeats>,
+    /// This controller's TLS (its certificate dials the agents' ports);
+    /// `None` on a plaintext server (in-process tests).
+    tls: Option<nephele_tls::TlsContext>,
+    /// The revoked identities (the TLS context's set, kept current from
+    /// the state by [`revocation::keep_current`]).
+    revocations: nephele_tls::Revocations,
+    /// The state's cluster CA opened with the operator key, and the record
+    /// it was opened from (opened at the first join).
+    opened_ca: Mutex<Option<(nephele_state::model::SealedCaRecord, Arc<nephele_tls::Ca>)>>,
 }
 
 /// Refused calls cost a raft write each to audit, and an unauthenticated
@@ -331,8 +354,14 @@ impl<S: StateStore> Api<S> {
     /// The API over `store`.
     /// `beats` must be the map the liveness loop reads
     /// ([`crate::reconcile::spawn`]), or nodes that heartbeat only into
-    /// memory would be judged silent.
-    pub fn new(store: Arc<S>, config: ApiConfig, beats: Arc<NodeBeats>) -> Self {
+    /// memory would be judged silent. `tls` is this controller's (see
+    /// [`crate::server::ControllerOptions::tls`]).
+    pub fn new(
+        store: Arc<S>,
+        config: ApiConfig,
+        beats: Arc<NodeBeats>,
+        tls: Option<nephele_tls::TlsContext>,
+    ) -> Self {
         Api {
             inner: Arc::new(Inner {
                 store,
@@ -341,12 +370,24 @@ impl<S: StateStore> Api<S> {
                 tokens: auth::TokenCache::default(),
                 denials: Mutex::new(DenialBudget::new()),
                 beats,
+                revocations: tls
+                    .as_ref()
+                    .map(|t| t.revocations().clone())
+                    .unwrap_or_default(),
+                tls,
+                opened_ca: Mutex::new(None),
             }),
         }
     }
 
     fn store(&self) -> &S {
         &self.inner.store
+    }
+
+    /// The revocation set this API checks (and the TLS handshakes, when
+    /// the server has TLS).
+    pub fn revocations(&self) -> &nephele_tls::Revocations {
+        &self.inner.revocations
     }
 
     /// Reads linearizably.
@@ -487,6 +528,21 @@ impl<S: StateStore> Api<S> {
         target: Target<'_>,
         error: &ApiError,
     ) {
+        let resource = match target {
+            Target::Cluster => String::new(),
+            Target::Project(p) | Target::User(p) => p.to_owned(),
+        };
+        self.record_denial_of(actor, origin, resource, error).await;
+    }
+
+    /// [`Self::record_denial`] about a named resource.
+    async fn record_denial_of(
+        &self,
+        actor: String,
+        origin: nephele_state::Origin,
+        resource: String,
+        error: &ApiError,
+    ) {
         if !matches!(
             error,
             ApiError::PermissionDenied(_) | ApiError::Unauthenticated(_)
@@ -508,10 +564,6 @@ impl<S: StateStore> Api<S> {
                 " ({left_out} refusals before this one were not recorded: too many)"
             ));
         }
-        let resource = match target {
-            Target::Cluster => String::new(),
-            Target::Project(p) | Target::User(p) => p.to_owned(),
-        };
         let command = Command::RecordDenial { resource, reason };
         if let Err(e) = self.submit(actor, None, command, Some(origin)).await {
             tracing::debug!(error = %e, "refused call not audited");

@@ -69,6 +69,15 @@ fn assignments(s: &State, node: &str, stop_timeout: Duration) -> Result<pb::Assi
     })
 }
 
+/// How often an open assignment watch checks its node's certificate
+/// against the revocation set.
+const REVOCATION_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether `e` is the committed removal of `node`.
+fn removes(e: &WatchEvent, node: &str) -> bool {
+    e.outcome.is_ok() && matches!(&e.envelope.command, Command::RemoveNode { node: n } if n == node)
+}
+
 /// The instances an assignment set names.
 fn held(assignments: &[pb::Assignment]) -> HashSet<String> {
     assignments
@@ -111,11 +120,15 @@ fn touches(e: &WatchEvent, node: &str, mine: &HashSet<String>) -> bool {
         | Command::KvPut { .. }
         | Command::KvCas { .. }
         | Command::KvDelete { .. }
+        | Command::SetClusterCa { .. }
+        | Command::RenewNodeCertificate { .. }
         // New instances are PENDING, on no node.
         | Command::CreateInstance { .. }
         | Command::CreateInstances { .. } => return false,
         Command::RegisterNode { node_id, .. } => return this_node(node_id),
-        Command::SetNodeState { node: n, .. } | Command::DeregisterNode { node: n } => {
+        Command::SetNodeState { node: n, .. }
+        | Command::DeregisterNode { node: n }
+        | Command::RemoveNode { node: n } => {
             return n == node;
         }
         Command::RestartInstanceElsewhere { instance, node: n } => {
@@ -221,34 +234,62 @@ impl<S: StateStore> Api<S> {
 impl<S: StateStore> Api<S> {
     /// Who may make a NodeAgent call about `node` (`nodes/{node}`, or the
     /// bare id in RegisterNode): a node certificate (from `NodeJoin/Join`)
-    /// for exactly that node, so node/a acts only as node a; or, from a
-    /// client without a node certificate, an admin bearer token, unless
-    /// [`super::ApiConfig::require_node_certificates`] (the transition path
-    /// for agents that have not joined).
+    /// for exactly that node and not revoked (checked on every call, so a
+    /// removed node's open connection is refused too), so node/a acts only
+    /// as node a; or, from a client without a node certificate, an admin
+    /// bearer token, only with [`super::ApiConfig::allow_node_tokens`] (the
+    /// transition path for agents that have not joined) or on a plaintext
+    /// server (in-process tests). Refusals go
+    /// into the audit trail like every other refused call. Returns the
+    /// node certificate's identity when there was one.
     async fn authorize_node<T>(
         &self,
         req: &Request<T>,
         rpc: &str,
         node: &str,
-    ) -> Result<(), Status> {
+    ) -> Result<Option<nephele_tls::PeerIdentity>, Status> {
         let id = node.strip_prefix("nodes/").unwrap_or(node);
-        match nephele_tls::peer_identity(req) {
+        let refused = match nephele_tls::peer_identity(req) {
             Ok(p) if p.identity.kind() == nephele_tls::IdentityKind::Node => {
-                nephele_tls::require_node(req, id)
+                let checked = self
+                    .revocations()
+                    .check(&p)
+                    .map_err(|e| ApiError::Unauthenticated(e.to_string()))
+                    .and_then(|()| {
+                        nephele_tls::require_node(req, id)
+                            .map_err(|s| ApiError::PermissionDenied(s.message().to_owned()))
+                    });
+                match checked {
+                    Ok(()) => return Ok(Some(p)),
+                    Err(e) => (format!("nodes/{}", p.identity.name()), e),
+                }
             }
             // No certificate, or another member's (a controller's: it may
             // act for nodes only with an admin token, like anyone).
             Ok(_) | Err(nephele_tls::identity::PeerIdentityError::NoCertificate) => {
-                if self.inner.config.require_node_certificates {
-                    return Err(Status::unauthenticated(format!(
-                        "{rpc} needs the node's certificate (join with a join token first)"
-                    )));
+                if self.inner.tls.is_some() && !self.inner.config.allow_node_tokens {
+                    (
+                        "anonymous".to_owned(),
+                        ApiError::Unauthenticated(format!(
+                            "{rpc} needs the node's certificate (join with a join token first)"
+                        )),
+                    )
+                } else {
+                    // `authorize` audits its own refusals.
+                    self.authorize(req, rpc, Target::Cluster).await?;
+                    return Ok(None);
                 }
-                self.authorize(req.metadata(), rpc, Target::Cluster).await?;
-                Ok(())
             }
-            Err(e) => Err(Status::unauthenticated(e.to_string())),
-        }
+            Err(e) => (
+                "anonymous".to_owned(),
+                ApiError::Unauthenticated(e.to_string()),
+            ),
+        };
+        let (actor, error) = refused;
+        let node_name = format!("nodes/{id}");
+        self.record_denial_of(actor, super::origin(req.into(), rpc), node_name, &error)
+            .await;
+        Err(error.into())
     }
 }
 
@@ -314,7 +355,8 @@ impl<S: StateStore> NodeAgent for Api<S> {
         req: Request<pb::WatchAssignmentsRequest>,
     ) -> Result<Reply<AssignmentStream>, Status> {
         let node = req.get_ref().node.clone();
-        self.authorize_node(&req, &format!("{SVC}WatchAssignments"), &node)
+        let peer = self
+            .authorize_node(&req, &format!("{SVC}WatchAssignments"), &node)
             .await?;
         let node = req.into_inner().node;
         names::parse(&node, names::NODE).map_err(ApiError::from)?;
@@ -328,10 +370,28 @@ impl<S: StateStore> NodeAgent for Api<S> {
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
+            // A removed node's watch ends: at its removal, or (its
+            // certificate revoked some other way) at the next check.
+            let removed =
+                || Status::unauthenticated(format!("{node} was removed from the cluster"));
+            let mut recheck = tokio::time::interval(REVOCATION_RECHECK);
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = recheck.tick() => {
+                        match &peer {
+                            Some(p) if api.revocations().check(p).is_err() => {
+                                let _ = tx.send(Err(removed())).await;
+                                return;
+                            }
+                            _ => continue,
+                        }
+                    }
                     got = changes.recv() => match got {
+                        Ok(e) if removes(&e, &node) => {
+                            let _ = tx.send(Err(removed())).await;
+                            return;
+                        }
                         Ok(e) if !touches(&e, &node, &mine) => continue,
                         Ok(_) | Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => {
@@ -342,7 +402,12 @@ impl<S: StateStore> NodeAgent for Api<S> {
                 }
                 // Coalesce a burst of changes into one read.
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                while changes.try_recv().is_ok() {}
+                while let Ok(e) = changes.try_recv() {
+                    if removes(&e, &node) {
+                        let _ = tx.send(Err(removed())).await;
+                        return;
+                    }
+                }
                 match api.assignments_of(node.clone()).await {
                     Ok(a) if a.assignments != last => {
                         last = a.assignments.clone();

@@ -8,8 +8,8 @@ use crate::codec;
 use crate::command::{Command, Envelope, InstanceSpec, NewInstance, Response};
 use crate::model::{
     AuditRecord, Event, Flavor, Image, Instance, InstanceState, JoinToken, KvEntry, Migration,
-    MigrationProgress, MigrationState, Node, NodeState, Operation, Project, RememberedRequest,
-    Resources, ServerGroup, State, Token, User,
+    MigrationProgress, MigrationState, Node, NodeMember, NodeState, Operation, Project,
+    RememberedRequest, Resources, ServerGroup, State, Token, User,
 };
 use crate::names::{self, NameError};
 
@@ -25,6 +25,10 @@ pub const MAX_KV_KEY_LEN: usize = 1024;
 pub const MAX_KV_VALUE_LEN: usize = 1 << 20;
 /// Longest free-text field (display names, reasons, messages).
 pub const MAX_TEXT_LEN: usize = 4096;
+/// Largest CA certificate [`Command::SetClusterCa`] takes, PEM bytes.
+pub const MAX_CA_CERT_LEN: usize = 16 << 10;
+/// Largest sealed CA key [`Command::SetClusterCa`] takes.
+pub const MAX_SEALED_KEY_LEN: usize = 4 << 10;
 /// Most instances one [`Command::CreateInstances`] makes.
 pub const MAX_BATCH_CREATE: usize = 100;
 
@@ -287,6 +291,14 @@ fn not_found(name: &str) -> ApplyError {
     ApplyError::NotFound {
         name: name.to_owned(),
     }
+}
+
+/// The refusal of anything a removed node tries.
+fn removed(node: &str) -> ApplyError {
+    precondition(
+        node,
+        "the node was removed from the cluster (neph node remove); its name cannot be used again",
+    )
 }
 
 fn precondition(name: &str, reason: impl Into<String>) -> ApplyError {
@@ -1118,6 +1130,9 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 text("label", v)?;
             }
             let name = format!("nodes/{node_id}");
+            if state.is_revoked_node(&name) {
+                return Err(removed(&name));
+            }
             let node = match state.nodes.get_mut(&name) {
                 Some(n) => {
                     n.address = address.clone();
@@ -1196,6 +1211,58 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             }
             state.nodes.remove(node);
             event(state, actor, node, "node.deregistered", String::new());
+            Ok(Response::Deleted { name: node.clone() })
+        }
+        Command::RemoveNode { node } => {
+            names::parse(node, names::NODE)?;
+            let registered = state.nodes.contains_key(node);
+            let member = state.node_members.get(node).cloned();
+            if !registered && member.is_none() {
+                return Err(not_found(node));
+            }
+            if member.as_ref().is_some_and(|m| m.revoked.is_some()) {
+                return Err(removed(node));
+            }
+            let holding: Vec<&str> = state
+                .instances
+                .values()
+                .filter(|i| i.node.as_deref() == Some(node.as_str()))
+                .map(|i| i.name.as_str())
+                .collect();
+            if !holding.is_empty() {
+                return Err(precondition(
+                    node,
+                    format!(
+                        "instances are placed on it ({}); drain it first (neph node drain), \
+                         or delete them",
+                        holding.join(", ")
+                    ),
+                ));
+            }
+            if state
+                .migrations
+                .values()
+                .any(|m| !m.state.is_final() && (m.target == *node || m.source == *node))
+            {
+                return Err(precondition(
+                    node,
+                    "a migration to or from it is in progress; wait for it or cancel it",
+                ));
+            }
+            state.nodes.remove(node);
+            let id = node.strip_prefix("nodes/").unwrap_or(node);
+            state
+                .join_tokens
+                .retain(|_, t| !(t.used.is_none() && t.node.as_deref() == Some(id)));
+            state.node_members.insert(
+                node.clone(),
+                NodeMember {
+                    name: node.clone(),
+                    joined: member.and_then(|m| m.joined),
+                    revoked: Some(now),
+                },
+            );
+            event(state, actor, node, "node.removed", String::new());
             Ok(Response::Deleted { name: node.clone() })
         }
 
@@ -1486,6 +1553,10 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             }
             if let Some(n) = node {
                 names::validate_id(n)?;
+                let name = format!("nodes/{n}");
+                if state.is_revoked_node(&name) {
+                    return Err(removed(&name));
+                }
             }
             // Spent tokens are of no use any more: keep the state small.
             state
@@ -1538,11 +1609,96 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 ));
             }
             let by = format!("nodes/{node_id}");
+            if state.is_revoked_node(&by) {
+                return Err(removed(&by));
+            }
+            // A token for any node must not take a known name over: the
+            // certificate it gets would pass for that node.
+            if t.node.is_none()
+                && (state.nodes.contains_key(&by) || state.node_members.contains_key(&by))
+            {
+                return Err(precondition(
+                    &name,
+                    format!(
+                        "{by} is already a member of the cluster; a join token for a known \
+                         node must be made for it (neph node join-token create --node {node_id})"
+                    ),
+                ));
+            }
             let mut t = t.clone();
             t.used = Some((now, by.clone()));
             state.join_tokens.insert(name.clone(), t.clone());
+            state.node_members.insert(
+                by.clone(),
+                NodeMember {
+                    name: by.clone(),
+                    joined: Some(now),
+                    revoked: None,
+                },
+            );
             event(state, actor, &name, "join_token.used", by);
             Ok(Response::JoinToken(t))
+        }
+        Command::RenewNodeCertificate { node_id, serial } => {
+            names::validate_id(node_id)?;
+            if serial.is_empty()
+                || serial.len() > 64
+                || !serial.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(ApplyError::InvalidArgument(
+                    "a certificate serial is 1 to 64 hex digits".into(),
+                ));
+            }
+            let name = format!("nodes/{node_id}");
+            match state.node_members.get(&name) {
+                Some(m) if m.revoked.is_some() => return Err(removed(&name)),
+                Some(m) if m.joined.is_some() => {}
+                _ => {
+                    return Err(precondition(
+                        &name,
+                        "the node never joined; it joins with a join token first",
+                    ));
+                }
+            }
+            event(
+                state,
+                actor,
+                &name,
+                "node.certificate_renewed",
+                serial.to_ascii_lowercase(),
+            );
+            Ok(Response::Done)
+        }
+        Command::SetClusterCa { ca } => {
+            if ca.cluster_id.is_empty() || ca.cluster_id.len() > 64 {
+                return Err(ApplyError::InvalidArgument(
+                    "a cluster id is 1 to 64 bytes long".into(),
+                ));
+            }
+            if !ca.cert_pem.starts_with("-----BEGIN CERTIFICATE-----")
+                || ca.cert_pem.len() > MAX_CA_CERT_LEN
+            {
+                return Err(ApplyError::InvalidArgument(format!(
+                    "the CA certificate must be one PEM certificate of at most {MAX_CA_CERT_LEN} bytes"
+                )));
+            }
+            if ca.sealed_key.is_empty() || ca.sealed_key.len() > MAX_SEALED_KEY_LEN {
+                return Err(ApplyError::InvalidArgument(format!(
+                    "the sealed CA key must be 1 to {MAX_SEALED_KEY_LEN} bytes"
+                )));
+            }
+            match &state.cluster_ca {
+                Some(have) if have == ca => Ok(Response::Done),
+                Some(_) => Err(precondition(
+                    "cluster/ca",
+                    "the cluster already has another CA; it is set once, at init",
+                )),
+                None => {
+                    state.cluster_ca = Some(ca.clone());
+                    event(state, actor, "cluster/ca", "cluster.ca_set", String::new());
+                    Ok(Response::Done)
+                }
+            }
         }
         Command::BeginInstanceAction {
             instance,
@@ -2676,5 +2832,211 @@ mod tests {
         // Creating another drops the spent ones.
         run(&mut s, create("d", 10_000, None)).unwrap();
         assert_eq!(s.join_tokens.keys().collect::<Vec<_>>(), ["joinTokens/d"]);
+    }
+
+    fn join(
+        s: &mut State,
+        id: &str,
+        node: Option<&str>,
+        joining: &str,
+    ) -> Result<Response, ApplyError> {
+        run(
+            s,
+            Command::CreateJoinToken {
+                token_id: id.into(),
+                secret_hash: format!("hash-{id}"),
+                expire_time: s.now + 10_000,
+                node: node.map(Into::into),
+            },
+        )?;
+        run(
+            s,
+            Command::RedeemJoinToken {
+                token_id: id.into(),
+                secret_hash: format!("hash-{id}"),
+                node_id: joining.into(),
+            },
+        )
+    }
+
+    fn refused_because(r: Result<Response, ApplyError>, want: &str) {
+        match r {
+            Err(ApplyError::FailedPrecondition { reason, .. }) => {
+                assert!(reason.contains(want), "{reason}")
+            }
+            other => panic!("expected a refusal ({want}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_token_for_any_node_cannot_take_a_known_name_over() {
+        // n1 and n2 are registered (with admin tokens: never joined).
+        let mut s = setup();
+        refused_because(join(&mut s, "a1", None, "n1"), "already a member");
+        // A new name joins with a token for any node, once; after that the
+        // name is known, and only a token made for it joins it again.
+        join(&mut s, "a2", None, "n3").unwrap();
+        assert_eq!(s.node_members["nodes/n3"].joined, Some(s.now));
+        refused_because(join(&mut s, "a3", None, "n3"), "already a member");
+        join(&mut s, "a4", Some("n3"), "n3").unwrap();
+        join(&mut s, "a5", Some("n1"), "n1").unwrap();
+        // A refused redemption leaves the state as it was (but the clock).
+        let before = s.clone();
+        let r = run(
+            &mut s,
+            Command::RedeemJoinToken {
+                token_id: "a3".into(),
+                secret_hash: "hash-a3".into(),
+                node_id: "n3".into(),
+            },
+        );
+        refused_because(r, "already a member");
+        assert_eq!(s.join_tokens, before.join_tokens);
+        assert_eq!(s.node_members, before.node_members);
+    }
+
+    #[test]
+    fn a_removed_node_is_deregistered_revoked_and_stays_out() {
+        let mut s = setup();
+        join(&mut s, "b1", Some("n1"), "n1").unwrap();
+        // A pending token for n1 is dropped with it.
+        run(
+            &mut s,
+            Command::CreateJoinToken {
+                token_id: "b2".into(),
+                secret_hash: "hash-b2".into(),
+                expire_time: 1 << 40,
+                node: Some("n1".into()),
+            },
+        )
+        .unwrap();
+        // Not while an instance is placed there.
+        let vm = running(&mut s, "web", false, "nodes/n1");
+        let remove = |node: &str| Command::RemoveNode { node: node.into() };
+        refused_because(run(&mut s, remove("nodes/n1")), "drain it first");
+        assert!(s.nodes.contains_key("nodes/n1"));
+        assert!(!s.is_revoked_node("nodes/n1"));
+        run(
+            &mut s,
+            Command::DeleteInstance {
+                instance: vm.clone(),
+                operation_id: "op-del".into(),
+            },
+        )
+        .unwrap();
+        run(&mut s, Command::PurgeInstance { instance: vm }).unwrap();
+        let r = run(&mut s, remove("nodes/n1")).unwrap();
+        assert_eq!(
+            r,
+            Response::Deleted {
+                name: "nodes/n1".into()
+            }
+        );
+        assert!(!s.nodes.contains_key("nodes/n1"));
+        assert!(s.is_revoked_node("nodes/n1"));
+        assert_eq!(s.revoked_nodes().collect::<Vec<_>>(), ["nodes/n1"]);
+        assert!(!s.join_tokens.contains_key("joinTokens/b2"));
+        // From then on: no registering, no new token, no join, not twice.
+        let register = Command::RegisterNode {
+            node_id: "n1".into(),
+            address: "a".into(),
+            capacity: Resources::default(),
+            labels: Default::default(),
+        };
+        refused_because(run(&mut s, register), "removed");
+        refused_because(join(&mut s, "b3", Some("n1"), "n1"), "removed");
+        refused_because(join(&mut s, "b4", None, "n1"), "removed");
+        refused_because(run(&mut s, remove("nodes/n1")), "removed");
+        // A token made before the removal for any node does not join it
+        // either.
+        run(
+            &mut s,
+            Command::CreateJoinToken {
+                token_id: "b5".into(),
+                secret_hash: "hash-b5".into(),
+                expire_time: 1 << 40,
+                node: None,
+            },
+        )
+        .unwrap();
+        let r = run(
+            &mut s,
+            Command::RedeemJoinToken {
+                token_id: "b5".into(),
+                secret_hash: "hash-b5".into(),
+                node_id: "n1".into(),
+            },
+        );
+        refused_because(r, "removed");
+        // A name never known is not found; one registered without ever
+        // joining is removed all the same.
+        assert!(matches!(
+            run(&mut s, remove("nodes/nope")),
+            Err(ApplyError::NotFound { .. })
+        ));
+        run(&mut s, remove("nodes/n2")).unwrap();
+        assert_eq!(s.node_members["nodes/n2"].joined, None);
+        assert!(s.is_revoked_node("nodes/n2"));
+        // The snapshot keeps all of it.
+        let back = codec::decode_snapshot(&codec::encode_snapshot(&s)).unwrap();
+        assert_eq!(back.node_members, s.node_members);
+    }
+
+    #[test]
+    fn the_cluster_ca_is_set_once() {
+        let mut s = State::default();
+        let ca = |key: &[u8]| crate::model::SealedCaRecord {
+            cluster_id: "7".into(),
+            cert_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            sealed_key: key.to_vec(),
+        };
+        let set = |c| Command::SetClusterCa { ca: c };
+        assert!(matches!(
+            run(&mut s, set(ca(b""))),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        let mut bad = ca(b"k");
+        bad.cert_pem = "not pem".into();
+        assert!(matches!(
+            run(&mut s, set(bad)),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        assert!(s.cluster_ca.is_none());
+        run(&mut s, set(ca(b"k1"))).unwrap();
+        // Every initial member proposes the same one: fine.
+        run(&mut s, set(ca(b"k1"))).unwrap();
+        refused_because(run(&mut s, set(ca(b"k2"))), "another CA");
+        assert_eq!(s.cluster_ca, Some(ca(b"k1")));
+        let back = codec::decode_snapshot(&codec::encode_snapshot(&s)).unwrap();
+        assert_eq!(back.cluster_ca, s.cluster_ca);
+    }
+
+    #[test]
+    fn only_a_joined_node_that_was_not_removed_renews() {
+        let mut s = setup();
+        let renew = |id: &str, serial: &str| Command::RenewNodeCertificate {
+            node_id: id.into(),
+            serial: serial.into(),
+        };
+        // n1 is registered but never joined.
+        refused_because(run(&mut s, renew("n1", "0a")), "never joined");
+        join(&mut s, "c1", Some("n1"), "n1").unwrap();
+        assert!(matches!(
+            run(&mut s, renew("n1", "not hex")),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        run(&mut s, renew("n1", "0A")).unwrap();
+        assert_eq!(
+            s.events.back().map(|e| e.kind.as_str()),
+            Some("node.certificate_renewed")
+        );
+        run(
+            &mut s,
+            Command::RemoveNode {
+                node: "nodes/n1".into(),
+            },
+        )
+        .unwrap();
+        refused_because(run(&mut s, renew("n1", "0b")), "removed");
     }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::model::{
     Flavor, GroupPolicy, Image, ImageState, Instance, InstanceState, JoinToken, Labels, Migration,
     MigrationProgress, MigrationState, Node, NodeState, Operation, Project, Quota, Resources, Role,
-    ServerGroup, Token, UnixMs, User,
+    SealedCaRecord, ServerGroup, Token, UnixMs, User,
 };
 
 /// A command with what the leader adds before proposing it. Everything that
@@ -424,8 +424,12 @@ pub enum Command {
     },
     /// Uses `joinTokens/{token_id}` up for node `node_id`: refused unless
     /// the hash matches, it is unused, unexpired at the envelope's time and
-    /// (if it names one) for that node. Committed before the node gets its
-    /// certificate, so a token can be redeemed once in the whole cluster.
+    /// (if it names one) for that node; refused for a removed node; and a
+    /// token that names no node is refused for a name that is registered
+    /// or joined before (no takeover of a known name: that needs a token
+    /// made for it). Records the node as joined. Committed before the node
+    /// gets its certificate, so a token can be redeemed once in the whole
+    /// cluster.
     RedeemJoinToken {
         /// The token's id part.
         token_id: String,
@@ -433,6 +437,31 @@ pub enum Command {
         secret_hash: String,
         /// The joining node's name.
         node_id: String,
+    },
+    /// Removes a node for good (`neph node remove`): deregisters it
+    /// (refused while instances are placed on it or migrate to it: drain
+    /// it first), drops the unused join tokens made for it, and records it
+    /// as revoked: its certificates are refused, it cannot register or
+    /// join again. Refused for a name the cluster never knew.
+    RemoveNode {
+        /// `nodes/{node}`.
+        node: String,
+    },
+    /// Records the cluster CA (`neph-controller init`): set once; setting
+    /// the same one again is a no-op (every initial member proposes it),
+    /// another one is refused.
+    SetClusterCa {
+        /// The CA, its key sealed with the operator key.
+        ca: SealedCaRecord,
+    },
+    /// Records that a joined node renewed its certificate (`NodeJoin/
+    /// Renew`): refused for a node that never joined or was removed.
+    /// Committed before the new certificate is handed out, like a join.
+    RenewNodeCertificate {
+        /// The node's name (`node_id`, as in a join).
+        node_id: String,
+        /// The new certificate's serial, hex.
+        serial: String,
     },
 }
 
@@ -474,7 +503,8 @@ impl Command {
             | C::RestartInstanceElsewhere { instance, .. } => instance.clone(),
             C::NodeHeartbeat { node }
             | C::SetNodeState { node, .. }
-            | C::DeregisterNode { node } => node.clone(),
+            | C::DeregisterNode { node }
+            | C::RemoveNode { node } => node.clone(),
             C::SetMigrationState { migration, .. }
             | C::UpdateMigration { migration, .. }
             | C::SwitchMigration { migration, .. } => migration.clone(),
@@ -488,6 +518,8 @@ impl Command {
             C::CreateJoinToken { token_id, .. } | C::RedeemJoinToken { token_id, .. } => {
                 format!("joinTokens/{token_id}")
             }
+            C::SetClusterCa { .. } => "cluster/ca".to_owned(),
+            C::RenewNodeCertificate { node_id, .. } => format!("nodes/{node_id}"),
         }
     }
 }

@@ -148,6 +148,37 @@ pub struct JoinToken {
     pub used: Option<(UnixMs, String)>,
 }
 
+/// A node name the cluster knows as a member: one that joined (had its
+/// certificate signed for `node/{name}`) or was removed. Kept after the
+/// node is deregistered, so a join token not made for that name cannot
+/// take it over, and a removed node stays out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMember {
+    /// `nodes/{node}`.
+    pub name: String,
+    /// When it last joined; `None` if it never did (a node registered
+    /// with an admin token, then removed).
+    pub joined: Option<UnixMs>,
+    /// When it was removed (`neph node remove`): from then on every
+    /// certificate of `node/{node}` is refused and it cannot join again.
+    pub revoked: Option<UnixMs>,
+}
+
+/// The cluster CA as the replicated state keeps it (`neph-controller
+/// init` puts it here): the certificate in the clear, the private key
+/// sealed with the operator key (AES-256-GCM, bound to the cluster id; see
+/// `tls/src/seal.rs`). Every controller can read it; only one given the
+/// operator key can open it to sign.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedCaRecord {
+    /// The cluster the CA belongs to.
+    pub cluster_id: String,
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    /// The sealed PKCS#8 private key.
+    pub sealed_key: Vec<u8>,
+}
+
 /// An instance size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flavor {
@@ -578,9 +609,29 @@ pub struct State {
     /// Node join tokens by name; spent ones are dropped when a new one is
     /// created.
     pub join_tokens: BTreeMap<String, JoinToken>,
+    /// Nodes that joined or were removed, by name (`nodes/{node}`).
+    pub node_members: BTreeMap<String, NodeMember>,
+    /// The cluster CA, its key sealed; set once.
+    pub cluster_ca: Option<SealedCaRecord>,
 }
 
 impl State {
+    /// The identities every controller refuses: removed nodes, as names
+    /// (`nodes/{node}`).
+    pub fn revoked_nodes(&self) -> impl Iterator<Item = &str> {
+        self.node_members
+            .values()
+            .filter(|m| m.revoked.is_some())
+            .map(|m| m.name.as_str())
+    }
+
+    /// Whether `node` (`nodes/{node}`) was removed.
+    pub fn is_revoked_node(&self, node: &str) -> bool {
+        self.node_members
+            .get(node)
+            .is_some_and(|m| m.revoked.is_some())
+    }
+
     /// Records a controller joining (or changing address), as applied from a
     /// committed membership change.
     pub fn add_controller(&mut self, id: u64, address: String) {

@@ -179,6 +179,7 @@ fn command() -> impl Strategy<Value = Command> {
         )
             .prop_map(|(node, state)| Command::SetNodeState { node, state }),
         node().prop_map(|node| Command::DeregisterNode { node }),
+        node().prop_map(|node| Command::RemoveNode { node }),
         (id(), instance(), node()).prop_map(|(migration_id, instance, target)| {
             Command::CreateMigration {
                 migration_id,

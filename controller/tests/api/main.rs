@@ -8,14 +8,20 @@
 //! - `migration.rs`: migration assignments, progress, the switchover gate.
 //! - `console.rs`: the console relay through an in-test `Agent` double.
 //! - `audit.rs`: the audit trail, token revocation, the refusal budget.
-//! - `join.rs`: node join tokens and the Join RPC signing node CSRs.
+//! - `authz_walk.rs`: every RPC of the authorization table through the
+//!   real server, as admin, member and reader, on two projects.
+//! - `join.rs`: node join tokens and the Join RPC signing node CSRs, node
+//!   removal and revocation, the sealed CA in the replicated state.
+//! - `limits.rs`: oversized requests.
 
 mod audit;
+mod authz_walk;
 #[path = "../common/mod.rs"]
 mod common;
 mod console;
 mod ha;
 mod join;
+mod limits;
 mod migration;
 mod support;
 

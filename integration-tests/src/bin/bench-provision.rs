@@ -306,8 +306,13 @@ async fn simulated(nodes: usize, instances: usize) -> anyhow::Result<SimResult> 
     println!(
         "(b) control plane with SIMULATED nodes: 1 controller, {nodes} simulated nodes (no VMs, no KVM), {instances} instances"
     );
-    let cluster = ControllerCluster::start(1, 9000 + u64::from(std::process::id()))
-        .context("starting the controller")?;
+    // The simulated nodes use the admin token, not a certificate each.
+    let cluster = ControllerCluster::start_with_env(
+        1,
+        9000 + u64::from(std::process::id()),
+        &[("NEPHELE_ALLOW_NODE_TOKENS", "true")],
+    )
+    .context("starting the controller")?;
     let controller_pid = cluster.members[0].daemon.pid();
     let token_file = cluster.data_dir(1).join("admin.token");
     let deadline = Instant::now() + Duration::from_secs(30);

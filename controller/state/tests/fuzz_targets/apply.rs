@@ -296,6 +296,20 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.push(one(system(Command::DeregisterNode {
         node: "nodes/n1".into(),
     })));
+    out.push(one(user(Command::RemoveNode {
+        node: "nodes/n2".into(),
+    })));
+    out.push(one(system(Command::RenewNodeCertificate {
+        node_id: "n1".into(),
+        serial: "0a".into(),
+    })));
+    out.push(one(system(Command::SetClusterCa {
+        ca: nephele_state::model::SealedCaRecord {
+            cluster_id: "7".into(),
+            cert_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            sealed_key: vec![1, 2, 3],
+        },
+    })));
     out.push(one(user(Command::DeleteProject {
         project: "projects/a".into(),
     })));
