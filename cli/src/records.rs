@@ -218,6 +218,7 @@ pub fn migration(m: &infra::Migration) -> Record {
                 .unwrap_or_default()
                 .into(),
         ),
+        ("target_address", m.target_address.clone().into()),
         ("bytes_copied", m.bytes_copied.into()),
         ("round", m.round.into()),
         ("bytes_remaining", m.bytes_remaining.into()),

@@ -183,6 +183,25 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
             })
         })
         .expect("the migration is copying");
+    // The target's address is its node's migration tunnel (mutual TLS,
+    // only the source node admitted): a client without a certificate, and
+    // one with a certificate of this cluster that is not the source node's
+    // (a controller's), get nothing of the migration protocol.
+    let at = copying["target_address"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let plain = rogue_plain(&at);
+    assert!(
+        !plain.starts_with(&[0x81]) && !plain.starts_with(&[0x83]),
+        "a plaintext client reached the target VMM: {plain:?}"
+    );
+    let wrong = rogue_tls(&at, &cloud.controllers.tls_dir(1));
+    assert!(
+        !wrong.starts_with(&[0x81]) && !wrong.starts_with(&[0x83]),
+        "a controller's certificate reached the target VMM: {wrong:?}"
+    );
+    eprintln!("rogue clients refused: plaintext got {plain:?}, a controller certificate {wrong:?}");
     eprintln!("killing the target VMM mid-copy: {copying}");
     kill9(victim);
     let failed = wait_migration(&cloud, "mig-1", &[], "FAILED");
@@ -497,6 +516,50 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
         field(&after, "us") > field(&before, "us"),
         "same boot after the doubt: {before} then {after}"
     );
+}
+
+/// The migration header a target VMM answers with `Ready`.
+const MIGRATION_HEADER: &[u8] = b"NEPHMIG\0\x03\0\0\0";
+
+/// What a client without a certificate reads from `addr` after sending a
+/// migration header, until the connection ends.
+fn rogue_plain(addr: &str) -> Vec<u8> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the target");
+    s.set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let _ = s.write_all(MIGRATION_HEADER);
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    reply
+}
+
+/// What a client presenting the certificate in `tls_dir` reads from
+/// `addr` after sending a migration header, until the connection ends
+/// (nothing if the handshake fails).
+fn rogue_tls(addr: &str, tls_dir: &std::path::Path) -> Vec<u8> {
+    use nephele_tls::{IdentityKind, PeerPolicy, Revocations, TlsContext, TlsFiles};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    nephele_tls::install_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let ctx = TlsContext::load(&TlsFiles::in_dir(tls_dir), Revocations::new())
+            .expect("the controller's TLS files");
+        let config = ctx
+            .client_config(PeerPolicy::Kind(IdentityKind::Node))
+            .expect("client config");
+        let Ok(mut s) = nephele_tls::net::connect(addr, config).await else {
+            return Vec::new();
+        };
+        let _ = s.write_all(MIGRATION_HEADER).await;
+        let _ = s.flush().await;
+        let mut reply = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut reply)).await;
+        reply
+    })
 }
 
 /// Sends a signal (`-CONT`, ...) to `pid`.

@@ -17,6 +17,8 @@
 //! - [`vmm`]: the `neph-vmm` control socket client;
 //! - [`migrate`]: live migration, target (`--incoming`) and source (the
 //!   switchover gate answered through the controllers);
+//! - [`tunnel`]: the migration stream between nodes over mutual TLS (a
+//!   detached `neph-node tunnel` process on each side);
 //! - [`join`]: the node's certificate: joining with `--join-token`, then
 //!   mutual TLS to the controllers;
 //! - [`controller`]: controller calls with failover and the bearer token;
@@ -35,4 +37,5 @@ pub mod join;
 pub mod migrate;
 pub mod service;
 pub mod supervisor;
+pub mod tunnel;
 pub mod vmm;

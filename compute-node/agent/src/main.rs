@@ -16,7 +16,37 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Register with the controllers and run the VMs assigned to this node.
-    Run(RunFlags),
+    Run(Box<RunFlags>),
+    /// Carry one live migration's stream over mutual TLS (started by the
+    /// agent, one per migration and side; see the crate's `tunnel` module).
+    Tunnel(TunnelFlags),
+}
+
+#[derive(Debug, clap::Args)]
+struct TunnelFlags {
+    /// The agent's data directory (the node's certificate is in tls/).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// accept: TLS in from the source node, to the VMM; connect: from the
+    /// VMM, TLS out to the target node.
+    #[arg(long, value_enum)]
+    mode: neph_node::tunnel::Mode,
+    /// HOST:PORT to listen on.
+    #[arg(long)]
+    listen: String,
+    /// HOST:PORT each connection is carried to.
+    #[arg(long)]
+    forward: String,
+    /// The other node's name: the only peer admitted (accept) or accepted
+    /// (connect).
+    #[arg(long)]
+    peer_node: String,
+    /// The VMM served: the tunnel ends when it does.
+    #[arg(long)]
+    vmm_pid: u32,
+    /// accept: the VMM's arrival file (the tunnel ends once the VM arrived).
+    #[arg(long)]
+    arrival_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,7 +144,22 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
     nephele_tls::install_default();
-    let Cmd::Run(f) = cli.command;
+    let f = match cli.command {
+        Cmd::Run(f) => *f,
+        Cmd::Tunnel(t) => {
+            neph_node::tunnel::run(neph_node::tunnel::TunnelArgs {
+                data_dir: t.data_dir,
+                mode: t.mode,
+                listen: t.listen,
+                forward: t.forward,
+                peer_node: t.peer_node,
+                vmm_pid: t.vmm_pid,
+                arrival: t.arrival_file,
+            })
+            .await?;
+            return Ok(());
+        }
+    };
     let cfg = AgentConfig::load(RawFlags {
         node_id: f.node_id,
         controllers: f.controllers,

@@ -130,11 +130,16 @@ pub(crate) async fn receive(
     };
     let spec = vm_spec(cfg, name, &instance, files, disk).await?;
     let ip = node_ip(ctx)?;
-    let port = std::net::TcpListener::bind(SocketAddr::new(ip, 0))
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port on {ip}: {e}"))?
-        .port();
-    let addr = SocketAddr::new(ip, port).to_string();
+    // Over TLS (a node with a certificate, told its peer): the VMM listens
+    // on loopback only, and the node's tunnel on the node's address admits
+    // only the migration's source node.
+    let peer = tunnel_peer(ctx, m);
+    let vmm_ip = if peer.is_some() {
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+    } else {
+        ip
+    };
+    let addr = SocketAddr::new(vmm_ip, free_port(vmm_ip)?).to_string();
     let log_start = std::fs::metadata(layout.vmm_log()).map_or(0, |m| m.len());
     // Left by an earlier attempt, it would say a VM arrived that did not.
     match std::fs::remove_file(layout.arrival()) {
@@ -181,6 +186,29 @@ pub(crate) async fn receive(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let addr = match &peer {
+        None => addr,
+        Some(peer) => {
+            let listen = SocketAddr::new(ip, free_port(ip)?).to_string();
+            let tunnel = Tunnel {
+                mode: crate::tunnel::Mode::Accept,
+                listen: &listen,
+                forward: &addr,
+                peer,
+                vmm_pid: pid,
+                arrival: Some(layout.arrival()),
+            };
+            match tunnel.spawn(ctx, &layout).await {
+                Ok(a) => a,
+                Err(why) => {
+                    host::kill(pid);
+                    let _ = child.wait().await;
+                    let _ = std::fs::remove_file(layout.state());
+                    return Err(why);
+                }
+            }
+        }
+    };
     let req = pb::ReportMigrationRequest {
         node: cfg.node_name(),
         migration: m.migration.clone(),
@@ -224,6 +252,121 @@ pub(crate) async fn receive(
         },
         child,
     ))
+}
+
+/// A free TCP port on `ip` (bound and let go: the VMM or tunnel binds it
+/// next, a race other processes on the node could only lose by chance).
+fn free_port(ip: IpAddr) -> Result<u16, String> {
+    std::net::TcpListener::bind(SocketAddr::new(ip, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port on {ip}: {e}"))
+}
+
+/// The peer node's name when this migration goes over TLS: this node has
+/// its certificate and the controllers named the other side (an older
+/// controller does not; then the stream is plain TCP, as is a node on the
+/// transition path, which has no certificate).
+fn tunnel_peer(ctx: &StartContext, m: &pb::MigrationAssignment) -> Option<String> {
+    let files = nephele_tls::TlsFiles::in_dir(&crate::join::tls_dir(&ctx.cfg.data_dir));
+    let peer = m.peer_node.strip_prefix("nodes/").unwrap_or(&m.peer_node);
+    (files.cert.exists() && !peer.is_empty()).then(|| peer.to_owned())
+}
+
+/// A `neph-node tunnel` process to start (see [`crate::tunnel`]).
+struct Tunnel<'a> {
+    mode: crate::tunnel::Mode,
+    listen: &'a str,
+    forward: &'a str,
+    peer: &'a str,
+    vmm_pid: u32,
+    arrival: Option<std::path::PathBuf>,
+}
+
+impl Tunnel<'_> {
+    /// Starts it detached (it outlives this agent, like a VMM), logging to
+    /// `tunnel.log` in the instance directory; returns the address it
+    /// listens on once it does.
+    async fn spawn(&self, ctx: &StartContext, layout: &Layout) -> Result<String, String> {
+        let log_path = layout.dir.join("tunnel.log");
+        let open_log = || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(|e| format!("cannot open {}: {e}", log_path.display()))
+        };
+        let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+        let (out, err) = (open_log()?, open_log()?);
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("cannot find this agent's executable: {e}"))?;
+        let mode = match self.mode {
+            crate::tunnel::Mode::Accept => "accept",
+            crate::tunnel::Mode::Connect => "connect",
+        };
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("tunnel")
+            .arg("--data-dir")
+            .arg(&ctx.cfg.data_dir)
+            .args(["--mode", mode, "--listen", self.listen])
+            .args(["--forward", self.forward, "--peer-node", self.peer])
+            .args(["--vmm-pid", &self.vmm_pid.to_string()]);
+        if let Some(a) = &self.arrival {
+            cmd.arg("--arrival-file").arg(a);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot start the migration tunnel: {e}"))?;
+        let deadline = Instant::now() + LISTEN_TIMEOUT;
+        loop {
+            let log = std::fs::read(&log_path).unwrap_or_default();
+            let fresh = log
+                .get(usize::try_from(log_start).unwrap_or(0)..)
+                .unwrap_or(&[]);
+            let text = String::from_utf8_lossy(fresh);
+            if let Some(addr) = text.lines().find_map(|l| {
+                l.strip_prefix(crate::tunnel::LISTENING)
+                    .map(|a| a.trim().to_owned())
+            }) {
+                // Reaped in the background: it ends by itself.
+                tokio::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                return Ok(addr);
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "the migration tunnel exited at start ({status}): {}",
+                    text.lines().last().unwrap_or_default()
+                ));
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                return Err(format!(
+                    "the migration tunnel did not listen within {LISTEN_TIMEOUT:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Where a source's VMM sends a migration: written when it starts, so an
+/// agent restarted mid-way recognises the migration its VMM runs (the
+/// VMM names the address it sends to, a tunnel's on loopback).
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+struct Outgoing {
+    migration: String,
+    to: String,
+}
+
+fn outgoing_path(layout: &Layout) -> std::path::PathBuf {
+    layout.dir.join("outgoing.json")
 }
 
 fn spawn_incoming(
@@ -437,19 +580,61 @@ pub(crate) async fn send(
     allow_vmm_user(&gate_path, ctx);
     // A VMM already running this migration (this agent restarted) keeps
     // it: attach; it asks the gate at the same path.
+    let recorded: Option<Outgoing> = std::fs::read(outgoing_path(&vm.layout))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|o: &Outgoing| o.migration == migration);
     let running = client
         .migrate_status()
         .await
         .ok()
-        .filter(|st| !st.is_final() && st.to == m.peer_address);
+        .filter(|st| !st.is_final() && recorded.as_ref().is_some_and(|o| o.to == st.to));
     if let Some(st) = &running {
         tracing::info!(%migration, state = %st.state, "attached to the migration the VMM runs");
     } else {
-        tracing::info!(%migration, to = %m.peer_address, "migrating");
-        if let Err(e) = client
-            .migrate(&m.peer_address, m.max_downtime_ms, &gate_path)
-            .await
+        // Over TLS: the VMM sends to this node's tunnel on loopback, which
+        // carries the stream to the target node's.
+        let to = match tunnel_peer(ctx, m) {
+            None => Ok(m.peer_address.clone()),
+            Some(peer) => {
+                let loopback = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+                match free_port(loopback) {
+                    Ok(port) => {
+                        let listen = SocketAddr::new(loopback, port).to_string();
+                        let tunnel = Tunnel {
+                            mode: crate::tunnel::Mode::Connect,
+                            listen: &listen,
+                            forward: &m.peer_address,
+                            peer: &peer,
+                            vmm_pid: vm.record.pid,
+                            arrival: None,
+                        };
+                        tunnel.spawn(ctx, &vm.layout).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        let to = match to {
+            Ok(to) => to,
+            Err(why) => {
+                let _ = std::fs::remove_file(&gate_path);
+                report_end(true, false, why, None).await;
+                return Sent::Stayed;
+            }
+        };
+        let record = Outgoing {
+            migration: migration.clone(),
+            to: to.clone(),
+        };
+        if let Err(e) = serde_json::to_vec(&record)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(outgoing_path(&vm.layout), b))
         {
+            tracing::warn!(%migration, error = %e, "cannot record the outgoing migration (an agent restart would not attach to it)");
+        }
+        tracing::info!(%migration, to = %m.peer_address, via = %to, "migrating");
+        if let Err(e) = client.migrate(&to, m.max_downtime_ms, &gate_path).await {
             let _ = std::fs::remove_file(&gate_path);
             report_end(true, false, error_chain(&e), None).await;
             return Sent::Stayed;

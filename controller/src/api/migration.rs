@@ -35,10 +35,18 @@ pub fn active_migration<'a>(s: &'a State, instance: &str) -> Option<&'a Migratio
 /// What `node` is told about `instance`'s migration, if it takes part.
 pub fn assignment_of(s: &State, node: &str, instance: &str) -> Option<pb::MigrationAssignment> {
     let m = active_migration(s, instance)?;
-    let (role, peer) = if m.source == node {
-        (pb::MigrationRole::MigrationSource, m.target_address.clone())
+    let (role, peer, peer_node) = if m.source == node {
+        (
+            pb::MigrationRole::MigrationSource,
+            m.target_address.clone(),
+            m.target.clone(),
+        )
     } else if m.target == node {
-        (pb::MigrationRole::MigrationTarget, String::new())
+        (
+            pb::MigrationRole::MigrationTarget,
+            String::new(),
+            m.source.clone(),
+        )
     } else {
         return None;
     };
@@ -49,6 +57,7 @@ pub fn assignment_of(s: &State, node: &str, instance: &str) -> Option<pb::Migrat
         max_downtime_ms: m.max_downtime_ms,
         decided: m.state.is_switching(),
         in_doubt: m.state == MigrationState::InDoubt,
+        peer_node,
     })
 }
 
