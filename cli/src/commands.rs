@@ -113,8 +113,19 @@ struct Wait {
     #[arg(long)]
     wait: bool,
     /// Give up waiting after this many seconds (exit code 3).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, visible_alias = "wait-timeout", default_value_t = 300)]
     timeout: u64,
+}
+
+/// `--wait` for `instance stop`, whose `--timeout` is the guest's.
+#[derive(Debug, Args)]
+struct StopWait {
+    /// Wait until the instance is stopped.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds (exit code 3).
+    #[arg(long, default_value_t = 300)]
+    wait_timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -287,13 +298,19 @@ enum InstanceCmd {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Stop (the guest is asked to power off, forced after the node's timeout).
+    /// Stop: the guest is asked to power off and forced off after the
+    /// timeout.
     Stop {
         id: String,
+        /// Seconds the guest may take to power off before its VM is forced
+        /// off (default: the controllers', 30 s unless configured); 0
+        /// forces it off at once.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         request: RequestId,
         #[command(flatten)]
-        wait: Wait,
+        wait: StopWait,
     },
     /// Reboot a running instance (its node boots it again).
     Reboot {
@@ -1222,7 +1239,8 @@ async fn finish(c: &Ctx, operations: Vec<ops::Operation>, wait: &Wait) -> Result
 #[derive(Debug, Clone, Copy)]
 enum Action {
     Start,
-    Stop,
+    /// With the graceful timeout in seconds, if given.
+    Stop(Option<u64>),
     Reboot,
     Delete,
 }
@@ -1239,10 +1257,13 @@ async fn act(
             ic.start_instance(compute::StartInstanceRequest { name, request_id })
                 .await
         }
-        Action::Stop => {
+        Action::Stop(timeout) => {
             ic.stop_instance(compute::StopInstanceRequest {
                 name,
-                timeout: None,
+                timeout: timeout.map(|s| prost_types::Duration {
+                    seconds: i64::try_from(s).unwrap_or(i64::MAX),
+                    nanos: 0,
+                }),
                 request_id,
             })
             .await
@@ -1391,8 +1412,17 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
         InstanceCmd::Start { id, request, wait } => {
             lifecycle(c, Action::Start, &id, &request, &wait).await
         }
-        InstanceCmd::Stop { id, request, wait } => {
-            lifecycle(c, Action::Stop, &id, &request, &wait).await
+        InstanceCmd::Stop {
+            id,
+            timeout,
+            request,
+            wait,
+        } => {
+            let wait = Wait {
+                wait: wait.wait,
+                timeout: wait.wait_timeout,
+            };
+            lifecycle(c, Action::Stop(timeout), &id, &request, &wait).await
         }
         InstanceCmd::Reboot { id, request, wait } => {
             lifecycle(c, Action::Reboot, &id, &request, &wait).await
@@ -1827,6 +1857,42 @@ mod tests {
     #[test]
     fn the_grammar_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn stop_takes_the_guests_timeout_and_its_own_wait_timeout() {
+        let cli = Cli::try_parse_from([
+            "neph",
+            "instance",
+            "stop",
+            "web-1",
+            "--timeout",
+            "7",
+            "--wait",
+            "--wait-timeout",
+            "60",
+        ])
+        .unwrap();
+        let Cmd::Instance(InstanceCmd::Stop { timeout, wait, .. }) = cli.command else {
+            panic!("not a stop: {:?}", cli.command);
+        };
+        assert_eq!(timeout, Some(7));
+        assert!(wait.wait);
+        assert_eq!(wait.wait_timeout, 60);
+        let cli = Cli::try_parse_from(["neph", "instance", "stop", "web-1"]).unwrap();
+        let Cmd::Instance(InstanceCmd::Stop { timeout, wait, .. }) = cli.command else {
+            panic!("not a stop");
+        };
+        assert_eq!(timeout, None);
+        assert_eq!(wait.wait_timeout, 300);
+        // Everywhere else `--timeout` is the wait's, `--wait-timeout` too.
+        let cli =
+            Cli::try_parse_from(["neph", "instance", "start", "web-1", "--wait-timeout", "9"])
+                .unwrap();
+        let Cmd::Instance(InstanceCmd::Start { wait, .. }) = cli.command else {
+            panic!("not a start");
+        };
+        assert_eq!(wait.timeout, 9);
     }
 
     #[test]

@@ -392,51 +392,9 @@ fn vmm_status(dir: &Path) -> Option<serde_json::Value> {
         .map(|v| v["status"].clone())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_runs_instances_survives_restarts_and_fences() -> anyhow::Result<()> {
-    if skip_without_kvm() {
-        return Ok(());
-    }
-    if !guest_image().is_file() {
-        eprintln!(
-            "skipped: the test guest {} is missing; build it with `cargo xtask guest` or set NEPH_GUEST_IMAGE",
-            guest_image().display()
-        );
-        return Ok(());
-    }
-    let mut cluster = Cluster::start()?;
-    let result = scenario(&mut cluster).await;
-    if result.is_err() {
-        eprintln!("{}", cluster.agent_logs());
-    }
-    result
-}
-
-async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
-    let token = cluster.token()?;
-    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
-    let (mut agent, address) = cluster.agent()?;
-
-    // Registered, UP, with the capacity and labels of its flags.
-    let mut nodes = api.nodes.clone();
-    let n = eventually(WAIT, "node-1 to register", || {
-        let mut nodes = nodes.clone();
-        async move {
-            nodes
-                .get_node(infra::GetNodeRequest {
-                    name: "nodes/node-1".into(),
-                })
-                .await
-                .ok()
-                .map(|r| r.into_inner())
-        }
-    })
-    .await?;
-    assert_eq!(n.address, address);
-    assert_eq!(n.capacity.map(|c| c.vcpus), Some(4));
-    assert_eq!(n.labels.get("zone").map(String::as_str), Some("test"));
-
-    // A flavor, an image in the agent's image directory, a project.
+/// A flavor `small` (1 vCPU, 256 MiB, 1 GiB), the image `guest` (in the
+/// agent's image directory) and the project `p1`.
+async fn catalog(api: &Api) -> anyhow::Result<()> {
     api.flavors
         .clone()
         .create_flavor(compute::CreateFlavorRequest {
@@ -471,6 +429,95 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
             request_id: String::new(),
         })
         .await?;
+    Ok(())
+}
+
+/// Whether VMs cannot run here (no KVM, no test guest); says why.
+fn skip_without_vms() -> bool {
+    if skip_without_kvm() {
+        return true;
+    }
+    if !guest_image().is_file() {
+        eprintln!(
+            "skipped: the test guest {} is missing; build it with `cargo xtask guest` or set NEPH_GUEST_IMAGE",
+            guest_image().display()
+        );
+        return true;
+    }
+    false
+}
+
+/// Creates `projects/p1/instances/{id}` of flavor `flavor`.
+async fn create(api: &Api, id: &str, flavor: &str) -> anyhow::Result<()> {
+    api.instances
+        .clone()
+        .create_instance(compute::CreateInstanceRequest {
+            parent: "projects/p1".into(),
+            instance_id: id.into(),
+            instance: Some(compute::Instance {
+                flavor: format!("flavors/{flavor}"),
+                image: "images/guest".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+async fn stop(api: &Api, name: &str, timeout_s: i64) -> anyhow::Result<()> {
+    api.instances
+        .clone()
+        .stop_instance(compute::StopInstanceRequest {
+            name: name.into(),
+            timeout: Some(prost_types::Duration {
+                seconds: timeout_s,
+                nanos: 0,
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_instances_survives_restarts_and_fences() -> anyhow::Result<()> {
+    if skip_without_vms() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::start()?;
+    let result = scenario(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let (mut agent, address) = cluster.agent()?;
+
+    // Registered, UP, with the capacity and labels of its flags.
+    let mut nodes = api.nodes.clone();
+    let n = eventually(WAIT, "node-1 to register", || {
+        let mut nodes = nodes.clone();
+        async move {
+            nodes
+                .get_node(infra::GetNodeRequest {
+                    name: "nodes/node-1".into(),
+                })
+                .await
+                .ok()
+                .map(|r| r.into_inner())
+        }
+    })
+    .await?;
+    assert_eq!(n.address, address);
+    assert_eq!(n.capacity.map(|c| c.vcpus), Some(4));
+    assert_eq!(n.labels.get("zone").map(String::as_str), Some("test"));
+
+    catalog(&api).await?;
 
     // Create: RUNNING, the guest is up, its console answers.
     let name = "projects/p1/instances/vm-1";
@@ -676,5 +723,103 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert!(n.instances.is_empty(), "{:?}", n.instances);
+    Ok(())
+}
+
+/// A guest that ignores the power button: the stop asks it (it says so on
+/// its console), waits the stop's timeout, then the VM is forced off;
+/// with a timeout of 0 the guest is not asked at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_ignoring_the_power_button_is_forced_off_after_the_timeout() -> anyhow::Result<()> {
+    if skip_without_vms() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::start()?;
+    let result = forced_stop(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn forced_stop(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let (_agent, address) = cluster.agent()?;
+    catalog(&api).await?;
+    let name = "projects/p1/instances/vm-1";
+    create(&api, "vm-1", "small").await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    eventually(WAIT, "the ready marker in the console log", || async {
+        console_log(&address, name)
+            .await
+            .ok()
+            .filter(|l| l.contains(READY_MARKER))
+    })
+    .await?;
+    let pid = cluster.vm_pid().context("no state record")?;
+    let _guard = KillPid(pid);
+    console_round_trip(
+        &address,
+        name,
+        "powerbutton ignore",
+        "POWERBUTTON OK mode=ignore",
+    )
+    .await?;
+
+    let asked = Instant::now();
+    stop(&api, name, 2).await?;
+    wait_state(&api, name, compute::InstanceState::Stopped).await?;
+    eventually(WAIT, "the VM process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "the VM was off {took:?} after the stop, before its 2 s timeout"
+    );
+    let log = console_log(&address, name).await?;
+    assert!(
+        log.contains("NEPH-GUEST SHUTDOWN ignored"),
+        "the guest was never asked to power off: {log}"
+    );
+    assert!(
+        !log.contains("SHUTDOWN requested by the host"),
+        "the guest obeyed: {log}"
+    );
+    let vmm_log = std::fs::read_to_string(cluster.instance_dir().join("vmm.log"))?;
+    assert!(
+        vmm_log.contains("did not power off within the shutdown timeout"),
+        "the VMM did not force it off: {vmm_log}"
+    );
+
+    // Started again (the guest obeys the power button after a boot) and
+    // stopped with a timeout of 0: forced off without being asked.
+    api.instances
+        .clone()
+        .start_instance(compute::StartInstanceRequest {
+            name: name.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    let pid = cluster
+        .vm_pid()
+        .context("no state record after the start")?;
+    let _guard2 = KillPid(pid);
+    console_round_trip(&address, name, "echo booted-again", "ECHO booted-again").await?;
+    stop(&api, name, 0).await?;
+    wait_state(&api, name, compute::InstanceState::Stopped).await?;
+    eventually(WAIT, "the VM process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    let log = console_log(&address, name).await?;
+    assert_eq!(
+        log.matches("NEPH-GUEST SHUTDOWN").count(),
+        1,
+        "a stop with timeout 0 asked the guest: {log}"
+    );
     Ok(())
 }

@@ -112,6 +112,27 @@ fn precheck_create(
     }
 }
 
+/// A stop request's graceful timeout in ms (`None`: the controllers'
+/// default); zero forces the VM off at once.
+fn stop_timeout_ms(timeout: Option<&prost_types::Duration>) -> Result<Option<u64>, ApiError> {
+    let Some(d) = timeout else {
+        return Ok(None);
+    };
+    let max = nephele_state::MAX_STOP_TIMEOUT_MS;
+    let ms = u64::try_from(d.seconds)
+        .ok()
+        .zip(u64::try_from(d.nanos).ok())
+        .and_then(|(s, n)| s.checked_mul(1000)?.checked_add(n / 1_000_000))
+        .filter(|ms| *ms <= max)
+        .ok_or_else(|| {
+            ApiError::InvalidArgument(format!(
+                "timeout must be 0 to {} s (0 forces the VM off at once)",
+                max / 1000
+            ))
+        })?;
+    Ok(Some(ms))
+}
+
 /// The parts of a create request every instance shares, checked.
 fn create_spec(parent: &str, instance: Option<pb::Instance>) -> Result<InstanceSpec, ApiError> {
     names::parse(parent, names::PROJECT)?;
@@ -249,12 +270,14 @@ impl<S: StateStore> Api<S> {
         self.authorize(call, rpc, project_target(name)).await
     }
 
+    /// Starts `verb` on the instance `name` (to state `to`); a stop may
+    /// carry its graceful timeout.
     async fn action(
         &self,
         actor: &Caller,
         name: String,
-        to: InstanceState,
-        verb: &str,
+        (to, verb): (InstanceState, &str),
+        stop_timeout_ms: Option<u64>,
         rid: Option<String>,
     ) -> Result<ops_pb::Operation, ApiError> {
         let operation_id = derived_id("op", rid.as_deref(), &format!("{verb}/{name}"))?;
@@ -263,6 +286,7 @@ impl<S: StateStore> Api<S> {
             state: to,
             verb: verb.to_owned(),
             operation_id,
+            stop_timeout_ms,
         };
         operation_of(self.propose_as(actor, rid, command).await?)
     }
@@ -396,7 +420,7 @@ impl<S: StateStore> Instances for Api<S> {
             .await?;
         let rid = request_id(&req.get_ref().request_id);
         Ok(Reply::new(
-            self.action(&actor, name, InstanceState::Starting, "start", rid)
+            self.action(&actor, name, (InstanceState::Starting, "start"), None, rid)
                 .await?,
         ))
     }
@@ -410,9 +434,16 @@ impl<S: StateStore> Instances for Api<S> {
             .instance_call(&req, &format!("{INSTANCES}StopInstance"), &name)
             .await?;
         let rid = request_id(&req.get_ref().request_id);
+        let timeout = stop_timeout_ms(req.get_ref().timeout.as_ref())?;
         Ok(Reply::new(
-            self.action(&actor, name, InstanceState::Stopping, "stop", rid)
-                .await?,
+            self.action(
+                &actor,
+                name,
+                (InstanceState::Stopping, "stop"),
+                timeout,
+                rid,
+            )
+            .await?,
         ))
     }
 
@@ -426,7 +457,7 @@ impl<S: StateStore> Instances for Api<S> {
             .await?;
         let rid = request_id(&req.get_ref().request_id);
         Ok(Reply::new(
-            self.action(&actor, name, InstanceState::Starting, "reboot", rid)
+            self.action(&actor, name, (InstanceState::Starting, "reboot"), None, rid)
                 .await?,
         ))
     }

@@ -27,6 +27,9 @@ pub const MAX_KV_VALUE_LEN: usize = 1 << 20;
 pub const MAX_TEXT_LEN: usize = 4096;
 /// Most instances one [`Command::CreateInstances`] makes.
 pub const MAX_BATCH_CREATE: usize = 100;
+/// Longest graceful stop a [`Command::BeginInstanceAction`] may ask for
+/// (one hour), ms.
+pub const MAX_STOP_TIMEOUT_MS: u64 = 3600 * 1000;
 
 /// Why a command was refused. A refused command leaves the state unchanged
 /// except for the applied counter and the clock.
@@ -559,6 +562,7 @@ fn create_instances(
             update_time: now,
             ha: spec.ha,
             boot_count: 1,
+            stop_timeout_ms: None,
         };
         state.instances.insert(name.clone(), instance.clone());
         let detail = if spec.ha { "ha" } else { "" };
@@ -1514,11 +1518,27 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             state: to,
             verb,
             operation_id,
+            stop_timeout_ms,
         } => {
             if !matches!(verb.as_str(), "start" | "stop" | "reboot") {
                 return Err(ApplyError::InvalidArgument(format!(
                     "an instance action is start, stop or reboot, not {verb:?}"
                 )));
+            }
+            match stop_timeout_ms {
+                Some(_) if verb != "stop" => {
+                    return Err(ApplyError::InvalidArgument(format!(
+                        "only a stop takes a timeout, not a {verb}"
+                    )));
+                }
+                Some(ms) if *ms > MAX_STOP_TIMEOUT_MS => {
+                    return Err(ApplyError::InvalidArgument(format!(
+                        "a stop timeout is at most {} s, not {} ms",
+                        MAX_STOP_TIMEOUT_MS / 1000,
+                        ms
+                    )));
+                }
+                _ => {}
             }
             names::validate_id(operation_id)?;
             let op_name = format!("operations/{operation_id}");
@@ -1544,6 +1564,8 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 .instances
                 .get_mut(instance)
                 .ok_or_else(|| not_found(instance))?;
+            // A start or reboot forgets the last stop's timeout.
+            i.stop_timeout_ms = *stop_timeout_ms;
             if verb != "stop" {
                 i.boot_count += 1;
             }
@@ -1971,6 +1993,7 @@ mod tests {
             state: to,
             verb: verb.into(),
             operation_id: op.into(),
+            stop_timeout_ms: None,
         };
         let Response::Instance { instance, .. } =
             run(&mut s, action("reboot", InstanceState::Starting, "r1")).unwrap()
@@ -1994,6 +2017,67 @@ mod tests {
         set(&mut s, &web, InstanceState::Error).unwrap();
         run(&mut s, action("start", InstanceState::Starting, "s4")).unwrap();
         assert_eq!(s.instances[&web].boot_count, 4);
+    }
+
+    #[test]
+    fn a_stop_keeps_its_timeout_on_the_instance() {
+        let mut s = setup();
+        let web = running(&mut s, "web", false, "nodes/n1");
+        let action = |verb: &str, to: InstanceState, op: &str, ms: Option<u64>| {
+            Command::BeginInstanceAction {
+                instance: web.clone(),
+                state: to,
+                verb: verb.into(),
+                operation_id: op.into(),
+                stop_timeout_ms: ms,
+            }
+        };
+        // Only a stop takes a timeout, and at most an hour of it; a refused
+        // action changes nothing.
+        assert!(matches!(
+            run(
+                &mut s,
+                action("reboot", InstanceState::Starting, "r1", Some(5))
+            ),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            run(
+                &mut s,
+                action(
+                    "stop",
+                    InstanceState::Stopping,
+                    "s0",
+                    Some(MAX_STOP_TIMEOUT_MS + 1)
+                )
+            ),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        assert_eq!(s.instances[&web].state, InstanceState::Running);
+        assert!(!s.operations.contains_key("operations/s0"));
+        run(
+            &mut s,
+            action("stop", InstanceState::Stopping, "s1", Some(2500)),
+        )
+        .unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, Some(2500));
+        set(&mut s, &web, InstanceState::Stopped).unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, Some(2500));
+        // A start forgets it; a stop without one asks for the default.
+        run(&mut s, action("start", InstanceState::Starting, "s2", None)).unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, None);
+        set(&mut s, &web, InstanceState::Running).unwrap();
+        run(
+            &mut s,
+            action("stop", InstanceState::Stopping, "s3", Some(0)),
+        )
+        .unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, Some(0));
+        set(&mut s, &web, InstanceState::Stopped).unwrap();
+        run(&mut s, action("start", InstanceState::Starting, "s4", None)).unwrap();
+        set(&mut s, &web, InstanceState::Running).unwrap();
+        run(&mut s, action("stop", InstanceState::Stopping, "s5", None)).unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, None);
     }
 
     #[test]
@@ -2306,6 +2390,7 @@ mod tests {
             state: to,
             verb: verb.into(),
             operation_id: op.into(),
+            stop_timeout_ms: None,
         };
         // A refused transition creates no operation.
         assert!(matches!(

@@ -15,10 +15,10 @@ pub const FORMAT_V1: u8 = 1;
 /// Format byte of the current envelope encoding (with its origin).
 pub const FORMAT_V2: u8 = 2;
 /// Leading bytes of a snapshot: magic and format version. Version 2 added
-/// the audit trail, version 3 the node join tokens; an older snapshot is
-/// refused with [`DecodeError::UnknownFormat`] (pre-release: no conversion
-/// is kept).
-pub const SNAPSHOT_MAGIC: &[u8; 4] = b"NSS\x03";
+/// the audit trail, version 3 the node join tokens, version 4 the
+/// instances' stop timeouts; an older snapshot is refused with
+/// [`DecodeError::UnknownFormat`] (pre-release: no conversion is kept).
+pub const SNAPSHOT_MAGIC: &[u8; 4] = b"NSS\x04";
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Error)]

@@ -329,6 +329,11 @@ pub enum Command {
         verb: String,
         /// Id of the operation to create.
         operation_id: String,
+        /// For `stop`: how long the guest may take to power off before its
+        /// node forces the VM off, ms, at most [`crate::MAX_STOP_TIMEOUT_MS`]
+        /// (kept on the instance; `None`: the controllers' default). Refused
+        /// with the other verbs.
+        stop_timeout_ms: Option<u64>,
     },
     /// Changes the flavor of a `STOPPED` instance. The project quota is
     /// checked when the instance grows; the node allocation follows (node

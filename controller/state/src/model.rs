@@ -293,6 +293,9 @@ pub struct Instance {
     /// Bumped by every start and reboot; agents boot the VM again when
     /// theirs was booted for a smaller count.
     pub boot_count: u64,
+    /// How long the newest stop lets the guest power off by itself before
+    /// its node forces the VM off, ms; `None`: the controllers' default.
+    pub stop_timeout_ms: Option<u64>,
 }
 
 /// Placement policy of a server group.

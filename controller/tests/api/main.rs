@@ -9,12 +9,15 @@
 //! - `console.rs`: the console relay through an in-test `Agent` double.
 //! - `audit.rs`: the audit trail, token revocation, the refusal budget.
 //! - `join.rs`: node join tokens and the Join RPC signing node CSRs.
+//! - `instances.rs`: stop timeouts, resizes against node capacity, image
+//!   formats, list filters.
 
 mod audit;
 #[path = "../common/mod.rs"]
 mod common;
 mod console;
 mod ha;
+mod instances;
 mod join;
 mod migration;
 mod support;

@@ -271,6 +271,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         state: InstanceState::Stopping,
         verb: "stop".into(),
         operation_id: "op-stop".into(),
+        stop_timeout_ms: Some(5000),
     })));
     out.push(one(system(Command::RestartInstanceElsewhere {
         instance: "projects/a/instances/web-1".into(),

@@ -1,0 +1,107 @@
+//! Instance calls beyond the basic lifecycle: stop timeouts carried to the
+//! node.
+
+use std::time::Duration;
+
+use nephele_proto::compute::v1 as compute;
+use nephele_proto::node::v1 as node;
+use tonic::Code;
+
+use super::support::*;
+
+/// The assignment of `instance` on `n`.
+async fn assignment_of(n: &mut FakeNode, instance: &str) -> anyhow::Result<node::Assignment> {
+    let set = n
+        .agent
+        .get_assignments(node::WatchAssignmentsRequest {
+            node: n.name.clone(),
+        })
+        .await?
+        .into_inner();
+    set.assignments
+        .into_iter()
+        .find(|a| a.instance.as_ref().is_some_and(|i| i.name == instance))
+        .ok_or_else(|| anyhow::anyhow!("{instance} is not assigned to {}", n.name))
+}
+
+fn stop(name: &str, timeout: Option<(i64, i32)>) -> compute::StopInstanceRequest {
+    compute::StopInstanceRequest {
+        name: name.into(),
+        timeout: timeout.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+        request_id: String::new(),
+    }
+}
+
+/// Creates `id` in p1 and has `n` run it.
+async fn running(c: &mut Clients, n: &mut FakeNode, id: &str, flavor: &str) -> anyhow::Result<()> {
+    create(c, id, instance_template(flavor, "")).await?;
+    let name = format!("projects/p1/instances/{id}");
+    wait_state(c, &name, compute::InstanceState::Scheduled).await?;
+    n.converge().await?;
+    wait_state(c, &name, compute::InstanceState::Running).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_carries_its_timeout_to_the_node() -> anyhow::Result<()> {
+    let mut options = test_options();
+    options.api.default_stop_timeout = Duration::from_secs(7);
+    let mut env = start_with(options).await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let mut n1 = FakeNode::register(&env.admin, "n1", 4, 4096).await?;
+    let _alive = n1.keep_alive();
+    let web = "projects/p1/instances/web-1";
+    running(&mut alice, &mut n1, "web-1", "small").await?;
+
+    // Timeouts that can never be: refused, and the instance runs on.
+    for bad in [(-1, 0), (3601, 0), (1, -5)] {
+        assert_err(
+            alice.instances.stop_instance(stop(web, Some(bad))).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        );
+    }
+    let a = assignment_of(&mut n1, web).await?;
+    assert_eq!(a.desired, node::DesiredState::DesiredRunning as i32);
+
+    // The stop's own timeout is what the node is told.
+    alice
+        .instances
+        .stop_instance(stop(web, Some((2, 500_000_000))))
+        .await?;
+    let a = assignment_of(&mut n1, web).await?;
+    assert_eq!(a.desired, node::DesiredState::DesiredStopped as i32);
+    assert_eq!(
+        a.stop_timeout,
+        Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 500_000_000
+        })
+    );
+    n1.converge().await?;
+    wait_state(&mut alice, web, compute::InstanceState::Stopped).await?;
+
+    // Started again and stopped without one: the configured default.
+    alice
+        .instances
+        .start_instance(compute::StartInstanceRequest {
+            name: web.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    n1.converge().await?;
+    wait_state(&mut alice, web, compute::InstanceState::Running).await?;
+    alice.instances.stop_instance(stop(web, None)).await?;
+    let a = assignment_of(&mut n1, web).await?;
+    assert_eq!(a.desired, node::DesiredState::DesiredStopped as i32);
+    assert_eq!(
+        a.stop_timeout,
+        Some(prost_types::Duration {
+            seconds: 7,
+            nanos: 0
+        })
+    );
+    env.member.stop().await?;
+    Ok(())
+}
