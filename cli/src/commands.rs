@@ -144,11 +144,12 @@ enum ProjectCmd {
     Get { id: String },
     /// List the projects you have a role in.
     List(Paging),
-    /// Change a project's quota (admins).
+    /// Change the limits given of a project's quota; the others stay
+    /// (admins).
     SetQuota {
         id: String,
         #[command(flatten)]
-        quota: QuotaArgs,
+        quota: QuotaChange,
     },
     /// Delete an empty project (admins).
     Delete { id: String },
@@ -168,6 +169,53 @@ struct QuotaArgs {
     /// Most disk, GiB.
     #[arg(long, default_value_t = 1000)]
     disk_gib: u64,
+}
+
+/// The limits `project set-quota` changes: only those given.
+#[derive(Debug, Args)]
+struct QuotaChange {
+    /// Most instances.
+    #[arg(long)]
+    instances: Option<u64>,
+    /// Most vCPUs.
+    #[arg(long)]
+    vcpus: Option<u64>,
+    /// Most memory, MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Most disk, GiB.
+    #[arg(long)]
+    disk_gib: Option<u64>,
+}
+
+impl QuotaChange {
+    /// The quota message and the update mask naming the limits given.
+    fn request(&self) -> Result<(iam::Quota, Vec<String>), CliError> {
+        let given = [
+            ("quota.instances", self.instances),
+            ("quota.vcpus", self.vcpus),
+            ("quota.memory_mib", self.memory_mib),
+            ("quota.disk_gib", self.disk_gib),
+        ];
+        let paths: Vec<String> = given
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(p, _)| (*p).to_owned())
+            .collect();
+        if paths.is_empty() {
+            return Err(CliError::Usage(
+                "give at least one limit to change: --instances, --vcpus, --memory-mib, --disk-gib"
+                    .into(),
+            ));
+        }
+        let quota = iam::Quota {
+            instances: self.instances.unwrap_or_default(),
+            vcpus: self.vcpus.unwrap_or_default(),
+            memory_mib: self.memory_mib.unwrap_or_default(),
+            disk_gib: self.disk_gib.unwrap_or_default(),
+        };
+        Ok((quota, paths))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -845,16 +893,15 @@ async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
             c.rows(&all, records::project, "projects");
         }
         ProjectCmd::SetQuota { id, quota: q } => {
+            let (quota, paths) = q.request()?;
             c.show(
                 iam_c.update_project(iam::UpdateProjectRequest {
                     project: Some(iam::Project {
                         name: global_name("projects", &id),
-                        quota: Some(quota(&q)),
+                        quota: Some(quota),
                         ..Default::default()
                     }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["quota".into()],
-                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
                 }),
                 records::project,
             )

@@ -492,6 +492,50 @@ fn formats_exit_codes_and_errors() {
     assert_eq!(nodes[0]["name"], "n1");
 }
 
+#[test]
+fn set_quota_changes_only_the_limits_given() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    neph.expect(
+        &[
+            "project",
+            "create",
+            "p1",
+            "--instances",
+            "5",
+            "--vcpus",
+            "7",
+            "--memory-mib",
+            "2048",
+            "--disk-gib",
+            "30",
+        ],
+        0,
+    );
+    let limits = |p: &serde_json::Value| {
+        ["instances", "vcpus", "memory_mib", "disk_gib"]
+            .map(|k| p[k].as_str().unwrap_or_default().to_owned())
+    };
+    let p = neph.json(&["project", "set-quota", "p1", "--instances", "50"]);
+    assert_eq!(limits(&p), ["0/50", "0/7", "0/2048", "0/30"], "{p}");
+    let p = neph.json(&[
+        "project",
+        "set-quota",
+        "p1",
+        "--vcpus",
+        "9",
+        "--disk-gib",
+        "40",
+    ]);
+    assert_eq!(limits(&p), ["0/50", "0/9", "0/2048", "0/40"], "{p}");
+    let p = neph.json(&["project", "get", "p1"]);
+    assert_eq!(limits(&p), ["0/50", "0/9", "0/2048", "0/40"], "{p}");
+    // Nothing to change is a usage error, before any call.
+    let (_, err) = neph.expect(&["project", "set-quota", "p1"], 2);
+    assert!(err.contains("--instances"), "{err}");
+}
+
 /// A controller that can never serve anything: its only peer does not
 /// exist, so it never has a quorum (every call ends UNAVAILABLE).
 /// Its certificate comes from the CA of the controller whose data

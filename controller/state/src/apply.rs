@@ -608,14 +608,18 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 .projects
                 .get_mut(project)
                 .ok_or_else(|| not_found(project))?;
-            p.quota = *quota;
+            p.quota = quota.applied_to(p.quota);
+            let q = p.quota;
             let p = p.clone();
             event(
                 state,
                 actor,
                 project,
                 "project.quota_changed",
-                String::new(),
+                format!(
+                    "instances {}, vcpus {}, memory {} MiB, disk {} GiB",
+                    q.instances, q.resources.vcpus, q.resources.memory_mib, q.resources.disk_gib
+                ),
             );
             Ok(Response::Project(p))
         }
@@ -1969,7 +1973,8 @@ mod tests {
                         memory_mib: 100_000,
                         disk_gib: 1000,
                     },
-                },
+                }
+                .into(),
             },
         )
         .unwrap();
@@ -2493,6 +2498,48 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "quota of projects/p1 exceeded: at most 2 instances"
+        );
+        // Raising one limit keeps the others.
+        let before = s.projects["projects/p1"].quota;
+        run(
+            &mut s,
+            Command::SetProjectQuota {
+                project: "projects/p1".into(),
+                quota: crate::QuotaUpdate {
+                    instances: Some(50),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        let after = s.projects["projects/p1"].quota;
+        assert_eq!(after.instances, 50);
+        assert_eq!(after.resources, before.resources);
+        // ...so the kept vCPU limit (4; two instances of 2 use it) still
+        // refuses a third.
+        let err = create(&mut s, "c").unwrap_err();
+        assert!(err.to_string().contains("vcpus: 6"), "{err}");
+        run(
+            &mut s,
+            Command::SetProjectQuota {
+                project: "projects/p1".into(),
+                quota: crate::QuotaUpdate {
+                    memory_mib: Some(512),
+                    disk_gib: Some(7),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        let q = s.projects["projects/p1"].quota;
+        assert_eq!(
+            (
+                q.instances,
+                q.resources.vcpus,
+                q.resources.memory_mib,
+                q.resources.disk_gib
+            ),
+            (50, before.resources.vcpus, 512, 7)
         );
     }
 

@@ -72,13 +72,14 @@ pub enum Command {
         /// Limits; the default quota when `None`.
         quota: Option<Quota>,
     },
-    /// Replaces a project's quota (it may be set below current usage; new
+    /// Changes the limits `quota` names of a project's quota and keeps the
+    /// others, in one step (a limit may be set below current usage; new
     /// instances are then refused until usage drops).
     SetProjectQuota {
         /// `projects/{project}`.
         project: String,
-        /// The new limits.
-        quota: Quota,
+        /// The limits to change.
+        quota: QuotaUpdate,
     },
     /// Deletes an empty project.
     DeleteProject {
@@ -493,6 +494,45 @@ impl Command {
             C::CreateJoinToken { token_id, .. } | C::RedeemJoinToken { token_id, .. } => {
                 format!("joinTokens/{token_id}")
             }
+        }
+    }
+}
+
+/// Some limits of a quota (`None`: keep the current one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUpdate {
+    /// Most instances.
+    pub instances: Option<u64>,
+    /// Most vCPUs.
+    pub vcpus: Option<u64>,
+    /// Most memory, MiB.
+    pub memory_mib: Option<u64>,
+    /// Most disk, GiB.
+    pub disk_gib: Option<u64>,
+}
+
+impl QuotaUpdate {
+    /// `quota` with the named limits changed.
+    pub fn applied_to(self, quota: Quota) -> Quota {
+        Quota {
+            instances: self.instances.unwrap_or(quota.instances),
+            resources: Resources {
+                vcpus: self.vcpus.unwrap_or(quota.resources.vcpus),
+                memory_mib: self.memory_mib.unwrap_or(quota.resources.memory_mib),
+                disk_gib: self.disk_gib.unwrap_or(quota.resources.disk_gib),
+            },
+        }
+    }
+}
+
+impl From<Quota> for QuotaUpdate {
+    /// Every limit, replaced.
+    fn from(q: Quota) -> Self {
+        QuotaUpdate {
+            instances: Some(q.instances),
+            vcpus: Some(q.resources.vcpus),
+            memory_mib: Some(q.resources.memory_mib),
+            disk_gib: Some(q.resources.disk_gib),
         }
     }
 }

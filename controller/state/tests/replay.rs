@@ -73,6 +73,14 @@ fn command() -> impl Strategy<Value = Command> {
                     memory_mib: 4096,
                     disk_gib: 100,
                 },
+            }
+            .into(),
+        }),
+        (project(), 0u64..8).prop_map(|(project, vcpus)| Command::SetProjectQuota {
+            project,
+            quota: nephele_state::QuotaUpdate {
+                vcpus: Some(vcpus),
+                ..Default::default()
             },
         }),
         project().prop_map(|project| Command::DeleteProject { project }),

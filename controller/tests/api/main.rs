@@ -543,3 +543,87 @@ async fn anti_affinity_spreads_and_health_answers() -> anyhow::Result<()> {
     env.member.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_project_changes_the_limits_its_mask_names() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    populate(&mut env.admin).await?;
+    let update = |paths: &[&str], quota: iam::Quota| iam::UpdateProjectRequest {
+        project: Some(iam::Project {
+            name: "projects/p1".into(),
+            quota: Some(quota),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        }),
+    };
+    // populate: 3 instances, 8 vCPUs, 1 TiB of memory, 100 GiB of disk.
+    let p = env
+        .admin
+        .iam
+        .update_project(update(
+            &["quota.instances"],
+            iam::Quota {
+                instances: 50,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        p.quota,
+        Some(iam::Quota {
+            instances: 50,
+            vcpus: 8,
+            memory_mib: 1 << 30,
+            disk_gib: 100,
+        })
+    );
+    let p = env
+        .admin
+        .iam
+        .update_project(update(
+            &["quota.vcpus", "quota.disk_gib"],
+            iam::Quota {
+                instances: 1,
+                vcpus: 12,
+                memory_mib: 1,
+                disk_gib: 40,
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        p.quota,
+        Some(iam::Quota {
+            instances: 50,
+            vcpus: 12,
+            memory_mib: 1 << 30,
+            disk_gib: 40,
+        })
+    );
+    // `quota` replaces every limit.
+    let all = iam::Quota {
+        instances: 4,
+        vcpus: 5,
+        memory_mib: 6,
+        disk_gib: 7,
+    };
+    let p = env
+        .admin
+        .iam
+        .update_project(update(&["quota"], all))
+        .await?
+        .into_inner();
+    assert_eq!(p.quota, Some(all));
+    for paths in [&[][..], &["display_name"], &["quota.cpus"]] {
+        assert_err(
+            env.admin.iam.update_project(update(paths, all)).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        );
+    }
+    env.member.stop().await?;
+    Ok(())
+}
