@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use nephele_integration_tests::guest::{READY_MARKER, guest_image, skip_without_kvm};
+use nephele_integration_tests::guest::{READY_MARKER, field, guest_image, skip_without_kvm};
 use nephele_proto::compute::v1 as compute;
 use nephele_proto::iam::v1 as iam;
 use nephele_proto::infra::v1 as infra;
@@ -339,13 +339,14 @@ async fn console_log(address: &str, name: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&log.data).into_owned())
 }
 
-/// Types `line` into the console through the agent and waits for `expect`.
+/// Types `line` into the console through the agent and waits for the line
+/// holding `expect`; returns what came back up to there.
 async fn console_round_trip(
     address: &str,
     name: &str,
     line: &str,
     expect: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let mut a = agent_client(address).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(compute::ConsoleRequest {
@@ -364,7 +365,9 @@ async fn console_round_trip(
     .await?;
     let mut seen = String::new();
     let deadline = Instant::now() + WAIT;
-    while !seen.contains(expect) {
+    // The whole line `expect` starts, not just its beginning.
+    let whole = |seen: &str| seen.find(expect).is_some_and(|i| seen[i..].contains('\n'));
+    while !whole(&seen) {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, out.message()).await {
             Ok(Ok(Some(m))) => seen.push_str(&String::from_utf8_lossy(&m.output)),
@@ -373,7 +376,14 @@ async fn console_round_trip(
             Err(_) => bail!("no {expect:?} on the console; seen {seen:?}"),
         }
     }
-    Ok(())
+    Ok(seen)
+}
+
+/// The line of `text` that starts with `prefix`.
+fn line_of<'a>(text: &'a str, prefix: &str) -> anyhow::Result<&'a str> {
+    text.lines()
+        .find_map(|l| l.find(prefix).map(|i| l[i..].trim_end()))
+        .with_context(|| format!("no {prefix:?} line in {text:?}"))
 }
 
 /// The VMM's own view through its control socket.
@@ -445,6 +455,22 @@ fn skip_without_vms() -> bool {
         return true;
     }
     false
+}
+
+/// Waits until node-1 is registered and UP.
+async fn node_up(api: &Api) -> anyhow::Result<()> {
+    eventually(WAIT, "node-1 to be UP", || async {
+        api.nodes
+            .clone()
+            .get_node(infra::GetNodeRequest {
+                name: "nodes/node-1".into(),
+            })
+            .await
+            .ok()
+            .filter(|n| n.get_ref().state == infra::NodeState::Up as i32)
+            .map(|_| ())
+    })
+    .await
 }
 
 /// Creates `projects/p1/instances/{id}` of flavor `flavor`.
@@ -746,6 +772,7 @@ async fn forced_stop(cluster: &mut Cluster) -> anyhow::Result<()> {
     let token = cluster.token()?;
     let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
     let (_agent, address) = cluster.agent()?;
+    node_up(&api).await?;
     catalog(&api).await?;
     let name = "projects/p1/instances/vm-1";
     create(&api, "vm-1", "small").await?;
@@ -821,5 +848,101 @@ async fn forced_stop(cluster: &mut Cluster) -> anyhow::Result<()> {
         1,
         "a stop with timeout 0 asked the guest: {log}"
     );
+    Ok(())
+}
+
+/// Resize small -> medium (1 -> 2 vCPUs, 256 -> 1024 MiB, 1 -> 4 GiB of
+/// disk): the next boot has the new size, and its disk grew with the data
+/// written before kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resized_instance_boots_with_its_new_flavor_and_a_grown_disk() -> anyhow::Result<()> {
+    if skip_without_vms() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::start()?;
+    let result = resized(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn resized(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let (_agent, address) = cluster.agent()?;
+    node_up(&api).await?;
+    catalog(&api).await?;
+    api.flavors
+        .clone()
+        .create_flavor(compute::CreateFlavorRequest {
+            flavor_id: "medium".into(),
+            flavor: Some(compute::Flavor {
+                name: String::new(),
+                resources: Some(compute::Resources {
+                    vcpus: 2,
+                    memory_mib: 1024,
+                    disk_gib: 4,
+                }),
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    let name = "projects/p1/instances/vm-1";
+    create(&api, "vm-1", "small").await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    let pid = cluster.vm_pid().context("no state record")?;
+    let _guard = KillPid(pid);
+    let seen = console_round_trip(&address, name, "diskwrite 100 8 42", "DISKWRITE OK").await?;
+    let written = line_of(&seen, "DISKWRITE OK")?.to_owned();
+    let fnv = field(&written, "fnv").context("no fnv")?.to_owned();
+
+    stop(&api, name, 10).await?;
+    wait_state(&api, name, compute::InstanceState::Stopped).await?;
+    eventually(WAIT, "the VM process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    let i = api
+        .instances
+        .clone()
+        .resize_instance(compute::ResizeInstanceRequest {
+            name: name.into(),
+            flavor: "flavors/medium".into(),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(i.flavor, "flavors/medium");
+    api.instances
+        .clone()
+        .start_instance(compute::StartInstanceRequest {
+            name: name.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    let pid = cluster
+        .vm_pid()
+        .context("no state record after the start")?;
+    let _guard2 = KillPid(pid);
+    let disk = std::fs::metadata(cluster.instance_dir().join("disk.raw"))?;
+    assert_eq!(disk.len(), 4 << 30, "the disk grew to medium's 4 GiB");
+
+    let seen = console_round_trip(&address, name, "info", "INFO ").await?;
+    let info = line_of(&seen, "INFO ")?;
+    assert_eq!(field(info, "cpus"), Some("2"), "{info}");
+    assert_eq!(field(info, "mem_mib"), Some("1024"), "{info}");
+    let seen = console_round_trip(&address, name, "blk info", "BLK OK").await?;
+    let blk = line_of(&seen, "BLK OK")?;
+    assert_eq!(
+        field(blk, "capacity_sectors"),
+        Some((4u64 << 30 >> 9).to_string().as_str()),
+        "{blk}"
+    );
+    let seen = console_round_trip(&address, name, "diskverify 100 8 42", "DISKVERIFY").await?;
+    let verified = line_of(&seen, "DISKVERIFY")?;
+    assert!(verified.starts_with("DISKVERIFY OK"), "{verified}");
+    assert_eq!(field(verified, "fnv"), Some(fnv.as_str()), "{verified}");
     Ok(())
 }

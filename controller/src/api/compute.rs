@@ -112,6 +112,62 @@ fn precheck_create(
     }
 }
 
+/// Whether the node of the stopped instance `instance` can hold it as
+/// `flavor` under the scheduler's overcommit ratios: NO_VALID_HOST with the
+/// dimension that does not fit when it cannot. Returns the node's limit for
+/// the command, so the state machine checks the same bound against the
+/// allocation it applies to (another instance may land there meanwhile).
+/// Anything else wrong with the request is the state machine's to refuse.
+fn resize_room(
+    s: &State,
+    instance: &str,
+    flavor: &str,
+) -> Result<Option<nephele_state::model::Resources>, ApiError> {
+    let (Some(i), Some(f)) = (s.instances.get(instance), s.flavors.get(flavor)) else {
+        return Ok(None);
+    };
+    let Some(n) = i.node.as_ref().and_then(|n| s.nodes.get(n)) else {
+        return Ok(None);
+    };
+    let limit = reconcile::node_limit(n.capacity);
+    let (old, new) = (i.resources, f.resources);
+    let held = n.allocated.minus(old).plus(new);
+    if i.state != InstanceState::Stopped || new.fits_in(old) || held.fits_in(limit) {
+        return Ok(Some(limit));
+    }
+    let ratios = reconcile::overcommit();
+    let free = |limit: u64, allocated: u64| limit.saturating_sub(allocated);
+    // What the node holds without this instance, against which its new
+    // size is weighed.
+    let old_held = n.allocated.minus(old);
+    let short = if held.vcpus > limit.vcpus {
+        format!(
+            "vcpus: needs {}, {} free after ratio {}",
+            new.vcpus,
+            free(limit.vcpus, old_held.vcpus),
+            ratios.cpu
+        )
+    } else if held.memory_mib > limit.memory_mib {
+        format!(
+            "memory: needs {} MiB, {} MiB free after ratio {}",
+            new.memory_mib,
+            free(limit.memory_mib, old_held.memory_mib),
+            ratios.ram
+        )
+    } else {
+        format!(
+            "disk: needs {} GiB, {} GiB free after ratio {}",
+            new.disk_gib,
+            free(limit.disk_gib, old_held.disk_gib),
+            ratios.disk
+        )
+    };
+    Err(ApiError::NoValidHost(format!(
+        "{} cannot hold {instance} as {flavor} ({short}); its disk stays on that node, so stop or delete other instances there, or pick a smaller flavor",
+        n.name
+    )))
+}
+
 /// A stop request's graceful timeout in ms (`None`: the controllers'
 /// default); zero forces the VM off at once.
 fn stop_timeout_ms(timeout: Option<&prost_types::Duration>) -> Result<Option<u64>, ApiError> {
@@ -471,9 +527,14 @@ impl<S: StateStore> Instances for Api<S> {
             .instance_call(&req, &format!("{INSTANCES}ResizeInstance"), &name)
             .await?;
         let r = req.into_inner();
+        let (instance, flavor) = (name.clone(), r.flavor.clone());
+        let node_limit = self
+            .read_try(move |s| resize_room(s, &instance, &flavor))
+            .await?;
         let command = Command::ResizeInstance {
             instance: name,
             flavor: r.flavor,
+            node_limit,
         };
         match self
             .propose_as(&actor, request_id(&r.request_id), command)

@@ -1578,7 +1578,11 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 operation: Some(op),
             })
         }
-        Command::ResizeInstance { instance, flavor } => {
+        Command::ResizeInstance {
+            instance,
+            flavor,
+            node_limit,
+        } => {
             names::parse(instance, names::INSTANCE)?;
             names::parse(flavor, names::FLAVOR)?;
             let new = state
@@ -1597,6 +1601,34 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 ));
             }
             let (old, node) = (i.resources, i.node.clone());
+            if new.disk_gib < old.disk_gib {
+                return Err(precondition(
+                    instance,
+                    format!(
+                        "its disk cannot shrink from {} GiB to {} GiB; pick a flavor with at least {} GiB of disk",
+                        old.disk_gib, new.disk_gib, old.disk_gib
+                    ),
+                ));
+            }
+            if let (Some(limit), Some(n)) =
+                (node_limit, node.as_ref().and_then(|n| state.nodes.get(n)))
+            {
+                let held = n.allocated.minus(old).plus(new);
+                if !new.fits_in(old) && !held.fits_in(*limit) {
+                    return Err(precondition(
+                        &n.name,
+                        format!(
+                            "no room for {instance} as {flavor}: it would hold {} vCPUs, {} MiB, {} GiB of at most {} vCPUs, {} MiB, {} GiB",
+                            held.vcpus,
+                            held.memory_mib,
+                            held.disk_gib,
+                            limit.vcpus,
+                            limit.memory_mib,
+                            limit.disk_gib
+                        ),
+                    ));
+                }
+            }
             if let Some(project) = names::project_of(instance) {
                 let p = state
                     .projects
@@ -2439,6 +2471,7 @@ mod tests {
         let resize = |f: &str| Command::ResizeInstance {
             instance: web.into(),
             flavor: f.into(),
+            node_limit: None,
         };
         assert!(matches!(
             run(&mut s, resize("flavors/huge")),
@@ -2456,6 +2489,68 @@ mod tests {
         ));
         set(&mut s, web, InstanceState::Running).unwrap();
         assert!(s.operations["operations/op-start"].done);
+    }
+
+    #[test]
+    fn a_resize_must_fit_its_node_and_never_shrinks_the_disk() {
+        let mut s = setup();
+        let web = running(&mut s, "web", false, "nodes/n1");
+        let other = running(&mut s, "other", false, "nodes/n1");
+        assert_ne!(web, other);
+        let stop = Command::BeginInstanceAction {
+            instance: web.clone(),
+            state: InstanceState::Stopping,
+            verb: "stop".into(),
+            operation_id: "op-stop".into(),
+            stop_timeout_ms: None,
+        };
+        run(&mut s, stop).unwrap();
+        set(&mut s, &web, InstanceState::Stopped).unwrap();
+        for (id, memory_mib, disk_gib) in [("medium", 2048, 20), ("tiny", 1024, 5)] {
+            run(
+                &mut s,
+                Command::CreateFlavor {
+                    flavor_id: id.into(),
+                    resources: Resources {
+                        vcpus: 2,
+                        memory_mib,
+                        disk_gib,
+                    },
+                },
+            )
+            .unwrap();
+        }
+        // Two smalls hold 4 vCPUs, 2048 MiB, 20 GiB of n1.
+        let resize = |f: &str, limit: Option<Resources>| Command::ResizeInstance {
+            instance: web.clone(),
+            flavor: f.into(),
+            node_limit: limit,
+        };
+        let tight = Resources {
+            vcpus: 64,
+            memory_mib: 2560,
+            disk_gib: 100,
+        };
+        let before = s.clone();
+        let err = run(&mut s, resize("flavors/medium", Some(tight))).unwrap_err();
+        assert!(
+            matches!(&err, ApplyError::FailedPrecondition { name, .. } if name == "nodes/n1"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("3072 MiB"), "{err}");
+        assert_eq!(s.nodes, before.nodes);
+        assert_eq!(s.instances, before.instances);
+        assert_eq!(s.projects, before.projects);
+        let err = run(&mut s, resize("flavors/tiny", None)).unwrap_err();
+        assert!(err.to_string().contains("cannot shrink"), "{err}");
+        let room = Resources {
+            memory_mib: 3072,
+            ..tight
+        };
+        run(&mut s, resize("flavors/medium", Some(room))).unwrap();
+        assert_eq!(s.nodes["nodes/n1"].allocated.memory_mib, 3072);
+        assert_eq!(s.nodes["nodes/n1"].allocated.disk_gib, 30);
+        assert_eq!(s.instances[&web].resources.disk_gib, 20);
     }
 
     #[test]

@@ -337,13 +337,20 @@ pub enum Command {
         stop_timeout_ms: Option<u64>,
     },
     /// Changes the flavor of a `STOPPED` instance. The project quota is
-    /// checked when the instance grows; the node allocation follows (node
-    /// capacity is the scheduler's business, as for placement).
+    /// checked when the instance grows, and so is its node when
+    /// `node_limit` is given; the node allocation follows. Its disk never
+    /// shrinks (the node keeps the disk file).
     ResizeInstance {
         /// The instance.
         instance: String,
         /// `flavors/{flavor}`.
         flavor: String,
+        /// The most its node may hold in all: its capacity after the
+        /// scheduler's overcommit ratios, which the proposer knows (the
+        /// scheduler owns them). When set, a resize that would take the
+        /// node's allocation beyond it in any dimension is refused, so
+        /// starting the instance again cannot overcommit its node.
+        node_limit: Option<Resources>,
     },
     /// Creates several instances of one project alike, all or none: every
     /// name, reference and the quota for all of them are checked before any

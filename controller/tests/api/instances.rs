@@ -1,5 +1,5 @@
 //! Instance calls beyond the basic lifecycle: stop timeouts carried to the
-//! node.
+//! node, resizes checked against the instance's node.
 
 use std::time::Duration;
 
@@ -101,6 +101,130 @@ async fn a_stop_carries_its_timeout_to_the_node() -> anyhow::Result<()> {
             seconds: 7,
             nanos: 0
         })
+    );
+    env.member.stop().await?;
+    Ok(())
+}
+
+async fn flavor(
+    c: &mut Clients,
+    id: &str,
+    vcpus: u64,
+    memory_mib: u64,
+    disk_gib: u64,
+) -> anyhow::Result<()> {
+    c.flavors
+        .create_flavor(compute::CreateFlavorRequest {
+            flavor_id: id.into(),
+            flavor: Some(compute::Flavor {
+                name: String::new(),
+                resources: Some(compute::Resources {
+                    vcpus,
+                    memory_mib,
+                    disk_gib,
+                }),
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+fn resize(name: &str, flavor: &str) -> compute::ResizeInstanceRequest {
+    compute::ResizeInstanceRequest {
+        name: name.into(),
+        flavor: format!("flavors/{flavor}"),
+        request_id: String::new(),
+    }
+}
+
+async fn allocated(c: &mut Clients, node: &str) -> anyhow::Result<compute::Resources> {
+    Ok(c.nodes
+        .get_node(nephele_proto::infra::v1::GetNodeRequest { name: node.into() })
+        .await?
+        .into_inner()
+        .allocated
+        .unwrap_or_default())
+}
+
+/// A stopped instance grows only within its node's capacity after the
+/// scheduler's overcommit ratios (memory 1.5): n1 has 1024 MiB, so it may
+/// hold 1536 MiB in all; and its disk never shrinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resize_must_fit_the_instances_node() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    flavor(&mut env.admin, "medium", 2, 1024, 4).await?;
+    flavor(&mut env.admin, "big", 2, 1400, 4).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let mut n1 = FakeNode::register(&env.admin, "n1", 4, 1024).await?;
+    let _alive = n1.keep_alive();
+    running(&mut alice, &mut n1, "web-1", "small").await?;
+    running(&mut alice, &mut n1, "web-2", "small").await?;
+    let web = "projects/p1/instances/web-1";
+    alice.instances.stop_instance(stop(web, None)).await?;
+    n1.converge().await?;
+    wait_state(&mut alice, web, compute::InstanceState::Stopped).await?;
+    assert_eq!(allocated(&mut env.admin, "nodes/n1").await?.memory_mib, 512);
+
+    // 256 + 1400 MiB > 1536: refused with the reason, nothing changes.
+    let err = alice
+        .instances
+        .resize_instance(resize(web, "big"))
+        .await
+        .expect_err("big does not fit n1");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err), "NO_VALID_HOST");
+    assert!(
+        err.message().contains("nodes/n1") && err.message().contains("memory"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(allocated(&mut env.admin, "nodes/n1").await?.memory_mib, 512);
+    let i = alice
+        .instances
+        .get_instance(compute::GetInstanceRequest { name: web.into() })
+        .await?
+        .into_inner();
+    assert_eq!(i.flavor, "flavors/small");
+
+    // 256 + 1024 MiB fits: small -> medium, the node holds it.
+    let i = alice
+        .instances
+        .resize_instance(resize(web, "medium"))
+        .await?
+        .into_inner();
+    assert_eq!(i.flavor, "flavors/medium");
+    assert_eq!(
+        i.resources,
+        Some(compute::Resources {
+            vcpus: 2,
+            memory_mib: 1024,
+            disk_gib: 4
+        })
+    );
+    let a = allocated(&mut env.admin, "nodes/n1").await?;
+    assert_eq!((a.vcpus, a.memory_mib, a.disk_gib), (3, 1280, 5));
+    // Back to small would shrink its disk: refused.
+    assert_err(
+        alice.instances.resize_instance(resize(web, "small")).await,
+        Code::FailedPrecondition,
+        "FAILED_PRECONDITION",
+    );
+    alice
+        .instances
+        .start_instance(compute::StartInstanceRequest {
+            name: web.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    n1.converge().await?;
+    let i = wait_state(&mut alice, web, compute::InstanceState::Running).await?;
+    assert_eq!(i.node, "nodes/n1");
+    let a = assignment_of(&mut n1, web).await?;
+    assert_eq!(
+        a.instance.and_then(|i| i.resources).map(|r| r.memory_mib),
+        Some(1024)
     );
     env.member.stop().await?;
     Ok(())

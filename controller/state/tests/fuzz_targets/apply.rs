@@ -265,6 +265,11 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.push(one(user(Command::ResizeInstance {
         instance: "projects/a/instances/web-3".into(),
         flavor: "flavors/big".into(),
+        node_limit: Some(Resources {
+            vcpus: 64,
+            memory_mib: 6144,
+            disk_gib: 100,
+        }),
     })));
     out.push(one(user(Command::BeginInstanceAction {
         instance: "projects/a/instances/web-1".into(),
