@@ -281,7 +281,8 @@ enum ImageCmd {
     /// Register an image (admins). Its content must be where compute nodes read images.
     Create {
         id: String,
-        /// pvh-elf, bzimage, raw or qcow2.
+        /// pvh-elf, bzimage or raw (qcow2 is not supported yet: convert it
+        /// with `qemu-img convert -O raw`).
         #[arg(long, default_value = "pvh-elf")]
         format: String,
         /// Take size and SHA-256 from this local file.

@@ -32,6 +32,26 @@ fn operation_of(r: Response) -> Result<ops_pb::Operation, ApiError> {
     }
 }
 
+/// Image formats compute nodes boot (`compute-node/agent/src/instance.rs`,
+/// `image_files`).
+const BOOTABLE_FORMATS: [&str; 3] = ["pvh-elf", "bzimage", "raw"];
+
+/// Refuses an image format nodes cannot boot, saying what to do instead.
+fn check_image_format(format: &str) -> Result<(), ApiError> {
+    match format {
+        f if BOOTABLE_FORMATS.contains(&f) => Ok(()),
+        "qcow2" => Err(ApiError::InvalidArgument(
+            "image format qcow2 is not supported yet; convert it to raw (`qemu-img convert -O raw IMAGE.qcow2 disk.raw`) and register it with format raw".into(),
+        )),
+        "" => Err(ApiError::InvalidArgument(
+            "image.format is required: pvh-elf, bzimage or raw".into(),
+        )),
+        other => Err(ApiError::InvalidArgument(format!(
+            "unknown image format {other:?}; nodes boot pvh-elf, bzimage or raw"
+        ))),
+    }
+}
+
 /// What a create needs checked before anything is proposed, so that a
 /// create that cannot succeed creates nothing: references, quota for all
 /// `count` instances, and whether any node could take them.
@@ -59,6 +79,13 @@ fn precheck_create(
     if img.state != ImageState::Active {
         return Err(ApiError::FailedPrecondition(format!(
             "{image} is not active; wait for its upload or pick another image"
+        )));
+    }
+    if !BOOTABLE_FORMATS.contains(&img.format.as_str()) {
+        return Err(ApiError::FailedPrecondition(format!(
+            "{image} has format {:?}, which compute nodes cannot boot ({}); pick another image",
+            img.format,
+            BOOTABLE_FORMATS.join(", ")
         )));
     }
     if let Some(g) = group
@@ -683,6 +710,7 @@ impl<S: StateStore> Images for Api<S> {
             .await?;
         let r = req.into_inner();
         let i = r.image.unwrap_or_default();
+        check_image_format(&i.format)?;
         let command = Command::CreateImage {
             image_id: r.image_id,
             format: i.format,

@@ -1,5 +1,6 @@
 //! Instance calls beyond the basic lifecycle: stop timeouts carried to the
-//! node, resizes checked against the instance's node.
+//! node, resizes checked against the instance's node, image formats and
+//! unknown images.
 
 use std::time::Duration;
 
@@ -226,6 +227,120 @@ async fn a_resize_must_fit_the_instances_node() -> anyhow::Result<()> {
         a.instance.and_then(|i| i.resources).map(|r| r.memory_mib),
         Some(1024)
     );
+    env.member.stop().await?;
+    Ok(())
+}
+
+fn image(id: &str, format: &str) -> compute::CreateImageRequest {
+    compute::CreateImageRequest {
+        image_id: id.into(),
+        image: Some(compute::Image {
+            format: format.into(),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// Formats nodes cannot boot are refused when registered (so no instance
+/// ends in ERROR at its node), and a create naming an unknown image is
+/// refused whole, creating nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbootable_images_and_unknown_images_are_refused() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let _n1 = FakeNode::register(&env.admin, "n1", 4, 4096)
+        .await?
+        .keep_alive();
+
+    let err = env
+        .admin
+        .images
+        .create_image(image("cloud", "qcow2"))
+        .await
+        .expect_err("qcow2 is refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(reason(&err), "INVALID_ARGUMENT");
+    assert!(
+        err.message().contains("qcow2 is not supported yet") && err.message().contains("raw"),
+        "{}",
+        err.message()
+    );
+    for format in ["", "vmdk"] {
+        assert_err(
+            env.admin.images.create_image(image("cloud", format)).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        );
+    }
+    let images = env
+        .admin
+        .images
+        .list_images(compute::ListImagesRequest::default())
+        .await?
+        .into_inner()
+        .images;
+    assert_eq!(
+        images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["images/guest"]
+    );
+    env.admin.images.create_image(image("disk", "raw")).await?;
+
+    // An unknown image: NOT_FOUND naming it, one instance or a batch, and
+    // nothing is created or counted.
+    let err = create(
+        &mut alice,
+        "web-1",
+        compute::Instance {
+            image: "images/nope".into(),
+            ..instance_template("small", "")
+        },
+    )
+    .await
+    .expect_err("unknown image");
+    let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert_eq!(reason(status), "NOT_FOUND");
+    assert!(status.message().contains("images/nope"), "{status:?}");
+    assert_err(
+        alice
+            .instances
+            .batch_create_instances(compute::BatchCreateInstancesRequest {
+                parent: "projects/p1".into(),
+                instance_id: "web".into(),
+                count: 2,
+                instance: Some(compute::Instance {
+                    image: "images/nope".into(),
+                    ..instance_template("small", "")
+                }),
+                request_id: String::new(),
+            })
+            .await,
+        Code::NotFound,
+        "NOT_FOUND",
+    );
+    let listed = alice
+        .instances
+        .list_instances(compute::ListInstancesRequest {
+            parent: "projects/p1".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .instances;
+    assert!(listed.is_empty(), "{listed:?}");
+    let p = env
+        .admin
+        .iam
+        .get_project(nephele_proto::iam::v1::GetProjectRequest {
+            name: "projects/p1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(p.usage.map(|u| u.instances), Some(0));
+    let a = allocated(&mut env.admin, "nodes/n1").await?;
+    assert_eq!(a, compute::Resources::default());
     env.member.stop().await?;
     Ok(())
 }
