@@ -331,10 +331,16 @@ enum InstanceCmd {
     },
     /// List instances of the project (--all-projects: admins).
     List {
+        /// Only instances in this state (running, stopped, ...).
         #[arg(long)]
         state: Option<String>,
+        /// Only instances on this node.
         #[arg(long)]
         node: Option<String>,
+        /// Only instances carrying this label, key=value; repeatable (all
+        /// must match).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         #[arg(long)]
         all_projects: bool,
         #[command(flatten)]
@@ -1423,9 +1429,11 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
         InstanceCmd::List {
             state,
             node,
+            labels,
             all_projects,
             paging,
         } => {
+            let labels: HashMap<String, String> = labels.into_iter().collect();
             let parent = if all_projects {
                 "projects/-".to_owned()
             } else {
@@ -1450,7 +1458,7 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
                     page_token: t.clone(),
                     state,
                     node: node.clone(),
-                    labels: Default::default(),
+                    labels: labels.clone(),
                 }),
                 instances
             );

@@ -867,3 +867,59 @@ fn the_controller_is_verified_against_the_profile_ca() {
     });
     assert!(plain.is_err(), "a plaintext call was answered");
 }
+
+#[test]
+fn instance_list_filters_by_label_state_and_node() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    neph.catalog();
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let _node = fake_node(&c, &token);
+    for (id, labels) in [
+        ("web-1", &["tier=web", "env=prod"][..]),
+        ("web-2", &["tier=web", "env=dev"]),
+        ("db-1", &["tier=db"]),
+    ] {
+        let mut args = vec![
+            "instance", "create", id, "--flavor", "small", "--image", "guest",
+        ];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        neph.expect(&args, 0);
+    }
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["instance", "list"];
+        a.extend(args);
+        neph.json(&a)
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|i| i["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(names(&["--label", "tier=web"]), ["web-1", "web-2"]);
+    assert_eq!(
+        names(&["--label", "tier=web", "--label", "env=prod"]),
+        ["web-1"]
+    );
+    assert!(names(&["--label", "tier=cache"]).is_empty());
+    // The fake node runs nothing: once placed, all three wait SCHEDULED
+    // on n1.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut scheduled = names(&["--state", "scheduled", "--node", "n1"]);
+    while scheduled.len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        scheduled = names(&["--state", "scheduled", "--node", "n1"]);
+    }
+    assert_eq!(scheduled, ["db-1", "web-1", "web-2"]);
+    assert!(names(&["--state", "running"]).is_empty());
+    assert!(names(&["--node", "n2"]).is_empty());
+    assert_eq!(
+        names(&["--label", "tier=db", "--state", "scheduled"]),
+        ["db-1"]
+    );
+    let (_, err) = neph.expect(&["instance", "list", "--label", "tier"], 2);
+    assert!(err.contains("key=value"), "{err}");
+}

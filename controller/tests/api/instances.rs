@@ -1,6 +1,6 @@
 //! Instance calls beyond the basic lifecycle: stop timeouts carried to the
 //! node, resizes checked against the instance's node, image formats and
-//! unknown images.
+//! unknown images, list filters.
 
 use std::time::Duration;
 
@@ -341,6 +341,196 @@ async fn unbootable_images_and_unknown_images_are_refused() -> anyhow::Result<()
     assert_eq!(p.usage.map(|u| u.instances), Some(0));
     let a = allocated(&mut env.admin, "nodes/n1").await?;
     assert_eq!(a, compute::Resources::default());
+    env.member.stop().await?;
+    Ok(())
+}
+
+/// The instance ids `c` lists with `r` (following every page).
+async fn listed(c: &mut Clients, r: compute::ListInstancesRequest) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .instances
+            .list_instances(compute::ListInstancesRequest {
+                page_token: token.clone(),
+                ..r.clone()
+            })
+            .await?
+            .into_inner();
+        out.extend(
+            page.instances
+                .iter()
+                .map(|i| i.name.rsplit('/').next().unwrap_or_default().to_owned()),
+        );
+        if page.next_page_token.is_empty() {
+            return Ok(out);
+        }
+        token = page.next_page_token;
+    }
+}
+
+fn labels(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// ListInstances keeps what every given filter (state, node, labels) lets
+/// through, page by page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_filters_by_state_node_and_labels() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let (mut nodes, mut beats) = (Vec::new(), Vec::new());
+    for id in ["n1", "n2"] {
+        let n = FakeNode::register(&env.admin, id, 8, 8192).await?;
+        beats.push(n.keep_alive());
+        nodes.push(n);
+    }
+    for (id, l) in [
+        ("a", &[("tier", "web"), ("env", "prod")][..]),
+        ("b", &[("tier", "web"), ("env", "dev")]),
+        ("c", &[("tier", "db")]),
+    ] {
+        create(
+            &mut alice,
+            id,
+            compute::Instance {
+                labels: labels(l),
+                ..instance_template("small", "")
+            },
+        )
+        .await?;
+    }
+    let mut on = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for id in ["a", "b", "c"] {
+        let i = wait_state(
+            &mut alice,
+            &format!("projects/p1/instances/{id}"),
+            compute::InstanceState::Scheduled,
+        )
+        .await?;
+        on.entry(i.node).or_default().push(id.to_owned());
+    }
+    for n in &mut nodes {
+        n.converge().await?;
+    }
+    let b = "projects/p1/instances/b";
+    for id in ["a", "b", "c"] {
+        wait_state(
+            &mut alice,
+            &format!("projects/p1/instances/{id}"),
+            compute::InstanceState::Running,
+        )
+        .await?;
+    }
+    alice.instances.stop_instance(stop(b, None)).await?;
+    for n in &mut nodes {
+        n.converge().await?;
+    }
+    wait_state(&mut alice, b, compute::InstanceState::Stopped).await?;
+
+    let base = compute::ListInstancesRequest {
+        parent: "projects/p1".into(),
+        page_size: 1,
+        ..Default::default()
+    };
+    let state = |s: compute::InstanceState| compute::ListInstancesRequest {
+        state: s as i32,
+        ..base.clone()
+    };
+    assert_eq!(listed(&mut alice, base.clone()).await?, ["a", "b", "c"]);
+    assert_eq!(
+        listed(&mut alice, state(compute::InstanceState::Running)).await?,
+        ["a", "c"]
+    );
+    assert_eq!(
+        listed(&mut alice, state(compute::InstanceState::Stopped)).await?,
+        ["b"]
+    );
+    assert!(
+        listed(&mut alice, state(compute::InstanceState::Error))
+            .await?
+            .is_empty()
+    );
+    for node in ["nodes/n1", "nodes/n2"] {
+        let want = on.get(node).cloned().unwrap_or_default();
+        let got = listed(
+            &mut alice,
+            compute::ListInstancesRequest {
+                node: node.into(),
+                ..base.clone()
+            },
+        )
+        .await?;
+        assert_eq!(got, want, "on {node}");
+    }
+    assert!(
+        listed(
+            &mut alice,
+            compute::ListInstancesRequest {
+                node: "nodes/n9".into(),
+                ..base.clone()
+            }
+        )
+        .await?
+        .is_empty()
+    );
+    let by = |l: &[(&str, &str)]| compute::ListInstancesRequest {
+        labels: labels(l),
+        ..base.clone()
+    };
+    assert_eq!(
+        listed(&mut alice, by(&[("tier", "web")])).await?,
+        ["a", "b"]
+    );
+    assert_eq!(
+        listed(&mut alice, by(&[("tier", "web"), ("env", "prod")])).await?,
+        ["a"]
+    );
+    assert!(
+        listed(&mut alice, by(&[("tier", "cache")]))
+            .await?
+            .is_empty()
+    );
+    assert!(listed(&mut alice, by(&[("env", "")])).await?.is_empty());
+    // Filters combine; an admin's view over every project filters too.
+    assert_eq!(
+        listed(
+            &mut alice,
+            compute::ListInstancesRequest {
+                state: compute::InstanceState::Running as i32,
+                ..by(&[("tier", "web")])
+            }
+        )
+        .await?,
+        ["a"]
+    );
+    assert_eq!(
+        listed(
+            &mut env.admin,
+            compute::ListInstancesRequest {
+                parent: "projects/-".into(),
+                ..by(&[("tier", "db")])
+            }
+        )
+        .await?,
+        ["c"]
+    );
+    assert_err(
+        alice
+            .instances
+            .list_instances(compute::ListInstancesRequest {
+                state: 42,
+                ..base.clone()
+            })
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
     env.member.stop().await?;
     Ok(())
 }
