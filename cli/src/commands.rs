@@ -465,6 +465,9 @@ enum GroupCmd {
 #[derive(Debug, Subcommand)]
 enum NodeCmd {
     List(Paging),
+    /// A node in full: capacity, what its instances hold (allocated), its
+    /// measured load and its instances by name.
+    #[command(visible_alias = "show")]
     Get {
         id: String,
     },
@@ -1598,15 +1601,14 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
             return Ok(());
         }
         NodeCmd::Get { id } => {
-            let n = nc
-                .get_node(infra::GetNodeRequest {
-                    name: global_name("nodes", &id),
-                })
-                .await?
-                .into_inner();
-            let mut r = records::node(&n);
-            r.push(("instance_names", serde_json::json!(n.instances)));
-            c.one(&r);
+            let request = infra::GetNodeRequest {
+                name: global_name("nodes", &id),
+            };
+            let mut n = nc.get_node(request.clone()).await?.into_inner();
+            if n.load.is_none() {
+                n.load = leader_load(c, request).await;
+            }
+            c.one(&records::node_detail(&n));
             return Ok(());
         }
         NodeCmd::Disable { id } => nc
@@ -1651,6 +1653,28 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
     };
     c.one(&records::node(&n));
     Ok(())
+}
+
+/// A node's measured load as the leader knows it. Loads are not
+/// replicated: each controller keeps those of the heartbeats it received,
+/// and agents send theirs to the leader. Best effort: `None` when the
+/// leader is unknown or does not answer.
+async fn leader_load(c: &Ctx, request: infra::GetNodeRequest) -> Option<infra::Load> {
+    let status = c
+        .conn()
+        .cluster()
+        .get_cluster_status(infra::GetClusterStatusRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    let leader = status.controllers.iter().find(|m| m.leader)?;
+    if leader.id == status.answered_by {
+        return None;
+    }
+    let conn = Conn::connect(&leader.address, c.token.clone(), &c.trust)
+        .await
+        .ok()?;
+    conn.nodes().get_node(request).await.ok()?.into_inner().load
 }
 
 async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nephele_proto::compute::v1 as compute;
+use nephele_proto::infra::v1 as infra;
 use nephele_proto::node::v1 as node;
 
 /// The controller binary next to `neph`: `cargo xtask test` builds every
@@ -181,6 +182,13 @@ impl Neph {
     }
 }
 
+/// The load the fake node reports with every heartbeat.
+const FAKE_LOAD: infra::Load = infra::Load {
+    cpu_busy: 0.25,
+    memory_used_mib: 64,
+    running_vms: 1,
+};
+
 /// Registers `nodes/n1` and heartbeats it in the background.
 fn fake_node(c: &Controller, token: &str) -> std::thread::JoinHandle<()> {
     fake_node_with(c, token, false)
@@ -247,7 +255,7 @@ fn fake_node_with(c: &Controller, token: &str, serve: bool) -> std::thread::Join
                 let beat = agent
                     .heartbeat(node::HeartbeatRequest {
                         node: "nodes/n1".into(),
-                        load: None,
+                        load: Some(FAKE_LOAD),
                         instances: vec![],
                     })
                     .await;
@@ -922,4 +930,63 @@ fn instance_list_filters_by_label_state_and_node() {
     );
     let (_, err) = neph.expect(&["instance", "list", "--label", "tier"], 2);
     assert!(err.contains("key=value"), "{err}");
+}
+
+#[test]
+fn node_show_has_instances_allocation_and_load() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    neph.catalog();
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let _node = fake_node(&c, &token);
+    for id in ["web-1", "web-2"] {
+        neph.expect(
+            &[
+                "instance", "create", id, "--flavor", "small", "--image", "guest",
+            ],
+            0,
+        );
+    }
+    // Both placed on n1 (1 vCPU, 256 MiB, 0 GiB each) and a heartbeat with
+    // the fake node's load seen.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = neph.json(&["node", "show", "n1"]);
+    while (n["instances"].as_array().map_or(0, Vec::len) < 2 || n["load"].is_null())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        n = neph.json(&["node", "show", "n1"]);
+    }
+    assert_eq!(n["name"], "n1");
+    assert_eq!(n["state"], "UP");
+    assert_eq!(
+        n["instances"],
+        serde_json::json!(["projects/p1/instances/web-1", "projects/p1/instances/web-2"]),
+        "{n}"
+    );
+    assert_eq!(
+        n["allocated"],
+        serde_json::json!({"vcpus": 2, "memory_mib": 512, "disk_gib": 0}),
+        "{n}"
+    );
+    assert_eq!(
+        n["capacity"],
+        serde_json::json!({"vcpus": 4, "memory_mib": 4096, "disk_gib": 100}),
+        "{n}"
+    );
+    assert_eq!(
+        n["load"],
+        serde_json::json!({"cpu_busy": 0.25, "memory_used_mib": 64, "running_vms": 1}),
+        "{n}"
+    );
+    // `get` is the same command; the table names every part.
+    assert_eq!(
+        neph.json(&["node", "get", "n1"])["instances"],
+        n["instances"]
+    );
+    let (table, _) = neph.expect(&["node", "show", "n1"], 0);
+    for part in ["ALLOCATED", "LOAD", "INSTANCES", "web-2", "running_vms=1"] {
+        assert!(table.contains(part), "{part} missing from {table}");
+    }
 }
