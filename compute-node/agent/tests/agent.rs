@@ -11,7 +11,8 @@
 //!
 //! Needs `/dev/kvm`, the test guest (`NEPH_GUEST_IMAGE` or `cargo xtask
 //! guest`) and the `neph-controller` and `neph-vmm` binaries (built here
-//! when missing); without KVM or the guest it prints why and passes.
+//! when missing); without KVM or the guest it prints why and passes. One
+//! test needs no VM: both daemons answer gRPC health and reflection.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -192,8 +193,11 @@ impl Cluster {
         let (controller, v) = start_until(cmd, &["LISTENING ", "ADMIN_TOKEN_FILE "])?;
         let image_dir = dir.path().join("images");
         std::fs::create_dir_all(image_dir.join("guest"))?;
-        std::fs::copy(guest_image(), image_dir.join("guest").join("kernel"))
-            .context("copy the test guest into the image directory")?;
+        // Tests that boot VMs skip without it; the others need no guest.
+        if guest_image().is_file() {
+            std::fs::copy(guest_image(), image_dir.join("guest").join("kernel"))
+                .context("copy the test guest into the image directory")?;
+        }
         Ok(Self {
             _controller: controller,
             controller: v[0].clone(),
@@ -945,4 +949,125 @@ async fn resized(cluster: &mut Cluster) -> anyhow::Result<()> {
     assert!(verified.starts_with("DISKVERIFY OK"), "{verified}");
     assert_eq!(field(verified, "fnv"), Some(fnv.as_str()), "{verified}");
     Ok(())
+}
+
+/// What the controller serves on its port besides health and reflection.
+const CONTROLLER_SERVICES: [&str; 12] = [
+    "nephele.iam.v1.Iam",
+    "nephele.compute.v1.Flavors",
+    "nephele.compute.v1.Images",
+    "nephele.compute.v1.Instances",
+    "nephele.compute.v1.ServerGroups",
+    "nephele.infra.v1.Nodes",
+    "nephele.infra.v1.Migrations",
+    "nephele.infra.v1.Cluster",
+    "nephele.ops.v1.Operations",
+    "nephele.ops.v1.Events",
+    "nephele.node.v1.NodeAgent",
+    "nephele.node.v1.NodeJoin",
+];
+
+/// Checks that `channel`'s server reports every one of `services` (and
+/// itself, `""`) SERVING over grpc.health.v1, refuses an unknown name, and
+/// lists exactly `services`, health and reflection over reflection, each
+/// resolvable to its file.
+async fn health_and_reflection(
+    what: &str,
+    channel: Channel,
+    services: &[&str],
+) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1 as reflection;
+    let mut health = HealthClient::new(channel.clone());
+    for service in services.iter().copied().chain([""]) {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .with_context(|| format!("{what}: health of {service:?}"))?
+            .into_inner();
+        assert_eq!(
+            r.status,
+            ServingStatus::Serving as i32,
+            "{what}: {service:?}"
+        );
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "nephele.nope.v1.Nope".into(),
+        })
+        .await
+        .expect_err("an unknown service has no health");
+    assert_eq!(unknown.code(), Code::NotFound, "{what}: {unknown:?}");
+
+    let mut client = reflection::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = |req: reflection::server_reflection_request::MessageRequest| {
+        reflection::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(req),
+        }
+    };
+    let mut requests = vec![ask(
+        reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
+    )];
+    requests.extend(services.iter().map(|s| {
+        ask(
+            reflection::server_reflection_request::MessageRequest::FileContainingSymbol(
+                (*s).to_owned(),
+            ),
+        )
+    }));
+    let asked = requests.len();
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .with_context(|| format!("{what}: reflection"))?
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(a) = answers.message().await? {
+        got.push(a.message_response.context("an empty reflection answer")?);
+    }
+    assert_eq!(got.len(), asked, "{what}: one answer per request");
+    use reflection::server_reflection_response::MessageResponse as R;
+    let R::ListServicesResponse(list) = &got[0] else {
+        bail!("{what}: not a service list: {:?}", got[0]);
+    };
+    let mut listed: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    listed.sort_unstable();
+    let mut want: Vec<&str> = services.to_vec();
+    want.extend([
+        nephele_proto::serve::HEALTH_SERVICE,
+        nephele_proto::serve::REFLECTION_SERVICE,
+    ]);
+    want.sort_unstable();
+    assert_eq!(listed, want, "{what}: the services reflection lists");
+    for (service, answer) in services.iter().zip(&got[1..]) {
+        assert!(
+            matches!(answer, R::FileDescriptorResponse(f) if !f.file_descriptor_proto.is_empty()),
+            "{what}: no descriptor of {service}: {answer:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Both daemons serve gRPC health and reflection: the controller on its
+/// TLS port, the agent on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_daemons_answer_health_and_reflection() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start()?;
+    let (_agent, address) = cluster.agent()?;
+    nephele_tls::install_default();
+    let tls = nephele_tls::server_auth_client_config(&std::fs::read(cluster.ca_file())?)?;
+    let controller = nephele_tls::connect_channel(
+        Channel::from_shared(format!("http://{}", cluster.controller))?,
+        tls,
+    )
+    .await?;
+    health_and_reflection("neph-controller", controller, &CONTROLLER_SERVICES).await?;
+    let agent = Channel::from_shared(format!("http://{address}"))?
+        .connect()
+        .await?;
+    health_and_reflection("neph-node", agent, &["nephele.node.v1.Agent"]).await
 }
