@@ -452,6 +452,9 @@ enum GroupCmd {
         /// affinity, anti-affinity, soft-affinity or soft-anti-affinity.
         #[arg(long, value_parser = ["affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity"])]
         policy: String,
+        /// With anti-affinity: members allowed on one node (default 1).
+        #[arg(long, value_name = "N")]
+        max_per_node: Option<u32>,
     },
     Get {
         id: String,
@@ -1531,7 +1534,11 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
 async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
     let mut gc = c.conn().groups();
     match cmd {
-        GroupCmd::Create { id, policy } => {
+        GroupCmd::Create {
+            id,
+            policy,
+            max_per_node,
+        } => {
             let policy = match policy.as_str() {
                 "affinity" => compute::GroupPolicy::Affinity,
                 "anti-affinity" => compute::GroupPolicy::AntiAffinity,
@@ -1544,6 +1551,7 @@ async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
                     server_group_id: id,
                     server_group: Some(compute::ServerGroup {
                         policy: policy as i32,
+                        max_per_node: max_per_node.unwrap_or(0),
                         ..Default::default()
                     }),
                     request_id: String::new(),

@@ -168,6 +168,14 @@ pub fn group(g: &compute::ServerGroup) -> Record {
                 .into(),
         ),
         (
+            "max_per_node",
+            if g.policy == compute::GroupPolicy::AntiAffinity as i32 {
+                g.max_per_node.max(1).into()
+            } else {
+                Value::Null
+            },
+        ),
+        (
             "members",
             json!(g.members.iter().map(|m| short(m)).collect::<Vec<_>>()),
         ),

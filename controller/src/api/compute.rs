@@ -786,11 +786,13 @@ impl<S: StateStore> ServerGroups for Api<S> {
             )
             .await?;
         let r = req.into_inner();
-        let policy = convert::policy_in(r.server_group.map(|g| g.policy).unwrap_or_default())?;
+        let g = r.server_group.unwrap_or_default();
+        let policy = convert::policy_in(g.policy)?;
         let command = Command::CreateServerGroup {
             project: parent,
             group_id: r.server_group_id,
             policy,
+            max_per_node: (g.max_per_node > 0).then_some(g.max_per_node),
         };
         match self
             .propose_as(&caller, request_id(&r.request_id), command)

@@ -151,7 +151,7 @@ pub fn snapshot(state: &State) -> ClusterSnapshot {
                     sched::GroupPolicy::SoftAntiAffinity
                 }
             },
-            max_per_node: None,
+            max_per_node: g.max_per_node,
         })
         .collect();
     let migrations = state

@@ -836,9 +836,23 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             project,
             group_id,
             policy,
+            max_per_node,
         } => {
             names::parse(project, names::PROJECT)?;
             names::validate_id(group_id)?;
+            match max_per_node {
+                Some(0) => {
+                    return Err(ApplyError::InvalidArgument(
+                        "max_per_node must be at least 1".into(),
+                    ));
+                }
+                Some(_) if *policy != crate::model::GroupPolicy::AntiAffinity => {
+                    return Err(ApplyError::InvalidArgument(
+                        "max_per_node applies to anti-affinity groups only".into(),
+                    ));
+                }
+                _ => {}
+            }
             if !state.projects.contains_key(project) {
                 return Err(not_found(project));
             }
@@ -851,6 +865,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 policy: *policy,
                 members: Vec::new(),
                 create_time: now,
+                max_per_node: *max_per_node,
             };
             state.server_groups.insert(name.clone(), group.clone());
             event(state, actor, &name, "server_group.created", String::new());

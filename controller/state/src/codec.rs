@@ -16,7 +16,8 @@ pub const FORMAT_V1: u8 = 1;
 pub const FORMAT_V2: u8 = 2;
 /// Leading bytes of a snapshot: magic and format version. Version 2 added
 /// the audit trail, version 3 the node join tokens, version 4 the
-/// instances' stop timeouts; an older snapshot is refused with
+/// instances' stop timeouts and the groups' `max_per_node`; an older
+/// snapshot is refused with
 /// [`DecodeError::UnknownFormat`] (pre-release: no conversion is kept).
 pub const SNAPSHOT_MAGIC: &[u8; 4] = b"NSS\x04";
 

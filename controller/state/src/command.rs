@@ -170,6 +170,9 @@ pub enum Command {
         group_id: String,
         /// Placement policy.
         policy: GroupPolicy,
+        /// For [`GroupPolicy::AntiAffinity`] only: members allowed on one
+        /// node, from 1 (`None`: 1).
+        max_per_node: Option<u32>,
     },
     /// Deletes an empty server group.
     DeleteServerGroup {

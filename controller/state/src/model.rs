@@ -322,6 +322,9 @@ pub struct ServerGroup {
     pub members: Vec<String>,
     /// When it was created.
     pub create_time: UnixMs,
+    /// For [`GroupPolicy::AntiAffinity`]: members allowed on one node
+    /// (Nova's `max_server_per_host`); `None` is 1.
+    pub max_per_node: Option<u32>,
 }
 
 /// Whether a node takes work.

@@ -99,10 +99,13 @@ fn command() -> impl Strategy<Value = Command> {
             checksum: String::new(),
             state: ImageState::Active,
         }),
-        (project(), id()).prop_map(|(project, group_id)| Command::CreateServerGroup {
-            project,
-            group_id,
-            policy: GroupPolicy::AntiAffinity,
+        (project(), id(), 0u32..3).prop_map(|(project, group_id, max)| {
+            Command::CreateServerGroup {
+                project,
+                group_id,
+                policy: GroupPolicy::AntiAffinity,
+                max_per_node: (max > 0).then_some(max),
+            }
         }),
         (
             project(),

@@ -627,3 +627,97 @@ async fn update_project_changes_the_limits_its_mask_names() -> anyhow::Result<()
     env.member.stop().await?;
     Ok(())
 }
+
+/// A hard anti-affinity group allowing two members per node: four members
+/// on two nodes go exactly two and two, and a fifth has nowhere to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_affinity_with_two_per_node_spreads_four_over_two_nodes() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    env.admin
+        .iam
+        .update_project(iam::UpdateProjectRequest {
+            project: Some(iam::Project {
+                name: "projects/p1".into(),
+                quota: Some(iam::Quota {
+                    instances: 10,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["quota.instances".into()],
+            }),
+        })
+        .await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let _n1 = FakeNode::register(&env.admin, "n1", 8, 8192)
+        .await?
+        .keep_alive();
+    let _n2 = FakeNode::register(&env.admin, "n2", 8, 8192)
+        .await?
+        .keep_alive();
+    let group = |id: &str, policy: compute::GroupPolicy, max_per_node: u32| {
+        compute::CreateServerGroupRequest {
+            parent: "projects/p1".into(),
+            server_group_id: id.into(),
+            server_group: Some(compute::ServerGroup {
+                policy: policy as i32,
+                max_per_node,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        }
+    };
+    assert_err(
+        alice
+            .groups
+            .create_server_group(group("together", compute::GroupPolicy::Affinity, 2))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    let g = alice
+        .groups
+        .create_server_group(group("web", compute::GroupPolicy::AntiAffinity, 2))
+        .await?
+        .into_inner();
+    assert_eq!(g.max_per_node, 2);
+    let template = instance_template("small", "projects/p1/serverGroups/web");
+    alice
+        .instances
+        .batch_create_instances(compute::BatchCreateInstancesRequest {
+            parent: "projects/p1".into(),
+            instance_id: "web".into(),
+            count: 4,
+            instance: Some(template.clone()),
+            request_id: String::new(),
+        })
+        .await?;
+    let mut per_node = std::collections::BTreeMap::new();
+    for k in 1..=4 {
+        let i = wait_state(
+            &mut alice,
+            &format!("projects/p1/instances/web-{k}"),
+            compute::InstanceState::Scheduled,
+        )
+        .await?;
+        *per_node.entry(i.node).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_node.into_iter().collect::<Vec<_>>(),
+        [("nodes/n1".to_owned(), 2), ("nodes/n2".to_owned(), 2)]
+    );
+    let err = create(&mut alice, "web-5", template)
+        .await
+        .expect_err("both nodes hold two members");
+    let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
+    assert_eq!(reason(status), "NO_VALID_HOST");
+    assert!(
+        status.message().contains("anti-affinity"),
+        "{}",
+        status.message()
+    );
+    env.member.stop().await?;
+    Ok(())
+}

@@ -102,6 +102,7 @@ pub fn setup() -> Vec<Command> {
         project: "projects/a".into(),
         group_id: "g".into(),
         policy: GroupPolicy::AntiAffinity,
+        max_per_node: Some(2),
     });
     for (i, group) in [(1, Some("projects/a/serverGroups/g")), (2, None), (3, None)] {
         c.push(Command::CreateInstance {
@@ -303,6 +304,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         project: "projects/b".into(),
         group_id: "g2".into(),
         policy: GroupPolicy::Affinity,
+        max_per_node: None,
     });
     with_id.request_id = Some("req-1".into());
     with_id.fence_term = Some(TERM);
