@@ -10,7 +10,9 @@
 //!   create's own result after the failover, one instance, one VM;
 //! - a whole node killed: its HA instance restarts on the other node once
 //!   fenced, never two copies; its non-HA instance goes to ERROR;
-//! - tenant isolation.
+//! - tenant isolation;
+//! - an agent given one controller (the leader) carries on through the
+//!   others when it is killed.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -452,4 +454,106 @@ fn a_tenant_cannot_reach_another_projects_instances() {
         .wait_state("private", "RUNNING", UP)
         .expect("demo's instance is untouched");
     assert_eq!(i["name"], "private");
+}
+
+/// An agent given only the leader's address learns the other controllers
+/// from the answers; when that leader is killed, it carries on with the
+/// others and the new leader: its heartbeats keep its node UP past the
+/// node timeout, its VM is not fenced, and a new instance is assigned to
+/// it, started and reported RUNNING.
+#[test]
+fn an_agent_given_one_controller_carries_on_with_the_others_and_the_new_leader() {
+    if skip_without_kvm() {
+        return;
+    }
+    const NODE_TIMEOUT_MS: u64 = 6000;
+    let mut cloud = Cloud::start_with_env(
+        3,
+        0,
+        &[("NEPHELE_NODE_TIMEOUT_MS", &NODE_TIMEOUT_MS.to_string())],
+    )
+    .expect("start the cloud");
+    let leader = cloud
+        .controllers
+        .wait_leader(Duration::from_secs(20))
+        .expect("a leader");
+    let seed = cloud
+        .controllers
+        .members
+        .iter()
+        .find(|m| m.id == leader)
+        .expect("leader member");
+    let (seed_address, seed_pid) = (seed.address.clone(), seed.daemon.pid());
+    cloud
+        .add_node(std::slice::from_ref(&seed_address))
+        .expect("node-1 joins through the leader alone");
+    cloud
+        .neph(&[
+            "instance",
+            "create",
+            "before",
+            "--flavor",
+            "small",
+            "--image",
+            "test-guest",
+        ])
+        .expect("create");
+    cloud
+        .wait_state("before", "RUNNING", UP)
+        .expect("runs on node-1");
+
+    kill9(seed_pid);
+    let new_leader = cloud
+        .wait_for("a new leader", UP, |c| {
+            let seen: Vec<u64> = c
+                .controllers
+                .members
+                .iter()
+                .filter(|m| m.id != leader)
+                .map(|m| c.controllers.leader_seen_by(m))
+                .collect();
+            Ok(match seen.iter().find(|l| **l != 0 && **l != leader) {
+                Some(l) => Ok(*l),
+                None => Err(format!("leaders seen: {seen:?}")),
+            })
+        })
+        .expect("the others elect a leader");
+    eprintln!("controller {leader} killed, {new_leader} leads");
+
+    // A new instance goes to node-1 (the only node): its agent must watch
+    // and report through the surviving controllers.
+    cloud
+        .neph(&[
+            "instance",
+            "create",
+            "after",
+            "--flavor",
+            "small",
+            "--image",
+            "test-guest",
+        ])
+        .expect("create after the kill");
+    let after = cloud
+        .wait_state("after", "RUNNING", UP)
+        .expect("the agent runs what the new leader assigns");
+    assert_eq!(after["node"], "node-1");
+    console_round_trip(
+        &cloud,
+        "after",
+        "echo after-failover",
+        "ECHO after-failover",
+    );
+
+    // Heartbeats reach the new leader: well past the node timeout from
+    // its election, node-1 is still UP and its first VM still answers
+    // (neither marked down nor fenced).
+    std::thread::sleep(Duration::from_millis(2 * NODE_TIMEOUT_MS));
+    let n = cloud.admin(&["node", "get", "node-1"]).expect("node-1");
+    assert_eq!(n["state"], "UP", "{n}");
+    for id in ["before", "after"] {
+        let i = cloud.neph(&["instance", "get", id]).expect("get");
+        assert_eq!(i["state"], "RUNNING", "{i}");
+    }
+    console_round_trip(&cloud, "before", "echo still-running", "ECHO still-running");
+    assert_eq!(running_vms(&cloud).len(), 2);
 }
