@@ -113,8 +113,19 @@ struct Wait {
     #[arg(long)]
     wait: bool,
     /// Give up waiting after this many seconds (exit code 3).
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, visible_alias = "wait-timeout", default_value_t = 300)]
     timeout: u64,
+}
+
+/// `--wait` for `instance stop`, whose `--timeout` is the guest's.
+#[derive(Debug, Args)]
+struct StopWait {
+    /// Wait until the instance is stopped.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this many seconds (exit code 3).
+    #[arg(long, default_value_t = 300)]
+    wait_timeout: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,11 +144,12 @@ enum ProjectCmd {
     Get { id: String },
     /// List the projects you have a role in.
     List(Paging),
-    /// Change a project's quota (admins).
+    /// Change the limits given of a project's quota; the others stay
+    /// (admins).
     SetQuota {
         id: String,
         #[command(flatten)]
-        quota: QuotaArgs,
+        quota: QuotaChange,
     },
     /// Delete an empty project (admins).
     Delete { id: String },
@@ -157,6 +169,53 @@ struct QuotaArgs {
     /// Most disk, GiB.
     #[arg(long, default_value_t = 1000)]
     disk_gib: u64,
+}
+
+/// The limits `project set-quota` changes: only those given.
+#[derive(Debug, Args)]
+struct QuotaChange {
+    /// Most instances.
+    #[arg(long)]
+    instances: Option<u64>,
+    /// Most vCPUs.
+    #[arg(long)]
+    vcpus: Option<u64>,
+    /// Most memory, MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Most disk, GiB.
+    #[arg(long)]
+    disk_gib: Option<u64>,
+}
+
+impl QuotaChange {
+    /// The quota message and the update mask naming the limits given.
+    fn request(&self) -> Result<(iam::Quota, Vec<String>), CliError> {
+        let given = [
+            ("quota.instances", self.instances),
+            ("quota.vcpus", self.vcpus),
+            ("quota.memory_mib", self.memory_mib),
+            ("quota.disk_gib", self.disk_gib),
+        ];
+        let paths: Vec<String> = given
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(p, _)| (*p).to_owned())
+            .collect();
+        if paths.is_empty() {
+            return Err(CliError::Usage(
+                "give at least one limit to change: --instances, --vcpus, --memory-mib, --disk-gib"
+                    .into(),
+            ));
+        }
+        let quota = iam::Quota {
+            instances: self.instances.unwrap_or_default(),
+            vcpus: self.vcpus.unwrap_or_default(),
+            memory_mib: self.memory_mib.unwrap_or_default(),
+            disk_gib: self.disk_gib.unwrap_or_default(),
+        };
+        Ok((quota, paths))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,7 +281,8 @@ enum ImageCmd {
     /// Register an image (admins). Its content must be where compute nodes read images.
     Create {
         id: String,
-        /// pvh-elf, bzimage, raw or qcow2.
+        /// pvh-elf, bzimage or raw (qcow2 is not supported yet: convert it
+        /// with `qemu-img convert -O raw`).
         #[arg(long, default_value = "pvh-elf")]
         format: String,
         /// Take size and SHA-256 from this local file.
@@ -271,10 +331,16 @@ enum InstanceCmd {
     },
     /// List instances of the project (--all-projects: admins).
     List {
+        /// Only instances in this state (running, stopped, ...).
         #[arg(long)]
         state: Option<String>,
+        /// Only instances on this node.
         #[arg(long)]
         node: Option<String>,
+        /// Only instances carrying this label, key=value; repeatable (all
+        /// must match).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         #[arg(long)]
         all_projects: bool,
         #[command(flatten)]
@@ -287,13 +353,19 @@ enum InstanceCmd {
         #[command(flatten)]
         wait: Wait,
     },
-    /// Stop (the guest is asked to power off, forced after the node's timeout).
+    /// Stop: the guest is asked to power off and forced off after the
+    /// timeout.
     Stop {
         id: String,
+        /// Seconds the guest may take to power off before its VM is forced
+        /// off (default: the controllers', 30 s unless configured); 0
+        /// forces it off at once.
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
         #[command(flatten)]
         request: RequestId,
         #[command(flatten)]
-        wait: Wait,
+        wait: StopWait,
     },
     /// Reboot a running instance (its node boots it again).
     Reboot {
@@ -380,6 +452,9 @@ enum GroupCmd {
         /// affinity, anti-affinity, soft-affinity or soft-anti-affinity.
         #[arg(long, value_parser = ["affinity", "anti-affinity", "soft-affinity", "soft-anti-affinity"])]
         policy: String,
+        /// With anti-affinity: members allowed on one node (default 1).
+        #[arg(long, value_name = "N")]
+        max_per_node: Option<u32>,
     },
     Get {
         id: String,
@@ -393,6 +468,9 @@ enum GroupCmd {
 #[derive(Debug, Subcommand)]
 enum NodeCmd {
     List(Paging),
+    /// A node in full: capacity, what its instances hold (allocated), its
+    /// measured load and its instances by name.
+    #[command(visible_alias = "show")]
     Get {
         id: String,
     },
@@ -833,16 +911,15 @@ async fn project(c: &Ctx, cmd: ProjectCmd) -> Result<(), CliError> {
             c.rows(&all, records::project, "projects");
         }
         ProjectCmd::SetQuota { id, quota: q } => {
+            let (quota, paths) = q.request()?;
             c.show(
                 iam_c.update_project(iam::UpdateProjectRequest {
                     project: Some(iam::Project {
                         name: global_name("projects", &id),
-                        quota: Some(quota(&q)),
+                        quota: Some(quota),
                         ..Default::default()
                     }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["quota".into()],
-                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
                 }),
                 records::project,
             )
@@ -1227,7 +1304,8 @@ async fn finish(c: &Ctx, operations: Vec<ops::Operation>, wait: &Wait) -> Result
 #[derive(Debug, Clone, Copy)]
 enum Action {
     Start,
-    Stop,
+    /// With the graceful timeout in seconds, if given.
+    Stop(Option<u64>),
     Reboot,
     Delete,
 }
@@ -1244,10 +1322,13 @@ async fn act(
             ic.start_instance(compute::StartInstanceRequest { name, request_id })
                 .await
         }
-        Action::Stop => {
+        Action::Stop(timeout) => {
             ic.stop_instance(compute::StopInstanceRequest {
                 name,
-                timeout: None,
+                timeout: timeout.map(|s| prost_types::Duration {
+                    seconds: i64::try_from(s).unwrap_or(i64::MAX),
+                    nanos: 0,
+                }),
                 request_id,
             })
             .await
@@ -1359,9 +1440,11 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
         InstanceCmd::List {
             state,
             node,
+            labels,
             all_projects,
             paging,
         } => {
+            let labels: HashMap<String, String> = labels.into_iter().collect();
             let parent = if all_projects {
                 "projects/-".to_owned()
             } else {
@@ -1386,7 +1469,7 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
                     page_token: t.clone(),
                     state,
                     node: node.clone(),
-                    labels: Default::default(),
+                    labels: labels.clone(),
                 }),
                 instances
             );
@@ -1396,8 +1479,17 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
         InstanceCmd::Start { id, request, wait } => {
             lifecycle(c, Action::Start, &id, &request, &wait).await
         }
-        InstanceCmd::Stop { id, request, wait } => {
-            lifecycle(c, Action::Stop, &id, &request, &wait).await
+        InstanceCmd::Stop {
+            id,
+            timeout,
+            request,
+            wait,
+        } => {
+            let wait = Wait {
+                wait: wait.wait,
+                timeout: wait.wait_timeout,
+            };
+            lifecycle(c, Action::Stop(timeout), &id, &request, &wait).await
         }
         InstanceCmd::Reboot { id, request, wait } => {
             lifecycle(c, Action::Reboot, &id, &request, &wait).await
@@ -1447,7 +1539,11 @@ async fn instance(c: &Ctx, cmd: InstanceCmd) -> Result<(), CliError> {
 async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
     let mut gc = c.conn().groups();
     match cmd {
-        GroupCmd::Create { id, policy } => {
+        GroupCmd::Create {
+            id,
+            policy,
+            max_per_node,
+        } => {
             let policy = match policy.as_str() {
                 "affinity" => compute::GroupPolicy::Affinity,
                 "anti-affinity" => compute::GroupPolicy::AntiAffinity,
@@ -1460,6 +1556,7 @@ async fn group(c: &Ctx, cmd: GroupCmd) -> Result<(), CliError> {
                     server_group_id: id,
                     server_group: Some(compute::ServerGroup {
                         policy: policy as i32,
+                        max_per_node: max_per_node.unwrap_or(0),
                         ..Default::default()
                     }),
                     request_id: String::new(),
@@ -1517,15 +1614,14 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
             return Ok(());
         }
         NodeCmd::Get { id } => {
-            let n = nc
-                .get_node(infra::GetNodeRequest {
-                    name: global_name("nodes", &id),
-                })
-                .await?
-                .into_inner();
-            let mut r = records::node(&n);
-            r.push(("instance_names", serde_json::json!(n.instances)));
-            c.one(&r);
+            let request = infra::GetNodeRequest {
+                name: global_name("nodes", &id),
+            };
+            let mut n = nc.get_node(request.clone()).await?.into_inner();
+            if n.load.is_none() {
+                n.load = leader_load(c, request).await;
+            }
+            c.one(&records::node_detail(&n));
             return Ok(());
         }
         NodeCmd::Disable { id } => nc
@@ -1577,6 +1673,28 @@ async fn node(c: &Ctx, cmd: NodeCmd) -> Result<(), CliError> {
     };
     c.one(&records::node(&n));
     Ok(())
+}
+
+/// A node's measured load as the leader knows it. Loads are not
+/// replicated: each controller keeps those of the heartbeats it received,
+/// and agents send theirs to the leader. Best effort: `None` when the
+/// leader is unknown or does not answer.
+async fn leader_load(c: &Ctx, request: infra::GetNodeRequest) -> Option<infra::Load> {
+    let status = c
+        .conn()
+        .cluster()
+        .get_cluster_status(infra::GetClusterStatusRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    let leader = status.controllers.iter().find(|m| m.leader)?;
+    if leader.id == status.answered_by {
+        return None;
+    }
+    let conn = Conn::connect(&leader.address, c.token.clone(), &c.trust)
+        .await
+        .ok()?;
+    conn.nodes().get_node(request).await.ok()?.into_inner().load
 }
 
 async fn migration(c: &Ctx, cmd: MigrationCmd) -> Result<(), CliError> {
@@ -1839,6 +1957,42 @@ mod tests {
     #[test]
     fn the_grammar_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn stop_takes_the_guests_timeout_and_its_own_wait_timeout() {
+        let cli = Cli::try_parse_from([
+            "neph",
+            "instance",
+            "stop",
+            "web-1",
+            "--timeout",
+            "7",
+            "--wait",
+            "--wait-timeout",
+            "60",
+        ])
+        .unwrap();
+        let Cmd::Instance(InstanceCmd::Stop { timeout, wait, .. }) = cli.command else {
+            panic!("not a stop: {:?}", cli.command);
+        };
+        assert_eq!(timeout, Some(7));
+        assert!(wait.wait);
+        assert_eq!(wait.wait_timeout, 60);
+        let cli = Cli::try_parse_from(["neph", "instance", "stop", "web-1"]).unwrap();
+        let Cmd::Instance(InstanceCmd::Stop { timeout, wait, .. }) = cli.command else {
+            panic!("not a stop");
+        };
+        assert_eq!(timeout, None);
+        assert_eq!(wait.wait_timeout, 300);
+        // Everywhere else `--timeout` is the wait's, `--wait-timeout` too.
+        let cli =
+            Cli::try_parse_from(["neph", "instance", "start", "web-1", "--wait-timeout", "9"])
+                .unwrap();
+        let Cmd::Instance(InstanceCmd::Start { wait, .. }) = cli.command else {
+            panic!("not a start");
+        };
+        assert_eq!(wait.timeout, 9);
     }
 
     #[test]

@@ -168,6 +168,14 @@ pub fn group(g: &compute::ServerGroup) -> Record {
                 .into(),
         ),
         (
+            "max_per_node",
+            if g.policy == compute::GroupPolicy::AntiAffinity as i32 {
+                g.max_per_node.max(1).into()
+            } else {
+                Value::Null
+            },
+        ),
+        (
             "members",
             json!(g.members.iter().map(|m| short(m)).collect::<Vec<_>>()),
         ),
@@ -201,6 +209,45 @@ pub fn node(n: &infra::Node) -> Record {
                 .unwrap_or(Value::Null),
         ),
         ("last_heartbeat", time(n.last_heartbeat.as_ref())),
+    ]
+}
+
+/// One node in full (`neph node show`): capacity, allocated and measured
+/// load side by side, its instances by name.
+pub fn node_detail(n: &infra::Node) -> Record {
+    let amounts = |r: Option<&compute::Resources>| {
+        let (vcpus, memory_mib, disk_gib) = res(r);
+        json!({"vcpus": vcpus, "memory_mib": memory_mib, "disk_gib": disk_gib})
+    };
+    vec![
+        ("name", short(&n.name)),
+        (
+            "state",
+            infra::NodeState::try_from(n.state)
+                .map(|s| s.as_str_name().to_owned())
+                .unwrap_or_default()
+                .into(),
+        ),
+        ("address", n.address.clone().into()),
+        ("labels", json!(n.labels)),
+        ("capacity", amounts(n.capacity.as_ref())),
+        ("allocated", amounts(n.allocated.as_ref())),
+        (
+            "load",
+            n.load
+                .as_ref()
+                .map(|l| {
+                    json!({
+                        "cpu_busy": l.cpu_busy,
+                        "memory_used_mib": l.memory_used_mib,
+                        "running_vms": l.running_vms,
+                    })
+                })
+                .unwrap_or(Value::Null),
+        ),
+        ("instances", json!(n.instances)),
+        ("last_heartbeat", time(n.last_heartbeat.as_ref())),
+        ("created", time(n.create_time.as_ref())),
     ]
 }
 

@@ -182,6 +182,13 @@ impl Neph {
     }
 }
 
+/// The load the fake node reports with every heartbeat.
+const FAKE_LOAD: infra::Load = infra::Load {
+    cpu_busy: 0.25,
+    memory_used_mib: 64,
+    running_vms: 1,
+};
+
 /// Registers `nodes/n1` and heartbeats it in the background.
 fn fake_node(c: &Controller, token: &str) -> std::thread::JoinHandle<()> {
     fake_node_with(c, token, false)
@@ -302,7 +309,7 @@ fn fake_node_with(c: &Controller, token: &str, serve: bool) -> std::thread::Join
                 let beat = agent
                     .heartbeat(node::HeartbeatRequest {
                         node: "nodes/n1".into(),
-                        load: None,
+                        load: Some(FAKE_LOAD),
                         instances: vec![],
                     })
                     .await;
@@ -545,6 +552,50 @@ fn formats_exit_codes_and_errors() {
     assert_eq!(refused["resource"], "projects/p1/instances/web-1");
     let nodes = neph.json(&["node", "list"]);
     assert_eq!(nodes[0]["name"], "n1");
+}
+
+#[test]
+fn set_quota_changes_only_the_limits_given() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    neph.expect(
+        &[
+            "project",
+            "create",
+            "p1",
+            "--instances",
+            "5",
+            "--vcpus",
+            "7",
+            "--memory-mib",
+            "2048",
+            "--disk-gib",
+            "30",
+        ],
+        0,
+    );
+    let limits = |p: &serde_json::Value| {
+        ["instances", "vcpus", "memory_mib", "disk_gib"]
+            .map(|k| p[k].as_str().unwrap_or_default().to_owned())
+    };
+    let p = neph.json(&["project", "set-quota", "p1", "--instances", "50"]);
+    assert_eq!(limits(&p), ["0/50", "0/7", "0/2048", "0/30"], "{p}");
+    let p = neph.json(&[
+        "project",
+        "set-quota",
+        "p1",
+        "--vcpus",
+        "9",
+        "--disk-gib",
+        "40",
+    ]);
+    assert_eq!(limits(&p), ["0/50", "0/9", "0/2048", "0/40"], "{p}");
+    let p = neph.json(&["project", "get", "p1"]);
+    assert_eq!(limits(&p), ["0/50", "0/9", "0/2048", "0/40"], "{p}");
+    // Nothing to change is a usage error, before any call.
+    let (_, err) = neph.expect(&["project", "set-quota", "p1"], 2);
+    assert!(err.contains("--instances"), "{err}");
 }
 
 /// A controller that can never serve anything: its only peer does not
@@ -899,4 +950,119 @@ fn node_remove_takes_a_node_out_for_good() {
     assert!(err.contains("removed"), "{err}");
     let (_, err) = neph.expect(&["node", "remove", "n1"], 1);
     assert!(err.contains("removed"), "{err}");
+}
+
+#[test]
+fn instance_list_filters_by_label_state_and_node() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    neph.catalog();
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let _node = fake_node(&c, &token);
+    for (id, labels) in [
+        ("web-1", &["tier=web", "env=prod"][..]),
+        ("web-2", &["tier=web", "env=dev"]),
+        ("db-1", &["tier=db"]),
+    ] {
+        let mut args = vec![
+            "instance", "create", id, "--flavor", "small", "--image", "guest",
+        ];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        neph.expect(&args, 0);
+    }
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut a = vec!["instance", "list"];
+        a.extend(args);
+        neph.json(&a)
+            .as_array()
+            .expect("array")
+            .iter()
+            .filter_map(|i| i["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(names(&["--label", "tier=web"]), ["web-1", "web-2"]);
+    assert_eq!(
+        names(&["--label", "tier=web", "--label", "env=prod"]),
+        ["web-1"]
+    );
+    assert!(names(&["--label", "tier=cache"]).is_empty());
+    // The fake node runs nothing: once placed, all three wait SCHEDULED
+    // on n1.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut scheduled = names(&["--state", "scheduled", "--node", "n1"]);
+    while scheduled.len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        scheduled = names(&["--state", "scheduled", "--node", "n1"]);
+    }
+    assert_eq!(scheduled, ["db-1", "web-1", "web-2"]);
+    assert!(names(&["--state", "running"]).is_empty());
+    assert!(names(&["--node", "n2"]).is_empty());
+    assert_eq!(
+        names(&["--label", "tier=db", "--state", "scheduled"]),
+        ["db-1"]
+    );
+    let (_, err) = neph.expect(&["instance", "list", "--label", "tier"], 2);
+    assert!(err.contains("key=value"), "{err}");
+}
+
+#[test]
+fn node_show_has_instances_allocation_and_load() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let c = start_controller(data.path());
+    let neph = Neph::new(&c);
+    neph.catalog();
+    let token = std::fs::read_to_string(&c.token_file).expect("token file");
+    let _node = fake_node(&c, &token);
+    for id in ["web-1", "web-2"] {
+        neph.expect(
+            &[
+                "instance", "create", id, "--flavor", "small", "--image", "guest",
+            ],
+            0,
+        );
+    }
+    // Both placed on n1 (1 vCPU, 256 MiB, 0 GiB each) and a heartbeat with
+    // the fake node's load seen.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = neph.json(&["node", "show", "n1"]);
+    while (n["instances"].as_array().map_or(0, Vec::len) < 2 || n["load"].is_null())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+        n = neph.json(&["node", "show", "n1"]);
+    }
+    assert_eq!(n["name"], "n1");
+    assert_eq!(n["state"], "UP");
+    assert_eq!(
+        n["instances"],
+        serde_json::json!(["projects/p1/instances/web-1", "projects/p1/instances/web-2"]),
+        "{n}"
+    );
+    assert_eq!(
+        n["allocated"],
+        serde_json::json!({"vcpus": 2, "memory_mib": 512, "disk_gib": 0}),
+        "{n}"
+    );
+    assert_eq!(
+        n["capacity"],
+        serde_json::json!({"vcpus": 4, "memory_mib": 4096, "disk_gib": 100}),
+        "{n}"
+    );
+    assert_eq!(
+        n["load"],
+        serde_json::json!({"cpu_busy": 0.25, "memory_used_mib": 64, "running_vms": 1}),
+        "{n}"
+    );
+    // `get` is the same command; the table names every part.
+    assert_eq!(
+        neph.json(&["node", "get", "n1"])["instances"],
+        n["instances"]
+    );
+    let (table, _) = neph.expect(&["node", "show", "n1"], 0);
+    for part in ["ALLOCATED", "LOAD", "INSTANCES", "web-2", "running_vms=1"] {
+        assert!(table.contains(part), "{part} missing from {table}");
+    }
 }

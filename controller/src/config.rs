@@ -13,6 +13,9 @@
 //! election_ticks = 10
 //! node_timeout_ms = 10000
 //! fence_lease_ms = 10000
+//! # How long a stop lets the guest power off before its node forces the
+//! # VM off, when the stop request does not say.
+//! default_stop_timeout_ms = 30000
 //! # Automatic load balancing: act when the imbalance (standard deviation
 //! # of node CPU utilisation, in percentage points; 0 turns it off) stays
 //! # above the threshold for the window; then wait the cooldown.
@@ -47,6 +50,7 @@
 //! | `--node-timeout-ms` | `NEPHELE_NODE_TIMEOUT_MS` | `node_timeout_ms` |
 //! | `--fence-lease-ms` | `NEPHELE_FENCE_LEASE_MS` | `fence_lease_ms` |
 //! | `--node-cert-validity-s` | `NEPHELE_NODE_CERT_VALIDITY_S` | `node_cert_validity_s` |
+//! | `--default-stop-timeout-ms` | `NEPHELE_DEFAULT_STOP_TIMEOUT_MS` | `default_stop_timeout_ms` |
 //! | `--rebalance-threshold-pct` | `NEPHELE_REBALANCE_THRESHOLD_PCT` | `rebalance_threshold_pct` |
 //! | `--rebalance-window-ms` | `NEPHELE_REBALANCE_WINDOW_MS` | `rebalance_window_ms` |
 //! | `--rebalance-cooldown-ms` | `NEPHELE_REBALANCE_COOLDOWN_MS` | `rebalance_cooldown_ms` |
@@ -133,6 +137,11 @@ pub struct Flags {
     /// seconds (default one year; agents renew at two thirds of it).
     #[arg(long, env = "NEPHELE_NODE_CERT_VALIDITY_S")]
     pub node_cert_validity_s: Option<u64>,
+    /// How long a stop lets the guest power off before its node forces the
+    /// VM off, in milliseconds, when the stop request does not say
+    /// (default 30000, at most an hour).
+    #[arg(long, env = "NEPHELE_DEFAULT_STOP_TIMEOUT_MS")]
+    pub default_stop_timeout_ms: Option<u64>,
     /// Node CPU imbalance (standard deviation of utilisation, percentage
     /// points) above which the leader rebalances; 0 turns it off.
     #[arg(long, env = "NEPHELE_REBALANCE_THRESHOLD_PCT")]
@@ -240,6 +249,8 @@ pub struct FileConfig {
     pub fence_lease_ms: Option<u64>,
     /// See [`Flags::node_cert_validity_s`].
     pub node_cert_validity_s: Option<u64>,
+    /// See [`Flags::default_stop_timeout_ms`].
+    pub default_stop_timeout_ms: Option<u64>,
     /// See [`Flags::rebalance_threshold_pct`].
     pub rebalance_threshold_pct: Option<u32>,
     /// See [`Flags::rebalance_window_ms`].
@@ -287,6 +298,8 @@ pub struct ControllerConfig {
     pub fence_lease: Duration,
     /// Validity of the node certificates this controller signs.
     pub node_cert_validity: Duration,
+    /// Graceful stop time when a stop request does not say.
+    pub default_stop_timeout: Duration,
     /// Rebalance threshold in percentage points (0: off).
     pub rebalance_threshold_pct: u32,
     /// How long an imbalance lasts before the balancer acts.
@@ -427,6 +440,16 @@ impl ControllerConfig {
                 "node_cert_validity_s must be at least 10".into(),
             ));
         }
+        let default_stop_timeout_ms = flags
+            .default_stop_timeout_ms
+            .or(file.default_stop_timeout_ms)
+            .unwrap_or(30_000);
+        if default_stop_timeout_ms > nephele_state::MAX_STOP_TIMEOUT_MS {
+            return Err(LoadConfigError::Invalid(format!(
+                "default_stop_timeout_ms must be at most {} (an hour)",
+                nephele_state::MAX_STOP_TIMEOUT_MS
+            )));
+        }
         let rebalance_threshold_pct = flags
             .rebalance_threshold_pct
             .or(file.rebalance_threshold_pct)
@@ -514,6 +537,7 @@ impl ControllerConfig {
             node_timeout: Duration::from_millis(node_timeout_ms),
             fence_lease: Duration::from_millis(fence_lease_ms),
             node_cert_validity: Duration::from_secs(node_cert_validity_s),
+            default_stop_timeout: Duration::from_millis(default_stop_timeout_ms),
             rebalance_threshold_pct,
             rebalance_window: Duration::from_millis(
                 flags
@@ -583,6 +607,18 @@ mod tests {
         let c = ControllerConfig::merge(&flags, file).unwrap();
         assert_eq!(c.node_timeout, Duration::from_millis(900));
         assert_eq!(c.fence_lease, Duration::from_millis(700));
+        assert_eq!(c.default_stop_timeout, Duration::from_secs(30));
+        let file: FileConfig = toml::from_str(
+            "id = 1\nlisten = \"127.0.0.1:1\"\ndata_dir = \"d\"\ndefault_stop_timeout_ms = 4000",
+        )
+        .unwrap();
+        let c = ControllerConfig::merge(&flags, file.clone()).unwrap();
+        assert_eq!(c.default_stop_timeout, Duration::from_secs(4));
+        let hours = Flags {
+            default_stop_timeout_ms: Some(2 * 3600 * 1000),
+            ..flags.clone()
+        };
+        assert!(ControllerConfig::merge(&hours, file).is_err());
         let too_short = Flags {
             node_timeout_ms: Some(5),
             ..flags

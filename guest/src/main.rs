@@ -81,6 +81,7 @@ pub extern "C" fn rust_main(start_info: u32) -> ! {
         nic: None,
         rng: None,
         dirtier: hw::workload::Dirtier::new(region),
+        ignore_power_button: false,
     };
     let mut bars_assigned = None;
     for d in pci_bus.devices() {

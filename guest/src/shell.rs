@@ -51,6 +51,12 @@ pub enum Command<'a> {
     Poweroff,
     /// `reboot`
     Reboot,
+    /// `powerbutton ignore|obey`: whether the host's shutdown request
+    /// (the power button) is ignored.
+    PowerButton {
+        /// Ignore it (a guest that will not shut down).
+        ignore: bool,
+    },
     /// `blk info`
     BlkInfo,
     /// `blk read LBA`
@@ -125,6 +131,7 @@ pub enum ParseCommandError<'a> {
 /// One-line usage of every command, for `help`.
 pub const HELP: &[&str] = &[
     "help | info | pci | uptime | echo TEXT | poweroff | reboot",
+    "powerbutton ignore | powerbutton obey",
     "blk info | blk read LBA | blk write LBA PATTERN | blk flush",
     "rng N | net | ping IP [COUNT [INTERVAL_MS]]",
     "dirty MIB MIB_PER_S | dirty stop | dirty status",
@@ -164,6 +171,8 @@ pub fn parse_command(line: &str) -> Result<Command<'_>, ParseCommandError<'_>> {
         ("uptime", []) => Some(C::Uptime),
         ("poweroff", []) => Some(C::Poweroff),
         ("reboot", []) => Some(C::Reboot),
+        ("powerbutton", ["ignore"]) => Some(C::PowerButton { ignore: true }),
+        ("powerbutton", ["obey"]) => Some(C::PowerButton { ignore: false }),
         ("net", []) => Some(C::Net),
         ("echo", _) => {
             // The text is the rest of the line as typed (commas kept), after
@@ -227,6 +236,7 @@ pub fn parse_command(line: &str) -> Result<Command<'_>, ParseCommandError<'_>> {
     Err(match cmd {
         "help" | "info" | "pci" | "uptime" | "poweroff" | "reboot" | "net" => Usage("no arguments"),
         "blk" => Usage("blk info | blk read LBA | blk write LBA PATTERN | blk flush"),
+        "powerbutton" => Usage("powerbutton ignore | powerbutton obey"),
         "rng" => Usage("rng N (1..=4096)"),
         "ping" => Usage("ping IP [COUNT (1..=10000) [INTERVAL_MS (0..=60000)]]"),
         "dirty" => Usage("dirty MIB MIB_PER_S | dirty stop | dirty status"),
@@ -374,6 +384,14 @@ mod tests {
         assert_eq!(parse_command("echo,hi"), Ok(Command::Echo("hi")));
         assert_eq!(parse_command("echo a,b"), Ok(Command::Echo("a,b")));
         assert_eq!(parse_command("echo"), Ok(Command::Echo("")));
+        assert_eq!(
+            parse_command("powerbutton ignore"),
+            Ok(Command::PowerButton { ignore: true })
+        );
+        assert_eq!(
+            parse_command("powerbutton,obey"),
+            Ok(Command::PowerButton { ignore: false })
+        );
     }
 
     #[test]
@@ -417,6 +435,14 @@ mod tests {
         ));
         assert!(matches!(
             parse_command("diskwrite 1 0 3"),
+            Err(ParseCommandError::Usage(_))
+        ));
+        assert!(matches!(
+            parse_command("powerbutton"),
+            Err(ParseCommandError::Usage(_))
+        ));
+        assert!(matches!(
+            parse_command("powerbutton press"),
             Err(ParseCommandError::Usage(_))
         ));
     }

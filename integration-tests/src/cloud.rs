@@ -60,6 +60,8 @@ pub struct Node {
     pub address: String,
     pub data_dir: PathBuf,
     pub agent: Option<Daemon>,
+    /// The controller addresses its agent is given; empty: every one.
+    pub controllers: Vec<String>,
 }
 
 /// Controllers, nodes and the CLI's settings.
@@ -115,16 +117,8 @@ impl Cloud {
             project: "demo".into(),
             dir,
         };
-        for i in 1..=nodes {
-            let port = free_port()?;
-            let node = Node {
-                id: format!("node-{i}"),
-                address: format!("127.0.0.1:{port}"),
-                data_dir: cloud.dir.path().join(format!("node-{i}")),
-                agent: None,
-            };
-            cloud.nodes.push(node);
-            cloud.start_agent(i - 1)?;
+        for _ in 0..nodes {
+            cloud.push_node(Vec::new())?;
         }
         cloud.admin(&["project", "create", "demo", "--instances", "20"])?;
         cloud.admin(&[
@@ -160,6 +154,34 @@ impl Cloud {
                 .ok_or(format!("{up} of {n} nodes UP")))
         })?;
         Ok(cloud)
+    }
+
+    /// Adds node `node-{n+1}` whose agent is given only `controllers`,
+    /// starts it and waits until it is UP; returns its index.
+    pub fn add_node(&mut self, controllers: &[String]) -> Result<usize, CloudError> {
+        let i = self.push_node(controllers.to_vec())?;
+        let id = self.nodes[i].id.clone();
+        self.wait_for(&format!("{id} UP"), Duration::from_secs(30), |c| {
+            let n = c.admin(&["node", "get", &id])?;
+            Ok((n["state"] == "UP")
+                .then_some(())
+                .ok_or(format!("{id} is {}", n["state"])))
+        })?;
+        Ok(i)
+    }
+
+    fn push_node(&mut self, controllers: Vec<String>) -> Result<usize, CloudError> {
+        let i = self.nodes.len();
+        let port = free_port()?;
+        self.nodes.push(Node {
+            id: format!("node-{}", i + 1),
+            address: format!("127.0.0.1:{port}"),
+            data_dir: self.dir.path().join(format!("node-{}", i + 1)),
+            agent: None,
+            controllers,
+        });
+        self.start_agent(i)?;
+        Ok(i)
     }
 
     /// Starts (or restarts) the agent of node `i`.
@@ -212,7 +234,12 @@ impl Cloud {
             cmd.env("NEPHELE_JOIN_TOKEN", t);
         }
         cmd.envs(env.iter().copied());
-        for c in self.controllers.endpoints() {
+        let controllers = if node.controllers.is_empty() {
+            self.controllers.endpoints()
+        } else {
+            node.controllers.clone()
+        };
+        for c in controllers {
             cmd.args(["--controller", &c]);
         }
         let agent = spawn_until(cmd, "LISTENING", &format!("neph-node {}", node.id))?;
@@ -227,11 +254,17 @@ impl Cloud {
         }
     }
 
-    /// Kills node `i` whole: its agent and every VM it started.
+    /// Kills node `i` whole: its agent and every VM it started, and waits
+    /// (up to 30 s) until those VMs are gone: a SIGKILLed process takes a
+    /// moment to end.
     pub fn kill_node(&mut self, i: usize) {
         self.kill_agent(i);
         for pid in self.vm_pids(i) {
             kill9(pid);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.vm_pids(i).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -255,13 +288,14 @@ impl Cloud {
     /// Types `line` into `instance`'s console through `neph instance
     /// console` (stdin a pipe, closed after the line: the CLI exits once
     /// the output settles, or is killed after 30 s) and returns its stdout
-    /// and stderr.
+    /// and stderr. Given every controller, the CLI uses the first that
+    /// answers.
     pub fn console(&self, instance: &str, line: &str) -> (String, String) {
         use std::io::Write as _;
         use std::process::Stdio;
         let spawned = Command::new(workspace_binary("neph"))
             .env_remove("NEPHELE_PROFILE")
-            .args(["--endpoint", &self.controllers.members[0].address])
+            .args(["--endpoint", &self.controllers.endpoints().join(",")])
             .arg("--token-file")
             .arg(&self.token_file)
             .arg("--ca-file")

@@ -2,6 +2,17 @@
 //! `neph-controller` processes (3, Raft), real `neph-node` agents (2) that
 //! boot the project's test guest with `neph-vmm`, driven by the `neph` CLI.
 //! Each test skips with its reason where /dev/kvm is missing.
+//!
+//! - a hard anti-affinity group (two per node) spreads 4 instances 2 and 2
+//!   and refuses a fifth; `node show`; console; stop, start, reboot,
+//!   delete; kill -9 of an agent and re-adoption;
+//! - the leader killed during a create: the same request id answers the
+//!   create's own result after the failover, one instance, one VM;
+//! - a whole node killed: its HA instance restarts on the other node once
+//!   fenced, never two copies; its non-HA instance goes to ERROR;
+//! - tenant isolation;
+//! - an agent given one controller (the leader) carries on through the
+//!   others when it is killed.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -34,40 +45,83 @@ fn tenant_lifecycle_spread_console_and_agent_restart() {
         return;
     }
     let mut cloud = Cloud::start(3, 2).expect("start the cloud");
-    cloud
-        .neph(&["group", "create", "web", "--policy", "soft-anti-affinity"])
+    // Hard anti-affinity, at most two members per node: four members on
+    // two nodes can only go two and two.
+    let g = cloud
+        .neph(&[
+            "group",
+            "create",
+            "web",
+            "--policy",
+            "anti-affinity",
+            "--max-per-node",
+            "2",
+        ])
         .expect("create a group");
-    for k in 1..=4 {
-        let id = format!("web-{k}");
-        cloud
-            .neph(&[
+    assert_eq!(g["max_per_node"], 2, "{g}");
+    let create = |id: &str| {
+        cloud.neph_raw(
+            &[
                 "instance",
                 "create",
-                &id,
+                id,
                 "--flavor",
                 "small",
                 "--image",
                 "test-guest",
                 "--group",
                 "web",
-            ])
-            .expect("create an instance");
+            ],
+            true,
+        )
+    };
+    for k in 1..=4 {
+        let (code, out, err) = create(&format!("web-{k}"));
+        assert_eq!(code, 0, "create web-{k}: {out} {err}");
     }
-    let mut per_node = std::collections::BTreeMap::new();
+    let mut per_node = std::collections::BTreeMap::<String, Vec<String>>::new();
     for k in 1..=4 {
         let i = cloud
             .wait_state(&format!("web-{k}"), "RUNNING", UP)
             .expect("instance runs");
-        *per_node
+        per_node
             .entry(i["node"].as_str().unwrap_or_default().to_string())
-            .or_insert(0) += 1;
+            .or_default()
+            .push(format!("web-{k}"));
     }
     assert_eq!(
-        per_node.values().copied().collect::<Vec<_>>(),
+        per_node.values().map(Vec::len).collect::<Vec<_>>(),
         vec![2, 2],
-        "soft anti-affinity spreads 4 instances 2 and 2: {per_node:?}"
+        "the group spreads 4 instances 2 and 2: {per_node:?}"
     );
     assert_eq!(running_vms(&cloud).len(), 4, "one neph-vmm per instance");
+    // A fifth member has no node left.
+    let (code, _, err) = create("web-5");
+    assert_eq!(code, 1, "a fifth member was accepted: {err}");
+    assert!(
+        err.contains("NO_VALID_HOST") && err.contains("anti-affinity"),
+        "{err}"
+    );
+
+    // `neph node show`: each node's instances by name, what they hold, and
+    // the load it measures (2 VMs each).
+    for (node, names) in &per_node {
+        let want: Vec<String> = names
+            .iter()
+            .map(|n| format!("projects/demo/instances/{n}"))
+            .collect();
+        let shown = cloud
+            .wait_for(&format!("{node} measured"), UP, |c| {
+                let n = c.admin(&["node", "show", node])?;
+                Ok((n["load"]["running_vms"] == 2)
+                    .then(|| n.clone())
+                    .ok_or(format!("{n}")))
+            })
+            .expect("node show");
+        assert_eq!(shown["instances"], serde_json::json!(want), "{shown}");
+        assert_eq!(shown["allocated"]["vcpus"], 2, "{shown}");
+        assert_eq!(shown["allocated"]["memory_mib"], 256, "{shown}");
+    }
 
     // The console: type a command, read its answer.
     console_round_trip(&cloud, "web-1", "echo hello-console", "ECHO hello-console");
@@ -168,27 +222,43 @@ fn tenant_lifecycle_spread_console_and_agent_restart() {
     }
 }
 
+/// `neph instance create ID --request-id RID` (as JSON on success).
+fn create_args<'a>(id: &'a str, rid: &'a str) -> [&'a str; 9] {
+    [
+        "instance",
+        "create",
+        id,
+        "--flavor",
+        "small",
+        "--image",
+        "test-guest",
+        "--request-id",
+        rid,
+    ]
+}
+
+/// The operation name in a create's JSON answer.
+fn operation_name(out: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(out)
+        .ok()
+        .and_then(|v| v["name"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no operation in {out:?}"))
+}
+
 #[test]
 fn leader_killed_during_a_create_starts_the_instance_once() {
     if skip_without_kvm() {
         return;
     }
     let cloud = Cloud::start(3, 2).expect("start the cloud");
+    // A create answered before the failover...
+    let (code, out, err) = cloud.neph_raw(&create_args("first", "create-first-1"), true);
+    assert_eq!(code, 0, "{out} {err}");
+    let first_op = operation_name(&out);
     let leader = cloud
         .controllers
         .wait_leader(Duration::from_secs(20))
         .expect("a leader");
-    let args = [
-        "instance",
-        "create",
-        "once",
-        "--flavor",
-        "small",
-        "--image",
-        "test-guest",
-        "--request-id",
-        "create-once-1",
-    ];
     let leader_pid = cloud
         .controllers
         .members
@@ -197,7 +267,8 @@ fn leader_killed_during_a_create_starts_the_instance_once() {
         .expect("leader member")
         .daemon
         .pid();
-    // Start the create and kill the leader while it is in flight.
+    // ...and one in flight while the leader is killed.
+    let args = create_args("once", "create-once-1");
     let creating = std::thread::scope(|s| {
         let c = &cloud;
         let h = s.spawn(move || c.neph_raw(&args, true));
@@ -206,24 +277,44 @@ fn leader_killed_during_a_create_starts_the_instance_once() {
         h.join().expect("create thread")
     });
     eprintln!("first create attempt: {creating:?}");
-    // The client retries with the same request id, as `neph` would.
-    cloud
+    // The client retries with the same request id, as `neph` would: it
+    // must get the create's own answer, never ALREADY_EXISTS (which would
+    // mean the retry was taken for a second create).
+    let retried = cloud
         .wait_for("the retried create", UP, |c| {
             let (code, out, err) = c.neph_raw(&args, true);
-            Ok(if code == 0 || err.contains("ALREADY_EXISTS") {
-                Ok(())
+            assert!(
+                !err.contains("ALREADY_EXISTS"),
+                "a retry with the same request id was refused as a duplicate: {err}"
+            );
+            Ok(if code == 0 {
+                Ok(operation_name(&out))
             } else {
                 Err(format!("exit {code}: {out} {err}"))
             })
         })
         .expect("retry succeeds");
-    cloud
-        .wait_state("once", "RUNNING", UP)
-        .expect("the instance runs");
+    if creating.0 == 0 {
+        assert_eq!(
+            operation_name(&creating.1),
+            retried,
+            "the retry answered another operation"
+        );
+    }
+    // The create answered before the kill, asked again with its request
+    // id after the failover: the first answer, not a second create.
+    let (code, out, err) = cloud.neph_raw(&create_args("first", "create-first-1"), true);
+    assert_eq!(code, 0, "retry of an answered create after failover: {err}");
+    assert_eq!(operation_name(&out), first_op);
+    for id in ["first", "once"] {
+        cloud
+            .wait_state(id, "RUNNING", UP)
+            .expect("the instance runs");
+    }
     std::thread::sleep(Duration::from_secs(3));
     let list = cloud.neph(&["instance", "list"]).expect("list");
-    assert_eq!(items(&list, "instances").len(), 1, "one instance: {list}");
-    assert_eq!(running_vms(&cloud).len(), 1, "exactly one VM runs");
+    assert_eq!(items(&list, "instances").len(), 2, "two instances: {list}");
+    assert_eq!(running_vms(&cloud).len(), 2, "exactly one VM each");
 }
 
 #[test]
@@ -232,6 +323,11 @@ fn ha_instance_restarts_elsewhere_once_its_node_is_fenced() {
         return;
     }
     let mut cloud = Cloud::start(3, 2).expect("start the cloud");
+    // Both instances on node-1 (node-2 takes none meanwhile), so the node
+    // killed holds the non-HA one too.
+    cloud
+        .admin(&["node", "disable", "node-2"])
+        .expect("disable node-2");
     for id in ["ha-1", "plain-1"] {
         let mut args = vec![
             "instance",
@@ -247,48 +343,45 @@ fn ha_instance_restarts_elsewhere_once_its_node_is_fenced() {
         }
         cloud.neph(&args).expect("create");
     }
-    let first = cloud.wait_state("ha-1", "RUNNING", UP).expect("runs");
-    let dead = first["node"].as_str().unwrap_or_default().to_string();
-    let dead_i = cloud
-        .nodes
-        .iter()
-        .position(|n| n.id == dead)
-        .expect("known node");
-    cloud.kill_node(dead_i);
+    for id in ["ha-1", "plain-1"] {
+        let i = cloud.wait_state(id, "RUNNING", UP).expect("runs");
+        assert_eq!(i["node"], "node-1", "{i}");
+    }
+    cloud
+        .admin(&["node", "enable", "node-2"])
+        .expect("enable node-2");
+    cloud.kill_node(0);
     let killed_at = Instant::now();
     let moved = cloud
-        .wait_for(
-            "ha-1 running on the other node",
-            Duration::from_secs(90),
-            |c| {
-                let i = c.neph(&["instance", "get", "ha-1"])?;
-                // Never two copies: while it is away from the dead node, only the
-                // survivor may run it.
-                let copies = running_vms(c).len();
-                if copies > 2 {
-                    return Ok(Err(format!("{copies} VMs for 2 instances")));
-                }
-                Ok(if i["state"] == "RUNNING" && i["node"] != dead.as_str() {
-                    Ok(i)
-                } else {
-                    Err(format!("{} on {}", i["state"], i["node"]))
-                })
-            },
-        )
+        .wait_for("ha-1 running on node-2", Duration::from_secs(90), |c| {
+            // Never two copies: node-1's VMs are gone, so at most the
+            // restarted ha-1 runs, on node-2.
+            let copies = running_vms(c);
+            assert!(copies.len() <= 1, "VMs after the kill: {copies:?}");
+            let i = c.neph(&["instance", "get", "ha-1"])?;
+            Ok(if i["state"] == "RUNNING" && i["node"] == "node-2" {
+                Ok(i)
+            } else {
+                Err(format!("{} on {}", i["state"], i["node"]))
+            })
+        })
         .expect("the HA instance comes back");
     eprintln!(
         "ha-1 back on {} after {:?}",
         moved["node"],
         killed_at.elapsed()
     );
-    assert!(cloud.vm_pids(dead_i).is_empty());
-    let plain = cloud.neph(&["instance", "get", "plain-1"]).expect("get");
-    if plain["node"] == dead.as_str() {
-        assert_eq!(
-            plain["state"], "ERROR",
-            "a non-HA instance on a dead node: {plain}"
-        );
-    }
+    assert!(cloud.vm_pids(0).is_empty());
+    let vms = running_vms(&cloud);
+    assert!(
+        matches!(vms.as_slice(), [(1, _)]),
+        "one VM, on node-2: {vms:?}"
+    );
+    // The non-HA instance of the dead node is not restarted: ERROR.
+    let plain = cloud
+        .wait_state("plain-1", "ERROR", Duration::from_secs(90))
+        .expect("a non-HA instance on a dead node goes to ERROR");
+    assert_eq!(plain["node"], "node-1", "{plain}");
 }
 
 #[test]
@@ -361,4 +454,106 @@ fn a_tenant_cannot_reach_another_projects_instances() {
         .wait_state("private", "RUNNING", UP)
         .expect("demo's instance is untouched");
     assert_eq!(i["name"], "private");
+}
+
+/// An agent given only the leader's address learns the other controllers
+/// from the answers; when that leader is killed, it carries on with the
+/// others and the new leader: its heartbeats keep its node UP past the
+/// node timeout, its VM is not fenced, and a new instance is assigned to
+/// it, started and reported RUNNING.
+#[test]
+fn an_agent_given_one_controller_carries_on_with_the_others_and_the_new_leader() {
+    if skip_without_kvm() {
+        return;
+    }
+    const NODE_TIMEOUT_MS: u64 = 6000;
+    let mut cloud = Cloud::start_with_env(
+        3,
+        0,
+        &[("NEPHELE_NODE_TIMEOUT_MS", &NODE_TIMEOUT_MS.to_string())],
+    )
+    .expect("start the cloud");
+    let leader = cloud
+        .controllers
+        .wait_leader(Duration::from_secs(20))
+        .expect("a leader");
+    let seed = cloud
+        .controllers
+        .members
+        .iter()
+        .find(|m| m.id == leader)
+        .expect("leader member");
+    let (seed_address, seed_pid) = (seed.address.clone(), seed.daemon.pid());
+    cloud
+        .add_node(std::slice::from_ref(&seed_address))
+        .expect("node-1 joins through the leader alone");
+    cloud
+        .neph(&[
+            "instance",
+            "create",
+            "before",
+            "--flavor",
+            "small",
+            "--image",
+            "test-guest",
+        ])
+        .expect("create");
+    cloud
+        .wait_state("before", "RUNNING", UP)
+        .expect("runs on node-1");
+
+    kill9(seed_pid);
+    let new_leader = cloud
+        .wait_for("a new leader", UP, |c| {
+            let seen: Vec<u64> = c
+                .controllers
+                .members
+                .iter()
+                .filter(|m| m.id != leader)
+                .map(|m| c.controllers.leader_seen_by(m))
+                .collect();
+            Ok(match seen.iter().find(|l| **l != 0 && **l != leader) {
+                Some(l) => Ok(*l),
+                None => Err(format!("leaders seen: {seen:?}")),
+            })
+        })
+        .expect("the others elect a leader");
+    eprintln!("controller {leader} killed, {new_leader} leads");
+
+    // A new instance goes to node-1 (the only node): its agent must watch
+    // and report through the surviving controllers.
+    cloud
+        .neph(&[
+            "instance",
+            "create",
+            "after",
+            "--flavor",
+            "small",
+            "--image",
+            "test-guest",
+        ])
+        .expect("create after the kill");
+    let after = cloud
+        .wait_state("after", "RUNNING", UP)
+        .expect("the agent runs what the new leader assigns");
+    assert_eq!(after["node"], "node-1");
+    console_round_trip(
+        &cloud,
+        "after",
+        "echo after-failover",
+        "ECHO after-failover",
+    );
+
+    // Heartbeats reach the new leader: well past the node timeout from
+    // its election, node-1 is still UP and its first VM still answers
+    // (neither marked down nor fenced).
+    std::thread::sleep(Duration::from_millis(2 * NODE_TIMEOUT_MS));
+    let n = cloud.admin(&["node", "get", "node-1"]).expect("node-1");
+    assert_eq!(n["state"], "UP", "{n}");
+    for id in ["before", "after"] {
+        let i = cloud.neph(&["instance", "get", id]).expect("get");
+        assert_eq!(i["state"], "RUNNING", "{i}");
+    }
+    console_round_trip(&cloud, "before", "echo still-running", "ECHO still-running");
+    assert_eq!(running_vms(&cloud).len(), 2);
 }

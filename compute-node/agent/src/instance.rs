@@ -357,13 +357,17 @@ pub fn image_files(
 
 /// Creates the instance's disk at `path` unless it exists: a sparse file
 /// of `size_gib`, holding a sparse copy of `seed` (a raw image) if given.
-/// Returns `None` when the instance has no disk (no size, no seed).
+/// An existing disk smaller than `size_gib` (the instance was resized to a
+/// flavor with more disk) grows to it, sparsely, its data kept; a disk
+/// never shrinks. Returns `None` when the instance has no disk (no size,
+/// no seed).
 pub fn prepare_disk(
     path: &Path,
     size_gib: u64,
     seed: Option<&Path>,
 ) -> Result<Option<PathBuf>, PrepareError> {
     if path.exists() {
+        grow_disk(path, size_gib.saturating_mul(1 << 30))?;
         return Ok(Some(path.to_owned()));
     }
     if size_gib == 0 && seed.is_none() {
@@ -383,6 +387,22 @@ pub fn prepare_disk(
     out.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
     Ok(Some(path.to_owned()))
+}
+
+/// Grows the disk at `path` to `want` bytes if it is smaller.
+fn grow_disk(path: &Path, want: u64) -> Result<(), PrepareError> {
+    let io = |e| PrepareError::Io(path.to_owned(), e);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    if len < want {
+        f.set_len(want).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        tracing::info!(disk = %path.display(), from = len, to = want, "disk grown to the flavor's size");
+    }
+    Ok(())
 }
 
 /// Copies `src` to `dst`, seeking over all-zero blocks so the copy stays
@@ -596,10 +616,21 @@ mod tests {
             "not sparse: {} blocks",
             meta.blocks()
         );
-        // An existing disk is kept as it is.
+        // An existing disk keeps its data (the seed is not copied again)
+        // and grows to a larger flavor's size, still sparse; it never
+        // shrinks.
         std::fs::write(&disk, b"mine").unwrap();
-        prepare_disk(&disk, 1, Some(&seed)).unwrap();
+        prepare_disk(&disk, 0, Some(&seed)).unwrap();
         assert_eq!(std::fs::read(&disk).unwrap(), b"mine");
+        prepare_disk(&disk, 2, Some(&seed)).unwrap();
+        let meta = std::fs::metadata(&disk).unwrap();
+        assert_eq!(meta.len(), 2 << 30);
+        assert!(meta.blocks() * 512 < 1 << 20, "grown, not sparse");
+        let mut head = [0u8; 4];
+        std::io::Read::read_exact(&mut std::fs::File::open(&disk).unwrap(), &mut head).unwrap();
+        assert_eq!(&head, b"mine");
+        prepare_disk(&disk, 1, None).unwrap();
+        assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2 << 30);
         assert_eq!(prepare_disk(&d.path().join("none"), 0, None).unwrap(), None);
     }
 

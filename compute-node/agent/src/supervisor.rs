@@ -268,7 +268,8 @@ pub fn decide(
             },
         },
         DesiredState::DesiredStopped => match have {
-            Some(h) if h.fenced => Action::Stop(None),
+            // Fenced, or a stop that asked for no grace: off at once.
+            Some(h) if h.fenced || w.stop_timeout.is_zero() => Action::Stop(None),
             Some(_) => Action::Stop(Some(w.stop_timeout)),
             None if w.state == InstanceState::Stopping => match exit {
                 Some(
@@ -1705,6 +1706,14 @@ mod tests {
         );
         assert_eq!(
             decide(Some(&w(St, S::Stopping)), Some(&FENCED), None, true, true),
+            Action::Stop(None)
+        );
+        let now = Want {
+            stop_timeout: Duration::ZERO,
+            ..w(St, S::Stopping)
+        };
+        assert_eq!(
+            decide(Some(&now), Some(&UP), None, true, true),
             Action::Stop(None)
         );
         assert_eq!(

@@ -13,11 +13,11 @@
 //!
 //! Needs `/dev/kvm`, the test guest (`NEPH_GUEST_IMAGE` or `cargo xtask
 //! guest`) and the `neph-controller` and `neph-vmm` binaries (built here
-//! when missing); without KVM or the guest it prints why and passes.
-//!
-//! `the_agent_port_admits_only_controllers` needs no KVM: what the agent's
-//! port refuses (plaintext, no certificate, another CA's certificate, a
-//! node's certificate) and that a controller pins the node it dials.
+//! when missing); without KVM or the guest it prints why and passes. Tests
+//! that need no VM: both daemons answer gRPC health and reflection, and
+//! `the_agent_port_admits_only_controllers` (what the agent's port refuses:
+//! plaintext, no certificate, another CA's certificate, a node's
+//! certificate; and that a controller pins the node it dials).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use nephele_integration_tests::guest::{READY_MARKER, guest_image, skip_without_kvm};
+use nephele_integration_tests::guest::{READY_MARKER, field, guest_image, skip_without_kvm};
 use nephele_proto::compute::v1 as compute;
 use nephele_proto::iam::v1 as iam;
 use nephele_proto::infra::v1 as infra;
@@ -209,8 +209,11 @@ impl Cluster {
         let (controller, v) = start_until(cmd, &["LISTENING ", "ADMIN_TOKEN_FILE "])?;
         let image_dir = dir.path().join("images");
         std::fs::create_dir_all(image_dir.join("guest"))?;
-        std::fs::copy(guest_image(), image_dir.join("guest").join("kernel"))
-            .context("copy the test guest into the image directory")?;
+        // Tests that boot VMs skip without it; the others need no guest.
+        if guest_image().is_file() {
+            std::fs::copy(guest_image(), image_dir.join("guest").join("kernel"))
+                .context("copy the test guest into the image directory")?;
+        }
         Ok(Self {
             _controller: controller,
             controller: v[0].clone(),
@@ -396,14 +399,15 @@ async fn console_log(
     Ok(String::from_utf8_lossy(&log.data).into_owned())
 }
 
-/// Types `line` into the console through the agent and waits for `expect`.
+/// Types `line` into the console through the agent and waits for the line
+/// holding `expect`; returns what came back up to there.
 async fn console_round_trip(
     tls: &nephele_tls::TlsContext,
     address: &str,
     name: &str,
     line: &str,
     expect: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let mut a = agent_client(tls, address).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tx.send(compute::ConsoleRequest {
@@ -422,7 +426,9 @@ async fn console_round_trip(
     .await?;
     let mut seen = String::new();
     let deadline = Instant::now() + WAIT;
-    while !seen.contains(expect) {
+    // The whole line `expect` starts, not just its beginning.
+    let whole = |seen: &str| seen.find(expect).is_some_and(|i| seen[i..].contains('\n'));
+    while !whole(&seen) {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, out.message()).await {
             Ok(Ok(Some(m))) => seen.push_str(&String::from_utf8_lossy(&m.output)),
@@ -431,7 +437,14 @@ async fn console_round_trip(
             Err(_) => bail!("no {expect:?} on the console; seen {seen:?}"),
         }
     }
-    Ok(())
+    Ok(seen)
+}
+
+/// The line of `text` that starts with `prefix`.
+fn line_of<'a>(text: &'a str, prefix: &str) -> anyhow::Result<&'a str> {
+    text.lines()
+        .find_map(|l| l.find(prefix).map(|i| l[i..].trim_end()))
+        .with_context(|| format!("no {prefix:?} line in {text:?}"))
 }
 
 /// The VMM's own view through its control socket.
@@ -450,16 +463,113 @@ fn vmm_status(dir: &Path) -> Option<serde_json::Value> {
         .map(|v| v["status"].clone())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_runs_instances_survives_restarts_and_fences() -> anyhow::Result<()> {
+/// A flavor `small` (1 vCPU, 256 MiB, 1 GiB), the image `guest` (in the
+/// agent's image directory) and the project `p1`.
+async fn catalog(api: &Api) -> anyhow::Result<()> {
+    api.flavors
+        .clone()
+        .create_flavor(compute::CreateFlavorRequest {
+            flavor_id: "small".into(),
+            flavor: Some(compute::Flavor {
+                name: String::new(),
+                resources: Some(compute::Resources {
+                    vcpus: 1,
+                    memory_mib: 256,
+                    disk_gib: 1,
+                }),
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    api.images
+        .clone()
+        .create_image(compute::CreateImageRequest {
+            image_id: "guest".into(),
+            image: Some(compute::Image {
+                format: "pvh-elf".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    api.iam
+        .clone()
+        .create_project(iam::CreateProjectRequest {
+            project_id: "p1".into(),
+            project: Some(iam::Project::default()),
+            request_id: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+/// Whether VMs cannot run here (no KVM, no test guest); says why.
+fn skip_without_vms() -> bool {
     if skip_without_kvm() {
-        return Ok(());
+        return true;
     }
     if !guest_image().is_file() {
         eprintln!(
             "skipped: the test guest {} is missing; build it with `cargo xtask guest` or set NEPH_GUEST_IMAGE",
             guest_image().display()
         );
+        return true;
+    }
+    false
+}
+
+/// Waits until node-1 is registered and UP.
+async fn node_up(api: &Api) -> anyhow::Result<()> {
+    eventually(WAIT, "node-1 to be UP", || async {
+        api.nodes
+            .clone()
+            .get_node(infra::GetNodeRequest {
+                name: "nodes/node-1".into(),
+            })
+            .await
+            .ok()
+            .filter(|n| n.get_ref().state == infra::NodeState::Up as i32)
+            .map(|_| ())
+    })
+    .await
+}
+
+/// Creates `projects/p1/instances/{id}` of flavor `flavor`.
+async fn create(api: &Api, id: &str, flavor: &str) -> anyhow::Result<()> {
+    api.instances
+        .clone()
+        .create_instance(compute::CreateInstanceRequest {
+            parent: "projects/p1".into(),
+            instance_id: id.into(),
+            instance: Some(compute::Instance {
+                flavor: format!("flavors/{flavor}"),
+                image: "images/guest".into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+async fn stop(api: &Api, name: &str, timeout_s: i64) -> anyhow::Result<()> {
+    api.instances
+        .clone()
+        .stop_instance(compute::StopInstanceRequest {
+            name: name.into(),
+            timeout: Some(prost_types::Duration {
+                seconds: timeout_s,
+                nanos: 0,
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_runs_instances_survives_restarts_and_fences() -> anyhow::Result<()> {
+    if skip_without_vms() {
         return Ok(());
     }
     let mut cluster = Cluster::start()?;
@@ -495,41 +605,7 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
     assert_eq!(n.capacity.map(|c| c.vcpus), Some(4));
     assert_eq!(n.labels.get("zone").map(String::as_str), Some("test"));
 
-    // A flavor, an image in the agent's image directory, a project.
-    api.flavors
-        .clone()
-        .create_flavor(compute::CreateFlavorRequest {
-            flavor_id: "small".into(),
-            flavor: Some(compute::Flavor {
-                name: String::new(),
-                resources: Some(compute::Resources {
-                    vcpus: 1,
-                    memory_mib: 256,
-                    disk_gib: 1,
-                }),
-            }),
-            request_id: String::new(),
-        })
-        .await?;
-    api.images
-        .clone()
-        .create_image(compute::CreateImageRequest {
-            image_id: "guest".into(),
-            image: Some(compute::Image {
-                format: "pvh-elf".into(),
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await?;
-    api.iam
-        .clone()
-        .create_project(iam::CreateProjectRequest {
-            project_id: "p1".into(),
-            project: Some(iam::Project::default()),
-            request_id: String::new(),
-        })
-        .await?;
+    catalog(&api).await?;
 
     // Create: RUNNING, the guest is up, its console answers.
     let name = "projects/p1/instances/vm-1";
@@ -739,6 +815,342 @@ async fn scenario(cluster: &mut Cluster) -> anyhow::Result<()> {
         .into_inner();
     assert!(n.instances.is_empty(), "{:?}", n.instances);
     Ok(())
+}
+
+/// A guest that ignores the power button: the stop asks it (it says so on
+/// its console), waits the stop's timeout, then the VM is forced off;
+/// with a timeout of 0 the guest is not asked at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_ignoring_the_power_button_is_forced_off_after_the_timeout() -> anyhow::Result<()> {
+    if skip_without_vms() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::start()?;
+    let result = forced_stop(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn forced_stop(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let tls = cluster.controller_tls()?;
+    let (_agent, address) = cluster.agent(Some(&join_token(&api, "node-1").await?))?;
+    node_up(&api).await?;
+    catalog(&api).await?;
+    let name = "projects/p1/instances/vm-1";
+    create(&api, "vm-1", "small").await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    eventually(WAIT, "the ready marker in the console log", || async {
+        console_log(&tls, &address, name)
+            .await
+            .ok()
+            .filter(|l| l.contains(READY_MARKER))
+    })
+    .await?;
+    let pid = cluster.vm_pid().context("no state record")?;
+    let _guard = KillPid(pid);
+    console_round_trip(
+        &tls,
+        &address,
+        name,
+        "powerbutton ignore",
+        "POWERBUTTON OK mode=ignore",
+    )
+    .await?;
+
+    let asked = Instant::now();
+    stop(&api, name, 2).await?;
+    wait_state(&api, name, compute::InstanceState::Stopped).await?;
+    eventually(WAIT, "the VM process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    let took = asked.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "the VM was off {took:?} after the stop, before its 2 s timeout"
+    );
+    let log = console_log(&tls, &address, name).await?;
+    assert!(
+        log.contains("NEPH-GUEST SHUTDOWN ignored"),
+        "the guest was never asked to power off: {log}"
+    );
+    assert!(
+        !log.contains("SHUTDOWN requested by the host"),
+        "the guest obeyed: {log}"
+    );
+    let vmm_log = std::fs::read_to_string(cluster.instance_dir().join("vmm.log"))?;
+    assert!(
+        vmm_log.contains("did not power off within the shutdown timeout"),
+        "the VMM did not force it off: {vmm_log}"
+    );
+
+    // Started again (the guest obeys the power button after a boot) and
+    // stopped with a timeout of 0: forced off without being asked.
+    api.instances
+        .clone()
+        .start_instance(compute::StartInstanceRequest {
+            name: name.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    let pid = cluster
+        .vm_pid()
+        .context("no state record after the start")?;
+    let _guard2 = KillPid(pid);
+    console_round_trip(
+        &tls,
+        &address,
+        name,
+        "echo booted-again",
+        "ECHO booted-again",
+    )
+    .await?;
+    stop(&api, name, 0).await?;
+    wait_state(&api, name, compute::InstanceState::Stopped).await?;
+    eventually(WAIT, "the VM process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    let log = console_log(&tls, &address, name).await?;
+    assert_eq!(
+        log.matches("NEPH-GUEST SHUTDOWN").count(),
+        1,
+        "a stop with timeout 0 asked the guest: {log}"
+    );
+    Ok(())
+}
+
+/// Resize small -> medium (1 -> 2 vCPUs, 256 -> 1024 MiB, 1 -> 4 GiB of
+/// disk): the next boot has the new size, and its disk grew with the data
+/// written before kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resized_instance_boots_with_its_new_flavor_and_a_grown_disk() -> anyhow::Result<()> {
+    if skip_without_vms() {
+        return Ok(());
+    }
+    let mut cluster = Cluster::start()?;
+    let result = resized(&mut cluster).await;
+    if result.is_err() {
+        eprintln!("{}", cluster.agent_logs());
+    }
+    result
+}
+
+async fn resized(cluster: &mut Cluster) -> anyhow::Result<()> {
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let tls = cluster.controller_tls()?;
+    let (_agent, address) = cluster.agent(Some(&join_token(&api, "node-1").await?))?;
+    node_up(&api).await?;
+    catalog(&api).await?;
+    api.flavors
+        .clone()
+        .create_flavor(compute::CreateFlavorRequest {
+            flavor_id: "medium".into(),
+            flavor: Some(compute::Flavor {
+                name: String::new(),
+                resources: Some(compute::Resources {
+                    vcpus: 2,
+                    memory_mib: 1024,
+                    disk_gib: 4,
+                }),
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    let name = "projects/p1/instances/vm-1";
+    create(&api, "vm-1", "small").await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    let pid = cluster.vm_pid().context("no state record")?;
+    let _guard = KillPid(pid);
+    let seen =
+        console_round_trip(&tls, &address, name, "diskwrite 100 8 42", "DISKWRITE OK").await?;
+    let written = line_of(&seen, "DISKWRITE OK")?.to_owned();
+    let fnv = field(&written, "fnv").context("no fnv")?.to_owned();
+
+    stop(&api, name, 10).await?;
+    wait_state(&api, name, compute::InstanceState::Stopped).await?;
+    eventually(WAIT, "the VM process to end", || async {
+        (!alive(pid)).then_some(())
+    })
+    .await?;
+    let i = api
+        .instances
+        .clone()
+        .resize_instance(compute::ResizeInstanceRequest {
+            name: name.into(),
+            flavor: "flavors/medium".into(),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(i.flavor, "flavors/medium");
+    api.instances
+        .clone()
+        .start_instance(compute::StartInstanceRequest {
+            name: name.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    wait_state(&api, name, compute::InstanceState::Running).await?;
+    let pid = cluster
+        .vm_pid()
+        .context("no state record after the start")?;
+    let _guard2 = KillPid(pid);
+    let disk = std::fs::metadata(cluster.instance_dir().join("disk.raw"))?;
+    assert_eq!(disk.len(), 4 << 30, "the disk grew to medium's 4 GiB");
+
+    let seen = console_round_trip(&tls, &address, name, "info", "INFO ").await?;
+    let info = line_of(&seen, "INFO ")?;
+    assert_eq!(field(info, "cpus"), Some("2"), "{info}");
+    assert_eq!(field(info, "mem_mib"), Some("1024"), "{info}");
+    let seen = console_round_trip(&tls, &address, name, "blk info", "BLK OK").await?;
+    let blk = line_of(&seen, "BLK OK")?;
+    assert_eq!(
+        field(blk, "capacity_sectors"),
+        Some((4u64 << 30 >> 9).to_string().as_str()),
+        "{blk}"
+    );
+    let seen =
+        console_round_trip(&tls, &address, name, "diskverify 100 8 42", "DISKVERIFY").await?;
+    let verified = line_of(&seen, "DISKVERIFY")?;
+    assert!(verified.starts_with("DISKVERIFY OK"), "{verified}");
+    assert_eq!(field(verified, "fnv"), Some(fnv.as_str()), "{verified}");
+    Ok(())
+}
+
+/// What the controller serves on its port besides health and reflection.
+const CONTROLLER_SERVICES: [&str; 12] = [
+    "nephele.iam.v1.Iam",
+    "nephele.compute.v1.Flavors",
+    "nephele.compute.v1.Images",
+    "nephele.compute.v1.Instances",
+    "nephele.compute.v1.ServerGroups",
+    "nephele.infra.v1.Nodes",
+    "nephele.infra.v1.Migrations",
+    "nephele.infra.v1.Cluster",
+    "nephele.ops.v1.Operations",
+    "nephele.ops.v1.Events",
+    "nephele.node.v1.NodeAgent",
+    "nephele.node.v1.NodeJoin",
+];
+
+/// Checks that `channel`'s server reports every one of `services` (and
+/// itself, `""`) SERVING over grpc.health.v1, refuses an unknown name, and
+/// lists exactly `services`, health and reflection over reflection, each
+/// resolvable to its file.
+async fn health_and_reflection(
+    what: &str,
+    channel: Channel,
+    services: &[&str],
+) -> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1 as reflection;
+    let mut health = HealthClient::new(channel.clone());
+    for service in services.iter().copied().chain([""]) {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .with_context(|| format!("{what}: health of {service:?}"))?
+            .into_inner();
+        assert_eq!(
+            r.status,
+            ServingStatus::Serving as i32,
+            "{what}: {service:?}"
+        );
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "nephele.nope.v1.Nope".into(),
+        })
+        .await
+        .expect_err("an unknown service has no health");
+    assert_eq!(unknown.code(), Code::NotFound, "{what}: {unknown:?}");
+
+    let mut client = reflection::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = |req: reflection::server_reflection_request::MessageRequest| {
+        reflection::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(req),
+        }
+    };
+    let mut requests = vec![ask(
+        reflection::server_reflection_request::MessageRequest::ListServices(String::new()),
+    )];
+    requests.extend(services.iter().map(|s| {
+        ask(
+            reflection::server_reflection_request::MessageRequest::FileContainingSymbol(
+                (*s).to_owned(),
+            ),
+        )
+    }));
+    let asked = requests.len();
+    let mut answers = client
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .with_context(|| format!("{what}: reflection"))?
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(a) = answers.message().await? {
+        got.push(a.message_response.context("an empty reflection answer")?);
+    }
+    assert_eq!(got.len(), asked, "{what}: one answer per request");
+    use reflection::server_reflection_response::MessageResponse as R;
+    let R::ListServicesResponse(list) = &got[0] else {
+        bail!("{what}: not a service list: {:?}", got[0]);
+    };
+    let mut listed: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    listed.sort_unstable();
+    let mut want: Vec<&str> = services.to_vec();
+    want.extend([
+        nephele_proto::serve::HEALTH_SERVICE,
+        nephele_proto::serve::REFLECTION_SERVICE,
+    ]);
+    want.sort_unstable();
+    assert_eq!(listed, want, "{what}: the services reflection lists");
+    for (service, answer) in services.iter().zip(&got[1..]) {
+        assert!(
+            matches!(answer, R::FileDescriptorResponse(f) if !f.file_descriptor_proto.is_empty()),
+            "{what}: no descriptor of {service}: {answer:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Both daemons serve gRPC health and reflection: the controller on its
+/// TLS port, the agent on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_daemons_answer_health_and_reflection() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start()?;
+    nephele_tls::install_default();
+    let token = cluster.token()?;
+    let api = api(&cluster.controller, &token, &cluster.ca_file()).await?;
+    let (_agent, address) = cluster.agent(Some(&join_token(&api, "node-1").await?))?;
+    let tls = nephele_tls::server_auth_client_config(&std::fs::read(cluster.ca_file())?)?;
+    let controller = nephele_tls::connect_channel(
+        Channel::from_shared(format!("http://{}", cluster.controller))?,
+        tls,
+    )
+    .await?;
+    health_and_reflection("neph-controller", controller, &CONTROLLER_SERVICES).await?;
+    // The agent's port is mutual TLS: health and reflection answer any
+    // certificate of the cluster (here the controller's).
+    let ctl = cluster.controller_tls()?;
+    let config = ctl.client_config(nephele_tls::PeerPolicy::Exactly(
+        nephele_tls::Identity::node("node-1")?,
+    ))?;
+    let agent =
+        nephele_tls::connect_channel(Channel::from_shared(format!("http://{address}"))?, config)
+            .await?;
+    health_and_reflection("neph-node", agent, &["nephele.node.v1.Agent"]).await
 }
 
 /// A server verifier that accepts any certificate: a rogue client that does

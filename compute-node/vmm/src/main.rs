@@ -311,8 +311,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let exit = vm.run();
     drop(_raw);
-    if exit? == VmExit::Migrated {
-        eprintln!("neph-vmm: migrated");
+    match exit? {
+        VmExit::Migrated => eprintln!("neph-vmm: migrated"),
+        VmExit::ShutdownTimedOut => eprintln!(
+            "neph-vmm: the guest did not power off within the shutdown timeout; stopped it"
+        ),
+        _ => {}
     }
     Ok(())
 }

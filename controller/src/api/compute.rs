@@ -32,6 +32,26 @@ fn operation_of(r: Response) -> Result<ops_pb::Operation, ApiError> {
     }
 }
 
+/// Image formats compute nodes boot (`compute-node/agent/src/instance.rs`,
+/// `image_files`).
+const BOOTABLE_FORMATS: [&str; 3] = ["pvh-elf", "bzimage", "raw"];
+
+/// Refuses an image format nodes cannot boot, saying what to do instead.
+fn check_image_format(format: &str) -> Result<(), ApiError> {
+    match format {
+        f if BOOTABLE_FORMATS.contains(&f) => Ok(()),
+        "qcow2" => Err(ApiError::InvalidArgument(
+            "image format qcow2 is not supported yet; convert it to raw (`qemu-img convert -O raw IMAGE.qcow2 disk.raw`) and register it with format raw".into(),
+        )),
+        "" => Err(ApiError::InvalidArgument(
+            "image.format is required: pvh-elf, bzimage or raw".into(),
+        )),
+        other => Err(ApiError::InvalidArgument(format!(
+            "unknown image format {other:?}; nodes boot pvh-elf, bzimage or raw"
+        ))),
+    }
+}
+
 /// What a create needs checked before anything is proposed, so that a
 /// create that cannot succeed creates nothing: references, quota for all
 /// `count` instances, and whether any node could take them.
@@ -59,6 +79,13 @@ fn precheck_create(
     if img.state != ImageState::Active {
         return Err(ApiError::FailedPrecondition(format!(
             "{image} is not active; wait for its upload or pick another image"
+        )));
+    }
+    if !BOOTABLE_FORMATS.contains(&img.format.as_str()) {
+        return Err(ApiError::FailedPrecondition(format!(
+            "{image} has format {:?}, which compute nodes cannot boot ({}); pick another image",
+            img.format,
+            BOOTABLE_FORMATS.join(", ")
         )));
     }
     if let Some(g) = group
@@ -110,6 +137,83 @@ fn precheck_create(
         }
         Err(e) => Err(ApiError::InvalidArgument(e.to_string())),
     }
+}
+
+/// Whether the node of the stopped instance `instance` can hold it as
+/// `flavor` under the scheduler's overcommit ratios: NO_VALID_HOST with the
+/// dimension that does not fit when it cannot. Returns the node's limit for
+/// the command, so the state machine checks the same bound against the
+/// allocation it applies to (another instance may land there meanwhile).
+/// Anything else wrong with the request is the state machine's to refuse.
+fn resize_room(
+    s: &State,
+    instance: &str,
+    flavor: &str,
+) -> Result<Option<nephele_state::model::Resources>, ApiError> {
+    let (Some(i), Some(f)) = (s.instances.get(instance), s.flavors.get(flavor)) else {
+        return Ok(None);
+    };
+    let Some(n) = i.node.as_ref().and_then(|n| s.nodes.get(n)) else {
+        return Ok(None);
+    };
+    let limit = reconcile::node_limit(n.capacity);
+    let (old, new) = (i.resources, f.resources);
+    let held = n.allocated.minus(old).plus(new);
+    if i.state != InstanceState::Stopped || new.fits_in(old) || held.fits_in(limit) {
+        return Ok(Some(limit));
+    }
+    let ratios = reconcile::overcommit();
+    let free = |limit: u64, allocated: u64| limit.saturating_sub(allocated);
+    // What the node holds without this instance, against which its new
+    // size is weighed.
+    let old_held = n.allocated.minus(old);
+    let short = if held.vcpus > limit.vcpus {
+        format!(
+            "vcpus: needs {}, {} free after ratio {}",
+            new.vcpus,
+            free(limit.vcpus, old_held.vcpus),
+            ratios.cpu
+        )
+    } else if held.memory_mib > limit.memory_mib {
+        format!(
+            "memory: needs {} MiB, {} MiB free after ratio {}",
+            new.memory_mib,
+            free(limit.memory_mib, old_held.memory_mib),
+            ratios.ram
+        )
+    } else {
+        format!(
+            "disk: needs {} GiB, {} GiB free after ratio {}",
+            new.disk_gib,
+            free(limit.disk_gib, old_held.disk_gib),
+            ratios.disk
+        )
+    };
+    Err(ApiError::NoValidHost(format!(
+        "{} cannot hold {instance} as {flavor} ({short}); its disk stays on that node, so stop or delete other instances there, or pick a smaller flavor",
+        n.name
+    )))
+}
+
+/// A stop request's graceful timeout in ms (`None`: the controllers'
+/// default); zero forces the VM off at once.
+fn stop_timeout_ms(timeout: Option<&prost_types::Duration>) -> Result<Option<u64>, ApiError> {
+    let Some(d) = timeout else {
+        return Ok(None);
+    };
+    let max = nephele_state::MAX_STOP_TIMEOUT_MS;
+    let ms = u64::try_from(d.seconds)
+        .ok()
+        .zip(u64::try_from(d.nanos).ok())
+        .and_then(|(s, n)| s.checked_mul(1000)?.checked_add(n / 1_000_000))
+        .filter(|ms| *ms <= max)
+        .ok_or_else(|| {
+            ApiError::InvalidArgument(format!(
+                "timeout must be 0 to {} s (0 forces the VM off at once)",
+                max / 1000
+            ))
+        })?;
+    Ok(Some(ms))
 }
 
 /// The parts of a create request every instance shares, checked.
@@ -249,12 +353,14 @@ impl<S: StateStore> Api<S> {
         self.authorize(call, rpc, project_target(name)).await
     }
 
+    /// Starts `verb` on the instance `name` (to state `to`); a stop may
+    /// carry its graceful timeout.
     async fn action(
         &self,
         actor: &Caller,
         name: String,
-        to: InstanceState,
-        verb: &str,
+        (to, verb): (InstanceState, &str),
+        stop_timeout_ms: Option<u64>,
         rid: Option<String>,
     ) -> Result<ops_pb::Operation, ApiError> {
         let operation_id = derived_id("op", rid.as_deref(), &format!("{verb}/{name}"))?;
@@ -263,6 +369,7 @@ impl<S: StateStore> Api<S> {
             state: to,
             verb: verb.to_owned(),
             operation_id,
+            stop_timeout_ms,
         };
         operation_of(self.propose_as(actor, rid, command).await?)
     }
@@ -403,7 +510,7 @@ impl<S: StateStore> Instances for Api<S> {
             .await?;
         let rid = request_id(&req.get_ref().request_id);
         Ok(Reply::new(
-            self.action(&actor, name, InstanceState::Starting, "start", rid)
+            self.action(&actor, name, (InstanceState::Starting, "start"), None, rid)
                 .await?,
         ))
     }
@@ -417,9 +524,16 @@ impl<S: StateStore> Instances for Api<S> {
             .instance_call(&req, &format!("{INSTANCES}StopInstance"), &name)
             .await?;
         let rid = request_id(&req.get_ref().request_id);
+        let timeout = stop_timeout_ms(req.get_ref().timeout.as_ref())?;
         Ok(Reply::new(
-            self.action(&actor, name, InstanceState::Stopping, "stop", rid)
-                .await?,
+            self.action(
+                &actor,
+                name,
+                (InstanceState::Stopping, "stop"),
+                timeout,
+                rid,
+            )
+            .await?,
         ))
     }
 
@@ -433,7 +547,7 @@ impl<S: StateStore> Instances for Api<S> {
             .await?;
         let rid = request_id(&req.get_ref().request_id);
         Ok(Reply::new(
-            self.action(&actor, name, InstanceState::Starting, "reboot", rid)
+            self.action(&actor, name, (InstanceState::Starting, "reboot"), None, rid)
                 .await?,
         ))
     }
@@ -447,9 +561,14 @@ impl<S: StateStore> Instances for Api<S> {
             .instance_call(&req, &format!("{INSTANCES}ResizeInstance"), &name)
             .await?;
         let r = req.into_inner();
+        let (instance, flavor) = (name.clone(), r.flavor.clone());
+        let node_limit = self
+            .read_try(move |s| resize_room(s, &instance, &flavor))
+            .await?;
         let command = Command::ResizeInstance {
             instance: name,
             flavor: r.flavor,
+            node_limit,
         };
         match self
             .propose_as(&actor, request_id(&r.request_id), command)
@@ -604,6 +723,7 @@ impl<S: StateStore> Images for Api<S> {
             .await?;
         let r = req.into_inner();
         let i = r.image.unwrap_or_default();
+        check_image_format(&i.format)?;
         let command = Command::CreateImage {
             image_id: r.image_id,
             format: i.format,
@@ -679,11 +799,13 @@ impl<S: StateStore> ServerGroups for Api<S> {
             )
             .await?;
         let r = req.into_inner();
-        let policy = convert::policy_in(r.server_group.map(|g| g.policy).unwrap_or_default())?;
+        let g = r.server_group.unwrap_or_default();
+        let policy = convert::policy_in(g.policy)?;
         let command = Command::CreateServerGroup {
             project: parent,
             group_id: r.server_group_id,
             policy,
+            max_per_node: (g.max_per_node > 0).then_some(g.max_per_node),
         };
         match self
             .propose_as(&caller, request_id(&r.request_id), command)

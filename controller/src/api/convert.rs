@@ -207,6 +207,7 @@ pub fn server_group(g: &model::ServerGroup) -> compute::ServerGroup {
         } as i32,
         members: g.members.clone(),
         create_time: ts(g.create_time),
+        max_per_node: g.max_per_node.unwrap_or(0),
     }
 }
 

@@ -24,6 +24,33 @@ fn user_of_token(token: &str) -> Result<String, ApiError> {
     Ok(format!("users/{}", ids[0]))
 }
 
+/// The quota limits an UpdateProject mask names (AIP-134): `quota` is
+/// every limit, `quota.instances`, `quota.vcpus`, `quota.memory_mib` and
+/// `quota.disk_gib` one each; the others stay as they are.
+fn quota_update(paths: &[String], q: &pb::Quota) -> Result<nephele_state::QuotaUpdate, ApiError> {
+    if paths.is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "update_mask must name the fields to change: quota, or some of quota.instances, quota.vcpus, quota.memory_mib, quota.disk_gib".into(),
+        ));
+    }
+    let mut u = nephele_state::QuotaUpdate::default();
+    for path in paths {
+        match path.as_str() {
+            "quota" => u = convert::quota_in(q).into(),
+            "quota.instances" => u.instances = Some(q.instances),
+            "quota.vcpus" => u.vcpus = Some(q.vcpus),
+            "quota.memory_mib" => u.memory_mib = Some(q.memory_mib),
+            "quota.disk_gib" => u.disk_gib = Some(q.disk_gib),
+            bad => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "field {bad:?} cannot be changed; only quota and its limits (quota.instances, quota.vcpus, quota.memory_mib, quota.disk_gib) can"
+                )));
+            }
+        }
+    }
+    Ok(u)
+}
+
 #[tonic::async_trait]
 impl<S: StateStore> Iam for Api<S> {
     async fn get_caller(
@@ -108,25 +135,13 @@ impl<S: StateStore> Iam for Api<S> {
             .project
             .ok_or_else(|| ApiError::InvalidArgument("project is required".into()))?;
         let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-        if paths.is_empty() {
-            return Err(ApiError::InvalidArgument(
-                "update_mask must name the fields to change: quota".into(),
-            )
-            .into());
-        }
-        if let Some(bad) = paths.iter().find(|p| p.as_str() != "quota") {
-            return Err(ApiError::InvalidArgument(format!(
-                "field {bad:?} cannot be changed; only quota can"
-            ))
-            .into());
-        }
         let quota = project
             .quota
             .as_ref()
             .ok_or_else(|| ApiError::InvalidArgument("project.quota is required".into()))?;
         let command = Command::SetProjectQuota {
             project: project.name,
-            quota: convert::quota_in(quota),
+            quota: quota_update(&paths, quota)?,
         };
         match self.propose_as(&caller, None, command).await? {
             Response::Project(p) => Ok(Reply::new(convert::project(&p))),

@@ -30,8 +30,9 @@ fn duration(d: Duration) -> prost_types::Duration {
 }
 
 /// What `node` should hold: every instance placed on it, with the state
-/// it should be in.
-fn assignments(s: &State, node: &str, stop_timeout: Duration) -> Result<pb::Assignments, ApiError> {
+/// it should be in and, to stop it, the graceful time its stop asked for
+/// (`default_stop` when it did not say).
+fn assignments(s: &State, node: &str, default_stop: Duration) -> Result<pb::Assignments, ApiError> {
     if !s.nodes.contains_key(node) {
         return Err(ApiError::not_found(node));
     }
@@ -56,7 +57,10 @@ fn assignments(s: &State, node: &str, stop_timeout: Duration) -> Result<pb::Assi
                 instance: Some(convert::instance(i)),
                 image: s.images.get(&i.image).map(convert::image),
                 desired: desired as i32,
-                stop_timeout: Some(duration(stop_timeout)),
+                stop_timeout: Some(duration(
+                    i.stop_timeout_ms
+                        .map_or(default_stop, Duration::from_millis),
+                )),
                 migration: migration::assignment_of(s, node, &i.name),
             }
         })

@@ -159,7 +159,7 @@ pub fn snapshot(state: &State) -> ClusterSnapshot {
                     sched::GroupPolicy::SoftAntiAffinity
                 }
             },
-            max_per_node: None,
+            max_per_node: g.max_per_node,
         })
         .collect();
     let migrations = state
@@ -177,7 +177,35 @@ pub fn snapshot(state: &State) -> ClusterSnapshot {
         instances,
         groups,
         migrations,
-        config: Default::default(),
+        config: cluster_config(),
+    }
+}
+
+/// The scheduler's cluster-wide settings [`snapshot`] gives it (its
+/// defaults: overcommit ratios vCPU 16, memory 1.5, disk 1).
+fn cluster_config() -> sched::ClusterConfig {
+    sched::ClusterConfig::default()
+}
+
+/// The overcommit ratios nodes are scheduled with.
+pub fn overcommit() -> sched::OvercommitRatios {
+    cluster_config().overcommit
+}
+
+/// The most a node of `capacity` may hold in all, as the scheduler counts
+/// it: each dimension times its overcommit ratio, rounded down (the
+/// scheduler's resource filter admits `allocated + need <= capacity *
+/// ratio`, so for whole amounts this is the same bound).
+pub fn node_limit(capacity: nephele_state::model::Resources) -> nephele_state::model::Resources {
+    let r = overcommit();
+    // Ratios are finite and positive; a float product far beyond any real
+    // capacity saturates at u64::MAX in the cast.
+    #[allow(clippy::cast_possible_truncation)]
+    let times = |v: u64, ratio: f64| (v as f64 * ratio).floor() as u64;
+    nephele_state::model::Resources {
+        vcpus: times(capacity.vcpus, r.cpu),
+        memory_mib: times(capacity.memory_mib, r.ram),
+        disk_gib: times(capacity.disk_gib, r.disk),
     }
 }
 

@@ -31,6 +31,9 @@ pub const MAX_CA_CERT_LEN: usize = 16 << 10;
 pub const MAX_SEALED_KEY_LEN: usize = 4 << 10;
 /// Most instances one [`Command::CreateInstances`] makes.
 pub const MAX_BATCH_CREATE: usize = 100;
+/// Longest graceful stop a [`Command::BeginInstanceAction`] may ask for
+/// (one hour), ms.
+pub const MAX_STOP_TIMEOUT_MS: u64 = 3600 * 1000;
 
 /// Why a command was refused. A refused command leaves the state unchanged
 /// except for the applied counter and the clock.
@@ -573,6 +576,7 @@ fn create_instances(
             update_time: now,
             ha: spec.ha,
             boot_count: 1,
+            stop_timeout_ms: None,
         };
         state.instances.insert(name.clone(), instance.clone());
         let detail = if spec.ha { "ha" } else { "" };
@@ -618,14 +622,18 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 .projects
                 .get_mut(project)
                 .ok_or_else(|| not_found(project))?;
-            p.quota = *quota;
+            p.quota = quota.applied_to(p.quota);
+            let q = p.quota;
             let p = p.clone();
             event(
                 state,
                 actor,
                 project,
                 "project.quota_changed",
-                String::new(),
+                format!(
+                    "instances {}, vcpus {}, memory {} MiB, disk {} GiB",
+                    q.instances, q.resources.vcpus, q.resources.memory_mib, q.resources.disk_gib
+                ),
             );
             Ok(Response::Project(p))
         }
@@ -842,9 +850,23 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             project,
             group_id,
             policy,
+            max_per_node,
         } => {
             names::parse(project, names::PROJECT)?;
             names::validate_id(group_id)?;
+            match max_per_node {
+                Some(0) => {
+                    return Err(ApplyError::InvalidArgument(
+                        "max_per_node must be at least 1".into(),
+                    ));
+                }
+                Some(_) if *policy != crate::model::GroupPolicy::AntiAffinity => {
+                    return Err(ApplyError::InvalidArgument(
+                        "max_per_node applies to anti-affinity groups only".into(),
+                    ));
+                }
+                _ => {}
+            }
             if !state.projects.contains_key(project) {
                 return Err(not_found(project));
             }
@@ -857,6 +879,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 policy: *policy,
                 members: Vec::new(),
                 create_time: now,
+                max_per_node: *max_per_node,
             };
             state.server_groups.insert(name.clone(), group.clone());
             event(state, actor, &name, "server_group.created", String::new());
@@ -1705,11 +1728,27 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             state: to,
             verb,
             operation_id,
+            stop_timeout_ms,
         } => {
             if !matches!(verb.as_str(), "start" | "stop" | "reboot") {
                 return Err(ApplyError::InvalidArgument(format!(
                     "an instance action is start, stop or reboot, not {verb:?}"
                 )));
+            }
+            match stop_timeout_ms {
+                Some(_) if verb != "stop" => {
+                    return Err(ApplyError::InvalidArgument(format!(
+                        "only a stop takes a timeout, not a {verb}"
+                    )));
+                }
+                Some(ms) if *ms > MAX_STOP_TIMEOUT_MS => {
+                    return Err(ApplyError::InvalidArgument(format!(
+                        "a stop timeout is at most {} s, not {} ms",
+                        MAX_STOP_TIMEOUT_MS / 1000,
+                        ms
+                    )));
+                }
+                _ => {}
             }
             names::validate_id(operation_id)?;
             let op_name = format!("operations/{operation_id}");
@@ -1735,6 +1774,8 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 .instances
                 .get_mut(instance)
                 .ok_or_else(|| not_found(instance))?;
+            // A start or reboot forgets the last stop's timeout.
+            i.stop_timeout_ms = *stop_timeout_ms;
             if verb != "stop" {
                 i.boot_count += 1;
             }
@@ -1743,7 +1784,11 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 operation: Some(op),
             })
         }
-        Command::ResizeInstance { instance, flavor } => {
+        Command::ResizeInstance {
+            instance,
+            flavor,
+            node_limit,
+        } => {
             names::parse(instance, names::INSTANCE)?;
             names::parse(flavor, names::FLAVOR)?;
             let new = state
@@ -1762,6 +1807,34 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 ));
             }
             let (old, node) = (i.resources, i.node.clone());
+            if new.disk_gib < old.disk_gib {
+                return Err(precondition(
+                    instance,
+                    format!(
+                        "its disk cannot shrink from {} GiB to {} GiB; pick a flavor with at least {} GiB of disk",
+                        old.disk_gib, new.disk_gib, old.disk_gib
+                    ),
+                ));
+            }
+            if let (Some(limit), Some(n)) =
+                (node_limit, node.as_ref().and_then(|n| state.nodes.get(n)))
+            {
+                let held = n.allocated.minus(old).plus(new);
+                if !new.fits_in(old) && !held.fits_in(*limit) {
+                    return Err(precondition(
+                        &n.name,
+                        format!(
+                            "no room for {instance} as {flavor}: it would hold {} vCPUs, {} MiB, {} GiB of at most {} vCPUs, {} MiB, {} GiB",
+                            held.vcpus,
+                            held.memory_mib,
+                            held.disk_gib,
+                            limit.vcpus,
+                            limit.memory_mib,
+                            limit.disk_gib
+                        ),
+                    ));
+                }
+            }
             if let Some(project) = names::project_of(instance) {
                 let p = state
                     .projects
@@ -2138,7 +2211,8 @@ mod tests {
                         memory_mib: 100_000,
                         disk_gib: 1000,
                     },
-                },
+                }
+                .into(),
             },
         )
         .unwrap();
@@ -2162,6 +2236,7 @@ mod tests {
             state: to,
             verb: verb.into(),
             operation_id: op.into(),
+            stop_timeout_ms: None,
         };
         let Response::Instance { instance, .. } =
             run(&mut s, action("reboot", InstanceState::Starting, "r1")).unwrap()
@@ -2185,6 +2260,67 @@ mod tests {
         set(&mut s, &web, InstanceState::Error).unwrap();
         run(&mut s, action("start", InstanceState::Starting, "s4")).unwrap();
         assert_eq!(s.instances[&web].boot_count, 4);
+    }
+
+    #[test]
+    fn a_stop_keeps_its_timeout_on_the_instance() {
+        let mut s = setup();
+        let web = running(&mut s, "web", false, "nodes/n1");
+        let action = |verb: &str, to: InstanceState, op: &str, ms: Option<u64>| {
+            Command::BeginInstanceAction {
+                instance: web.clone(),
+                state: to,
+                verb: verb.into(),
+                operation_id: op.into(),
+                stop_timeout_ms: ms,
+            }
+        };
+        // Only a stop takes a timeout, and at most an hour of it; a refused
+        // action changes nothing.
+        assert!(matches!(
+            run(
+                &mut s,
+                action("reboot", InstanceState::Starting, "r1", Some(5))
+            ),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            run(
+                &mut s,
+                action(
+                    "stop",
+                    InstanceState::Stopping,
+                    "s0",
+                    Some(MAX_STOP_TIMEOUT_MS + 1)
+                )
+            ),
+            Err(ApplyError::InvalidArgument(_))
+        ));
+        assert_eq!(s.instances[&web].state, InstanceState::Running);
+        assert!(!s.operations.contains_key("operations/s0"));
+        run(
+            &mut s,
+            action("stop", InstanceState::Stopping, "s1", Some(2500)),
+        )
+        .unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, Some(2500));
+        set(&mut s, &web, InstanceState::Stopped).unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, Some(2500));
+        // A start forgets it; a stop without one asks for the default.
+        run(&mut s, action("start", InstanceState::Starting, "s2", None)).unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, None);
+        set(&mut s, &web, InstanceState::Running).unwrap();
+        run(
+            &mut s,
+            action("stop", InstanceState::Stopping, "s3", Some(0)),
+        )
+        .unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, Some(0));
+        set(&mut s, &web, InstanceState::Stopped).unwrap();
+        run(&mut s, action("start", InstanceState::Starting, "s4", None)).unwrap();
+        set(&mut s, &web, InstanceState::Running).unwrap();
+        run(&mut s, action("stop", InstanceState::Stopping, "s5", None)).unwrap();
+        assert_eq!(s.instances[&web].stop_timeout_ms, None);
     }
 
     #[test]
@@ -2594,6 +2730,7 @@ mod tests {
             state: to,
             verb: verb.into(),
             operation_id: op.into(),
+            stop_timeout_ms: None,
         };
         // A refused transition creates no operation.
         assert!(matches!(
@@ -2637,6 +2774,7 @@ mod tests {
         let resize = |f: &str| Command::ResizeInstance {
             instance: web.into(),
             flavor: f.into(),
+            node_limit: None,
         };
         assert!(matches!(
             run(&mut s, resize("flavors/huge")),
@@ -2654,6 +2792,68 @@ mod tests {
         ));
         set(&mut s, web, InstanceState::Running).unwrap();
         assert!(s.operations["operations/op-start"].done);
+    }
+
+    #[test]
+    fn a_resize_must_fit_its_node_and_never_shrinks_the_disk() {
+        let mut s = setup();
+        let web = running(&mut s, "web", false, "nodes/n1");
+        let other = running(&mut s, "other", false, "nodes/n1");
+        assert_ne!(web, other);
+        let stop = Command::BeginInstanceAction {
+            instance: web.clone(),
+            state: InstanceState::Stopping,
+            verb: "stop".into(),
+            operation_id: "op-stop".into(),
+            stop_timeout_ms: None,
+        };
+        run(&mut s, stop).unwrap();
+        set(&mut s, &web, InstanceState::Stopped).unwrap();
+        for (id, memory_mib, disk_gib) in [("medium", 2048, 20), ("tiny", 1024, 5)] {
+            run(
+                &mut s,
+                Command::CreateFlavor {
+                    flavor_id: id.into(),
+                    resources: Resources {
+                        vcpus: 2,
+                        memory_mib,
+                        disk_gib,
+                    },
+                },
+            )
+            .unwrap();
+        }
+        // Two smalls hold 4 vCPUs, 2048 MiB, 20 GiB of n1.
+        let resize = |f: &str, limit: Option<Resources>| Command::ResizeInstance {
+            instance: web.clone(),
+            flavor: f.into(),
+            node_limit: limit,
+        };
+        let tight = Resources {
+            vcpus: 64,
+            memory_mib: 2560,
+            disk_gib: 100,
+        };
+        let before = s.clone();
+        let err = run(&mut s, resize("flavors/medium", Some(tight))).unwrap_err();
+        assert!(
+            matches!(&err, ApplyError::FailedPrecondition { name, .. } if name == "nodes/n1"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("3072 MiB"), "{err}");
+        assert_eq!(s.nodes, before.nodes);
+        assert_eq!(s.instances, before.instances);
+        assert_eq!(s.projects, before.projects);
+        let err = run(&mut s, resize("flavors/tiny", None)).unwrap_err();
+        assert!(err.to_string().contains("cannot shrink"), "{err}");
+        let room = Resources {
+            memory_mib: 3072,
+            ..tight
+        };
+        run(&mut s, resize("flavors/medium", Some(room))).unwrap();
+        assert_eq!(s.nodes["nodes/n1"].allocated.memory_mib, 3072);
+        assert_eq!(s.nodes["nodes/n1"].allocated.disk_gib, 30);
+        assert_eq!(s.instances[&web].resources.disk_gib, 20);
     }
 
     #[test]
@@ -2696,6 +2896,48 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "quota of projects/p1 exceeded: at most 2 instances"
+        );
+        // Raising one limit keeps the others.
+        let before = s.projects["projects/p1"].quota;
+        run(
+            &mut s,
+            Command::SetProjectQuota {
+                project: "projects/p1".into(),
+                quota: crate::QuotaUpdate {
+                    instances: Some(50),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        let after = s.projects["projects/p1"].quota;
+        assert_eq!(after.instances, 50);
+        assert_eq!(after.resources, before.resources);
+        // ...so the kept vCPU limit (4; two instances of 2 use it) still
+        // refuses a third.
+        let err = create(&mut s, "c").unwrap_err();
+        assert!(err.to_string().contains("vcpus: 6"), "{err}");
+        run(
+            &mut s,
+            Command::SetProjectQuota {
+                project: "projects/p1".into(),
+                quota: crate::QuotaUpdate {
+                    memory_mib: Some(512),
+                    disk_gib: Some(7),
+                    ..Default::default()
+                },
+            },
+        )
+        .unwrap();
+        let q = s.projects["projects/p1"].quota;
+        assert_eq!(
+            (
+                q.instances,
+                q.resources.vcpus,
+                q.resources.memory_mib,
+                q.resources.disk_gib
+            ),
+            (50, before.resources.vcpus, 512, 7)
         );
     }
 

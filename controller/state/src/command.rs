@@ -72,13 +72,14 @@ pub enum Command {
         /// Limits; the default quota when `None`.
         quota: Option<Quota>,
     },
-    /// Replaces a project's quota (it may be set below current usage; new
+    /// Changes the limits `quota` names of a project's quota and keeps the
+    /// others, in one step (a limit may be set below current usage; new
     /// instances are then refused until usage drops).
     SetProjectQuota {
         /// `projects/{project}`.
         project: String,
-        /// The new limits.
-        quota: Quota,
+        /// The limits to change.
+        quota: QuotaUpdate,
     },
     /// Deletes an empty project.
     DeleteProject {
@@ -169,6 +170,9 @@ pub enum Command {
         group_id: String,
         /// Placement policy.
         policy: GroupPolicy,
+        /// For [`GroupPolicy::AntiAffinity`] only: members allowed on one
+        /// node, from 1 (`None`: 1).
+        max_per_node: Option<u32>,
     },
     /// Deletes an empty server group.
     DeleteServerGroup {
@@ -329,15 +333,27 @@ pub enum Command {
         verb: String,
         /// Id of the operation to create.
         operation_id: String,
+        /// For `stop`: how long the guest may take to power off before its
+        /// node forces the VM off, ms, at most [`crate::MAX_STOP_TIMEOUT_MS`]
+        /// (kept on the instance; `None`: the controllers' default). Refused
+        /// with the other verbs.
+        stop_timeout_ms: Option<u64>,
     },
     /// Changes the flavor of a `STOPPED` instance. The project quota is
-    /// checked when the instance grows; the node allocation follows (node
-    /// capacity is the scheduler's business, as for placement).
+    /// checked when the instance grows, and so is its node when
+    /// `node_limit` is given; the node allocation follows. Its disk never
+    /// shrinks (the node keeps the disk file).
     ResizeInstance {
         /// The instance.
         instance: String,
         /// `flavors/{flavor}`.
         flavor: String,
+        /// The most its node may hold in all: its capacity after the
+        /// scheduler's overcommit ratios, which the proposer knows (the
+        /// scheduler owns them). When set, a resize that would take the
+        /// node's allocation beyond it in any dimension is refused, so
+        /// starting the instance again cannot overcommit its node.
+        node_limit: Option<Resources>,
     },
     /// Creates several instances of one project alike, all or none: every
     /// name, reference and the quota for all of them are checked before any
@@ -520,6 +536,45 @@ impl Command {
             }
             C::SetClusterCa { .. } => "cluster/ca".to_owned(),
             C::RenewNodeCertificate { node_id, .. } => format!("nodes/{node_id}"),
+        }
+    }
+}
+
+/// Some limits of a quota (`None`: keep the current one).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUpdate {
+    /// Most instances.
+    pub instances: Option<u64>,
+    /// Most vCPUs.
+    pub vcpus: Option<u64>,
+    /// Most memory, MiB.
+    pub memory_mib: Option<u64>,
+    /// Most disk, GiB.
+    pub disk_gib: Option<u64>,
+}
+
+impl QuotaUpdate {
+    /// `quota` with the named limits changed.
+    pub fn applied_to(self, quota: Quota) -> Quota {
+        Quota {
+            instances: self.instances.unwrap_or(quota.instances),
+            resources: Resources {
+                vcpus: self.vcpus.unwrap_or(quota.resources.vcpus),
+                memory_mib: self.memory_mib.unwrap_or(quota.resources.memory_mib),
+                disk_gib: self.disk_gib.unwrap_or(quota.resources.disk_gib),
+            },
+        }
+    }
+}
+
+impl From<Quota> for QuotaUpdate {
+    /// Every limit, replaced.
+    fn from(q: Quota) -> Self {
+        QuotaUpdate {
+            instances: Some(q.instances),
+            vcpus: Some(q.resources.vcpus),
+            memory_mib: Some(q.resources.memory_mib),
+            disk_gib: Some(q.resources.disk_gib),
         }
     }
 }

@@ -23,7 +23,7 @@ pub mod names;
 
 pub use apply::{
     ApplyError, MAX_AUDIT_RECORDS, MAX_BATCH_CREATE, MAX_EVENTS, MAX_KV_KEY_LEN, MAX_KV_VALUE_LEN,
-    REQUEST_ID_RETENTION_MS, apply,
+    MAX_STOP_TIMEOUT_MS, REQUEST_ID_RETENTION_MS, apply,
 };
-pub use command::{Command, Envelope, InstanceSpec, NewInstance, Origin, Response};
+pub use command::{Command, Envelope, InstanceSpec, NewInstance, Origin, QuotaUpdate, Response};
 pub use model::State;

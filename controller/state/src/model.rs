@@ -324,6 +324,9 @@ pub struct Instance {
     /// Bumped by every start and reboot; agents boot the VM again when
     /// theirs was booted for a smaller count.
     pub boot_count: u64,
+    /// How long the newest stop lets the guest power off by itself before
+    /// its node forces the VM off, ms; `None`: the controllers' default.
+    pub stop_timeout_ms: Option<u64>,
 }
 
 /// Placement policy of a server group.
@@ -350,6 +353,9 @@ pub struct ServerGroup {
     pub members: Vec<String>,
     /// When it was created.
     pub create_time: UnixMs,
+    /// For [`GroupPolicy::AntiAffinity`]: members allowed on one node
+    /// (Nova's `max_server_per_host`); `None` is 1.
+    pub max_per_node: Option<u32>,
 }
 
 /// Whether a node takes work.

@@ -73,6 +73,14 @@ fn command() -> impl Strategy<Value = Command> {
                     memory_mib: 4096,
                     disk_gib: 100,
                 },
+            }
+            .into(),
+        }),
+        (project(), 0u64..8).prop_map(|(project, vcpus)| Command::SetProjectQuota {
+            project,
+            quota: nephele_state::QuotaUpdate {
+                vcpus: Some(vcpus),
+                ..Default::default()
             },
         }),
         project().prop_map(|project| Command::DeleteProject { project }),
@@ -91,10 +99,13 @@ fn command() -> impl Strategy<Value = Command> {
             checksum: String::new(),
             state: ImageState::Active,
         }),
-        (project(), id()).prop_map(|(project, group_id)| Command::CreateServerGroup {
-            project,
-            group_id,
-            policy: GroupPolicy::AntiAffinity,
+        (project(), id(), 0u32..3).prop_map(|(project, group_id, max)| {
+            Command::CreateServerGroup {
+                project,
+                group_id,
+                policy: GroupPolicy::AntiAffinity,
+                max_per_node: (max > 0).then_some(max),
+            }
         }),
         (
             project(),

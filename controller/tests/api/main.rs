@@ -13,6 +13,8 @@
 //! - `join.rs`: node join tokens and the Join RPC signing node CSRs, node
 //!   removal and revocation, the sealed CA in the replicated state.
 //! - `limits.rs`: oversized requests.
+//! - `instances.rs`: stop timeouts, resizes against node capacity, image
+//!   formats, list filters.
 
 mod audit;
 mod authz_walk;
@@ -20,6 +22,7 @@ mod authz_walk;
 mod common;
 mod console;
 mod ha;
+mod instances;
 mod join;
 mod limits;
 mod migration;
@@ -542,6 +545,184 @@ async fn anti_affinity_spreads_and_health_answers() -> anyhow::Result<()> {
     assert_eq!(
         r.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    env.member.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_project_changes_the_limits_its_mask_names() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    populate(&mut env.admin).await?;
+    let update = |paths: &[&str], quota: iam::Quota| iam::UpdateProjectRequest {
+        project: Some(iam::Project {
+            name: "projects/p1".into(),
+            quota: Some(quota),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|p| (*p).to_owned()).collect(),
+        }),
+    };
+    // populate: 3 instances, 8 vCPUs, 1 TiB of memory, 100 GiB of disk.
+    let p = env
+        .admin
+        .iam
+        .update_project(update(
+            &["quota.instances"],
+            iam::Quota {
+                instances: 50,
+                ..Default::default()
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        p.quota,
+        Some(iam::Quota {
+            instances: 50,
+            vcpus: 8,
+            memory_mib: 1 << 30,
+            disk_gib: 100,
+        })
+    );
+    let p = env
+        .admin
+        .iam
+        .update_project(update(
+            &["quota.vcpus", "quota.disk_gib"],
+            iam::Quota {
+                instances: 1,
+                vcpus: 12,
+                memory_mib: 1,
+                disk_gib: 40,
+            },
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(
+        p.quota,
+        Some(iam::Quota {
+            instances: 50,
+            vcpus: 12,
+            memory_mib: 1 << 30,
+            disk_gib: 40,
+        })
+    );
+    // `quota` replaces every limit.
+    let all = iam::Quota {
+        instances: 4,
+        vcpus: 5,
+        memory_mib: 6,
+        disk_gib: 7,
+    };
+    let p = env
+        .admin
+        .iam
+        .update_project(update(&["quota"], all))
+        .await?
+        .into_inner();
+    assert_eq!(p.quota, Some(all));
+    for paths in [&[][..], &["display_name"], &["quota.cpus"]] {
+        assert_err(
+            env.admin.iam.update_project(update(paths, all)).await,
+            Code::InvalidArgument,
+            "INVALID_ARGUMENT",
+        );
+    }
+    env.member.stop().await?;
+    Ok(())
+}
+
+/// A hard anti-affinity group allowing two members per node: four members
+/// on two nodes go exactly two and two, and a fifth has nowhere to go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_affinity_with_two_per_node_spreads_four_over_two_nodes() -> anyhow::Result<()> {
+    let mut env = start().await?;
+    let (alice_t, _, _) = populate(&mut env.admin).await?;
+    env.admin
+        .iam
+        .update_project(iam::UpdateProjectRequest {
+            project: Some(iam::Project {
+                name: "projects/p1".into(),
+                quota: Some(iam::Quota {
+                    instances: 10,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["quota.instances".into()],
+            }),
+        })
+        .await?;
+    let mut alice = clients(&env.channel, Some(&alice_t));
+    let _n1 = FakeNode::register(&env.admin, "n1", 8, 8192)
+        .await?
+        .keep_alive();
+    let _n2 = FakeNode::register(&env.admin, "n2", 8, 8192)
+        .await?
+        .keep_alive();
+    let group = |id: &str, policy: compute::GroupPolicy, max_per_node: u32| {
+        compute::CreateServerGroupRequest {
+            parent: "projects/p1".into(),
+            server_group_id: id.into(),
+            server_group: Some(compute::ServerGroup {
+                policy: policy as i32,
+                max_per_node,
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        }
+    };
+    assert_err(
+        alice
+            .groups
+            .create_server_group(group("together", compute::GroupPolicy::Affinity, 2))
+            .await,
+        Code::InvalidArgument,
+        "INVALID_ARGUMENT",
+    );
+    let g = alice
+        .groups
+        .create_server_group(group("web", compute::GroupPolicy::AntiAffinity, 2))
+        .await?
+        .into_inner();
+    assert_eq!(g.max_per_node, 2);
+    let template = instance_template("small", "projects/p1/serverGroups/web");
+    alice
+        .instances
+        .batch_create_instances(compute::BatchCreateInstancesRequest {
+            parent: "projects/p1".into(),
+            instance_id: "web".into(),
+            count: 4,
+            instance: Some(template.clone()),
+            request_id: String::new(),
+        })
+        .await?;
+    let mut per_node = std::collections::BTreeMap::new();
+    for k in 1..=4 {
+        let i = wait_state(
+            &mut alice,
+            &format!("projects/p1/instances/web-{k}"),
+            compute::InstanceState::Scheduled,
+        )
+        .await?;
+        *per_node.entry(i.node).or_insert(0) += 1;
+    }
+    assert_eq!(
+        per_node.into_iter().collect::<Vec<_>>(),
+        [("nodes/n1".to_owned(), 2), ("nodes/n2".to_owned(), 2)]
+    );
+    let err = create(&mut alice, "web-5", template)
+        .await
+        .expect_err("both nodes hold two members");
+    let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
+    assert_eq!(reason(status), "NO_VALID_HOST");
+    assert!(
+        status.message().contains("anti-affinity"),
+        "{}",
+        status.message()
     );
     env.member.stop().await?;
     Ok(())

@@ -47,6 +47,9 @@ pub struct Machine {
     pub rng: Option<Rng>,
     /// Memory dirtier.
     pub dirtier: Dirtier,
+    /// `powerbutton ignore`: the host's shutdown requests are only
+    /// reported, so the host has to force the VM off.
+    pub ignore_power_button: bool,
 }
 
 fn flag(b: bool) -> u8 {
@@ -112,8 +115,13 @@ impl Machine {
                 next_shutdown_poll = Deadline::after_us(SHUTDOWN_POLL_US);
                 if platform::shutdown_requested() {
                     println!();
-                    println!("NEPH-GUEST SHUTDOWN requested by the host");
-                    platform::poweroff();
+                    if self.ignore_power_button {
+                        println!("NEPH-GUEST SHUTDOWN ignored (powerbutton ignore)");
+                        print!("{PROMPT}");
+                    } else {
+                        println!("NEPH-GUEST SHUTDOWN requested by the host");
+                        platform::poweroff();
+                    }
                 }
             }
             let mut busy = false;
@@ -199,6 +207,11 @@ impl Machine {
             Command::Reboot => {
                 println!("REBOOT");
                 platform::reboot()
+            }
+            Command::PowerButton { ignore } => {
+                self.ignore_power_button = ignore;
+                let mode = if ignore { "ignore" } else { "obey" };
+                println!("POWERBUTTON OK mode={mode}");
             }
             Command::BlkInfo | Command::BlkRead(_) | Command::BlkWrite(..) | Command::BlkFlush => {
                 self.blk_cmd(cmd)

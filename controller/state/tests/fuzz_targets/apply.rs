@@ -102,6 +102,7 @@ pub fn setup() -> Vec<Command> {
         project: "projects/a".into(),
         group_id: "g".into(),
         policy: GroupPolicy::AntiAffinity,
+        max_per_node: Some(2),
     });
     for (i, group) in [(1, Some("projects/a/serverGroups/g")), (2, None), (3, None)] {
         c.push(Command::CreateInstance {
@@ -265,12 +266,18 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.push(one(user(Command::ResizeInstance {
         instance: "projects/a/instances/web-3".into(),
         flavor: "flavors/big".into(),
+        node_limit: Some(Resources {
+            vcpus: 64,
+            memory_mib: 6144,
+            disk_gib: 100,
+        }),
     })));
     out.push(one(user(Command::BeginInstanceAction {
         instance: "projects/a/instances/web-1".into(),
         state: InstanceState::Stopping,
         verb: "stop".into(),
         operation_id: "op-stop".into(),
+        stop_timeout_ms: Some(5000),
     })));
     out.push(one(system(Command::RestartInstanceElsewhere {
         instance: "projects/a/instances/web-1".into(),
@@ -322,6 +329,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         project: "projects/b".into(),
         group_id: "g2".into(),
         policy: GroupPolicy::Affinity,
+        max_per_node: None,
     });
     with_id.request_id = Some("req-1".into());
     with_id.fence_term = Some(TERM);
