@@ -290,6 +290,47 @@ impl Cloud {
     /// the output settles, or is killed after 30 s) and returns its stdout
     /// and stderr. Given every controller, the CLI uses the first that
     /// answers.
+    /// An open `neph instance console` session of `instance` (pipe mode):
+    /// lines typed go to the guest, what it prints accumulates.
+    pub fn console_session(&self, instance: &str) -> Result<ConsoleSession, CloudError> {
+        use std::io::Read as _;
+        use std::process::Stdio;
+        let mut child = Command::new(workspace_binary("neph"))
+            .env_remove("NEPHELE_PROFILE")
+            .args(["--endpoint", &self.controllers.endpoints().join(",")])
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .arg("--ca-file")
+            .arg(self.controllers.ca_file())
+            .args(["--project", &self.project, "instance", "console", instance])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| CloudError::Neph {
+                args: format!("instance console {instance}"),
+                status: "not started".into(),
+                stderr: e.to_string(),
+            })?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(mut out) = child.stdout.take() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut s) = seen.lock() {
+                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    }
+                }
+            });
+        }
+        let stdin = child.stdin.take();
+        Ok(ConsoleSession { child, stdin, seen })
+    }
+
     pub fn console(&self, instance: &str, line: &str) -> (String, String) {
         use std::io::Write as _;
         use std::process::Stdio;
@@ -510,4 +551,59 @@ pub fn processes_mentioning(program: &str, path: &Path) -> Vec<u32> {
             exe_matches && String::from_utf8_lossy(&cmdline).contains(&needle) && alive(*pid)
         })
         .collect()
+}
+
+/// A console session kept open across events (see
+/// [`Cloud::console_session`]); killed on drop.
+#[derive(Debug)]
+pub struct ConsoleSession {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    seen: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl ConsoleSession {
+    /// Types `line` (and a newline) into the guest's console.
+    pub fn type_line(&mut self, line: &str) -> std::io::Result<()> {
+        use std::io::Write as _;
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("the console's input is closed"))?;
+        stdin.write_all(format!("{line}\n").as_bytes())?;
+        stdin.flush()
+    }
+
+    /// Everything the session printed so far.
+    pub fn output(&self) -> String {
+        self.seen.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits until the output holds `text` after byte `from`; returns
+    /// where it ends, or `None` after `within`.
+    pub fn wait_for(&self, text: &str, from: usize, within: Duration) -> Option<usize> {
+        let deadline = Instant::now() + within;
+        loop {
+            let out = self.output();
+            if let Some(i) = out.get(from..).and_then(|o| o.find(text)) {
+                return Some(from + i + text.len());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the `neph` process still runs (the stream is open).
+    pub fn open(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ConsoleSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -3,7 +3,7 @@
 //! project's test guest, `neph migration create|cancel` and `neph instance
 //! migrate --wait` as an operator uses them. The guest's ticker and uptime
 //! show it is the same boot on the other node and the console answers
-//! there; a `neph-vmm --incoming` killed with SIGKILL mid-copy, and a
+//! there (a console session opened before the move goes on after it); a `neph-vmm --incoming` killed with SIGKILL mid-copy, and a
 //! migration cancelled mid-copy, leave the VM running where it was (the
 //! same process); `neph node drain` moves it off its node to where the
 //! scheduler puts it; the source's agent killed with SIGKILL mid-copy and
@@ -243,6 +243,13 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
         &console(&cloud, "mig-1", "ticker report", "TICKER"),
         "ticks",
     );
+    // A console session open across the move: it follows the instance.
+    let mut session = cloud.console_session("mig-1").expect("open a console");
+    std::thread::sleep(Duration::from_millis(500));
+    session.type_line("echo before-move").expect("type");
+    let mark = session
+        .wait_for("ECHO before-move", 0, UP)
+        .expect("the open console answers before the move");
     let started = Instant::now();
     let done = cloud
         .neph(&["instance", "migrate", "mig-1", "--to", &dst, "--wait"])
@@ -306,8 +313,28 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
         "source-side downtime {} us, {} bytes",
         reported["downtime_us"], reported["bytes_copied"]
     );
-    // The console keeps working on the target (echo round trip).
+    // The console keeps working on the target (echo round trip), and the
+    // session opened before the move still answers.
     assert!(console(&cloud, "mig-1", "echo still-here", "ECHO").contains("still-here"));
+    let mut answered = None;
+    for _ in 0..10 {
+        assert!(
+            session.open(),
+            "the console session ended: {}",
+            session.output()
+        );
+        session.type_line("echo after-move").expect("type");
+        answered = session.wait_for("ECHO after-move", mark, Duration::from_secs(3));
+        if answered.is_some() {
+            break;
+        }
+    }
+    assert!(
+        answered.is_some(),
+        "the console session opened before the move does not answer after it: {}",
+        session.output()
+    );
+    drop(session);
 
     // 3. Cancelled mid-copy: the VM stays where it runs (now the first
     // target), the same process, the same boot.

@@ -800,3 +800,41 @@ fn pages_the_disk_device_writes_during_the_copy_move_too() {
             .expect("the disk moved with its data");
     }
 }
+
+#[test]
+fn a_migration_that_cannot_converge_gives_up_at_its_timeout_and_the_vm_runs_on() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.sock");
+    let mut src = source(&a, &[]);
+    src.command("dirty 64 0", "DIRTY OK", CMD)
+        .expect("unpaced dirtier");
+    let port = free_port().expect("port");
+    let _dst = start_target(port, &[]).expect("target");
+    // A budget of 0 ms never fits: auto-converge throttles the guest, then
+    // the migration gives up at its timeout and rolls back.
+    let out = migrate(
+        &a,
+        &format!("127.0.0.1:{port}"),
+        r#""max_downtime_ms":0,"timeout_ms":1500"#,
+        MIGRATION,
+    )
+    .expect("migrate");
+    assert_eq!(out.state, "failed", "{}", out.last);
+    let error = out.last["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("did not converge"), "{error}");
+    assert!(
+        out.elapsed >= Duration::from_millis(1500),
+        "{:?}",
+        out.elapsed
+    );
+    assert_eq!(out.last["decided"], false, "{}", out.last);
+    // Not throttled any more, and the same boot runs on.
+    assert_still_runs(&mut src, &a);
+    let st = src
+        .command("dirty status", "DIRTY OK", CMD)
+        .expect("dirty status");
+    assert!(st.contains("running=1"), "{st}");
+}

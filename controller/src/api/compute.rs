@@ -618,12 +618,24 @@ impl<S: StateStore> Instances for Api<S> {
         };
         self.instance_call(call, &format!("{INSTANCES}Console"), &name)
             .await?;
-        let target = self
-            .read_try(move |s| console::target(s, &name, true))
-            .await?;
-        let tls = self.inner.tls.as_ref();
+        let target = {
+            let name = name.clone();
+            self.read_try(move |s| console::target(s, &name, true))
+                .await?
+        };
+        let api = self.clone();
+        let relocate: console::Relocate = std::sync::Arc::new(move |from: String| {
+            let (api, name) = (api.clone(), name.clone());
+            Box::pin(async move {
+                api.read_try(move |s| console::target(s, &name, true))
+                    .await
+                    .ok()
+                    .filter(|t| t.node != from)
+            })
+        });
+        let tls = self.inner.tls.clone();
         Ok(Reply::new(
-            console::relay(tls, target, first, inbound).await?,
+            console::relay(tls, target, first, inbound, relocate).await?,
         ))
     }
 

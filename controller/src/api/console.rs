@@ -16,12 +16,20 @@
 //!
 //! The first request names the instance; the controller forwards it (with
 //! any input it carries) and every later request as they come, and every
-//! response back. Either side ending its stream ends the relay.
+//! response back. The caller ending its stream ends the relay. When the
+//! node's side ends, the relay asks whether the instance now runs on
+//! another node (a live migration moved it: the source's VMM exits after
+//! the switchover) and, if so, carries on there: a person typing into the
+//! console sees the same boot go on, a few milliseconds of output around
+//! the switchover aside. Otherwise the relay ends (with the node's error,
+//! if it failed).
 
+use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use futures::{Stream, StreamExt as _};
+use futures::Stream;
 use nephele_proto::compute::v1 as pb;
 use nephele_proto::node::v1::agent_client::AgentClient;
 use nephele_state::model::{InstanceState, State};
@@ -37,6 +45,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const LOG_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest message accepted from a node.
 const MAX_MESSAGE: usize = 8 << 20;
+/// How long the relay waits, once a node's console ended, for the instance
+/// to be placed (RUNNING) on another node before it ends too.
+const FOLLOW_WAIT: Duration = Duration::from_secs(10);
 /// Console log size when the request does not say.
 const DEFAULT_LOG_BYTES: u64 = 64 << 10;
 /// Largest console log relayed.
@@ -155,35 +166,129 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Relays a console: `first` (already read, naming the instance) and the
-/// rest of `inbound` go to the node; its output comes back.
-pub async fn relay(
+/// Where the instance's console is now, if it runs on a node other than
+/// the one given (`None`: it does not, or not yet).
+pub type Relocate = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = Option<ConsoleTarget>> + Send>> + Send + Sync,
+>;
+
+/// Opens the node's console stream for `t`, sending `first` then whatever
+/// the returned sender is given.
+async fn open(
     tls: Option<&TlsContext>,
-    t: ConsoleTarget,
+    t: &ConsoleTarget,
     first: pb::ConsoleRequest,
-    mut inbound: Streaming<pb::ConsoleRequest>,
-) -> Result<ConsoleStream, Status> {
-    let mut agent = connect(tls, &t).await?;
+) -> Result<
+    (
+        tokio::sync::mpsc::Sender<pb::ConsoleRequest>,
+        Streaming<pb::ConsoleResponse>,
+    ),
+    Status,
+> {
+    let mut agent = connect(tls, t).await?;
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     // Cannot fail: the receiver is alive and the buffer empty.
     let _ = tx.try_send(first);
-    tokio::spawn(async move {
-        // Ends when the caller ends its stream, fails, or the node hangs up.
-        while let Ok(Some(m)) = inbound.message().await {
-            if tx.send(m).await.is_err() {
-                break;
-            }
-        }
-    });
     let outbound = agent
         .console(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map_err(|s| relay_error(&t.node, s))?
         .into_inner();
-    let node = t.node;
-    Ok(Box::pin(
-        outbound.map(move |r| r.map_err(|s| relay_error(&node, s))),
-    ))
+    Ok((tx, outbound))
+}
+
+/// Relays a console: `first` (already read, naming the instance) and the
+/// rest of `inbound` go to the node; its output comes back. When the
+/// node's side ends, `relocate` says whether the instance moved, and the
+/// relay follows it (see the module doc).
+pub async fn relay(
+    tls: Option<TlsContext>,
+    t: ConsoleTarget,
+    first: pb::ConsoleRequest,
+    mut inbound: Streaming<pb::ConsoleRequest>,
+    relocate: Relocate,
+) -> Result<ConsoleStream, Status> {
+    let name = first.name.clone();
+    let (tx, mut outbound) = open(tls.as_ref(), &t, first).await?;
+    // The caller's input goes to the current node's stream.
+    let current = Arc::new(Mutex::new(tx));
+    let (done_tx, mut done) = tokio::sync::watch::channel(false);
+    let input = current.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            let tx = match input.lock() {
+                Ok(t) => Some(t.clone()),
+                Err(_) => None,
+            };
+            if let Some(tx) = tx {
+                // A node that hung up loses this input; the next node gets
+                // what follows.
+                let _ = tx.send(m).await;
+            }
+        }
+        let _ = done_tx.send(true);
+    });
+    let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut node = t.node;
+        loop {
+            let ended = loop {
+                tokio::select! {
+                    m = outbound.message() => match m {
+                        Ok(Some(r)) => {
+                            if out_tx.send(Ok(r)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break None,
+                        Err(s) => break Some(s),
+                    },
+                    _ = done.changed() => return,
+                }
+            };
+            if *done.borrow() {
+                return;
+            }
+            // Moved? Wait a little for the store to say so.
+            let deadline = Instant::now() + FOLLOW_WAIT;
+            let moved = loop {
+                if let Some(t) = relocate(node.clone()).await {
+                    break Some(t);
+                }
+                if Instant::now() > deadline {
+                    break None;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let Some(next) = moved else {
+                if let Some(s) = ended {
+                    let _ = out_tx.send(Err(relay_error(&node, s))).await;
+                }
+                return;
+            };
+            tracing::info!(instance = %name, from = %node, to = %next.node, "console follows the instance to its new node");
+            let first = pb::ConsoleRequest {
+                name: name.clone(),
+                input: Vec::new(),
+            };
+            match open(tls.as_ref(), &next, first).await {
+                Ok((tx, out)) => {
+                    if let Ok(mut c) = current.lock() {
+                        *c = tx;
+                    }
+                    outbound = out;
+                    node = next.node;
+                }
+                Err(s) => {
+                    let _ = out_tx.send(Err(s)).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+        out_rx,
+    )))
 }
 
 /// Reads the tail of the console log from the node.
