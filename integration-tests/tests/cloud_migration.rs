@@ -201,7 +201,16 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
         !wrong.starts_with(&[0x81]) && !wrong.starts_with(&[0x83]),
         "a controller's certificate reached the target VMM: {wrong:?}"
     );
-    eprintln!("rogue clients refused: plaintext got {plain:?}, a controller certificate {wrong:?}");
+    // The source node's own name, certified by a CA of another cluster.
+    let forged = foreign_node_tls(&src, &cloud.controllers.ca_file());
+    let other_ca = rogue_tls(&at, forged.path());
+    assert!(
+        !other_ca.starts_with(&[0x81]) && !other_ca.starts_with(&[0x83]),
+        "another CA's certificate reached the target VMM: {other_ca:?}"
+    );
+    eprintln!(
+        "rogue clients refused: plaintext got {plain:?}, a controller certificate {wrong:?}, another CA's {other_ca:?}"
+    );
     eprintln!("killing the target VMM mid-copy: {copying}");
     kill9(victim);
     let failed = wait_migration(&cloud, "mig-1", &[], "FAILED");
@@ -587,6 +596,30 @@ fn rogue_tls(addr: &str, tls_dir: &std::path::Path) -> Vec<u8> {
         let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut reply)).await;
         reply
     })
+}
+
+/// A TLS directory with a `node/<node>` certificate from a CA of its own
+/// (same cluster id, another key), trusting the real cluster's CA too, so
+/// only the target's verdict on the certificate is tested.
+fn foreign_node_tls(node: &str, cluster_ca: &std::path::Path) -> tempfile::TempDir {
+    use nephele_tls::{Ca, Identity, IssueOptions, TlsFiles};
+    let real = std::fs::read(cluster_ca).expect("the cluster CA");
+    let cluster = nephele_tls::ca::cluster_of_ca_pem(&real).expect("the cluster id");
+    let ca = Ca::create(&cluster).expect("another CA");
+    let (cert, key) = ca
+        .issue(
+            &Identity::node(node).expect("node name"),
+            &IssueOptions::default(),
+        )
+        .expect("issue");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = TlsFiles::in_dir(dir.path());
+    std::fs::write(&files.cert, cert.chain_pem).expect("cert");
+    nephele_tls::write_private(&files.key, key.as_bytes(), true).expect("key");
+    let mut roots = ca.cert_pem().as_bytes().to_vec();
+    roots.extend_from_slice(&real);
+    std::fs::write(&files.ca, roots).expect("ca");
+    dir
 }
 
 /// Sends a signal (`-CONT`, ...) to `pid`.
