@@ -290,13 +290,12 @@ impl Cloud {
     /// the output settles, or is killed after 30 s) and returns its stdout
     /// and stderr. Given every controller, the CLI uses the first that
     /// answers.
-    /// An open `neph instance console` session of `instance` (pipe mode):
-    /// lines typed go to the guest, what it prints accumulates.
-    pub fn console_session(&self, instance: &str) -> Result<ConsoleSession, CloudError> {
-        use std::io::Read as _;
+    /// `neph instance console INSTANCE` against this cloud, all three
+    /// streams piped.
+    fn console_command(&self, instance: &str) -> Command {
         use std::process::Stdio;
-        let mut child = Command::new(workspace_binary("neph"))
-            .env_remove("NEPHELE_PROFILE")
+        let mut cmd = Command::new(workspace_binary("neph"));
+        cmd.env_remove("NEPHELE_PROFILE")
             .args(["--endpoint", &self.controllers.endpoints().join(",")])
             .arg("--token-file")
             .arg(&self.token_file)
@@ -305,7 +304,16 @@ impl Cloud {
             .args(["--project", &self.project, "instance", "console", instance])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// An open `neph instance console` session of `instance` (pipe mode):
+    /// lines typed go to the guest, what it prints accumulates.
+    pub fn console_session(&self, instance: &str) -> Result<ConsoleSession, CloudError> {
+        use std::io::Read as _;
+        let mut child = self
+            .console_command(instance)
             .spawn()
             .map_err(|e| CloudError::Neph {
                 args: format!("instance console {instance}"),
@@ -333,19 +341,7 @@ impl Cloud {
 
     pub fn console(&self, instance: &str, line: &str) -> (String, String) {
         use std::io::Write as _;
-        use std::process::Stdio;
-        let spawned = Command::new(workspace_binary("neph"))
-            .env_remove("NEPHELE_PROFILE")
-            .args(["--endpoint", &self.controllers.endpoints().join(",")])
-            .arg("--token-file")
-            .arg(&self.token_file)
-            .arg("--ca-file")
-            .arg(self.controllers.ca_file())
-            .args(["--project", &self.project, "instance", "console", instance])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn();
+        let spawned = self.console_command(instance).spawn();
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => return (String::new(), format!("cannot start neph: {e}")),

@@ -683,6 +683,25 @@ impl Supervisor {
         }
     }
 
+    /// Sends a migration report in the background; one that does not get
+    /// through (other than a refusal: the migration is over) is sent again
+    /// on a later pass.
+    fn report_migration(&self, req: pb::ReportMigrationRequest) {
+        let (ctl, tx) = (self.ctl.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            match crate::migrate::report(&ctl, req.clone()).await {
+                Ok(()) => {}
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "migration report did not reach the controllers; will retry");
+                    let _ = tx.send(Event::MigrationReportFailed {
+                        migration: req.migration,
+                    });
+                }
+            }
+        });
+    }
+
     fn act(&mut self, name: &str, action: Action, a: Option<&pb::Assignment>, w: Option<Want>) {
         let generation = w.map_or(0, |w| w.generation);
         match action {
@@ -786,24 +805,11 @@ impl Supervisor {
                     return;
                 }
                 tracing::info!(instance = %name, migration = %m.migration, "the migrated VM runs here; telling the controllers");
-                let (ctl, node, tx) = (self.ctl.clone(), self.cfg.node_name(), self.tx.clone());
-                tokio::spawn(async move {
-                    let req = pb::ReportMigrationRequest {
-                        node,
-                        migration: m.migration.clone(),
-                        completed: true,
-                        ..Default::default()
-                    };
-                    match crate::migrate::report(&ctl, req).await {
-                        Ok(()) => {}
-                        Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
-                        Err(s) => {
-                            tracing::warn!(error = %s.message(), "migration report did not reach the controllers; will retry");
-                            let _ = tx.send(Event::MigrationReportFailed {
-                                migration: m.migration,
-                            });
-                        }
-                    }
+                self.report_migration(pb::ReportMigrationRequest {
+                    node: self.cfg.node_name(),
+                    migration: m.migration,
+                    completed: true,
+                    ..Default::default()
                 });
             }
             Action::SettleIncoming => {
@@ -853,26 +859,13 @@ impl Supervisor {
                 } else {
                     tracing::warn!(instance = %name, migration = %m.migration, %reason, "the migration cannot go on here");
                 }
-                let (ctl, node, tx) = (self.ctl.clone(), self.cfg.node_name(), self.tx.clone());
-                tokio::spawn(async move {
-                    let req = pb::ReportMigrationRequest {
-                        node,
-                        migration: m.migration.clone(),
-                        failed: !arrived,
-                        completed: arrived,
-                        reason,
-                        ..Default::default()
-                    };
-                    match crate::migrate::report(&ctl, req).await {
-                        Ok(()) => {}
-                        Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
-                        Err(s) => {
-                            tracing::warn!(error = %s.message(), "migration report did not reach the controllers; will retry");
-                            let _ = tx.send(Event::MigrationReportFailed {
-                                migration: m.migration,
-                            });
-                        }
-                    }
+                self.report_migration(pb::ReportMigrationRequest {
+                    node: self.cfg.node_name(),
+                    migration: m.migration,
+                    failed: !arrived,
+                    completed: arrived,
+                    reason,
+                    ..Default::default()
                 });
             }
             Action::Resume => {
