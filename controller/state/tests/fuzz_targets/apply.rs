@@ -184,6 +184,28 @@ fn check_refusal(before: &State, after: &State, env: &Envelope) {
     expected.request_order = after.request_order.clone();
     expected.events = after.events.clone();
     expected.next_event_seq = after.next_event_seq;
+    // A person's call (an envelope with an origin) is audited whatever its
+    // result: exactly one record, saying it was refused and why.
+    expected.audit = after.audit.clone();
+    expected.next_audit_seq = after.next_audit_seq;
+    let new_audit = after.next_audit_seq - before.next_audit_seq;
+    match &env.origin {
+        Some(origin) => {
+            assert_eq!(new_audit, 1, "a person's refused call was not audited once");
+            let r = after.audit.back().expect("the audit record");
+            assert_eq!(r.seq, after.next_audit_seq);
+            assert!(
+                env.actor.starts_with(&r.actor) && origin.rpc.starts_with(&r.rpc),
+                "{r:?} is not this call's"
+            );
+            assert!(
+                !r.result.is_empty() && r.result != "ok",
+                "a refused call audited as {:?}",
+                r.result
+            );
+        }
+        None => assert_eq!(new_audit, 0, "a system command was audited"),
+    }
     assert_eq!(after.applied, before.applied + 1);
     assert!(
         after
