@@ -87,15 +87,26 @@ async fn foreign_and_removed_members_are_refused() -> anyhow::Result<()> {
     })
     .await
     .context("remove member 3")?;
-    let err = c
-        .raft(pb::RaftRequest {
-            cluster_id: CLUSTER,
-            from: 3,
-            from_address: addrs[2].clone(),
-            messages: Vec::new(),
-        })
-        .await
-        .expect_err("raft traffic of a removed member accepted");
+    // The removal is committed on the leader; `c`'s member refuses member
+    // 3 once it has applied it too (at once, or a heartbeat later).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        let r = c
+            .raft(pb::RaftRequest {
+                cluster_id: CLUSTER,
+                from: 3,
+                from_address: addrs[2].clone(),
+                messages: Vec::new(),
+            })
+            .await;
+        match r {
+            Err(e) => break e,
+            Ok(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(r) => panic!("raft traffic of a removed member accepted for 10 s: {r:?}"),
+        }
+    };
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(err.message().starts_with("STALE_MEMBER"), "{err:?}");
     members[2].spawn(CLUSTER, false)?;
