@@ -1163,7 +1163,7 @@ impl Migration<'_> {
                 us: super::micros(stopped.save),
             },
         ];
-        pages.harvest()?;
+        pages.harvest_last()?;
         for t in disks.iter_mut() {
             t.harvest();
         }
