@@ -278,16 +278,37 @@ enum FlavorCmd {
 
 #[derive(Debug, Subcommand)]
 enum ImageCmd {
-    /// Register an image (admins). Its content must be where compute nodes read images.
+    /// Create an image (admins). With --kernel (and --initrd, --cmdline,
+    /// --disk) its content is uploaded to the controllers, which check it
+    /// and hand it to the nodes that boot it; without, only the record is
+    /// made and the content must be in every node's image directory.
     Create {
         id: String,
         /// pvh-elf, bzimage or raw (qcow2 is not supported yet: convert it
-        /// with `qemu-img convert -O raw`).
-        #[arg(long, default_value = "pvh-elf")]
-        format: String,
-        /// Take size and SHA-256 from this local file.
+        /// with `qemu-img convert -O raw`); default: raw with --disk,
+        /// pvh-elf otherwise.
         #[arg(long)]
+        format: Option<String>,
+        /// Upload this kernel (a PVH ELF or a bzImage).
+        #[arg(long)]
+        kernel: Option<PathBuf>,
+        /// Upload this initramfs with it.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// The kernel command line, uploaded with it.
+        #[arg(long, requires = "kernel")]
+        cmdline: Option<String>,
+        /// Upload this raw disk with it (format raw): each instance gets a
+        /// copy.
+        #[arg(long, requires = "kernel")]
+        disk: Option<PathBuf>,
+        /// Without an upload: take the record's size and SHA-256 from this
+        /// local file.
+        #[arg(long, conflicts_with = "kernel")]
         file: Option<PathBuf>,
+        /// Makes a retried upload return the first result.
+        #[arg(long, default_value = "")]
+        request_id: String,
     },
     Get {
         id: String,
@@ -1103,28 +1124,165 @@ async fn flavor(c: &Ctx, cmd: FlavorCmd) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Size and `sha256:` checksum of a local file.
+/// Size and `sha256:` checksum of a local file, read in chunks.
 fn file_digest(path: &std::path::Path) -> Result<(u64, String), CliError> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
-    Ok((
-        u64::try_from(bytes.len()).unwrap_or(u64::MAX),
-        format!("sha256:{}", sha256_hex(&bytes)),
-    ))
+    use sha2::Digest as _;
+    use std::io::Read as _;
+    let unreadable =
+        |e: std::io::Error| CliError::Usage(format!("cannot read {}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(unreadable)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; nephele_proto::image::CHUNK_BYTES];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(unreadable)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((size, nephele_proto::image::sha256_checksum(&h.finalize())))
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+/// One file of an image to upload.
+enum Part {
+    File(PathBuf),
+    Text(String),
+}
+
+/// Uploads an image: its manifest (sizes and checksums read here first),
+/// then the files' bytes in 1 MiB messages, with a progress line on a
+/// terminal. A file that changes while it is sent fails the checksum on
+/// the controller, and nothing is created.
+async fn upload_image(
+    im: &mut compute::images_client::ImagesClient<client::Svc>,
+    image_id: String,
+    format: String,
+    parts: Vec<(&'static str, Part)>,
+    request_id: String,
+) -> Result<compute::Image, CliError> {
     use sha2::Digest as _;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut files = Vec::new();
+    for (role, part) in &parts {
+        let (size_bytes, checksum) = match part {
+            Part::File(p) => file_digest(p)?,
+            Part::Text(t) => (
+                t.len() as u64,
+                nephele_proto::image::sha256_checksum(&sha2::Sha256::digest(t.as_bytes())),
+            ),
+        };
+        files.push(compute::ImageFile {
+            role: (*role).to_owned(),
+            size_bytes,
+            checksum,
+        });
+    }
+    nephele_proto::image::check_files(&format, &files).map_err(CliError::Usage)?;
+    let total: u64 = files.iter().map(|f| f.size_bytes).sum();
+    let first = compute::UploadImageRequest {
+        create: Some(compute::CreateImageRequest {
+            image_id,
+            image: Some(compute::Image {
+                format,
+                ..Default::default()
+            }),
+            request_id,
+        }),
+        files,
+        data: Vec::new(),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let tty = std::io::stderr().is_terminal();
+    // The files are read on a blocking thread as the stream takes them.
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), CliError> {
+        use std::io::Read as _;
+        if tx.blocking_send(first).is_err() {
+            return Ok(());
+        }
+        let mut sent = 0u64;
+        let mut shown = Instant::now();
+        for (_, part) in parts {
+            let mut read: Box<dyn std::io::Read> =
+                match &part {
+                    Part::File(p) => Box::new(std::fs::File::open(p).map_err(|e| {
+                        CliError::Usage(format!("cannot read {}: {e}", p.display()))
+                    })?),
+                    Part::Text(t) => Box::new(std::io::Cursor::new(t.clone().into_bytes())),
+                };
+            loop {
+                let mut buf = vec![0u8; nephele_proto::image::CHUNK_BYTES];
+                let n = read.read(&mut buf).map_err(|e| {
+                    CliError::Usage(format!("cannot read a file of the image: {e}"))
+                })?;
+                if n == 0 {
+                    break;
+                }
+                buf.truncate(n);
+                sent += n as u64;
+                let message = compute::UploadImageRequest {
+                    data: buf,
+                    ..Default::default()
+                };
+                if tx.blocking_send(message).is_err() {
+                    return Ok(());
+                }
+                if tty && shown.elapsed() >= Duration::from_millis(200) {
+                    shown = Instant::now();
+                    eprint!(
+                        "\ruploading {:>3}% ({} of {} MiB)",
+                        sent * 100 / total.max(1),
+                        sent >> 20,
+                        total >> 20
+                    );
+                }
+            }
+        }
+        if tty {
+            eprint!("\r\x1b[K");
+        }
+        Ok(())
+    });
+    let answer = im
+        .upload_image(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    match reader.await {
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(())) => {}
+        Err(e) => return Err(CliError::Usage(format!("reading the image failed: {e}"))),
+    }
+    Ok(answer?.into_inner())
 }
 
 async fn image(c: &Ctx, cmd: ImageCmd) -> Result<(), CliError> {
     let mut im = c.conn().images();
     match cmd {
-        ImageCmd::Create { id, format, file } => {
+        ImageCmd::Create {
+            id,
+            format,
+            kernel: Some(kernel),
+            initrd,
+            cmdline,
+            disk,
+            file: _,
+            request_id,
+        } => {
+            let format =
+                format.unwrap_or_else(|| if disk.is_some() { "raw" } else { "pvh-elf" }.to_owned());
+            let mut parts = vec![("kernel", Part::File(kernel))];
+            parts.extend(initrd.map(|f| ("initrd", Part::File(f))));
+            parts.extend(cmdline.map(|t| ("cmdline", Part::Text(t))));
+            parts.extend(disk.map(|f| ("disk", Part::File(f))));
+            let image = upload_image(&mut im, id, format, parts, request_id).await?;
+            c.one(&records::image(&image));
+        }
+        ImageCmd::Create {
+            id,
+            format,
+            file,
+            request_id,
+            ..
+        } => {
             let (size_bytes, checksum) = match file {
                 Some(f) => file_digest(&f)?,
                 None => (0, String::new()),
@@ -1133,12 +1291,12 @@ async fn image(c: &Ctx, cmd: ImageCmd) -> Result<(), CliError> {
                 im.create_image(compute::CreateImageRequest {
                     image_id: id,
                     image: Some(compute::Image {
-                        format,
+                        format: format.unwrap_or_else(|| "pvh-elf".into()),
                         size_bytes,
                         checksum,
                         ..Default::default()
                     }),
-                    request_id: String::new(),
+                    request_id,
                 }),
                 records::image,
             )
@@ -1936,23 +2094,6 @@ async fn watch_events(c: &Ctx, project: String, mut after: u64) -> Result<(), Cl
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sha256_matches_known_digests() {
-        assert_eq!(
-            sha256_hex(b""),
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        assert_eq!(
-            sha256_hex(b"abc"),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-        let long = vec![b'a'; 1000];
-        assert_eq!(
-            sha256_hex(&long),
-            "41edece42d63e8d9bf515a9ba6932e1c20cbc9f5a5d134645adb5db1b9737ea3"
-        );
-    }
 
     #[test]
     fn the_grammar_is_consistent() {

@@ -101,6 +101,15 @@ pub fn image(i: &compute::Image) -> Record {
                 .unwrap_or_default()
                 .into(),
         ),
+        (
+            "files",
+            i.files
+                .iter()
+                .map(|f| f.role.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+                .into(),
+        ),
         ("created", time(i.create_time.as_ref())),
     ]
 }

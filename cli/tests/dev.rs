@@ -294,12 +294,67 @@ fn up_with_a_node_boots_an_instance_and_down_stops_its_vm() {
         assert!(Instant::now() < deadline, "guest not ready: {log}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // An image uploaded from a local file: the controller keeps it, the
+    // node fetches it when an instance needs it, and the instance boots.
+    let kernel = dev.guest.to_str().expect("utf-8 path").to_owned();
+    let image = dev.json(&["image", "create", "uploaded", "--kernel", &kernel]);
+    assert_eq!(image["state"], "ACTIVE", "{image}");
+    assert_eq!(image["files"], "kernel", "{image}");
+    assert_eq!(
+        image["size_bytes"],
+        std::fs::metadata(&dev.guest).expect("guest").len(),
+        "{image}"
+    );
+    let fetched = dev.dir().join("images").join("uploaded");
+    assert!(!fetched.exists(), "fetched before any instance needs it");
+    let created = dev.json(&[
+        "instance",
+        "create",
+        "from-upload",
+        "--flavor",
+        "small",
+        "--image",
+        "uploaded",
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    assert_eq!(created["state"], "RUNNING", "{created}");
+    assert_eq!(
+        std::fs::read(fetched.join("kernel")).expect("fetched kernel"),
+        std::fs::read(&dev.guest).expect("guest")
+    );
+    assert_eq!(
+        std::fs::read_to_string(fetched.join(".checksum"))
+            .expect("checksum file")
+            .trim(),
+        image["checksum"].as_str().expect("checksum")
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (log, _) = dev.expect(&["instance", "console-log", "from-upload"], 0);
+        if log.contains("NEPH-GUEST READY") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "uploaded guest not ready: {log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A file that is not what it says is refused with a usage error
+    // before a byte is sent: a raw image needs its disk.
+    let (_, err) = dev.expect(
+        &[
+            "image", "create", "bad", "--kernel", &kernel, "--format", "raw",
+        ],
+        2,
+    );
+    assert!(err.contains("needs a disk"), "{err}");
+
     let vms = any_process_in(&dev.dir(), "neph-vmm");
-    assert_eq!(vms.len(), 1, "one VM expected: {vms:?}");
+    assert_eq!(vms.len(), 2, "two VMs expected: {vms:?}");
 
     // Down stops the agent and the VM it leaves running.
     let (_, err) = dev.expect(&["dev", "down"], 0);
-    assert!(err.contains("1 VM"), "{err}");
+    assert!(err.contains("2 VM"), "{err}");
     for b in ["neph-controller", "neph-node", "neph-vmm"] {
         assert_eq!(any_process_in(&dev.dir(), b), Vec::<u32>::new(), "{b} left");
     }

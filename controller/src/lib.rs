@@ -10,6 +10,7 @@
 //! - [`api`]: the public gRPC API and the node agent protocol, with
 //!   authentication, authorization and the stable error reasons.
 //! - [`tls`]: the cluster CA and this controller's certificate on disk.
+//! - [`images`]: the content of uploaded images this controller holds.
 //! - [`reconcile`]: the leader's control loops (scheduling, node liveness,
 //!   operation completion).
 //!
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod config;
+pub mod images;
 pub mod raft;
 pub mod reconcile;
 pub mod server;

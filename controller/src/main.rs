@@ -126,6 +126,7 @@ async fn serve(flags: Flags, init: bool) -> anyhow::Result<()> {
     let advertise = cfg.advertise.clone().unwrap_or_else(|| bound.to_string());
     let mut options = server::ControllerOptions::with_fencing(cfg.node_timeout, cfg.fence_lease);
     options.api.default_stop_timeout = cfg.default_stop_timeout;
+    options.api.image_dir = Some(cfg.data_dir.join("images"));
     options.reconcile.rebalance.threshold = f64::from(cfg.rebalance_threshold_pct) / 100.0;
     options.reconcile.rebalance.window = cfg.rebalance_window;
     options.reconcile.rebalance.cooldown = cfg.rebalance_cooldown;

@@ -236,6 +236,9 @@ async fn serve<S: Backend>(
     // call, as the replicated state says (ends when the store closes its
     // streams).
     crate::api::revocation::keep_current(shared.clone(), api.revocations().clone());
+    if let Some(content) = api.image_content() {
+        crate::images::keep_swept(shared.clone(), content);
+    }
     let router = crate::api::routes(api, router).await;
     // One lease for both: what agents are told is what the loops wait for.
     let mut loops = options.reconcile;

@@ -14,6 +14,7 @@ pub mod cluster {
     }
 }
 
+pub mod image;
 #[cfg(feature = "serve")]
 pub mod serve;
 

@@ -14,6 +14,8 @@
 //!   ([`supervisor::decide`] is the whole decision table);
 //! - [`instance`]: instance names, directories, `state` records, disks,
 //!   taps, image files;
+//! - [`image`]: uploaded images fetched from the controllers, checked and
+//!   put in the image directory;
 //! - [`vmm`]: the `neph-vmm` control socket client;
 //! - [`migrate`]: live migration, target (`--incoming`) and source (the
 //!   switchover gate answered through the controllers);
@@ -32,6 +34,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod host;
+pub mod image;
 pub mod instance;
 pub mod join;
 pub mod migrate;

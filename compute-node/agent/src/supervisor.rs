@@ -44,6 +44,8 @@ pub struct Shared {
     pub lease_until_ms: AtomicU64,
     /// The VMs that run here now, by instance name.
     pub vms: Mutex<BTreeMap<String, VmView>>,
+    /// Held while an image is fetched (one at a time).
+    pub image_fetch: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -1135,6 +1137,14 @@ pub(crate) async fn prepare(
     tokio::fs::create_dir_all(&layout.dir)
         .await
         .map_err(|e| PrepareError::Io(layout.dir.clone(), e).to_string())?;
+    crate::image::ensure(
+        &cfg.image_dir,
+        &ctx.ctl,
+        &cfg.node_name(),
+        &image,
+        &ctx.shared.image_fetch,
+    )
+    .await?;
     let files = instance::image_files(&cfg.image_dir, &instance.image, &image.format)
         .map_err(|e| e.to_string())?;
     Ok(Prepared {

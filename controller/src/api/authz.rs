@@ -77,6 +77,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ),
     ("/nephele.compute.v1.Flavors/DeleteFlavor", Rule::Admin),
     ("/nephele.compute.v1.Images/CreateImage", Rule::Admin),
+    ("/nephele.compute.v1.Images/UploadImage", Rule::Admin),
     ("/nephele.compute.v1.Images/GetImage", Rule::Authenticated),
     ("/nephele.compute.v1.Images/ListImages", Rule::Authenticated),
     ("/nephele.compute.v1.Images/DeleteImage", Rule::Admin),
@@ -182,6 +183,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ),
     ("/nephele.node.v1.NodeAgent/ReportMigration", Rule::Admin),
     ("/nephele.node.v1.NodeAgent/RequestSwitchover", Rule::Admin),
+    ("/nephele.node.v1.NodeAgent/FetchImage", Rule::Admin),
 ];
 
 /// The rule of `rpc`, if it is in the table.

@@ -752,6 +752,72 @@ impl<S: StateStore> Images for Api<S> {
         }
     }
 
+    async fn upload_image(
+        &self,
+        req: Request<Streaming<pb::UploadImageRequest>>,
+    ) -> Result<Reply<pb::Image>, Status> {
+        let caller = self
+            .authorize(&req, &format!("{IMAGES}UploadImage"), Target::Cluster)
+            .await?;
+        let Some(content) = self.inner.images.clone() else {
+            return Err(ApiError::FailedPrecondition(
+                "this controller keeps no image content (it runs without a data directory); upload through another controller".into(),
+            )
+            .into());
+        };
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| {
+            ApiError::InvalidArgument(
+                "the upload is empty: its first message names the image and its files".into(),
+            )
+        })?;
+        let create = first.create.ok_or_else(|| {
+            ApiError::InvalidArgument(
+                "the first message of an upload names the image (`create`)".into(),
+            )
+        })?;
+        let format = create.image.unwrap_or_default().format;
+        check_image_format(&format)?;
+        names::validate_id(&create.image_id).map_err(ApiError::from)?;
+        nephele_proto::image::check_files(&format, &first.files)
+            .map_err(ApiError::InvalidArgument)?;
+        let name = format!("images/{}", create.image_id);
+        let checksum = nephele_proto::image::manifest_checksum(&first.files);
+        // A taken name is refused before a byte is stored, unless this is
+        // the retry of an upload that went through (the same request id):
+        // the proposal then answers as the first time.
+        let exists = self
+            .read({
+                let name = name.clone();
+                move |s| s.images.contains_key(&name)
+            })
+            .await?;
+        if !exists {
+            content
+                .receive(
+                    &create.image_id,
+                    &checksum,
+                    &first.files,
+                    first.data,
+                    &mut stream,
+                )
+                .await?;
+        }
+        let command = Command::CreateUploadedImage {
+            image_id: create.image_id,
+            format,
+            checksum,
+            files: convert::image_files(&first.files),
+        };
+        match self
+            .propose_as(&caller, request_id(&create.request_id), command)
+            .await?
+        {
+            Response::Image(i) => Ok(Reply::new(convert::image(&i))),
+            other => Err(unexpected(other).into()),
+        }
+    }
+
     async fn get_image(
         &self,
         req: Request<pb::GetImageRequest>,

@@ -135,7 +135,28 @@ pub fn image(i: &model::Image) -> compute::Image {
             ImageState::Failed => compute::ImageState::Failed,
         } as i32,
         create_time: ts(i.create_time),
+        files: i
+            .files
+            .iter()
+            .map(|f| compute::ImageFile {
+                role: f.role.clone(),
+                size_bytes: f.size_bytes,
+                checksum: f.checksum.clone(),
+            })
+            .collect(),
     }
+}
+
+/// Image files from the API to the state.
+pub fn image_files(files: &[compute::ImageFile]) -> Vec<model::ImageFileRecord> {
+    files
+        .iter()
+        .map(|f| model::ImageFileRecord {
+            role: f.role.clone(),
+            size_bytes: f.size_bytes,
+            checksum: f.checksum.clone(),
+        })
+        .collect()
 }
 
 /// An instance state to the API.

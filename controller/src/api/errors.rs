@@ -50,6 +50,8 @@ pub const REASONS: &[&str] = &[
     "CONTROLLER_STOPPED",
     "NODE_UNAVAILABLE",
     "NOT_IMPLEMENTED",
+    "STORAGE_FULL",
+    "IMAGE_CONTENT_ELSEWHERE",
     "INTERNAL",
 ];
 
@@ -112,6 +114,13 @@ pub enum ApiError {
     /// Not served yet.
     #[error("{0}")]
     NotImplemented(String),
+    /// The controller's disk cannot take it.
+    #[error("{0}")]
+    StorageFull(String),
+    /// This controller does not hold the content asked for; another one
+    /// does.
+    #[error("{0}")]
+    ContentElsewhere(String),
     /// A bug.
     #[error("{0}")]
     Internal(String),
@@ -136,6 +145,8 @@ impl ApiError {
             ApiError::ControllerStopped(_) => "CONTROLLER_STOPPED",
             ApiError::NodeUnavailable(_) => "NODE_UNAVAILABLE",
             ApiError::NotImplemented(_) => "NOT_IMPLEMENTED",
+            ApiError::StorageFull(_) => "STORAGE_FULL",
+            ApiError::ContentElsewhere(_) => "IMAGE_CONTENT_ELSEWHERE",
             ApiError::Internal(_) => "INTERNAL",
         }
     }
@@ -148,12 +159,15 @@ impl ApiError {
             ApiError::InvalidArgument(_) | ApiError::RequestIdReused(_) => Code::InvalidArgument,
             ApiError::NotFound { .. } => Code::NotFound,
             ApiError::AlreadyExists { .. } => Code::AlreadyExists,
-            ApiError::QuotaExceeded { .. } | ApiError::NoValidHost(_) => Code::ResourceExhausted,
+            ApiError::QuotaExceeded { .. }
+            | ApiError::NoValidHost(_)
+            | ApiError::StorageFull(_) => Code::ResourceExhausted,
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::Conflict(_) => Code::Aborted,
             ApiError::NotLeader(_)
             | ApiError::ControllerStopped(_)
-            | ApiError::NodeUnavailable(_) => Code::Unavailable,
+            | ApiError::NodeUnavailable(_)
+            | ApiError::ContentElsewhere(_) => Code::Unavailable,
             ApiError::CommitUnknown(_) => Code::DeadlineExceeded,
             ApiError::NotImplemented(_) => Code::Unimplemented,
             ApiError::Internal(_) => Code::Internal,
@@ -270,6 +284,8 @@ mod tests {
             ApiError::ControllerStopped(String::new()),
             ApiError::NodeUnavailable(String::new()),
             ApiError::NotImplemented(String::new()),
+            ApiError::StorageFull(String::new()),
+            ApiError::ContentElsewhere(String::new()),
             ApiError::Internal(String::new()),
         ];
         assert_eq!(all.len(), REASONS.len());

@@ -95,6 +95,10 @@ pub struct ApiConfig {
     /// A plaintext server (in-process tests of the library) has no
     /// certificates to require and always accepts the token.
     pub allow_node_tokens: bool,
+    /// Where this controller keeps the content of uploaded images
+    /// (`<data-dir>/images`); `None`: it takes no uploads and serves no
+    /// image content (in-process tests without a data directory).
+    pub image_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ApiConfig {
@@ -109,6 +113,7 @@ impl Default for ApiConfig {
             node_ca: None,
             node_cert_validity: nephele_tls::ca::DEFAULT_VALIDITY,
             allow_node_tokens: false,
+            image_dir: None,
         }
     }
 }
@@ -136,6 +141,8 @@ struct Inner<S> {
     /// The state's cluster CA opened with the operator key, and the record
     /// it was opened from (opened at the first join).
     opened_ca: Mutex<Option<(nephele_state::model::SealedCaRecord, Arc<nephele_tls::Ca>)>>,
+    /// The uploaded images' content this controller holds.
+    images: Option<crate::images::ImageContent>,
 }
 
 /// Refused calls cost a raft write each to audit, and an unauthenticated
@@ -362,6 +369,13 @@ impl<S: StateStore> Api<S> {
         beats: Arc<NodeBeats>,
         tls: Option<nephele_tls::TlsContext>,
     ) -> Self {
+        let images = config.image_dir.clone().and_then(|dir| {
+            crate::images::ImageContent::open(dir.clone())
+                .inspect_err(|e| {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot open the image content directory: this controller takes no uploads");
+                })
+                .ok()
+        });
         Api {
             inner: Arc::new(Inner {
                 store,
@@ -376,12 +390,18 @@ impl<S: StateStore> Api<S> {
                     .unwrap_or_default(),
                 tls,
                 opened_ca: Mutex::new(None),
+                images,
             }),
         }
     }
 
     fn store(&self) -> &S {
         &self.inner.store
+    }
+
+    /// The uploaded images' content this controller holds, if it keeps any.
+    pub fn image_content(&self) -> Option<crate::images::ImageContent> {
+        self.inner.images.clone()
     }
 
     /// The revocation set this API checks (and the TLS handshakes, when

@@ -300,6 +300,31 @@ impl<S: StateStore> Api<S> {
 type AssignmentStream =
     Pin<Box<dyn Stream<Item = Result<pb::Assignments, Status>> + Send + 'static>>;
 
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ImageChunk, Status>> + Send + 'static>>;
+
+/// The chunks of `file`, read as the client takes them.
+fn chunks(file: tokio::fs::File, what: String) -> ChunkStream {
+    use tokio::io::AsyncReadExt as _;
+    Box::pin(futures::stream::unfold(Some(file), move |file| {
+        let what = what.clone();
+        async move {
+            let mut file = file?;
+            let mut buf = vec![0u8; nephele_proto::image::CHUNK_BYTES];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(pb::ImageChunk { data: buf }), Some(file)))
+                }
+                Err(e) => Some((
+                    Err(Status::internal(format!("cannot read {what}: {e}"))),
+                    None,
+                )),
+            }
+        }
+    }))
+}
+
 #[tonic::async_trait]
 impl<S: StateStore> NodeAgent for Api<S> {
     async fn register_node(
@@ -555,5 +580,55 @@ impl<S: StateStore> NodeAgent for Api<S> {
         Ok(Reply::new(
             self.request_switchover_checked(req.into_inner()).await?,
         ))
+    }
+
+    type FetchImageStream = ChunkStream;
+
+    async fn fetch_image(
+        &self,
+        req: Request<pb::FetchImageRequest>,
+    ) -> Result<Reply<ChunkStream>, Status> {
+        let node = req.get_ref().node.clone();
+        self.authorize_node(&req, &format!("{SVC}FetchImage"), &node)
+            .await?;
+        let r = req.into_inner();
+        names::parse(&r.image, names::IMAGE).map_err(ApiError::from)?;
+        let image = self
+            .read({
+                let name = r.image.clone();
+                move |s| s.images.get(&name).cloned()
+            })
+            .await?
+            .ok_or_else(|| ApiError::not_found(&r.image))?;
+        if !image.files.iter().any(|f| f.role == r.role) {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} has no {:?} file (its files: {})",
+                r.image,
+                r.role,
+                image
+                    .files
+                    .iter()
+                    .map(|f| f.role.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .into());
+        }
+        let path = self
+            .inner
+            .images
+            .as_ref()
+            .and_then(|c| c.file(&image, &r.role))
+            .ok_or_else(|| {
+                ApiError::ContentElsewhere(format!(
+                    "this controller does not hold the content of {}; ask another controller",
+                    r.image
+                ))
+            })?;
+        let what = format!("the {} file of {}", r.role, r.image);
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| ApiError::Internal(format!("cannot open {what}: {e}")))?;
+        Ok(Reply::new(chunks(file, what)))
     }
 }

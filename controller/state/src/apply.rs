@@ -266,6 +266,22 @@ fn event(state: &mut State, actor: &str, resource: &str, kind: &str, message: St
 
 /// Deletes a resource that nothing else holds on to: checks the name
 /// against `pattern`, removes it from its map, records `<kind>.deleted`.
+/// Inserts a new image (both ways of creating one), refusing a taken
+/// name.
+fn create_image(state: &mut State, actor: &str, image: Image) -> Result<Response, ApplyError> {
+    let id = image.name.strip_prefix("images/").unwrap_or_default();
+    names::validate_id(id)?;
+    text("format", &image.format)?;
+    text("checksum", &image.checksum)?;
+    let name = image.name.clone();
+    if state.images.contains_key(&name) {
+        return Err(ApplyError::AlreadyExists { name });
+    }
+    state.images.insert(name.clone(), image.clone());
+    event(state, actor, &name, "image.created", String::new());
+    Ok(Response::Image(image))
+}
+
 fn delete_plain<V>(
     state: &mut State,
     actor: &str,
@@ -800,25 +816,50 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             size_bytes,
             checksum,
             state: image_state,
-        } => {
-            names::validate_id(image_id)?;
-            text("format", format)?;
-            text("checksum", checksum)?;
-            let name = format!("images/{image_id}");
-            if state.images.contains_key(&name) {
-                return Err(ApplyError::AlreadyExists { name });
-            }
-            let image = Image {
-                name: name.clone(),
+        } => create_image(
+            state,
+            actor,
+            Image {
+                name: format!("images/{image_id}"),
                 format: format.clone(),
                 size_bytes: *size_bytes,
                 checksum: checksum.clone(),
                 state: *image_state,
                 create_time: now,
-            };
-            state.images.insert(name.clone(), image.clone());
-            event(state, actor, &name, "image.created", String::new());
-            Ok(Response::Image(image))
+                files: Vec::new(),
+            },
+        ),
+        Command::CreateUploadedImage {
+            image_id,
+            format,
+            checksum,
+            files,
+        } => {
+            if files.is_empty() {
+                return Err(ApplyError::InvalidArgument(
+                    "an uploaded image has at least one file".into(),
+                ));
+            }
+            for f in files {
+                text("file role", &f.role)?;
+                text("file checksum", &f.checksum)?;
+            }
+            create_image(
+                state,
+                actor,
+                Image {
+                    name: format!("images/{image_id}"),
+                    format: format.clone(),
+                    size_bytes: files
+                        .iter()
+                        .map(|f| f.size_bytes)
+                        .fold(0, u64::saturating_add),
+                    checksum: checksum.clone(),
+                    state: crate::model::ImageState::Active,
+                    create_time: now,
+                    files: files.clone(),
+                },
+            )
         }
         Command::SetImageState {
             image,

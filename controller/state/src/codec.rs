@@ -17,10 +17,11 @@ pub const FORMAT_V2: u8 = 2;
 /// Leading bytes of a snapshot: magic and format version. Version 2 added
 /// the audit trail, version 3 the node join tokens, version 4 the node
 /// members (joined and removed nodes), version 5 the sealed cluster CA,
-/// version 6 the instances' stop timeouts and the groups' `max_per_node`;
+/// version 6 the instances' stop timeouts and the groups' `max_per_node`,
+/// version 7 the uploaded images' files;
 /// an older snapshot is refused with [`DecodeError::UnknownFormat`]
 /// (pre-release: no conversion is kept).
-pub const SNAPSHOT_MAGIC: &[u8; 4] = b"NSS\x06";
+pub const SNAPSHOT_MAGIC: &[u8; 4] = b"NSS\x07";
 
 /// Why bytes could not be decoded.
 #[derive(Debug, Error)]

@@ -479,6 +479,20 @@ pub enum Command {
         /// The new certificate's serial, hex.
         serial: String,
     },
+    /// Creates `images/{image_id}` from content a controller received and
+    /// checked (`Images/UploadImage`): ACTIVE, with its files, its size the
+    /// sum of theirs, `checksum` the manifest's. Refused when the name is
+    /// taken, like [`Command::CreateImage`].
+    CreateUploadedImage {
+        /// Id of the new image.
+        image_id: String,
+        /// `pvh-elf`, `bzimage` or `raw`.
+        format: String,
+        /// The manifest's checksum.
+        checksum: String,
+        /// The files, in upload order.
+        files: Vec<crate::model::ImageFileRecord>,
+    },
 }
 
 impl Command {
@@ -492,7 +506,9 @@ impl Command {
             C::CreateUser { user_id, .. } => format!("users/{user_id}"),
             C::CreateToken { user, token_id, .. } => format!("{user}/tokens/{token_id}"),
             C::CreateFlavor { flavor_id, .. } => format!("flavors/{flavor_id}"),
-            C::CreateImage { image_id, .. } => format!("images/{image_id}"),
+            C::CreateImage { image_id, .. } | C::CreateUploadedImage { image_id, .. } => {
+                format!("images/{image_id}")
+            }
             C::CreateServerGroup {
                 project, group_id, ..
             } => format!("{project}/serverGroups/{group_id}"),

@@ -214,6 +214,20 @@ pub struct Image {
     pub state: ImageState,
     /// When it was created.
     pub create_time: UnixMs,
+    /// The files of an uploaded image, which the controllers hold; empty
+    /// for an image whose content is placed on the nodes by other means.
+    pub files: Vec<ImageFileRecord>,
+}
+
+/// One file of an uploaded image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFileRecord {
+    /// `kernel`, `initrd`, `cmdline` or `disk`.
+    pub role: String,
+    /// Its size.
+    pub size_bytes: u64,
+    /// `sha256:<hex>`.
+    pub checksum: String,
 }
 
 /// Lifecycle of an instance.

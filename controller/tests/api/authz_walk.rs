@@ -134,6 +134,7 @@ impl Fill {
 enum Kind {
     Unary,
     ServerStream,
+    ClientStream,
     Bidi,
 }
 
@@ -158,6 +159,7 @@ fn request(rpc: &str) -> Option<(Kind, &'static [F])> {
         (_, "CreateFlavor" | "ListFlavors") => (Unary, &[]),
         (_, "GetFlavor" | "DeleteFlavor") => (Unary, &[S(1, "flavors/{F}")]),
         (_, "CreateImage" | "ListImages") => (Unary, &[]),
+        (_, "UploadImage") => (ClientStream, &[]),
         (_, "GetImage" | "DeleteImage") => (Unary, &[S(1, "images/{M}")]),
         (
             "nephele.compute.v1.Instances",
@@ -194,6 +196,10 @@ fn request(rpc: &str) -> Option<(Kind, &'static [F])> {
         ("nephele.node.v1.NodeAgent", "ReportMigration" | "RequestSwitchover") => {
             (Unary, &[S(1, "nodes/{N}"), S(2, "migrations/nope")])
         }
+        ("nephele.node.v1.NodeAgent", "FetchImage") => (
+            ServerStream,
+            &[S(1, "nodes/{N}"), S(2, "images/{M}"), S(3, "kernel")],
+        ),
         ("nephele.node.v1.NodeAgent", _) => (Unary, &[S(1, "nodes/{N}")]),
         _ => return None,
     };
@@ -254,6 +260,14 @@ async fn call(
             .map(|_| ()),
         Kind::ServerStream => grpc
             .server_streaming(authed(tonic::Request::new(body), &auth), path, Raw)
+            .await
+            .map(|_| ()),
+        Kind::ClientStream => grpc
+            .client_streaming(
+                authed(tonic::Request::new(tokio_stream::once(body)), &auth),
+                path,
+                Raw,
+            )
             .await
             .map(|_| ()),
         Kind::Bidi => {

@@ -13,6 +13,8 @@
 //! - `join.rs`: node join tokens and the Join RPC signing node CSRs, node
 //!   removal and revocation, the sealed CA in the replicated state.
 //! - `limits.rs`: oversized requests.
+//! - `images.rs`: image uploads checked against their manifest, served to
+//!   nodes.
 //! - `instances.rs`: stop timeouts, resizes against node capacity, image
 //!   formats, list filters.
 
@@ -22,6 +24,7 @@ mod authz_walk;
 mod common;
 mod console;
 mod ha;
+mod images;
 mod instances;
 mod join;
 mod limits;
