@@ -15,8 +15,11 @@ use std::time::{Duration, SystemTime};
 
 use nephele_proto::compute::v1 as pb;
 use nephele_proto::image::{FileSink, SinkError};
+use nephele_proto::node::v1::FetchImageRequest;
+use nephele_proto::node::v1::node_agent_client::NodeAgentClient;
 use nephele_state::model::Image;
 use tonic::Status;
+use tonic::transport::Channel;
 
 use crate::api::errors::ApiError;
 
@@ -106,14 +109,7 @@ impl ImageContent {
                 "the image has {total} bytes and the controller has {free} bytes free (keeping {HEADROOM_BYTES} spare); free space on it or upload through another controller"
             )));
         }
-        let nonce = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let staging = self.dir.join(format!("{STAGING}{image_id}-{nonce}"));
-        tokio::fs::create_dir(&staging)
-            .await
-            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", staging.display())))?;
+        let staging = self.stage(image_id).await?;
         let result = write_files(&staging, files, first, rest).await;
         let result = match result {
             Ok(()) => self.place(&staging, &content_name(image_id, checksum)),
@@ -123,6 +119,71 @@ impl ImageContent {
             let _ = tokio::fs::remove_dir_all(&staging).await;
         }
         result
+    }
+
+    /// A new staging directory for content of `image_id`.
+    async fn stage(&self, image_id: &str) -> Result<PathBuf, ApiError> {
+        let nonce = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let staging = self.dir.join(format!("{STAGING}{image_id}-{nonce}"));
+        tokio::fs::create_dir(&staging)
+            .await
+            .map_err(|e| ApiError::Internal(format!("cannot create {}: {e}", staging.display())))?;
+        Ok(staging)
+    }
+
+    /// Whether every file of `image` is here.
+    pub fn holds(&self, image: &Image) -> bool {
+        image
+            .files
+            .iter()
+            .all(|f| self.file(image, &f.role).is_some())
+    }
+
+    /// Copies the content of `image` from another controller (`peer`, its
+    /// `NodeAgent/FetchImage`), checked against the image's manifest.
+    pub async fn mirror(&self, image: &Image, peer: Channel) -> Result<(), String> {
+        let id = image.name.strip_prefix("images/").unwrap_or(&image.name);
+        let staging = self.stage(id).await.map_err(|e| e.to_string())?;
+        let copied = async {
+            let mut client = NodeAgentClient::new(peer)
+                .max_decoding_message_size(crate::api::MAX_DECODING_MESSAGE_SIZE);
+            for f in &image.files {
+                let name = nephele_proto::image::file_name(&f.role)
+                    .ok_or_else(|| format!("unknown role {:?}", f.role))?;
+                let entry = pb::ImageFile {
+                    role: f.role.clone(),
+                    size_bytes: f.size_bytes,
+                    checksum: f.checksum.clone(),
+                };
+                let mut stream = client
+                    .fetch_image(FetchImageRequest {
+                        node: String::new(),
+                        image: image.name.clone(),
+                        role: f.role.clone(),
+                    })
+                    .await
+                    .map_err(|s| s.message().to_owned())?
+                    .into_inner();
+                nephele_proto::image::receive_file(
+                    &mut stream,
+                    &entry,
+                    &staging.join(name),
+                    IDLE_TIMEOUT,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            }
+            self.place(&staging, &content_name(&image.name, &image.checksum))
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        if staging.exists() {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+        }
+        copied
     }
 
     /// Renames checked content into place; content already there (the
@@ -224,6 +285,93 @@ pub fn keep_swept<S: crate::store::StateStore>(
             }
         }
     })
+}
+
+/// How often a controller looks for content it lacks without an upload
+/// to prompt it.
+const MIRROR_EVERY: Duration = Duration::from_secs(10);
+
+/// Copies the content of every uploaded image this controller lacks from
+/// the other controllers (`tls`: its client configuration for them), at
+/// each upload and every [`MIRROR_EVERY`], until the store's watch
+/// closes: an image stays available while any controller that holds it
+/// runs, and every controller soon holds it.
+pub fn keep_mirrored<S: crate::store::StateStore>(
+    store: std::sync::Arc<S>,
+    content: ImageContent,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::spawn(async move {
+        let mut changes = store.watch();
+        let mut channels: std::collections::HashMap<String, Channel> = Default::default();
+        loop {
+            let wanted = store
+                .read(|s| {
+                    let images: Vec<Image> = s
+                        .images
+                        .values()
+                        .filter(|i| !i.files.is_empty())
+                        .cloned()
+                        .collect();
+                    (images, s.controllers.values().cloned().collect::<Vec<_>>())
+                })
+                .await;
+            if let Ok((images, peers)) = wanted {
+                for image in images.iter().filter(|i| !content.holds(i)) {
+                    for peer in &peers {
+                        let Some(channel) = peer_channel(&mut channels, peer, &tls) else {
+                            continue;
+                        };
+                        match content.mirror(image, channel).await {
+                            Ok(()) => {
+                                tracing::info!(image = %image.name, from = %peer, "copied the image's content from another controller");
+                                break;
+                            }
+                            Err(e) => {
+                                tracing::debug!(image = %image.name, from = %peer, error = %e, "image content not copied from this controller")
+                            }
+                        }
+                    }
+                }
+            }
+            let deadline = tokio::time::sleep(MIRROR_EVERY);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    got = changes.recv() => match got {
+                        Ok(e) if e.outcome.is_ok()
+                            && matches!(e.envelope.command, nephele_state::Command::CreateUploadedImage { .. }) => break,
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(_)) => break,
+                        Err(RecvError::Closed) => return,
+                    },
+                }
+            }
+        }
+    })
+}
+
+/// A channel to the controller at `address` (`HOST:PORT`), made once.
+fn peer_channel(
+    channels: &mut std::collections::HashMap<String, Channel>,
+    address: &str,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Option<Channel> {
+    if let Some(c) = channels.get(address) {
+        return Some(c.clone());
+    }
+    let bare = address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address);
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{bare}"))
+        .ok()?
+        .connect_timeout(Duration::from_secs(2));
+    let channel = nephele_tls::lazy_channel(endpoint, tls.clone());
+    channels.insert(address.to_owned(), channel.clone());
+    Some(channel)
 }
 
 /// Free bytes (for unprivileged users) where `dir` is.

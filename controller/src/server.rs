@@ -237,7 +237,13 @@ async fn serve<S: Backend>(
     // streams).
     crate::api::revocation::keep_current(shared.clone(), api.revocations().clone());
     if let Some(content) = api.image_content() {
-        crate::images::keep_swept(shared.clone(), content);
+        crate::images::keep_swept(shared.clone(), content.clone());
+        if let Some(tls) = &options.tls {
+            let peers = tls.client_config(nephele_tls::PeerPolicy::Kind(
+                nephele_tls::IdentityKind::Controller,
+            ))?;
+            crate::images::keep_mirrored(shared.clone(), content, peers);
+        }
     }
     let router = crate::api::routes(api, router).await;
     // One lease for both: what agents are told is what the loops wait for.

@@ -12,7 +12,9 @@
 //!   fenced, never two copies; its non-HA instance goes to ERROR;
 //! - tenant isolation;
 //! - an agent given one controller (the leader) carries on through the
-//!   others when it is killed.
+//!   others when it is killed;
+//! - an image uploaded from a local file reaches every controller, and
+//!   boots on a node after the controller that took it is killed.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -556,4 +558,75 @@ fn an_agent_given_one_controller_carries_on_with_the_others_and_the_new_leader()
     }
     console_round_trip(&cloud, "before", "echo still-running", "ECHO still-running");
     assert_eq!(running_vms(&cloud).len(), 2);
+}
+
+#[test]
+fn an_uploaded_image_outlives_the_controller_that_took_it() {
+    if skip_without_kvm() {
+        return;
+    }
+    let cloud = Cloud::start(3, 1).expect("start the cloud");
+    let guest = nephele_integration_tests::guest::guest_image();
+    let kernel = guest.display().to_string();
+    // `neph` goes to controller 1 first.
+    let image = cloud
+        .admin(&["image", "create", "uploaded", "--kernel", &kernel])
+        .expect("upload");
+    assert_eq!(image["state"], "ACTIVE", "{image}");
+    assert_eq!(image["files"], "kernel", "{image}");
+    let holds = |id: u64| {
+        std::fs::read_dir(cloud.controllers.data_dir(id).join("images"))
+            .map(|d| {
+                d.flatten().any(|e| {
+                    e.file_name().to_string_lossy().starts_with("uploaded-")
+                        && e.path().join("kernel").is_file()
+                })
+            })
+            .unwrap_or(false)
+    };
+    assert!(holds(1), "the controller that took the upload keeps it");
+    cloud
+        .wait_for("the content on every controller", UP, |_| {
+            let held: Vec<u64> = (1..=3).filter(|&id| holds(id)).collect();
+            Ok((held.len() == 3)
+                .then_some(())
+                .ok_or(format!("held by controllers {held:?}")))
+        })
+        .expect("every controller copies the content");
+    for id in 1..=3 {
+        let dir = cloud.controllers.data_dir(id).join("images");
+        for e in std::fs::read_dir(&dir).expect("images").flatten() {
+            let copy = e.path().join("kernel");
+            if copy.is_file() {
+                assert_eq!(
+                    std::fs::read(&copy).expect("copy"),
+                    std::fs::read(&guest).expect("guest"),
+                    "controller {id}'s copy"
+                );
+            }
+        }
+    }
+
+    let first = cloud
+        .controllers
+        .members
+        .iter()
+        .find(|m| m.id == 1)
+        .expect("controller 1");
+    kill9(first.daemon.pid());
+    // The node has never seen the image: it fetches it from the others.
+    let fetched = cloud.image_dir.join("uploaded");
+    assert!(!fetched.exists());
+    cloud
+        .neph(&[
+            "instance", "create", "up-1", "--flavor", "small", "--image", "uploaded",
+        ])
+        .expect("create");
+    cloud
+        .wait_state("up-1", "RUNNING", UP)
+        .expect("the instance of the uploaded image runs");
+    assert_eq!(
+        std::fs::read(fetched.join("kernel")).expect("fetched kernel"),
+        std::fs::read(&guest).expect("guest")
+    );
 }

@@ -230,6 +230,51 @@ impl FileSink {
     }
 }
 
+/// Why [`receive_file`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// The sender's stream failed or stalled: try again.
+    #[error("the stream broke: {0}")]
+    Stream(String),
+    /// What arrived is not the file (size or checksum): try again.
+    #[error(transparent)]
+    Content(SinkError),
+    /// The local disk failed: trying again will not help.
+    #[error(transparent)]
+    Local(SinkError),
+}
+
+impl From<SinkError> for ReceiveError {
+    fn from(e: SinkError) -> Self {
+        match e {
+            SinkError::Io { .. } => ReceiveError::Local(e),
+            other => ReceiveError::Content(other),
+        }
+    }
+}
+
+/// Writes the file `entry` at `path` from the chunks of `stream`
+/// (`NodeAgent/FetchImage`), checked against `entry`; gives up when no
+/// chunk comes for `idle`.
+pub async fn receive_file(
+    stream: &mut tonic::Streaming<crate::node::v1::ImageChunk>,
+    entry: &ImageFile,
+    path: &Path,
+    idle: std::time::Duration,
+) -> Result<(), ReceiveError> {
+    let mut sink = FileSink::create(path, entry).await?;
+    loop {
+        match tokio::time::timeout(idle, stream.message()).await {
+            Ok(Ok(Some(chunk))) => sink.write(&chunk.data).await?,
+            Ok(Ok(None)) => break,
+            Ok(Err(s)) => return Err(ReceiveError::Stream(s.message().to_owned())),
+            Err(_) => return Err(ReceiveError::Stream(format!("no bytes for {idle:?}"))),
+        }
+    }
+    sink.finish().await?;
+    Ok(())
+}
+
 /// The checksum of a whole image: SHA-256 over its manifest (each file's
 /// role, size and checksum, in order), so two images with the same files
 /// have the same checksum.

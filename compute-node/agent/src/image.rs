@@ -10,7 +10,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use nephele_proto::compute::v1 as compute;
-use nephele_proto::image::FileSink;
 use nephele_proto::node::v1 as pb;
 
 use crate::controller::Controllers;
@@ -163,24 +162,10 @@ async fn fetch_once(
                 ))
             }
         })?;
-    let mut sink = FileSink::create(path, entry)
+    nephele_proto::image::receive_file(&mut stream, entry, path, IDLE_TIMEOUT)
         .await
-        .map_err(|e| Failure::Final(e.to_string()))?;
-    loop {
-        match tokio::time::timeout(IDLE_TIMEOUT, stream.message()).await {
-            Ok(Ok(Some(chunk))) => sink.write(&chunk.data).await.map_err(|e| match e {
-                nephele_proto::image::SinkError::Io { .. } => Failure::Final(e.to_string()),
-                other => Failure::Retry(other.to_string()),
-            })?,
-            Ok(Ok(None)) => break,
-            Ok(Err(s)) => return Err(Failure::Retry(format!("the stream broke: {}", s.message()))),
-            Err(_) => {
-                return Err(Failure::Retry(format!("no bytes for {IDLE_TIMEOUT:?}")));
-            }
-        }
-    }
-    sink.finish().await.map_err(|e| match e {
-        nephele_proto::image::SinkError::Io { .. } => Failure::Final(e.to_string()),
-        other => Failure::Retry(other.to_string()),
-    })
+        .map_err(|e| match e {
+            nephele_proto::image::ReceiveError::Local(_) => Failure::Final(e.to_string()),
+            other => Failure::Retry(other.to_string()),
+        })
 }
