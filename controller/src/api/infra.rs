@@ -60,11 +60,7 @@ const NODES: &str = "/nephele.infra.v1.Nodes/";
 const MIGRATIONS: &str = "/nephele.infra.v1.Migrations/";
 
 fn node_instances(s: &State, node: &str) -> Vec<String> {
-    s.instances
-        .values()
-        .filter(|i| i.node.as_deref() == Some(node))
-        .map(|i| i.name.clone())
-        .collect()
+    s.instances_on(node).map(|i| i.name.clone()).collect()
 }
 
 impl<S: StateStore> Api<S> {

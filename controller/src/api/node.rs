@@ -36,11 +36,12 @@ fn assignments(s: &State, node: &str, default_stop: Duration) -> Result<pb::Assi
     if !s.nodes.contains_key(node) {
         return Err(ApiError::not_found(node));
     }
-    let incoming: std::collections::BTreeSet<&str> = migration::incoming(s, node).collect();
-    let assignments = s
-        .instances
-        .values()
-        .filter(|i| i.node.as_deref() == Some(node) || incoming.contains(i.name.as_str()))
+    // Placed here, or arriving by migration; in name order.
+    let mut names: std::collections::BTreeSet<&str> = migration::incoming(s, node).collect();
+    names.extend(s.instances_on(node).map(|i| i.name.as_str()));
+    let assignments = names
+        .into_iter()
+        .filter_map(|name| s.instances.get(name))
         .map(|i| {
             let desired = match i.state {
                 InstanceState::Pending => pb::DesiredState::Unspecified,

@@ -410,6 +410,11 @@ fn finish_migration(
         };
         release_node(state, &Some(released.clone()), resources);
         let mut resumed = false;
+        if to == MigrationState::Completed
+            && let Some(from) = state.instances.get(&m.instance).map(|i| i.node.clone())
+        {
+            state.place(&m.instance, from.as_deref(), Some(&m.target));
+        }
         if let Some(i) = state.instances.get_mut(&m.instance) {
             if to == MigrationState::Completed {
                 i.node = Some(m.target.clone());
@@ -1006,10 +1011,11 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 .get_mut(instance)
                 .ok_or_else(|| not_found(instance))?;
             i.state = InstanceState::Scheduled;
-            i.node = Some(node.clone());
+            let from = i.node.replace(node.clone());
             i.generation += 1;
             i.update_time = now;
             let i = i.clone();
+            state.place(instance, from.as_deref(), Some(node));
             event(state, actor, instance, "instance.scheduled", node.clone());
             Ok(Response::Instance {
                 instance: i,
@@ -1074,12 +1080,15 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             let from = i.state;
             i.state = *to;
             i.reason = reason.clone();
-            if *to == InstanceState::Pending {
-                i.node = None;
-            }
+            let unplaced = if *to == InstanceState::Pending {
+                i.node.take()
+            } else {
+                None
+            };
             i.generation += 1;
             i.update_time = now;
             let i = i.clone();
+            state.place(instance, unplaced.as_deref(), None);
             match to {
                 InstanceState::Running => {
                     finish_operations(state, instance, &["create", "start", "reboot"], None)
@@ -1157,6 +1166,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             let Some(i) = state.instances.remove(instance) else {
                 return Err(not_found(instance));
             };
+            state.place(instance, i.node.as_deref(), None);
             release_node(state, &i.node, i.resources);
             if let Some(project) = names::project_of(instance)
                 && let Some(p) = state.projects.get_mut(project)
@@ -1955,12 +1965,13 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 .ok_or_else(|| not_found(instance))?;
             let from = i.state;
             i.state = InstanceState::Pending;
-            i.node = None;
+            let unplaced = i.node.take();
             i.reason = reason.clone();
             i.generation += 1;
             i.boot_count += 1;
             i.update_time = now;
             let i = i.clone();
+            state.place(instance, unplaced.as_deref(), None);
             event(
                 state,
                 actor,

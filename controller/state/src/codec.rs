@@ -120,7 +120,9 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<State, DecodeError> {
     if !bytes.starts_with(SNAPSHOT_MAGIC) {
         return Err(DecodeError::UnknownFormat(bytes[3]));
     }
-    decode(SNAPSHOT_MAGIC, bytes)
+    let mut state: State = decode(SNAPSHOT_MAGIC, bytes)?;
+    state.placed = state.placed_from_instances();
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -633,9 +633,59 @@ pub struct State {
     pub node_members: BTreeMap<String, NodeMember>,
     /// The cluster CA, its key sealed; set once.
     pub cluster_ca: Option<SealedCaRecord>,
+    /// Instance names by the node they are placed on: derived from
+    /// `instances`, kept by `apply` (see [`State::place`]) and rebuilt
+    /// when a snapshot is decoded; never serialized. It answers "what runs
+    /// on this node" without a scan of every instance (a thousand node
+    /// agents re-reading their assignments made that scan most of a busy
+    /// controller's work).
+    #[serde(skip)]
+    pub placed: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl State {
+    /// Records in [`State::placed`] that instance `name` moved from node
+    /// `from` to node `to` (either may be none).
+    pub fn place(&mut self, name: &str, from: Option<&str>, to: Option<&str>) {
+        if from == to {
+            return;
+        }
+        if let Some(from) = from
+            && let Some(set) = self.placed.get_mut(from)
+        {
+            set.remove(name);
+            if set.is_empty() {
+                self.placed.remove(from);
+            }
+        }
+        if let Some(to) = to {
+            self.placed
+                .entry(to.to_owned())
+                .or_default()
+                .insert(name.to_owned());
+        }
+    }
+
+    /// [`State::placed`] as `instances` says it should be.
+    pub fn placed_from_instances(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut placed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for i in self.instances.values() {
+            if let Some(n) = &i.node {
+                placed.entry(n.clone()).or_default().insert(i.name.clone());
+            }
+        }
+        placed
+    }
+
+    /// The instances placed on `node`, in name order.
+    pub fn instances_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Instance> + 'a {
+        self.placed
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.instances.get(name))
+    }
+
     /// The identities every controller refuses: removed nodes, as names
     /// (`nodes/{node}`).
     pub fn revoked_nodes(&self) -> impl Iterator<Item = &str> {

@@ -327,6 +327,8 @@ fn replay(state: &mut State, log: &[(Envelope, u64)]) -> Vec<String> {
 }
 
 fn check_invariants(state: &State) -> Result<(), TestCaseError> {
+    // The by-node index is what the instances say.
+    prop_assert_eq!(&state.placed, &state.placed_from_instances());
     let mut count: BTreeMap<&str, u64> = BTreeMap::new();
     let mut usage: BTreeMap<&str, Resources> = BTreeMap::new();
     let mut allocated: BTreeMap<&str, Resources> = BTreeMap::new();
