@@ -352,6 +352,11 @@ fn insert_operation(state: &mut State, name: String, target: &str, verb: &str) -
         create_time: state.now,
         update_time: state.now,
     };
+    state
+        .open_operations
+        .entry(target.to_owned())
+        .or_default()
+        .insert(name.clone());
     state.operations.insert(name, op.clone());
     op
 }
@@ -359,11 +364,19 @@ fn insert_operation(state: &mut State, name: String, target: &str, verb: &str) -
 /// Finishes every open operation on `target` whose verb is in `verbs`.
 fn finish_operations(state: &mut State, target: &str, verbs: &[&str], error: Option<&str>) {
     let now = state.now;
-    for op in state.operations.values_mut() {
-        if !op.done && op.target == target && verbs.contains(&op.verb.as_str()) {
+    let Some(open) = state.open_operations.get(target) else {
+        return;
+    };
+    let open: Vec<String> = open.iter().cloned().collect();
+    for name in open {
+        let Some(op) = state.operations.get_mut(&name) else {
+            continue;
+        };
+        if !op.done && verbs.contains(&op.verb.as_str()) {
             op.done = true;
             op.error = error.map(str::to_owned);
             op.update_time = now;
+            state.close_operation(target, &name);
         }
     }
 }
@@ -2011,7 +2024,9 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             op.done = true;
             op.error = error.clone();
             op.update_time = now;
-            Ok(Response::Operation(op.clone()))
+            let op = op.clone();
+            state.close_operation(&op.target, &op.name);
+            Ok(Response::Operation(op))
         }
 
         Command::KvPut { key, value } => {

@@ -121,7 +121,7 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<State, DecodeError> {
         return Err(DecodeError::UnknownFormat(bytes[3]));
     }
     let mut state: State = decode(SNAPSHOT_MAGIC, bytes)?;
-    state.placed = state.placed_from_instances();
+    state.rebuild_indexes();
     Ok(state)
 }
 

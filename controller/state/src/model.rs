@@ -641,6 +641,11 @@ pub struct State {
     /// controller's work).
     #[serde(skip)]
     pub placed: BTreeMap<String, BTreeSet<String>>,
+    /// Names of the operations not done yet, by their target: derived from
+    /// `operations` like [`State::placed`], so finishing an instance's
+    /// operations does not scan every operation ever made.
+    #[serde(skip)]
+    pub open_operations: BTreeMap<String, BTreeSet<String>>,
 }
 
 impl State {
@@ -675,6 +680,34 @@ impl State {
             }
         }
         placed
+    }
+
+    /// [`State::open_operations`] as `operations` says it should be.
+    pub fn open_operations_from_operations(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut open: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for op in self.operations.values().filter(|op| !op.done) {
+            open.entry(op.target.clone())
+                .or_default()
+                .insert(op.name.clone());
+        }
+        open
+    }
+
+    /// Rebuilds the derived indexes ([`State::placed`],
+    /// [`State::open_operations`]) from the data (after decoding).
+    pub fn rebuild_indexes(&mut self) {
+        self.placed = self.placed_from_instances();
+        self.open_operations = self.open_operations_from_operations();
+    }
+
+    /// Records that operation `name` on `target` is done.
+    pub fn close_operation(&mut self, target: &str, name: &str) {
+        if let Some(set) = self.open_operations.get_mut(target) {
+            set.remove(name);
+            if set.is_empty() {
+                self.open_operations.remove(target);
+            }
+        }
     }
 
     /// The instances placed on `node`, in name order.

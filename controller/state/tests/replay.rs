@@ -329,6 +329,10 @@ fn replay(state: &mut State, log: &[(Envelope, u64)]) -> Vec<String> {
 fn check_invariants(state: &State) -> Result<(), TestCaseError> {
     // The by-node index is what the instances say.
     prop_assert_eq!(&state.placed, &state.placed_from_instances());
+    prop_assert_eq!(
+        &state.open_operations,
+        &state.open_operations_from_operations()
+    );
     let mut count: BTreeMap<&str, u64> = BTreeMap::new();
     let mut usage: BTreeMap<&str, Resources> = BTreeMap::new();
     let mut allocated: BTreeMap<&str, Resources> = BTreeMap::new();
