@@ -23,6 +23,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Attempts per file.
 const ATTEMPTS: u32 = 3;
 
+/// How long a fetched image no assigned instance uses stays on the node.
+pub const CACHE_TTL: Duration = Duration::from_secs(3600);
+
 /// Whether `dir` holds the content of `image` whole.
 fn present(dir: &Path, image: &compute::Image) -> bool {
     std::fs::read_to_string(dir.join(CHECKSUM_FILE)).is_ok_and(|c| c.trim() == image.checksum)
@@ -51,6 +54,11 @@ pub async fn ensure(
     let dir = image_dir.join(id);
     let _one_at_a_time = lock.lock().await;
     if present(&dir, image) {
+        // Used now: the sweep keeps it another CACHE_TTL.
+        let _ = std::fs::File::options()
+            .append(true)
+            .open(dir.join(CHECKSUM_FILE))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok(());
     }
     let io = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
@@ -98,6 +106,43 @@ pub async fn ensure(
         "fetched the image from the controllers"
     );
     Ok(())
+}
+
+/// Removes fetched images (those with a [`CHECKSUM_FILE`]; content put
+/// there by other means is never touched) that no image of `in_use` names
+/// and that were not fetched or used for `ttl`, and staging directories
+/// of fetches that are not running (`fetching`: false). Returns the image
+/// ids removed.
+pub fn sweep(
+    image_dir: &Path,
+    in_use: &std::collections::HashSet<String>,
+    ttl: Duration,
+    fetching: bool,
+) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(image_dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".fetch-") {
+            if !fetching {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+            continue;
+        }
+        if in_use.contains(&format!("images/{name}")) {
+            continue;
+        }
+        let idle = std::fs::metadata(entry.path().join(CHECKSUM_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if idle.is_some_and(|idle| idle >= ttl) && std::fs::remove_dir_all(entry.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
 }
 
 /// Fetches one file into `path`, checked against `entry`; tries again
@@ -168,4 +213,37 @@ async fn fetch_once(
             nephele_proto::image::ReceiveError::Local(_) => Failure::Final(e.to_string()),
             other => Failure::Retry(other.to_string()),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sweep_removes_only_idle_fetched_images_no_instance_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let mk = |name: &str, fetched: bool| {
+            let d = dir.path().join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("kernel"), b"k").unwrap();
+            if fetched {
+                std::fs::write(d.join(CHECKSUM_FILE), b"sha256:00\n").unwrap();
+            }
+        };
+        mk("placed", false);
+        mk("used", true);
+        mk("idle", true);
+        std::fs::create_dir_all(dir.path().join(".fetch-x")).unwrap();
+        let in_use: std::collections::HashSet<String> = ["images/used".to_owned()].into();
+
+        // Young images stay; a running fetch's staging stays.
+        assert!(sweep(dir.path(), &in_use, CACHE_TTL, true).is_empty());
+        assert!(dir.path().join(".fetch-x").exists());
+        // Once idle long enough (here: at once), only the unused fetched
+        // image goes; staging of no running fetch goes too.
+        assert_eq!(sweep(dir.path(), &in_use, Duration::ZERO, false), ["idle"]);
+        assert!(dir.path().join("placed/kernel").exists());
+        assert!(dir.path().join("used/kernel").exists());
+        assert!(!dir.path().join(".fetch-x").exists());
+    }
 }

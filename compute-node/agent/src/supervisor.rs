@@ -31,6 +31,8 @@ use crate::vmm::VmmClient;
 const TICK: Duration = Duration::from_secs(1);
 /// How long a new VM may take to answer on its control socket.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often fetched images are swept.
+const IMAGE_SWEEP_EVERY: Duration = Duration::from_secs(600);
 /// After `stop`, how long before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 /// Bytes of `vmm.log` quoted in a failure reason.
@@ -446,9 +448,12 @@ impl Supervisor {
     pub async fn run(mut self, mut assignments: watch::Receiver<Option<pb::Assignments>>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(IMAGE_SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => self.poll().await,
+                _ = sweep.tick() => self.sweep_images(),
                 changed = assignments.changed() => {
                     if changed.is_err() {
                         return;
@@ -463,6 +468,35 @@ impl Supervisor {
             self.reconcile();
             self.publish();
         }
+    }
+
+    /// Removes fetched images no assigned instance has used for
+    /// [`crate::image::CACHE_TTL`] (in the background).
+    fn sweep_images(&self) {
+        let in_use: HashSet<String> = self
+            .assignments
+            .iter()
+            .flat_map(|a| &a.assignments)
+            .filter_map(|a| a.instance.as_ref().map(|i| i.image.clone()))
+            .collect();
+        // Before the first assignments arrive nothing is known to be unused.
+        if self.assignments.is_none() {
+            return;
+        }
+        let dir = self.cfg.image_dir.clone();
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            // Holding the fetch lock: no fetch runs meanwhile.
+            let _no_fetch = shared.image_fetch.lock().await;
+            let removed = tokio::task::spawn_blocking(move || {
+                crate::image::sweep(&dir, &in_use, crate::image::CACHE_TTL, false)
+            })
+            .await
+            .unwrap_or_default();
+            for id in removed {
+                tracing::info!(image = %id, "removed a fetched image no instance here used for an hour");
+            }
+        });
     }
 
     fn on_event(&mut self, ev: Event) {
