@@ -211,12 +211,9 @@ impl Conn {
         token: Option<String>,
         trust: &Trust,
     ) -> Result<Conn, CliError> {
-        let bare = endpoint
-            .strip_prefix("https://")
-            .or_else(|| endpoint.strip_prefix("http://"))
-            .unwrap_or(endpoint);
+        let bare = nephele_tls::bare_address(endpoint);
         // The TLS connector dials; tonic is given a plain URI.
-        let url = format!("http://{bare}");
+        let url = nephele_tls::channel_uri(endpoint);
         let bearer = match token {
             None => Bearer(None),
             Some(t) => Bearer(Some(format!("Bearer {}", t.trim()).parse().map_err(

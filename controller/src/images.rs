@@ -248,23 +248,14 @@ pub fn keep_swept<S: crate::store::StateStore>(
     store: std::sync::Arc<S>,
     content: ImageContent,
 ) -> tokio::task::JoinHandle<()> {
-    use tokio::sync::broadcast::error::RecvError;
     tokio::spawn(async move {
         let mut changes = store.watch();
         loop {
-            let deadline = tokio::time::sleep(SWEEP_EVERY);
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    _ = &mut deadline => break,
-                    got = changes.recv() => match got {
-                        Ok(e) if e.outcome.is_ok()
-                            && matches!(e.envelope.command, nephele_state::Command::DeleteImage { .. }) => break,
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(_)) => break,
-                        Err(RecvError::Closed) => return,
-                    },
-                }
+            let deleted = |c: &nephele_state::Command| {
+                matches!(c, nephele_state::Command::DeleteImage { .. })
+            };
+            if !crate::store::wait_for_command(&mut changes, SWEEP_EVERY, deleted).await {
+                return;
             }
             match store
                 .read(|s| s.images.values().cloned().collect::<Vec<_>>())
@@ -301,7 +292,6 @@ pub fn keep_mirrored<S: crate::store::StateStore>(
     content: ImageContent,
     tls: std::sync::Arc<rustls::ClientConfig>,
 ) -> tokio::task::JoinHandle<()> {
-    use tokio::sync::broadcast::error::RecvError;
     tokio::spawn(async move {
         let mut changes = store.watch();
         let mut channels: std::collections::HashMap<String, Channel> = Default::default();
@@ -335,19 +325,11 @@ pub fn keep_mirrored<S: crate::store::StateStore>(
                     }
                 }
             }
-            let deadline = tokio::time::sleep(MIRROR_EVERY);
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    _ = &mut deadline => break,
-                    got = changes.recv() => match got {
-                        Ok(e) if e.outcome.is_ok()
-                            && matches!(e.envelope.command, nephele_state::Command::CreateUploadedImage { .. }) => break,
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(_)) => break,
-                        Err(RecvError::Closed) => return,
-                    },
-                }
+            let uploaded = |c: &nephele_state::Command| {
+                matches!(c, nephele_state::Command::CreateUploadedImage { .. })
+            };
+            if !crate::store::wait_for_command(&mut changes, MIRROR_EVERY, uploaded).await {
+                return;
             }
         }
     })
@@ -362,11 +344,7 @@ fn peer_channel(
     if let Some(c) = channels.get(address) {
         return Some(c.clone());
     }
-    let bare = address
-        .strip_prefix("https://")
-        .or_else(|| address.strip_prefix("http://"))
-        .unwrap_or(address);
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{bare}"))
+    let endpoint = tonic::transport::Endpoint::from_shared(nephele_tls::channel_uri(address))
         .ok()?
         .connect_timeout(Duration::from_secs(2));
     let channel = nephele_tls::lazy_channel(endpoint, tls.clone());

@@ -122,7 +122,9 @@ pub use files::write_private;
 pub use identity::{Identity, IdentityKind, PeerIdentity, peer_identity};
 pub use interceptor::{RequirePeer, authenticated_peer, require_node};
 pub use join::{JoinToken, JoinTokenRecord};
-pub use net::{TlsConnector, TlsIncoming, connect_channel, lazy_channel};
+pub use net::{
+    TlsConnector, TlsIncoming, bare_address, channel_uri, connect_channel, lazy_channel,
+};
 pub use provider::{install_default, provider};
 pub use revocation::Revocations;
 pub use seal::OperatorKey;

@@ -193,6 +193,21 @@ pub async fn connect_channel(
         .await
 }
 
+/// `address` (`HOST:PORT`, with `http://` or `https://` or neither) as
+/// `HOST:PORT`.
+pub fn bare_address(address: &str) -> &str {
+    address
+        .strip_prefix("https://")
+        .or_else(|| address.strip_prefix("http://"))
+        .unwrap_or(address)
+}
+
+/// The URI tonic is given for `address`: always `http://HOST:PORT`, since
+/// TLS is the connector's ([`lazy_channel`], [`connect_channel`]).
+pub fn channel_uri(address: &str) -> String {
+    format!("http://{}", bare_address(address))
+}
+
 /// [`connect_channel`], connecting on first use (what long-lived clients
 /// that must start before their peer is up want).
 pub fn lazy_channel(endpoint: Endpoint, config: Arc<ClientConfig>) -> Channel {

@@ -87,15 +87,6 @@ pub fn retry_elsewhere(s: &Status) -> bool {
     )
 }
 
-/// The URI tonic is given: always `http://` (TLS is the connector's).
-fn uri(address: &str) -> String {
-    let bare = address
-        .strip_prefix("https://")
-        .or_else(|| address.strip_prefix("http://"))
-        .unwrap_or(address);
-    format!("http://{bare}")
-}
-
 impl Controllers {
     /// A client of `addresses` (HOST:PORT each) with `token` if any, over
     /// TLS with `tls` (plaintext without: only in-process tests against a
@@ -110,7 +101,8 @@ impl Controllers {
             return Err(ControllerClientError::NoAddress);
         }
         for a in addresses {
-            Endpoint::from_shared(uri(a)).map_err(|_| ControllerClientError::Address(a.clone()))?;
+            Endpoint::from_shared(nephele_tls::channel_uri(a))
+                .map_err(|_| ControllerClientError::Address(a.clone()))?;
         }
         let bearer = match token {
             Some(t) => Some(
@@ -171,7 +163,7 @@ impl Controllers {
         let channel = match k.channels.get(address) {
             Some(c) => c.clone(),
             None => {
-                let ep = Endpoint::from_shared(uri(address))
+                let ep = Endpoint::from_shared(nephele_tls::channel_uri(address))
                     .ok()?
                     .connect_timeout(Duration::from_secs(2))
                     .tcp_nodelay(true)

@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use nephele_state::{Command, State};
 use nephele_tls::{Identity, Revocations};
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::store::StateStore;
 
@@ -65,18 +64,8 @@ pub fn keep_current<S: StateStore>(
             } else {
                 Duration::from_millis(200)
             };
-            let deadline = tokio::time::sleep(wait);
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    _ = &mut deadline => break,
-                    got = changes.recv() => match got {
-                        Ok(e) if e.outcome.is_ok() && revokes(&e.envelope.command) => break,
-                        Ok(_) => {}
-                        Err(RecvError::Lagged(_)) => break,
-                        Err(RecvError::Closed) => return,
-                    },
-                }
+            if !crate::store::wait_for_command(&mut changes, wait, revokes).await {
+                return;
             }
         }
     })

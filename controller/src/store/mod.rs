@@ -24,7 +24,7 @@ pub mod linearizability;
 use std::future::Future;
 use std::sync::Arc;
 
-use nephele_state::{ApplyError, Envelope, Response, State};
+use nephele_state::{ApplyError, Command, Envelope, Response, State};
 use thiserror::Error;
 use tokio::sync::broadcast;
 
@@ -48,6 +48,30 @@ pub struct WatchEvent {
     /// clone of the event, and a thousand node watches copying an instance
     /// each per commit was a fifth of the controller's time).
     pub outcome: Arc<Result<Response, ApplyError>>,
+}
+
+/// Waits on `changes` until a command that `wanted` picks is applied
+/// successfully, `within` passes, or the watch fell behind (it may have
+/// missed one): `true`, look at the state again. `false` once the store
+/// closed its watch (stop).
+pub async fn wait_for_command(
+    changes: &mut broadcast::Receiver<WatchEvent>,
+    within: std::time::Duration,
+    wanted: impl Fn(&Command) -> bool,
+) -> bool {
+    let deadline = tokio::time::sleep(within);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => return true,
+            got = changes.recv() => match got {
+                Ok(e) if e.outcome.is_ok() && wanted(&e.envelope.command) => return true,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                Err(broadcast::error::RecvError::Closed) => return false,
+            },
+        }
+    }
 }
 
 /// Who leads, as this controller currently sees it.
