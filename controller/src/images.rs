@@ -45,13 +45,9 @@ fn content_name(image: &str, checksum: &str) -> String {
     format!("{id}-{}", hex.get(..16).unwrap_or(hex))
 }
 
-fn storage_full(message: String) -> ApiError {
-    ApiError::StorageFull(message)
-}
-
 fn sink_error(e: SinkError) -> ApiError {
     if e.is_storage_full() {
-        storage_full(format!(
+        ApiError::StorageFull(format!(
             "the controller's disk is full ({e}); free space on it or upload through another controller"
         ))
     } else if let SinkError::Io { .. } = e {
@@ -105,7 +101,7 @@ impl ImageContent {
         let free = free_bytes(&self.dir)
             .map_err(|e| ApiError::Internal(format!("cannot stat {}: {e}", self.dir.display())))?;
         if free < total.saturating_add(HEADROOM_BYTES) {
-            return Err(storage_full(format!(
+            return Err(ApiError::StorageFull(format!(
                 "the image has {total} bytes and the controller has {free} bytes free (keeping {HEADROOM_BYTES} spare); free space on it or upload through another controller"
             )));
         }
@@ -153,11 +149,7 @@ impl ImageContent {
             for f in &image.files {
                 let name = nephele_proto::image::file_name(&f.role)
                     .ok_or_else(|| format!("unknown role {:?}", f.role))?;
-                let entry = pb::ImageFile {
-                    role: f.role.clone(),
-                    size_bytes: f.size_bytes,
-                    checksum: f.checksum.clone(),
-                };
+                let entry = crate::api::convert::image_file(f);
                 let mut stream = client
                     .fetch_image(FetchImageRequest {
                         node: String::new(),

@@ -27,9 +27,11 @@
 //! node join and node certificates both ways (the agent's controller
 //! client and its own port), and revocation of removed nodes and
 //! controllers (`controller/src/api/revocation.rs`), and node certificate
-//! renewal ([`renewal_due`], `compute-node/agent/src/join.rs`). Not yet:
-//! the migration stream and renewal of controllers' own certificates. The wiring below is the plan for those
-//! and what was followed for the rest.
+//! renewal ([`renewal_due`], `compute-node/agent/src/join.rs`), and the
+//! migration stream between nodes (`compute-node/agent/src/tunnel.rs`).
+//! Not yet: renewal of controllers' own certificates, and revocations on
+//! the agents' side (their revocation set stays empty). The wiring below
+//! is the plan for those and what was followed for the rest.
 //!
 //! # Wiring, per component
 //!
@@ -130,7 +132,7 @@ pub use revocation::Revocations;
 pub use seal::OperatorKey;
 
 /// An error and its sources, joined by `": "` (for logs).
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -91,8 +91,9 @@ pub async fn run(
 
     let server = match &tls.context {
         // The console is the guests' keyboard: only controllers of this
-        // cluster may reach it, over mutual TLS, checked again per call
-        // (revocation).
+        // cluster may reach it, over mutual TLS, its kind checked again per
+        // call. The revocation set checked there stays empty: agents do not
+        // learn removed controllers yet (see docs/threat-model.md).
         Some(ctx) => {
             let agent = InterceptedService::new(
                 AgentServer::new(AgentService::new(cfg.data_dir.clone(), shared.clone()))

@@ -26,9 +26,18 @@ const ATTEMPTS: u32 = 3;
 /// How long a fetched image no assigned instance uses stays on the node.
 pub const CACHE_TTL: Duration = Duration::from_secs(3600);
 
-/// Whether `dir` holds the content of `image` whole.
+/// Whether `dir` holds the content of `image` whole; if so, marks it used
+/// now (the sweep keeps it another [`CACHE_TTL`]).
 fn present(dir: &Path, image: &compute::Image) -> bool {
-    std::fs::read_to_string(dir.join(CHECKSUM_FILE)).is_ok_and(|c| c.trim() == image.checksum)
+    let marker = dir.join(CHECKSUM_FILE);
+    let whole = std::fs::read_to_string(&marker).is_ok_and(|c| c.trim() == image.checksum);
+    if whole {
+        let _ = std::fs::File::options()
+            .append(true)
+            .open(&marker)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+    }
+    whole
 }
 
 /// Makes sure the content of `image` is in `image_dir`, fetching it when
@@ -44,21 +53,17 @@ pub async fn ensure(
     if image.files.is_empty() {
         return Ok(());
     }
-    let id = image
-        .name
-        .strip_prefix("images/")
-        .filter(|id| !id.is_empty() && !id.contains('/') && !id.starts_with('.'))
+    let id = crate::instance::image_id(&image.name)
         .ok_or_else(|| format!("bad image name {:?}", image.name))?;
     nephele_proto::image::check_files(&image.format, &image.files)
         .map_err(|e| format!("{}: {e}", image.name))?;
     let dir = image_dir.join(id);
+    // An image already here does not wait for another one's download.
+    if present(&dir, image) {
+        return Ok(());
+    }
     let _one_at_a_time = lock.lock().await;
     if present(&dir, image) {
-        // Used now: the sweep keeps it another CACHE_TTL.
-        let _ = std::fs::File::options()
-            .append(true)
-            .open(dir.join(CHECKSUM_FILE))
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         return Ok(());
     }
     let io = |what: &Path, e: std::io::Error| format!("cannot write {}: {e}", what.display());
@@ -110,14 +115,13 @@ pub async fn ensure(
 
 /// Removes fetched images (those with a [`CHECKSUM_FILE`]; content put
 /// there by other means is never touched) that no image of `in_use` names
-/// and that were not fetched or used for `ttl`, and staging directories
-/// of fetches that are not running (`fetching`: false). Returns the image
-/// ids removed.
+/// and that were not fetched or used for `ttl`, and staging directories.
+/// The caller holds the fetch lock (no fetch runs). Returns the image ids
+/// removed.
 pub fn sweep(
     image_dir: &Path,
     in_use: &std::collections::HashSet<String>,
     ttl: Duration,
-    fetching: bool,
 ) -> Vec<String> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(image_dir) else {
@@ -126,9 +130,7 @@ pub fn sweep(
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(".fetch-") {
-            if !fetching {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
+            let _ = std::fs::remove_dir_all(entry.path());
             continue;
         }
         if in_use.contains(&format!("images/{name}")) {
@@ -236,14 +238,13 @@ mod tests {
         std::fs::create_dir_all(dir.path().join(".fetch-x")).unwrap();
         let in_use: std::collections::HashSet<String> = ["images/used".to_owned()].into();
 
-        // Young images stay; a running fetch's staging stays.
-        assert!(sweep(dir.path(), &in_use, CACHE_TTL, true).is_empty());
-        assert!(dir.path().join(".fetch-x").exists());
+        // Young images stay; staging goes.
+        assert!(sweep(dir.path(), &in_use, CACHE_TTL).is_empty());
+        assert!(!dir.path().join(".fetch-x").exists());
         // Once idle long enough (here: at once), only the unused fetched
-        // image goes; staging of no running fetch goes too.
-        assert_eq!(sweep(dir.path(), &in_use, Duration::ZERO, false), ["idle"]);
+        // image goes.
+        assert_eq!(sweep(dir.path(), &in_use, Duration::ZERO), ["idle"]);
         assert!(dir.path().join("placed/kernel").exists());
         assert!(dir.path().join("used/kernel").exists());
-        assert!(!dir.path().join(".fetch-x").exists());
     }
 }

@@ -309,16 +309,19 @@ pub struct ImageFiles {
     pub disk: Option<PathBuf>,
 }
 
+/// The id of image `name` (`images/{id}`, the id a DNS label), which names
+/// its directory in the image directory.
+pub fn image_id(name: &str) -> Option<&str> {
+    name.strip_prefix("images/").filter(|id| is_dns_label(id))
+}
+
 /// Finds image `image` (`images/{id}`, format `format`) in `image_dir`.
 pub fn image_files(
     image_dir: &Path,
     image: &str,
     format: &str,
 ) -> Result<ImageFiles, PrepareError> {
-    let id = image
-        .strip_prefix("images/")
-        .filter(|id| is_dns_label(id))
-        .ok_or_else(|| PrepareError::ImageName(image.to_owned()))?;
+    let id = image_id(image).ok_or_else(|| PrepareError::ImageName(image.to_owned()))?;
     if !matches!(format, "pvh-elf" | "bzimage" | "raw") {
         return Err(PrepareError::Format(format.to_owned()));
     }

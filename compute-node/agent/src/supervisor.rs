@@ -473,23 +473,22 @@ impl Supervisor {
     /// Removes fetched images no assigned instance has used for
     /// [`crate::image::CACHE_TTL`] (in the background).
     fn sweep_images(&self) {
-        let in_use: HashSet<String> = self
+        // Before the first assignments arrive nothing is known to be unused.
+        let Some(assigned) = &self.assignments else {
+            return;
+        };
+        let in_use: HashSet<String> = assigned
             .assignments
             .iter()
-            .flat_map(|a| &a.assignments)
             .filter_map(|a| a.instance.as_ref().map(|i| i.image.clone()))
             .collect();
-        // Before the first assignments arrive nothing is known to be unused.
-        if self.assignments.is_none() {
-            return;
-        }
         let dir = self.cfg.image_dir.clone();
         let shared = self.shared.clone();
         tokio::spawn(async move {
             // Holding the fetch lock: no fetch runs meanwhile.
             let _no_fetch = shared.image_fetch.lock().await;
             let removed = tokio::task::spawn_blocking(move || {
-                crate::image::sweep(&dir, &in_use, crate::image::CACHE_TTL, false)
+                crate::image::sweep(&dir, &in_use, crate::image::CACHE_TTL)
             })
             .await
             .unwrap_or_default();
@@ -627,6 +626,14 @@ impl Supervisor {
                         if v.incoming {
                             tracing::info!(instance = %name, pid = v.record.pid, "the migrated VM runs here");
                             v.incoming = false;
+                            // Also on disk: a restarted agent must not take
+                            // the running VM for a VMM still waiting.
+                            if v.record.incoming {
+                                v.record.incoming = false;
+                                if let Err(e) = v.record.save(&v.layout.state()) {
+                                    tracing::warn!(instance = %name, error = %e, "cannot record that the migrated VM arrived");
+                                }
+                            }
                             let until = self.shared.lease_until_ms.load(Ordering::SeqCst);
                             if until > 0 {
                                 let c = VmmClient::new(&v.layout.api_socket());

@@ -148,22 +148,10 @@ async fn connect(
         }
         None => endpoint.connect().await,
     }
-    .map_err(|e| unavailable(error_chain(&e)))?;
+    .map_err(|e| unavailable(nephele_tls::error_chain(&e)))?;
     Ok(AgentClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE)
         .max_encoding_message_size(MAX_MESSAGE))
-}
-
-/// An error with its sources (a refused handshake says why only there).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Where the instance's console is now, if it runs on a node other than

@@ -135,15 +135,16 @@ pub fn image(i: &model::Image) -> compute::Image {
             ImageState::Failed => compute::ImageState::Failed,
         } as i32,
         create_time: ts(i.create_time),
-        files: i
-            .files
-            .iter()
-            .map(|f| compute::ImageFile {
-                role: f.role.clone(),
-                size_bytes: f.size_bytes,
-                checksum: f.checksum.clone(),
-            })
-            .collect(),
+        files: i.files.iter().map(image_file).collect(),
+    }
+}
+
+/// One image file to the API.
+pub fn image_file(f: &model::ImageFileRecord) -> compute::ImageFile {
+    compute::ImageFile {
+        role: f.role.clone(),
+        size_bytes: f.size_bytes,
+        checksum: f.checksum.clone(),
     }
 }
 

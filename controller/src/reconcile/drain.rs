@@ -72,11 +72,7 @@ fn plans(s: &State) -> Result<Plans, String> {
         .nodes
         .values()
         .filter(|n| n.state == NodeState::Draining)
-        .filter(|n| {
-            s.instances
-                .values()
-                .any(|i| i.node.as_deref() == Some(n.name.as_str()))
-        })
+        .filter(|n| s.placed.contains_key(&n.name))
         .map(|n| n.name.as_str())
         .collect();
     let mut busy: HashMap<String, u32> = HashMap::new();

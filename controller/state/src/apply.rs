@@ -264,8 +264,6 @@ fn event(state: &mut State, actor: &str, resource: &str, kind: &str, message: St
     }
 }
 
-/// Deletes a resource that nothing else holds on to: checks the name
-/// against `pattern`, removes it from its map, records `<kind>.deleted`.
 /// Inserts a new image (both ways of creating one), refusing a taken
 /// name.
 fn create_image(state: &mut State, actor: &str, image: Image) -> Result<Response, ApplyError> {
@@ -282,6 +280,8 @@ fn create_image(state: &mut State, actor: &str, image: Image) -> Result<Response
     Ok(Response::Image(image))
 }
 
+/// Deletes a resource that nothing else holds on to: checks the name
+/// against `pattern`, removes it from its map, records `<kind>.deleted`.
 fn delete_plain<V>(
     state: &mut State,
     actor: &str,
@@ -1285,10 +1285,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             if !state.nodes.contains_key(node) {
                 return Err(not_found(node));
             }
-            if state
-                .instances
-                .values()
-                .any(|i| i.node.as_deref() == Some(node.as_str()))
+            if state.placed.contains_key(node.as_str())
                 || state
                     .migrations
                     .values()
@@ -1310,12 +1307,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             if member.as_ref().is_some_and(|m| m.revoked.is_some()) {
                 return Err(removed(node));
             }
-            let holding: Vec<&str> = state
-                .instances
-                .values()
-                .filter(|i| i.node.as_deref() == Some(node.as_str()))
-                .map(|i| i.name.as_str())
-                .collect();
+            let holding: Vec<&str> = state.instances_on(node).map(|i| i.name.as_str()).collect();
             if !holding.is_empty() {
                 return Err(precondition(
                     node,

@@ -247,6 +247,13 @@ impl Shared {
         }
     }
 
+    /// Records that the switchover is decided (cancel refused from now
+    /// on), in the flag and in the status `migrate_status` shows.
+    fn mark_decided(&self) {
+        self.decided.store(true, Ordering::SeqCst);
+        self.update(|s| s.decided = true);
+    }
+
     fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
         f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
@@ -1125,8 +1132,7 @@ impl Migration<'_> {
                     if !self.ctx.gate.allow_switchover(&self.params.to) {
                         return Err(MigrateError::GateRefused);
                     }
-                    self.shared.decided.store(true, Ordering::SeqCst);
-                    self.shared.update(|s| s.decided = true);
+                    self.shared.mark_decided();
                     gate_us = super::micros(t.elapsed());
                 }
                 Next::Switchover => break,
@@ -1225,7 +1231,7 @@ impl Migration<'_> {
             if !self.ctx.gate.allow_switchover(&self.params.to) {
                 return Err(MigrateError::GateRefused);
             }
-            self.shared.decided.store(true, Ordering::SeqCst);
+            self.shared.mark_decided();
             clock.lap("gate");
             // From here on the source never resumes: the switchover is decided.
             protocol::write_frame(w, Kind::Commit, b"")
