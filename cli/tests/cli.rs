@@ -189,8 +189,9 @@ const FAKE_LOAD: infra::Load = infra::Load {
     running_vms: 1,
 };
 
-/// Registers `nodes/n1` and heartbeats it in the background.
-fn fake_node(c: &Controller, token: &str) -> std::thread::JoinHandle<()> {
+/// Registers `nodes/n1` and heartbeats it in the background until a
+/// heartbeat is refused; the thread returns that refusal.
+fn fake_node(c: &Controller, token: &str) -> std::thread::JoinHandle<tonic::Status> {
     fake_node_with(c, token, false)
 }
 
@@ -200,7 +201,11 @@ fn fake_node(c: &Controller, token: &str) -> std::thread::JoinHandle<()> {
 /// the controller) and uses its certificate both ways: mutual TLS to the
 /// controller, and on its `Agent` port, which the controller's console
 /// relay dials with its own certificate.
-fn fake_node_with(c: &Controller, token: &str, serve: bool) -> std::thread::JoinHandle<()> {
+fn fake_node_with(
+    c: &Controller,
+    token: &str,
+    serve: bool,
+) -> std::thread::JoinHandle<tonic::Status> {
     let (address, token) = (format!("http://{}", c.address), token.trim().to_owned());
     nephele_tls::install_default();
     let ca_pem = std::fs::read(&c.ca_file).expect("ca.pem");
@@ -313,15 +318,15 @@ fn fake_node_with(c: &Controller, token: &str, serve: bool) -> std::thread::Join
                         instances: vec![],
                     })
                     .await;
-                if beat.is_err() {
-                    return;
+                if let Err(refused) = beat {
+                    return refused;
                 }
                 if serve {
                     run_assignments(&mut agent).await;
                 }
                 tokio::time::sleep(Duration::from_millis(if serve { 100 } else { 500 })).await;
             }
-        });
+        })
     });
     ready_rx
         .recv_timeout(Duration::from_secs(20))
@@ -943,8 +948,19 @@ fn node_remove_takes_a_node_out_for_good() {
     assert!(err.contains("removed nodes/n1"), "{err}");
     let list = neph.json(&["node", "list"]);
     assert_eq!(list, serde_json::json!([]), "{list}");
-    // The node's own calls are refused from then on: its loop ends.
-    node.join().expect("the fake node's thread");
+    // The node's own calls are refused from then on: its loop ends, on
+    // the revocation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !node.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removed node's heartbeats are still answered"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let refused = node.join().expect("the fake node's thread");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("revoked"), "{refused:?}");
     // No join token for it any more, and no second removal.
     let (_, err) = neph.expect(&["node", "join-token", "create", "--node", "n1"], 1);
     assert!(err.contains("removed"), "{err}");

@@ -595,16 +595,17 @@ fn an_uploaded_image_outlives_the_controller_that_took_it() {
         .expect("every controller copies the content");
     for id in 1..=3 {
         let dir = cloud.controllers.data_dir(id).join("images");
-        for e in std::fs::read_dir(&dir).expect("images").flatten() {
-            let copy = e.path().join("kernel");
-            if copy.is_file() {
-                assert_eq!(
-                    std::fs::read(&copy).expect("copy"),
-                    std::fs::read(&guest).expect("guest"),
-                    "controller {id}'s copy"
-                );
-            }
-        }
+        let copies: Vec<_> = std::fs::read_dir(&dir)
+            .expect("images")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("uploaded-"))
+            .collect();
+        assert_eq!(copies.len(), 1, "controller {id} holds one copy");
+        assert_eq!(
+            std::fs::read(copies[0].path().join("kernel")).expect("copy"),
+            std::fs::read(&guest).expect("guest"),
+            "controller {id}'s copy"
+        );
     }
 
     let first = cloud

@@ -184,32 +184,40 @@ fn migrate_through_the_control_plane_and_survive_a_dead_target() {
         })
         .expect("the migration is copying");
     // The target's address is its node's migration tunnel (mutual TLS,
-    // only the source node admitted): a client without a certificate, and
-    // one with a certificate of this cluster that is not the source node's
-    // (a controller's), get nothing of the migration protocol.
-    let at = copying["target_address"]
+    // only the source node admitted). The target VMM is frozen, so a client
+    // the tunnel admits hears nothing back (Silent), while a refused one
+    // is cut off at once (Refused): the source node's own certificate
+    // shows the difference is seen, then every rogue client is refused.
+    let at: std::net::SocketAddr = copying["target_address"]
         .as_str()
-        .unwrap_or_default()
-        .to_owned();
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no target address in {copying}"));
+    let at = at.to_string();
+    let source_tls = cloud.nodes[si].data_dir.join("tls");
+    assert_eq!(
+        rogue_tls(&at, &source_tls),
+        Probe::Silent,
+        "the source node's own certificate is admitted (to the frozen VMM)"
+    );
     let plain = rogue_plain(&at);
     assert!(
-        !plain.starts_with(&[0x81]) && !plain.starts_with(&[0x83]),
-        "a plaintext client reached the target VMM: {plain:?}"
+        matches!(plain, Probe::Refused(_)),
+        "a plaintext client was not cut off: {plain:?}"
     );
     let wrong = rogue_tls(&at, &cloud.controllers.tls_dir(1));
     assert!(
-        !wrong.starts_with(&[0x81]) && !wrong.starts_with(&[0x83]),
-        "a controller's certificate reached the target VMM: {wrong:?}"
+        matches!(wrong, Probe::Refused(_)),
+        "a controller's certificate was not refused: {wrong:?}"
     );
     // The source node's own name, certified by a CA of another cluster.
     let forged = foreign_node_tls(&src, &cloud.controllers.ca_file());
     let other_ca = rogue_tls(&at, forged.path());
     assert!(
-        !other_ca.starts_with(&[0x81]) && !other_ca.starts_with(&[0x83]),
-        "another CA's certificate reached the target VMM: {other_ca:?}"
+        matches!(other_ca, Probe::Refused(_)),
+        "another CA's certificate was not refused: {other_ca:?}"
     );
     eprintln!(
-        "rogue clients refused: plaintext got {plain:?}, a controller certificate {wrong:?}, another CA's {other_ca:?}"
+        "rogue clients refused: plaintext {plain:?}, a controller certificate {wrong:?}, another CA's {other_ca:?}"
     );
     eprintln!("killing the target VMM mid-copy: {copying}");
     kill9(victim);
@@ -559,42 +567,72 @@ const MIGRATION_HEADER: &[u8] = b"NEPHMIG\0\x03\0\0\0";
 
 /// What a client without a certificate reads from `addr` after sending a
 /// migration header, until the connection ends.
-fn rogue_plain(addr: &str) -> Vec<u8> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the target");
-    s.set_read_timeout(Some(Duration::from_secs(15)))
-        .expect("timeout");
-    let _ = s.write_all(MIGRATION_HEADER);
-    let mut reply = Vec::new();
-    let _ = s.read_to_end(&mut reply);
-    reply
+/// What a client at the migration port got.
+#[derive(Debug, PartialEq, Eq)]
+enum Probe {
+    /// The connection was refused or cut off (handshake failure, a TLS
+    /// alert, a close) without a byte of the migration protocol.
+    Refused(String),
+    /// Bytes came back.
+    Answered(Vec<u8>),
+    /// Admitted, and nothing came back within [`PROBE_WAIT`].
+    Silent,
 }
 
-/// What a client presenting the certificate in `tls_dir` reads from
-/// `addr` after sending a migration header, until the connection ends
-/// (nothing if the handshake fails).
-fn rogue_tls(addr: &str, tls_dir: &std::path::Path) -> Vec<u8> {
-    use nephele_tls::{IdentityKind, PeerPolicy, Revocations, TlsContext, TlsFiles};
+/// How long a probe waits for an answer or a close.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// Sends a migration header on `stream` and says what came of it.
+async fn probe<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut stream: S) -> Probe {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    nephele_tls::install_default();
-    let rt = tokio::runtime::Builder::new_current_thread()
+    if let Err(e) = stream.write_all(MIGRATION_HEADER).await {
+        return Probe::Refused(e.to_string());
+    }
+    let _ = stream.flush().await;
+    let mut reply = Vec::new();
+    match tokio::time::timeout(PROBE_WAIT, stream.read_to_end(&mut reply)).await {
+        // A TLS alert record (content type 21) to a plaintext client is
+        // the tunnel's refusal, not the migration protocol.
+        _ if reply.first() == Some(&21) => Probe::Refused(format!("TLS alert {reply:?}")),
+        _ if !reply.is_empty() => Probe::Answered(reply),
+        Ok(Ok(_)) => Probe::Refused("closed".into()),
+        Ok(Err(e)) => Probe::Refused(e.to_string()),
+        Err(_) => Probe::Silent,
+    }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
-    rt.block_on(async {
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// A plaintext client at `addr`.
+fn rogue_plain(addr: &str) -> Probe {
+    block_on(async {
+        match tokio::net::TcpStream::connect(addr).await {
+            Ok(s) => probe(s).await,
+            Err(e) => Probe::Refused(e.to_string()),
+        }
+    })
+}
+
+/// A client presenting the certificate in `tls_dir` at `addr`.
+fn rogue_tls(addr: &str, tls_dir: &std::path::Path) -> Probe {
+    use nephele_tls::{IdentityKind, PeerPolicy, Revocations, TlsContext, TlsFiles};
+    nephele_tls::install_default();
+    block_on(async {
         let ctx = TlsContext::load(&TlsFiles::in_dir(tls_dir), Revocations::new())
-            .expect("the controller's TLS files");
+            .expect("the TLS files");
         let config = ctx
             .client_config(PeerPolicy::Kind(IdentityKind::Node))
             .expect("client config");
-        let Ok(mut s) = nephele_tls::net::connect(addr, config).await else {
-            return Vec::new();
-        };
-        let _ = s.write_all(MIGRATION_HEADER).await;
-        let _ = s.flush().await;
-        let mut reply = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut reply)).await;
-        reply
+        match nephele_tls::net::connect(addr, config).await {
+            Ok(s) => probe(s).await,
+            Err(e) => Probe::Refused(e.to_string()),
+        }
     })
 }
 

@@ -434,6 +434,8 @@ async fn every_rpc_refuses_exactly_where_the_table_says() -> anyhow::Result<()> 
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    // Every RPC of a table that is not empty.
+    assert!(RULES.len() > 40, "only {} rules", RULES.len());
     assert_eq!(checked, RULES.len() * 6);
     let after = env.member.store.read(resources).await?;
     assert_eq!(before, after, "the walk changed something");

@@ -6,6 +6,7 @@
 use nephele_proto::compute::v1 as compute;
 use nephele_proto::infra::v1 as infra;
 use nephele_proto::node::v1 as node;
+use tonic::Code;
 
 use super::support::*;
 
@@ -187,17 +188,18 @@ async fn assignments_progress_and_the_switchover_gate() -> anyhow::Result<()> {
     assert!(again.allowed, "{again:?}");
     // The source heard nothing back: in doubt, and the target is told.
     // Only the source can be in doubt.
-    assert!(
-        n2.agent
-            .report_migration(node::ReportMigrationRequest {
-                node: n2.name.clone(),
-                migration: m.clone(),
-                in_doubt: true,
-                ..Default::default()
-            })
-            .await
-            .is_err()
-    );
+    let err = n2
+        .agent
+        .report_migration(node::ReportMigrationRequest {
+            node: n2.name.clone(),
+            migration: m.clone(),
+            in_doubt: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("the target cannot be in doubt");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("only the source"), "{err:?}");
     n1.agent
         .report_migration(node::ReportMigrationRequest {
             node: n1.name.clone(),
