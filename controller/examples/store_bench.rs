@@ -16,6 +16,11 @@
 //! connection per concurrent writer) against etcd instead, for side-by-side
 //! figures.
 //!
+//! Each writer first runs `--warmup` seconds (default 1) that are not
+//! counted, then `--seconds` measured ones: only requests started inside the
+//! measured window count, so connection set-up (TLS handshakes of hundreds
+//! of writers) weighs on neither store's figures.
+//!
 //! Output: one line `STORE_BENCH {"members":..,"concurrency":..,"writes_per_s":..,
 //! "p50_ms":..,"p99_ms":..,"errors":..}` for `cargo xtask bench store`.
 
@@ -51,6 +56,11 @@ struct Args {
     /// Seconds of load.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Seconds of load before the measured window (not counted): clients
+    /// connect (our channels connect on their first request) and both
+    /// stores settle, so neither pays its connection set-up in the figures.
+    #[arg(long, default_value_t = 1.0)]
+    warmup: f64,
     /// Value size in bytes.
     #[arg(long, default_value_t = 256)]
     value_bytes: usize,
@@ -62,41 +72,87 @@ struct Args {
 #[cfg(feature = "etcd")]
 async fn etcd_load(args: &Args) -> anyhow::Result<(Vec<Duration>, u64)> {
     let value = vec![0x5a; args.value_bytes];
-    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
-    let mut tasks = Vec::new();
+    let mut clients = Vec::new();
     for c in 0..args.concurrency {
         let ep = args.etcd[c % args.etcd.len()].clone();
-        let mut client = etcd_client::Client::connect([ep], None).await?;
+        clients.push(etcd_client::Client::connect([ep], None).await?);
+    }
+    let window = Window::new(args);
+    let mut tasks = Vec::new();
+    for (c, mut client) in clients.into_iter().enumerate() {
         let value = value.clone();
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
+            let mut tally = Tally::default();
             let mut i = 0u64;
-            while Instant::now() < until {
+            while Instant::now() < window.until {
                 let key = format!("bench/{c}/{}", i % 16);
                 i += 1;
                 let t = Instant::now();
-                match client.put(key, value.clone(), None).await {
-                    Ok(_) => lat.push(t.elapsed()),
-                    Err(_) => errors += 1,
-                }
+                let ok = client.put(key, value.clone(), None).await.is_ok();
+                tally.record(&window, t, ok);
             }
-            (lat, errors)
+            tally
         }));
     }
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await?;
-        lat.extend(l);
-        errors += e;
-    }
-    Ok((lat, errors))
+    Tally::join(tasks).await
 }
 
 #[cfg(not(feature = "etcd"))]
 async fn etcd_load(_args: &Args) -> anyhow::Result<(Vec<Duration>, u64)> {
     anyhow::bail!("build with --features etcd to benchmark etcd")
+}
+
+/// When a run's requests count: those started from `start` (after the
+/// warm-up) until `until`.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    start: Instant,
+    until: Instant,
+}
+
+impl Window {
+    fn new(args: &Args) -> Window {
+        let start = Instant::now() + Duration::from_secs_f64(args.warmup);
+        Window {
+            start,
+            until: start + Duration::from_secs_f64(args.seconds),
+        }
+    }
+}
+
+/// One writer's latencies and errors inside the window.
+#[derive(Debug, Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    errors: u64,
+}
+
+impl Tally {
+    /// Counts a request started at `t` if it started inside the window.
+    fn record(&mut self, window: &Window, t: Instant, ok: bool) {
+        if t < window.start {
+            return;
+        }
+        if ok {
+            self.latencies.push(t.elapsed());
+        } else {
+            self.errors += 1;
+        }
+    }
+
+    /// Every writer's latencies together, and the errors summed.
+    async fn join(
+        tasks: Vec<tokio::task::JoinHandle<Tally>>,
+    ) -> anyhow::Result<(Vec<Duration>, u64)> {
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let tally = t.await?;
+            lat.extend(tally.latencies);
+            errors += tally.errors;
+        }
+        Ok((lat, errors))
+    }
 }
 
 fn report(
@@ -181,7 +237,6 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(!endpoints.is_empty(), "give --endpoints or --spawn");
     let members = endpoints.len();
     let value = vec![0x5a; args.value_bytes];
-    let until = Instant::now() + Duration::from_secs_f64(args.seconds);
     let tls: transport::PeerTls = match &args.tls_dir {
         Some(dir) => Some(
             nephele_tls::TlsContext::load(
@@ -195,16 +250,16 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let window = Window::new(&args);
     let mut tasks = Vec::new();
     for c in 0..args.concurrency {
         let mut client =
             transport::connect_with(&endpoints[c % members], &tls).context("connect")?;
         let value = value.clone();
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut errors = 0u64;
+            let mut tally = Tally::default();
             let mut i = 0u64;
-            while Instant::now() < until {
+            while Instant::now() < window.until {
                 let env = Envelope::new(
                     0,
                     "bench",
@@ -221,21 +276,12 @@ async fn main() -> anyhow::Result<()> {
                         envelope: codec::encode_envelope(&env),
                     })
                     .await;
-                match r {
-                    Ok(_) => lat.push(t.elapsed()),
-                    Err(_) => errors += 1,
-                }
+                tally.record(&window, t, r.is_ok());
             }
-            (lat, errors)
+            tally
         }));
     }
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await?;
-        lat.extend(l);
-        errors += e;
-    }
+    let (lat, errors) = Tally::join(tasks).await?;
     report(
         "nephele",
         members,

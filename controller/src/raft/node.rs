@@ -561,6 +561,13 @@ impl Node {
         self.raw
             .mut_store()
             .persist(snapshot.as_ref(), ready.entries(), ready.hs())?;
+        // What waited for the write (a follower's append acknowledgement,
+        // votes) leaves before applying: the leader's commit waits for it,
+        // applying does not.
+        if !ready.persisted_messages().is_empty() {
+            let msgs = ready.take_persisted_messages();
+            self.send(msgs);
+        }
         if let Some(s) = snapshot {
             self.install_snapshot(&s)?;
         }
@@ -575,10 +582,6 @@ impl Node {
         }
         let committed = ready.take_committed_entries();
         self.apply_entries(committed)?;
-        if !ready.persisted_messages().is_empty() {
-            let msgs = ready.take_persisted_messages();
-            self.send(msgs);
-        }
         let mut light = self.raw.advance(ready);
         if let Some(c) = light.commit_index() {
             self.raw.mut_store().set_commit(c);

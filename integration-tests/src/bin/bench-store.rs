@@ -9,6 +9,12 @@
 //! comes from one generator (`controller/examples/store_bench.rs`), which
 //! speaks our `Cluster/Propose` RPC or etcd's `Put`, one connection per
 //! concurrent writer.
+//!
+//! Each point runs `--rounds` times (default 3), ours and etcd alternating
+//! (and alternating who goes first), and each figure is the median of its
+//! rounds: on a shared two-core machine one run of either store can swing by
+//! a third, and a single pair of runs says more about the moment than about
+//! the stores.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -20,6 +26,8 @@ use serde::Deserialize;
 
 const CONCURRENCY: [usize; 3] = [1, 16, 256];
 const MEMBERS: [u64; 2] = [1, 3];
+/// Runs of each store per point unless `--rounds` says otherwise.
+const ROUNDS: usize = 3;
 
 #[derive(Debug, Deserialize)]
 struct LoadResult {
@@ -29,16 +37,39 @@ struct LoadResult {
     errors: u64,
 }
 
-fn main() -> anyhow::Result<()> {
-    let seconds: f64 = std::env::args()
-        .skip_while(|a| a != "--seconds")
+impl LoadResult {
+    /// Each figure's median over `runs` (not empty); errors add up.
+    fn median(runs: Vec<LoadResult>) -> LoadResult {
+        let mid = |f: fn(&LoadResult) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        LoadResult {
+            writes_per_s: mid(|r| r.writes_per_s),
+            p50_ms: mid(|r| r.p50_ms),
+            p99_ms: mid(|r| r.p99_ms),
+            errors: runs.iter().map(|r| r.errors).sum(),
+        }
+    }
+}
+
+/// The value after `flag` on the command line, parsed.
+fn flag<T: std::str::FromStr>(flag: &str) -> anyhow::Result<Option<T>> {
+    std::env::args()
+        .skip_while(|a| a != flag)
         .nth(1)
-        .map(|s| s.parse())
+        .map(|s| s.parse::<T>())
         .transpose()
-        .context("--seconds takes a number")?
-        .unwrap_or(5.0);
+        .map_err(|_| anyhow::anyhow!("{flag} takes a number"))
+}
+
+fn main() -> anyhow::Result<()> {
+    let seconds: f64 = flag("--seconds")?.unwrap_or(3.0);
+    let rounds: usize = flag("--rounds")?.unwrap_or(ROUNDS).max(1);
     println!(
-        "store: {seconds} s of 256-byte writes per point, members {MEMBERS:?}, concurrency {CONCURRENCY:?}"
+        "store: {seconds} s of 256-byte writes per run, {rounds} runs of each store per point \
+         (alternating; medians shown), members {MEMBERS:?}, concurrency {CONCURRENCY:?}"
     );
     println!(
         "{:<8} {:>7} {:>5} {:>12} {:>9} {:>9} {:>7}",
@@ -52,19 +83,27 @@ fn main() -> anyhow::Result<()> {
             .context("the controllers elected no leader")?;
         let theirs =
             EtcdCluster::start(members).with_context(|| format!("start {members} etcd"))?;
+        let our_target = [
+            "--endpoints".to_owned(),
+            ours.endpoints().join(","),
+            "--tls-dir".to_owned(),
+            ours.tls_dir(1).display().to_string(),
+        ];
+        let etcd_target = ["--etcd".to_owned(), theirs.client_urls.join(",")];
         for c in CONCURRENCY {
-            let o = load(
-                &[
-                    "--endpoints",
-                    &ours.endpoints().join(","),
-                    "--tls-dir",
-                    &ours.tls_dir(1).display().to_string(),
-                ],
-                ours.cluster_id,
-                c,
-                seconds,
-            )?;
-            let e = load(&["--etcd", &theirs.client_urls.join(",")], 0, c, seconds)?;
+            let mut our_runs = Vec::new();
+            let mut etcd_runs = Vec::new();
+            for round in 0..rounds {
+                let ours_first = round % 2 == 0;
+                for ours_now in [ours_first, !ours_first] {
+                    if ours_now {
+                        our_runs.push(load(&our_target, ours.cluster_id, c, seconds)?);
+                    } else {
+                        etcd_runs.push(load(&etcd_target, 0, c, seconds)?);
+                    }
+                }
+            }
+            let (o, e) = (LoadResult::median(our_runs), LoadResult::median(etcd_runs));
             for (who, r) in [("nephele", &o), ("etcd", &e)] {
                 println!(
                     "{who:<8} {members:>7} {c:>5} {:>12.0} {:>9.2} {:>9.2} {:>7}",
@@ -98,7 +137,7 @@ fn main() -> anyhow::Result<()> {
 
 /// One load point through the shared generator.
 fn load(
-    target: &[&str],
+    target: &[impl AsRef<std::ffi::OsStr>],
     cluster_id: u64,
     concurrency: usize,
     seconds: f64,
@@ -140,6 +179,8 @@ fn failover_ms() -> anyhow::Result<f64> {
             &cluster.endpoints().join(","),
             "--tls-dir",
             &cluster.tls_dir(1).display().to_string(),
+            "--warmup",
+            "0",
         ],
         cluster.cluster_id,
         1,
@@ -168,6 +209,8 @@ fn failover_ms() -> anyhow::Result<f64> {
                 &survivors.join(","),
                 "--tls-dir",
                 &cluster.tls_dir(1).display().to_string(),
+                "--warmup",
+                "0",
             ],
             cluster.cluster_id,
             1,
