@@ -25,16 +25,9 @@ use super::errors::ApiError;
 use super::{Api, convert};
 use crate::store::StateStore;
 
-/// The unfinished migration of `instance`, if any.
-pub fn active_migration<'a>(s: &'a State, instance: &str) -> Option<&'a Migration> {
-    s.migrations
-        .values()
-        .find(|m| m.instance == instance && !m.state.is_final())
-}
-
 /// What `node` is told about `instance`'s migration, if it takes part.
 pub fn assignment_of(s: &State, node: &str, instance: &str) -> Option<pb::MigrationAssignment> {
-    let m = active_migration(s, instance)?;
+    let m = s.migration_of(instance)?;
     let (role, peer, peer_node) = if m.source == node {
         (
             pb::MigrationRole::MigrationSource,
@@ -63,9 +56,8 @@ pub fn assignment_of(s: &State, node: &str, instance: &str) -> Option<pb::Migrat
 
 /// Instances migrating to `node` (placed elsewhere until the switchover).
 pub fn incoming<'a>(s: &'a State, node: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    s.migrations
-        .values()
-        .filter(move |m| !m.state.is_final() && m.target == node)
+    s.unfinished_migrations()
+        .filter(move |m| m.target == node)
         .map(|m| m.instance.as_str())
 }
 

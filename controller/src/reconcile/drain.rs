@@ -77,7 +77,7 @@ fn plans(s: &State) -> Result<Plans, String> {
         .collect();
     let mut busy: HashMap<String, u32> = HashMap::new();
     let mut total = 0;
-    for m in s.migrations.values().filter(|m| !m.state.is_final()) {
+    for m in s.unfinished_migrations() {
         total += 1;
         *busy.entry(m.source.clone()).or_default() += 1;
         *busy.entry(m.target.clone()).or_default() += 1;

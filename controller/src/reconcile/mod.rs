@@ -163,9 +163,7 @@ pub fn snapshot(state: &State) -> ClusterSnapshot {
         })
         .collect();
     let migrations = state
-        .migrations
-        .values()
-        .filter(|m| !m.state.is_final())
+        .unfinished_migrations()
         .map(|m| sched::MigrationInFlight {
             instance: m.instance.clone(),
             from: m.source.clone(),
@@ -504,9 +502,7 @@ pub async fn liveness_pass<S: StateStore>(
                 })
                 .collect();
             let migrations: Vec<(String, String, String, MigrationState, u64)> = s
-                .migrations
-                .values()
-                .filter(|m| !m.state.is_final())
+                .unfinished_migrations()
                 .map(|m| {
                     (
                         m.name.clone(),

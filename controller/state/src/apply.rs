@@ -454,6 +454,9 @@ fn finish_migration(
             );
         }
     }
+    if to.is_final() && state.open_migrations.get(&m.instance) == Some(&m.name) {
+        state.open_migrations.remove(&m.instance);
+    }
     let m = state
         .migrations
         .get_mut(migration)
@@ -1286,10 +1289,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 return Err(not_found(node));
             }
             if state.placed.contains_key(node.as_str())
-                || state
-                    .migrations
-                    .values()
-                    .any(|m| !m.state.is_final() && m.target == *node)
+                || state.unfinished_migrations().any(|m| m.target == *node)
             {
                 return Err(precondition(node, "the node still holds instances"));
             }
@@ -1319,9 +1319,8 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 ));
             }
             if state
-                .migrations
-                .values()
-                .any(|m| !m.state.is_final() && (m.target == *node || m.source == *node))
+                .unfinished_migrations()
+                .any(|m| m.target == *node || m.source == *node)
             {
                 return Err(precondition(
                     node,
@@ -1414,6 +1413,7 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                 cause: cause.clone(),
             };
             state.migrations.insert(name.clone(), m.clone());
+            state.open_migrations.insert(instance.clone(), name.clone());
             let why = if cause.is_empty() {
                 String::new()
             } else {
@@ -2492,6 +2492,8 @@ mod tests {
         };
         run(&mut s, create_m("m1")).unwrap();
         assert_eq!(s.migrations["migrations/m1"].max_downtime_ms, 50);
+        let open = |s: &State| s.migration_of(web).map(|m| m.name.clone());
+        assert_eq!(open(&s).as_deref(), Some("migrations/m1"));
         // Queued: the target has not said where it listens yet.
         assert!(run(&mut s, switch("migrations/m1", "nodes/n1")).is_err());
         let addr = |node: &str, a: &str| Command::UpdateMigration {
@@ -2555,6 +2557,8 @@ mod tests {
         run(&mut s, to(MigrationState::Completed)).unwrap();
         assert_eq!(s.instances[web].node.as_deref(), Some("nodes/n2"));
         assert_eq!(s.instances[web].state, InstanceState::Running);
+        assert_eq!(open(&s), None, "a finished migration is not open");
+        assert_eq!(s.unfinished_migrations().count(), 0);
         assert_eq!(s.nodes["nodes/n1"].allocated.vcpus, 0);
         // Final: the switchover answer stays yes for its source, but
         // nothing moves any more.
@@ -2647,6 +2651,22 @@ mod tests {
             s.migrations["migrations/m3"].state,
             MigrationState::Switching
         );
+        assert_eq!(open(&s).as_deref(), Some("migrations/m3"));
+        // A late word on a finished migration of the same instance leaves
+        // the open one open.
+        assert!(
+            run(
+                &mut s,
+                Command::SetMigrationState {
+                    migration: "migrations/m2".into(),
+                    state: MigrationState::Failed,
+                    bytes_copied: 0,
+                    reason: "late".into(),
+                },
+            )
+            .is_err()
+        );
+        assert_eq!(open(&s).as_deref(), Some("migrations/m3"));
         run(
             &mut s,
             Command::SetMigrationState {

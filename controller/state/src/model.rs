@@ -646,6 +646,13 @@ pub struct State {
     /// operations does not scan every operation ever made.
     #[serde(skip)]
     pub open_operations: BTreeMap<String, BTreeSet<String>>,
+    /// Name of the unfinished migration of each instance that has one (at
+    /// most one: an instance migrates only from RUNNING and stays MIGRATING
+    /// until its migration ends): derived from `migrations` like
+    /// [`State::placed`], so assignments, drains and the balancer look at
+    /// the migrations in flight, not at every migration ever made.
+    #[serde(skip)]
+    pub open_migrations: BTreeMap<String, String>,
 }
 
 impl State {
@@ -693,11 +700,36 @@ impl State {
         open
     }
 
+    /// [`State::open_migrations`] as `migrations` says it should be.
+    pub fn open_migrations_from_migrations(&self) -> BTreeMap<String, String> {
+        self.migrations
+            .values()
+            .filter(|m| !m.state.is_final())
+            .map(|m| (m.instance.clone(), m.name.clone()))
+            .collect()
+    }
+
     /// Rebuilds the derived indexes ([`State::placed`],
-    /// [`State::open_operations`]) from the data (after decoding).
+    /// [`State::open_operations`], [`State::open_migrations`]) from the
+    /// data (after decoding).
     pub fn rebuild_indexes(&mut self) {
         self.placed = self.placed_from_instances();
         self.open_operations = self.open_operations_from_operations();
+        self.open_migrations = self.open_migrations_from_migrations();
+    }
+
+    /// The migrations not finished yet, by instance name.
+    pub fn unfinished_migrations(&self) -> impl Iterator<Item = &Migration> {
+        self.open_migrations
+            .values()
+            .filter_map(|name| self.migrations.get(name))
+    }
+
+    /// The unfinished migration of `instance`, if it has one.
+    pub fn migration_of(&self, instance: &str) -> Option<&Migration> {
+        self.open_migrations
+            .get(instance)
+            .and_then(|name| self.migrations.get(name))
     }
 
     /// Records that operation `name` on `target` is done.

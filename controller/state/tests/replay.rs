@@ -333,6 +333,10 @@ fn check_invariants(state: &State) -> Result<(), TestCaseError> {
         &state.open_operations,
         &state.open_operations_from_operations()
     );
+    prop_assert_eq!(
+        &state.open_migrations,
+        &state.open_migrations_from_migrations()
+    );
     let mut count: BTreeMap<&str, u64> = BTreeMap::new();
     let mut usage: BTreeMap<&str, Resources> = BTreeMap::new();
     let mut allocated: BTreeMap<&str, Resources> = BTreeMap::new();
