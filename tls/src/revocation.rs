@@ -8,6 +8,9 @@
 //! Revoking a serial refuses one certificate; revoking an identity refuses
 //! every certificate naming it, including ones issued later, until the
 //! identity is restored.
+//!
+//! Holders of long calls (a node's assignment watch) learn of every change
+//! through [`Revocations::subscribe`] instead of polling the set.
 
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -17,9 +20,20 @@ use thiserror::Error;
 use crate::identity::{Identity, PeerIdentity};
 
 /// A shared, updatable revocation set. Clones share the set.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Revocations {
     inner: Arc<RwLock<Revoked>>,
+    /// Counts the changes; its receivers wake at each one.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Revocations {
+            inner: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -52,18 +66,24 @@ impl Revocations {
 
     /// Refuses the certificate with this serial (hex, any case).
     pub fn revoke_serial(&self, serial: &str) {
-        self.write().serials.insert(serial.to_ascii_lowercase());
+        self.update(|r| {
+            r.serials.insert(serial.to_ascii_lowercase());
+        });
     }
 
     /// Refuses every certificate of `identity`.
     pub fn revoke_identity(&self, identity: Identity) {
-        self.write().identities.insert(identity);
+        self.update(|r| {
+            r.identities.insert(identity);
+        });
     }
 
     /// Accepts `identity` again (certificates whose serial is revoked stay
     /// refused).
     pub fn restore_identity(&self, identity: &Identity) {
-        self.write().identities.remove(identity);
+        self.update(|r| {
+            r.identities.remove(identity);
+        });
     }
 
     /// Replaces the whole set (what a component does each time the
@@ -73,12 +93,22 @@ impl Revocations {
         serials: impl IntoIterator<Item = String>,
         identities: impl IntoIterator<Item = Identity>,
     ) {
-        let mut w = self.write();
-        w.serials = serials
+        let serials = serials
             .into_iter()
             .map(|s| s.to_ascii_lowercase())
             .collect();
-        w.identities = identities.into_iter().collect();
+        let identities = identities.into_iter().collect();
+        self.update(|r| {
+            r.serials = serials;
+            r.identities = identities;
+        });
+    }
+
+    /// A receiver that sees a change (`changed()` returns) after each
+    /// update of the set, whether or not it revoked anything new: check
+    /// again then.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Whether a peer's certificate may be used.
@@ -96,10 +126,15 @@ impl Revocations {
         Ok(())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Revoked> {
-        // The set stays consistent even if a writer panicked: every write
-        // is one insert, remove or assignment.
-        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    /// Changes the set, then tells the subscribers.
+    fn update(&self, change: impl FnOnce(&mut Revoked)) {
+        {
+            // The set stays consistent even if a writer panicked: every
+            // write is one insert, remove or assignment.
+            let mut w = self.inner.write().unwrap_or_else(|e| e.into_inner());
+            change(&mut w);
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -136,5 +171,17 @@ mod tests {
         r.replace(["0B".to_owned()], []);
         assert!(r.check(&peer("a", "0a")).is_ok());
         assert!(r.check(&peer("a", "0b")).is_err());
+    }
+
+    #[test]
+    fn subscribers_see_every_change() {
+        let r = Revocations::new();
+        let mut rx = r.subscribe();
+        assert!(!rx.has_changed().unwrap(), "nothing changed yet");
+        r.clone().revoke_identity(Identity::node("a").unwrap());
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        r.replace([], []);
+        assert!(rx.has_changed().unwrap(), "a replacement is a change too");
     }
 }

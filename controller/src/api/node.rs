@@ -74,10 +74,6 @@ fn assignments(s: &State, node: &str, default_stop: Duration) -> Result<pb::Assi
     })
 }
 
-/// How often an open assignment watch checks its node's certificate
-/// against the revocation set.
-const REVOCATION_RECHECK: Duration = Duration::from_secs(1);
-
 /// Whether `e` is the committed removal of `node`.
 fn removes(e: &WatchEvent, node: &str) -> bool {
     e.outcome.is_ok() && matches!(&e.envelope.command, Command::RemoveNode { node: n } if n == node)
@@ -401,14 +397,18 @@ impl<S: StateStore> NodeAgent for Api<S> {
                 return;
             }
             // A removed node's watch ends: at its removal, or (its
-            // certificate revoked some other way) at the next check.
+            // certificate revoked some other way) when the revocation set
+            // changes to refuse it.
             let removed =
                 || Status::unauthenticated(format!("{node} was removed from the cluster"));
-            let mut recheck = tokio::time::interval(REVOCATION_RECHECK);
+            let mut revoked = api.revocations().subscribe();
+            // Once at the start too: a revocation between the call's check
+            // and this subscription is not missed.
+            revoked.mark_changed();
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = recheck.tick() => {
+                    Ok(()) = revoked.changed(), if peer.is_some() => {
                         match &peer {
                             Some(p) if api.revocations().check(p).is_err() => {
                                 let _ = tx.send(Err(removed())).await;
