@@ -731,6 +731,26 @@ fn pages_the_disk_device_writes_during_the_copy_move_too() {
     if skip() {
         return;
     }
+    // Every attempt must move every page; one with fewer than two device
+    // writes during the copy (a copy faster than the guest's reads on a
+    // loaded machine) proves nothing about them, so another VM tries.
+    let mut most = 0;
+    for _ in 0..3 {
+        most = most.max(disk_writes_during_a_copy());
+        if most >= 2 {
+            break;
+        }
+    }
+    assert!(
+        most >= 2,
+        "in 3 attempts the device wrote during the copy at most {most} times"
+    );
+}
+
+/// Migrates a VM whose guest reads its disk into memory during the copy,
+/// checks that every page and the disk moved, and returns how many reads
+/// landed during the copy.
+fn disk_writes_during_a_copy() -> usize {
     let dir = tempfile::tempdir().expect("tempdir");
     let a = dir.path().join("a.sock");
     let (da, db) = (disk(dir.path(), "a.raw"), disk(dir.path(), "b.raw"));
@@ -790,15 +810,12 @@ fn pages_the_disk_device_writes_during_the_copy_move_too() {
         assert_eq!(out.state, "completed", "{}", out.last);
     }
     assert_exits_migrated(&mut src);
-    assert!(
-        reads >= 2,
-        "the device wrote during the copy only {reads} times"
-    );
     eprintln!("{reads} disk reads into guest memory during the copy");
     for (lba, seed) in [(0, 1), (64, 2)] {
         dst.command(&format!("diskverify {lba} 8 {seed}"), "DISKVERIFY OK", CMD)
             .expect("the disk moved with its data");
     }
+    reads
 }
 
 #[test]
