@@ -275,7 +275,8 @@ pub fn keep_swept<S: crate::store::StateStore>(
 const MIRROR_EVERY: Duration = Duration::from_secs(10);
 
 /// Copies the content of every uploaded image this controller lacks from
-/// the other controllers (`tls`: its client configuration for them), at
+/// the other controllers (never itself; `tls`: its client configuration
+/// for them), at
 /// each upload and every [`MIRROR_EVERY`], until the store's watch
 /// closes: an image stays available while any controller that holds it
 /// runs, and every controller soon holds it.
@@ -288,15 +289,22 @@ pub fn keep_mirrored<S: crate::store::StateStore>(
         let mut changes = store.watch();
         let mut channels: std::collections::HashMap<String, Channel> = Default::default();
         loop {
+            let me = store.leadership().member_id;
             let wanted = store
-                .read(|s| {
+                .read(move |s| {
                     let images: Vec<Image> = s
                         .images
                         .values()
                         .filter(|i| !i.files.is_empty())
                         .cloned()
                         .collect();
-                    (images, s.controllers.values().cloned().collect::<Vec<_>>())
+                    let peers: Vec<String> = s
+                        .controllers
+                        .iter()
+                        .filter(|(id, _)| **id != me)
+                        .map(|(_, address)| address.clone())
+                        .collect();
+                    (images, peers)
                 })
                 .await;
             if let Ok((images, peers)) = wanted {
