@@ -1126,16 +1126,19 @@ async fn flavor(c: &Ctx, cmd: FlavorCmd) -> Result<(), CliError> {
 
 /// Size and `sha256:` checksum of a local file, read in chunks.
 fn file_digest(path: &std::path::Path) -> Result<(u64, String), CliError> {
+    digest(Part::File(path.to_owned()).open()?)
+}
+
+/// Size and `sha256:` checksum of what `read` yields, read in chunks.
+fn digest(mut read: Box<dyn std::io::Read + Send>) -> Result<(u64, String), CliError> {
     use sha2::Digest as _;
-    use std::io::Read as _;
-    let unreadable =
-        |e: std::io::Error| CliError::Usage(format!("cannot read {}: {e}", path.display()));
-    let mut f = std::fs::File::open(path).map_err(unreadable)?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; nephele_proto::image::CHUNK_BYTES];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(unreadable)?;
+        let n = read
+            .read(&mut buf)
+            .map_err(|e| CliError::Usage(format!("cannot read a file of the image: {e}")))?;
         if n == 0 {
             break;
         }
@@ -1151,6 +1154,19 @@ enum Part {
     Text(String),
 }
 
+impl Part {
+    /// The part's bytes, from the start.
+    fn open(&self) -> Result<Box<dyn std::io::Read + Send>, CliError> {
+        Ok(match self {
+            Part::File(p) => Box::new(
+                std::fs::File::open(p)
+                    .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))?,
+            ),
+            Part::Text(t) => Box::new(std::io::Cursor::new(t.clone().into_bytes())),
+        })
+    }
+}
+
 /// Uploads an image: its manifest (sizes and checksums read here first),
 /// then the files' bytes in 1 MiB messages, with a progress line on a
 /// terminal. A file that changes while it is sent fails the checksum on
@@ -1162,16 +1178,9 @@ async fn upload_image(
     parts: Vec<(&'static str, Part)>,
     request_id: String,
 ) -> Result<compute::Image, CliError> {
-    use sha2::Digest as _;
     let mut files = Vec::new();
     for (role, part) in &parts {
-        let (size_bytes, checksum) = match part {
-            Part::File(p) => file_digest(p)?,
-            Part::Text(t) => (
-                t.len() as u64,
-                nephele_proto::image::sha256_checksum(&sha2::Sha256::digest(t.as_bytes())),
-            ),
-        };
+        let (size_bytes, checksum) = digest(part.open()?)?;
         files.push(compute::ImageFile {
             role: (*role).to_owned(),
             size_bytes,
@@ -1203,13 +1212,7 @@ async fn upload_image(
         let mut sent = 0u64;
         let mut shown = Instant::now();
         for (_, part) in parts {
-            let mut read: Box<dyn std::io::Read> =
-                match &part {
-                    Part::File(p) => Box::new(std::fs::File::open(p).map_err(|e| {
-                        CliError::Usage(format!("cannot read {}: {e}", p.display()))
-                    })?),
-                    Part::Text(t) => Box::new(std::io::Cursor::new(t.clone().into_bytes())),
-                };
+            let mut read = part.open()?;
             loop {
                 let mut buf = vec![0u8; nephele_proto::image::CHUNK_BYTES];
                 let n = read.read(&mut buf).map_err(|e| {

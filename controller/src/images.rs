@@ -108,7 +108,10 @@ impl ImageContent {
         let staging = self.stage(image_id).await?;
         let result = write_files(&staging, files, first, rest).await;
         let result = match result {
-            Ok(()) => self.place(&staging, &content_name(image_id, checksum)),
+            Ok(()) => {
+                self.place(&staging, &content_name(image_id, checksum))
+                    .await
+            }
             Err(e) => Err(e),
         };
         if staging.exists() {
@@ -169,6 +172,7 @@ impl ImageContent {
                 .map_err(|e| e.to_string())?;
             }
             self.place(&staging, &content_name(&image.name, &image.checksum))
+                .await
                 .map_err(|e| e.to_string())
         }
         .await;
@@ -180,15 +184,19 @@ impl ImageContent {
 
     /// Renames checked content into place; content already there (the
     /// same files, uploaded before) is kept.
-    fn place(&self, staging: &Path, name: &str) -> Result<(), ApiError> {
+    async fn place(&self, staging: &Path, name: &str) -> Result<(), ApiError> {
         let target = self.dir.join(name);
-        if target.is_dir() {
-            return Ok(());
-        }
-        let internal = |e: std::io::Error| ApiError::Internal(format!("cannot place {name}: {e}"));
-        nephele_proto::image::sync_dir(staging).map_err(internal)?;
-        std::fs::rename(staging, &target).map_err(internal)?;
-        nephele_proto::image::sync_dir(&self.dir).map_err(internal)
+        let staging = staging.to_owned();
+        let placed = tokio::task::spawn_blocking(move || {
+            if target.is_dir() {
+                return Ok(());
+            }
+            nephele_proto::image::install_dir(&staging, &target)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        placed.map_err(|e| ApiError::Internal(format!("cannot place {name}: {e}")))
     }
 
     /// Removes content no image of `images` refers to, once it is older
@@ -400,11 +408,36 @@ async fn write_files(
     Ok(())
 }
 
+/// The first message of an upload, which names the image and its files.
+pub async fn first_message(
+    stream: &mut tonic::Streaming<pb::UploadImageRequest>,
+) -> Result<pb::UploadImageRequest, ApiError> {
+    next_message(stream).await?.ok_or_else(|| {
+        ApiError::InvalidArgument(
+            "the upload is empty: its first message names the image and its files".into(),
+        )
+    })
+}
+
 /// The next message's bytes; `None` at the end of the stream.
 async fn next_data(
     rest: &mut tonic::Streaming<pb::UploadImageRequest>,
 ) -> Result<Option<Vec<u8>>, ApiError> {
-    let message = tokio::time::timeout(IDLE_TIMEOUT, rest.message())
+    match next_message(rest).await? {
+        None => Ok(None),
+        Some(m) if m.create.is_some() || !m.files.is_empty() => Err(ApiError::InvalidArgument(
+            "only the first message of an upload names the image and its files".into(),
+        )),
+        Some(m) => Ok(Some(m.data)),
+    }
+}
+
+/// The next message; `None` at the end of the stream. An uploader silent
+/// for [`IDLE_TIMEOUT`] is dropped.
+async fn next_message(
+    rest: &mut tonic::Streaming<pb::UploadImageRequest>,
+) -> Result<Option<pb::UploadImageRequest>, ApiError> {
+    tokio::time::timeout(IDLE_TIMEOUT, rest.message())
         .await
         .map_err(|_| {
             ApiError::InvalidArgument(format!(
@@ -416,14 +449,7 @@ async fn next_data(
                 "the upload broke off ({}): nothing was created; upload again",
                 s.message()
             ))
-        })?;
-    match message {
-        None => Ok(None),
-        Some(m) if m.create.is_some() || !m.files.is_empty() => Err(ApiError::InvalidArgument(
-            "only the first message of an upload names the image and its files".into(),
-        )),
-        Some(m) => Ok(Some(m.data)),
-    }
+        })
 }
 
 #[cfg(test)]

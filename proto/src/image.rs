@@ -45,6 +45,11 @@ pub fn sha256_checksum(digest: &[u8]) -> String {
     s
 }
 
+/// The `sha256:` checksum of `data`.
+pub fn sha256_of(data: &[u8]) -> String {
+    sha256_checksum(&sha2::Sha256::digest(data))
+}
+
 fn is_sha256_checksum(s: &str) -> bool {
     s.strip_prefix("sha256:").is_some_and(|h| {
         h.len() == 64
@@ -144,7 +149,7 @@ impl SinkError {
     /// Whether the disk is full (the sender can do nothing about it).
     pub fn is_storage_full(&self) -> bool {
         matches!(self, SinkError::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(28 /* ENOSPC */) | Some(122 /* EDQUOT */)))
+            if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
     }
 }
 
@@ -287,8 +292,18 @@ pub fn manifest_checksum(files: &[ImageFile]) -> String {
 }
 
 /// Makes a directory entry change (a rename into `dir`) durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Puts the checked files of `staging` in place as `target` (which must
+/// not exist) in one rename, durably: the staging directory's entries
+/// first, then the rename in `target`'s parent. Blocking: call it off the
+/// async runtime.
+pub fn install_dir(staging: &Path, target: &Path) -> std::io::Result<()> {
+    sync_dir(staging)?;
+    std::fs::rename(staging, target)?;
+    sync_dir(target.parent().unwrap_or(Path::new(".")))
 }
 
 #[cfg(test)]
@@ -299,13 +314,13 @@ mod tests {
         ImageFile {
             role: role.into(),
             size_bytes: data.len() as u64,
-            checksum: sha256_checksum(&sha2::Sha256::digest(data)),
+            checksum: sha256_of(data),
         }
     }
 
     #[test]
     fn checksums_match_known_digests() {
-        let hex = |d: &[u8]| sha256_checksum(&sha2::Sha256::digest(d));
+        let hex = sha256_of;
         assert_eq!(
             hex(b""),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

@@ -778,7 +778,7 @@ async fn ready(o: &UpOptions, st: &ClusterState, announce: bool) -> Result<(), D
             image: Some(compute::Image {
                 format: "pvh-elf".into(),
                 size_bytes: u64::try_from(bytes.len()).unwrap_or(u64::MAX),
-                checksum: format!("sha256:{}", sha256_hex(&bytes)),
+                checksum: nephele_proto::image::sha256_of(&bytes),
                 ..Default::default()
             }),
             request_id: String::new(),
@@ -899,14 +899,6 @@ async fn wait_nodes_up(conn: &Conn, st: &ClusterState, dir: &Path) -> Result<(),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 #[cfg(test)]

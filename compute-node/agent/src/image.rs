@@ -86,7 +86,6 @@ pub async fn ensure(
         tokio::fs::write(&marker, format!("{}\n", image.checksum))
             .await
             .map_err(|e| io(&marker, e))?;
-        nephele_proto::image::sync_dir(&staging).map_err(|e| io(&staging, e))?;
         // Content of an earlier image of the same name goes (VMs that run
         // it loaded their kernel and copied their disk already).
         if dir.exists() {
@@ -94,10 +93,12 @@ pub async fn ensure(
                 .await
                 .map_err(|e| io(&dir, e))?;
         }
-        tokio::fs::rename(&staging, &dir)
+        let (from, to) = (staging.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || nephele_proto::image::install_dir(&from, &to))
             .await
-            .map_err(|e| io(&dir, e))?;
-        nephele_proto::image::sync_dir(image_dir).map_err(|e| io(image_dir, e))
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|e| io(&dir, e))
     }
     .await;
     if fetched.is_err() {

@@ -119,15 +119,16 @@ async fn join(
     let req = CertRequest::generate(&identity, &cluster).map_err(JoinError::Csr)?;
     let mut errors = Vec::new();
     for address in &cfg.controllers {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{address}")) {
-            Ok(e) => e
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(15)),
-            Err(_) => {
-                errors.push(format!("{address}: not an address"));
-                continue;
-            }
-        };
+        let endpoint =
+            match tonic::transport::Endpoint::from_shared(nephele_tls::channel_uri(address)) {
+                Ok(e) => e
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(15)),
+                Err(_) => {
+                    errors.push(format!("{address}: not an address"));
+                    continue;
+                }
+            };
         let channel = nephele_tls::lazy_channel(endpoint, cfg.controller_tls.clone());
         let answer = pb::node_join_client::NodeJoinClient::new(channel)
             .join(pb::JoinRequest {

@@ -766,11 +766,7 @@ impl<S: StateStore> Images for Api<S> {
             .into());
         };
         let mut stream = req.into_inner();
-        let first = stream.message().await?.ok_or_else(|| {
-            ApiError::InvalidArgument(
-                "the upload is empty: its first message names the image and its files".into(),
-            )
-        })?;
+        let first = crate::images::first_message(&mut stream).await?;
         let create = first.create.ok_or_else(|| {
             ApiError::InvalidArgument(
                 "the first message of an upload names the image (`create`)".into(),

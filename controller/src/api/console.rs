@@ -129,7 +129,7 @@ async fn connect(
             t.address
         ))
     };
-    let endpoint = Channel::from_shared(format!("http://{}", t.address))
+    let endpoint = Channel::from_shared(nephele_tls::channel_uri(&t.address))
         .map_err(|e| unavailable(e.to_string()))?
         .connect_timeout(CONNECT_TIMEOUT);
     let channel = match tls {

@@ -591,10 +591,12 @@ impl<S: StateStore> NodeAgent for Api<S> {
     ) -> Result<Reply<ChunkStream>, Status> {
         // Controllers copy content from each other with their own
         // certificates; nodes fetch with theirs.
-        let controller = nephele_tls::peer_identity(&req).is_ok_and(|p| {
-            p.identity.kind() == nephele_tls::IdentityKind::Controller
-                && self.revocations().check(&p).is_ok()
-        });
+        let controller = nephele_tls::RequirePeer::kind(
+            nephele_tls::IdentityKind::Controller,
+            self.revocations().clone(),
+        )
+        .check(&req)
+        .is_ok();
         if !controller {
             let node = req.get_ref().node.clone();
             self.authorize_node(&req, &format!("{SVC}FetchImage"), &node)

@@ -54,12 +54,8 @@ pub const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if address.starts_with("http://") || address.starts_with("https://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
-    Ok(Endpoint::from_shared(uri)?
+    // TLS, when used, is the connector's: tonic always gets `http://`.
+    Ok(Endpoint::from_shared(nephele_tls::channel_uri(address))?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(1))

@@ -423,15 +423,10 @@ fn finish_migration(
         };
         release_node(state, &Some(released.clone()), resources);
         let mut resumed = false;
-        if to == MigrationState::Completed
-            && let Some(from) = state.instances.get(&m.instance).map(|i| i.node.clone())
-        {
-            state.place(&m.instance, from.as_deref(), Some(&m.target));
+        if to == MigrationState::Completed {
+            state.set_node(&m.instance, Some(&m.target));
         }
         if let Some(i) = state.instances.get_mut(&m.instance) {
-            if to == MigrationState::Completed {
-                i.node = Some(m.target.clone());
-            }
             if i.state == InstanceState::Migrating {
                 i.state = InstanceState::Running;
                 resumed = true;
@@ -1022,16 +1017,15 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             if let Some(n) = state.nodes.get_mut(node) {
                 n.allocated = n.allocated.plus(resources);
             }
+            state.set_node(instance, Some(node));
             let i = state
                 .instances
                 .get_mut(instance)
                 .ok_or_else(|| not_found(instance))?;
             i.state = InstanceState::Scheduled;
-            let from = i.node.replace(node.clone());
             i.generation += 1;
             i.update_time = now;
             let i = i.clone();
-            state.place(instance, from.as_deref(), Some(node));
             event(state, actor, instance, "instance.scheduled", node.clone());
             Ok(Response::Instance {
                 instance: i,
@@ -1089,6 +1083,9 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             if *to == InstanceState::Pending {
                 release_node(state, &old_node, resources);
             }
+            if *to == InstanceState::Pending {
+                state.set_node(instance, None);
+            }
             let i = state
                 .instances
                 .get_mut(instance)
@@ -1096,15 +1093,9 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             let from = i.state;
             i.state = *to;
             i.reason = reason.clone();
-            let unplaced = if *to == InstanceState::Pending {
-                i.node.take()
-            } else {
-                None
-            };
             i.generation += 1;
             i.update_time = now;
             let i = i.clone();
-            state.place(instance, unplaced.as_deref(), None);
             match to {
                 InstanceState::Running => {
                     finish_operations(state, instance, &["create", "start", "reboot"], None)
@@ -1179,11 +1170,11 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
                     "only a deleting instance can be purged",
                 ));
             }
+            let node = state.set_node(instance, None);
             let Some(i) = state.instances.remove(instance) else {
                 return Err(not_found(instance));
             };
-            state.place(instance, i.node.as_deref(), None);
-            release_node(state, &i.node, i.resources);
+            release_node(state, &node, i.resources);
             if let Some(project) = names::project_of(instance)
                 && let Some(p) = state.projects.get_mut(project)
             {
@@ -1964,19 +1955,18 @@ fn apply_command(state: &mut State, env: &Envelope) -> Result<Response, ApplyErr
             let resources = i.resources;
             release_node(state, &Some(node.clone()), resources);
             let reason = format!("restarted: node {node_id} fenced");
+            state.set_node(instance, None);
             let i = state
                 .instances
                 .get_mut(instance)
                 .ok_or_else(|| not_found(instance))?;
             let from = i.state;
             i.state = InstanceState::Pending;
-            let unplaced = i.node.take();
             i.reason = reason.clone();
             i.generation += 1;
             i.boot_count += 1;
             i.update_time = now;
             let i = i.clone();
-            state.place(instance, unplaced.as_deref(), None);
             event(
                 state,
                 actor,

@@ -656,9 +656,20 @@ pub struct State {
 }
 
 impl State {
+    /// Places instance `name` on `node` (none: on no node), in the instance
+    /// and in [`State::placed`] together; returns the node it was on. The
+    /// one way `apply` moves an instance, so the index cannot drift from
+    /// the data.
+    pub fn set_node(&mut self, name: &str, node: Option<&str>) -> Option<String> {
+        let i = self.instances.get_mut(name)?;
+        let from = std::mem::replace(&mut i.node, node.map(str::to_owned));
+        self.index_move(name, from.as_deref(), node);
+        from
+    }
+
     /// Records in [`State::placed`] that instance `name` moved from node
     /// `from` to node `to` (either may be none).
-    pub fn place(&mut self, name: &str, from: Option<&str>, to: Option<&str>) {
+    fn index_move(&mut self, name: &str, from: Option<&str>, to: Option<&str>) {
         if from == to {
             return;
         }

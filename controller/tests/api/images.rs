@@ -4,7 +4,6 @@
 
 use nephele_proto::compute::v1 as compute;
 use nephele_proto::node::v1 as node;
-use sha2::Digest as _;
 use tonic::Code;
 
 use super::support::*;
@@ -13,7 +12,7 @@ fn entry(role: &str, data: &[u8]) -> compute::ImageFile {
     compute::ImageFile {
         role: role.into(),
         size_bytes: data.len() as u64,
-        checksum: nephele_proto::image::sha256_checksum(&sha2::Sha256::digest(data)),
+        checksum: nephele_proto::image::sha256_of(data),
     }
 }
 
@@ -170,6 +169,26 @@ async fn uploads_are_checked_kept_and_served_to_nodes() -> anyhow::Result<()> {
         Code::NotFound,
         "NOT_FOUND",
     );
+    // More than the controller's disk has free: refused before a byte is
+    // stored (on a disk with more than 256 GiB free this cannot be shown).
+    let huge = compute::ImageFile {
+        size_bytes: nephele_proto::image::MAX_FILE_BYTES,
+        ..manifest[0].clone()
+    };
+    let free = rustix::fs::statvfs(content.path()).map(|s| s.f_bavail * s.f_frsize)?;
+    if free < huge.size_bytes {
+        let err = upload(
+            &mut env.admin,
+            messages("up", "pvh-elf", "", vec![huge], &kernel, 1 << 20),
+        )
+        .await
+        .expect_err("more than the disk holds");
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert_eq!(reason(&err), "STORAGE_FULL");
+        assert!(err.message().contains("free"), "{}", err.message());
+    } else {
+        eprintln!("not checked: {free} bytes free is more than an image file may have");
+    }
     assert!(
         entries(content.path()).is_empty(),
         "{:?}",
